@@ -88,28 +88,36 @@ def _dequantized(gguf: Path) -> dict[str, Any]:
     return {"quantization_config": GgufConfig(gguf_file=gguf.name, dequantize=True)}
 
 
-def _convert_into(cache: Path, gguf: Path) -> tuple[Any, Any]:
-    """Load the GGUF (dequantized to float32) and publish a safetensors copy at `cache` atomically."""
+def _load_gguf(gguf: Path) -> tuple[Any, Any]:
+    """The GGUF model dequantized to float32, and its tokenizer (~25 s for SmolLM2-135M)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("tether: converting %s to a safetensors cache at %s (one time, ~30 s)", gguf, cache)
+    log.info("tether: loading %s (one time; a safetensors copy is cached next)", gguf)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, local_files_only=True, **_dequantized(gguf)
     )
     if getattr(model, "hf_quantizer", None) is not None:
         raise RuntimeError(
             f"transformers loaded {gguf.name} still quantized, so it cannot be saved as plain safetensors; "
-            f"this transformers version ignores GgufConfig(dequantize=True). Use transformers 4.45-5.x."
+            f"this transformers version ignores GgufConfig(dequantize=True). Uninstall the `kernels` package "
+            f"or use a transformers release that dequantizes GGUF on load."
         )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     tokenizer.padding_side = "left"
+    return model, tokenizer
 
+
+def _publish(cache: Path, model: Any, tokenizer: Any, source: Path) -> None:
+    """Save `model` and `tokenizer` to `cache` atomically: write a temporary sibling dir, then rename it.
+
+    A crash at any point leaves either no cache or a complete one (marked by its stamp file, written last).
+    """
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        stamp = {"source": gguf.name, "source_bytes": gguf.stat().st_size, "format": 1}
+        stamp = {"source": source.name, "source_bytes": source.stat().st_size, "format": 1}
         (tmp / _STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; the published cache is as readable as a normal dir
         if cache.is_dir() and not any(cache.iterdir()):
@@ -121,7 +129,6 @@ def _convert_into(cache: Path, gguf: Path) -> tuple[Any, Any]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return model, tokenizer
 
 
 def load_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
@@ -139,7 +146,9 @@ def load_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Any, 
                 f"{cache} exists but is not a complete tether SmolLM2 cache (no {_STAMP}); it may be "
                 f"another program's directory. Delete it, or pass another cache_dir / set TETHER_CACHE."
             )
-        model, tokenizer = _convert_into(cache, smollm2_gguf_path())
+        gguf = smollm2_gguf_path()
+        model, tokenizer = _load_gguf(gguf)
+        _publish(cache, model, tokenizer, gguf)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

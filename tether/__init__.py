@@ -1,0 +1,70 @@
+"""tether: read and write any module's inputs, outputs and gradients mid-forward-pass, locally or remotely.
+
+`from tether import NNsight, LanguageModel, CONFIG` — the nnsight walkthrough's API, name for name.
+"""
+
+from tether.runtime.compat import (
+    apply,
+    bool,
+    bytearray,
+    bytes,
+    complex,
+    dict,
+    float,
+    int,
+    list,
+    set,
+    str,
+    trace,
+    tuple,
+)
+from tether.runtime.contexts import local
+from tether.runtime.errors import (
+    NotInTraceError,
+    OutOfOrderError,
+    RemoteError,
+    TetherError,
+    UnsavedValueError,
+    ValueNotReachedError,
+)
+from tether.runtime.model import NNsight
+from tether.runtime.saving import save
+
+__all__ = [
+    "NNsight",
+    "LanguageModel",
+    "CONFIG",
+    "save",
+    "apply",
+    "local",
+    "trace",
+    "list",
+    "dict",
+    "tuple",
+    "set",
+    "int",
+    "float",
+    "str",
+    "bool",
+    "bytes",
+    "bytearray",
+    "complex",
+    "TetherError",
+    "NotInTraceError",
+    "OutOfOrderError",
+    "RemoteError",
+    "UnsavedValueError",
+    "ValueNotReachedError",
+]
+
+
+def __getattr__(name):
+    if name == "LanguageModel":
+        from tether.runtime.language_model import LanguageModel
+
+        return LanguageModel
+    if name == "CONFIG":
+        from tether.config import CONFIG
+
+        return CONFIG
+    raise AttributeError(f"module 'tether' has no attribute {name!r}")

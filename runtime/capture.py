@@ -1,0 +1,242 @@
+"""Capture the source of a `with` block, skip it in the caller, and compile it for the Executor.
+
+A tracing context's body is real Python that tether runs itself, interleaved with the model.
+This module finds the block in the caller's source (file, notebook cell or server-registered text),
+stops the caller from running it, and compiles it with `.save()`/`.grad`/`.stop()` routed to tether.
+Imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import linecache
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from functools import lru_cache
+from types import CodeType, FrameType
+
+from .errors import SourceUnavailableError
+
+__all__ = ["Block", "SkipBody", "find_block", "skip_body", "restore_trace", "register_source", "OPS_NAME"]
+
+OPS_NAME = "__tether__"
+
+
+class SkipBody(BaseException):
+    """Raised from a trace function on a block's first line so the caller never runs the body itself."""
+
+
+@dataclass(eq=False)
+class Block:
+    """One `with` block: where it is, its body as source and AST, and what it assigns."""
+
+    filename: str
+    with_line: int  # line of the `with` keyword
+    first_line: int  # first line of the body
+    last_line: int  # last line of the body
+    node: ast.With  # the whole with statement, as parsed from the file
+    source: str  # the body, dedented
+    assigned: tuple[str, ...]  # names the body binds, outside nested function scopes
+    local_blocks: list[tuple[int, int]] = field(default_factory=list)  # (first, last) of nested local() bodies
+    _code: dict = field(default_factory=dict)
+
+    def code(self, *, start: int = 0, target: ast.expr | None = None) -> CodeType:
+        """Compile the body (from top-level statement `start`), optionally after binding `target`."""
+        key = (start, ast.dump(target) if target is not None else None)
+        if key not in self._code:
+            stmts = list(self.node.body[start:])
+            if target is not None:
+                bind = ast.Assign(targets=[target], value=ast.Name(id=f"{OPS_NAME}_item", ctx=ast.Load()))
+                ast.copy_location(bind, self.node)
+                stmts.insert(0, bind)
+            module = ast.Module(body=[_RouteTetherCalls().visit(copy.deepcopy(s)) for s in stmts], type_ignores=[])
+            ast.fix_missing_locations(module)
+            self._code[key] = compile(module, self.filename, "exec")
+        return self._code[key]
+
+    def top_level_index(self, line: int) -> int:
+        """Index of the top-level body statement that contains `line`."""
+        for index, stmt in enumerate(self.node.body):
+            if stmt.lineno <= line <= (stmt.end_lineno or stmt.lineno):
+                return index
+        raise ValueError(f"line {line} is not in the block at {self.filename}:{self.with_line}")
+
+
+def register_source(filename: str, text: str) -> None:
+    """Make `text` readable as `filename` (for programs received over the wire)."""
+    lines = text.splitlines(keepends=True)
+    linecache.cache[filename] = (len(text), None, lines, filename)
+
+
+def find_block(frame: FrameType) -> Block:
+    """The `with` block whose context manager is being entered at `frame`'s current line."""
+    filename = frame.f_code.co_filename
+    lines = linecache.getlines(filename, frame.f_globals)
+    if not lines:
+        raise SourceUnavailableError(
+            f"tether cannot read the source of the tracing context at {filename}:{frame.f_lineno}. "
+            "Run the code from a file or a notebook cell (not `python -c` or an interactive prompt "
+            "without source), so its body can be executed."
+        )
+    return _find_in(filename, "".join(lines), frame.f_lineno)
+
+
+@lru_cache(maxsize=256)
+def _parse(text: str, filename: str) -> ast.Module:
+    return ast.parse(text, filename)
+
+
+@lru_cache(maxsize=1024)
+def _find_in(filename: str, text: str, line: int) -> Block:
+    tree = _parse(text, filename)
+    best = None
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.With, ast.AsyncWith)) and node.lineno <= line < node.body[0].lineno:
+            if best is None or node.lineno >= best.lineno:
+                best = node
+    if best is None:
+        raise SourceUnavailableError(
+            f"tether found no `with` statement at {filename}:{line}. Tracing contexts must be used as "
+            "`with model.trace(...):` blocks written in the source file."
+        )
+    first = best.body[0].lineno
+    last = best.body[-1].end_lineno or best.body[-1].lineno
+    body_lines = text.splitlines(keepends=True)[first - 1 : last]
+    source = textwrap.dedent("".join(body_lines))
+    return Block(
+        filename=filename,
+        with_line=best.lineno,
+        first_line=first,
+        last_line=last,
+        node=best,
+        source=source,
+        assigned=tuple(_assigned_names(best.body)),
+        local_blocks=_local_blocks(best.body),
+    )
+
+
+def skip_body(frame: FrameType, block: Block) -> object:
+    """Arrange for the caller to raise `SkipBody` on the block's first body line; returns restore state."""
+    previous = (sys.gettrace(), frame.f_trace)
+
+    def tracer(fr, event, arg):
+        if event == "line" and fr is frame and block.first_line <= fr.f_lineno <= block.last_line:
+            raise SkipBody()
+        return tracer
+
+    if previous[0] is None:
+        sys.settrace(_noop_trace)
+    frame.f_trace = tracer
+    frame.f_trace_lines = True
+    return (frame, previous)
+
+
+def restore_trace(state: object) -> None:
+    """Undo `skip_body`: give the thread and the frame back their previous trace functions."""
+    frame, (global_trace, frame_trace) = state
+    frame.f_trace = frame_trace
+    if global_trace is None:
+        sys.settrace(None)
+
+
+def _noop_trace(frame, event, arg):
+    return None
+
+
+def _ops_call(name: str, node: ast.AST, *args: ast.expr) -> ast.Call:
+    call = ast.Call(
+        func=ast.Attribute(value=ast.Name(id=OPS_NAME, ctx=ast.Load()), attr=name, ctx=ast.Load()),
+        args=list(args),
+        keywords=[],
+    )
+    return ast.copy_location(call, node)
+
+
+class _RouteTetherCalls(ast.NodeTransformer):
+    """Route `.save()`, `.stop()`, `.grad`, `.value` and `with x.backward():` to tether's ops.
+
+    Done in the compiled body so no method is ever mounted on torch or built-in types.
+    """
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr in ("save", "stop") and not node.args and not node.keywords:
+            return _ops_call(func.attr, node, func.value)
+        return node
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        self.generic_visit(node)
+        if isinstance(node.ctx, ast.Load) and node.attr in ("grad", "value"):
+            return _ops_call(node.attr, node, node.value)
+        return node
+
+    def visit_Assign(self, node: ast.Assign) -> ast.AST:
+        target = node.targets[0]
+        if len(node.targets) == 1 and isinstance(target, ast.Attribute) and target.attr == "grad":
+            value = self.visit(node.value)
+            owner = self.visit(target.value)
+            return ast.copy_location(ast.Expr(_ops_call("set_grad", node, owner, value)), node)
+        return self.generic_visit(node)
+
+    def visit_With(self, node: ast.With) -> ast.AST:
+        for item in node.items:
+            expr = item.context_expr
+            if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr == "backward":
+                call = _ops_call("backward", expr, self.visit(expr.func.value), *[self.visit(a) for a in expr.args])
+                call.keywords = [ast.keyword(arg=k.arg, value=self.visit(k.value)) for k in expr.keywords]
+                item.context_expr = call
+            else:
+                item.context_expr = self.visit(expr)
+            if item.optional_vars is not None:
+                item.optional_vars = self.visit(item.optional_vars)
+        node.body = [self.visit(s) for s in node.body]
+        return node
+
+
+def _assigned_names(body: list[ast.stmt]) -> list[str]:
+    names: dict[str, None] = {}
+
+    class Collector(ast.NodeVisitor):
+        def visit_Name(self, node: ast.Name) -> None:
+            if isinstance(node.ctx, ast.Store):
+                names[node.id] = None
+
+        def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+            names[node.name] = None
+
+        visit_AsyncFunctionDef = visit_FunctionDef
+
+        def visit_ClassDef(self, node: ast.ClassDef) -> None:
+            names[node.name] = None
+
+        def visit_Lambda(self, node: ast.Lambda) -> None:
+            return None
+
+        def visit_ListComp(self, node: ast.AST) -> None:
+            return None
+
+        visit_SetComp = visit_DictComp = visit_GeneratorExp = visit_ListComp
+
+        def visit_Import(self, node: ast.Import) -> None:
+            for alias in node.names:
+                names[(alias.asname or alias.name).split(".")[0]] = None
+
+        visit_ImportFrom = visit_Import
+
+    for stmt in body:
+        Collector().visit(stmt)
+    return list(names)
+
+
+def _local_blocks(body: list[ast.stmt]) -> list[tuple[int, int]]:
+    spans = []
+    for node in ast.walk(ast.Module(body=body, type_ignores=[])):
+        if isinstance(node, ast.With):
+            for item in node.items:
+                expr = item.context_expr
+                if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr == "local":
+                    spans.append((node.body[0].lineno, node.body[-1].end_lineno or node.body[-1].lineno))
+    return spans

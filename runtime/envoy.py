@@ -1,0 +1,124 @@
+"""Envoy: a module's stand-in inside tether, giving `.output`, `.input`, `.inputs`, `.next()`, `.all()`.
+
+Reading `.output` inside a trace body asks the running interleaver for that module's value; outside a
+trace the same attributes raise a clear error. Everything else falls through to the torch module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import NotInTraceError
+from .interleaver import Mediator, Request, current_mediator
+
+__all__ = ["Envoy"]
+
+
+class Envoy:
+    """Wraps one torch module; children are reached by attribute, ModuleLists by index or slice."""
+
+    def __init__(self, module: Any, path: str, root: Any = None):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_root", root if root is not None else self)
+        object.__setattr__(self, "_children", {})
+
+    # ---- tree ----------------------------------------------------------------------------------
+    def _child(self, key: str, module: Any) -> Envoy:
+        children = self._children
+        if key not in children or children[key]._module is not module:
+            children[key] = Envoy(module, f"{self._path}.{key}", self._root)
+        return children[key]
+
+    def __getattr__(self, name: str) -> Any:
+        module = self._module
+        submodules = module.__dict__.get("_modules", {})
+        if name in submodules:
+            return self._child(name, submodules[name])
+        return getattr(module, name)
+
+    def __getitem__(self, index: int | slice) -> Envoy | list[Envoy]:
+        module = self._module
+        if isinstance(index, slice):
+            keys = list(range(len(module)))[index]
+            return [self._child(str(k), module[k]) for k in keys]
+        position = index if index >= 0 else len(module) + index
+        return self._child(str(position), module[position])
+
+    def __iter__(self):
+        for i in range(len(self._module)):
+            yield self[i]
+
+    def __len__(self) -> int:
+        return len(self._module)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("output", "input", "inputs"):
+            self._set(name, value)
+        else:
+            setattr(self._module, name, value)
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._module(*args, **kwargs)
+
+    def modules(self) -> list[Envoy]:
+        return [self] + [e for child in self._direct_children() for e in child.modules()]
+
+    def _direct_children(self) -> list[Envoy]:
+        return [self._child(name, m) for name, m in self._module.named_children()]
+
+    # ---- values --------------------------------------------------------------------------------
+    def _mediator(self, what: str) -> Mediator:
+        mediator = current_mediator()
+        if mediator is None:
+            raise NotInTraceError(
+                f"`{self._path}.{what}` is only available inside a tracing context "
+                f"(`with model.trace(...):`). Save it there with `.save()` to use it afterwards."
+            )
+        return mediator
+
+    def _request(self, kind: str, op: str, value: Any = None) -> Any:
+        mediator = self._mediator(kind)
+        return mediator.request(Request(self._module, kind, mediator.iteration, op, value, f"`{self._path}.{kind}`"))
+
+    def _set(self, kind: str, value: Any) -> None:
+        self._request(kind, "set", value)
+
+    @property
+    def output(self) -> Any:
+        """This module's output at the body's current iteration (a view of the invoke's rows)."""
+        return self._request("output", "get")
+
+    @property
+    def input(self) -> Any:
+        """The first argument this module is called with (the first keyword argument if none)."""
+        return self._request("input", "get")
+
+    @property
+    def inputs(self) -> tuple[tuple, dict]:
+        """`(args, kwargs)` this module is called with."""
+        return self._request("inputs", "get")
+
+    def next(self, step: int = 1) -> Envoy:
+        """Refer to the next call of the modules (the next generation step) from here on."""
+        self._mediator("next()").iteration += step
+        return self
+
+    def all(self) -> Envoy:
+        """Apply the rest of the body at every iteration (every generated token)."""
+        self._mediator("all()").enable_all()
+        return self
+
+
+def module_tree(envoy: Envoy) -> list[tuple[str, str]]:
+    """(path, class name) of every module, for scans and model specs."""
+    return [(e._path, type(e._module).__name__) for e in envoy.modules()]
+
+
+def is_module(obj: Any) -> bool:
+    return isinstance(obj, torch.nn.Module)

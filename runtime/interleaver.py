@@ -1,0 +1,353 @@
+"""Interleave intervention bodies with a model's forward pass.
+
+Each invoke's body runs in its own greenlet (a `Mediator`). When the body asks for a module value it
+switches back to the model's greenlet, which installs a hook on that module only (PyTorch's public hook
+API) and runs on; the hook hands the value over and waits until the body asks for something else.
+Only one side runs at a time, so no locks are needed. Imports torch and greenlet, nothing of networks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from greenlet import GreenletExit, getcurrent
+from greenlet import greenlet as Greenlet
+
+from . import batching
+from .errors import OutOfOrderError, TetherError
+
+__all__ = ["Request", "Mediator", "Interleaver", "current_mediator", "EarlyStop", "JobCancelled"]
+
+
+class EarlyStop(BaseException):
+    """Unwinds the model's forward pass after `.stop()`; never reaches the user."""
+
+
+class JobCancelled(TetherError):
+    """The run was cancelled from outside (a server cancel request) at a module boundary."""
+
+
+class _Abort(BaseException):
+    """Unwinds the forward pass after a body failed; the body's own exception is re-raised after."""
+
+
+@dataclass(slots=True)
+class Request:
+    """What a body asks the model side for: a module's value at one iteration, to read or replace."""
+
+    module: Any  # a torch module, or a pseudo-module such as the generator
+    kind: str  # "output" | "input" | "inputs"
+    iteration: int
+    op: str  # "get" | "set" | "stop"
+    value: Any = None
+    label: str = ""  # e.g. "model.layer1.output", for messages
+
+    @property
+    def group(self) -> str:
+        return "fwd" if self.kind == "output" else "pre"
+
+
+_DONE = object()
+
+
+class _Failed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _BodyGreenlet(Greenlet):
+    mediator: Mediator
+
+
+def current_mediator() -> Mediator | None:
+    """The mediator whose body is running right now, if any."""
+    return getattr(getcurrent(), "mediator", None)
+
+
+class Mediator:
+    """One invoke: its compiled body, its namespace, its rows of the batch and its iteration cursor."""
+
+    def __init__(self, block, code, ns: dict, rows: slice | None, *, log: Callable[..., None] = print):
+        self.block = block
+        self.code = code
+        self.ns = ns
+        self.rows = rows
+        self.log = log
+        self.iteration = 0  # which call of each module the body's next access refers to
+        self.all_tail = None  # compiled statements to re-run at every later iteration (`.all()`)
+        self.pending: Request | None = None
+        self.seen: dict[tuple[int, str, int], Any] = {}  # values already handed to this body, re-readable
+        self.interleaver: Interleaver | None = None
+        self.greenlet: _BodyGreenlet | None = None
+
+    def request(self, req: Request) -> Any:
+        """Called from the body: hand `req` to the model side and wait for the answer."""
+        if getcurrent() is not self.greenlet:
+            raise TetherError(
+                f"{req.label} was accessed outside the body of its trace (for example from another thread). "
+                "Access module values only inside the `with` block."
+            )
+        return self.greenlet.parent.switch(req)
+
+    def stop(self) -> None:
+        """Stop the model right after the module that is running now."""
+        self.request(Request(None, "output", self.iteration, "stop", label="stop()"))
+
+    def enable_all(self) -> None:
+        """Re-run the rest of the body at every later iteration (`.all()`)."""
+        import sys
+
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code is not self.code:
+            frame = frame.f_back
+        if frame is None:
+            raise TetherError("`.all()` must be called directly in the trace body, not from a helper function.")
+        self.all_tail = self.block.code(start=self.block.top_level_index(frame.f_lineno) + 1)
+
+    def _run(self, code) -> object:
+        try:
+            exec(code, self.ns)
+        except GreenletExit:
+            raise
+        except BaseException as error:  # the body's own exception goes back to the user
+            return _Failed(error)
+        return _DONE
+
+
+class Interleaver:
+    """Drives mediators from hooks during one run of the model."""
+
+    def __init__(self, root: torch.nn.Module, mediators: list[Mediator], batch_size: int, max_iterations: int = 1,
+                 cancel: Callable[[], bool] | None = None):
+        self.root = root
+        self.mediators = mediators
+        self.batch_size = batch_size
+        self.max_iterations = max_iterations
+        self.iteration = 0
+        self._cancel = cancel
+        self._driver = getcurrent()
+        self._root_calls = 0
+        self._handles: dict[tuple[int, str], Any] = {}
+        self._serving: tuple | None = None  # (module, group, slot, iteration) of the hook running now
+        self._fired: dict[tuple[int, str], int] = {}
+        self._stop = False
+        self._failure: BaseException | None = None
+        for mediator in mediators:
+            mediator.interleaver = self
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a body stopped the model early."""
+        return self._stop
+
+    # ---- running -------------------------------------------------------------------------------
+    def run(self, forward: Callable[[], Any]) -> Any:
+        """Start every body, run `forward()` with hooks, and finish the bodies; returns forward's result."""
+        result = None
+        self._handles[(id(self.root), "root")] = self.root.register_forward_pre_hook(self._root_pre_hook)
+        try:
+            for mediator in self.mediators:
+                self._start(mediator, mediator.code)
+                self._raise_failure()
+            if not self._stop:
+                try:
+                    result = forward()
+                except (EarlyStop, _Abort):
+                    pass
+            self._raise_failure()
+            return result
+        finally:
+            for handle in self._handles.values():
+                handle.remove()
+            self._handles.clear()
+
+    def serve(self, module: Any, kind: str, value: Any) -> Any:
+        """Serve requests for a pseudo-module (e.g. the generator's output) outside any hook."""
+        slot = batching.Slot(value, self.batch_size)
+        try:
+            self._serve(module, "fwd" if kind == "output" else "pre", slot, any_iteration=True)
+        except (EarlyStop, _Abort):
+            pass
+        self._raise_failure()
+        return slot.value
+
+    def finish(self) -> None:
+        """End every body still waiting: silently after a stop or in `.all()` mode, else with an error."""
+        for mediator in self.mediators:
+            req = mediator.pending
+            if req is None or mediator.greenlet is None or mediator.greenlet.dead:
+                continue
+            mediator.pending = None
+            if self._stop or mediator.all_tail is not None:
+                mediator.greenlet.throw(GreenletExit)
+                continue
+            self._drive(mediator, throw=self._unreachable(req))
+            self._raise_failure()
+        for mediator in self.mediators:
+            if mediator.greenlet is not None and not mediator.greenlet.dead:
+                mediator.greenlet.throw(GreenletExit)
+
+    def kill(self) -> None:
+        """End every body without running more of it (after a failure)."""
+        for mediator in self.mediators:
+            if mediator.greenlet is not None and not mediator.greenlet.dead:
+                mediator.greenlet.throw(GreenletExit)
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def _root_pre_hook(self, module, args):
+        if getcurrent() is not self._driver:
+            return None
+        self._root_calls += 1
+        self.iteration = self._root_calls - 1
+        if self.iteration > 0:
+            self._begin_iteration()
+        return None
+
+    def _forward_hook(self, module, args, kwargs, output):
+        if getcurrent() is not self._driver:
+            return None
+        slot = batching.Slot(output, self.batch_size)
+        self._serve(module, "fwd", slot)
+        return slot.value if slot.changed else None
+
+    def _pre_hook(self, module, args, kwargs):
+        if getcurrent() is not self._driver:
+            return None
+        slot = batching.Slot((args, kwargs), self.batch_size)
+        self._serve(module, "pre", slot)
+        return slot.value if slot.changed else None
+
+    def _ensure_hook(self, req: Request) -> None:
+        key = (id(req.module), req.group)
+        if key in self._handles or not isinstance(req.module, torch.nn.Module):
+            return
+        if req.group == "fwd":
+            handle = req.module.register_forward_hook(self._forward_hook, with_kwargs=True)
+        else:
+            handle = req.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        self._handles[key] = handle
+
+    # ---- serving -------------------------------------------------------------------------------
+    def _serve(self, module, group: str, slot, *, any_iteration: bool = False) -> None:
+        previous = self._serving
+        self._serving = (module, group, slot, None if any_iteration else self.iteration)
+        try:
+            for mediator in self.mediators:
+                req = mediator.pending
+                if req is not None and self._matches(req):
+                    mediator.pending = None
+                    self._drive(mediator, self._apply(mediator, req, slot))
+        finally:
+            self._serving = previous
+        self._fired[(id(module), group)] = self.iteration
+        if self._failure is not None:
+            raise _Abort()
+        if self._stop:
+            raise EarlyStop()
+        if self._cancel is not None and self._cancel():
+            self._failure = JobCancelled("The job was cancelled while the model was running.")
+            raise _Abort()
+
+    def _matches(self, req: Request) -> bool:
+        serving = self._serving
+        return (
+            serving is not None
+            and req.module is serving[0]
+            and req.group == serving[1]
+            and (serving[3] is None or req.iteration == serving[3])
+        )
+
+    def _apply(self, mediator: Mediator, req: Request, slot) -> Any:
+        rows = mediator.rows
+        if req.op == "set":
+            slot.set(req.kind, rows, req.value)
+        value = slot.get(req.kind, rows)
+        mediator.seen[(id(req.module), req.kind, req.iteration)] = value
+        return value if req.op == "get" else None
+
+    def _start(self, mediator: Mediator, code) -> None:
+        mediator.greenlet = _BodyGreenlet(run=mediator._run, parent=self._driver)
+        mediator.greenlet.mediator = mediator
+        self._drive(mediator, code)
+
+    def _drive(self, mediator: Mediator, value: Any = None, *, throw: BaseException | None = None) -> None:
+        """Switch into the body and answer what it asks until it waits for a hook that is not running."""
+        while True:
+            if throw is not None:
+                event, throw = mediator.greenlet.throw(throw), None
+            else:
+                event = mediator.greenlet.switch(value)
+            value = None
+            if isinstance(event, _Failed):
+                self._failure = event.error
+                return
+            if event is _DONE or mediator.greenlet.dead:
+                return
+            req: Request = event
+            if req.op == "stop":
+                self._stop = True
+                mediator.pending = None
+                return
+            if self._matches(req):
+                value = self._apply(mediator, req, self._serving[2])
+                continue
+            seen = mediator.seen.get((id(req.module), req.kind, req.iteration), _DONE)
+            if req.op == "get" and seen is not _DONE:
+                value = seen
+                continue
+            stale = self._stale(req)
+            if stale is not None:
+                throw = stale
+                continue
+            self._ensure_hook(req)
+            mediator.pending = req
+            return
+
+    def _stale(self, req: Request) -> BaseException | None:
+        if not isinstance(req.module, torch.nn.Module):
+            return None
+        fired = self._fired.get((id(req.module), req.group))
+        if req.iteration < self.iteration or (fired is not None and fired >= req.iteration):
+            return self._unreachable(req)
+        return None
+
+    def _unreachable(self, req: Request) -> BaseException:
+        if req.iteration >= max(self._root_calls, 1):
+            return OutOfOrderError(
+                f"{req.label} was requested for iteration {req.iteration}, but the model ran only "
+                f"{max(self._root_calls, 1)} iteration(s). Use fewer `.next()` calls or generate more tokens."
+            )
+        return OutOfOrderError(
+            f"{req.label} was requested after the model had already computed it in this pass (iteration "
+            f"{req.iteration}), or the module was never called. Access modules in the order the model runs "
+            "them; to use a later value in an earlier module, use a second invoke or `.next()`."
+        )
+
+    def _begin_iteration(self) -> None:
+        for mediator in self.mediators:
+            req = mediator.pending
+            if mediator.all_tail is not None:
+                alive = mediator.greenlet is not None and not mediator.greenlet.dead
+                if alive and req is not None and req.iteration >= self.iteration:
+                    continue
+                if alive:
+                    mediator.pending = None
+                    mediator.greenlet.throw(GreenletExit)
+                mediator.iteration = self.iteration
+                self._start(mediator, mediator.all_tail)
+            elif req is not None and req.iteration < self.iteration:
+                mediator.pending = None
+                self._drive(mediator, throw=self._unreachable(req))
+        if self._failure is not None:
+            raise _Abort()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            error, self._failure = self._failure, None
+            self.kill()
+            raise error

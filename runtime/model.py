@@ -1,0 +1,107 @@
+"""NNsight: wrap any torch module so its internals can be read and written inside `with` blocks.
+
+Wrapping installs nothing on the module: hooks exist only while a trace runs, so an untraced model runs
+at plain speed. Subclasses (LanguageModel) override how inputs are prepared, batched and run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .batching import concat_inputs
+from .envoy import Envoy
+from .session import Edit, Session
+from .tracer import Tracer
+
+__all__ = ["NNsight", "Prepared"]
+
+_TRACE_OPTIONS = ("scan", "validate", "invoker_args", "remote", "backend", "blocking", "api_key", "model_name")
+
+
+@dataclass
+class Prepared:
+    """One invoke's inputs, ready to batch: positional and keyword arguments and their row count."""
+
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    rows: int = 1
+
+
+class NNsight(Envoy):
+    """The root Envoy of a wrapped model: `trace`, `scan`, `session`, `edit`."""
+
+    def __init__(self, module: torch.nn.Module, **_: Any):
+        super().__init__(module, "model")
+        object.__setattr__(self, "_edits", [])
+
+    # ---- contexts ------------------------------------------------------------------------------
+    def trace(self, *inputs: Any, trace: bool = True, **kwargs: Any) -> Any:
+        """`with model.trace(x):` — run the model once on `x` with the body's interventions.
+
+        `trace=False` just runs the model and returns its output.
+        """
+        tracer = self._tracer("trace", inputs, kwargs)
+        if trace:
+            return tracer
+        return self._run("trace", *self._batch([self._prepare(inputs, tracer._kwargs)])[:2], tracer._run_kwargs)
+
+    def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
+        """`with model.scan(x):` — shapes and dtypes of module values, computed on fake tensors."""
+        return self._tracer("scan", inputs, kwargs)
+
+    def session(self, *, remote: bool = False, **options: Any) -> Session:
+        """`with model.session():` — several traces in order, sharing values (one job when remote)."""
+        return Session(self, remote=remote, remote_options=options)
+
+    def edit(self, *, inplace: bool = False) -> Edit:
+        """`with model.edit() as edited:` — interventions that persist in every later trace."""
+        return Edit(self, inplace=inplace)
+
+    def clear_edits(self) -> None:
+        """Remove every persistent edit from this model."""
+        self._edits.clear()
+
+    def _tracer(self, mode: str, inputs: tuple, kwargs: dict) -> Tracer:
+        options = {k: kwargs.pop(k) for k in _TRACE_OPTIONS if k in kwargs}
+        remote_options = {k: options.pop(k) for k in ("backend", "blocking", "api_key", "model_name") if k in options}
+        input_kwargs, run_kwargs = self._split_kwargs(mode, kwargs)
+        return Tracer(self, inputs, input_kwargs, mode=mode, scan=options.get("scan", False),
+                      validate=options.get("validate", False), invoker_args=options.get("invoker_args"),
+                      remote=options.get("remote", False), remote_options=remote_options, run_kwargs=run_kwargs)
+
+    def _edited_copy(self) -> NNsight:
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        object.__setattr__(copy, "_children", {})
+        object.__setattr__(copy, "_edits", list(self._edits))
+        object.__setattr__(copy, "_root", copy)
+        return copy
+
+    # ---- what subclasses override --------------------------------------------------------------
+    def _split_kwargs(self, mode: str, kwargs: dict) -> tuple[dict, dict]:
+        """Keyword arguments of the call: (those that belong to each invoke's inputs, those for the run)."""
+        return kwargs, {}
+
+    def _prepare(self, args: tuple, kwargs: dict) -> Prepared:
+        first = args[0] if args else None
+        rows = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
+        return Prepared(tuple(args), dict(kwargs), rows)
+
+    def _batch(self, prepared: list[Prepared]) -> tuple[tuple, dict, list[slice], int]:
+        args, kwargs, rows = concat_inputs([(p.args, p.kwargs) for p in prepared])
+        return args, kwargs, rows, rows[-1].stop
+
+    def _run(self, mode: str, args: tuple, kwargs: dict, run_kwargs: dict) -> Any:
+        return self._module(*args, **kwargs)
+
+    def _dispatch(self) -> None:
+        """Load real weights if the model is still a meta-device skeleton (LanguageModel)."""
+
+    def _generator_key(self) -> Any:
+        return None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._module(*args, **kwargs)

@@ -1,0 +1,232 @@
+"""Which values leave a trace: the `.save()` registry, and stand-ins for values that did not.
+
+After the outermost context, each name its body assigned is handed back to the caller: saved values as
+they are (tensors get a `.value` that returns themselves, for walkthrough code), unsaved activations
+as `UnsavedValue` and never-reached ones as `NotReached`, both of which raise a clear error when used.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from .errors import TetherError, UnsavedValueError, ValueNotReachedError
+
+__all__ = ["SaveScope", "current_scope", "save", "SavedTensor", "UnsavedValue", "NotReached", "hand_back"]
+
+_state = threading.local()
+_patch_lock = threading.Lock()
+_patch_users = 0  # guarded by _patch_lock: scopes open in any thread
+
+
+class SaveScope:
+    """The saved values of one outermost context (a trace, generate or session)."""
+
+    def __init__(self) -> None:
+        self.saved: dict[int, Any] = {}
+        self.grads: dict[int, tuple] = {}  # id(tensor) -> (tensor, GradState), see grads.py
+
+    def add(self, value: Any) -> Any:
+        self.saved[id(value)] = value
+        return value
+
+    def is_saved(self, value: Any) -> bool:
+        return id(value) in self.saved
+
+    def __enter__(self) -> SaveScope:
+        stack = _stack()
+        stack.append(self)
+        if len(stack) == 1:
+            _install_tensor_save()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack = _stack()
+        stack.pop()
+        if not stack:
+            _remove_tensor_save()
+
+
+def _stack() -> list[SaveScope]:
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    return _state.stack
+
+
+def current_scope() -> SaveScope | None:
+    """The outermost open scope in this thread: saves always belong to the context that hands back."""
+    stack = _stack()
+    return stack[0] if stack else None
+
+
+def save(value: Any) -> Any:
+    """Mark `value` to be kept after the trace; returns it unchanged."""
+    scope = current_scope()
+    if scope is None:
+        raise TetherError("`.save()` was called outside a tracing context; it only has meaning inside one.")
+    if hasattr(value, "_tether_save"):
+        return value._tether_save(scope)
+    return scope.add(value)
+
+
+def _tensor_save(self: torch.Tensor) -> torch.Tensor:
+    return save(self)
+
+
+def _install_tensor_save() -> None:
+    """While a trace runs, `tensor.save()` also works in helper code the body calls (walkthrough LoRA)."""
+    global _patch_users
+    with _patch_lock:
+        _patch_users += 1
+        if _patch_users == 1:
+            torch.Tensor.save = _tensor_save
+
+
+def _remove_tensor_save() -> None:
+    global _patch_users
+    with _patch_lock:
+        _patch_users -= 1
+        if _patch_users == 0 and getattr(torch.Tensor, "save", None) is _tensor_save:
+            del torch.Tensor.save
+
+
+class SavedTensor(torch.Tensor):
+    """A saved tensor: an ordinary tensor that also answers `.value` (walkthrough code reads `out.value`)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self
+
+    def __repr__(self, **kwargs) -> str:
+        return torch.Tensor.__repr__(self.as_subclass(torch.Tensor), **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        return torch.Tensor.__reduce_ex__(self.as_subclass(torch.Tensor), protocol)
+
+
+class _Unusable:
+    """A name that must not be used: every access raises the error built by `_error()`."""
+
+    __slots__ = ("_name", "_why")
+
+    def __init__(self, name: str, why: str = ""):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_why", why)
+
+    def _error(self) -> Exception:
+        raise NotImplementedError
+
+    def __getattr__(self, item):
+        raise self._error()
+
+    def __repr__(self):
+        raise self._error()
+
+    __str__ = __repr__
+
+    def __bool__(self):
+        raise self._error()
+
+    def __len__(self):
+        raise self._error()
+
+    def __iter__(self):
+        raise self._error()
+
+    def __getitem__(self, item):
+        raise self._error()
+
+    def __setitem__(self, key, value):
+        raise self._error()
+
+    def __call__(self, *args, **kwargs):
+        raise self._error()
+
+    def __format__(self, spec):
+        raise self._error()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        for arg in args:
+            if isinstance(arg, _Unusable):
+                raise arg._error()
+        raise TetherError("an unsaved trace value was passed to torch")
+
+
+def _raising_binary(name: str):
+    def method(self, *other):
+        raise self._error()
+
+    method.__name__ = name
+    return method
+
+
+for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
+            "lt", "le", "gt", "ge", "radd", "rsub", "rmul", "rtruediv", "rmatmul", "neg", "abs", "float", "int",
+            "index"):
+    setattr(_Unusable, f"__{_op}__", _raising_binary(f"__{_op}__"))
+
+
+class UnsavedValue(_Unusable):
+    """Stands for an activation that was not `.save()`d inside the trace."""
+
+    def _error(self) -> Exception:
+        return UnsavedValueError(
+            f"`{self._name}` holds a value from inside the trace that was not saved, so it was freed when the "
+            f"trace ended. Call `.save()` on it inside the trace, e.g. `{self._name} = ....save()`."
+        )
+
+
+class NotReached(_Unusable):
+    """Stands for a name the trace body never assigned (it stopped early or never got that far)."""
+
+    def _error(self) -> Exception:
+        why = f" ({self._why})" if self._why else ""
+        return ValueNotReachedError(
+            f"`{self._name}` was never set: the trace ended before reaching the line that assigns it{why}. "
+            "If you stopped the model early, access only modules that run before the stop point."
+        )
+
+
+def _holds_activations(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, torch.Tensor) or getattr(value, "_tether_deferred", False):
+        return not isinstance(value, torch.nn.Parameter)
+    if depth > 3:
+        return False
+    if isinstance(value, (tuple, list)):
+        return any(_holds_activations(v, depth + 1) for v in value[:64])
+    if isinstance(value, dict):
+        return any(_holds_activations(v, depth + 1) for v in list(value.values())[:64])
+    return False
+
+
+def hand_back(ns: dict, names: tuple[str, ...], scope: SaveScope, before: dict, *, why: str = "") -> dict:
+    """The values to write back into the caller for `names`: saved ones, or stand-ins that explain."""
+    out = {}
+    for name in names:
+        if name not in ns:
+            out[name] = NotReached(name, why)
+            continue
+        value = ns[name]
+        if name in before and value is before[name]:
+            out[name] = value
+        elif scope.is_saved(value):
+            out[name] = finalize_saved(value)
+        elif _holds_activations(value):
+            out[name] = UnsavedValue(name)
+        else:
+            out[name] = value
+    return out
+
+
+def finalize_saved(value: Any) -> Any:
+    """A saved value as the user sees it after the trace."""
+    if getattr(value, "_tether_deferred", False):
+        return value.resolve_for_user()
+    if type(value) is torch.Tensor:
+        return value.as_subclass(SavedTensor)
+    return value

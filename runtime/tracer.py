@@ -1,0 +1,181 @@
+"""Tracer and Invoker: one batched run of a model (a forward pass or a generation) with its bodies.
+
+`model.trace(x)` makes one implicit invoke of the whole body; `model.trace()` runs the body first to
+collect `tracer.invoke(...)` blocks, batches their inputs and runs each block as its own mediator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from typing import Any
+
+from .capture import Block
+from .contexts import Cond, Context, Iterator, LocalBlock
+from .errors import NotInTraceError
+from .interleaver import Interleaver, Mediator, current_mediator
+
+__all__ = ["Tracer", "Invoker"]
+
+
+class Invoker(Context):
+    """`with tracer.invoke(inputs):` — one batch entry (or several rows) and the body that edits it."""
+
+    def __init__(self, tracer: Tracer, args: tuple, kwargs: dict):
+        self._tracer = tracer
+        self.inputs = tracer._model._prepare(args, kwargs)
+        self._ns: dict | None = None
+
+    def _execute(self, ns: dict) -> None:
+        self._ns = ns
+        self._tracer._invokes.append(self)
+
+
+class _Steps:
+    """`tracer.iter[0:3]`, `tracer.iter[:]` — loop over generation steps; `tracer.iter(seq)` — a loop block."""
+
+    def __init__(self, tracer: Tracer):
+        self._tracer = tracer
+
+    def __getitem__(self, index: int | slice):
+        mediator = _mediator("iter")
+        limit = self._tracer._max_iterations()
+        steps = range(limit)[index] if isinstance(index, slice) else [index]
+        for step in steps:
+            mediator.iteration = step
+            yield step
+
+    def __call__(self, items, return_context: bool = False) -> Iterator:
+        return Iterator(items, return_context=return_context, log=self._tracer.log)
+
+
+class _AllSteps:
+    """What `tracer.all()` returns: as a statement it turns on every-step mode; iterated, it loops."""
+
+    def __init__(self, tracer: Tracer, mediator: Mediator):
+        self._tracer, self._mediator = tracer, mediator
+
+    def __iter__(self):
+        self._mediator.all_tail = None
+        for step in range(self._mediator.iteration, self._tracer._max_iterations()):
+            self._mediator.iteration = step
+            yield step
+
+
+def _mediator(what: str) -> Mediator:
+    mediator = current_mediator()
+    if mediator is None:
+        raise NotInTraceError(f"`tracer.{what}` only works inside the body of a trace or invoke.")
+    return mediator
+
+
+class Tracer(Context):
+    """The context of `model.trace(...)`, `model.generate(...)` and `model.scan(...)`."""
+
+    def __init__(self, model: Any, args: tuple, kwargs: dict, *, mode: str = "trace", scan: bool = False,
+                 validate: bool = False, invoker_args: dict | None = None, remote: bool = False,
+                 remote_options: dict | None = None, log: Callable[..., None] = print,
+                 cancel: Callable[[], bool] | None = None, run_kwargs: dict | None = None):
+        self._model = model
+        self._args, self._kwargs = args, kwargs
+        self._mode = mode
+        self._scan = scan or mode == "scan"
+        self._validate = validate
+        self._invoker_args = invoker_args or {}
+        self._remote = remote
+        self._remote_options = remote_options or {}
+        self._run_kwargs = run_kwargs or {}
+        self._invokes: list[Invoker] = []
+        self._stopped = False
+        self._cancel = cancel
+        self.log = log
+        self.iter = _Steps(self)
+        self.invoker: Invoker | None = None
+        self.result: Any = None
+        if args or kwargs:
+            self.invoker = Invoker(self, args, {**kwargs, **self._invoker_args})
+
+    # ---- the user's API inside the body ---------------------------------------------------------
+    def invoke(self, *args: Any, **kwargs: Any) -> Invoker:
+        """A batch entry: its inputs join the one batched run; its body sees only its own rows."""
+        return Invoker(self, args, kwargs)
+
+    def stop(self) -> None:
+        """Stop the model after the module running now (before it runs, when called outside invokes)."""
+        mediator = current_mediator()
+        if mediator is None:
+            self._stopped = True
+        else:
+            mediator.stop()
+
+    def cond(self, condition: Any) -> Cond:
+        return Cond(condition)
+
+    def all(self) -> _AllSteps:
+        mediator = _mediator("all()")
+        mediator.enable_all()
+        return _AllSteps(self, mediator)
+
+    def next(self, step: int = 1) -> None:
+        _mediator("next()").iteration += step
+
+    def local(self) -> LocalBlock:
+        return LocalBlock()
+
+    # ---- running -------------------------------------------------------------------------------
+    def _execute(self, ns: dict) -> None:
+        if self._remote:
+            from .remote import run_remote
+
+            run_remote(self, ns)
+            return
+        if self._validate:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._run_pass(ns, fake=True)
+        self._run_pass(ns, fake=self._scan)
+
+    def _run_pass(self, ns: dict, *, fake: bool) -> None:
+        if self.invoker is not None:
+            self.invoker._block, self.invoker._ns = self._block, ns
+            invokes = [self.invoker]
+        else:
+            self._invokes = []
+            exec(self._block.code(), ns)
+            invokes = self._invokes
+        if not invokes or self._stopped:
+            return
+        if fake:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                self._run_model(invokes)
+        else:
+            self._run_model(invokes)
+
+    def _run_model(self, invokes: list[Invoker]) -> None:
+        model = self._model
+        model._dispatch()
+        args, kwargs, rows, batch_size = model._batch([inv.inputs for inv in invokes])
+        if len(invokes) == 1:
+            rows = [None]
+        mediators = [Mediator(block, block.code(), ns, None, log=self.log) for block, ns in model._edits]
+        mediators += [Mediator(inv._block, inv._block.code(), inv._ns, r, log=self.log) for inv, r in zip(invokes, rows)]
+        interleaver = Interleaver(model._module, mediators, batch_size, self._max_iterations(), cancel=self._cancel)
+        self.result = interleaver.run(lambda: model._run(self._mode, args, kwargs, self._run_kwargs))
+        if self._mode == "generate":
+            interleaver.serve(model._generator_key(), "output", self.result)
+        interleaver.finish()
+        self._stopped = interleaver.stopped
+
+    def _max_iterations(self) -> int:
+        if self._mode == "generate":
+            return int(self._run_kwargs.get("max_new_tokens", 20))
+        return 1
+
+    def _why_unreached(self) -> str:
+        return "the trace was stopped early" if self._stopped else ""
+
+    @property
+    def block(self) -> Block:
+        return self._block
