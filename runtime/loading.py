@@ -208,6 +208,8 @@ def load_model_dir(path_or_id: str | os.PathLike[str], **kwargs: Any) -> tuple[A
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **tok_kwargs)
     except (OSError, ValueError, KeyError):
         tokenizer = None
+    if tokenizer is not None and not tokenizer.get_vocab().keys() - set(tokenizer.all_special_tokens):
+        tokenizer = None  # transformers >= 5 builds an empty tokenizer from config.json alone
     if tokenizer is not None:
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
