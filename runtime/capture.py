@@ -39,6 +39,7 @@ class Block:
     node: ast.With  # the whole with statement, as parsed from the file
     source: str  # the body, dedented
     assigned: tuple[str, ...]  # names the body binds, outside nested function scopes
+    loaded: frozenset[str]  # names the body reads
     local_blocks: list[tuple[int, int]] = field(default_factory=list)  # (first, last) of nested local() bodies
     _code: dict = field(default_factory=dict)
 
@@ -113,6 +114,8 @@ def _find_in(filename: str, text: str, line: int) -> Block:
         node=best,
         source=source,
         assigned=tuple(_assigned_names(best.body)),
+        loaded=frozenset(n.id for s in best.body for n in ast.walk(s) if isinstance(n, ast.Name)
+                         and isinstance(n.ctx, ast.Load)),
         local_blocks=_local_blocks(best.body),
     )
 

@@ -84,6 +84,11 @@ class Mediator:
         self.seen: dict[tuple[int, str, int], Any] = {}  # values already handed to this body, re-readable
         self.interleaver: Interleaver | None = None
         self.greenlet: _BodyGreenlet | None = None
+        self.waits_for: dict[str, Any] = {}  # name -> its value before the run: start once an earlier invoke rebinds it
+
+    def ready(self) -> bool:
+        """Whether every name this body takes from an earlier invoke has been set by it."""
+        return all(name in self.ns and self.ns[name] is not before for name, before in self.waits_for.items())
 
     def request(self, req: Request) -> Any:
         """Called from the body: hand `req` to the model side and wait for the answer."""
@@ -151,9 +156,8 @@ class Interleaver:
         result = None
         self._handles[(id(self.root), "root")] = self.root.register_forward_pre_hook(self._root_pre_hook)
         try:
-            for mediator in self.mediators:
-                self._start(mediator, mediator.code)
-                self._raise_failure()
+            self._start_ready()
+            self._raise_failure()
             if not self._stop:
                 try:
                     result = forward()
@@ -178,6 +182,9 @@ class Interleaver:
 
     def finish(self) -> None:
         """End every body still waiting: silently after a stop or in `.all()` mode, else with an error."""
+        if not self._stop:
+            self._start_ready(force=True)
+            self._raise_failure()
         for mediator in self.mediators:
             req = mediator.pending
             if req is None or mediator.greenlet is None or mediator.greenlet.dead:
@@ -242,6 +249,7 @@ class Interleaver:
                 if req is not None and self._matches(req):
                     mediator.pending = None
                     self._drive(mediator, self._apply(mediator, req, slot))
+            self._start_ready()
         finally:
             self._serving = previous
         self._fired[(id(module), group)] = self.iteration
@@ -269,6 +277,12 @@ class Interleaver:
         value = slot.get(req.kind, rows)
         mediator.seen[(id(req.module), req.kind, req.iteration)] = value
         return value if req.op == "get" else None
+
+    def _start_ready(self, *, force: bool = False) -> None:
+        """Start, in invoke order, the bodies not yet started whose inputs from earlier invokes exist."""
+        for mediator in self.mediators:
+            if mediator.greenlet is None and (force or mediator.ready()):
+                self._start(mediator, mediator.code)
 
     def _start(self, mediator: Mediator, code) -> None:
         mediator.greenlet = _BodyGreenlet(run=mediator._run, parent=self._driver)
@@ -340,7 +354,7 @@ class Interleaver:
                     mediator.greenlet.throw(GreenletExit)
                 mediator.iteration = self.iteration
                 self._start(mediator, mediator.all_tail)
-            elif req is not None and req.iteration < self.iteration:
+            elif req is not None and req.iteration < self.iteration and isinstance(req.module, torch.nn.Module):
                 mediator.pending = None
                 self._drive(mediator, throw=self._unreachable(req))
         if self._failure is not None:

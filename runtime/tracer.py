@@ -18,6 +18,8 @@ from .interleaver import Interleaver, Mediator, current_mediator
 
 __all__ = ["Tracer", "Invoker"]
 
+_MISSING = object()
+
 
 class Invoker(Context):
     """`with tracer.invoke(inputs):` — one batch entry (or several rows) and the body that edits it."""
@@ -160,7 +162,12 @@ class Tracer(Context):
         if len(invokes) == 1:
             rows = [None]
         mediators = [Mediator(block, block.code(), ns, None, log=self.log) for block, ns in model._edits]
-        mediators += [Mediator(inv._block, inv._block.code(), inv._ns, r, log=self.log) for inv, r in zip(invokes, rows)]
+        assigned_earlier: set[str] = set()
+        for inv, r in zip(invokes, rows):
+            mediator = Mediator(inv._block, inv._block.code(), inv._ns, r, log=self.log)
+            mediator.waits_for = {n: inv._ns.get(n, _MISSING) for n in inv._block.loaded & assigned_earlier}
+            assigned_earlier.update(inv._block.assigned)
+            mediators.append(mediator)
         interleaver = Interleaver(model._module, mediators, batch_size, self._max_iterations(), cancel=self._cancel)
         self.result = interleaver.run(lambda: model._run(self._mode, args, kwargs, self._run_kwargs))
         if self._mode == "generate":

@@ -1,0 +1,193 @@
+"""LanguageModel: NNsight for Hugging Face causal LMs — prompts in, tokenizer attached, generation.
+
+Inputs may be a string, a list of strings, token ids (list or tensor) or a tokenizer's output; invokes
+are padded on the left into one batch. A model named by directory loads as a meta-device skeleton and
+gets its weights on the first run (`dispatch=True` loads at once). Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import TetherError
+from .interleaver import Request, current_mediator
+from .model import NNsight, Prepared
+from .tracer import Tracer
+
+__all__ = ["LanguageModel"]
+
+_GENERATE_ONLY = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                  "num_beams", "max_length", "eos_token_id", "pad_token_id", "repetition_penalty")
+
+
+class _Generator:
+    """`model.generator`: its `.output` is what `generate()` returns (all token ids)."""
+
+    def __init__(self, model: LanguageModel):
+        self._model = model
+
+    @property
+    def output(self) -> Any:
+        mediator = current_mediator()
+        if mediator is None:
+            raise TetherError("`model.generator.output` is only available inside `with model.generate(...):`.")
+        return mediator.request(Request(self, "output", mediator.iteration, "get", label="`model.generator.output`"))
+
+    def __repr__(self) -> str:
+        return "Generator()"
+
+
+class LanguageModel(NNsight):
+    """A causal LM with its tokenizer: `trace("prompt")`, `generate("prompt", max_new_tokens=n)`."""
+
+    def __init__(self, model: Any, *, tokenizer: Any = None, device_map: Any = None, dispatch: bool = False,
+                 **kwargs: Any):
+        source = None
+        if isinstance(model, torch.nn.Module):
+            module = model
+        else:
+            source = str(model)
+            module, tokenizer = _skeleton(source, tokenizer)
+        super().__init__(module)
+        object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_device_map", device_map)
+        object.__setattr__(self, "_tokenizer", _ready(tokenizer) if tokenizer is not None else None)
+        object.__setattr__(self, "_generator", _Generator(self))
+        if dispatch:
+            self._dispatch()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def generator(self) -> _Generator:
+        return self._generator
+
+    def generate(self, *inputs: Any, **kwargs: Any) -> Tracer:
+        """`with model.generate(prompt, max_new_tokens=n):` — generation with per-step interventions."""
+        return self._tracer("generate", inputs, kwargs)
+
+    # ---- NNsight hooks -------------------------------------------------------------------------
+    def _split_kwargs(self, mode: str, kwargs: dict) -> tuple[dict, dict]:
+        return {}, dict(kwargs)
+
+    def _prepare(self, args: tuple, kwargs: dict) -> Prepared:
+        if not args:
+            raise TetherError("Give the invoke an input: a prompt, a list of prompts or token ids.")
+        rows = self._rows(args[0], kwargs)
+        return Prepared((rows,), {}, len(rows))
+
+    def _rows(self, value: Any, tokenizer_kwargs: dict) -> list[list[int]]:
+        if isinstance(value, str):
+            return [self._encode(value, tokenizer_kwargs)]
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        if hasattr(value, "keys") and "input_ids" in value:
+            ids, mask = value["input_ids"], value.get("attention_mask")
+            ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+            mask = mask.tolist() if isinstance(mask, torch.Tensor) else mask
+            ids = ids if ids and isinstance(ids[0], list) else [ids]
+            if mask is not None:
+                mask = mask if mask and isinstance(mask[0], list) else [mask]
+                ids = [[t for t, m in zip(row, mrow) if m] for row, mrow in zip(ids, mask)]
+            return ids
+        if isinstance(value, (list, tuple)) and value:
+            if all(isinstance(v, int) for v in value):
+                return [list(value)]
+            if all(isinstance(v, str) for v in value):
+                return [self._encode(v, tokenizer_kwargs) for v in value]
+            if all(isinstance(v, (list, tuple)) for v in value):
+                return [list(v) for v in value]
+        raise TetherError(f"LanguageModel cannot use an input of type {type(value).__name__}: give a string, "
+                          "a list of strings, token ids or a tokenizer's output.")
+
+    def _encode(self, text: str, tokenizer_kwargs: dict) -> list[int]:
+        if self._tokenizer is None:
+            raise TetherError("This LanguageModel has no tokenizer: pass `tokenizer=` or give token ids.")
+        return list(self._tokenizer(text, **tokenizer_kwargs)["input_ids"])
+
+    def _batch(self, prepared: list[Prepared]) -> tuple[tuple, dict, list[slice], int]:
+        rows, slices, start = [], [], 0
+        for p in prepared:
+            rows.extend(p.args[0])
+            slices.append(slice(start, start + p.rows))
+            start += p.rows
+        width = max(len(r) for r in rows)
+        pad = self._pad_id()
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        device = _device_of(self._module)
+        return (), {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, slices, len(rows)
+
+    def _pad_id(self) -> int:
+        tok = self._tokenizer
+        if tok is not None and tok.pad_token_id is not None:
+            return int(tok.pad_token_id)
+        config = getattr(self._module, "config", None)
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        return 0
+
+    def _run(self, mode: str, args: tuple, kwargs: dict, run_kwargs: dict) -> Any:
+        if mode == "generate":
+            run_kwargs = {"pad_token_id": self._pad_id(), **run_kwargs}
+            return self._module.generate(**kwargs, **run_kwargs)
+        return self._module(**kwargs, **{k: v for k, v in run_kwargs.items() if k not in _GENERATE_ONLY})
+
+    def _generator_key(self) -> Any:
+        return self._generator
+
+    def _dispatch(self) -> None:
+        """Give a meta skeleton its real weights, keeping every module object (and so every Envoy)."""
+        if self._source is None or not _is_meta(self._module):
+            return
+        from transformers import AutoModelForCausalLM
+
+        real = AutoModelForCausalLM.from_pretrained(self._source, local_files_only=True)
+        real_modules = dict(real.named_modules())
+        for name, module in self._module.named_modules():
+            donor = real_modules[name]
+            state = {k: v for k, v in donor.__dict__.items() if k != "_modules"}
+            module.__dict__.update(state)
+        self._module.eval()
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for param in module.parameters():
+        return param.device if param.device.type != "meta" else torch.device("cpu")
+    return torch.device("cpu")
+
+
+def _is_meta(module: torch.nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in module.parameters())
+
+
+def _ready(tokenizer: Any) -> Any:
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
+    """A meta-device model and its tokenizer from a local directory or the local Hugging Face cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except OSError as error:
+        raise TetherError(
+            f"No local model named {source!r}: tether never downloads weights. Give a local directory, a "
+            "model already in the Hugging Face cache, a torch module, or use `remote=True` with a server "
+            f"that hosts it. ({error})"
+        ) from None
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    with torch.device("meta"):
+        module = AutoModelForCausalLM.from_config(config)
+    return module.eval(), tokenizer
