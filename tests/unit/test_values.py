@@ -1,0 +1,266 @@
+"""tether.values: Python values <-> tether.v1 Value messages, bit-exact, with lz4 only where it pays."""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from tether.v1 import jobs_pb2, values_pb2
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from tether import values
+from tether.safe_pickle import UnsafePickleError
+
+ALL_DTYPES = sorted(values._DTYPES, key=str)
+
+
+def roundtrip(obj, **options):
+    msg = to_wire(values.to_value(obj, **options))
+    return values.from_value(msg, resolve_reference=values.import_reference)
+
+
+def to_wire(msg: values_pb2.Value) -> values_pb2.Value:
+    return values_pb2.Value.FromString(msg.SerializeToString())
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and bytes(values._host_bytes(a.contiguous())) == bytes(values._host_bytes(b.contiguous()))
+    )
+
+
+def random_tensor(dtype: torch.dtype, shape=(3, 5)) -> torch.Tensor:
+    """Random bit patterns (NaN payloads included); bools are 0/1."""
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, dtype=torch.bool)
+    itemsize = dtype.itemsize
+    raw = torch.randint(0, 256, (*shape[:-1], shape[-1] * itemsize), dtype=torch.uint8)
+    return raw.view(dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_every_dtype_roundtrips_bit_exact(dtype):
+    t = random_tensor(dtype)
+    out = roundtrip(t)
+    assert same_bits(out, t)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: t.T,  # transposed
+        lambda t: t[::2, 1::3],  # strided slice
+        lambda t: t[1],  # view with a storage offset
+        lambda t: t[0, 0],  # 0-d
+        lambda t: t[:0],  # empty
+        lambda t: t[:1].expand(4, -1),  # stride 0
+    ],
+    ids=["transpose", "strided", "offset", "scalar", "empty", "expanded"],
+)
+def test_views_and_non_contiguous_tensors(make):
+    base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
+    view = make(base)
+    out = roundtrip(view)
+    assert out.shape == view.shape and torch.equal(out, view)
+    assert out.is_contiguous()
+
+
+def test_tensor_is_detached_and_decoded_tensor_is_writable_without_warnings():
+    t = torch.randn(4, 4, requires_grad=True) * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = roundtrip(t)
+        big = roundtrip(torch.zeros(1 << 16))  # lz4 path
+    assert not out.requires_grad and torch.equal(out, t.detach())
+    out[0, 0] = 7.0  # must not touch anything shared
+    big[0] = 1.0
+    assert big[0] == 1.0
+
+
+def test_conjugate_and_negative_views_are_resolved():
+    z = torch.randn(3, dtype=torch.complex64)
+    assert torch.equal(roundtrip(z.conj()), z.conj().resolve_conj())
+
+
+def test_lz4_used_only_where_it_pays():
+    compressible = torch.zeros(1 << 16, dtype=torch.float32)  # 256 KiB
+    random_like = torch.randn(1 << 16, dtype=torch.float32)
+    small = torch.zeros(1000, dtype=torch.float32)  # 4 KB, below the threshold
+    assert values.encode_tensor(compressible).compression == values_pb2.COMPRESSION_LZ4
+    assert values.encode_tensor(random_like).compression == values_pb2.COMPRESSION_NONE
+    assert values.encode_tensor(small).compression == values_pb2.COMPRESSION_NONE
+    assert values.encode_tensor(small, compress=True).compression == values_pb2.COMPRESSION_LZ4
+    assert values.encode_tensor(compressible, compress=False).compression == values_pb2.COMPRESSION_NONE
+    # forced compression of incompressible data still sends raw bytes
+    assert values.encode_tensor(torch.randn(4096), compress=True).compression == values_pb2.COMPRESSION_NONE
+    for t in (compressible, random_like, small):
+        assert torch.equal(values.decode_tensor(values.encode_tensor(t, compress=True)), t)
+
+
+def test_lz4_payload_is_a_raw_block_of_the_stated_size():
+    t = torch.arange(1 << 15, dtype=torch.int64) // 100  # token-id-like, compressible
+    msg = values.encode_tensor(t)
+    assert msg.compression == values_pb2.COMPRESSION_LZ4 and len(msg.data) < t.numel() * 8
+    import lz4.block
+
+    assert lz4.block.decompress(msg.data, uncompressed_size=t.numel() * 8) == t.numpy().tobytes()
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        None,
+        True,
+        False,
+        0,
+        -(1 << 63),
+        (1 << 63) - 1,
+        1 << 100,
+        -(1 << 70),
+        1.5,
+        float("inf"),
+        "héllo",
+        b"\x00\xff",
+        [],
+        (),
+        {},
+        [1, (2, 3), {"a": [None]}],
+        (1,),
+        {"b": 1, "a": 2, 3: "int key", (1, 2): "tuple key"},
+        torch.Size([2, 3]),
+        torch.bfloat16,
+    ],
+    ids=repr,
+)
+def test_python_values_roundtrip_with_their_types(obj):
+    out = roundtrip(obj)
+    assert out == obj and type(out) is type(obj)
+    if isinstance(obj, dict):
+        assert list(out) == list(obj)  # insertion order kept
+
+
+def test_nan_and_nested_tensors():
+    out = roundtrip({"x": (torch.ones(2), [float("nan")])})
+    assert torch.equal(out["x"][0], torch.ones(2)) and math.isnan(out["x"][1][0])
+    assert isinstance(out["x"], tuple)
+
+
+def test_numpy_arrays_roundtrip_as_numpy():
+    for arr in (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([True, False]), np.arange(10)[::-2]):
+        out = roundtrip(arr)
+        assert type(out) is np.ndarray and out.dtype == arr.dtype and np.array_equal(out, arr)
+
+
+def test_modules_and_importable_functions_travel_as_references():
+    msg = values.to_value(torch.nn.functional.gelu)
+    assert msg.WhichOneof("kind") == "reference"
+    assert roundtrip(torch.nn.functional.gelu) is torch.nn.functional.gelu
+    assert roundtrip(math) is math
+    assert roundtrip(collections.OrderedDict) is collections.OrderedDict
+    with pytest.raises(ValueError, match="resolve_reference"):
+        values.from_value(values.to_value(math))
+
+
+def test_model_output_is_pickled_with_neutral_tensors():
+    logits = torch.randn(1, 3, 1000)
+    out_obj = CausalLMOutputWithPast(logits=logits, hidden_states=(logits, logits))
+    msg = values.to_value(out_obj)
+    assert msg.WhichOneof("kind") == "pickled"
+    assert len(msg.pickled.tensors) == 1  # the same tensor is sent once
+    assert len(msg.pickled.data) < 2000  # tensor bytes are not inside the pickle
+    assert msg.pickled.type_name == "transformers.modeling_outputs.CausalLMOutputWithPast"
+    out = roundtrip(out_obj)
+    assert type(out) is CausalLMOutputWithPast and torch.equal(out.logits, logits)
+    assert out.hidden_states[0] is out.hidden_states[1]
+
+
+def test_neutral_type_subclasses_are_pickled_or_degraded():
+    Point = collections.namedtuple("Point", "x y")
+    od = collections.OrderedDict(a=1)
+    assert type(roundtrip(od)) is collections.OrderedDict
+    assert roundtrip(Point(1, 2), allow_pickle=False) == (1, 2)
+    assert type(roundtrip(od, allow_pickle=False)) is dict
+
+
+class _Opaque:
+    pass
+
+
+def test_no_pickle_means_type_error_naming_the_type():
+    with pytest.raises(TypeError, match="_Opaque"):
+        values.to_value(_Opaque(), allow_pickle=False)
+
+
+def test_default_hook_and_model_reference():
+    sentinel = object()
+    msg = values.to_value(
+        {"m": sentinel},
+        default=lambda o: values_pb2.Value(model_reference=values_pb2.ModelReference(name="tiny")),
+    )
+    out = values.from_value(msg, resolve_model=lambda ref: f"model:{ref.name}")
+    assert out == {"m": "model:tiny"}
+    with pytest.raises(ValueError, match="tiny"):
+        values.from_value(msg)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/tether_values_pwned",))
+
+
+def test_pickled_values_load_through_the_restricted_unpickler(tmp_path):
+    msg = values.to_value(_Evil())
+    with pytest.raises(UnsafePickleError, match="system"):
+        values.from_value(to_wire(msg))
+    assert not os.path.exists("/tmp/tether_values_pwned")
+
+
+def test_value_maps():
+    named = {"h": torch.ones(2, 2), "n": 3}
+    out = values.from_value_map(
+        values_pb2.ValueMap.FromString(values.to_value_map(named).SerializeToString())
+    )
+    assert out.keys() == named.keys() and torch.equal(out["h"], named["h"]) and out["n"] == 3
+
+
+@pytest.mark.filterwarnings("ignore:.*quantize")
+def test_unsupported_tensors_fall_back_to_pickle():
+    q = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8)
+    assert values.to_value(q).WhichOneof("kind") == "pickled"
+    with pytest.raises(TypeError, match="quint8"):
+        values.encode_tensor(q)
+
+
+def test_corrupt_tensor_messages_are_rejected():
+    msg = values.encode_tensor(torch.ones(4))
+    msg.data = msg.data[:-1]
+    with pytest.raises(ValueError, match="needs 16 bytes"):
+        values.decode_tensor(msg)
+    with pytest.raises(ValueError, match="empty Value"):
+        values.from_value(values_pb2.Value())
+
+
+@pytest.mark.parametrize("size", [0, 1, values.CHUNK_SIZE, 3 * values.CHUNK_SIZE + 5])
+def test_chunks_split_and_join(size):
+    data = os.urandom(size)
+    chunks = list(values.split_chunks(data))
+    assert all(len(c.data) <= values.CHUNK_SIZE for c in chunks)
+    assert len(chunks) == max(1, -(-size // values.CHUNK_SIZE))
+    stream = iter([*chunks, jobs_pb2.Chunk(data=b"next message")])
+    assert values.join_chunks(stream) == data
+    assert next(stream).data == b"next message"  # reading stopped at the last chunk
+
+
+def test_join_chunks_rejects_gaps_and_truncation():
+    chunks = list(values.split_chunks(b"x" * 10, chunk_size=4))
+    with pytest.raises(ValueError, match="does not follow"):
+        values.join_chunks([chunks[0], chunks[2]])
+    with pytest.raises(ValueError, match="ended after 8 of 10"):
+        values.join_chunks(chunks[:2])
