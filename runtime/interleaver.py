@@ -8,6 +8,7 @@ Only one side runs at a time, so no locks are needed. Imports torch and greenlet
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,23 @@ from greenlet import greenlet as Greenlet
 from . import batching
 from .errors import OutOfOrderError, TetherError
 
-__all__ = ["Request", "Mediator", "Interleaver", "current_mediator", "EarlyStop", "JobCancelled"]
+__all__ = ["Request", "Mediator", "Interleaver", "current_mediator", "EarlyStop", "JobCancelled", "cancel_scope"]
+
+_limits = threading.local()
+
+
+class cancel_scope:
+    """While open, every run in this thread checks `cancel()` at each module boundary (server jobs)."""
+
+    def __init__(self, cancel: Callable[[], bool] | None):
+        self._cancel = cancel
+
+    def __enter__(self) -> None:
+        self._previous = getattr(_limits, "cancel", None)
+        _limits.cancel = self._cancel
+
+    def __exit__(self, *exc) -> None:
+        _limits.cancel = self._previous
 
 
 class EarlyStop(BaseException):
@@ -134,7 +151,7 @@ class Interleaver:
         self.batch_size = batch_size
         self.max_iterations = max_iterations
         self.iteration = 0
-        self._cancel = cancel
+        self._cancel = cancel or getattr(_limits, "cancel", None)
         self._driver = getcurrent()
         self._root_calls = 0
         self._handles: dict[tuple[int, str], Any] = {}

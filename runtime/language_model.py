@@ -181,6 +181,11 @@ def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
     except OSError as error:
+        from .remote import load_spec
+
+        remote = load_spec(source)
+        if remote is not None:
+            return remote
         raise TetherError(
             f"No local model named {source!r}: tether never downloads weights. Give a local directory, a "
             "model already in the Hugging Face cache, a torch module, or use `remote=True` with a server "

@@ -28,6 +28,7 @@ from tether.runtime.errors import (
     ValueNotReachedError,
 )
 from tether.runtime.model import NNsight
+from tether.runtime.remote import set_runner, set_spec_loader
 from tether.runtime.saving import save
 
 __all__ = [
@@ -56,6 +57,22 @@ __all__ = [
     "UnsavedValueError",
     "ValueNotReachedError",
 ]
+
+
+def _run_remote(context, ns):
+    from tether.client.runner import run_remote
+
+    return run_remote(context, ns)
+
+
+def _load_remote_spec(name):
+    from tether.client.spec import load_remote_spec
+
+    return load_remote_spec(name)
+
+
+set_runner(_run_remote)
+set_spec_loader(_load_remote_spec)
 
 
 def __getattr__(name):

@@ -1,0 +1,138 @@
+"""Program: a captured block as plain data, and the Executor that runs one against a model.
+
+A client turns a context into a Program (source text, where it came from, inputs, local-block spans);
+a server worker runs it with `execute`, which drives the same Tracer/Session code a local run uses.
+`local()` blocks go to the handler the caller installs. Nothing here touches a network.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import ops
+from .capture import OPS_NAME, Block, _assigned_names, _find_in, _local_blocks, register_source
+from .contexts import local_handler
+from .interleaver import cancel_scope
+from .saving import SaveScope, hand_back
+
+__all__ = ["Program", "program_of", "block_of", "execute", "free_names", "local_block_at", "run_local_block"]
+
+KINDS = ("trace", "generate", "session", "scan")
+
+
+@dataclass
+class Program:
+    """What a remote job runs: the body's source and the entry point's inputs (no pickled code)."""
+
+    kind: str  # one of KINDS
+    source: str  # the body, dedented; line 1 is line `first_line` of `filename`
+    filename: str
+    first_line: int
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    tracer_name: str = ""  # the `as` name of the block, bound to the server-side tracer or session
+    local_blocks: list[tuple[int, int]] = field(default_factory=list)  # (first, last) body lines of local()
+
+
+def program_of(context: Any, kind: str) -> Program:
+    """The Program of a captured (entered and skipped) Tracer or Session."""
+    block: Block = context.block
+    target = block.node.items[0].optional_vars
+    return Program(
+        kind=kind,
+        source=block.source,
+        filename=block.filename,
+        first_line=block.first_line,
+        args=tuple(getattr(context, "_args", ())),
+        kwargs={**getattr(context, "_kwargs", {}), **getattr(context, "_run_kwargs", {})},
+        tracer_name=target.id if isinstance(target, ast.Name) else "",
+        local_blocks=list(block.local_blocks),
+    )
+
+
+def free_names(block: Block, ns: dict) -> list[str]:
+    """Names the body reads that the caller's namespace defines (what a remote run must be sent)."""
+    return sorted(n for n in block.loaded if n in ns and n != OPS_NAME and not _is_builtin(n, ns))
+
+
+def _is_builtin(name: str, ns: dict) -> bool:
+    return hasattr(builtins, name) and ns.get(name) is getattr(builtins, name)
+
+
+def block_of(program: Program, filename: str | None = None) -> Block:
+    """A Block for a received Program: its text registered under `filename` so nested blocks resolve."""
+    filename = filename or program.filename
+    text = "\n" * (program.first_line - 1) + program.source
+    register_source(filename, text)
+    module = ast.parse(text, filename)
+    if not module.body:
+        module.body = [ast.Pass(lineno=program.first_line, col_offset=0)]
+    last = module.body[-1].end_lineno or module.body[-1].lineno
+    node = ast.With(items=[ast.withitem(context_expr=ast.Constant(None))], body=module.body,
+                    lineno=max(program.first_line - 1, 1), col_offset=0)
+    return Block(
+        filename=filename,
+        with_line=node.lineno,
+        first_line=program.first_line,
+        last_line=last,
+        node=node,
+        source=program.source,
+        assigned=tuple(_assigned_names(module.body)),
+        loaded=frozenset(n.id for s in module.body for n in ast.walk(s)
+                         if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)),
+        local_blocks=_local_blocks(module.body),
+    )
+
+
+def execute(model: Any, program: Program, bindings: dict, *, filename: str | None = None,
+            local: Callable[[Block, dict], dict] | None = None, log: Callable[..., None] = print,
+            cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Run `program` on `model` (an NNsight) and return what the caller gets back, by name.
+
+    Saved values come back as they are; unsaved activations and unreached names as the stand-ins of
+    `saving` (callers on a wire send their kind, not the object). `print` in the body goes to `log`.
+    """
+    block = block_of(program, filename)
+    context = _context(model, program, log)
+    context._block = block
+    ns = {**bindings, OPS_NAME: ops, "print": log}
+    if program.tracer_name:
+        ns[program.tracer_name] = context
+    scope = SaveScope()
+    with scope, local_handler(local or _run_inline), cancel_scope(cancel):
+        context._run(ns)
+    return hand_back(ns, block.assigned, scope, bindings, why=context._why_unreached())
+
+
+def _context(model: Any, program: Program, log: Callable[..., None]) -> Any:
+    if program.kind == "session":
+        context = model.session()
+    elif program.kind in ("trace", "generate", "scan"):
+        entry = {"trace": model.trace, "generate": getattr(model, "generate", None), "scan": model.scan}[program.kind]
+        if entry is None:
+            raise ValueError(f"This model has no `{program.kind}` entry point.")
+        context = entry(*program.args, **program.kwargs)
+    else:
+        raise ValueError(f"Unknown program kind {program.kind!r}; expected one of {KINDS}.")
+    context.log = log
+    return context
+
+
+def _run_inline(block: Block, ns: dict) -> dict:
+    exec(block.code(), ns)
+    return {}
+
+
+def local_block_at(filename: str, text: str, first_line: int) -> Block:
+    """The `local()` block whose body starts at `first_line` in `text` (the user's source)."""
+    return _find_in(filename, text, first_line - 1)
+
+
+def run_local_block(block: Block, ns: dict) -> dict[str, Any]:
+    """Run a `local()` block's body in `ns`; returns the names it assigned (to send back)."""
+    exec(block.code(), ns)
+    return {name: ns[name] for name in block.assigned if name in ns}

@@ -1,0 +1,42 @@
+"""The seam through which a context marked `remote=True` hands itself to a remote backend.
+
+The engine cannot import the client (no networking here); the `tether` facade registers the client's
+runner with `set_runner`, and `run_remote` calls it with the captured context and the caller's names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .errors import TetherError
+
+__all__ = ["set_runner", "run_remote", "set_spec_loader", "load_spec"]
+
+_runner: Callable[[Any, dict], None] | None = None
+
+
+def set_runner(runner: Callable[[Any, dict], None]) -> None:
+    """Install the function that runs a captured context remotely and fills `ns` with its results."""
+    global _runner
+    _runner = runner
+
+
+def run_remote(context: Any, ns: dict) -> None:
+    if _runner is None:
+        raise TetherError("No remote backend is installed: import `tether` (not only `tether.runtime`).")
+    _runner(context, ns)
+
+
+_spec_loader: Callable[[str], tuple[Any, Any]] | None = None
+
+
+def set_spec_loader(loader: Callable[[str], tuple[Any, Any]]) -> None:
+    """Install the function that builds `(meta module, tokenizer)` for a model only a server has."""
+    global _spec_loader
+    _spec_loader = loader
+
+
+def load_spec(name: str) -> tuple[Any, Any] | None:
+    """A model skeleton from the configured server, or None when no backend is installed."""
+    return None if _spec_loader is None else _spec_loader(name)
