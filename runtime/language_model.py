@@ -148,7 +148,13 @@ class LanguageModel(NNsight):
             return
         from transformers import AutoModelForCausalLM
 
-        real = AutoModelForCausalLM.from_pretrained(self._source, local_files_only=True)
+        try:
+            real = AutoModelForCausalLM.from_pretrained(self._source, local_files_only=True)
+        except OSError:
+            raise TetherError(
+                f"The weights of {self._source!r} are not on this machine (its structure came from a server). "
+                "Run it there with `remote=True`."
+            ) from None
         real_modules = dict(real.named_modules())
         for name, module in self._module.named_modules():
             donor = real_modules[name]
