@@ -43,6 +43,12 @@ class Block:
     local_blocks: list[tuple[int, int]] = field(default_factory=list)  # (first, last) of nested local() bodies
     _code: dict = field(default_factory=dict)
 
+    @property
+    def trivial(self) -> bool:
+        """A body of only `pass`/constants: it compiles to nothing, so there is nothing to skip."""
+        return all(isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
+                   for s in self.node.body)
+
     def code(self, *, start: int = 0, target: ast.expr | None = None) -> CodeType:
         """Compile the body (from top-level statement `start`), optionally after binding `target`."""
         key = (start, ast.dump(target) if target is not None else None)
@@ -123,6 +129,8 @@ def _find_in(filename: str, text: str, line: int) -> Block:
 def skip_body(frame: FrameType, block: Block) -> object:
     """Arrange for the caller to raise `SkipBody` on the block's first body line; returns restore state."""
     previous = (sys.gettrace(), frame.f_trace)
+    if block.trivial:
+        return (frame, previous)
 
     def tracer(fr, event, arg):
         if event == "line" and fr is frame and block.first_line <= fr.f_lineno <= block.last_line:

@@ -47,7 +47,7 @@ class Context:
     def __exit__(self, exc_type, exc, tb) -> bool:
         restore_trace(self._skip_state)
         frame, self._frame = self._frame, None
-        if exc_type is not SkipBody:
+        if not _skipped(exc_type, self._block):
             return False
         globals_ = frame.f_globals
         if OPS_NAME in globals_ and frame.f_locals is globals_:
@@ -183,7 +183,7 @@ class LocalBlock:
             return False
         restore_trace(self._skip_state)
         frame, self._frame = self._frame, None
-        if exc_type is not SkipBody:
+        if not _skipped(exc_type, self._block):
             return False
         frame.f_globals.update(self._handler(self._block, frame.f_globals))
         return True
@@ -192,6 +192,11 @@ class LocalBlock:
 def local() -> LocalBlock:
     """A block that runs on the researcher's machine during a remote job (just runs, locally)."""
     return LocalBlock()
+
+
+def _skipped(exc_type: type | None, block: Block) -> bool:
+    """Whether the caller skipped the body as arranged (a trivial body simply ran, doing nothing)."""
+    return exc_type is SkipBody or (exc_type is None and block.trivial)
 
 
 def _write_frame(frame: types.FrameType, values: dict) -> None:
