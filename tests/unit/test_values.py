@@ -10,11 +10,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from tether.v1 import jobs_pb2, values_pb2
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tether import values
 from tether.safe_pickle import UnsafePickleError
+from tether.v1 import jobs_pb2, values_pb2
 
 ALL_DTYPES = sorted(values._DTYPES, key=str)
 
