@@ -9,7 +9,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -58,7 +58,7 @@ class Chunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("saved",)
+    __slots__ = ("saved", "unsaved", "unreached", "unreached_reason")
     class SavedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,8 +67,14 @@ class JobResult(_message.Message):
         value: _values_pb2.Value
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_values_pb2.Value, _Mapping]] = ...) -> None: ...
     SAVED_FIELD_NUMBER: _ClassVar[int]
+    UNSAVED_FIELD_NUMBER: _ClassVar[int]
+    UNREACHED_FIELD_NUMBER: _ClassVar[int]
+    UNREACHED_REASON_FIELD_NUMBER: _ClassVar[int]
     saved: _containers.MessageMap[str, _values_pb2.Value]
-    def __init__(self, saved: _Optional[_Mapping[str, _values_pb2.Value]] = ...) -> None: ...
+    unsaved: _containers.RepeatedScalarFieldContainer[str]
+    unreached: _containers.RepeatedScalarFieldContainer[str]
+    unreached_reason: str
+    def __init__(self, saved: _Optional[_Mapping[str, _values_pb2.Value]] = ..., unsaved: _Optional[_Iterable[str]] = ..., unreached: _Optional[_Iterable[str]] = ..., unreached_reason: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
     __slots__ = ("state", "message", "failure", "queue_position")

@@ -123,10 +123,12 @@ class Reference(_message.Message):
     def __init__(self, module: _Optional[str] = ..., qualname: _Optional[str] = ...) -> None: ...
 
 class ModelReference(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "path")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    path: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class Pickled(_message.Message):
     __slots__ = ("data", "tensors", "type_name")
