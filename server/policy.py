@@ -116,9 +116,10 @@ class Policy:
                 local_block_spans=fn.local_blocks,
                 bound_names=_bound_paths(fn.bindings),
             )
-        for value in (*program.args, *program.kwargs.values()):
+        nested = [v for v in program.bindings.values() if v.WhichOneof("kind") != "reference"]
+        for value in (*program.args, *program.kwargs.values(), *nested):  # direct bindings: checked above
             for path in _reference_paths(value):
-                self.check_reference(path, filename=program.filename)
+                self.check_reference(path, filename=program.filename, line=program.first_line)
 
     def check_source(
         self,
@@ -197,6 +198,8 @@ class Policy:
         if not isinstance(module, str) or not isinstance(qualname, str) or self._lifted(spelled):
             return ""
         canonical = f"{module}.{qualname}"
+        if module.startswith("_") and "." not in module:  # a C accelerator: _functools.reduce is functools'
+            module = module[1:]
         if not self._listed(module, self.allowed_modules) or self._listed(canonical, self.denied_callables):
             return f"'{spelled}' is not allowed on the server: it is '{canonical}'"
         return ""
@@ -310,11 +313,13 @@ def _check_cached(
 ) -> None:
     tree, offset = _parse(source, filename, first_line)
     checker = _Checker(policy, filename, offset, spans, dict(bound))
-    for path_name, path in checker.aliases.items():  # references the client bound
-        if path is not None:
-            line = checker.first_use(tree, path_name)
-            if line is not None:
-                policy.check_reference(path, filename=filename, line=line)
+    checker.record_local_imports(tree)
+    for name, path in checker.aliases.items():  # modules, functions, classes the client bound by name
+        reason = policy._path_refusal(path) if path is not None else ""
+        line = checker.first_use(tree, name) if reason else None
+        if line is not None:
+            shown = reason if name == path else f"'{name}' is {path}, and {reason}"
+            raise PolicyViolation(f"{shown}; {_ALLOW_HINT}", line, filename=filename)
     checker.visit(tree)
 
 
@@ -352,6 +357,18 @@ class _Checker(ast.NodeVisitor):
         self.bound = bound  # free names the client binds (values shadow builtins)
         self.aliases: dict[str, str | None] = dict(bound)  # name -> import path (None: data)
 
+    def record_local_imports(self, tree: ast.AST) -> None:
+        """Names imported inside local() blocks come back from the client: uses outside are checked."""
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or not self._in_local_block(node):
+                continue
+            for alias in node.names:
+                if isinstance(node, ast.Import):
+                    top = alias.name.split(".")[0]
+                    self.aliases[alias.asname or top] = alias.name if alias.asname else top
+                elif node.module and not node.level and alias.name != "*":
+                    self.aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+
     def first_use(self, tree: ast.AST, name: str) -> int | None:
         for node in ast.walk(tree):
             if isinstance(node, ast.Name) and node.id == name and not self._in_local_block(node):
@@ -385,7 +402,7 @@ class _Checker(ast.NodeVisitor):
             if alias.name == "*":
                 self.fail(
                     node,
-                    f"'from {node.module} import *' is not allowed on the server; import names one by one",
+                    f"'from {node.module} import *' is not allowed on the server; import names one by one or {_MOVE_HINT}",
                 )
             path = f"{node.module}.{alias.name}"
             self._check_path(node, path)

@@ -6,6 +6,7 @@ Imports torch, lz4, cloudpickle, tether.v1 and tether.safe_pickle; never grpc, c
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import io
 import sys
@@ -249,19 +250,62 @@ def _numpy_tensor(obj: Any) -> torch.Tensor | None:
 
 
 def _reference(obj: Any) -> values_pb2.Reference | None:
-    """Modules, and functions/classes that the receiver can import by name."""
+    """Modules, functions and classes travel by name, never as pickled code.
+
+    The name is a public import path where one exists (torch.nn.functional.gelu, not torch._C._nn.gelu);
+    user code (e.g. in __main__) keeps its own name, which a server refuses with an allow-list error.
+    """
     if isinstance(obj, types.ModuleType):
         return values_pb2.Reference(module=obj.__name__)
     if not isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
         return None
-    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
-    if not module or not qualname or module == "__main__" or "<" in qualname:
-        return None
+    if isinstance(obj, types.BuiltinFunctionType) and not isinstance(
+        obj.__self__, (types.ModuleType, type(None))
+    ):
+        return None  # a bound method of some object, such as [].append
     try:
-        found = import_reference(values_pb2.Reference(module=module, qualname=qualname))
-    except (ImportError, AttributeError):
+        path = _import_path(obj)
+    except TypeError:  # unhashable
+        path = None
+    if path is None and isinstance(obj, (type, types.FunctionType)):
+        path = (getattr(obj, "__module__", None) or "", obj.__qualname__)
+    return values_pb2.Reference(module=path[0], qualname=path[1]) if path else None
+
+
+def _is_private(dotted: str) -> bool:
+    return any(part.startswith("_") or "<" in part for part in dotted.split("."))
+
+
+@functools.lru_cache(maxsize=1024)
+def _import_path(obj: Any) -> tuple[str, str] | None:
+    module = getattr(obj, "__module__", None)
+    names = [
+        n for n in (getattr(obj, "__qualname__", None), getattr(obj, "__name__", None)) if isinstance(n, str)
+    ]
+    if not isinstance(module, str) or not names:
         return None
-    return values_pb2.Reference(module=module, qualname=qualname) if found is obj else None
+    found = []
+    for name in names:
+        try:
+            if import_reference(values_pb2.Reference(module=module, qualname=name)) is obj:
+                found.append((module, name))
+        except (ImportError, AttributeError):
+            pass
+    public = [p for p in found if not _is_private(f"{p[0]}.{p[1]}")]
+    if public:
+        return public[0]
+    # a public module of the same package that re-exports it (no imports, no lazy-module side effects)
+    root, name = module.split(".")[0], names[-1]
+    owners = [
+        mod_name
+        for mod_name, mod in list(sys.modules.items())
+        if (mod_name == root or mod_name.startswith(root + "."))
+        and not _is_private(mod_name)
+        and getattr(mod, "__dict__", {}).get(name) is obj
+    ]
+    if owners and not _is_private(name):
+        return (min(owners, key=lambda m: (m.count("."), len(m))), name)
+    return found[0] if found else None
 
 
 class _TensorPickler(cloudpickle.Pickler):
