@@ -264,3 +264,17 @@ def test_join_chunks_rejects_gaps_and_truncation():
         values.join_chunks([chunks[0], chunks[2]])
     with pytest.raises(ValueError, match="ended after 8 of 10"):
         values.join_chunks(chunks[:2])
+
+
+def test_functions_travel_by_public_name_and_are_never_pickled():
+    def user_fn(x):
+        return x
+
+    gelu = values.to_value(torch.nn.functional.gelu).reference  # defined in torch._C._nn
+    assert (gelu.module, gelu.qualname) == ("torch.nn.functional", "gelu")
+    argmax = values.to_value(torch.argmax).reference
+    assert (argmax.module, argmax.qualname) == ("torch", "argmax")
+    msg = values.to_value([user_fn, lambda x: x])
+    kinds = [item.WhichOneof("kind") for item in msg.list_value.items]
+    assert kinds == ["reference", "reference"]  # a server refuses these by name, with an allow-list error
+    assert msg.list_value.items[0].reference.qualname.endswith("user_fn")
