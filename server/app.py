@@ -1,0 +1,134 @@
+"""Assembles a running server: gRPC server, servicers, health checking, reflection, message sizes, workers.
+
+`start_server(models, host, port, **limits)` returns a handle with `.port` and `.stop()`; the CLI and tests
+both use it. Imports grpc, grpcio-health-checking, grpcio-reflection and the server's own modules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+
+from .auth import Authenticator, read_keys
+from .jobs import JobStore
+from .policy import DEFAULT_POLICY, Policy
+from .registry import Registry
+from .service import Hub, JobService, ModelService
+from .workers import Limits, ModelQueue
+
+__all__ = ["ServerHandle", "start_server", "MAX_MESSAGE_BYTES"]
+
+MAX_MESSAGE_BYTES = 256 << 20  # bytes: largest message in either direction (a JobSpec with big inputs)
+SERVICES = (
+    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+)
+
+
+class ServerHandle:
+    """A running server: `.port`, `.address`, `.stop()`; a context manager that stops on exit."""
+
+    def __init__(self, server: grpc.Server, hub: Hub, health_servicer: health.HealthServicer, host: str,
+                 port: int):
+        self._server, self.hub, self._health = server, hub, health_servicer
+        self.host, self.port = host, port
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        """`host:port` as clients dial it (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stop serving: report NOT_SERVING, end RPCs after `grace` seconds, cancel queued and running jobs."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._health.enter_graceful_shutdown()
+        for queue in self.hub.queues.values():
+            queue.close()
+        self._server.stop(grace).wait()
+        for queue in self.hub.queues.values():
+            queue.join(timeout=grace)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (or `timeout`); True if it stopped."""
+        return self._server.wait_for_termination(timeout)
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_server(
+    models: Mapping[str, Any],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    api_keys: Iterable[str] | str | os.PathLike[str] | None = None,
+    policy: Policy = DEFAULT_POLICY,
+    replicas: int = 1,
+    rpc_threads: int = 128,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    **limits: Any,
+) -> ServerHandle:
+    """Serve `models` (name -> torch module, `(model, tokenizer)` or NNsight) on `host:port` (0: any free port).
+
+    api_keys: keys (or a file of keys, one per line) clients must send; None accepts loopback clients only.
+    limits: fields of `Limits` (queue_size, job_timeout, max_result_bytes, result_ttl, local_call_timeout).
+    """
+    if isinstance(api_keys, (str, os.PathLike)):
+        api_keys = read_keys(api_keys)
+    registry = Registry(models)
+    server_limits = Limits(**limits)
+    hub = Hub(
+        registry=registry,
+        queues={},
+        store=JobStore(),
+        policy=policy,
+        limits=server_limits,
+        auth=Authenticator(api_keys),
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=rpc_threads, thread_name_prefix="tether-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobService(hub), server)
+    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(hub), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        bound = server.add_insecure_port(_join(host, port))
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise OSError(f"cannot listen on {_join(host, port)}: the port is taken or the host is not this machine")
+    hub.queues.update({h.name: ModelQueue(h, server_limits, replicas=replicas) for h in registry})
+    server.start()
+    for service in ("", *SERVICES):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return ServerHandle(server, hub, health_servicer, host, bound)
+
+
+def _join(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"

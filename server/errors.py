@@ -1,0 +1,92 @@
+"""The server's errors: each carries the gRPC status code it is reported with, and an actionable message.
+
+Part of tether's one hierarchy (subclasses of tether.runtime.errors.TetherError); imports grpc and that only.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from tether.runtime.errors import TetherError
+
+__all__ = [
+    "ServerError",
+    "NotFound",
+    "InvalidProgram",
+    "QueueFull",
+    "ResultTooLarge",
+    "JobTimeout",
+    "JobCancelledError",
+    "LocalCallFailed",
+    "LocalBlockFailed",
+    "Unauthenticated",
+]
+
+
+class ServerError(TetherError):
+    """An error the server reports with a gRPC status code (`code`) and this message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class NotFound(ServerError):
+    """An unknown model or job (or a job whose result expired)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class InvalidProgram(ServerError):
+    """A program the server will not run: rejected by policy, malformed, or refused values."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class QueueFull(ServerError):
+    """A model's queue has no room for another job."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ResultTooLarge(ServerError):
+    """A job's serialized result is larger than the allowed size."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class JobTimeout(ServerError):
+    """A job ran (or waited for a local() answer) past its time limit."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class JobCancelledError(ServerError):
+    """A job was cancelled by its client."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class LocalCallFailed(ServerError):
+    """A local() block could not be run on the client: no stream, the client left, or no answer in time."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class LocalBlockFailed(ServerError):
+    """A local() block raised on the client; `failure` is the client's Failure message (the cause)."""
+
+    code = grpc.StatusCode.ABORTED
+
+    def __init__(self, message: str, failure):
+        super().__init__(message)
+        self.failure = failure  # tether.v1.Failure
+
+
+class Unauthenticated(ServerError):
+    """A call without a valid API key (or, on a server without keys, from another machine)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED

@@ -1,0 +1,264 @@
+"""Job records and their lifecycle: states, the append-only event log, results and their retention.
+
+RECEIVED -> QUEUED -> DISPATCHED -> RUNNING -> COMPLETED | ERROR | CANCELLED. Watchers wait on each
+job's condition variable (never polling); sequences start at 1 and increase by 1 per event.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from tether.v1 import failure_pb2, jobs_pb2
+
+from .errors import NotFound
+
+__all__ = ["Job", "JobStore", "TERMINAL", "state_name"]
+
+TERMINAL = frozenset({jobs_pb2.JOB_STATE_COMPLETED, jobs_pb2.JOB_STATE_ERROR, jobs_pb2.JOB_STATE_CANCELLED})
+_ORDER = {
+    jobs_pb2.JOB_STATE_RECEIVED: 1,
+    jobs_pb2.JOB_STATE_QUEUED: 2,
+    jobs_pb2.JOB_STATE_DISPATCHED: 3,
+    jobs_pb2.JOB_STATE_RUNNING: 4,
+}
+
+
+def state_name(state: int) -> str:
+    return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+@dataclass(frozen=True)
+class _ResultChunk:
+    """A result-chunk event, kept as a position in Job.result (the bytes are not stored twice)."""
+
+    sequence: int
+    time: timestamp_pb2.Timestamp
+    offset: int
+    size: int
+
+
+class Job:
+    """One job. Every mutable field is guarded by `cond`; waiters use `cond` to hear of new events."""
+
+    def __init__(self, owner: str, model: str, kind: int, request_id: str = ""):
+        self.id = uuid.uuid4().hex[:16]
+        self.owner, self.model, self.kind, self.request_id = owner, model, kind, request_id
+        self.create_time = _now()
+        self.cond = threading.Condition()
+        self.status = jobs_pb2.JobStatus()  # guarded by cond: the latest status
+        self.update_time = self.create_time  # guarded by cond
+        self.result: bytes | None = None  # guarded by cond: the serialized JobResult once COMPLETED
+        self.failure_code: grpc.StatusCode | None = None  # guarded by cond: how ERROR/CANCELLED is reported
+        self.cancel_reason: str | None = None  # guarded by cond: set once a cancel was requested
+        self.expire_at: float | None = None  # guarded by cond: time.monotonic() when the record is dropped
+        self.expire_time: timestamp_pb2.Timestamp | None = None  # guarded by cond: the same, as wall time
+        self._events: list[jobs_pb2.JobEvent | _ResultChunk] = []  # guarded by cond; index = sequence - 1
+        self.link = None  # set once, before the job is queued: its LocalLink (RunJob jobs only)
+        self.set_state(jobs_pb2.JOB_STATE_RECEIVED, "the server accepted and checked the program")
+
+    # ---- writing ------------------------------------------------------------------------------
+    @property
+    def state(self) -> int:
+        return self.status.state
+
+    @property
+    def done(self) -> bool:
+        return self.status.state in TERMINAL
+
+    def event(self, **fields) -> int:
+        """Append an event (status=, log=, local_call=); returns its sequence."""
+        with self.cond:
+            sequence = len(self._events) + 1
+            self._events.append(
+                jobs_pb2.JobEvent(job_id=self.id, sequence=sequence, time=_now(), **fields)
+            )
+            self.cond.notify_all()
+            return sequence
+
+    def set_state(
+        self,
+        state: int,
+        message: str = "",
+        *,
+        failure: failure_pb2.Failure | None = None,
+        queue_position: int = 0,
+        code: grpc.StatusCode | None = None,
+    ) -> bool:
+        """Move to `state` and log it; False (nothing changes) once the job is terminal or for a step back."""
+        with self.cond:
+            if self.done or _ORDER.get(state, 9) < _ORDER.get(self.status.state, 0):
+                return False
+            self.status = jobs_pb2.JobStatus(
+                state=state, message=message, failure=failure, queue_position=queue_position
+            )
+            self.update_time = _now()
+            if state in TERMINAL:
+                self.failure_code = code
+            self.event(status=self.status)
+            return True
+
+    def complete(self, result: bytes, chunk_size: int, ttl: float) -> None:
+        """Store the serialized result, log its chunks, then COMPLETED (nothing if already terminal)."""
+        with self.cond:
+            if self.done:
+                return
+            self.result = result
+            for offset in range(0, max(len(result), 1), chunk_size):
+                self._events.append(
+                    _ResultChunk(len(self._events) + 1, _now(), offset, min(chunk_size, len(result) - offset))
+                )
+            self.set_state(jobs_pb2.JOB_STATE_COMPLETED, f"result of {len(result)} bytes")
+            self._retain(ttl)
+
+    def finish(self, state: int, message: str, *, failure: failure_pb2.Failure | None = None,
+               code: grpc.StatusCode | None = None, ttl: float) -> bool:
+        """End the job in ERROR or CANCELLED (no-op if it already ended)."""
+        with self.cond:
+            changed = self.set_state(state, message, failure=failure, code=code)
+            if changed:
+                self._retain(ttl)
+            return changed
+
+    def _retain(self, ttl: float) -> None:
+        self.expire_at = time.monotonic() + ttl
+        self.expire_time = timestamp_pb2.Timestamp()
+        self.expire_time.FromNanoseconds(time.time_ns() + int(ttl * 1e9))
+
+    def request_cancel(self, reason: str) -> bool:
+        """Ask the job to stop; True if it had not ended. The worker (or the queue) ends it."""
+        with self.cond:
+            if self.done:
+                return False
+            if self.cancel_reason is None:
+                self.cancel_reason = reason or "cancelled by the client"
+            self.cond.notify_all()
+            return True
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.cancel_reason is not None  # a single read: no lock needed
+
+    # ---- reading ------------------------------------------------------------------------------
+    @property
+    def last_sequence(self) -> int:
+        with self.cond:
+            return len(self._events)
+
+    def wait_events(
+        self, after: int, stop: Callable[[], bool], timeout: float | None = None
+    ) -> tuple[list[jobs_pb2.JobEvent], bool]:
+        """The events with sequence > `after`, waiting until there is one, the job ended or `stop()`.
+
+        Returns (events, finished): finished is True once the job ended and every event is returned.
+        """
+        with self.cond:
+            self.cond.wait_for(lambda: len(self._events) > after or self.done or stop(), timeout)
+            entries = self._events[after:]
+            finished = self.done and after + len(entries) == len(self._events)
+            return [self._materialize(e) for e in entries], finished
+
+    def _materialize(self, entry: jobs_pb2.JobEvent | _ResultChunk) -> jobs_pb2.JobEvent:
+        if isinstance(entry, jobs_pb2.JobEvent):
+            return entry
+        chunk = jobs_pb2.Chunk(
+            offset=entry.offset,
+            data=self.result[entry.offset : entry.offset + entry.size],
+            total_size=len(self.result),
+        )
+        return jobs_pb2.JobEvent(job_id=self.id, sequence=entry.sequence, time=entry.time, result=chunk)
+
+    def forget_payload(self, predicate: Callable[[jobs_pb2.JobEvent], bool]) -> None:
+        """Drop the bulky data of logged events that match (answered local() calls): replays keep their
+        sequence and call ids, with empty value chunks, so the log does not hold every exchanged tensor."""
+        with self.cond:
+            for entry in self._events:
+                if isinstance(entry, jobs_pb2.JobEvent) and predicate(entry):
+                    entry.local_call.values.data = b""
+
+    def info(self, queue_position: int = 0) -> jobs_pb2.JobInfo:
+        with self.cond:
+            status = jobs_pb2.JobStatus()
+            status.CopyFrom(self.status)
+            if status.state == jobs_pb2.JOB_STATE_QUEUED:
+                status.queue_position = queue_position
+            return jobs_pb2.JobInfo(
+                job_id=self.id,
+                model=self.model,
+                kind=self.kind,
+                status=status,
+                create_time=self.create_time,
+                update_time=self.update_time,
+                last_sequence=len(self._events),
+                result_size=len(self.result) if self.result is not None else 0,
+                result_expire_time=self.expire_time,
+            )
+
+
+class JobStore:
+    """Every job the server still remembers, by id, and the request ids that made them (idempotency)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}  # guarded by _lock
+        self._by_request: dict[tuple[str, str], Job] = {}  # guarded by _lock: (owner, request_id) -> job
+
+    def find_request(self, owner: str, request_id: str) -> Job | None:
+        """The job an earlier request with this id (from this owner) created, if it is still known."""
+        if not request_id:
+            return None
+        self.sweep()
+        with self._lock:
+            return self._by_request.get((owner, request_id))
+
+    def add(self, job: Job) -> Job:
+        """Publish `job`; if a job with its request id appeared meanwhile, that one is returned instead."""
+        self.sweep()
+        with self._lock:
+            if job.request_id:
+                earlier = self._by_request.get((job.owner, job.request_id))
+                if earlier is not None:
+                    return earlier
+                self._by_request[(job.owner, job.request_id)] = job
+            self._jobs[job.id] = job
+            return job
+
+    def remove(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(job.id, None)
+            if self._by_request.get((job.owner, job.request_id)) is job:
+                del self._by_request[(job.owner, job.request_id)]
+
+    def get(self, job_id: str, owner: str) -> Job:
+        """The job, if it exists and belongs to `owner`; NotFound otherwise (other owners' jobs included)."""
+        self.sweep()
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None or job.owner != owner:
+            raise NotFound(
+                f"no job {job_id!r}: it never existed here, belongs to another API key, or ended long "
+                "enough ago that its record and result were discarded (see the server's --result-ttl)."
+            )
+        return job
+
+    def sweep(self) -> None:
+        """Forget jobs whose retention time is over."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [j for j in self._jobs.values() if j.expire_at is not None and j.expire_at <= now]
+            for job in expired:
+                del self._jobs[job.id]
+                if self._by_request.get((job.owner, job.request_id)) is job:
+                    del self._by_request[(job.owner, job.request_id)]

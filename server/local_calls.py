@@ -1,0 +1,155 @@
+"""The worker side of `local()` blocks: send a LocalCall up the job's RunJob stream, wait for the LocalResult.
+
+`LocalLink` is the job's client end (answers arrive there from the stream's reader thread); `LocalCaller`
+is the handler the Executor calls at each block. Calls are strictly sequential: one open call per job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tether.runtime.capture import Block
+from tether.v1 import jobs_pb2, values_pb2
+from tether.values import join_chunks, split_chunks
+
+from .errors import JobCancelledError, JobTimeout, LocalBlockFailed, LocalCallFailed
+from .jobs import Job
+from .program_codec import DecodedProgram, LocalSite
+
+__all__ = ["LocalLink", "LocalCaller", "is_data"]
+
+NO_STREAM = (
+    "local() blocks need the blocking RunJob stream: this job was submitted without one (SubmitJob), so "
+    "the server cannot ask the client to run the block. Run it with blocking=True (RunJob)."
+)
+
+
+class LocalLink:
+    """The RunJob streams of one job, as its worker sees them. All fields are guarded by `job.cond`."""
+
+    def __init__(self, job: Job):
+        self._job = job
+        self._streams = 0  # open RunJob streams attached to the job
+        self._closed: str | None = None  # why no stream can answer any more
+        self._open: str | None = None  # call_id of the call waiting for its answer
+        self._parts: list[jobs_pb2.Chunk] = []  # chunks of the open call's answer so far
+        self._failure = None  # the open call's Failure, if the block raised on the client
+
+    def attach(self) -> None:
+        """A RunJob stream of this job opened (the first, or a re-attach with the same request_id)."""
+        with self._job.cond:
+            self._streams += 1
+            self._closed = None
+
+    def detach(self, reason: str) -> None:
+        """A stream ended; once none is left, an open call and every later one fail at once."""
+        with self._job.cond:
+            self._streams = max(0, self._streams - 1)
+            if self._streams == 0:
+                self._closed = reason
+                self._job.cond.notify_all()
+
+    def deliver(self, answer: jobs_pb2.LocalResult) -> None:
+        """An answer (or one chunk of it) from the client; answers to calls not open are dropped."""
+        with self._job.cond:
+            if answer.call_id != self._open:
+                return
+            if answer.WhichOneof("outcome") == "failure":
+                self._failure = answer.failure
+            else:
+                self._parts.append(answer.values)
+            self._job.cond.notify_all()
+
+    def call(self, call_id: str, block_id: str, payload: bytes, deadline: float,
+             local_timeout: float, timed_out: Callable[[], BaseException]) -> bytes:
+        """Send one LocalCall and wait for its answer: the serialized ValueMap of the block's writes.
+
+        Raises LocalBlockFailed (the block raised on the client), LocalCallFailed (no stream left),
+        JobTimeout (no answer in time, or the job's own limit came first) or JobCancelledError.
+        """
+        job = self._job
+        with job.cond:
+            if self._closed is not None:
+                raise LocalCallFailed(f"cannot run the local() block {block_id}: {self._closed}")
+            self._open, self._parts, self._failure = call_id, [], None
+            for chunk in split_chunks(payload):
+                job.event(local_call=jobs_pb2.LocalCall(call_id=call_id, block_id=block_id, values=chunk))
+            answer_by = min(deadline, time.monotonic() + local_timeout)
+            try:
+                while True:
+                    if self._failure is not None:
+                        raise LocalBlockFailed(
+                            f"the local() block {block_id} raised on the client: {self._failure.message}",
+                            self._failure,
+                        )
+                    if self._parts and _complete(self._parts):
+                        return join_chunks(self._parts)
+                    if job.cancel_requested:
+                        raise JobCancelledError(f"cancelled while waiting for local() block {block_id}")
+                    if self._closed is not None:
+                        raise LocalCallFailed(
+                            f"the client stopped before answering the local() block {block_id}: {self._closed}"
+                        )
+                    left = answer_by - time.monotonic()
+                    if left <= 0:
+                        raise timed_out() if answer_by >= deadline else JobTimeout(
+                            f"the client did not answer the local() block {block_id} within {local_timeout:g} s "
+                            "(the job's local_call_timeout), so the job was stopped: the client may have been "
+                            "disconnected or stuck in the block. Raise local_call_timeout for slow blocks."
+                        )
+                    job.cond.wait(left)
+            finally:
+                self._open, self._parts = None, []
+
+
+def _complete(parts: list[jobs_pb2.Chunk]) -> bool:
+    return sum(len(p.data) for p in parts) >= parts[0].total_size
+
+
+def is_data(value: Any, depth: int = 0) -> bool:
+    """Whether a value is data a local() block may receive: tensors, numbers, text, and containers of them
+    (not models, modules, functions or tether's own objects)."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.Tensor, torch.Size,
+                                           torch.dtype)):
+        return True
+    if type(value).__module__ == "numpy":
+        return True
+    if depth > 8:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(is_data(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(is_data(k, depth + 1) and is_data(v, depth + 1) for k, v in value.items())
+    return False
+
+
+class LocalCaller:
+    """The Executor's handler for `local()` blocks in one job: `(block, ns) -> names the client assigned`."""
+
+    def __init__(self, job: Job, link: LocalLink | None, decoded: DecodedProgram, *, deadline: float,
+                 local_timeout: float, timed_out: Callable[[], BaseException]):
+        self._job, self._link, self._decoded = job, link, decoded
+        self._deadline, self._local_timeout, self._timed_out = deadline, local_timeout, timed_out
+        self._calls = 0  # only the worker thread running the job touches this
+
+    def __call__(self, block: Block, ns: dict) -> dict[str, Any]:
+        site = self._decoded.local_sites.get((block.filename, block.first_line))
+        if site is None:  # a block the server did not cut: describe it from the runtime's view
+            user_file = self._decoded.user_files.get(block.filename, block.filename)
+            site = LocalSite(str(block.first_line), user_file, block.first_line, tuple(sorted(block.loaded)))
+        if self._link is None:
+            raise LocalCallFailed(NO_STREAM)
+        self._calls += 1
+        reads = {name: ns[name] for name in site.reads if name in ns and is_data(ns[name])}
+        codec = self._decoded.codec
+        payload = values_pb2.ValueMap(values={n: codec.encode(v) for n, v in reads.items()}).SerializeToString()
+        call_id = str(self._calls)
+        answer = self._link.call(call_id, site.block_id, payload, self._deadline, self._local_timeout,
+                                 self._timed_out)
+        self._job.forget_payload(lambda e: e.WhichOneof("event") == "local_call" and e.local_call.call_id == call_id)
+        values = values_pb2.ValueMap.FromString(answer)
+        return codec.decode_map(values.values, "the local() block's value of")

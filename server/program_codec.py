@@ -1,0 +1,318 @@
+"""Received Program -> what a worker runs: checked source, decoded values, shipped functions, local() blocks.
+
+The bodies of `local()` blocks are cut out of the source the server runs (they run on the client), so no
+spelling of a context manager can make the server run them. Imports torch, tether.runtime/values/v1, policy.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import linecache
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tether.runtime.capture import _assigned_names, register_source
+from tether.runtime.envoy import Envoy
+from tether.runtime.program import Program
+from tether.v1 import program_pb2, values_pb2
+from tether.values import from_value, to_value
+
+from .errors import InvalidProgram
+from .policy import Policy
+from .registry import HostedModel
+
+__all__ = ["ClientOnly", "DecodedProgram", "LocalSite", "ValueCodec", "decode_program"]
+
+CLIENT_MODULE = "__client__"  # Reference(module="__client__", qualname=name): a function only the client runs
+_KINDS = {
+    program_pb2.PROGRAM_KIND_TRACE: "trace",
+    program_pb2.PROGRAM_KIND_GENERATE: "generate",
+    program_pb2.PROGRAM_KIND_SESSION: "session",
+    program_pb2.PROGRAM_KIND_SCAN: "scan",
+}
+_LOCAL_HINT = "wrap the call in `with tether.local():` to run it on your own machine"
+
+
+class ClientOnly:
+    """Stands for a function that exists only on the client (`@tether.trace`); calling it here explains."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise InvalidProgram(
+            f"`{self.name}` is a client-only function (decorated with @tether.trace) and cannot run on the "
+            f"server; {_LOCAL_HINT}."
+        )
+
+    def __repr__(self) -> str:
+        return f"<client-only function {self.name}>"
+
+
+@dataclass(frozen=True)
+class LocalSite:
+    """A `local()` block as the server knows it: where its body starts, its id and what it reads."""
+
+    block_id: str
+    filename: str  # the user's file name
+    first_line: int  # first body line, in the user's file
+    reads: tuple[str, ...]  # names the body loads (sent when they hold data on the server)
+
+
+class ValueCodec:
+    """Values of one job: decoded with the policy's unpickler and resolvers, encoded with model references."""
+
+    def __init__(self, policy: Policy, hosted: HostedModel, root: Any):
+        self.policy, self.hosted, self.root = policy, hosted, root
+
+    def decode(self, value: values_pb2.Value, what: str) -> Any:
+        """The object for a received Value; InvalidProgram naming `what` when it is refused."""
+        try:
+            return from_value(
+                value,
+                unpickler=self.policy.loads,
+                resolve_reference=self._reference,
+                resolve_model=self._model,
+            )
+        except InvalidProgram:
+            raise
+        except Exception as error:  # UnsafePickleError, PolicyViolation, malformed tensors...
+            raise InvalidProgram(f"{what} was refused: {error}") from None
+
+    def decode_map(self, values: Mapping[str, values_pb2.Value], what: str) -> dict[str, Any]:
+        return {name: self.decode(v, f"{what} `{name}`") for name, v in values.items()}
+
+    def encode(self, obj: Any) -> values_pb2.Value:
+        """The Value for an object going back to the client (submodules become ModelReferences)."""
+        return to_value(obj, default=self._model_reference)
+
+    def _reference(self, ref: values_pb2.Reference) -> Any:
+        if ref.module == CLIENT_MODULE:
+            return ClientOnly(ref.qualname)
+        return self.policy.resolve_reference(ref)
+
+    def _model(self, ref: values_pb2.ModelReference) -> Any:
+        if ref.name != self.hosted.name:
+            raise InvalidProgram(
+                f"the program runs on model {self.hosted.name!r} but refers to model {ref.name!r}; a job "
+                "can use only the model it runs on."
+            )
+        envoy = self.root
+        for part in filter(None, ref.path.split(".")):
+            children = envoy._module._modules
+            if part not in children:
+                raise InvalidProgram(
+                    f"model {ref.name!r} has no submodule {ref.path!r} (no {part!r} in "
+                    f"{envoy._path}); paths are as in named_modules(), e.g. 'transformer.h.0'."
+                )
+            envoy = getattr(envoy, part)  # Envoy.__getattr__ gives the child Envoy ("0" included)
+        return envoy
+
+    def _model_reference(self, obj: Any) -> values_pb2.Value | None:
+        if isinstance(obj, Envoy):
+            path = obj._path.partition(".")[2]  # Envoy paths start with "model" for the root
+            return values_pb2.Value(model_reference=values_pb2.ModelReference(name=self.hosted.name, path=path))
+        return None
+
+
+@dataclass
+class _Function:
+    name: str  # the name the body calls it by
+    defined: str  # the name its `def`/`class` binds
+    filename: str  # the per-job file name it is compiled under
+    text: str  # its source, cut and padded to its file's line numbers
+    namespace: dict  # its globals: its decoded bindings
+
+
+@dataclass
+class DecodedProgram:
+    """Everything a worker needs to run one job; built (and checked) before the job is queued."""
+
+    program: Program  # body with local() bodies cut out; run with filename=body_filename
+    body_filename: str
+    bindings: dict[str, Any]
+    codec: ValueCodec
+    user_files: dict[str, str]  # per-job file name -> the user's file name
+    local_sites: dict[tuple[str, int], LocalSite]  # (per-job file name, first body line) -> site
+    functions: list[_Function] = field(default_factory=list)
+
+    @property
+    def has_local_blocks(self) -> bool:
+        return bool(self.local_sites)
+
+    def define_functions(self, log: Callable[..., None]) -> None:
+        """Run the shipped `def`s (in the worker: decorators are user code) and bind them for the body."""
+        defined = {}
+        for fn in self.functions:
+            register_source(fn.filename, fn.text)
+            fn.namespace.setdefault("print", log)
+            exec(compile(fn.text, fn.filename, "exec"), fn.namespace)
+            defined[fn.name] = fn.namespace[fn.defined]
+        for fn in self.functions:  # shipped functions may call each other
+            for name, obj in defined.items():
+                fn.namespace.setdefault(name, obj)
+        self.bindings.update(defined)
+
+    def release(self) -> None:
+        """Forget the job's source text (registered for tracebacks and local() lookups) and values."""
+        for filename in self.user_files:
+            linecache.cache.pop(filename, None)
+        self.bindings.clear()
+        for fn in self.functions:
+            fn.namespace.clear()
+
+
+def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Policy, job_id: str) -> DecodedProgram:
+    """Check `program` against `policy` and decode its values; InvalidProgram says what and where."""
+    kind = _KINDS.get(program.kind)
+    if kind is None:
+        raise InvalidProgram(f"the program's kind is {program.kind} (unset or unknown): set trace, generate, "
+                             "session or scan.")
+    first_line = program.first_line or 1
+    filename = program.filename or "<program>"
+    body_file = f"{filename} [job {job_id}]"
+    root = hosted.model._edited_copy()  # per job: edits and Envoys of one job never reach another
+    codec = ValueCodec(policy, hosted, root)
+    ids = {b.first_line: b.block_id for b in program.local_blocks if b.block_id}
+
+    body, sites = _cut_local_blocks(program.source, filename, first_line, ids)
+    used = _check(policy, body, filename, first_line, program.bindings)
+    decoded = DecodedProgram(
+        program=Program(
+            kind=kind,
+            source=body,
+            filename=filename,
+            first_line=first_line,
+            args=tuple(codec.decode(v, f"argument {i + 1}") for i, v in enumerate(program.args)),
+            kwargs={k: codec.decode(v, f"keyword argument `{k}`") for k, v in program.kwargs.items()},
+            tracer_name=program.tracer_name,
+            local_blocks=[],
+        ),
+        body_filename=body_file,
+        bindings=codec.decode_map({k: v for k, v in program.bindings.items() if k in used}, "the value of"),
+        codec=codec,
+        user_files={body_file: filename},
+        local_sites={(body_file, line): site for line, site in sites.items()},
+    )
+    for fn in program.functions:
+        decoded.functions.append(_function(fn, policy, codec, job_id, decoded))
+    return decoded
+
+
+def _function(fn: program_pb2.FunctionSource, policy: Policy, codec: ValueCodec, job_id: str,
+              decoded: DecodedProgram) -> _Function:
+    filename = fn.filename or "<function>"
+    first_line = fn.first_line or 1
+    ids = {b.first_line: b.block_id for b in fn.local_blocks if b.block_id}
+    source, sites = _cut_local_blocks(fn.source, filename, first_line, ids)
+    tree = ast.parse(source)
+    defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    if len(tree.body) != 1 or len(defs) != 1:
+        raise InvalidProgram(
+            f"the source shipped for function `{fn.name}` ({filename}, line {first_line}) must be exactly one "
+            "`def` or `class` statement (decorators included)."
+        )
+    used = _check(policy, source, filename, first_line, fn.bindings)
+    unique = f"{filename} [job {job_id}: {fn.name}]"
+    decoded.user_files[unique] = filename
+    decoded.local_sites.update({(unique, line): site for line, site in sites.items()})
+    namespace = codec.decode_map({k: v for k, v in fn.bindings.items() if k in used}, f"in `{fn.name}`, the value of")
+    text = "\n" * (first_line - 1) + source
+    return _Function(fn.name or defs[0].name, defs[0].name, unique, text, namespace)
+
+
+# ---------------------------------------------------------------------------------------- source checks
+
+
+def _parse(source: str, filename: str, first_line: int) -> ast.Module:
+    try:
+        return ast.parse("\n" * (first_line - 1) + source, filename)
+    except SyntaxError as error:
+        raise InvalidProgram(f"{filename}, line {error.lineno}: cannot parse the program: {error.msg}") from None
+
+
+def _is_local(item: ast.withitem) -> bool:
+    expr = item.context_expr
+    return (
+        isinstance(expr, ast.Call)
+        and not expr.args
+        and not expr.keywords
+        and (
+            (isinstance(expr.func, ast.Attribute) and expr.func.attr == "local")
+            or (isinstance(expr.func, ast.Name) and expr.func.id == "local")
+        )
+    )
+
+
+def _cut_local_blocks(source: str, filename: str, first_line: int,
+                      ids: Mapping[int, str]) -> tuple[str, dict[int, LocalSite]]:
+    """`source` with the body of every (outermost) `with ...local():` replaced by `pass`, line numbers kept.
+
+    Returns the cut source and, by first body line in the user's file, each block's LocalSite: its id (the
+    client's LocalBlock.block_id for that line, else the line as text) and the names its body reads.
+    """
+    tree = _parse(source, filename, first_line)
+    offset = first_line - 1
+    lines = source.splitlines(keepends=True)
+    sites: dict[int, LocalSite] = {}
+    cut_until = 0  # last user line already cut (nested blocks go with their outer block)
+    for node in sorted(
+        (n for n in ast.walk(tree) if isinstance(n, (ast.With, ast.AsyncWith)) and any(map(_is_local, n.items))),
+        key=lambda n: n.lineno,
+    ):
+        first, last = node.body[0].lineno, node.body[-1].end_lineno or node.body[-1].lineno
+        if first <= cut_until:
+            continue
+        cut_until = last
+        reads = sorted({n.id for s in node.body for n in ast.walk(s) if isinstance(n, ast.Name)
+                        and isinstance(n.ctx, ast.Load)})
+        sites[first] = LocalSite(ids.get(first, str(first)), filename, first, tuple(reads))
+        head = lines[first - 1 - offset]
+        col = len(head.encode()[: node.body[0].col_offset].decode(errors="ignore"))
+        newline = "\n" if head.endswith("\n") else ""
+        lines[first - 1 - offset] = head[:col] + _stand_in(node, head, col) + newline
+        for line in range(first + 1, last + 1):
+            lines[line - 1 - offset] = "\n"
+    return "".join(lines), sites
+
+
+def _stand_in(node: ast.With | ast.AsyncWith, head: str, col: int) -> str:
+    """What replaces a local() body: `pass`, or (body on its own lines) `a = b = None` for the names it
+    assigns, so the server hands those names back as a local run does (the line never runs: the runtime
+    skips a local() body at its first line and asks the client)."""
+    if not head[:col].strip() == "" or node.body[0].lineno == node.lineno:
+        return "pass"
+    names = [n for n in _assigned_names(node.body) if not n.startswith("_") and not hasattr(builtins, n)]
+    return " = ".join([*names, "None"]) if names else "pass"
+
+
+def _names(tree: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+
+
+def _check(policy: Policy, source: str, filename: str, first_line: int,
+           bindings: Mapping[str, values_pb2.Value]) -> set[str]:
+    """Check a cut source (no local() bodies left) against the policy; returns the names it uses."""
+    tree = _parse(source, filename, first_line)
+    used = _names(tree)
+    for name, value in bindings.items():
+        if name in used and value.WhichOneof("kind") == "reference" and value.reference.module == CLIENT_MODULE:
+            line = min(n.lineno for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name)
+            raise InvalidProgram(
+                f"{filename}, line {line}: `{name}` is a client-only function (decorated with @tether.trace), "
+                f"so the server cannot run it; {_LOCAL_HINT}."
+            )
+    bound = {name: _path(value) for name, value in bindings.items() if name in used}
+    try:
+        policy.check_source(source, filename=filename, first_line=first_line, bound_names=bound)
+    except ValueError as error:  # PolicyViolation
+        raise InvalidProgram(str(error)) from None
+    return used
+
+
+def _path(value: values_pb2.Value) -> str | None:
+    if value.WhichOneof("kind") != "reference":
+        return None
+    return ".".join(filter(None, (value.reference.module, value.reference.qualname)))

@@ -1,0 +1,184 @@
+"""The hosted models: loading a `--model NAME=SPEC`, wrapping it, and describing it (ModelInfo, ModelSpec).
+
+Imports torch, transformers (lazily), tether.runtime and tether.v1; nothing of grpc or jobs.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import os
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tether.runtime.model import NNsight
+from tether.v1 import models_pb2
+from tether.values import to_value
+
+from .errors import NotFound
+
+__all__ = ["HostedModel", "Registry", "load_model", "wrap"]
+
+def load_model(spec: str) -> Any:
+    """The object a `--model NAME=SPEC` names: a torch module or a `(model, tokenizer)` pair.
+
+    SPEC: `tiny` (runtime.tiny.tiny_gpt2), `smollm2` (packaged SmolLM2-135M), an existing local directory,
+    `module:factory` (the factory is called with no arguments), or a Hugging Face id in the local cache.
+    """
+    if spec == "tiny":
+        from tether.runtime.tiny import tiny_gpt2
+
+        return tiny_gpt2()
+    if spec == "smollm2":
+        from tether.runtime.loading import load_smollm2
+
+        return load_smollm2()
+    if not Path(spec).expanduser().exists() and ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                factory = getattr(factory, part)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(
+                f"cannot load model factory {spec!r}: {error}. Give `module:function` with the module "
+                "importable from the server's Python path (e.g. `mypkg.models:build`)."
+            ) from error
+        return factory()
+    from tether.runtime.loading import load_model_dir
+
+    model, tokenizer = load_model_dir(spec)
+    return (model, tokenizer) if tokenizer is not None else model
+
+
+def wrap(obj: Any) -> NNsight:
+    """The root NNsight of a hosted model: a LanguageModel when it has a tokenizer or is a HF causal LM."""
+    if isinstance(obj, NNsight):
+        return obj
+    tokenizer = None
+    if isinstance(obj, tuple) and len(obj) == 2:
+        obj, tokenizer = obj
+    if not isinstance(obj, torch.nn.Module):
+        raise TypeError(
+            f"a hosted model must be a torch module or a (model, tokenizer) pair, not {type(obj).__name__}"
+        )
+    if tokenizer is not None or _is_causal_lm(obj):
+        from tether.runtime.language_model import LanguageModel
+
+        return LanguageModel(obj, tokenizer=tokenizer)
+    return NNsight(obj)
+
+
+def _is_causal_lm(module: torch.nn.Module) -> bool:
+    try:
+        from transformers import GenerationMixin, PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(module, PreTrainedModel) and isinstance(module, GenerationMixin)
+
+
+class HostedModel:
+    """One hosted model: its name, its root NNsight and (computed once) its description."""
+
+    def __init__(self, name: str, model: NNsight):
+        self.name = name
+        self.model = model
+        self._lock = threading.Lock()
+        self._spec: models_pb2.ModelSpec | None = None  # guarded by _lock; built on the first GetModel
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model._module
+
+    def info(self, queue_depth: int = 0) -> models_pb2.ModelInfo:
+        """The model's summary (architecture, parameter count, dtype, device, queue depth)."""
+        module = self.module
+        params = list(module.parameters())
+        counts: collections.Counter = collections.Counter()
+        for p in params:
+            counts[p.dtype] += p.numel()
+        dtype = counts.most_common(1)[0][0] if counts else torch.get_default_dtype()
+        config = getattr(module, "config", None)
+        architectures = getattr(config, "architectures", None) or [type(module).__name__]
+        return models_pb2.ModelInfo(
+            name=self.name,
+            architecture=architectures[0],
+            parameter_count=sum(p.numel() for p in params),
+            data_type=to_value(dtype).data_type_value,
+            device=str(params[0].device) if params else "cpu",
+            queue_depth=queue_depth,
+            ready=True,
+        )
+
+    def spec(self, queue_depth: int = 0) -> models_pb2.ModelSpec:
+        """Everything a client needs to mirror the model: module tree, printed form, config, tokenizer."""
+        with self._lock:
+            if self._spec is None:
+                self._spec = self._build_spec()
+            spec = models_pb2.ModelSpec()
+            spec.CopyFrom(self._spec)
+        spec.info.CopyFrom(self.info(queue_depth))
+        return spec
+
+    def _build_spec(self) -> models_pb2.ModelSpec:
+        module = self.module
+        nodes = [
+            models_pb2.ModuleNode(
+                path=path,
+                class_name=type(m).__name__,
+                class_module=type(m).__module__,
+                extra_repr=m.extra_repr(),
+            )
+            for path, m in module.named_modules()
+        ]
+        config = getattr(module, "config", None)
+        config_json = config.to_json_string() if hasattr(config, "to_json_string") else ""
+        return models_pb2.ModelSpec(
+            modules=nodes,
+            printed=repr(module),
+            config_json=config_json,
+            tokenizer_files=_tokenizer_files(getattr(self.model, "tokenizer", None)),
+        )
+
+
+def _tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+    """The files `tokenizer.save_pretrained` writes, by name; empty without a tokenizer."""
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        return {}
+    with tempfile.TemporaryDirectory(prefix="tether-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {
+            os.path.relpath(os.path.join(root, name), tmp): Path(root, name).read_bytes()
+            for root, _, names in os.walk(tmp)
+            for name in names
+        }
+
+
+class Registry:
+    """The hosted models by name; fixed once the server starts (so reads need no lock)."""
+
+    def __init__(self, models: Mapping[str, Any]):
+        self._models = {name: HostedModel(name, wrap(obj)) for name, obj in models.items()}
+        if not self._models:
+            raise ValueError("a server needs at least one model: --model NAME=SPEC")
+
+    def get(self, name: str) -> HostedModel:
+        """The hosted model `name`; NotFound with the names that exist otherwise."""
+        hosted = self._models.get(name)
+        if hosted is None:
+            raise NotFound(
+                f"this server hosts no model named {name!r}; it hosts {', '.join(sorted(self._models))}. "
+                "Check the model name (ListModels shows them)."
+            )
+        return hosted
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def __iter__(self):
+        return iter(self._models[name] for name in self.names())

@@ -1,0 +1,255 @@
+"""Model queues and workers: a bounded queue per model, one named thread per replica running one job at a time.
+
+A worker runs the Executor with the job's limits: its time (checked at module boundaries and while waiting
+for local() answers), its result size, cancellation, its log lines, and the job's local() handler.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from tether.runtime.interleaver import JobCancelled
+from tether.runtime.program import execute
+from tether.v1 import jobs_pb2
+from tether.values import CHUNK_SIZE
+
+from .errors import JobCancelledError, JobTimeout, QueueFull, ServerError
+from .failures import failure_of
+from .jobs import Job
+from .local_calls import LocalCaller, LocalLink
+from .program_codec import DecodedProgram
+from .registry import HostedModel
+from .results import encode_result
+
+__all__ = ["Limits", "JobLimits", "ModelQueue", "JobLog"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's limits (the CLI's --queue-size, --job-timeout...); jobs may ask for less, never more."""
+
+    queue_size: int = 16  # jobs waiting per model, not counting running ones
+    job_timeout: float = 600.0  # seconds a job may run once RUNNING
+    max_result_bytes: int = 1 << 30  # bytes of one serialized JobResult
+    result_ttl: float = 600.0  # seconds a finished job's record and result are kept
+    local_call_timeout: float = 60.0  # seconds to wait for the answer to one local() call
+    chunk_size: int = CHUNK_SIZE  # bytes per result / local-value Chunk
+
+    def replace(self, **changes) -> Limits:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """One job's limits: the server's, lowered by what its JobSpec asked for."""
+
+    timeout: float
+    max_result_bytes: int
+    local_call_timeout: float
+
+    @classmethod
+    def of(cls, spec: jobs_pb2.JobSpec, limits: Limits) -> JobLimits:
+        def seconds(duration) -> float:
+            return duration.seconds + duration.nanos / 1e9
+
+        timeout = seconds(spec.timeout) if spec.HasField("timeout") else 0.0
+        local = seconds(spec.local_call_timeout) if spec.HasField("local_call_timeout") else 0.0
+        return cls(
+            timeout=min(timeout, limits.job_timeout) if timeout > 0 else limits.job_timeout,
+            max_result_bytes=min(spec.max_result_bytes, limits.max_result_bytes)
+            if spec.max_result_bytes > 0 else limits.max_result_bytes,
+            local_call_timeout=local if local > 0 else limits.local_call_timeout,
+        )
+
+
+class JobLog:
+    """`print` for a job's program: complete lines become LOG events (a partial line waits for its end or
+    for flush=True). Only the job's worker thread calls it."""
+
+    def __init__(self, job: Job):
+        self._job = job
+        self._partial = ""
+
+    def __call__(self, *args, sep: str | None = " ", end: str | None = "\n", file=None, flush: bool = False) -> None:
+        text = self._partial + (" " if sep is None else sep).join(map(str, args)) + ("\n" if end is None else end)
+        *lines, self._partial = text.split("\n")
+        for line in lines:
+            self._job.event(log=jobs_pb2.LogLine(text=line))
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._partial:
+            self._job.event(log=jobs_pb2.LogLine(text=self._partial))
+            self._partial = ""
+
+
+@dataclass
+class _Entry:
+    job: Job
+    decoded: DecodedProgram
+    limits: JobLimits
+    link: LocalLink | None
+
+
+class ModelQueue:
+    """One model's bounded FIFO of jobs and its worker threads."""
+
+    def __init__(self, hosted: HostedModel, limits: Limits, *, replicas: int = 1):
+        self.hosted, self.limits = hosted, limits
+        self._cond = threading.Condition()
+        self._pending: collections.deque[_Entry] = collections.deque()  # guarded by _cond
+        self._closed = False  # guarded by _cond
+        self._running: set[Job] = set()  # guarded by _cond
+        self._threads = [
+            threading.Thread(target=self._work, name=f"tether-worker-{hosted.name}-{i}", daemon=True)
+            for i in range(replicas)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # ---- the queue ----------------------------------------------------------------------------
+    def submit(self, job: Job, decoded: DecodedProgram, limits: JobLimits, link: LocalLink | None) -> None:
+        """Queue `job` (QUEUED with its position); QueueFull when the model's queue has no room."""
+        with self._cond:
+            if self._closed:
+                raise QueueFull(f"model {self.hosted.name!r} is shutting down; retry on another server")
+            if len(self._pending) >= self.limits.queue_size:
+                raise QueueFull(
+                    f"model {self.hosted.name!r} has {len(self._pending)} jobs waiting, its queue's limit "
+                    f"(--queue-size {self.limits.queue_size}); retry later, or wait for your earlier jobs."
+                )
+            self._pending.append(_Entry(job, decoded, limits, link))
+            position = len(self._pending) - 1
+            job.set_state(jobs_pb2.JOB_STATE_QUEUED, f"queued behind {position} jobs", queue_position=position)
+            self._cond.notify()
+
+    @property
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def position(self, job: Job) -> int:
+        with self._cond:
+            for i, entry in enumerate(self._pending):
+                if entry.job is job:
+                    return i
+            return 0
+
+    def withdraw(self, job: Job) -> bool:
+        """Take a job out of the queue (a cancel before it started); False if it is not waiting."""
+        with self._cond:
+            for entry in self._pending:
+                if entry.job is job:
+                    self._pending.remove(entry)
+                    entry.decoded.release()
+                    return True
+            return False
+
+    def close(self) -> None:
+        """Stop taking jobs, cancel those waiting and running; workers end after their current job."""
+        with self._cond:
+            self._closed = True
+            pending, self._pending = list(self._pending), collections.deque()
+            running = list(self._running)
+            self._cond.notify_all()
+        for entry in pending:
+            entry.job.request_cancel("the server is shutting down")
+            entry.job.finish(jobs_pb2.JOB_STATE_CANCELLED, "the server is shutting down",
+                             code=grpc.StatusCode.CANCELLED, ttl=self.limits.result_ttl)
+            entry.decoded.release()
+        for job in running:
+            job.request_cancel("the server is shutting down")
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    # ---- the workers --------------------------------------------------------------------------
+    def _take(self) -> _Entry | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending or self._closed)
+            if self._closed:
+                return None
+            entry = self._pending.popleft()
+            self._running.add(entry.job)
+            return entry
+
+    def _work(self) -> None:
+        while (entry := self._take()) is not None:
+            try:
+                if entry.job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, f"on worker {threading.current_thread().name}"):
+                    _Run(entry, self.hosted, self.limits).run()
+            finally:
+                entry.decoded.release()
+                with self._cond:
+                    self._running.discard(entry.job)
+
+
+class _Run:
+    """One job on one worker: the Executor call with limits, then the job's end state."""
+
+    def __init__(self, entry: _Entry, hosted: HostedModel, limits: Limits):
+        self.job, self.decoded, self.limits, self.link = entry.job, entry.decoded, entry.limits, entry.link
+        self.hosted, self.ttl, self.chunk_size = hosted, limits.result_ttl, limits.chunk_size
+        self.deadline = 0.0
+
+    def timed_out(self) -> JobTimeout:
+        return JobTimeout(
+            f"the job ran longer than its time limit of {self.limits.timeout:g} s and was stopped at a module "
+            "boundary. Ask for a longer JobSpec.timeout (the server's --job-timeout caps it), or do less per job."
+        )
+
+    def _stop_requested(self) -> bool:
+        return self.job.cancel_requested or time.monotonic() > self.deadline
+
+    def _check_stop(self, module, args) -> None:
+        """A forward pre-hook on the model's root: stop at the next forward (generation step) when asked."""
+        if self._stop_requested():
+            raise JobCancelled("The job was stopped before this forward pass.")
+
+    def run(self) -> None:
+        job, decoded = self.job, self.decoded
+        if job.cancel_requested:
+            self._end(JobCancelledError(job.cancel_reason or ""))
+            return
+        self.deadline = time.monotonic() + self.limits.timeout
+        if not job.set_state(jobs_pb2.JOB_STATE_RUNNING):
+            return
+        log = JobLog(job)
+        handler = LocalCaller(job, self.link, decoded, deadline=self.deadline,
+                              local_timeout=self.limits.local_call_timeout, timed_out=self.timed_out)
+        hook = self.hosted.module.register_forward_pre_hook(self._check_stop)
+        try:
+            decoded.define_functions(log)
+            values = execute(decoded.codec.root, decoded.program, decoded.bindings,
+                             filename=decoded.body_filename, local=handler, log=log,
+                             cancel=self._stop_requested)
+            log.flush()
+            result = encode_result(values, decoded.codec.encode, self.limits.max_result_bytes)
+        except BaseException as error:  # the worker survives anything a program does (SystemExit included)
+            log.flush()
+            self._end(error)
+            return
+        finally:
+            hook.remove()
+        job.complete(result, self.chunk_size, self.ttl)
+
+    def _end(self, error: BaseException) -> None:
+        job = self.job
+        if job.cancel_requested:
+            reason = job.cancel_reason or "cancelled by the client"
+            job.finish(jobs_pb2.JOB_STATE_CANCELLED, reason, code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
+            return
+        if isinstance(error, JobCancelled) or (time.monotonic() > self.deadline and not isinstance(error, ServerError)):
+            error = self.timed_out()  # the time limit stopped it at a module boundary
+        code = error.code if isinstance(error, ServerError) else None
+        failure = failure_of(error, self.decoded.user_files)
+        job.finish(jobs_pb2.JOB_STATE_ERROR, failure.message, failure=failure, code=code, ttl=self.ttl)
