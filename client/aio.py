@@ -1,0 +1,152 @@
+"""Awaitable remote jobs with grpc.aio, for notebooks and asyncio servers: nothing blocks the event loop
+while the job queues and runs. local() blocks run in the loop's thread when the server reaches them.
+
+    backend = tether.client.aio.AsyncBackend()
+    with model.trace("Hello", remote=True, backend=backend):
+        h = model.transformer.h[0].output.save()
+    values = await backend          # {"h": tensor}; also backend.job_id
+    values = await tether.client.aio.fetch(job_id)   # a job submitted with blocking=False
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from tether.runtime.errors import RemoteError, TetherError
+from tether.v1 import jobs_pb2, jobs_pb2_grpc
+
+from .channel import auth_metadata, channel_options, resolve_api_key, resolve_host
+from .display import StatusDisplay
+from .encode import Job, build_job
+from .errors import from_rpc_error
+from .events import JobEvents, mark_pending, state_name
+from .local import LocalCalls
+from .runner import RemoteBackend, _debug, _logger, values_of
+
+__all__ = ["AsyncBackend", "fetch"]
+
+
+class AsyncBackend:
+    """A backend whose block is captured, not run: `await backend` (or `await backend.run()`) runs it.
+
+    The names the block assigns hold pending stand-ins until then; the awaited dict has their values.
+    """
+
+    def __init__(self, host: str | None = None, *, api_key: str | None = None, verbose: bool = False):
+        self.host = host
+        self.api_key = api_key
+        self.verbose = verbose
+        self.job_id: str | None = None  # set once the server accepted the job
+        self.state = ""
+        self._job: Job | None = None  # the captured job, until it runs
+        self._ns: dict | None = None  # the caller's names when it was captured
+
+    def __call__(self, context: Any, ns: dict, *, blocking: bool | None = None, api_key: str | None = None) -> None:
+        """The engine's seam: capture the job; it runs when awaited."""
+        self._job, self._ns = build_job(context, ns), dict(ns)
+        self.api_key = api_key or self.api_key
+        context.backend = self
+        mark_pending(self._job, ns, "the job runs when you `await` its AsyncBackend")
+
+    def __await__(self):
+        return self.run().__await__()
+
+    async def run(self) -> dict[str, Any]:
+        """Run the captured job on one RunJob stream; returns its values by name."""
+        if self._job is None:
+            raise TetherError("Nothing to run: use this backend in a `with model.trace(..., remote=True, "
+                              "backend=backend):` block first.")
+        job, ns = self._job, self._ns
+        self._job = None
+        display = StatusDisplay(verbose=self.verbose)
+        events = JobEvents(display, log=_logger(), debug=_debug())
+        local = LocalCalls(job, ns, display)
+        host = resolve_host(self.host)
+        metadata = auth_metadata(resolve_api_key(self.api_key))
+        try:
+            async with grpc.aio.insecure_channel(host, options=channel_options()) as channel:
+                stub = jobs_pb2_grpc.JobServiceStub(channel)
+                call = stub.RunJob(metadata=metadata)
+                try:
+                    await call.write(jobs_pb2.RunJobRequest(job=job.spec))
+                    async for response in call:
+                        local_call = events.feed(response.event)
+                        self.job_id = events.job_id or self.job_id
+                        if local_call is not None:
+                            for message in local.answer(local_call):
+                                await call.write(message)
+                        if events.done:
+                            await call.done_writing()
+                    if not events.done:
+                        await _watch(stub, metadata, events)
+                    if local.error is not None:
+                        raise local.error
+                    events.raise_if_failed()
+                    await _read_result(stub, metadata, events)
+                except grpc.RpcError as error:
+                    raise from_rpc_error(error, host) from None
+        finally:
+            display.close()
+        self.state = state_name(events.state)
+        values = values_of(events.result, job)
+        saved = set(jobs_pb2.JobResult.FromString(bytes(events.result)).saved)
+        for name, value in local.kept.items():  # assigned by local() blocks, never sent to the server
+            if name in job.assigned and name not in saved:
+                values[name] = value
+        return values
+
+
+async def fetch(job: str | RemoteBackend, *, host: str | None = None, api_key: str | None = None,
+                timeout: float | None = None) -> dict[str, Any]:
+    """Wait for a job (its id, or the RemoteBackend that submitted it) and return its values by name."""
+    submitted = None
+    if isinstance(job, RemoteBackend):
+        backend = job
+        job_id = backend.job_id or backend.last_job_id
+        host, api_key, submitted = host or backend.host, api_key or backend.api_key, backend._job
+    else:
+        backend, job_id = None, job
+    if not job_id:
+        raise TetherError("fetch() needs a job id, or a RemoteBackend that submitted a job.")
+    host = resolve_host(host)
+    metadata = auth_metadata(resolve_api_key(api_key))
+    display = StatusDisplay()
+    events = JobEvents(display, job_id=job_id, log=_logger(), debug=_debug())
+    try:
+        async with grpc.aio.insecure_channel(host, options=channel_options()) as channel:
+            stub = jobs_pb2_grpc.JobServiceStub(channel)
+            try:
+                await _watch(stub, metadata, events, timeout=timeout)
+                if not events.done:
+                    raise TimeoutError(f"job {job_id} is still {state_name(events.state)} after {timeout} s")
+                events.raise_if_failed()
+                await _read_result(stub, metadata, events)
+            except grpc.RpcError as error:
+                raise from_rpc_error(error, host) from None
+    finally:
+        display.close()
+    if backend is not None and backend.job_id == job_id:
+        backend.job_id, backend.state = None, state_name(events.state)
+    return values_of(events.result, submitted)
+
+
+async def _watch(stub: Any, metadata: tuple, events: JobEvents, *, timeout: float | None = None) -> None:
+    request = jobs_pb2.WatchJobRequest(job_id=events.job_id, after_sequence=events.last_sequence)
+    try:
+        async for response in stub.WatchJob(request, metadata=metadata, timeout=timeout):
+            events.feed(response.event)
+    except grpc.RpcError as error:
+        if error.code() is not grpc.StatusCode.DEADLINE_EXCEEDED or timeout is None:
+            raise
+
+
+async def _read_result(stub: Any, metadata: tuple, events: JobEvents) -> None:
+    if events.result_complete:
+        return
+    request = jobs_pb2.ReadResultRequest(job_id=events.job_id, offset=len(events.result))
+    async for response in stub.ReadResult(request, metadata=metadata):
+        events.add_result_chunk(response.chunk)
+    if not events.result_complete:
+        raise RemoteError(f"job {events.job_id}: the result ended after {len(events.result)} bytes.")

@@ -1,0 +1,201 @@
+"""The status line of a remote job: spinner, state, job id and elapsed time, updated in place.
+
+A terminal gets one line on stderr redrawn by a named thread; a notebook gets HTML updated in place;
+anything else gets the final line only. `verbose` keeps every state; CONFIG.APP.DISPLAY turns it off.
+"""
+
+from __future__ import annotations
+
+import html
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+__all__ = ["StatusDisplay"]
+
+_SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+_COLORS = {  # ANSI colours per state, terminal only
+    "RECEIVED": "\033[36m",
+    "QUEUED": "\033[33m",
+    "DISPATCHED": "\033[35m",
+    "RUNNING": "\033[34m",
+    "DOWNLOADING": "\033[34m",
+    "COMPLETED": "\033[32m",
+    "ERROR": "\033[31m",
+    "CANCELLED": "\033[31m",
+}
+_HTML_COLORS = {"COMPLETED": "#2e7d32", "ERROR": "#c62828", "CANCELLED": "#c62828", "QUEUED": "#b26a00"}
+_TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
+_RESET, _DIM, _BOLD = "\033[0m", "\033[2m", "\033[1m"
+_REFRESH_S = 0.1  # spinner frame time, seconds
+
+
+def _in_notebook() -> bool:
+    shell = sys.modules.get("IPython")
+    if shell is None:
+        return False
+    try:
+        ip = shell.get_ipython()
+    except Exception:
+        return False
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+
+
+class StatusDisplay:
+    """One job's status, drawn where the user looks. All drawing happens under `_lock`."""
+
+    def __init__(self, *, enabled: bool | None = None, verbose: bool = False, stream: TextIO | None = None):
+        if enabled is None:
+            from tether.config import CONFIG
+
+            enabled = CONFIG.APP.DISPLAY
+        self.enabled = enabled
+        self.verbose = verbose
+        self._stream = stream or sys.stderr
+        self._notebook = enabled and stream is None and _in_notebook()
+        self._tty = enabled and not self._notebook and bool(getattr(self._stream, "isatty", lambda: False)())
+        self._lock = threading.Lock()
+        # guarded by _lock:
+        self._job_id = ""
+        self._state = ""
+        self._message = ""
+        self._start = time.monotonic()
+        self._state_start = self._start
+        self._progress: tuple[int, int] | None = None  # (bytes received, total) while downloading
+        self._drawn = False  # a partial line is on the terminal
+        self._paused = 0
+        self._handle: Any = None  # IPython DisplayHandle
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- what the runner reports -----------------------------------------------------------------
+    def update(self, job_id: str = "", state: str = "", message: str = "") -> None:
+        """A new state (or a new message in the same state); no arguments just redraws."""
+        if not self.enabled:
+            return
+        with self._lock:
+            changed = bool(state) and state != self._state
+            if job_id:
+                self._job_id = job_id
+            if state:
+                if changed and self.verbose and self._state and self._tty:
+                    self._write_line(final=True)  # keep the previous state on its own line
+                if changed:
+                    self._state_start = time.monotonic()
+                    self._progress = None
+                self._state = state
+            if state or message:
+                self._message = message
+            if self._tty:
+                self._write_line(final=self._state in _TERMINAL)
+            elif self._notebook:
+                self._write_html()
+            elif changed and (self.verbose or self._state in _TERMINAL):
+                self._stream.write(self._text(color=False) + "\n")
+                self._stream.flush()
+        if self._tty and self._state not in _TERMINAL:
+            self._start_spinner()
+
+    def progress(self, received: int, total: int) -> None:
+        """Bytes of a large result received so far (drawn as a bar)."""
+        if not self.enabled:
+            return
+        with self._lock:
+            if self._state != "DOWNLOADING":
+                self._state, self._state_start = "DOWNLOADING", time.monotonic()
+            self._progress = (received, total)
+            if self._tty:
+                self._write_line(final=False)
+            elif self._notebook:
+                self._write_html()
+
+    def pause(self) -> None:
+        """Clear the line so user output (a print in a local() block, a remote log line) reads cleanly."""
+        if not self.enabled:
+            return
+        with self._lock:
+            self._paused += 1
+            if self._tty and self._drawn:
+                self._stream.write("\r\033[2K")
+                self._stream.flush()
+                self._drawn = False
+
+    def resume(self) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self._paused = max(0, self._paused - 1)
+            if self._tty and not self._paused and self._state:
+                self._write_line(final=False)
+
+    def close(self) -> None:
+        """Stop the spinner and end the line (idempotent)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=1.0)
+        with self._lock:
+            if self._tty and self._drawn:
+                self._stream.write("\n")
+                self._stream.flush()
+                self._drawn = False
+
+    # ---- drawing (caller holds _lock) ------------------------------------------------------------
+    def _text(self, *, color: bool) -> str:
+        now = time.monotonic()
+        state = self._state or "SUBMITTING"
+        spinner = "" if state in _TERMINAL else _SPINNER[int(now / _REFRESH_S) % len(_SPINNER)] + " "
+        c, r, d, b = (_COLORS.get(state, ""), _RESET, _DIM, _BOLD) if color else ("", "", "", "")
+        job = f" {d}[job {self._job_id}]{r}" if self._job_id else ""
+        elapsed = now - self._start
+        parts = [f"{spinner}{b}tether{r}{job} {c}{state}{r} {d}{elapsed:.1f}s{r}"]
+        if self._progress is not None:
+            received, total = self._progress
+            parts.append(_bar(received, total, now - self._state_start))
+        if self._message:
+            parts.append(self._message)
+        return "  ".join(parts)
+
+    def _write_line(self, *, final: bool) -> None:
+        if self._paused:
+            return
+        self._stream.write("\r\033[2K" + self._text(color=True) + ("\n" if final else ""))
+        self._stream.flush()
+        self._drawn = not final
+
+    def _write_html(self) -> None:
+        from IPython.display import HTML, display
+
+        state = self._state or "SUBMITTING"
+        color = _HTML_COLORS.get(state, "#1565c0")
+        text = html.escape(self._text(color=False))
+        markup = f'<pre style="margin:0;color:{color}">{text}</pre>'
+        if self._handle is None or self.verbose:
+            self._handle = display(HTML(markup), display_id=True)
+        else:
+            self._handle.update(HTML(markup))
+
+    # ---- spinner ---------------------------------------------------------------------------------
+    def _start_spinner(self) -> None:
+        with self._lock:
+            if self._thread is not None or self._stop.is_set():
+                return
+            self._thread = threading.Thread(target=self._spin, name="tether-status", daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        while not self._stop.wait(_REFRESH_S):
+            with self._lock:
+                if self._state in _TERMINAL:
+                    return
+                if not self._paused:
+                    self._write_line(final=False)
+
+
+def _bar(received: int, total: int, seconds: float, width: int = 24) -> str:
+    frac = received / total if total else 1.0
+    filled = int(frac * width)
+    rate = received / seconds / 1e6 if seconds > 0 else 0.0
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {frac:4.0%} "
+            f"{received / 2**20:.1f}/{total / 2**20:.1f} MiB {rate:.0f} MB/s")

@@ -1,0 +1,341 @@
+"""Build the JobSpec of a captured context: its Program, the values of the names it reads, shipped sources.
+
+Decides what travels by value (data, as tether.values), by reference (modules, library functions, the
+hosted model and its submodules) or as source (the user's own functions and classes). Never imports grpc.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import linecache
+import sys
+import textwrap
+import types
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from tether.runtime.compat import is_traced_function
+from tether.runtime.contexts import Context
+from tether.runtime.envoy import Envoy
+from tether.runtime.errors import TetherError
+from tether.runtime.program import free_names, program_of
+from tether.runtime.saving import _Unusable
+from tether.runtime.session import Session
+from tether.v1 import jobs_pb2, program_pb2, values_pb2
+from tether.values import to_value
+
+__all__ = ["Job", "LocalSite", "build_job", "model_name_of", "CLIENT_MODULE"]
+
+CLIENT_MODULE = "__client__"  # Reference.module of @tether.trace functions: they run on the client only
+_KINDS = {
+    "trace": program_pb2.PROGRAM_KIND_TRACE,
+    "generate": program_pb2.PROGRAM_KIND_GENERATE,
+    "session": program_pb2.PROGRAM_KIND_SESSION,
+    "scan": program_pb2.PROGRAM_KIND_SCAN,
+}
+_HAS_PATH = "path" in values_pb2.ModelReference.DESCRIPTOR.fields_by_name
+
+
+@dataclass
+class LocalSite:
+    """Where one local() block's body is: the user's file, its text when the job was built, the line."""
+
+    filename: str
+    text: str
+    first_line: int
+
+
+@dataclass
+class Job:
+    """A JobSpec and what the client needs to run its local() blocks and read its result."""
+
+    spec: jobs_pb2.JobSpec
+    model: Any  # the root NNsight the context belongs to
+    model_name: str
+    assigned: tuple[str, ...]  # names the body assigns: what the caller gets back
+    sites: dict[str, LocalSite] = field(default_factory=dict)  # block_id -> where its body is
+    remote_loads: frozenset[str] = frozenset()  # names remote code reads: local() blocks send back only these
+    sent: dict[str, bytes] = field(default_factory=dict)  # binding name -> its serialized Value
+
+    @property
+    def has_local_blocks(self) -> bool:
+        return bool(self.sites)
+
+
+def model_name_of(model: Any, options: dict) -> str:
+    name = options.get("model_name") or getattr(model, "_source", None)
+    if not name:
+        raise TetherError(
+            "tether does not know which hosted model this is: pass `model_name='...'` (the server's name "
+            "for it, see `tether serve --model NAME=...`) to trace/generate/session, or load the model "
+            "by that name: `LanguageModel('NAME')`."
+        )
+    return str(name)
+
+
+def build_job(context: Any, ns: dict) -> Job:
+    """The job for a captured (entered and skipped) Tracer or Session, with the caller's names `ns`."""
+    options = context._remote_options
+    model = context._model
+    if getattr(model, "_edits", None):
+        raise TetherError(
+            "This model has persistent edits (`model.edit()`), which a remote job would not apply. Run the "
+            "edit's interventions in the trace body instead, or run locally."
+        )
+    model_name = model_name_of(model, options)
+    if isinstance(context, Session):
+        kind = "session"
+    else:
+        kind = "scan" if getattr(context, "_scan", False) else context._mode
+    program = program_of(context, kind)
+    block = context.block
+    body = _Body(block.node.body)
+    encoder = _Encoder(model, model_name)
+
+    msg = program_pb2.Program(
+        kind=_KINDS[kind],
+        source=program.source,
+        filename=program.filename,
+        first_line=program.first_line,
+        model=model_name,
+        tracer_name=program.tracer_name,
+    )
+    msg.args.extend(encoder.value(a) for a in program.args)
+    for key, value in program.kwargs.items():
+        msg.kwargs[key].CopyFrom(encoder.value(value))
+
+    job = Job(spec=jobs_pb2.JobSpec(request_id=uuid.uuid4().hex), model=model, model_name=model_name,
+              assigned=tuple(block.assigned), remote_loads=frozenset(body.remote_loads))
+    for name in free_names(block, ns):
+        if name not in body.remote_loads or name == program.tracer_name or isinstance(ns[name], Context):
+            continue  # read only inside local() blocks (stays on the client), or the tracer itself
+        try:
+            value = encoder.binding(name, ns[name])
+        except (TypeError, TetherError):
+            if name in block.assigned:
+                continue  # a stale value the body overwrites before reading; a local run ignores it too
+            raise
+        if value is not None:
+            msg.bindings[name].CopyFrom(value)
+            job.sent[name] = value.SerializeToString(deterministic=True)
+    text = "".join(linecache.getlines(block.filename))
+    for local in body.local_blocks(body.remote_stores):
+        msg.local_blocks.append(local)
+        job.sites[local.block_id] = LocalSite(block.filename, text, local.first_line)
+    for fn, site in encoder.shipped():
+        msg.functions.append(fn)
+        for local in fn.local_blocks:
+            job.sites[local.block_id] = LocalSite(site.filename, site.text, local.first_line)
+    job.spec.program.CopyFrom(msg)
+    return job
+
+
+# ---------------------------------------------------------------------------------------------- the body
+
+
+def _is_local_with(node: ast.AST) -> bool:
+    if not isinstance(node, (ast.With, ast.AsyncWith)):
+        return False
+    for item in node.items:
+        expr = item.context_expr
+        if isinstance(expr, ast.Call):
+            func = expr.func
+            if (isinstance(func, ast.Attribute) and func.attr == "local") or (
+                isinstance(func, ast.Name) and func.id == "local"
+            ):
+                return True
+    return False
+
+
+def _stored(node: ast.AST, *, args: bool = True) -> list[str]:
+    if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+        return [node.id]
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [(a.asname or a.name).split(".")[0] for a in node.names]
+    if args and isinstance(node, ast.arg):
+        return [node.arg]
+    return []
+
+
+class _Body:
+    """The names a body (or a shipped function) reads and writes outside and inside its local() blocks."""
+
+    def __init__(self, stmts: list[ast.stmt], line_offset: int = 0):
+        self.offset = line_offset
+        self.remote_loads: set[str] = set()
+        self.remote_stores: set[str] = set()
+        self.locals: list[ast.With] = []
+        stack: list[ast.AST] = list(stmts)
+        while stack:
+            node = stack.pop()
+            if _is_local_with(node):
+                self.locals.append(node)
+                for item in node.items:  # `with tracer.local():` reads the tracer remotely
+                    stack.append(item.context_expr)
+                continue
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                self.remote_loads.add(node.id)
+            self.remote_stores.update(_stored(node))
+            stack.extend(ast.iter_child_nodes(node))
+
+    def local_blocks(self, remote_assigned: set[str], filename_tag: str = "") -> list[program_pb2.LocalBlock]:
+        blocks = []
+        for node in sorted(self.locals, key=lambda n: n.lineno):
+            first = node.body[0].lineno + self.offset
+            last = (node.body[-1].end_lineno or node.body[-1].lineno) + self.offset
+            loads = {n.id for s in node.body for n in ast.walk(s)
+                     if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+            writes: dict[str, None] = {}
+            for s in node.body:
+                for n in ast.walk(s):
+                    writes.update(dict.fromkeys(_stored(n, args=False)))
+            blocks.append(program_pb2.LocalBlock(
+                block_id=f"{filename_tag}{first}", first_line=first, last_line=last,
+                reads=sorted(loads & remote_assigned), writes=list(writes),
+            ))
+        return blocks
+
+
+# --------------------------------------------------------------------------------------------- values
+
+
+def _is_library(obj: Any) -> bool:
+    """Whether `obj` comes from an installed package or the standard library (the server imports those)."""
+    module = getattr(obj, "__module__", None) or ""
+    top = module.split(".")[0]
+    if not top or top == "__main__":
+        return False
+    if top in sys.stdlib_module_names or top in ("builtins", "tether", "torch"):
+        return True
+    file = getattr(sys.modules.get(top), "__file__", None) or ""
+    return "site-packages" in file or "dist-packages" in file
+
+
+class _Encoder:
+    """Encodes the values of one job, shipping the source of user functions it meets (once each)."""
+
+    def __init__(self, model: Any, model_name: str):
+        self._model, self._model_name = model, model_name
+        self._functions: list[tuple[program_pb2.FunctionSource, LocalSite]] = []  # in definition order
+        self._by_name: dict[str, Any] = {}  # shipped (or being shipped) name -> the object
+
+    def shipped(self) -> list[tuple[program_pb2.FunctionSource, LocalSite]]:
+        return list(self._functions)
+
+    def binding(self, name: str, value: Any) -> values_pb2.Value | None:
+        """The Value for a free name, or None when it is shipped as a FunctionSource instead."""
+        if is_traced_function(value):
+            return values_pb2.Value(reference=values_pb2.Reference(module=CLIENT_MODULE, qualname=name))
+        if isinstance(value, types.ModuleType):
+            return values_pb2.Value(reference=values_pb2.Reference(module=value.__name__))
+        if isinstance(value, (types.FunctionType, type)) and not _is_library(value):
+            self._ship(name, value)
+            return None
+        return self.value(value)
+
+    def value(self, obj: Any) -> values_pb2.Value:
+        return to_value(obj, default=self._default)
+
+    def _default(self, obj: Any) -> values_pb2.Value | None:
+        if isinstance(obj, Envoy):
+            return values_pb2.Value(model_reference=self._model_reference(obj))
+        if isinstance(obj, _Unusable):
+            raise obj._error()
+        if isinstance(obj, Context):
+            raise TetherError("A tracing context cannot be sent to the server inside another value.")
+        if isinstance(obj, (types.FunctionType, type)) and not _is_library(obj):
+            raise TetherError(
+                f"{obj.__qualname__} is your own function or class inside a container: the server can only "
+                "receive your functions by name. Bind it to a name the body calls, or call it in `tether.local()`."
+            )
+        return None
+
+    def _model_reference(self, envoy: Envoy) -> values_pb2.ModelReference:
+        root = envoy._root
+        if root is self._model or getattr(root, "_module", None) is getattr(self._model, "_module", None):
+            name = self._model_name
+        else:
+            name = getattr(root, "_source", None)
+            if not name:
+                raise TetherError(
+                    "The body uses a second model that the server cannot name: load it by its hosted name "
+                    "(`LanguageModel('NAME')`) to use it in a remote job."
+                )
+        prefix = root._path + "."
+        path = envoy._path[len(prefix):] if envoy._path.startswith(prefix) else ""
+        if not path:
+            return values_pb2.ModelReference(name=name)
+        if not _HAS_PATH:
+            raise TetherError(
+                f"`{envoy._path}` is a submodule bound from outside the body; this server protocol can only "
+                "send whole models. Write the full path (`model.…`) inside the body instead."
+            )
+        return values_pb2.ModelReference(name=name, path=path)
+
+    def _ship(self, name: str, obj: Any) -> None:
+        if name in self._by_name:
+            if self._by_name[name] is not obj:
+                raise TetherError(
+                    f"Two different functions named {name!r} are used by this job; the server defines shipped "
+                    "functions by name. Rename one of them."
+                )
+            return
+        self._by_name[name] = obj
+        try:
+            lines, first_line = inspect.getsourcelines(obj)
+            filename = inspect.getsourcefile(obj) or getattr(getattr(obj, "__code__", None), "co_filename", "")
+        except (OSError, TypeError):
+            raise TetherError(
+                f"tether cannot read the source of {name!r} to send it to the server (defined interactively?). "
+                "Define it in a file or notebook cell, or call it inside `with tether.local():`."
+            ) from None
+        source = textwrap.dedent("".join(lines))
+        try:
+            node = ast.parse(source).body[0]
+        except SyntaxError:
+            node = None
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name != obj.__name__:
+            raise TetherError(
+                f"{name!r} is a lambda or was made dynamically, so its source cannot be sent to the server. "
+                "Define it with `def`, or call it inside `with tether.local():`."
+            )
+        scope, closure, local_names = _scopes(obj)
+        fn_body = _Body([node], line_offset=first_line - 1)
+        msg = program_pb2.FunctionSource(name=name, source=source, filename=filename, first_line=first_line)
+        loads = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        for free in sorted(loads - {node.name}):
+            if free in closure:
+                value = closure[free]
+            elif free in local_names or free not in scope:
+                continue
+            else:
+                value = scope[free]
+            if isinstance(value, Context):
+                continue
+            encoded = self.binding(free, value)
+            if encoded is not None:
+                msg.bindings[free].CopyFrom(encoded)
+        tag = f"{filename}:"
+        msg.local_blocks.extend(fn_body.local_blocks(fn_body.remote_stores, filename_tag=tag))
+        text = "".join(linecache.getlines(filename))
+        site = LocalSite(filename, text, 0)
+        self._functions.append((msg, site))
+
+
+def _scopes(obj: Any) -> tuple[dict, dict, set[str]]:
+    """(globals, closure values, local variable names) that a function or class body resolves names in."""
+    if isinstance(obj, types.FunctionType):
+        cells = dict(zip(obj.__code__.co_freevars, obj.__closure__ or ()))
+        closure = {}
+        for name, cell in cells.items():
+            try:
+                closure[name] = cell.cell_contents
+            except ValueError:  # an empty cell
+                pass
+        return obj.__globals__, closure, set(obj.__code__.co_varnames)
+    module = sys.modules.get(obj.__module__)
+    return (vars(module) if module else {}), {}, set()

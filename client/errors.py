@@ -1,0 +1,107 @@
+"""Turn what the server reports into tether.RemoteError: gRPC status codes and job Failures, as text.
+
+An exception is never unpickled from the wire: the remote type, message and traceback (already mapped
+to the user's lines by the server) are carried as strings. Imports grpc and tether.v1 only.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import grpc
+
+from tether.runtime.errors import RemoteError
+from tether.v1 import failure_pb2
+
+__all__ = ["from_rpc_error", "from_failure", "failure_of"]
+
+
+def _hint(code: grpc.StatusCode, host: str, details: str, models: list[str] | None) -> str:
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return (
+            f"The server at {host} refused the API key: {details}\nPass `api_key=...` to the call, set the "
+            "TETHER_API_KEY environment variable, or save one with `tether.CONFIG.set_default_api_key('...')`."
+        )
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return f"The server at {host} does not let this API key do that: {details}"
+    if code is grpc.StatusCode.NOT_FOUND:
+        hosted = f" It hosts: {', '.join(models)}." if models else ""
+        return f"{details}{hosted}"
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return f"The server at {host} refused to run the program: {details}"
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return (
+            f"Cannot reach a tether server at {host} ({details}). Is `tether serve` running there? Point the "
+            "client at it with `backend='host:port'`, `tether.CONFIG.API.HOST = 'host:port'` or TETHER_HOST."
+        )
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return f"The server at {host} is at a limit: {details}. Try again later, or ask for less."
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"The call to {host} took too long: {details}"
+    if code is grpc.StatusCode.CANCELLED:
+        return f"The call to {host} was cancelled: {details}"
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return f"{details}"
+    return f"The server at {host} failed ({code.name}): {details}"
+
+
+def from_rpc_error(error: grpc.RpcError, host: str, *, models: list[str] | None = None) -> RemoteError:
+    """A RemoteError for a failed call, whose message says what to do about it."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = (error.details() if hasattr(error, "details") else "") or str(error)
+    return RemoteError(_hint(code, host, details, models), code=code.name)
+
+
+def from_failure(failure: failure_pb2.Failure, *, job_id: str = "", debug: bool = False) -> RemoteError:
+    """A RemoteError for a job that ended in JOB_STATE_ERROR (its program raised)."""
+    remote_type = failure.type or "Exception"
+    short = remote_type.rsplit(".", 1)[-1]
+    text = _traceback_text(failure, debug)
+    where = f" (job {job_id})" if job_id else ""
+    message = f"{short}: {failure.message}"
+    if text:
+        message += f"\n\nRemote traceback{where}:\n{text.rstrip()}"
+    cause = failure.cause if failure.HasField("cause") else None
+    while cause is not None:
+        message += f"\n\nCaused by {cause.type.rsplit('.', 1)[-1]}: {cause.message}"
+        cause = cause.cause if cause.HasField("cause") else None
+    return RemoteError(message, remote_type=remote_type, remote_traceback=failure.traceback, code="JOB_ERROR")
+
+
+def _traceback_text(failure: failure_pb2.Failure, debug: bool) -> str:
+    """The user's frames when the server marked them (all frames when debugging), else its text."""
+    frames = list(failure.frames)
+    if frames and not debug and any(f.user_code for f in frames):
+        lines = ["Traceback (most recent call last):\n"]
+        for f in frames:
+            if f.user_code:
+                lines.append(f'  File "{f.filename}", line {f.line}, in {f.function}\n')
+                if f.source_line:
+                    lines.append(f"    {f.source_line}\n")
+        lines.append(f"{failure.type.rsplit('.', 1)[-1]}: {failure.message}\n")
+        return "".join(lines)
+    return failure.traceback
+
+
+def failure_of(error: BaseException, *, user_frame: Any = None) -> failure_pb2.Failure:
+    """A Failure describing a client-side exception (a local() block that raised), with its frames.
+
+    `user_frame(filename)` says whether a frame is the user's own code; others are dropped from the text.
+    """
+    tb = traceback.extract_tb(error.__traceback__)
+    kept = [f for f in tb if user_frame is None or user_frame(f.filename)]
+    tp = type(error)
+    frames = [
+        failure_pb2.Frame(filename=f.filename, line=f.lineno or 0, function=f.name, source_line=(f.line or "").strip(),
+                          user_code=True)
+        for f in kept
+    ]
+    text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(kept))
+    text += "".join(traceback.format_exception_only(tp, error))
+    cause = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    msg = failure_pb2.Failure(type=f"{tp.__module__}.{tp.__qualname__}", message=str(error), traceback=text,
+                              frames=frames)
+    if cause is not None:
+        msg.cause.CopyFrom(failure_of(cause, user_frame=user_frame))
+    return msg

@@ -1,0 +1,210 @@
+"""What a client does with a job's events and its result, whichever call (RunJob, WatchJob) carried them.
+
+`JobEvents` folds events into state, log output, result bytes and local() calls; `apply_result` writes
+a finished job's values into the caller's namespace exactly as a local run would. No grpc here.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from tether.runtime.errors import RemoteError, TetherError
+from tether.runtime.saving import NotReached, UnsavedValue, _Unusable, current_scope
+from tether.v1 import jobs_pb2, values_pb2
+from tether.values import from_value_map, import_reference
+
+from .display import StatusDisplay
+from .encode import CLIENT_MODULE, Job
+from .errors import from_failure
+
+__all__ = ["JobEvents", "PendingValue", "apply_result", "decode_result", "state_name", "resolvers",
+           "PROGRESS_MIN_BYTES", "TERMINAL"]
+
+PROGRESS_MIN_BYTES = 8 << 20  # results at least this large get a progress bar
+TERMINAL = (jobs_pb2.JOB_STATE_COMPLETED, jobs_pb2.JOB_STATE_ERROR, jobs_pb2.JOB_STATE_CANCELLED)
+
+
+def state_name(state: int) -> str:
+    return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+class PendingValue(_Unusable):
+    """Stands for a name of a non-blocking job that has not finished (or was not fetched) yet."""
+
+    __slots__ = ()
+    _tether_deferred = False  # the hand-back reads this; without it every access raises
+
+    def _error(self) -> Exception:
+        return TetherError(
+            f"`{self._name}` is not available yet: {self._why}. Run the same block again with "
+            "`backend=tracer.backend` (and remote=True) to fetch it once the job is done, or call "
+            "`tracer.backend.result()` to wait for it."
+        )
+
+
+class _Unsaved(UnsavedValue):
+    """UnsavedValue that the outermost context's hand-back passes through unchanged."""
+
+    __slots__ = ()
+    _tether_deferred = False
+
+
+class _NotReached(NotReached):
+    """NotReached that the outermost context's hand-back passes through unchanged."""
+
+    __slots__ = ()
+    _tether_deferred = False
+
+
+class JobEvents:
+    """The client's view of one job, built from its events in sequence order (duplicates ignored)."""
+
+    def __init__(self, display: StatusDisplay, *, job_id: str = "", log: Callable[[str], None] | None = None,
+                 debug: bool = False):
+        self.display = display
+        self.job_id = job_id
+        self.last_sequence = 0  # events up to here were handled; a re-attach asks for the ones after
+        self.state = jobs_pb2.JOB_STATE_UNSPECIFIED
+        self.status: jobs_pb2.JobStatus | None = None  # the latest status event
+        self.result = bytearray()  # serialized JobResult received so far
+        self.result_total = -1  # its size once the first chunk said so
+        self._log = log
+        self._debug = debug
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    @property
+    def result_complete(self) -> bool:
+        return self.result_total >= 0 and len(self.result) == self.result_total
+
+    def feed(self, event: jobs_pb2.JobEvent) -> jobs_pb2.LocalCall | None:
+        """Handle one event; returns it when it is a local() call for the caller to answer."""
+        if event.sequence and event.sequence <= self.last_sequence:
+            return None  # seen before this re-attach
+        self.last_sequence = max(self.last_sequence, event.sequence)
+        if event.job_id:
+            self.job_id = event.job_id
+        kind = event.WhichOneof("event")
+        if self._debug:
+            print(f"tether: job {self.job_id} #{event.sequence} {kind}", file=sys.stderr)
+        if kind == "status":
+            self.state, self.status = event.status.state, event.status
+            message = event.status.message
+            if event.status.state == jobs_pb2.JOB_STATE_QUEUED and event.status.queue_position:
+                message = message or f"position {event.status.queue_position} in the queue"
+            self.display.update(self.job_id, state_name(event.status.state), message)
+        elif kind == "log":
+            if self._log is not None:
+                self.display.pause()
+                try:
+                    self._log(event.log.text)
+                finally:
+                    self.display.resume()
+        elif kind == "result":
+            self.add_result_chunk(event.result)
+        elif kind == "local_call":
+            return event.local_call
+        return None
+
+    def add_result_chunk(self, chunk: jobs_pb2.Chunk) -> None:
+        if chunk.offset != len(self.result):
+            if chunk.offset < len(self.result):
+                return  # a chunk we already have (replayed)
+            raise RemoteError(
+                f"job {self.job_id}: result chunk at byte {chunk.offset} but {len(self.result)} bytes were "
+                "received; the result is incomplete. Fetch it again with tether.client.RemoteBackend(job_id=...)."
+            )
+        self.result_total = chunk.total_size
+        self.result += chunk.data
+        if self.result_total >= PROGRESS_MIN_BYTES:
+            self.display.progress(len(self.result), self.result_total)
+
+    def raise_if_failed(self) -> None:
+        if self.state == jobs_pb2.JOB_STATE_ERROR:
+            raise from_failure(self.status.failure, job_id=self.job_id, debug=self._debug)
+        if self.state == jobs_pb2.JOB_STATE_CANCELLED:
+            why = self.status.message if self.status is not None else ""
+            raise RemoteError(f"Job {self.job_id} was cancelled{': ' + why if why else ''}.", code="CANCELLED")
+
+
+def print_log(text: str) -> None:
+    print(text, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def resolvers(job: Job | None, client_ns: dict | None = None) -> dict[str, Any]:
+    """from_value options for values coming from the server: model references, imported names only."""
+
+    def resolve_reference(ref: values_pb2.Reference) -> Any:
+        if ref.module == CLIENT_MODULE:
+            if client_ns is not None and ref.qualname in client_ns:
+                return client_ns[ref.qualname]
+            raise TetherError(f"the server referred to the client function {ref.qualname!r}, which is not bound here")
+        if ref.module.split(".")[0] not in sys.modules:
+            raise TetherError(
+                f"the server sent a reference to {ref.module}, which this program has not imported; "
+                "tether does not import modules on a server's behalf"
+            )
+        return import_reference(ref)
+
+    def resolve_model(ref: values_pb2.ModelReference) -> Any:
+        if job is None or ref.name != job.model_name:
+            raise TetherError(f"the server sent a reference to model {ref.name!r}, which this job does not use")
+        target = job.model
+        for part in filter(None, getattr(ref, "path", "").split(".")):
+            target = target[int(part)] if part.isdigit() else getattr(target, part)
+        return target
+
+    return {"resolve_reference": resolve_reference, "resolve_model": resolve_model}
+
+
+def decode_result(data: bytes, job: Job | None) -> tuple[dict[str, Any], list[str], list[str], jobs_pb2.JobResult]:
+    """(saved values, unsaved names, unreached names, the message) of a serialized JobResult."""
+    result = jobs_pb2.JobResult.FromString(bytes(data))
+    saved = from_value_map(result.saved, **resolvers(job))
+    unsaved = list(getattr(result, "unsaved", ()))
+    unreached = list(getattr(result, "unreached", ()))
+    return saved, unsaved, unreached, result
+
+
+def apply_result(job: Job, data: bytes, ns: dict, *, kept: dict[str, Any] | None = None) -> None:
+    """Write a finished job's values into `ns` (the caller's names) as a local run leaves them.
+
+    Saved values join the current SaveScope, so the outermost context's hand-back keeps them (tensors get
+    `.value`); unsaved ones become UnsavedValue, unreached ones NotReached. `kept`: values local() blocks
+    assigned that stayed on the client, used where the server has none.
+    """
+    saved, unsaved, unreached, result = decode_result(data, job)
+    kept = kept or {}
+    scope = current_scope()
+    for name, value in saved.items():
+        sent = job.sent.get(name)
+        if sent is not None and name in ns and sent == result.saved[name].SerializeToString(deterministic=True):
+            continue  # the caller's own value, unchanged: keep the very object, as a local run does
+        ns[name] = value
+        if scope is not None:
+            scope.add(value)
+    for name in unsaved:
+        ns[name] = kept[name] if name in kept else _Unsaved(name)
+    for name in unreached:
+        ns[name] = kept[name] if name in kept else _NotReached(name)
+    mentioned = set(saved) | set(unsaved) | set(unreached)
+    for name in job.assigned:
+        if name in mentioned:
+            continue
+        if name in kept:
+            ns[name] = kept[name]
+        else:
+            ns.pop(name, None)  # the server kept nothing under this name: the hand-back says NotReached
+
+
+def mark_pending(job: Job, ns: dict, why: str) -> None:
+    """Every name the body assigns stands for a value a non-blocking job has not delivered yet."""
+    for name in job.assigned:
+        ns[name] = PendingValue(name, why)

@@ -1,0 +1,120 @@
+"""Run a remote job's `local()` blocks on the client, in the caller's names, and build the answers.
+
+One `LocalCalls` per job: its namespace starts as a copy of the caller's and keeps what blocks assign,
+so later blocks of the same job see it. A block's exception fails the job and is re-raised afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any
+
+from tether.runtime.program import local_block_at, run_local_block
+from tether.runtime.saving import _Unusable
+from tether.v1 import jobs_pb2, values_pb2
+from tether.values import from_value_map, split_chunks
+
+from .display import StatusDisplay
+from .encode import Job, LocalSite, _Encoder
+from .errors import failure_of
+from .events import resolvers
+
+__all__ = ["LocalCalls"]
+
+_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_INTERNAL = tuple(os.path.join(_PROJECT, d) + os.sep for d in ("client", "runtime", "tether", "server"))
+
+
+def _user_frame(filename: str) -> bool:
+    return not os.path.abspath(filename).startswith(_INTERNAL)
+
+
+class LocalCalls:
+    """Answers one job's LocalCalls. Used from the thread that reads the job's stream only."""
+
+    def __init__(self, job: Job, ns: dict, display: StatusDisplay):
+        self._job = job
+        self._display = display
+        self.ns = dict(ns)  # the caller's names, plus what the server sent and the blocks assigned
+        self.kept: dict[str, Any] = {}  # names blocks assigned that the server was not sent (it never reads them)
+        self.error: BaseException | None = None  # the first exception a block raised; re-raised after the job
+        self._parts: dict[str, bytearray] = {}  # call_id -> chunks of its values received so far
+        self._encoder = _Encoder(job.model, job.model_name)
+
+    def answer(self, call: jobs_pb2.LocalCall) -> list[jobs_pb2.RunJobRequest]:
+        """The messages answering `call` once all its chunks arrived ([] while more are expected)."""
+        buf = self._parts.setdefault(call.call_id, bytearray())
+        chunk = call.values
+        if chunk.offset != len(buf):
+            raise ValueError(f"local call {call.call_id}: chunk at {chunk.offset}, expected {len(buf)}")
+        buf += chunk.data
+        if len(buf) < chunk.total_size:
+            return []
+        del self._parts[call.call_id]
+        return self._run(call.call_id, call.block_id, bytes(buf))
+
+    def _run(self, call_id: str, block_id: str, data: bytes) -> list[jobs_pb2.RunJobRequest]:
+        try:
+            values = from_value_map(values_pb2.ValueMap.FromString(data), **resolvers(self._job, self.ns))
+            block = self._block(block_id)
+        except Exception as error:  # tether's own failure to set the block up: report it, as the user's would be
+            return self._failed(call_id, error, show=False)
+        self.ns.update(values)
+        for name in values:
+            self.kept.pop(name, None)
+        self._display.pause()
+        try:
+            written = run_local_block(block, self.ns)
+        except Exception as error:
+            return self._failed(call_id, error, show=True)
+        finally:
+            sys.stdout.flush()
+            self._display.resume()
+        try:
+            payload = self._encode(written)
+        except Exception as error:
+            return self._failed(call_id, error, show=True)
+        return [jobs_pb2.RunJobRequest(local_result=jobs_pb2.LocalResult(call_id=call_id, values=chunk))
+                for chunk in split_chunks(payload)]
+
+    def _block(self, block_id: str) -> Any:
+        site = self._job.sites.get(block_id)
+        if site is None:  # a server that names blocks by line only
+            filename, _, line = block_id.rpartition(":")
+            base = next(iter(self._job.sites.values()), None)
+            if base is None or not line.isdigit():
+                raise KeyError(f"the server asked for local() block {block_id!r}, which this job does not have")
+            site = LocalSite(filename or base.filename, base.text, int(line))
+        return local_block_at(site.filename, site.text, site.first_line)
+
+    def _encode(self, written: dict[str, Any]) -> bytes:
+        """Serialized ValueMap of the names remote code reads; the rest stays here (`kept`)."""
+        send = {}
+        for name, value in written.items():
+            if name in self._job.remote_loads and not isinstance(value, _Unusable):
+                send[name] = value
+                self.kept.pop(name, None)
+            else:
+                self.kept[name] = value
+        msg = values_pb2.ValueMap()
+        for name, value in send.items():
+            msg.values[name].CopyFrom(self._encoder.value(value))
+        return msg.SerializeToString()
+
+    def _failed(self, call_id: str, error: Exception, *, show: bool) -> list[jobs_pb2.RunJobRequest]:
+        if self.error is None:
+            self.error = error
+        if show:
+            self._display.pause()
+            try:
+                kept = [f for f in traceback.extract_tb(error.__traceback__) if _user_frame(f.filename)]
+                sys.stderr.write("tether: a local() block raised on this machine; the remote job stops.\n")
+                sys.stderr.write("Traceback (most recent call last):\n" + "".join(traceback.format_list(kept)))
+                sys.stderr.write("".join(traceback.format_exception_only(type(error), error)))
+                sys.stderr.flush()
+            finally:
+                self._display.resume()
+        failure = failure_of(error, user_frame=_user_frame)
+        return [jobs_pb2.RunJobRequest(local_result=jobs_pb2.LocalResult(call_id=call_id, failure=failure))]

@@ -1,0 +1,298 @@
+"""`remote=True`: run a captured context on a tether server and put its results in the caller's names.
+
+`run_remote` is the seam the engine calls. `RemoteBackend` holds where jobs go and, in non-blocking mode,
+which job is out. A blocking job is one RunJob stream: status, logs, local() calls and the result.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from tether.runtime.errors import RemoteError, TetherError
+from tether.runtime.saving import NotReached, UnsavedValue, finalize_saved
+from tether.v1 import jobs_pb2, models_pb2
+
+from .channel import Connection, auth_metadata, connect, resolve_api_key, resolve_host
+from .display import StatusDisplay
+from .encode import Job, build_job
+from .errors import from_rpc_error
+from .events import JobEvents, apply_result, decode_result, mark_pending, print_log, state_name
+from .local import LocalCalls
+
+__all__ = ["RemoteBackend", "run_remote"]
+
+UNARY_TIMEOUT_S = 30.0  # seconds: submit, status, cancel, list
+_DROPPED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)  # a lost stream
+
+
+def run_remote(context: Any, ns: dict) -> None:
+    """The engine's seam: run `context` remotely with the caller's names `ns`, and fill `ns` with results."""
+    options = context._remote_options
+    backend = options.get("backend")
+    if backend is None or isinstance(backend, str):
+        backend = RemoteBackend(backend, api_key=options.get("api_key"), blocking=options.get("blocking", True))
+    elif not callable(backend):
+        raise TetherError(
+            f"backend= must be 'host:port' or a tether.client.RemoteBackend, not {type(backend).__name__}."
+        )
+    backend(context, ns, blocking=options.get("blocking"), api_key=options.get("api_key"))
+
+
+class RemoteBackend:
+    """Where remote jobs go, and (non-blocking) the job that is out.
+
+    `RemoteBackend()` uses CONFIG.API.HOST; `RemoteBackend("host:port", blocking=False)` submits and
+    returns at once. Passing the same backend (`backend=tracer.backend`, with remote=True) to the same
+    block again fetches that job instead of submitting a new one: its result when it is done (the names
+    are filled and the backend forgets the job), its status otherwise. `RemoteBackend(job_id=...)`
+    picks up a job submitted elsewhere with the same API key.
+    """
+
+    def __init__(self, host: str | None = None, *, api_key: str | None = None, blocking: bool = True,
+                 job_id: str | None = None, verbose: bool = False):
+        self.host = host
+        self.api_key = api_key
+        self.blocking = blocking
+        self.job_id = job_id  # the job a later call fetches instead of submitting a new one
+        self.verbose = verbose
+        self.last_job_id: str | None = None  # the most recent job, kept after it is fetched
+        self.state = ""  # its last known state name
+        self._job: Job | None = None  # what was submitted, to read its result without a context
+
+    def __repr__(self) -> str:
+        return f"RemoteBackend(host={resolve_host(self.host)!r}, job_id={self.job_id!r}, state={self.state!r})"
+
+    # ---- the seam -------------------------------------------------------------------------------
+    def __call__(self, context: Any, ns: dict, *, blocking: bool | None = None, api_key: str | None = None) -> None:
+        """Run (or submit, or fetch) `context`'s job and fill `ns` with what the caller gets back."""
+        blocking = self.blocking if blocking is None else blocking
+        job = build_job(context, ns)
+        conn, metadata = self._connect(api_key)
+        display = StatusDisplay(verbose=self.verbose)
+        context.backend = self
+        try:
+            if self.job_id is not None:
+                context.job_id = self.job_id
+                self._fetch(conn, metadata, job, ns, display, wait=blocking)
+            elif blocking:
+                events = _run_job(conn, metadata, job, ns, display)
+                self.last_job_id, self.state = events.job_id, state_name(events.state)
+                context.job_id = events.job_id
+            else:
+                self._submit(conn, metadata, job, ns, display)
+                context.job_id = self.job_id
+        finally:
+            display.close()
+
+    # ---- non-blocking ---------------------------------------------------------------------------
+    def _submit(self, conn: Connection, metadata: tuple, job: Job, ns: dict, display: StatusDisplay) -> None:
+        if job.has_local_blocks:
+            raise TetherError(
+                "This body has `local()` blocks, which run on this machine while the job runs, so it needs a "
+                "blocking job: drop `blocking=False` (or use tether.client.aio for an awaitable job)."
+            )
+        request = jobs_pb2.SubmitJobRequest(job=job.spec)
+        response = _unary(conn, conn.jobs.SubmitJob, request, metadata)
+        self.job_id = self.last_job_id = response.job_id
+        self.state = state_name(response.state)
+        self._job = job
+        display.update(response.job_id, self.state, "submitted; fetch with backend=tracer.backend")
+        mark_pending(job, ns, f"job {response.job_id} was submitted with blocking=False and is {self.state}")
+
+    def _fetch(self, conn: Connection, metadata: tuple, job: Job, ns: dict, display: StatusDisplay, *,
+               wait: bool) -> None:
+        job_id = self.job_id
+        events = JobEvents(display, job_id=job_id, log=_logger(), debug=_debug())
+        if wait:
+            _follow(conn, metadata, events)
+        else:
+            info = _unary(conn, conn.jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id), metadata).job
+            events.state, events.status = info.status.state, info.status
+            display.update(job_id, state_name(info.status.state), info.status.message)
+        self.state = state_name(events.state)
+        if not events.done:
+            mark_pending(job, ns, f"job {job_id} is {self.state}")
+            return
+        self.job_id = None  # fetched (or failed): the next call with this backend submits a new job
+        events.raise_if_failed()
+        _read_result(conn, metadata, events)
+        apply_result(job, events.result, ns)
+
+    def status(self) -> str:
+        """The state of the job that is out (QUEUED, RUNNING, COMPLETED...), asked of the server now."""
+        job_id = self._require_job()
+        conn, metadata = self._connect(None)
+        info = _unary(conn, conn.jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id), metadata).job
+        self.state = state_name(info.status.state)
+        return self.state
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the job that is out and return its values by name (saved values, and stand-ins)."""
+        job_id = self._require_job()
+        conn, metadata = self._connect(None)
+        display = StatusDisplay(verbose=self.verbose)
+        events = JobEvents(display, job_id=job_id, log=_logger(), debug=_debug())
+        try:
+            _follow(conn, metadata, events, timeout=timeout)
+            self.state = state_name(events.state)
+            if not events.done:
+                raise TimeoutError(f"job {job_id} is still {self.state} after {timeout} s")
+            self.job_id = None
+            events.raise_if_failed()
+            _read_result(conn, metadata, events)
+        finally:
+            display.close()
+        return values_of(events.result, self._job)
+
+    def cancel(self, reason: str = "cancelled by the client") -> str:
+        """Cancel the job that is out; returns its state afterwards."""
+        job_id = self._require_job()
+        conn, metadata = self._connect(None)
+        response = _unary(conn, conn.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason),
+                          metadata)
+        self.state = state_name(response.state)
+        return self.state
+
+    def _require_job(self) -> str:
+        if self.job_id is None:
+            raise TetherError("This backend has no job out: submit one with `blocking=False` first.")
+        return self.job_id
+
+    def _connect(self, api_key: str | None) -> tuple[Connection, tuple]:
+        return connect(self.host), auth_metadata(resolve_api_key(api_key or self.api_key))
+
+
+def values_of(data: bytes, job: Job | None) -> dict[str, Any]:
+    """A serialized JobResult as a dict of what the caller would see by name."""
+    saved, unsaved, unreached, _ = decode_result(data, job)
+    out = {name: finalize_saved(value) for name, value in saved.items()}
+    out.update({name: UnsavedValue(name) for name in unsaved})
+    out.update({name: NotReached(name) for name in unreached})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- calls
+
+
+def _logger() -> Callable[[str], None] | None:
+    from tether.config import CONFIG
+
+    return print_log if CONFIG.APP.REMOTE_LOGGING else None
+
+
+def _debug() -> bool:
+    from tether.config import CONFIG
+
+    return bool(CONFIG.APP.DEBUG)
+
+
+def _models(conn: Connection, metadata: tuple) -> list[str]:
+    try:
+        response = conn.models.ListModels(models_pb2.ListModelsRequest(), metadata=metadata, timeout=5.0)
+    except grpc.RpcError:
+        return []
+    return [m.name for m in response.models]
+
+
+def _error(conn: Connection, metadata: tuple, error: grpc.RpcError) -> RemoteError:
+    models = _models(conn, metadata) if error.code() is grpc.StatusCode.NOT_FOUND else None
+    return from_rpc_error(error, conn.host, models=models)
+
+
+def _unary(conn: Connection, method: Any, request: Any, metadata: tuple) -> Any:
+    try:
+        return method(request, metadata=metadata, timeout=UNARY_TIMEOUT_S)
+    except grpc.RpcError as error:
+        raise _error(conn, metadata, error) from None
+
+
+def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: StatusDisplay) -> JobEvents:
+    """Run a blocking job on one RunJob stream, answer its local() calls, and fill `ns` with its result."""
+    events = JobEvents(display, log=_logger(), debug=_debug())
+    local = LocalCalls(job, ns, display)
+    outbox: queue.SimpleQueue = queue.SimpleQueue()  # messages for the server; None ends our side
+
+    def outgoing():
+        yield jobs_pb2.RunJobRequest(job=job.spec)
+        while (message := outbox.get()) is not None:
+            yield message
+
+    display.update(state="SUBMITTING")
+    call = conn.jobs.RunJob(outgoing(), metadata=metadata)
+    try:
+        with conn.track(call):
+            for response in call:
+                local_call = events.feed(response.event)
+                if local_call is not None:
+                    for message in local.answer(local_call):
+                        outbox.put(message)
+                if events.done:
+                    outbox.put(None)
+    except grpc.RpcError as error:
+        if not events.job_id or error.code() not in _DROPPED:
+            raise _error(conn, metadata, error) from None
+        # the stream dropped after the job started: the job runs on, so pick up its events where we stopped
+    except KeyboardInterrupt:
+        outbox.put(jobs_pb2.RunJobRequest(cancel=jobs_pb2.CancelRequest(reason="interrupted by the user")))
+        if events.job_id:
+            try:
+                conn.jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id=events.job_id, reason="interrupted by the user"),
+                                    metadata=metadata, timeout=2.0)
+            except grpc.RpcError:
+                pass
+        raise
+    finally:
+        outbox.put(None)
+    if not events.done:
+        _follow(conn, metadata, events)
+    if local.error is not None:
+        raise local.error
+    events.raise_if_failed()
+    _read_result(conn, metadata, events)
+    apply_result(job, events.result, ns, kept=local.kept)
+    return events
+
+
+def _follow(conn: Connection, metadata: tuple, events: JobEvents, *, timeout: float | None = None) -> None:
+    """Re-attach to a job with WatchJob (after the last event seen) until it ends or `timeout` passes.
+
+    A local() call seen here cannot be answered (only RunJob carries answers); the server times it out.
+    """
+    request = jobs_pb2.WatchJobRequest(job_id=events.job_id, after_sequence=events.last_sequence)
+    call = conn.jobs.WatchJob(request, metadata=metadata, timeout=timeout)
+    try:
+        with conn.track(call):
+            for response in call:
+                events.feed(response.event)
+    except grpc.RpcError as error:
+        if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+            return
+        if error.code() in _DROPPED:
+            raise RemoteError(
+                f"Lost job {events.job_id} (last seen {state_name(events.state)}) and could not re-attach to "
+                f"the server at {conn.host}: {error.details()}. The job may still run there: fetch it later "
+                f"with tether.client.RemoteBackend(job_id={events.job_id!r}).",
+                code=error.code().name,
+            ) from None
+        raise _error(conn, metadata, error) from None
+
+
+def _read_result(conn: Connection, metadata: tuple, events: JobEvents) -> None:
+    """Complete `events.result` with ReadResult from where the event stream stopped."""
+    if events.result_complete:
+        return
+    request = jobs_pb2.ReadResultRequest(job_id=events.job_id, offset=len(events.result))
+    call = conn.jobs.ReadResult(request, metadata=metadata)
+    try:
+        with conn.track(call):
+            for response in call:
+                events.add_result_chunk(response.chunk)
+    except grpc.RpcError as error:
+        raise _error(conn, metadata, error) from None
+    if not events.result_complete:
+        raise RemoteError(f"job {events.job_id}: the result ended after {len(events.result)} bytes "
+                          f"of {events.result_total}.")
