@@ -10,7 +10,7 @@ import builtins
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["apply", "trace", "list", "dict", "tuple", "set", "int", "float", "str", "bool", "bytes",
+__all__ = ["apply", "trace", "stop", "list", "dict", "tuple", "set", "int", "float", "str", "bool", "bytes",
            "bytearray", "complex", "is_traced_function"]
 
 
@@ -23,6 +23,15 @@ def trace(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark `fn` as client-side code: on a remote job it may be called inside `with tether.local():`."""
     fn.__tether_traced__ = True
     return fn
+
+
+def stop() -> None:
+    """Stop the model after the module running now (like `tracer.stop()`); outside a body, nothing."""
+    from .interleaver import current_mediator
+
+    mediator = current_mediator()
+    if mediator is not None:
+        mediator.stop()
 
 
 def is_traced_function(fn: Any) -> builtins.bool:
