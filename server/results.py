@@ -10,7 +10,10 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from tether.runtime.saving import NotReached, UnsavedValue
+from tether.safe_pickle import safe_loads
 from tether.v1 import jobs_pb2, values_pb2
 
 from .errors import ResultTooLarge
@@ -20,8 +23,13 @@ __all__ = ["encode_result"]
 _CODE_TYPES = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, type, types.ModuleType)
 
 
-def encode_result(values: Mapping[str, Any], encode: Callable[[Any], values_pb2.Value], limit: int) -> bytes:
-    """The serialized JobResult of `values` (what `execute` returned); ResultTooLarge above `limit` bytes."""
+def encode_result(values: Mapping[str, Any], encode: Callable[[Any], values_pb2.Value], limit: int,
+                  log: Callable[..., None] = print) -> bytes:
+    """The serialized JobResult of `values` (what `execute` returned); ResultTooLarge above `limit` bytes.
+
+    A value a client could not load (a pickle naming globals outside tether's default allow-list, such as a
+    torch.Generator, or a function the program defined) is left out, with a line in the job's log.
+    """
     result = jobs_pb2.JobResult()
     for name, value in values.items():
         if isinstance(value, UnsavedValue):
@@ -31,8 +39,10 @@ def encode_result(values: Mapping[str, Any], encode: Callable[[Any], values_pb2.
             result.unreached_reason = object.__getattribute__(value, "_why") or result.unreached_reason
         elif _sendable(value):
             encoded = encode(value)
-            if encoded.WhichOneof("kind") == "pickled" and isinstance(value, _CODE_TYPES):
-                continue  # a function or class defined by the program: the client has no use for its pickle
+            if encoded.WhichOneof("kind") == "pickled" and not _loadable(encoded.pickled, value):
+                log(f"tether: `{name}` ({encoded.pickled.type_name}) stays on the server: it has no form a "
+                    "client can load; convert it to tensors, numbers, strings, lists or dicts to get it back")
+                continue
             result.saved[name].CopyFrom(encoded)
     size = result.ByteSize()
     if size > limit:
@@ -43,6 +53,17 @@ def encode_result(values: Mapping[str, Any], encode: Callable[[Any], values_pb2.
             "for a larger max_result_bytes (the server's --max-result-bytes caps it)."
         )
     return result.SerializeToString()
+
+
+def _loadable(pickled: values_pb2.Pickled, value: Any) -> bool:
+    """Whether a client with tether's default pickle allow-list can load it (tried with the same unpickler)."""
+    if isinstance(value, _CODE_TYPES):
+        return False
+    try:
+        safe_loads(pickled.data, persistent_load=lambda pid: torch.empty(0))
+    except Exception:
+        return False
+    return True
 
 
 def _sendable(value: Any) -> bool:

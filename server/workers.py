@@ -233,7 +233,8 @@ class _Run:
                              filename=decoded.body_filename, local=handler, log=log,
                              cancel=self._stop_requested)
             log.flush()
-            result = encode_result(values, decoded.codec.encode, self.limits.max_result_bytes)
+            result = encode_result(values, decoded.codec.encode, self.limits.max_result_bytes, log)
+            log.flush()
         except BaseException as error:  # the worker survives anything a program does (SystemExit included)
             log.flush()
             self._end(error)
