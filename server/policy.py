@@ -200,7 +200,9 @@ class Policy:
         canonical = f"{module}.{qualname}"
         if module == "builtins":  # tether.list is list: as usable as the bare name, unless that is denied
             denied = qualname in self.denied_builtins and not self._lifted(qualname)
-            return f"'{spelled}' is not allowed on the server: it is the builtin '{qualname}'" if denied else ""
+            return (
+                f"'{spelled}' is not allowed on the server: it is the builtin '{qualname}'" if denied else ""
+            )
         if module.startswith("_") and "." not in module:  # a C accelerator: _functools.reduce is functools'
             module = module[1:]
         if not self._listed(module, self.allowed_modules) or self._listed(canonical, self.denied_callables):

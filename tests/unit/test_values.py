@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import ctypes
+import gc
 import math
 import os
 import warnings
@@ -278,3 +280,83 @@ def test_functions_travel_by_public_name_and_are_never_pickled():
     kinds = [item.WhichOneof("kind") for item in msg.list_value.items]
     assert kinds == ["reference", "reference"]  # a server refuses these by name, with an allow-list error
     assert msg.list_value.items[0].reference.qualname.endswith("user_fn")
+
+
+def _mixed_values() -> dict:
+    return {
+        "hidden": torch.randn(2, 3, 8),
+        "logits_bf16": torch.randn(4, 5).to(torch.bfloat16),
+        "compressible": torch.zeros(1 << 15),  # lz4
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+        "strided": torch.arange(20).reshape(4, 5).T,
+        "n": 7,
+        "text": "tokens",
+        "nested": [torch.ones(2), {"k": (1, 2)}],
+    }
+
+
+def _assert_same(out: dict, expected: dict) -> None:
+    assert out.keys() == expected.keys()
+    for name, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert out[name].dtype == value.dtype and torch.equal(out[name], value), name
+        elif name == "nested":
+            assert torch.equal(out[name][0], value[0]) and out[name][1] == value[1]
+        else:
+            assert out[name] == value
+
+
+def test_encode_value_map_is_a_valid_value_map_and_job_result():
+    named = _mixed_values()
+    wire = b"".join(values.encode_value_map(named))
+    _assert_same(values.from_value_map(values_pb2.ValueMap.FromString(wire)), named)
+    result = jobs_pb2.JobResult.FromString(wire)
+    assert set(result.saved) == set(named)
+    # and protobuf's own serialization decodes with the fast reader
+    _assert_same(values.decode_value_map(values.to_value_map(named).SerializeToString()), named)
+
+
+@pytest.mark.parametrize("chunk_size", [7, 1000, values.CHUNK_SIZE])
+def test_named_values_through_chunks(chunk_size):
+    named = _mixed_values()
+    chunks = list(values.split_chunks(values.encode_value_map(named), chunk_size))
+    assert all(len(c.data) <= chunk_size for c in chunks)
+    assert sum(len(c.data) for c in chunks) == chunks[0].total_size
+    _assert_same(values.decode_value_map(values.join_chunks(iter(chunks))), named)
+
+
+def test_received_tensors_share_the_joined_buffer_and_are_writable():
+    big = torch.randn(1 << 16)  # incompressible: sent raw
+    wire = b"".join(values.encode_value_map({"h": big}))
+    shared = 0
+    for shift in range(4):  # at one of these shifts the data is aligned and used in place
+        buffer = bytearray(shift) + bytearray(wire)
+        start = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
+        out = values.decode_value_map(memoryview(buffer)[shift:])
+        shared += start <= out["h"].data_ptr() < start + len(buffer)
+        out["h"][0] = 123.0  # writable, no warning
+        assert torch.equal(out["h"][1:], big[1:])
+    assert shared >= 1
+
+
+def test_misaligned_tensor_data_is_copied_to_aligned_memory():
+    named = {"x": torch.arange(4, dtype=torch.float64)}
+    wire = b"".join(values.encode_value_map(named))
+    for shift in range(8):  # place the message at every offset within a buffer
+        buffer = bytearray(shift) + bytearray(wire)
+        out = values.decode_value_map(memoryview(buffer)[shift:])
+        assert out["x"].data_ptr() % 8 == 0 and torch.equal(out["x"], named["x"])
+
+
+def test_encode_value_map_keeps_tensors_alive():
+    pieces = values.encode_value_map({"h": torch.full((1 << 14,), 2.0).sin()})  # no other reference
+    gc.collect()
+    torch.randn(1 << 16)  # reuse freed memory if any was freed
+    out = values.decode_value_map(b"".join(pieces))
+    assert torch.equal(out["h"], torch.full((1 << 14,), 2.0).sin())
+
+
+def test_value_map_with_unknown_top_level_fields_falls_back_to_protobuf():
+    wire = values.to_value_map({"a": 1}).SerializeToString() + b"\x10\x05"  # field 2 varint: unknown
+    assert values.decode_value_map(wire) == {"a": 1}
