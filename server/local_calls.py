@@ -152,4 +152,4 @@ class LocalCaller:
                                  self._timed_out)
         self._job.forget_payload(lambda e: e.WhichOneof("event") == "local_call" and e.local_call.call_id == call_id)
         values = values_pb2.ValueMap.FromString(answer)
-        return codec.decode_map(values.values, "the local() block's value of")
+        return codec.decode_answer(values.values)

@@ -36,19 +36,18 @@ _LOCAL_HINT = "wrap the call in `with tether.local():` to run it on your own mac
 
 
 class ClientOnly:
-    """Stands for a function that exists only on the client (`@tether.trace`); calling it here explains."""
+    """Stands for an object that exists only on the client: a `@tether.trace` function, or a value a local()
+    block produced that the server refuses to load. Calling it explains; it is never sent back."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, why: str = ""):
         self.name = name
+        self.why = why or "it is a client-only function (decorated with @tether.trace)"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise InvalidProgram(
-            f"`{self.name}` is a client-only function (decorated with @tether.trace) and cannot run on the "
-            f"server; {_LOCAL_HINT}."
-        )
+        raise InvalidProgram(f"`{self.name}` cannot be used on the server: {self.why}; {_LOCAL_HINT}.")
 
     def __repr__(self) -> str:
-        return f"<client-only function {self.name}>"
+        return f"<client-only {self.name}>"
 
 
 @dataclass(frozen=True)
@@ -83,6 +82,17 @@ class ValueCodec:
 
     def decode_map(self, values: Mapping[str, values_pb2.Value], what: str) -> dict[str, Any]:
         return {name: self.decode(v, f"{what} `{name}`") for name, v in values.items()}
+
+    def decode_answer(self, values: Mapping[str, values_pb2.Value]) -> dict[str, Any]:
+        """The names a local() block assigned. One the server refuses to load (a pickle outside its allow-list,
+        a module it does not run) becomes a ClientOnly stand-in: it stays usable in later local() blocks."""
+        out = {}
+        for name, value in values.items():
+            try:
+                out[name] = self.decode(value, f"the local() block's value of `{name}`")
+            except InvalidProgram as error:
+                out[name] = ClientOnly(name, str(error))
+        return out
 
     def encode(self, obj: Any) -> values_pb2.Value:
         """The Value for an object going back to the client (submodules become ModelReferences)."""

@@ -15,6 +15,7 @@ import torch
 from tether.runtime.saving import NotReached, UnsavedValue
 from tether.safe_pickle import safe_loads
 from tether.v1 import jobs_pb2, values_pb2
+from tether.values import import_reference
 
 from .errors import ResultTooLarge
 
@@ -39,6 +40,8 @@ def encode_result(values: Mapping[str, Any], encode: Callable[[Any], values_pb2.
             result.unreached_reason = object.__getattribute__(value, "_why") or result.unreached_reason
         elif _sendable(value):
             encoded = encode(value)
+            if encoded.WhichOneof("kind") == "reference" and not _importable(encoded.reference, value):
+                continue  # a function or class the program defined: the client cannot import it
             if encoded.WhichOneof("kind") == "pickled" and not _loadable(encoded.pickled, value):
                 log(f"tether: `{name}` ({encoded.pickled.type_name}) stays on the server: it has no form a "
                     "client can load; convert it to tensors, numbers, strings, lists or dicts to get it back")
@@ -55,6 +58,13 @@ def encode_result(values: Mapping[str, Any], encode: Callable[[Any], values_pb2.
     return result.SerializeToString()
 
 
+def _importable(reference: values_pb2.Reference, value: Any) -> bool:
+    try:
+        return import_reference(reference) is value
+    except Exception:
+        return False
+
+
 def _loadable(pickled: values_pb2.Pickled, value: Any) -> bool:
     """Whether a client with tether's default pickle allow-list can load it (tried with the same unpickler)."""
     if isinstance(value, _CODE_TYPES):
@@ -67,8 +77,11 @@ def _loadable(pickled: values_pb2.Pickled, value: Any) -> bool:
 
 
 def _sendable(value: Any) -> bool:
-    """False for tether's runtime objects (tracers, invokers, sessions, local blocks), which stay here."""
+    """False for tether's runtime objects (tracers, invokers, sessions, local blocks) and client-only
+    stand-ins, which stay here."""
     module = type(value).__module__
+    if module == "tether.server.program_codec":
+        return False
     if module.startswith("tether.runtime.") and not module.endswith((".envoy", ".model", ".language_model")):
         return module == "tether.runtime.saving"  # SavedTensor
     return True

@@ -27,7 +27,15 @@ from tether.runtime import tiny
 from tether.runtime.language_model import LanguageModel
 from tether.runtime.program import Program, execute
 from tether.server.app import start_server
-from tether.v1 import failure_pb2, jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc, program_pb2, values_pb2
+from tether.v1 import (
+    failure_pb2,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    program_pb2,
+    values_pb2,
+)
 
 WAIT = 30.0  # seconds: the longest any test waits for the server to do something
 MIB = 1 << 20

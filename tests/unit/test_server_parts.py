@@ -1,0 +1,249 @@
+"""The server's parts without a model or a network: local() cutting, job lifecycle, auth, logs, failures, results."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from tether.runtime.saving import NotReached, UnsavedValue
+from tether.server import program_codec
+from tether.server.auth import Authenticator, is_loopback, read_keys
+from tether.server.errors import InvalidProgram, NotFound, ResultTooLarge, Unauthenticated
+from tether.server.failures import failure_of
+from tether.server.jobs import Job, JobStore
+from tether.server.policy import DEFAULT_POLICY
+from tether.server.results import encode_result
+from tether.server.workers import JobLimits, JobLog, Limits
+from tether.v1 import jobs_pb2, values_pb2
+from tether.values import from_value, join_chunks, to_value
+
+# ------------------------------------------------------------------------------------------- local() cuts
+
+
+def test_local_bodies_are_cut_keeping_lines_and_assigned_names():
+    source = (
+        "h = model.layer1.output\n"  # line 10
+        "with tether.local():\n"
+        "    import os\n"
+        "    y, z = os.getcwd(), h.sum()\n"
+        "out = model.layer2.output.save()\n"
+        "with tracer.local(): w = open('/etc/passwd')\n"  # one-line form
+    )
+    cut, sites = program_codec._cut_local_blocks(source, "user.py", 10, {12: "first"})
+    assert cut.splitlines() == [
+        "h = model.layer1.output",
+        "with tether.local():",
+        "    os = y = z = None",  # never runs: it keeps these among the names the body assigns
+        "",
+        "out = model.layer2.output.save()",
+        "with tracer.local(): pass",
+    ]
+    assert {line: (s.block_id, s.reads) for line, s in sites.items()} == {
+        12: ("first", ("h", "os")),
+        15: ("15", ("open",)),
+    }
+    program_codec._check(DEFAULT_POLICY, cut, "user.py", 10, {})  # nothing left for the policy to refuse
+
+
+def test_a_fake_local_context_cannot_smuggle_code():
+    source = (
+        "class Sneaky:\n"
+        "    local = print\n"
+        "with Sneaky.local():\n"
+        "    import os\n"
+        "    os.system('echo pwned')\n"
+    )
+    cut, _ = program_codec._cut_local_blocks(source, "user.py", 1, {})
+    assert "system" not in cut  # whatever Sneaky.local is, the body is gone from what the server runs
+
+
+def test_nested_and_function_local_blocks():
+    source = "def f(x):\n    with tether.local():\n        with tether.local():\n            y = x\n    return y\n"
+    cut, sites = program_codec._cut_local_blocks(source, "helpers.py", 5, {})
+    assert list(sites) == [7] and cut.splitlines()[2:4] == ["        y = None", ""]
+
+
+def test_client_only_functions_are_refused_outside_local_blocks():
+    client_only = {"plot": values_pb2.Value(reference=values_pb2.Reference(module="__client__", qualname="plot"))}
+    with pytest.raises(InvalidProgram, match=r"user.py, line 3: `plot` is a client-only function"):
+        program_codec._check(DEFAULT_POLICY, "h = 1\nplot(h)\n", "user.py", 2, client_only)
+    cut, _ = program_codec._cut_local_blocks("h = 1\nwith tether.local():\n    plot(h)\n", "user.py", 2, {})
+    program_codec._check(DEFAULT_POLICY, cut, "user.py", 2, client_only)
+
+
+def test_syntax_errors_name_the_users_line():
+    with pytest.raises(InvalidProgram, match=r"user.py, line 8: cannot parse"):
+        program_codec._cut_local_blocks("x = 1\ny = (\n", "user.py", 7, {})
+
+
+# ------------------------------------------------------------------------------------------------- jobs
+
+
+def _statuses(job: Job) -> list[int]:
+    events, _ = job.wait_events(0, lambda: True)
+    return [e.status.state for e in events if e.WhichOneof("event") == "status"]
+
+
+def test_job_lifecycle_sequences_and_result_chunks():
+    job = Job("owner", "tiny", 1)
+    for state in (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_DISPATCHED, jobs_pb2.JOB_STATE_RUNNING):
+        assert job.set_state(state)
+    assert not job.set_state(jobs_pb2.JOB_STATE_QUEUED)  # never backwards
+    job.event(log=jobs_pb2.LogLine(text="hi"))
+    job.complete(b"x" * 25, chunk_size=10, ttl=60)
+    assert not job.set_state(jobs_pb2.JOB_STATE_ERROR)  # terminal is final
+    events, finished = job.wait_events(0, lambda: False)
+    assert finished and [e.sequence for e in events] == list(range(1, 10))
+    assert _statuses(job) == [1, 2, 3, 4, 5]
+    chunks = [e.result for e in events if e.WhichOneof("event") == "result"]
+    assert [len(c.data) for c in chunks] == [10, 10, 5] and join_chunks(chunks) == b"x" * 25
+    later, finished = job.wait_events(7, lambda: False)
+    assert finished and [e.sequence for e in later] == [8, 9]
+    assert job.info().result_size == 25 and job.info().HasField("result_expire_time")
+
+
+def test_watchers_wake_on_new_events_without_polling():
+    job = Job("owner", "tiny", 1)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(job.wait_events(1, lambda: False)))
+    waiter.start()
+    job.event(log=jobs_pb2.LogLine(text="wake up"))
+    waiter.join(5)
+    events, finished = got[0]
+    assert [e.log.text for e in events] == ["wake up"] and not finished
+
+
+def test_cancel_requests_and_finish():
+    job = Job("owner", "tiny", 1)
+    assert job.request_cancel("stop") and job.cancel_requested
+    assert job.finish(jobs_pb2.JOB_STATE_CANCELLED, "stop", code=grpc.StatusCode.CANCELLED, ttl=1)
+    assert not job.request_cancel("again") and job.failure_code == grpc.StatusCode.CANCELLED
+
+
+def test_store_idempotency_ownership_and_ttl():
+    store = JobStore()
+    first = store.add(Job("alice", "tiny", 1, request_id="r1"))
+    assert store.add(Job("alice", "tiny", 1, request_id="r1")) is first
+    assert store.find_request("alice", "r1") is first and store.find_request("bob", "r1") is None
+    assert store.get(first.id, "alice") is first
+    with pytest.raises(NotFound):
+        store.get(first.id, "bob")
+    first.finish(jobs_pb2.JOB_STATE_ERROR, "failed", ttl=0)
+    with pytest.raises(NotFound, match="result-ttl"):
+        store.get(first.id, "alice")
+    assert store.find_request("alice", "r1") is None
+
+
+# ------------------------------------------------------------------------------------------- auth, limits
+
+
+class _Context:
+    """The two things Authenticator reads from a grpc.ServicerContext."""
+
+    def __init__(self, peer: str, metadata=()):
+        self._peer, self._metadata = peer, metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self):
+        return [_Item(k, v) for k, v in self._metadata]
+
+
+class _Item:
+    def __init__(self, key, value):
+        self.key, self.value = key, value
+
+
+@pytest.mark.parametrize("peer, local", [
+    ("ipv4:127.0.0.1:5000", True), ("ipv6:[::1]:5000", True), ("ipv6:[::ffff:127.0.0.1]:1", True),
+    ("unix:/tmp/sock", True), ("ipv4:10.1.2.3:5000", False), ("ipv6:[2001:db8::1]:1", False), ("x", False),
+])
+def test_loopback_peers(peer, local):
+    assert is_loopback(peer) is local
+
+
+def test_authenticator(tmp_path):
+    open_server = Authenticator()
+    assert open_server.identify(_Context("ipv4:127.0.0.1:1")) == "loopback"
+    with pytest.raises(Unauthenticated, match="--api-keys"):
+        open_server.identify(_Context("ipv4:10.0.0.2:1"))
+    path = tmp_path / "keys"
+    path.write_text("# comment\n\nsecret-key-1\n")
+    keyed = Authenticator(read_keys(path))
+    owner = keyed.identify(_Context("ipv4:10.0.0.2:1", [("authorization", "Bearer secret-key-1")]))
+    assert owner != "loopback" and "secret" not in owner
+    with pytest.raises(Unauthenticated, match="TETHER_API_KEY"):
+        keyed.identify(_Context("ipv4:127.0.0.1:1"))
+    with pytest.raises(Unauthenticated, match="not one this server accepts"):
+        keyed.identify(_Context("ipv4:127.0.0.1:1", [("authorization", "Bearer nope")]))
+    (tmp_path / "empty").write_text("# none\n")
+    with pytest.raises(ValueError, match="no keys"):
+        read_keys(tmp_path / "empty")
+
+
+def test_job_limits_never_exceed_the_servers():
+    limits = Limits(job_timeout=10, max_result_bytes=100, local_call_timeout=5)
+    assert JobLimits.of(jobs_pb2.JobSpec(), limits) == JobLimits(10, 100, 5)
+    asked = jobs_pb2.JobSpec(timeout={"seconds": 60}, max_result_bytes=50, local_call_timeout={"seconds": 1})
+    assert JobLimits.of(asked, limits) == JobLimits(10, 50, 1)
+
+
+def test_job_log_is_line_buffered_like_print():
+    job = Job("owner", "tiny", 1)
+    log = JobLog(job)
+    log("a", 1, sep="-")
+    log("partial", end="")
+    log(" rest")
+    log("x\ny")
+    log("flushed", end="", flush=True)
+    log("tail", end="")
+    log.flush()
+    events, _ = job.wait_events(0, lambda: True)
+    assert [e.log.text for e in events if e.WhichOneof("event") == "log"] == [
+        "a-1", "partial rest", "x", "y", "flushed", "tail"]
+
+
+# ---------------------------------------------------------------------------------------- failures, results
+
+
+def test_failures_keep_only_user_frames_under_user_names():
+    namespace: dict = {}
+    code = compile("\n\ndef f():\n    return 1 / 0\n", "user.py [job 1]", "exec")
+    exec(code, namespace)
+    try:
+        try:
+            namespace["f"]()
+        except ZeroDivisionError as error:
+            raise ValueError("wrapped") from error
+    except ValueError as error:
+        failure = failure_of(error, {"user.py [job 1]": "user.py"})
+    assert failure.type == "builtins.ValueError" and not failure.frames  # raised in this test file
+    cause = failure.cause
+    assert cause.type == "builtins.ZeroDivisionError"
+    assert [(f.filename, f.line, f.function, f.user_code) for f in cause.frames] == [("user.py", 4, "f", True)]
+    assert cause.traceback.startswith("Traceback (most recent call last):\n  File \"user.py\", line 4, in f\n")
+    assert cause.traceback.endswith("ZeroDivisionError: division by zero\n")
+
+
+def test_results_name_stand_ins_and_leave_out_what_a_client_cannot_load():
+    lines = []
+    data = encode_result(
+        {"a": torch.ones(2), "u": UnsavedValue("u"), "r": NotReached("r", "the trace was stopped early"),
+         "g": torch.Generator(), "f": lambda: 1, "n": 3},
+        to_value, limit=1 << 20, log=lines.append)
+    result = jobs_pb2.JobResult.FromString(data)
+    assert sorted(result.saved) == ["a", "n"] and from_value(result.saved["n"]) == 3
+    assert list(result.unsaved) == ["u"] and list(result.unreached) == ["r"]
+    assert result.unreached_reason == "the trace was stopped early"
+    assert len(lines) == 1 and "`g`" in lines[0] and "stays on the server" in lines[0]  # `f`: silently
+    with pytest.raises(ResultTooLarge, match=r"largest saved values: a"):
+        encode_result({"a": torch.zeros(1000)}, to_value, limit=100)
+
+
+def test_limits_defaults_are_sane():
+    limits = Limits()
+    assert limits.chunk_size <= 1 << 20 and limits.queue_size > 0 and limits.local_call_timeout < limits.job_timeout
