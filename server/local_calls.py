@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from tether.runtime.capture import Block
-from tether.v1 import jobs_pb2, values_pb2
-from tether.values import join_chunks, split_chunks
+from tether.v1 import jobs_pb2
+from tether.values import encode_value_map, join_chunks, split_chunks
 
 from .errors import JobCancelledError, JobTimeout, LocalBlockFailed, LocalCallFailed
 from .jobs import Job
@@ -64,9 +64,10 @@ class LocalLink:
                 self._parts.append(answer.values)
             self._job.cond.notify_all()
 
-    def call(self, call_id: str, block_id: str, payload: bytes, deadline: float,
-             local_timeout: float, timed_out: Callable[[], BaseException]) -> bytes:
-        """Send one LocalCall and wait for its answer: the serialized ValueMap of the block's writes.
+    def call(self, call_id: str, block_id: str, payload: list, deadline: float,
+             local_timeout: float, timed_out: Callable[[], BaseException]) -> bytearray:
+        """Send one LocalCall (payload: serialized ValueMap pieces, see tether.values.encode_value_map) and
+        wait for its answer: the serialized ValueMap of the block's writes.
 
         Raises LocalBlockFailed (the block raised on the client), LocalCallFailed (no stream left),
         JobTimeout (no answer in time, or the job's own limit came first) or JobCancelledError.
@@ -146,10 +147,9 @@ class LocalCaller:
         self._calls += 1
         reads = {name: ns[name] for name in site.reads if name in ns and is_data(ns[name])}
         codec = self._decoded.codec
-        payload = values_pb2.ValueMap(values={n: codec.encode(v) for n, v in reads.items()}).SerializeToString()
+        payload = encode_value_map(reads, default=codec.model_reference)  # pieces: tensors are views
         call_id = str(self._calls)
         answer = self._link.call(call_id, site.block_id, payload, self._deadline, self._local_timeout,
                                  self._timed_out)
         self._job.forget_payload(lambda e: e.WhichOneof("event") == "local_call" and e.local_call.call_id == call_id)
-        values = values_pb2.ValueMap.FromString(answer)
-        return codec.decode_answer(values.values)
+        return codec.decode_answer(answer)

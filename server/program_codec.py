@@ -17,7 +17,7 @@ from tether.runtime.capture import _assigned_names, register_source
 from tether.runtime.envoy import Envoy
 from tether.runtime.program import Program
 from tether.v1 import program_pb2, values_pb2
-from tether.values import from_value, to_value
+from tether.values import decode_value_map, from_value, to_value
 
 from .errors import InvalidProgram
 from .policy import Policy
@@ -83,11 +83,16 @@ class ValueCodec:
     def decode_map(self, values: Mapping[str, values_pb2.Value], what: str) -> dict[str, Any]:
         return {name: self.decode(v, f"{what} `{name}`") for name, v in values.items()}
 
-    def decode_answer(self, values: Mapping[str, values_pb2.Value]) -> dict[str, Any]:
-        """The names a local() block assigned. One the server refuses to load (a pickle outside its allow-list,
-        a module it does not run) becomes a ClientOnly stand-in: it stays usable in later local() blocks."""
+    def decode_answer(self, data: bytearray) -> dict[str, Any]:
+        """The names a local() block assigned, from their serialized ValueMap. One the server refuses to load
+        (a pickle outside its allow-list, a module it does not run) becomes a ClientOnly stand-in."""
+        try:
+            return decode_value_map(data, unpickler=self.policy.loads, resolve_reference=self._reference,
+                                    resolve_model=self._model)
+        except Exception:  # some value is refused: decode one by one, keeping what can be kept
+            pass
         out = {}
-        for name, value in values.items():
+        for name, value in values_pb2.ValueMap.FromString(bytes(data)).values.items():
             try:
                 out[name] = self.decode(value, f"the local() block's value of `{name}`")
             except InvalidProgram as error:
@@ -96,7 +101,7 @@ class ValueCodec:
 
     def encode(self, obj: Any) -> values_pb2.Value:
         """The Value for an object going back to the client (submodules become ModelReferences)."""
-        return to_value(obj, default=self._model_reference)
+        return to_value(obj, default=self.model_reference)
 
     def _reference(self, ref: values_pb2.Reference) -> Any:
         if ref.module == CLIENT_MODULE:
@@ -120,7 +125,8 @@ class ValueCodec:
             envoy = getattr(envoy, part)  # Envoy.__getattr__ gives the child Envoy ("0" included)
         return envoy
 
-    def _model_reference(self, obj: Any) -> values_pb2.Value | None:
+    def model_reference(self, obj: Any) -> values_pb2.Value | None:
+        """A `default` for tether.values: Envoys (the model, its submodules) go as ModelReferences."""
         if isinstance(obj, Envoy):
             path = obj._path.partition(".")[2]  # Envoy paths start with "model" for the root
             return values_pb2.Value(model_reference=values_pb2.ModelReference(name=self.hosted.name, path=path))

@@ -442,6 +442,13 @@ def test_client_only_function(client):
     assert outcome.final.state == jobs_pb2.JOB_STATE_COMPLETED
 
 
+def test_local_answers_the_server_refuses_stay_client_side(client):
+    source = LOCAL.replace('print("on the client")', "helper = os")
+    outcome = client.run(spec(program(source, "hi")), lambda block_id, reads: {"scale": 2.0, "helper": os})
+    assert outcome.final.state == jobs_pb2.JOB_STATE_COMPLETED, outcome.final
+    assert "helper" not in outcome.result.saved and outcome.saved()["scale"] == 2.0
+
+
 def test_submit_rejects_local_blocks(client):
     code, details = code_of(lambda: client.submit(spec(program(LOCAL, "hi"))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "RunJob" in details
