@@ -512,14 +512,11 @@ def decode_value_map(data: bytes | bytearray | memoryview, **options: Any) -> di
     Top-level tensors in a writable buffer (join_chunks returns one) use it in place: they share it, so
     it lives as long as any of them. Options as for from_value.
     """
-    view, pos, out = memoryview(data).cast("B"), 0, {}
-    while pos < len(view):
-        tag, pos = _read_varint(view, pos)
-        size, pos = _read_varint(view, pos)
-        if tag != 0x0A or pos + size > len(view):  # not a map entry: let protobuf handle what it is
-            return from_value_map(values_pb2.ValueMap.FromString(bytes(view)), **options)
-        name, value = _entry(view[pos : pos + size])
-        pos += size
+    out = {}
+    for number, wire, entry in _fields(memoryview(data).cast("B")):
+        if number != 1 or wire != 2:
+            continue  # another field (JobResult has more): skipped, as protobuf skips unknown fields
+        name, value = _entry(entry)
         fast = _fast_tensor(value)
         out[name] = fast if fast is not None else from_value(values_pb2.Value.FromString(value), **options)
     return out
@@ -537,7 +534,7 @@ def _fields(view: memoryview) -> Iterator[tuple[int, int, Any]]:
             value, pos = view[pos : pos + size], pos + size
             if pos > len(view):
                 raise ValueError("truncated or corrupt message")
-        elif tag & 7 in (1, 5):  # fixed64, fixed32: never in the parts read by hand, skipped whole
+        elif tag & 7 in (1, 5):  # fixed64, fixed32
             width = 8 if tag & 7 == 1 else 4
             value, pos = view[pos : pos + width], pos + width
         else:

@@ -357,6 +357,11 @@ def test_encode_value_map_keeps_tensors_alive():
     assert torch.equal(out["h"], torch.full((1 << 14,), 2.0).sin())
 
 
-def test_value_map_with_unknown_top_level_fields_falls_back_to_protobuf():
-    wire = values.to_value_map({"a": 1}).SerializeToString() + b"\x10\x05"  # field 2 varint: unknown
-    assert values.decode_value_map(wire) == {"a": 1}
+def test_other_top_level_fields_are_skipped():
+    named = {"a": 1, "h": torch.ones(3)}
+    pieces = b"".join(values.encode_value_map(named))
+    job_result_extras = jobs_pb2.JobResult(unsaved=["x"], unreached_reason="stopped").SerializeToString()
+    odd_fields = b"\x10\x05", b"\x19" + bytes(8)  # a varint field, a fixed64 field
+    for wire in (odd_fields[0] + pieces + odd_fields[1], pieces + job_result_extras):
+        out = values.decode_value_map(wire)
+        assert out.keys() == named.keys() and out["a"] == 1 and torch.equal(out["h"], named["h"])
