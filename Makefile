@@ -43,7 +43,7 @@ bench: install
 	$(PYTHON) -m bench.run
 
 proto: install
-	bash proto/gen.sh
+	PYTHON=$(PYTHON) bash proto/gen.sh
 
 lint:
 	ruff check .

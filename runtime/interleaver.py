@@ -232,16 +232,19 @@ class Interleaver:
             self._begin_iteration()
         return None
 
-    def _forward_hook(self, module, args, kwargs, output):
+    def _forward_hook(self, module, args, *kwargs_and_output):
+        # (kwargs, output) normally; (output,) if another thread runs this module mid-registration
         if getcurrent() is not self._driver:
             return None
+        output = kwargs_and_output[-1]
         slot = batching.Slot(output, self.batch_size)
         self._serve(module, "fwd", slot)
         return slot.value if slot.changed else None
 
-    def _pre_hook(self, module, args, kwargs):
+    def _pre_hook(self, module, args, kwargs=None):
         if getcurrent() is not self._driver:
             return None
+        kwargs = {} if kwargs is None else kwargs
         slot = batching.Slot((args, kwargs), self.batch_size)
         self._serve(module, "pre", slot)
         return slot.value if slot.changed else None
