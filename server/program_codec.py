@@ -63,8 +63,9 @@ class LocalSite:
 class ValueCodec:
     """Values of one job: decoded with the policy's unpickler and resolvers, encoded with model references."""
 
-    def __init__(self, policy: Policy, hosted: HostedModel, root: Any):
-        self.policy, self.hosted, self.root = policy, hosted, root
+    def __init__(self, policy: Policy, hosted: HostedModel):
+        self.policy, self.hosted = policy, hosted
+        self.root: Any = None  # the job's own root Envoy on the replica that runs it; set by DecodedProgram.bind
 
     def decode(self, value: values_pb2.Value, what: str) -> Any:
         """The object for a received Value; InvalidProgram naming `what` when it is refused."""
@@ -114,16 +115,31 @@ class ValueCodec:
                 f"the program runs on model {self.hosted.name!r} but refers to model {ref.name!r}; a job "
                 "can use only the model it runs on."
             )
-        envoy = self.root
+        module, where = self.hosted.module, "the model"
         for part in filter(None, ref.path.split(".")):
-            children = envoy._module._modules
-            if part not in children:
+            if part not in module._modules:
                 raise InvalidProgram(
-                    f"model {ref.name!r} has no submodule {ref.path!r} (no {part!r} in "
-                    f"{envoy._path}); paths are as in named_modules(), e.g. 'transformer.h.0'."
+                    f"model {ref.name!r} has no submodule {ref.path!r} (no {part!r} in {where}); paths are "
+                    "as in named_modules(), e.g. 'transformer.h.0'."
                 )
+            module, where = module._modules[part], part
+        return _ModelPath(ref.path) if self.root is None else self._envoy(ref.path)
+
+    def _envoy(self, path: str) -> Any:
+        envoy = self.root
+        for part in filter(None, path.split(".")):
             envoy = getattr(envoy, part)  # Envoy.__getattr__ gives the child Envoy ("0" included)
         return envoy
+
+    def resolve(self, obj: Any) -> Any:
+        """`obj` with the model references decoded before the job had a replica replaced by its Envoys."""
+        if isinstance(obj, _ModelPath):
+            return self._envoy(obj.path)
+        if type(obj) in (list, tuple):
+            return type(obj)(self.resolve(v) for v in obj)
+        if type(obj) is dict:
+            return {self.resolve(k): self.resolve(v) for k, v in obj.items()}
+        return obj
 
     def model_reference(self, obj: Any) -> values_pb2.Value | None:
         """A `default` for tether.values: Envoys (the model, its submodules) go as ModelReferences."""
@@ -131,6 +147,13 @@ class ValueCodec:
             path = obj._path.partition(".")[2]  # Envoy paths start with "model" for the root
             return values_pb2.Value(model_reference=values_pb2.ModelReference(name=self.hosted.name, path=path))
         return None
+
+
+@dataclass(frozen=True)
+class _ModelPath:
+    """A ModelReference decoded before the job has a replica (its Envoys are made by `bind`)."""
+
+    path: str
 
 
 @dataclass
@@ -157,6 +180,18 @@ class DecodedProgram:
     @property
     def has_local_blocks(self) -> bool:
         return bool(self.local_sites)
+
+    def bind(self, replica: Any) -> Any:
+        """Give the job its own root on `replica` (the NNsight its worker runs): model references become its
+        Envoys, and its edits stay its own. Returns that root."""
+        codec = self.codec
+        codec.root = replica._edited_copy()
+        self.program.args = codec.resolve(self.program.args)
+        self.program.kwargs = codec.resolve(self.program.kwargs)
+        self.bindings.update({k: codec.resolve(v) for k, v in self.bindings.items()})
+        for fn in self.functions:
+            fn.namespace.update({k: codec.resolve(v) for k, v in fn.namespace.items()})
+        return codec.root
 
     def define_functions(self, log: Callable[..., None]) -> None:
         """Run the shipped `def`s (in the worker: decorators are user code) and bind them for the body."""
@@ -189,8 +224,7 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
     first_line = program.first_line or 1
     filename = program.filename or "<program>"
     body_file = f"{filename} [job {job_id}]"
-    root = hosted.model._edited_copy()  # per job: edits and Envoys of one job never reach another
-    codec = ValueCodec(policy, hosted, root)
+    codec = ValueCodec(policy, hosted)
     ids = {b.first_line: b.block_id for b in program.local_blocks if b.block_id}
 
     body, sites = _cut_local_blocks(program.source, filename, first_line, ids)

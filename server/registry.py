@@ -11,6 +11,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Mapping
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,15 @@ class HostedModel:
     @property
     def module(self) -> torch.nn.Module:
         return self.model._module
+
+    def replica(self, index: int) -> NNsight:
+        """The model a worker runs: replica 0 is the model itself, others are deep copies (own weights and
+        own hooks, so workers never share a module)."""
+        if index == 0:
+            return self.model
+        copy = self.model._edited_copy()
+        object.__setattr__(copy, "_module", deepcopy(self.module))
+        return copy
 
     def info(self, queue_depth: int = 0) -> models_pb2.ModelInfo:
         """The model's summary (architecture, parameter count, dtype, device, queue depth)."""

@@ -157,7 +157,6 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
     def _read_client(self, requests, job: Job, context: grpc.ServicerContext) -> None:
         """The client's later messages on a RunJob stream: local() answers and cancel requests."""
-        gone = "the client disconnected from its RunJob stream"
         try:
             for message in requests:
                 which = message.WhichOneof("message")
@@ -165,10 +164,11 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                     job.link.deliver(message.local_result)
                 elif which == "cancel":
                     self._cancel(job, message.cancel.reason or "cancelled by the client")
-            reason = "the client closed its side of the RunJob stream" if context.is_active() else gone
         except Exception:  # the RPC ended under us
-            reason = gone
-        job.link.detach(reason)
+            pass
+        # A cancelled call and a half-closed one can end the loop in either order: one message for both.
+        job.link.detach("the client disconnected from its RunJob stream (or stopped sending on it), so it can "
+                        "no longer answer local() calls")
 
     @_unary
     def SubmitJob(self, request, context, owner):

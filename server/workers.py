@@ -108,7 +108,8 @@ class ModelQueue:
         self._closed = False  # guarded by _cond
         self._running: set[Job] = set()  # guarded by _cond
         self._threads = [
-            threading.Thread(target=self._work, name=f"tether-worker-{hosted.name}-{i}", daemon=True)
+            threading.Thread(target=self._work, args=(hosted.replica(i),), name=f"tether-worker-{hosted.name}-{i}",
+                             daemon=True)
             for i in range(replicas)
         ]
         for thread in self._threads:
@@ -182,11 +183,11 @@ class ModelQueue:
             self._running.add(entry.job)
             return entry
 
-    def _work(self) -> None:
+    def _work(self, replica) -> None:
         while (entry := self._take()) is not None:
             try:
                 if entry.job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, f"on worker {threading.current_thread().name}"):
-                    _Run(entry, self.hosted, self.limits).run()
+                    _Run(entry, replica, self.limits).run()
             finally:
                 entry.decoded.release()
                 with self._cond:
@@ -196,9 +197,9 @@ class ModelQueue:
 class _Run:
     """One job on one worker: the Executor call with limits, then the job's end state."""
 
-    def __init__(self, entry: _Entry, hosted: HostedModel, limits: Limits):
+    def __init__(self, entry: _Entry, replica, limits: Limits):
         self.job, self.decoded, self.limits, self.link = entry.job, entry.decoded, entry.limits, entry.link
-        self.hosted, self.ttl, self.chunk_size = hosted, limits.result_ttl, limits.chunk_size
+        self.replica, self.ttl, self.chunk_size = replica, limits.result_ttl, limits.chunk_size
         self.deadline = 0.0
 
     def timed_out(self) -> JobTimeout:
@@ -226,10 +227,11 @@ class _Run:
         log = JobLog(job)
         handler = LocalCaller(job, self.link, decoded, deadline=self.deadline,
                               local_timeout=self.limits.local_call_timeout, timed_out=self.timed_out)
-        hook = self.hosted.module.register_forward_pre_hook(self._check_stop)
+        hook = self.replica._module.register_forward_pre_hook(self._check_stop)
         try:
+            root = decoded.bind(self.replica)
             decoded.define_functions(log)
-            values = execute(decoded.codec.root, decoded.program, decoded.bindings,
+            values = execute(root, decoded.program, decoded.bindings,
                              filename=decoded.body_filename, local=handler, log=log,
                              cancel=self._stop_requested)
             log.flush()
