@@ -36,9 +36,9 @@ SERVICES = (
 class ServerHandle:
     """A running server: `.port`, `.address`, `.stop()`; a context manager that stops on exit."""
 
-    def __init__(self, server: grpc.Server, hub: Hub, health_servicer: health.HealthServicer, host: str,
-                 port: int):
-        self._server, self.hub, self._health = server, hub, health_servicer
+    def __init__(self, server: grpc.Server, hub: Hub, health_servicer: health.HealthServicer,
+                 job_service: JobService, host: str, port: int):
+        self._server, self.hub, self._health, self._job_service = server, hub, health_servicer, job_service
         self.host, self.port = host, port
         self._stopped = False
 
@@ -57,6 +57,7 @@ class ServerHandle:
         for queue in self.hub.queues.values():
             queue.close()
         self._server.stop(grace).wait()
+        self._job_service.close()
         for queue in self.hub.queues.values():
             queue.join(timeout=grace)
 
@@ -108,7 +109,8 @@ def start_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobService(hub), server)
+    job_service = JobService(hub, max_streams=rpc_threads)
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(job_service, server)
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(hub), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -125,7 +127,7 @@ def start_server(
     server.start()
     for service in ("", *SERVICES):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return ServerHandle(server, hub, health_servicer, host, bound)
+    return ServerHandle(server, hub, health_servicer, job_service, host, bound)
 
 
 def _join(host: str, port: int) -> str:

@@ -6,6 +6,7 @@ job's condition variable (never polling); sequences start at 1 and increase by 1
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 import uuid
@@ -67,6 +68,7 @@ class Job:
         self.expire_time: timestamp_pb2.Timestamp | None = None  # guarded by cond: the same, as wall time
         self._events: list[jobs_pb2.JobEvent | _ResultChunk] = []  # guarded by cond; index = sequence - 1
         self.link = None  # set once, before the job is queued: its LocalLink (RunJob jobs only)
+        self.on_end: Callable[[Job], None] | None = None  # set once by JobStore.add: learns the expiry time
         self.set_state(jobs_pb2.JOB_STATE_RECEIVED, "the server accepted and checked the program")
 
     # ---- writing ------------------------------------------------------------------------------
@@ -136,6 +138,8 @@ class Job:
         self.expire_at = time.monotonic() + ttl
         self.expire_time = timestamp_pb2.Timestamp()
         self.expire_time.FromNanoseconds(time.time_ns() + int(ttl * 1e9))
+        if self.on_end is not None:
+            self.on_end(self)
 
     def request_cancel(self, reason: str) -> bool:
         """Ask the job to stop; True if it had not ended. The worker (or the queue) ends it."""
@@ -208,43 +212,52 @@ class Job:
 
 
 class JobStore:
-    """Every job the server still remembers, by id, and the request ids that made them (idempotency)."""
+    """Every job the server still remembers, by id, and the request ids that made them (idempotency).
+
+    Lock order: a job's `cond` may be held while taking the store's `_lock`, never the reverse.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}  # guarded by _lock
         self._by_request: dict[tuple[str, str], Job] = {}  # guarded by _lock: (owner, request_id) -> job
+        self._expiring: list[tuple[float, int, Job]] = []  # guarded by _lock: a heap of (expire_at, n, job)
+        self._ended = 0  # guarded by _lock: tie-breaker for the heap
 
     def find_request(self, owner: str, request_id: str) -> Job | None:
         """The job an earlier request with this id (from this owner) created, if it is still known."""
         if not request_id:
             return None
-        self.sweep()
         with self._lock:
+            self._sweep()
             return self._by_request.get((owner, request_id))
 
     def add(self, job: Job) -> Job:
         """Publish `job`; if a job with its request id appeared meanwhile, that one is returned instead."""
-        self.sweep()
         with self._lock:
+            self._sweep()
             if job.request_id:
                 earlier = self._by_request.get((job.owner, job.request_id))
                 if earlier is not None:
                     return earlier
                 self._by_request[(job.owner, job.request_id)] = job
             self._jobs[job.id] = job
+            job.on_end = self._job_ended
             return job
+
+    def _job_ended(self, job: Job) -> None:
+        with self._lock:
+            self._ended += 1
+            heapq.heappush(self._expiring, (job.expire_at, self._ended, job))
 
     def remove(self, job: Job) -> None:
         with self._lock:
-            self._jobs.pop(job.id, None)
-            if self._by_request.get((job.owner, job.request_id)) is job:
-                del self._by_request[(job.owner, job.request_id)]
+            self._forget(job)
 
     def get(self, job_id: str, owner: str) -> Job:
         """The job, if it exists and belongs to `owner`; NotFound otherwise (other owners' jobs included)."""
-        self.sweep()
         with self._lock:
+            self._sweep()
             job = self._jobs.get(job_id)
         if job is None or job.owner != owner:
             raise NotFound(
@@ -253,12 +266,19 @@ class JobStore:
             )
         return job
 
-    def sweep(self) -> None:
-        """Forget jobs whose retention time is over."""
-        now = time.monotonic()
+    def __len__(self) -> int:
         with self._lock:
-            expired = [j for j in self._jobs.values() if j.expire_at is not None and j.expire_at <= now]
-            for job in expired:
-                del self._jobs[job.id]
-                if self._by_request.get((job.owner, job.request_id)) is job:
-                    del self._by_request[(job.owner, job.request_id)]
+            self._sweep()
+            return len(self._jobs)
+
+    def _sweep(self) -> None:
+        """Forget jobs whose retention time is over (the earliest first; cheap when none is due)."""
+        now = time.monotonic()
+        while self._expiring and self._expiring[0][0] <= now:
+            self._forget(heapq.heappop(self._expiring)[2])
+
+    def _forget(self, job: Job) -> None:
+        if self._jobs.get(job.id) is job:
+            del self._jobs[job.id]
+        if self._by_request.get((job.owner, job.request_id)) is job:
+            del self._by_request[(job.owner, job.request_id)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import linecache
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -303,6 +304,14 @@ def _cut_local_blocks(source: str, filename: str, first_line: int,
     Returns the cut source and, by first body line in the user's file, each block's LocalSite: its id (the
     client's LocalBlock.block_id for that line, else the line as text) and the names its body reads.
     """
+    cut, sites = _cut_cached(source, filename, first_line, tuple(sorted(ids.items())))
+    return cut, dict(sites)
+
+
+@functools.lru_cache(maxsize=512)
+def _cut_cached(source: str, filename: str, first_line: int,
+                ids_items: tuple[tuple[int, str], ...]) -> tuple[str, tuple[tuple[int, LocalSite], ...]]:
+    ids = dict(ids_items)  # cached by value: the same program sent again is cut once
     tree = _parse(source, filename, first_line)
     offset = first_line - 1
     lines = source.splitlines(keepends=True)
@@ -325,7 +334,7 @@ def _cut_local_blocks(source: str, filename: str, first_line: int,
         lines[first - 1 - offset] = head[:col] + _stand_in(node, head, col) + newline
         for line in range(first + 1, last + 1):
             lines[line - 1 - offset] = "\n"
-    return "".join(lines), sites
+    return "".join(lines), tuple(sites.items())
 
 
 def _stand_in(node: ast.With | ast.AsyncWith, head: str, col: int) -> str:
@@ -343,20 +352,27 @@ def _names(tree: ast.AST) -> set[str]:
 
 
 def _check(policy: Policy, source: str, filename: str, first_line: int,
-           bindings: Mapping[str, values_pb2.Value]) -> set[str]:
+           bindings: Mapping[str, values_pb2.Value]) -> frozenset[str]:
     """Check a cut source (no local() bodies left) against the policy; returns the names it uses."""
+    bound = frozenset((name, _path(value)) for name, value in bindings.items())
+    return _check_cached(policy, source, filename, first_line, bound)
+
+
+@functools.lru_cache(maxsize=512)  # a client sending the same program again is checked once
+def _check_cached(policy: Policy, source: str, filename: str, first_line: int,
+                  bound: frozenset[tuple[str, str | None]]) -> frozenset[str]:
     tree = _parse(source, filename, first_line)
-    used = _names(tree)
-    for name, value in bindings.items():
-        if name in used and value.WhichOneof("kind") == "reference" and value.reference.module == CLIENT_MODULE:
+    used = frozenset(_names(tree))
+    for name, path in bound:
+        if name in used and path is not None and path.split(".")[0] == CLIENT_MODULE:
             line = min(n.lineno for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name)
             raise InvalidProgram(
                 f"{filename}, line {line}: `{name}` is a client-only function (decorated with @tether.trace), "
                 f"so the server cannot run it; {_LOCAL_HINT}."
             )
-    bound = {name: _path(value) for name, value in bindings.items() if name in used}
     try:
-        policy.check_source(source, filename=filename, first_line=first_line, bound_names=bound)
+        policy.check_source(source, filename=filename, first_line=first_line,
+                            bound_names={name: path for name, path in bound if name in used})
     except ValueError as error:  # PolicyViolation
         raise InvalidProgram(str(error)) from None
     return used

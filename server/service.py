@@ -1,7 +1,7 @@
 """The gRPC servicers: JobService (RunJob, SubmitJob, GetJob, WatchJob, ReadResult, CancelJob) and ModelService.
 
 Each RPC authenticates, maps ServerErrors to their status codes, and leaves the work to jobs/workers/codec.
-A RunJob stream has one named reader thread for the client's later messages (local() answers, cancel).
+A RunJob stream has a (pooled, named) reader thread for the client's later messages: local() answers, cancel.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import functools
 import logging
 import threading
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
@@ -79,8 +80,14 @@ def _streaming(method):
 class JobService(jobs_pb2_grpc.JobServiceServicer):
     """Runs programs on hosted models (see jobs.proto for each RPC's contract)."""
 
-    def __init__(self, hub: Hub):
+    def __init__(self, hub: Hub, max_streams: int):
         self._hub = hub
+        # One reader per open RunJob stream (each also holds an RPC thread, so max_streams = RPC threads);
+        # pooled, so a stream does not pay for starting a thread.
+        self._readers = futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="tether-runjob-reader")
+
+    def close(self) -> None:
+        self._readers.shutdown(wait=False)
 
     # ---- submitting ---------------------------------------------------------------------------
     def _start(self, spec: jobs_pb2.JobSpec, owner: str, *, stream: bool) -> tuple[Job, bool]:
@@ -149,13 +156,10 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             if job.link is not None:
                 if existing:
                     job.link.attach()
-                threading.Thread(
-                    target=self._read_client, args=(request_iterator, job, context),
-                    name=f"tether-runjob-reader-{job.id}", daemon=True,
-                ).start()
+                self._readers.submit(self._read_client, request_iterator, job)
             yield from self._events(job, 0, context, jobs_pb2.RunJobResponse)
 
-    def _read_client(self, requests, job: Job, context: grpc.ServicerContext) -> None:
+    def _read_client(self, requests, job: Job) -> None:
         """The client's later messages on a RunJob stream: local() answers and cancel requests."""
         try:
             for message in requests:
