@@ -54,10 +54,10 @@ NNSIGHT_VERSION = "0.8.1"
 NNSIGHT_HINT = f"pip install nnsight=={NNSIGHT_VERSION}"
 
 # Seconds of timed repetitions per (width, group) at budget_scale 1; repetitions are clamped to these.
-BUDGET_S = {(64, "forward"): 32.0, (64, "generate"): 20.0, (768, "forward"): 30.0, (768, "generate"): 22.0}
-MIN_REPS = {"forward": 15, "generate": 7}
+BUDGET_S = {(64, "forward"): 32.0, (64, "generate"): 20.0, (768, "forward"): 26.0, (768, "generate"): 20.0}
+MIN_REPS = {"forward": 12, "generate": 5}
 MAX_REPS = {"forward": 3000, "generate": 400}
-WARMUP = {"forward": 3, "generate": 1}  # untimed calls per case before the timed loop
+WARMUP = {"forward": 3, "generate": 2}  # untimed calls per case before the timed loop
 PROFILE_TRACES = 300
 COST_MODEL_S = 8.0
 SAVE_TARGET = 0.5  # tether's 12-save overhead over raw hooks / nnsight's
@@ -183,29 +183,24 @@ class Case:
 
 
 def _measure(cases: list[Case], budget_s: float, group: str) -> tuple[dict[str, list[float]], int]:
-    """Interleaved repetitions of every case; returns per-case times in ms, in repetition order."""
-    estimate = 0.0
+    """Interleaved repetitions of every case for about `budget_s` seconds (at least MIN_REPS, at most
+    MAX_REPS); returns per-case times in ms, in repetition order, and the number of repetitions."""
     for case in cases:
         for _ in range(WARMUP[group]):
             case.fn()
-        start = time.perf_counter()
-        case.fn()
-        estimate += time.perf_counter() - start
-    reps = int(min(MAX_REPS[group], max(MIN_REPS[group], budget_s / max(estimate, 1e-9))))
     times: dict[str, list[float]] = {case.key: [] for case in cases}
     gc.collect()
     rng = random.Random(0)  # a fresh order every repetition: no case always follows the same neighbour
-    deadline = time.perf_counter() + budget_s  # a busy machine makes every call slower than the estimate
-    for rep in range(reps):
-        if rep >= MIN_REPS[group] and time.perf_counter() > deadline:
-            reps = rep
-            break
+    deadline = time.perf_counter() + budget_s
+    reps = 0
+    while reps < MAX_REPS[group] and (reps < MIN_REPS[group] or time.perf_counter() < deadline):
         order = list(cases)
         rng.shuffle(order)
         for case in order:
             start = time.perf_counter_ns()
             case.fn()
             times[case.key].append((time.perf_counter_ns() - start) / 1e6)
+        reps += 1
     return times, reps
 
 
