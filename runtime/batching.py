@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Slot", "narrow", "splice", "concat_inputs"]
+__all__ = ["Slot", "narrow", "splice", "concat_inputs", "record_views"]
 
 
 def _map(value: Any, fn) -> Any:
@@ -55,6 +55,16 @@ def splice(full: Any, rows: slice | None, new: Any, batch_size: int) -> Any:
         except TypeError:
             return type(full)(merged)
     return new
+
+
+def record_views(view: Any, full: Any, rows: slice, out: dict) -> None:
+    """Note which full tensor each row view came from (a gradient must be hooked on the full one)."""
+    if isinstance(view, torch.Tensor) and isinstance(full, torch.Tensor):
+        if view is not full:
+            out[id(view)] = (view, full, rows)
+    elif isinstance(view, (tuple, list)) and isinstance(full, (tuple, list)):
+        for v, f in zip(view, full):
+            record_views(v, f, rows, out)
 
 
 class Slot:

@@ -19,7 +19,8 @@ from types import CodeType, FrameType
 
 from .errors import SourceUnavailableError
 
-__all__ = ["Block", "SkipBody", "find_block", "skip_body", "restore_trace", "register_source", "OPS_NAME"]
+__all__ = ["Block", "SkipBody", "find_block", "skip_body", "restore_trace", "bind_target", "register_source",
+           "OPS_NAME"]
 
 OPS_NAME = "__tether__"
 
@@ -43,11 +44,14 @@ class Block:
     local_blocks: list[tuple[int, int]] = field(default_factory=list)  # (first, last) of nested local() bodies
     _code: dict = field(default_factory=dict)
 
-    @property
-    def trivial(self) -> bool:
-        """A body of only `pass`/constants: it compiles to nothing, so there is nothing to skip."""
-        return all(isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
-                   for s in self.node.body)
+    def target_code(self) -> CodeType:
+        """`<as target> = __tether___item`, compiled (for tuple targets)."""
+        if "target" not in self._code:
+            bind = ast.Assign(targets=[self.node.items[0].optional_vars],
+                              value=ast.Name(id=f"{OPS_NAME}_item", ctx=ast.Load()))
+            module = ast.Module(body=[ast.copy_location(bind, self.node)], type_ignores=[])
+            self._code["target"] = compile(ast.fix_missing_locations(module), self.filename, "exec")
+        return self._code["target"]
 
     def code(self, *, start: int = 0, target: ast.expr | None = None) -> CodeType:
         """Compile the body (from top-level statement `start`), optionally after binding `target`."""
@@ -127,29 +131,47 @@ def _find_in(filename: str, text: str, line: int) -> Block:
 
 
 def skip_body(frame: FrameType, block: Block) -> object:
-    """Arrange for the caller to raise `SkipBody` on the block's first body line; returns restore state."""
-    previous = (sys.gettrace(), frame.f_trace)
-    if block.trivial:
-        return (frame, previous)
+    """Make the caller raise `SkipBody` right after `__enter__` returns; returns the state to restore.
+
+    The exception is raised on the caller's next instruction (an `opcode` trace event), which CPython
+    always places inside the `with` statement's own handler, so `__exit__` receives it whatever the
+    body starts with (`try:`, `pass`, a docstring...). The `as` target is then bound by tether.
+    """
+    previous = (sys.gettrace(), frame.f_trace, frame.f_trace_opcodes)
 
     def tracer(fr, event, arg):
-        if event == "line" and fr is frame and block.first_line <= fr.f_lineno <= block.last_line:
+        if fr is frame and event == "opcode":
             raise SkipBody()
         return tracer
 
     if previous[0] is None:
         sys.settrace(_noop_trace)
     frame.f_trace = tracer
-    frame.f_trace_lines = True
+    frame.f_trace_opcodes = True
     return (frame, previous)
 
 
 def restore_trace(state: object) -> None:
     """Undo `skip_body`: give the thread and the frame back their previous trace functions."""
-    frame, (global_trace, frame_trace) = state
+    frame, (global_trace, frame_trace, opcodes) = state
     frame.f_trace = frame_trace
+    frame.f_trace_opcodes = opcodes
     if global_trace is None:
         sys.settrace(None)
+
+
+def bind_target(block: Block, value: object, ns: dict) -> dict:
+    """Bind the block's `as` target to `value` in `ns`; returns the names bound."""
+    target = block.node.items[0].optional_vars
+    if target is None:
+        return {}
+    if isinstance(target, ast.Name):
+        ns[target.id] = value
+        return {target.id: value}
+    ns[f"{OPS_NAME}_item"] = value
+    exec(block.target_code(), ns)
+    del ns[f"{OPS_NAME}_item"]
+    return {n.id: ns[n.id] for n in ast.walk(target) if isinstance(n, ast.Name)}
 
 
 def _noop_trace(frame, event, arg):

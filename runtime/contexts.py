@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import ops
-from .capture import OPS_NAME, Block, SkipBody, find_block, restore_trace, skip_body
+from .capture import OPS_NAME, Block, SkipBody, bind_target, find_block, restore_trace, skip_body
 from .saving import SaveScope, hand_back
 
 __all__ = ["Context", "Cond", "Iterator", "LocalBlock", "local", "local_handler", "ExitLoop", "run_block"]
@@ -39,7 +39,8 @@ class Context:
         self._block: Block = find_block(frame)
         self._frame = frame
         self._skip_state = skip_body(frame, self._block)
-        return self._enter_value()
+        self._entered = self._enter_value()
+        return self._entered
 
     def _enter_value(self) -> Any:
         return self
@@ -47,19 +48,21 @@ class Context:
     def __exit__(self, exc_type, exc, tb) -> bool:
         restore_trace(self._skip_state)
         frame, self._frame = self._frame, None
-        if not _skipped(exc_type, self._block):
+        if exc_type is not SkipBody:
             return False
         globals_ = frame.f_globals
         if OPS_NAME in globals_ and frame.f_locals is globals_:
+            bind_target(self._block, self._entered, globals_)
             self._run(globals_)
             return True
         ns = {**globals_, **frame.f_locals, OPS_NAME: ops}
+        bound = bind_target(self._block, self._entered, ns)
         before = {name: ns[name] for name in self._block.assigned if name in ns}
         scope = SaveScope()
         with scope:
             self._run(ns)
-        if self._hands_back:
-            _write_frame(frame, hand_back(ns, self._block.assigned, scope, before, why=self._why_unreached()))
+        handed = hand_back(ns, self._block.assigned, scope, before, why=self._why_unreached())
+        _write_frame(frame, {**bound, **handed} if self._hands_back else bound)
         return True
 
     def _run(self, ns: dict) -> None:
@@ -183,7 +186,7 @@ class LocalBlock:
             return False
         restore_trace(self._skip_state)
         frame, self._frame = self._frame, None
-        if not _skipped(exc_type, self._block):
+        if exc_type is not SkipBody:
             return False
         frame.f_globals.update(self._handler(self._block, frame.f_globals))
         return True
@@ -192,11 +195,6 @@ class LocalBlock:
 def local() -> LocalBlock:
     """A block that runs on the researcher's machine during a remote job (just runs, locally)."""
     return LocalBlock()
-
-
-def _skipped(exc_type: type | None, block: Block) -> bool:
-    """Whether the caller skipped the body as arranged (a trivial body simply ran, doing nothing)."""
-    return exc_type is SkipBody or (exc_type is None and block.trivial)
 
 
 def _write_frame(frame: types.FrameType, values: dict) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .errors import TetherError
+from .interleaver import current_mediator
 
 __all__ = ["Deferred", "GradState", "grad_of", "set_grad", "backward_block"]
 
@@ -107,8 +108,9 @@ Deferred.__neg__ = lambda self: self._derive(operator.neg, self)
 class GradState:
     """The edits recorded on one tensor's gradient; replayed by a tensor hook during backward."""
 
-    def __init__(self, tensor: torch.Tensor, label: str):
+    def __init__(self, tensor: torch.Tensor, label: str, rows: slice | None = None):
         self.label = label
+        self.rows = rows  # set when `tensor` is the full batch and the body holds a view of these rows
         self.ops: list[tuple] = []  # ("read", node) | ("setitem", key, value) | ("replace", value)
         self.current: torch.Tensor | None = None
         self.handle = tensor.register_hook(self._on_grad)
@@ -122,17 +124,23 @@ class GradState:
 
     def _on_grad(self, grad: torch.Tensor) -> torch.Tensor:
         edits = any(op[0] != "read" for op in self.ops)
-        self.current = grad.clone() if edits else grad
+        full = grad.clone() if edits else grad
+        self.current = full if self.rows is None else full[self.rows]
         for op in self.ops:
             if op[0] == "read":
                 op[1]._value = self.current
             elif op[0] == "setitem":
                 self.current[resolve(op[1])] = resolve(op[2])
             else:
-                self.current = torch.as_tensor(resolve(op[1]), dtype=grad.dtype, device=grad.device)
+                new = torch.as_tensor(resolve(op[1]), dtype=grad.dtype, device=grad.device)
+                if self.rows is None:
+                    full = self.current = new
+                else:
+                    full[self.rows] = new
+                    self.current = full[self.rows]
         self.ops.clear()
         self.handle.remove()
-        return self.current
+        return full
 
 
 def grad_of(tensor: Any, states: dict[int, tuple[torch.Tensor, GradState]]) -> Any:
@@ -148,7 +156,13 @@ def grad_of(tensor: Any, states: dict[int, tuple[torch.Tensor, GradState]]) -> A
                 "`.grad` was asked of a value that does not require grad, so backward will never reach it. "
                 "Set `.requires_grad = True` on it (or on an earlier module's output) first."
             )
-        entry = states[id(tensor)] = (tensor, GradState(tensor, "gradient"))
+        mediator = current_mediator()
+        view = mediator.views.get(id(tensor)) if mediator is not None else None
+        if view is not None and view[0] is tensor:
+            state = GradState(view[1], "gradient", rows=view[2])
+        else:
+            state = GradState(tensor, "gradient")
+        entry = states[id(tensor)] = (tensor, state)
     return entry[1].read()
 
 

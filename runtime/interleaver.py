@@ -8,6 +8,7 @@ Only one side runs at a time, so no locks are needed. Imports torch and greenlet
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,6 +98,8 @@ class Mediator:
         self.log = log
         self.iteration = 0  # which call of each module the body's next access refers to
         self.all_tail = None  # compiled statements to re-run at every later iteration (`.all()`)
+        self.after_loop = None  # compiled statements after an open `tracer.iter[:]` loop
+        self.views: dict[int, tuple[Any, Any, slice]] = {}  # id(row view) -> (view, full tensor, rows)
         self.pending: Request | None = None
         self.seen: dict[tuple[int, str, int], Any] = {}  # values already handed to this body, re-readable
         self.interleaver: Interleaver | None = None
@@ -122,14 +125,18 @@ class Mediator:
 
     def enable_all(self) -> None:
         """Re-run the rest of the body at every later iteration (`.all()`)."""
-        import sys
+        self.all_tail = self._rest_after(sys._getframe(1), "`.all()`")
 
-        frame = sys._getframe(1)
+    def open_loop_from(self, frame) -> None:
+        """An open-ended step loop (`tracer.iter[:]`) started here: if generation ends first, go on after it."""
+        self.after_loop = self._rest_after(frame, "`tracer.iter[...]`")
+
+    def _rest_after(self, frame, what: str):
         while frame is not None and frame.f_code is not self.code:
             frame = frame.f_back
         if frame is None:
-            raise TetherError("`.all()` must be called directly in the trace body, not from a helper function.")
-        self.all_tail = self.block.code(start=self.block.top_level_index(frame.f_lineno) + 1)
+            raise TetherError(f"{what} must be used directly in the trace body, not from a helper function.")
+        return self.block.code(start=self.block.top_level_index(frame.f_lineno) + 1)
 
     def _run(self, code) -> object:
         try:
@@ -189,6 +196,7 @@ class Interleaver:
 
     def serve(self, module: Any, kind: str, value: Any) -> Any:
         """Serve requests for a pseudo-module (e.g. the generator's output) outside any hook."""
+        self._end_open_loops()
         slot = batching.Slot(value, self.batch_size)
         try:
             self._serve(module, "fwd" if kind == "output" else "pre", slot, any_iteration=True)
@@ -199,6 +207,7 @@ class Interleaver:
 
     def finish(self) -> None:
         """End every body still waiting: silently after a stop or in `.all()` mode, else with an error."""
+        self._end_open_loops()
         if not self._stop:
             self._start_ready(force=True)
             self._raise_failure()
@@ -215,6 +224,18 @@ class Interleaver:
         for mediator in self.mediators:
             if mediator.greenlet is not None and not mediator.greenlet.dead:
                 mediator.greenlet.throw(GreenletExit)
+
+    def _end_open_loops(self) -> None:
+        """Bodies waiting in an open step loop for a step that never came continue after the loop."""
+        for mediator in self.mediators:
+            req = mediator.pending
+            if req is None or mediator.after_loop is None or req.iteration < max(self._root_calls, 1):
+                continue
+            mediator.pending = None
+            mediator.greenlet.throw(GreenletExit)
+            code, mediator.after_loop = mediator.after_loop, None
+            self._start(mediator, code)
+        self._raise_failure()
 
     def kill(self) -> None:
         """End every body without running more of it (after a failure)."""
@@ -296,6 +317,8 @@ class Interleaver:
             slot.set(req.kind, rows, req.value)
         value = slot.get(req.kind, rows)
         mediator.seen[(id(req.module), req.kind, req.iteration)] = value
+        if rows is not None:
+            batching.record_views(value, slot.get(req.kind, None), rows, mediator.views)
         return value if req.op == "get" else None
 
     def _start_ready(self, *, force: bool = False) -> None:

@@ -164,8 +164,9 @@ class LanguageModel(NNsight):
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
+    """Where inputs go: the parameters' device (meta for an undispatched skeleton, which only scans)."""
     for param in module.parameters():
-        return param.device if param.device.type != "meta" else torch.device("cpu")
+        return param.device
     return torch.device("cpu")
 
 

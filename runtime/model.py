@@ -46,6 +46,7 @@ class NNsight(Envoy):
         tracer = self._tracer("trace", inputs, kwargs)
         if trace:
             return tracer
+        self._dispatch()
         return self._run("trace", *self._batch([self._prepare(inputs, tracer._kwargs)])[:2], tracer._run_kwargs)
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:

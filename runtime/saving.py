@@ -56,9 +56,9 @@ def _stack() -> list[SaveScope]:
 
 
 def current_scope() -> SaveScope | None:
-    """The outermost open scope in this thread: saves always belong to the context that hands back."""
+    """The innermost open scope in this thread: the context that will hand saved values back."""
     stack = _stack()
-    return stack[0] if stack else None
+    return stack[-1] if stack else None
 
 
 def save(value: Any) -> Any:
@@ -212,7 +212,7 @@ def hand_back(ns: dict, names: tuple[str, ...], scope: SaveScope, before: dict, 
             out[name] = NotReached(name, why)
             continue
         value = ns[name]
-        if name in before and value is before[name]:
+        if isinstance(value, _Unusable) or (name in before and value is before[name]):
             out[name] = value
         elif scope.is_saved(value):
             out[name] = finalize_saved(value)

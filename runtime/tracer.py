@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -42,8 +43,14 @@ class _Steps:
 
     def __getitem__(self, index: int | slice):
         mediator = _mediator("iter")
+        if isinstance(index, slice) and index.stop is None:
+            mediator.open_loop_from(sys._getframe(1))
         limit = self._tracer._max_iterations()
         steps = range(limit)[index] if isinstance(index, slice) else [index]
+        return self._steps(mediator, steps)
+
+    @staticmethod
+    def _steps(mediator: Mediator, steps):
         for step in steps:
             mediator.iteration = step
             yield step
@@ -132,10 +139,11 @@ class Tracer(Context):
 
             run_remote(self, ns)
             return
-        if self._validate:
+        only_fake = self._mode == "scan"
+        if not only_fake and (self._scan or self._validate):
             with contextlib.redirect_stdout(io.StringIO()):
-                self._run_pass(ns, fake=True)
-        self._run_pass(ns, fake=self._scan)
+                self._run_pass(dict(ns), fake=True)
+        self._run_pass(ns, fake=only_fake)
 
     def _run_pass(self, ns: dict, *, fake: bool) -> None:
         if self.invoker is not None:
@@ -153,11 +161,11 @@ class Tracer(Context):
             with FakeTensorMode(allow_non_fake_inputs=True):
                 self._run_model(invokes)
         else:
+            self._model._dispatch()
             self._run_model(invokes)
 
     def _run_model(self, invokes: list[Invoker]) -> None:
         model = self._model
-        model._dispatch()
         args, kwargs, rows, batch_size = model._batch([inv.inputs for inv in invokes])
         if len(invokes) == 1:
             rows = [None]

@@ -449,12 +449,6 @@ def test_all_stops_with_generation_on_early_eos(gpt2, llm):
     assert len(tokens) == plain.shape[1] - n
 
 
-@pytest.mark.xfail(
-    reason="engine bug: `for step in tracer.iter[:]` asks for steps up to max_new_tokens; when generation "
-    "stops early (EOS) it raises OutOfOrderError instead of ending the loop (`.all()` handles this)",
-    raises=tether.OutOfOrderError,
-    strict=True,
-)
 def test_tracer_iter_stops_with_generation_on_early_eos(gpt2, llm):
     hf, tok = gpt2
     eos, n = _early_eos(hf, tok)
@@ -473,12 +467,6 @@ def test_tracer_iter_stops_with_generation_on_early_eos(gpt2, llm):
     assert len(tokens) == plain.shape[1] - n
 
 
-@pytest.mark.xfail(
-    reason="engine bug (lazy loading): `scan` on a model loaded by name dispatches the real weights "
-    "(Tracer._run_model calls model._dispatch() for fake passes too); a scan should stay on meta/fake",
-    raises=AssertionError,
-    strict=True,
-)
 def test_scan_does_not_load_the_weights(gpt2, saved_dir):
     llm = LanguageModel(str(saved_dir))
     with llm.scan(" "):

@@ -346,12 +346,6 @@ def test_trace_in_a_helper_function_at_top_level(tiny_net, x):
     assert torch.equal(_trace_in_a_helper(model, x), tiny_net(x))
 
 
-@pytest.mark.xfail(
-    reason="engine bug: `.save()` registers in the outermost SaveScope (the session's), but a trace run by a "
-    "helper function hands back against its own scope, so its saved value comes back as UnsavedValue",
-    raises=tether.UnsavedValueError,
-    strict=True,
-)
 def test_trace_in_a_helper_function_called_inside_a_session(tiny_net, x):
     model = NNsight(tiny_net)
     with model.session():

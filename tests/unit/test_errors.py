@@ -133,12 +133,6 @@ def test_exception_cause_is_kept(model, x):
     assert isinstance(info.value.__cause__, KeyError)
 
 
-@pytest.mark.xfail(
-    reason="engine bug: a trace body whose first statement is `try:` lets the internal SkipBody escape "
-    "(CPython 3.11 emits a NOP for the `try` line outside the with statement's exception range)",
-    raises=SkipBody,
-    strict=True,
-)
 def test_body_that_starts_with_try(model, tiny_net, x):
     with model.trace(x):
         try:

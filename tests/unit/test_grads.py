@@ -215,12 +215,6 @@ def test_grad_hooks_do_not_outlive_the_trace(model, tiny_net, x):
     assert torch.allclose(hidden.grad, expected_h)
 
 
-@pytest.mark.xfail(
-    reason="engine bug: with several invokes `.grad` hooks the invoke's row view (`t[rows]`), which is not on "
-    "the backward path from the loss, so the gradient is never filled (ValueNotReachedError)",
-    raises=tether.ValueNotReachedError,
-    strict=True,
-)
 def test_gradients_in_a_batched_trace_are_the_invokes_rows(gpt2):
     from tether import LanguageModel
 
