@@ -34,7 +34,7 @@ $(STAMP): $(INSTALL_INPUTS)
 	mkdir -p $(dir $@) && touch $@
 
 test: install
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
 	$(PYTHON) examples/demo.py
