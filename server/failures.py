@@ -1,6 +1,6 @@
 """Exceptions as data: a Failure message whose frames are only the user's own lines, in the user's file names.
 
-Programs run under per-job file names ("user.py [job 1f2e]", so concurrent jobs never share source text);
+Programs run under registered file names ("user.py [3f2a9c01d2]", one per distinct text, see sources.py);
 `user_files` maps those back to the names the user knows. Imports tether.v1 and the standard library only.
 """
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 import ast
 import builtins
 import functools
-import linecache
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.runtime.capture import _assigned_names, register_source
+from tether.runtime.capture import _assigned_names
 from tether.runtime.envoy import Envoy
 from tether.runtime.program import Program
 from tether.v1 import program_pb2, values_pb2
 from tether.values import decode_value_map, from_value, to_value
 
+from . import sources
 from .errors import InvalidProgram
 from .policy import Policy
 from .registry import HostedModel
@@ -161,7 +161,7 @@ class _ModelPath:
 class _Function:
     name: str  # the name the body calls it by
     defined: str  # the name its `def`/`class` binds
-    filename: str  # the per-job file name it is compiled under
+    filename: str  # the registered file name it is compiled under (see sources.py)
     text: str  # its source, cut and padded to its file's line numbers
     namespace: dict  # its globals: its decoded bindings
 
@@ -174,8 +174,8 @@ class DecodedProgram:
     body_filename: str
     bindings: dict[str, Any]
     codec: ValueCodec
-    user_files: dict[str, str]  # per-job file name -> the user's file name
-    local_sites: dict[tuple[str, int], LocalSite]  # (per-job file name, first body line) -> site
+    user_files: dict[str, str]  # registered file name (see sources.py) -> the user's file name
+    local_sites: dict[tuple[str, int], LocalSite]  # (registered file name, first body line) -> site
     functions: list[_Function] = field(default_factory=list)
 
     @property
@@ -198,9 +198,8 @@ class DecodedProgram:
         """Run the shipped `def`s (in the worker: decorators are user code) and bind them for the body."""
         defined = {}
         for fn in self.functions:
-            register_source(fn.filename, fn.text)
             fn.namespace.setdefault("print", log)
-            exec(compile(fn.text, fn.filename, "exec"), fn.namespace)
+            exec(sources.compiled(fn.text, fn.filename), fn.namespace)
             defined[fn.name] = fn.namespace[fn.defined]
         for fn in self.functions:  # shipped functions may call each other
             for name, obj in defined.items():
@@ -208,15 +207,16 @@ class DecodedProgram:
         self.bindings.update(defined)
 
     def release(self) -> None:
-        """Forget the job's source text (registered for tracebacks and local() lookups) and values."""
-        for filename in self.user_files:
-            linecache.cache.pop(filename, None)
+        """Let go of the job's source text (registered for tracebacks and local() lookups) and values."""
+        names, self.user_files = list(self.user_files), {}
+        for name in names:  # idempotent: a second call finds nothing to release
+            sources.release(name)
         self.bindings.clear()
         for fn in self.functions:
             fn.namespace.clear()
 
 
-def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Policy, job_id: str) -> DecodedProgram:
+def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Policy) -> DecodedProgram:
     """Check `program` against `policy` and decode its values; InvalidProgram says what and where."""
     kind = _KINDS.get(program.kind)
     if kind is None:
@@ -224,12 +224,12 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
                              "session or scan.")
     first_line = program.first_line or 1
     filename = program.filename or "<program>"
-    body_file = f"{filename} [job {job_id}]"
     codec = ValueCodec(policy, hosted)
     ids = {b.first_line: b.block_id for b in program.local_blocks if b.block_id}
 
     body, sites = _cut_local_blocks(program.source, filename, first_line, ids)
     used = _check(policy, body, filename, first_line, program.bindings)
+    body_file = sources.hold(filename, "\n" * (first_line - 1) + body)  # the text runtime.program registers
     decoded = DecodedProgram(
         program=Program(
             kind=kind,
@@ -242,36 +242,50 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
             local_blocks=[],
         ),
         body_filename=body_file,
-        bindings=codec.decode_map({k: v for k, v in program.bindings.items() if k in used}, "the value of"),
+        bindings={},
         codec=codec,
         user_files={body_file: filename},
         local_sites={(body_file, line): site for line, site in sites.items()},
     )
-    for fn in program.functions:
-        decoded.functions.append(_function(fn, policy, codec, job_id, decoded))
+    try:
+        decoded.bindings.update(
+            codec.decode_map({k: v for k, v in program.bindings.items() if k in used}, "the value of"))
+        for fn in program.functions:
+            decoded.functions.append(_function(fn, policy, codec, decoded))
+    except BaseException:
+        decoded.release()
+        raise
     return decoded
 
 
-def _function(fn: program_pb2.FunctionSource, policy: Policy, codec: ValueCodec, job_id: str,
+def _function(fn: program_pb2.FunctionSource, policy: Policy, codec: ValueCodec,
               decoded: DecodedProgram) -> _Function:
     filename = fn.filename or "<function>"
     first_line = fn.first_line or 1
     ids = {b.first_line: b.block_id for b in fn.local_blocks if b.block_id}
     source, sites = _cut_local_blocks(fn.source, filename, first_line, ids)
-    tree = ast.parse(source)
-    defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
-    if len(tree.body) != 1 or len(defs) != 1:
+    defined = _defined_name(source)
+    if defined is None:
         raise InvalidProgram(
             f"the source shipped for function `{fn.name}` ({filename}, line {first_line}) must be exactly one "
             "`def` or `class` statement (decorators included)."
         )
     used = _check(policy, source, filename, first_line, fn.bindings)
-    unique = f"{filename} [job {job_id}: {fn.name}]"
-    decoded.user_files[unique] = filename
-    decoded.local_sites.update({(unique, line): site for line, site in sites.items()})
-    namespace = codec.decode_map({k: v for k, v in fn.bindings.items() if k in used}, f"in `{fn.name}`, the value of")
     text = "\n" * (first_line - 1) + source
-    return _Function(fn.name or defs[0].name, defs[0].name, unique, text, namespace)
+    name = sources.hold(filename, text)
+    decoded.user_files[name] = filename
+    decoded.local_sites.update({(name, line): site for line, site in sites.items()})
+    namespace = codec.decode_map({k: v for k, v in fn.bindings.items() if k in used}, f"in `{fn.name}`, the value of")
+    return _Function(fn.name or defined, defined, name, text, namespace)
+
+
+@functools.lru_cache(maxsize=512)
+def _defined_name(source: str) -> str | None:
+    """The name a shipped source's one `def`/`class` statement binds; None if it is not exactly one."""
+    body = ast.parse(source).body
+    if len(body) == 1 and isinstance(body[0], (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return body[0].name
+    return None
 
 
 # ---------------------------------------------------------------------------------------- source checks

@@ -100,7 +100,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             raise InvalidProgram("the JobSpec has no program: set JobSpec.program.")
         hosted = hub.registry.get(spec.program.model)
         job = Job(owner, hosted.name, spec.program.kind, spec.request_id)
-        decoded = decode_program(spec.program, hosted, hub.policy, job.id)
+        decoded = decode_program(spec.program, hosted, hub.policy)
         try:
             if not stream and decoded.has_local_blocks:
                 raise InvalidProgram(NO_STREAM)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from .registry import HostedModel
 from .results import encode_result
 
 __all__ = ["Limits", "JobLimits", "ModelQueue", "JobLog"]
+
+_log = logging.getLogger("tether.server")
 
 
 @dataclass(frozen=True)
@@ -254,5 +257,6 @@ class _Run:
         if isinstance(error, JobCancelled) or (time.monotonic() > self.deadline and not isinstance(error, ServerError)):
             error = self.timed_out()  # the time limit stopped it at a module boundary
         code = error.code if isinstance(error, ServerError) else None
+        _log.debug("job %s failed", job.id, exc_info=error)  # the full traceback, tether's frames included
         failure = failure_of(error, self.decoded.user_files)
         job.finish(jobs_pb2.JOB_STATE_ERROR, failure.message, failure=failure, code=code, ttl=self.ttl)

@@ -372,7 +372,7 @@ def test_program_error_maps_traceback_to_user_lines(client):
     assert failure.type == "builtins.IndexError" and "out of range" in failure.message
     assert [(f.filename, f.line, f.source_line) for f in failure.frames] == [
         ("user_program.py", 22, "y = [1, 2][x + 5]")]
-    assert 'File "user_program.py", line 22' in failure.traceback and "[job" not in failure.traceback
+    assert 'File "user_program.py", line 22' in failure.traceback and "user_program.py [" not in failure.traceback
     assert_serving(client)
 
 
