@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--local-call-timeout", type=_positive(float), default=60.0,
                        help="seconds to wait for a client's answer to a local() block (default 60)")
     serve.add_argument("--replicas", type=_positive(int), default=1,
-                       help="worker threads per model (each runs one job at a time; default 1)")
+                       help="workers per model, each with its own copy of the model in memory and running one "
+                            "job at a time (default 1)")
     return parser.parse_args(argv)
 
 
