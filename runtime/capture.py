@@ -84,14 +84,25 @@ def register_source(filename: str, text: str) -> None:
 def find_block(frame: FrameType) -> Block:
     """The `with` block whose context manager is being entered at `frame`'s current line."""
     filename = frame.f_code.co_filename
+    line = frame.f_lineno
     lines = linecache.getlines(filename, frame.f_globals)
+    hit = _recent.get((filename, line))
+    if hit is not None and hit[0] is lines:
+        return hit[1]
     if not lines:
         raise SourceUnavailableError(
             f"tether cannot read the source of the tracing context at {filename}:{frame.f_lineno}. "
             "Run the code from a file or a notebook cell (not `python -c` or an interactive prompt "
             "without source), so its body can be executed."
         )
-    return _find_in(filename, "".join(lines), frame.f_lineno)
+    block = _find_in(filename, "".join(lines), line)
+    if len(_recent) > 1024:
+        _recent.clear()
+    _recent[(filename, line)] = (lines, block)
+    return block
+
+
+_recent: dict[tuple[str, int], tuple[list[str], Block]] = {}  # (file, line) -> (linecache's lines, block)
 
 
 @lru_cache(maxsize=256)

@@ -33,6 +33,7 @@ class Context:
     """A block whose body tether runs: subclasses say how, in `_execute(ns)`."""
 
     _hands_back = True  # whether the outermost block writes its assigned names back to the caller
+    _tensor_save = False  # whether helper code called from the block may use `tensor.save()`
 
     def __enter__(self) -> Any:
         frame = sys._getframe(1)
@@ -58,7 +59,7 @@ class Context:
         ns = {**globals_, **frame.f_locals, OPS_NAME: ops}
         bound = bind_target(self._block, self._entered, ns)
         before = {name: ns[name] for name in self._block.assigned if name in ns}
-        scope = SaveScope()
+        scope = SaveScope(tensor_save=self._tensor_save)
         with scope:
             self._run(ns)
         handed = hand_back(ns, self._block.assigned, scope, before, why=self._why_unreached())

@@ -42,14 +42,16 @@ class Envoy:
     def __getitem__(self, index: int | slice) -> Envoy | list[Envoy]:
         module = self._module
         if isinstance(index, slice):
-            keys = list(range(len(module)))[index]
-            return [self._child(str(k), module[k]) for k in keys]
+            return [self[k] for k in range(len(module))[index]]
         position = index if index >= 0 else len(module) + index
-        return self._child(str(position), module[position])
+        key = str(position)
+        child = module._modules.get(key) if isinstance(module, torch.nn.ModuleList) else module[position]
+        if child is None:
+            raise IndexError(f"index {index} is out of range for {self._path} ({len(module)} modules)")
+        return self._child(key, child)
 
     def __iter__(self):
-        for i in range(len(self._module)):
-            yield self[i]
+        return iter([self[i] for i in range(len(self._module))])
 
     def __len__(self) -> int:
         return len(self._module)
@@ -84,7 +86,7 @@ class Envoy:
 
     def _request(self, kind: str, op: str, value: Any = None) -> Any:
         mediator = self._mediator(kind)
-        return mediator.request(Request(self._module, kind, mediator.iteration, op, value, f"`{self._path}.{kind}`"))
+        return mediator.request(Request(self._module, kind, mediator.iteration, op, value, self._path))
 
     def _set(self, kind: str, value: Any) -> None:
         self._request(kind, "set", value)

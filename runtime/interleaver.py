@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,20 +51,23 @@ class _Abort(BaseException):
     """Unwinds the forward pass after a body failed; the body's own exception is re-raised after."""
 
 
-@dataclass(slots=True)
 class Request:
     """What a body asks the model side for: a module's value at one iteration, to read or replace."""
 
-    module: Any  # a torch module, or a pseudo-module such as the generator
-    kind: str  # "output" | "input" | "inputs"
-    iteration: int
-    op: str  # "get" | "set" | "stop"
-    value: Any = None
-    label: str = ""  # e.g. "model.layer1.output", for messages
+    __slots__ = ("module", "kind", "iteration", "op", "value", "path", "group")
+
+    def __init__(self, module: Any, kind: str, iteration: int, op: str, value: Any = None, path: str = ""):
+        self.module = module  # a torch module, or a pseudo-module such as the generator
+        self.kind = kind  # "output" | "input" | "inputs"
+        self.iteration = iteration
+        self.op = op  # "get" | "set" | "stop"
+        self.value = value
+        self.path = path  # e.g. "model.layer1", for messages
+        self.group = "fwd" if kind == "output" else "pre"  # which hook serves it
 
     @property
-    def group(self) -> str:
-        return "fwd" if self.kind == "output" else "pre"
+    def label(self) -> str:
+        return f"`{self.path}.{self.kind}`" if self.path else f"`{self.kind}`"
 
 
 _DONE = object()
@@ -76,6 +78,15 @@ class _Failed:
 
     def __init__(self, error: BaseException):
         self.error = error
+
+
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
+
+
+def parents_of(root: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """id(module) -> its parent, for every module under `root`."""
+    return {id(child): module for module in root.modules() for child in module._modules.values()
+            if child is not None}
 
 
 class _BodyGreenlet(Greenlet):
@@ -121,7 +132,7 @@ class Mediator:
 
     def stop(self) -> None:
         """Stop the model right after the module that is running now."""
-        self.request(Request(None, "output", self.iteration, "stop", label="stop()"))
+        self.request(Request(None, "output", self.iteration, "stop"))
 
     def enable_all(self) -> None:
         """Re-run the rest of the body at every later iteration (`.all()`)."""
@@ -152,7 +163,7 @@ class Interleaver:
     """Drives mediators from hooks during one run of the model."""
 
     def __init__(self, root: torch.nn.Module, mediators: list[Mediator], batch_size: int, max_iterations: int = 1,
-                 cancel: Callable[[], bool] | None = None):
+                 cancel: Callable[[], bool] | None = None, parents: dict[int, torch.nn.Module] | None = None):
         self.root = root
         self.mediators = mediators
         self.batch_size = batch_size
@@ -166,6 +177,8 @@ class Interleaver:
         self._fired: dict[tuple[int, str], int] = {}
         self._stop = False
         self._failure: BaseException | None = None
+        self._unstarted = len(mediators)  # bodies not started yet (see _start_ready)
+        self._parent_map = parents  # id(module) -> parent; built on first use when not given
         for mediator in mediators:
             mediator.interleaver = self
 
@@ -178,7 +191,8 @@ class Interleaver:
     def run(self, forward: Callable[[], Any]) -> Any:
         """Start every body, run `forward()` with hooks, and finish the bodies; returns forward's result."""
         result = None
-        self._handles[(id(self.root), "root")] = self.root.register_forward_pre_hook(self._root_pre_hook)
+        if self.max_iterations > 1:  # a single pass needs no step counting
+            self._handles[(id(self.root), "root")] = self.root.register_forward_pre_hook(self._root_pre_hook)
         try:
             self._start_ready()
             self._raise_failure()
@@ -253,11 +267,9 @@ class Interleaver:
             self._begin_iteration()
         return None
 
-    def _forward_hook(self, module, args, *kwargs_and_output):
-        # (kwargs, output) normally; (output,) if another thread runs this module mid-registration
+    def _forward_hook(self, module, args, output):
         if getcurrent() is not self._driver:
             return None
-        output = kwargs_and_output[-1]
         slot = batching.Slot(output, self.batch_size)
         self._serve(module, "fwd", slot)
         return slot.value if slot.changed else None
@@ -271,14 +283,32 @@ class Interleaver:
         return slot.value if slot.changed else None
 
     def _ensure_hook(self, req: Request) -> None:
+        """Hook the requested module, and its ancestors' outputs while they have not started running.
+
+        PyTorch decides when a module is called whether to look for hooks at all, so a module that is
+        already running cannot be hooked; hooking a module's ancestors together with it means a later
+        request for an enclosing module (`block.mlp.output`, then `block.output`) is still served.
+        """
         key = (id(req.module), req.group)
         if key in self._handles or not isinstance(req.module, torch.nn.Module):
             return
         if req.group == "fwd":
-            handle = req.module.register_forward_hook(self._forward_hook, with_kwargs=True)
+            self._handles[key] = req.module.register_forward_hook(self._forward_hook)
         else:
-            handle = req.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        self._handles[key] = handle
+            self._handles[key] = req.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        parent = self._parents().get(id(req.module))
+        while parent is not None:
+            key = (id(parent), "fwd")
+            if key in self._handles:
+                break
+            if not isinstance(parent, _CONTAINERS):
+                self._handles[key] = parent.register_forward_hook(self._forward_hook)
+            parent = self._parents().get(id(parent))
+
+    def _parents(self) -> dict[int, torch.nn.Module]:
+        if self._parent_map is None:
+            self._parent_map = parents_of(self.root)
+        return self._parent_map
 
     # ---- serving -------------------------------------------------------------------------------
     def _serve(self, module, group: str, slot, *, any_iteration: bool = False) -> None:
@@ -323,8 +353,11 @@ class Interleaver:
 
     def _start_ready(self, *, force: bool = False) -> None:
         """Start, in invoke order, the bodies not yet started whose inputs from earlier invokes exist."""
+        if self._unstarted == 0:
+            return
         for mediator in self.mediators:
             if mediator.greenlet is None and (force or mediator.ready()):
+                self._unstarted -= 1
                 self._start(mediator, mediator.code)
 
     def _start(self, mediator: Mediator, code) -> None:

@@ -33,7 +33,7 @@ class _Generator:
         mediator = current_mediator()
         if mediator is None:
             raise TetherError("`model.generator.output` is only available inside `with model.generate(...):`.")
-        return mediator.request(Request(self, "output", mediator.iteration, "get", label="`model.generator.output`"))
+        return mediator.request(Request(self, "output", mediator.iteration, "get", path="model.generator"))
 
     def __repr__(self) -> str:
         return "Generator()"

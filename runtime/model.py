@@ -98,6 +98,17 @@ class NNsight(Envoy):
     def _run(self, mode: str, args: tuple, kwargs: dict, run_kwargs: dict) -> Any:
         return self._module(*args, **kwargs)
 
+    def _parents(self) -> dict[int, torch.nn.Module]:
+        """id(module) -> parent module, cached on the wrapper and rebuilt if the module tree changed."""
+        signature = tuple(self._module._modules.values())
+        cached = self.__dict__.get("_parent_cache")
+        if cached is None or cached[0] != signature:
+            from .interleaver import parents_of
+
+            cached = (signature, parents_of(self._module))
+            object.__setattr__(self, "_parent_cache", cached)
+        return cached[1]
+
     def _dispatch(self) -> None:
         """Load real weights if the model is still a meta-device skeleton (LanguageModel)."""
 

@@ -21,9 +21,11 @@ _MISSING = object()
 
 def save(obj: Any) -> Any:
     """`obj.save()`: keep `obj` after the trace."""
-    if not isinstance(obj, torch.Tensor) and hasattr(type(obj), "save") and not hasattr(obj, "_tether_save"):
-        return obj.save()
-    return saving.save(obj)
+    if type(obj) is torch.Tensor or not hasattr(type(obj), "save") or isinstance(obj, torch.Tensor):
+        return saving.save(obj)
+    if hasattr(obj, "_tether_save"):
+        return saving.save(obj)
+    return obj.save()
 
 
 def stop(obj: Any) -> Any:

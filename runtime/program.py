@@ -102,7 +102,7 @@ def execute(model: Any, program: Program, bindings: dict, *, filename: str | Non
     ns = {**bindings, OPS_NAME: ops, "print": log}
     if program.tracer_name:
         ns[program.tracer_name] = context
-    scope = SaveScope()
+    scope = SaveScope(tensor_save=program.kind == "session")
     with scope, local_handler(local or _run_inline), cancel_scope(cancel):
         context._run(ns)
     return hand_back(ns, block.assigned, scope, bindings, why=context._why_unreached())

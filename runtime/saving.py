@@ -24,9 +24,10 @@ _patch_users = 0  # guarded by _patch_lock: scopes open in any thread
 class SaveScope:
     """The saved values of one outermost context (a trace, generate or session)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tensor_save: bool = False) -> None:
         self.saved: dict[int, Any] = {}
         self.grads: dict[int, tuple] = {}  # id(tensor) -> (tensor, GradState), see grads.py
+        self._tensor_save = tensor_save  # also give tensors a `.save()` for helper code (sessions)
 
     def add(self, value: Any) -> Any:
         self.saved[id(value)] = value
@@ -36,23 +37,23 @@ class SaveScope:
         return id(value) in self.saved
 
     def __enter__(self) -> SaveScope:
-        stack = _stack()
-        stack.append(self)
-        if len(stack) == 1:
+        _stack().append(self)
+        if self._tensor_save:
             _install_tensor_save()
         return self
 
     def __exit__(self, *exc) -> None:
-        stack = _stack()
-        stack.pop()
-        if not stack:
+        _stack().pop()
+        if self._tensor_save:
             _remove_tensor_save()
 
 
 def _stack() -> list[SaveScope]:
-    if not hasattr(_state, "stack"):
+    try:
+        return _state.stack
+    except AttributeError:
         _state.stack = []
-    return _state.stack
+        return _state.stack
 
 
 def current_scope() -> SaveScope | None:
@@ -66,9 +67,9 @@ def save(value: Any) -> Any:
     scope = current_scope()
     if scope is None:
         raise TetherError("`.save()` was called outside a tracing context; it only has meaning inside one.")
-    if hasattr(value, "_tether_save"):
-        return value._tether_save(scope)
-    return scope.add(value)
+    if isinstance(value, torch.Tensor) or not hasattr(value, "_tether_save"):
+        return scope.add(value)
+    return value._tether_save(scope)
 
 
 def _tensor_save(self: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,10 @@ def _tensor_save(self: torch.Tensor) -> torch.Tensor:
 
 
 def _install_tensor_save() -> None:
-    """While a trace runs, `tensor.save()` also works in helper code the body calls (walkthrough LoRA)."""
+    """While a session runs, `tensor.save()` also works in helper code it calls (the walkthrough's LoRA).
+
+    Trace bodies never need it (their `.save()` is compiled to tether's), so plain traces skip it.
+    """
     global _patch_users
     with _patch_lock:
         _patch_users += 1

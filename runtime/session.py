@@ -21,6 +21,8 @@ class _ExitSession(BaseException):
 class Session(Context):
     """`with model.session():` — traces inside run one after another and share their values."""
 
+    _tensor_save = True
+
     def __init__(self, model: Any, *, remote: bool = False, remote_options: dict | None = None,
                  log: Callable[..., None] = print):
         self._model = model

@@ -176,7 +176,8 @@ class Tracer(Context):
             mediator.waits_for = {n: inv._ns.get(n, _MISSING) for n in inv._block.loaded & assigned_earlier}
             assigned_earlier.update(inv._block.assigned)
             mediators.append(mediator)
-        interleaver = Interleaver(model._module, mediators, batch_size, self._max_iterations(), cancel=self._cancel)
+        interleaver = Interleaver(model._module, mediators, batch_size, self._max_iterations(), cancel=self._cancel,
+                                  parents=model._parents())
         self.result = interleaver.run(lambda: model._run(self._mode, args, kwargs, self._run_kwargs))
         if self._mode == "generate":
             interleaver.serve(model._generator_key(), "output", self.result)
