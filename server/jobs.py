@@ -162,15 +162,16 @@ class Job:
             return len(self._events)
 
     def wait_events(
-        self, after: int, stop: Callable[[], bool], timeout: float | None = None
+        self, after: int, stop: Callable[[], bool], timeout: float | None = None, limit: int = 16
     ) -> tuple[list[jobs_pb2.JobEvent], bool]:
-        """The events with sequence > `after`, waiting until there is one, the job ended or `stop()`.
+        """Up to `limit` events with sequence > `after`, waiting until there is one, the job ended or `stop()`.
 
-        Returns (events, finished): finished is True once the job ended and every event is returned.
+        Returns (events, finished): finished is True once the job ended and every event is returned. The
+        limit bounds what one call copies (result chunks are built from `result` on the way out).
         """
         with self.cond:
             self.cond.wait_for(lambda: len(self._events) > after or self.done or stop(), timeout)
-            entries = self._events[after:]
+            entries = self._events[after : after + limit]
             finished = self.done and after + len(entries) == len(self._events)
             return [self._materialize(e) for e in entries], finished
 

@@ -102,6 +102,8 @@ def test_job_lifecycle_sequences_and_result_chunks():
     assert [len(c.data) for c in chunks] == [10, 10, 5] and join_chunks(chunks) == b"x" * 25
     later, finished = job.wait_events(7, lambda: False)
     assert finished and [e.sequence for e in later] == [8, 9]
+    some, finished = job.wait_events(2, lambda: False, limit=3)  # a watcher takes the log in bounded bites
+    assert not finished and [e.sequence for e in some] == [3, 4, 5]
     assert job.info().result_size == 25 and job.info().HasField("result_expire_time")
 
 
