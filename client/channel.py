@@ -7,7 +7,7 @@ pending, every one of them is cancelled at once and reports the same clear error
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -67,31 +67,47 @@ class Connection:
         self.models = models_pb2_grpc.ModelServiceStub(self.channel)
         self._lock = threading.Lock()
         self._pending: dict[Any, str] = {}  # guarded by _lock: call -> why it was cancelled ("" while live)
+        self._pending_changed = threading.Condition(self._lock)  # notified when _pending gains or loses a call
         self._was_ready = False  # only touched by gRPC's connectivity thread
         self.channel.subscribe(self._on_state, try_to_connect=False)
 
     @contextmanager
-    def track(self, call: Any) -> Iterator[Any]:
-        """Register a call (an RPC stream or future) for the block; a drop makes it raise a clear RemoteError."""
+    def track(self, call: Any, job_id: Callable[[], str] | str = "") -> Iterator[Any]:
+        """Register a call (an RPC stream or future) for the block.
+
+        If it fails with UNAVAILABLE (the connection dropped), or the channel drops while it is pending,
+        it and every other pending call fail at once with the same RemoteError, naming `job_id` if known.
+        """
         with self._lock:
             self._pending[call] = ""
+            self._pending_changed.notify_all()
         try:
             yield call
-        except grpc.RpcError:
+        except grpc.RpcError as error:
+            if error.code() is grpc.StatusCode.UNAVAILABLE:
+                self.fail_pending(error.details() or "the connection dropped")
             with self._lock:
                 reason = self._pending.get(call, "")
             if reason:
-                raise self._lost_error(reason) from None
+                raise self._lost_error(reason, job_id() if callable(job_id) else job_id) from None
             raise
         finally:
             with self._lock:
                 self._pending.pop(call, None)
+                self._pending_changed.notify_all()
 
-    def _lost_error(self, reason: str) -> RemoteError:
+    def wait_pending(self, count: int, timeout: float) -> bool:
+        """Wait until at least `count` calls are in flight (diagnostics and tests); whether they were."""
+        with self._lock:
+            return self._pending_changed.wait_for(lambda: len(self._pending) >= count, timeout)
+
+    def _lost_error(self, reason: str, job_id: str) -> RemoteError:
+        job = (f"Job {job_id} may still be running there: re-attach with "
+               f"tether.client.RemoteBackend(job_id={job_id!r}) once the server is reachable." if job_id else
+               "A job already submitted may still be running there.")
         return RemoteError(
             f"Lost the connection to the tether server at {self.host} ({reason}); every call in flight was "
-            "stopped. A job already submitted may still be running there: re-attach with its job id "
-            "(tether.client.RemoteBackend(job_id=...)) once the server is reachable.",
+            f"stopped. {job}",
             code="UNAVAILABLE",
         )
 
@@ -122,6 +138,10 @@ class Connection:
             call.cancel()
 
     def close(self) -> None:
+        """Fail every pending call, close the channel and forget it: the next `connect` opens a new one."""
+        with _connections_lock:
+            if _connections.get(self.host) is self:
+                del _connections[self.host]
         self.fail_pending("the client closed the connection")
         self.channel.unsubscribe(self._on_state)
         self.channel.close()
@@ -145,6 +165,5 @@ def close_all() -> None:
     """Close every shared connection (tests; a later `connect` opens fresh ones)."""
     with _connections_lock:
         conns = list(_connections.values())
-        _connections.clear()
     for conn in conns:
         conn.close()

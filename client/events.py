@@ -193,7 +193,7 @@ def apply_result(job: Job, data: bytes, ns: dict, *, kept: dict[str, Any] | None
     for name in unsaved:
         ns[name] = kept[name] if name in kept else _Unsaved(name)
     for name in unreached:
-        ns[name] = kept[name] if name in kept else _NotReached(name)
+        ns[name] = kept[name] if name in kept else _NotReached(name, result.unreached_reason)
     mentioned = set(saved) | set(unsaved) | set(unreached)
     for name in job.assigned:
         if name in mentioned:

@@ -79,9 +79,9 @@ class RemoteBackend:
                 context.job_id = self.job_id
                 self._fetch(conn, metadata, job, ns, display, wait=blocking)
             elif blocking:
-                events = _run_job(conn, metadata, job, ns, display)
+                context.job_id = None
+                events = _run_job(conn, metadata, job, ns, display, context)
                 self.last_job_id, self.state = events.job_id, state_name(events.state)
-                context.job_id = events.job_id
             else:
                 self._submit(conn, metadata, job, ns, display)
                 context.job_id = self.job_id
@@ -168,10 +168,10 @@ class RemoteBackend:
 
 def values_of(data: bytes, job: Job | None) -> dict[str, Any]:
     """A serialized JobResult as a dict of what the caller would see by name."""
-    saved, unsaved, unreached, _ = decode_result(data, job)
+    saved, unsaved, unreached, result = decode_result(data, job)
     out = {name: finalize_saved(value) for name, value in saved.items()}
     out.update({name: UnsavedValue(name) for name in unsaved})
-    out.update({name: NotReached(name) for name in unreached})
+    out.update({name: NotReached(name, result.unreached_reason) for name in unreached})
     return out
 
 
@@ -210,8 +210,12 @@ def _unary(conn: Connection, method: Any, request: Any, metadata: tuple) -> Any:
         raise _error(conn, metadata, error) from None
 
 
-def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: StatusDisplay) -> JobEvents:
-    """Run a blocking job on one RunJob stream, answer its local() calls, and fill `ns` with its result."""
+def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: StatusDisplay,
+             context: Any) -> JobEvents:
+    """Run a blocking job on one RunJob stream, answer its local() calls, and fill `ns` with its result.
+
+    `context.job_id` is set as soon as the server names the job (local() blocks can read it).
+    """
     events = JobEvents(display, log=_logger(), debug=_debug())
     local = LocalCalls(job, ns, display)
     outbox: queue.SimpleQueue = queue.SimpleQueue()  # messages for the server; None ends our side
@@ -224,9 +228,11 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
     display.update(state="SUBMITTING")
     call = conn.jobs.RunJob(outgoing(), metadata=metadata)
     try:
-        with conn.track(call):
+        with conn.track(call, lambda: events.job_id):
             for response in call:
                 local_call = events.feed(response.event)
+                if context.job_id is None and events.job_id:
+                    context.job_id = events.job_id
                 if local_call is not None:
                     for message in local.answer(local_call):
                         outbox.put(message)
@@ -265,7 +271,7 @@ def _follow(conn: Connection, metadata: tuple, events: JobEvents, *, timeout: fl
     request = jobs_pb2.WatchJobRequest(job_id=events.job_id, after_sequence=events.last_sequence)
     call = conn.jobs.WatchJob(request, metadata=metadata, timeout=timeout)
     try:
-        with conn.track(call):
+        with conn.track(call, events.job_id):
             for response in call:
                 events.feed(response.event)
     except grpc.RpcError as error:
@@ -273,9 +279,9 @@ def _follow(conn: Connection, metadata: tuple, events: JobEvents, *, timeout: fl
             return
         if error.code() in _DROPPED:
             raise RemoteError(
-                f"Lost job {events.job_id} (last seen {state_name(events.state)}) and could not re-attach to "
-                f"the server at {conn.host}: {error.details()}. The job may still run there: fetch it later "
-                f"with tether.client.RemoteBackend(job_id={events.job_id!r}).",
+                f"Lost job {events.job_id} and could not re-attach to the server at {conn.host}: "
+                f"{error.details()}. The job may still run there: fetch it later with "
+                f"tether.client.RemoteBackend(job_id={events.job_id!r}).",
                 code=error.code().name,
             ) from None
         raise _error(conn, metadata, error) from None
@@ -288,7 +294,7 @@ def _read_result(conn: Connection, metadata: tuple, events: JobEvents) -> None:
     request = jobs_pb2.ReadResultRequest(job_id=events.job_id, offset=len(events.result))
     call = conn.jobs.ReadResult(request, metadata=metadata)
     try:
-        with conn.track(call):
+        with conn.track(call, events.job_id):
             for response in call:
                 events.add_result_chunk(response.chunk)
     except grpc.RpcError as error:

@@ -1,0 +1,380 @@
+"""Issue 4: `local()` blocks of a remote job run on the client, mid-pass, and their values flow both ways.
+
+Each behaviour is checked against the same code run locally (where the block is just code), on a real
+loopback server. No test sleeps: threads hand over with Events, Barriers and Conditions with timeouts.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+import tether
+from tether import CONFIG, LanguageModel, NNsight
+from tether.client import RemoteBackend
+from tether.client.channel import close_all, connect
+from tether.runtime import tiny
+from tether.server.app import start_server
+
+PROMPT = "The quick brown fox"
+WAIT_S = 30.0  # longest any hand-over between threads may take
+
+
+@pytest.fixture(scope="module")
+def server():
+    """"tiny" and an identical "tiny_b" (own queue and worker), so two clients' jobs run at the same time."""
+    handle = start_server({"tiny": tiny.tiny_gpt2(), "tiny_b": tiny.tiny_gpt2()}, host="127.0.0.1", port=0)
+    yield handle
+    handle.stop(grace=0)
+    close_all()
+
+
+@pytest.fixture(autouse=True)
+def client_config(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("TETHER_API_KEY", raising=False)
+    monkeypatch.setattr(CONFIG.API, "_host", server.address)
+    return server
+
+
+@pytest.fixture
+def llm():
+    model, tok = tiny.tiny_gpt2()
+    return LanguageModel(model, tokenizer=tok)
+
+
+@pytest.fixture
+def rllm(client_config):
+    return LanguageModel("tiny")
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.rand((1, 5), generator=torch.Generator().manual_seed(5))
+
+
+@tether.trace
+def shout(text: str) -> str:
+    return text.upper()
+
+
+def test_a_value_goes_through_a_local_block_and_back_into_the_model(llm, rllm):
+    offset = torch.linspace(-1, 1, 64)  # a local tensor the block uses; never sent to the server
+    with llm.trace(PROMPT):
+        mlp = llm.transformer.h[0].mlp.output
+        with tether.local():
+            edited = mlp * 2 + offset
+            note = f"edited {tuple(edited.shape)}"
+        llm.transformer.h[0].mlp.output = edited
+        logits = llm.lm_head.output.save()
+    with rllm.trace(PROMPT, remote=True) as tracer:
+        mlp = rllm.transformer.h[0].mlp.output
+        with tracer.local():
+            edited = mlp * 2 + offset
+            r_note = f"edited {tuple(edited.shape)}"
+        rllm.transformer.h[0].mlp.output = edited
+        r_logits = rllm.lm_head.output.save()
+    assert torch.equal(logits, r_logits) and r_logits.dtype == logits.dtype
+    assert r_note == note and note.startswith("edited (1, ")
+    with pytest.raises(tether.UnsavedValueError):
+        edited.sum()  # unsaved, exactly as after the local run
+
+
+def test_a_block_at_each_of_8_generation_steps_runs_in_order(llm, rllm):
+    def run(model, **remote):
+        seen, count = [], 0
+        with model.generate(PROMPT, max_new_tokens=8, **remote) as tracer:
+            tracer.all()
+            token = model.lm_head.output[0, -1].argmax(dim=-1)
+            with tracer.local():
+                count += 1
+                seen.append((count, int(token)))
+            tokens = model.generator.output.save()
+        return seen, count, tokens
+
+    seen, count, tokens = run(llm)
+    r_seen, r_count, r_tokens = run(rllm, remote=True)
+    assert r_count == count == 8
+    assert [c for c, _ in r_seen] == list(range(1, 9))  # in order, state kept across the job's blocks
+    assert r_seen == seen
+    assert torch.equal(tokens, r_tokens)
+    assert [t for _, t in r_seen] == tokens[0, -8:].tolist()
+
+
+def test_64_mib_down_and_up(rllm):
+    n = 16 << 20  # float32 elements: 64 MiB
+    with rllm.trace(PROMPT, remote=True) as tracer:
+        big = torch.arange(n, dtype=torch.float32)  # made on the server
+        with tracer.local():
+            down_ok = torch.equal(big, torch.arange(n, dtype=torch.float32))
+            back = big.flip(0) + 1  # made here, 64 MiB up
+        total = back.sum().save()
+        ends = back[[0, -1]].save()
+    expected = torch.arange(n, dtype=torch.float32).flip(0) + 1
+    assert down_ok
+    assert torch.equal(total, expected.sum())
+    assert ends.tolist() == [float(n), 1.0]
+
+
+def test_an_exception_in_a_local_block_shows_the_users_traceback_and_fails_the_job(rllm, capsys):
+    context = rllm.trace(PROMPT, remote=True)
+    with pytest.raises(ZeroDivisionError):
+        with context as tracer:
+            width = rllm.lm_head.output.shape[-1]
+            with tracer.local():
+                print(width / 0)
+            rllm.lm_head.output.save()
+    err = capsys.readouterr().err
+    assert __file__ in err and "print(width / 0)" in err and "ZeroDivisionError" in err
+    job_id = context.job_id
+    with pytest.raises(tether.RemoteError, match="raised on the client"):
+        RemoteBackend(job_id=job_id).result(timeout=WAIT_S)
+    with rllm.trace(PROMPT, remote=True):  # the server runs the next job
+        ok = rllm.lm_head.output.save()
+    assert ok.shape[-1] == 512
+
+
+def test_two_clients_in_local_blocks_at_once_see_only_their_own_values(llm, rllm):
+    prompts = {0: PROMPT, 1: "Hello world, hello"}
+    both_inside = threading.Barrier(2, timeout=WAIT_S)
+    results: dict[int, tuple] = {}
+
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        try:
+            run(i)
+        except BaseException as error:
+            errors.append(error)
+            both_inside.abort()
+
+    models = {0: rllm, 1: LanguageModel("tiny_b")}
+
+    def run(i: int) -> None:
+        mine, model = torch.full((2,), float(i)), models[i]
+        with model.trace(prompts[i], remote=True) as tracer:
+            head = model.lm_head.output[0, -1, :2]
+            with tracer.local():
+                both_inside.wait()  # both jobs are inside a local() block now
+                seen_head = head.clone().save()  # .save() in a local block keeps it, as locally
+                reply = mine + 10
+            total = (head * 0 + reply).save()
+        results[i] = (seen_head, total)
+
+    threads = [threading.Thread(target=client, args=(i,), name=f"client-{i}") for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    assert not errors, errors
+    assert sorted(results) == [0, 1]
+    for i, prompt in prompts.items():
+        with llm.trace(prompt):
+            head = llm.lm_head.output[0, -1, :2].save()
+        seen_head, total = results[i]
+        assert torch.equal(seen_head, head)
+        assert torch.equal(total, torch.full((2,), float(i) + 10))
+
+
+class _Watcher(io.TextIOBase):
+    """A stdout that sets `seen` once `marker` has been written."""
+
+    def __init__(self, marker: str):
+        self.marker, self.text, self.seen = marker, "", threading.Event()
+
+    def write(self, s: str) -> int:
+        self.text += s
+        if self.marker in self.text:
+            self.seen.set()
+        return len(s)
+
+
+def test_print_in_a_local_block_appears_before_the_job_ends(rllm, monkeypatch):
+    watcher = _Watcher("streamed 64")
+    monkeypatch.setattr("sys.stdout", watcher)
+    release, done = threading.Event(), threading.Event()
+
+    def job() -> None:
+        with rllm.trace(PROMPT, remote=True) as tracer:
+            hidden = rllm.transformer.h[0].mlp.output
+            with tracer.local():
+                print("streamed", hidden.shape[-1])
+            rllm.lm_head.output.save()
+            with tracer.local():
+                released = release.wait(WAIT_S)  # the job cannot end before the test saw the print
+        done.set()
+        assert released
+
+    thread = threading.Thread(target=job, name="printing-client")
+    thread.start()
+    try:
+        assert watcher.seen.wait(WAIT_S), "the print did not arrive while the job was running"
+        assert not done.is_set()
+    finally:
+        release.set()
+        thread.join(WAIT_S)
+    assert done.is_set()
+
+
+def test_traced_functions_run_in_local_blocks_and_are_refused_outside(rllm):
+    with rllm.trace(PROMPT, remote=True) as tracer:
+        width = rllm.lm_head.output.shape[-1]
+        with tracer.local():
+            label = shout(f"width {width}")
+            lock = threading.Lock()  # a client-only object: stays here, handed back as is
+    assert label == "WIDTH 512"
+    assert isinstance(lock, type(threading.Lock()))
+    with pytest.raises(tether.RemoteError, match="local") as info:
+        with rllm.trace(PROMPT, remote=True):
+            shout("not here")
+    assert info.value.code == "INVALID_ARGUMENT"
+
+
+class _Relay:
+    """A TCP relay in front of a server; `cut()` drops every connection at once, like a failed network."""
+
+    def __init__(self, target: tuple[str, int]):
+        self._target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []  # guarded by _lock
+        self._cut = False  # guarded by _lock
+        threading.Thread(target=self._accept, name="relay-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # cut
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                if self._cut:
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), name="relay-pump", daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() in progress
+            except OSError:
+                pass
+            self._listener.close()
+            for sock in self._sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+
+def test_a_dropped_connection_fails_every_pending_call_at_once(x):
+    """A job holds the only worker inside a local() block; two more wait behind it on WatchJob. When the
+    network between client and server fails, all three calls fail together with the same clear error."""
+    net = NNsight(tiny.tiny_net())
+    handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0)
+    relay = _Relay(("127.0.0.1", handle.port))
+    entered, release = threading.Event(), threading.Event()
+    errors: dict[str, BaseException] = {}
+    failed_at: dict[str, float] = {}
+
+    def holder() -> None:
+        try:
+            with net.trace(x, remote=True, model_name="net", backend=relay.address):
+                net.layer1.output.save()
+                with tether.local():
+                    entered.set()
+                    release.wait(WAIT_S)
+        except Exception as error:
+            errors["holder"] = error
+
+    def waiter(name: str) -> None:
+        backend = RemoteBackend(relay.address, blocking=False)
+        with net.trace(x, remote=True, model_name="net", backend=backend):
+            net.output.save()
+        try:
+            backend.result(timeout=WAIT_S)
+        except Exception as error:
+            errors[name], failed_at[name] = error, time.monotonic()
+
+    conn = connect(relay.address)
+    threads = [threading.Thread(target=holder, name="holder")]
+    try:
+        threads[0].start()
+        assert entered.wait(WAIT_S)
+        threads += [threading.Thread(target=waiter, args=(f"waiter-{i}",), name=f"waiter-{i}") for i in (1, 2)]
+        for t in threads[1:]:
+            t.start()
+        assert conn.wait_pending(3, WAIT_S)  # the holder's RunJob and both WatchJobs are in flight
+        cut_at = time.monotonic()
+        relay.cut()
+        for t in threads[1:]:
+            t.join(WAIT_S)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(WAIT_S)
+        handle.stop(grace=0)
+        close_all()
+    assert sorted(errors) == ["holder", "waiter-1", "waiter-2"]
+    for error in errors.values():
+        assert isinstance(error, tether.RemoteError)
+        assert "Lost" in str(error) and relay.address in str(error)
+    assert max(failed_at.values()) - cut_at < 5.0
+
+
+def test_a_client_that_goes_away_mid_call_fails_its_job_and_frees_the_worker(x):
+    net = NNsight(tiny.tiny_net())
+    handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0)
+    entered, release = threading.Event(), threading.Event()
+    job_ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def vanishing_client() -> None:
+        try:
+            with net.trace(x, remote=True, model_name="net", backend=handle.address) as tracer:
+                net.layer1.output.save()
+                with tracer.local():
+                    job_ids.append(tracer.job_id)
+                    entered.set()
+                    release.wait(WAIT_S)
+        except Exception as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=vanishing_client, name="vanishing-client")
+    try:
+        thread.start()
+        assert entered.wait(WAIT_S)
+        close_all()  # the client's connection goes away while the server waits for the block's answer
+        release.set()
+        thread.join(WAIT_S)
+        assert errors and isinstance(errors[0], tether.RemoteError)
+        with pytest.raises(tether.RemoteError):
+            RemoteBackend(handle.address, job_id=job_ids[0]).result(timeout=WAIT_S)  # the job ended in ERROR
+        with net.trace(x, remote=True, model_name="net", backend=handle.address):
+            out = net.output.save()  # and the worker runs the next job
+        assert torch.equal(out, tiny.tiny_net()(x))
+    finally:
+        release.set()
+        thread.join(WAIT_S)
+        handle.stop(grace=0)
+        close_all()
