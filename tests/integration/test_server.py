@@ -496,6 +496,19 @@ def test_two_clients_with_local_blocks_do_not_see_each_other(server):
         c.close()
 
 
+def test_run_job_retry_with_the_same_request_id_attaches_to_the_same_job(client):
+    job = spec(program(LOCAL, "hi"), request_id=str(uuid.uuid4()))
+    first = client.stream(job)
+    call = first.until(lambda e: e.WhichOneof("event") == "local_call")
+    first.call.cancel()  # the stream breaks while the server waits for the answer: the job fails at once
+    first.close()
+    assert client.wait(call.job_id).final.state == jobs_pb2.JOB_STATE_ERROR
+    retry = client.stream(job).finish()  # the client retries: no second job, the first one replayed
+    assert {e.job_id for e in retry.events} == {call.job_id}
+    assert [e.sequence for e in retry.events] == list(range(1, len(retry.events) + 1))
+    assert retry.final.state == jobs_pb2.JOB_STATE_ERROR and "disconnected" in retry.final.failure.message
+
+
 def test_large_values_down_and_up_through_local(client):
     source = """
     g = torch.Generator().manual_seed(1)
