@@ -149,7 +149,10 @@ class LocalCaller:
         codec = self._decoded.codec
         payload = encode_value_map(reads, default=codec.model_reference)  # pieces: tensors are views
         call_id = str(self._calls)
-        answer = self._link.call(call_id, site.block_id, payload, self._deadline, self._local_timeout,
-                                 self._timed_out)
-        self._job.forget_payload(lambda e: e.WhichOneof("event") == "local_call" and e.local_call.call_id == call_id)
+        try:
+            answer = self._link.call(call_id, site.block_id, payload, self._deadline, self._local_timeout,
+                                     self._timed_out)
+        finally:  # answered or not, the log need not keep the values
+            self._job.forget_payload(
+                lambda e: e.WhichOneof("event") == "local_call" and e.local_call.call_id == call_id)
         return codec.decode_answer(answer)
