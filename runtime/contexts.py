@@ -36,7 +36,9 @@ class Context:
     _tensor_save = False  # whether helper code called from the block may use `tensor.save()`
 
     def __enter__(self) -> Any:
-        frame = sys._getframe(1)
+        return self._enter_from(sys._getframe(1))
+
+    def _enter_from(self, frame: types.FrameType) -> Any:
         self._block: Block = find_block(frame)
         self._frame = frame
         self._skip_state = skip_body(frame, self._block)

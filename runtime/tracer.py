@@ -59,17 +59,32 @@ class _Steps:
         return Iterator(items, return_context=return_context, log=self._tracer.log)
 
 
-class _AllSteps:
-    """What `tracer.all()` returns: as a statement it turns on every-step mode; iterated, it loops."""
+class _AllSteps(Context):
+    """What `tracer.all()` returns: as a statement it turns on every-step mode for the rest of the body;
+    iterated (`for step in tracer.all():`) it loops over steps; as `with tracer.all():` it runs its
+    block at every step (nnsight 0.8's spelling)."""
+
+    _hands_back = False
 
     def __init__(self, tracer: Tracer, mediator: Mediator):
         self._tracer, self._mediator = tracer, mediator
 
     def __iter__(self):
         self._mediator.all_tail = None
+        self._mediator.open_loop_from(sys._getframe(1))
+        return _Steps._steps(self._mediator, range(self._mediator.iteration, self._tracer._max_iterations()))
+
+    def __enter__(self) -> _AllSteps:
+        frame = sys._getframe(1)
+        self._mediator.all_tail = None
+        self._mediator.open_loop_from(frame)
+        return self._enter_from(frame)
+
+    def _execute(self, ns: dict) -> None:
+        code = self._block.code()
         for step in range(self._mediator.iteration, self._tracer._max_iterations()):
             self._mediator.iteration = step
-            yield step
+            exec(code, ns)
 
 
 def _mediator(what: str) -> Mediator:
