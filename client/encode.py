@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from tether.runtime.capture import parse
 from tether.runtime.compat import is_traced_function
 from tether.runtime.contexts import Context
 from tether.runtime.envoy import Envoy
@@ -295,7 +296,7 @@ class _Encoder:
             ) from None
         source = textwrap.dedent("".join(lines))
         try:
-            node = ast.parse(source).body[0]
+            node = parse(source).body[0]
         except SyntaxError:
             node = None
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name != obj.__name__:

@@ -13,16 +13,21 @@ import copy
 import linecache
 import sys
 import textwrap
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import CodeType, FrameType
 
 from .errors import SourceUnavailableError
 
-__all__ = ["Block", "SkipBody", "find_block", "skip_body", "restore_trace", "bind_target", "register_source",
+__all__ = ["parse", "compile_source", "Block", "SkipBody", "find_block", "skip_body", "restore_trace", "bind_target", "register_source",
            "OPS_NAME"]
 
 OPS_NAME = "__tether__"
+
+# CPython 3.11's parser and compiler share a recursion counter across threads ("AST constructor
+# recursion depth mismatch"); server workers parse concurrently, so parsing and compiling take turns.
+_compile_lock = threading.Lock()
 
 
 class SkipBody(BaseException):
@@ -50,7 +55,8 @@ class Block:
             bind = ast.Assign(targets=[self.node.items[0].optional_vars],
                               value=ast.Name(id=f"{OPS_NAME}_item", ctx=ast.Load()))
             module = ast.Module(body=[ast.copy_location(bind, self.node)], type_ignores=[])
-            self._code["target"] = compile(ast.fix_missing_locations(module), self.filename, "exec")
+            with _compile_lock:
+                self._code["target"] = compile(ast.fix_missing_locations(module), self.filename, "exec")
         return self._code["target"]
 
     def code(self, *, start: int = 0, target: ast.expr | None = None) -> CodeType:
@@ -64,7 +70,8 @@ class Block:
                 stmts.insert(0, bind)
             module = ast.Module(body=[_RouteTetherCalls().visit(copy.deepcopy(s)) for s in stmts], type_ignores=[])
             ast.fix_missing_locations(module)
-            self._code[key] = compile(module, self.filename, "exec")
+            with _compile_lock:
+                self._code[key] = compile(module, self.filename, "exec")
         return self._code[key]
 
     def top_level_index(self, line: int) -> int:
@@ -105,9 +112,22 @@ def find_block(frame: FrameType) -> Block:
 _recent: dict[tuple[str, int], tuple[list[str], Block]] = {}  # (file, line) -> (linecache's lines, block)
 
 
+def parse(text: str, filename: str = "<unknown>") -> ast.Module:
+    """`ast.parse`, safe to call from several threads at once (see `_compile_lock`)."""
+    with _compile_lock:
+        return ast.parse(text, filename)
+
+
+def compile_source(source, filename: str, mode: str = "exec") -> CodeType:
+    """`compile`, safe to call from several threads at once (see `_compile_lock`)."""
+    with _compile_lock:
+        return compile(source, filename, mode)
+
+
 @lru_cache(maxsize=256)
 def _parse(text: str, filename: str) -> ast.Module:
-    return ast.parse(text, filename)
+    with _compile_lock:
+        return ast.parse(text, filename)
 
 
 @lru_cache(maxsize=1024)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tether.runtime.capture import parse
 from tether.runtime.errors import TetherError
 from tether.safe_pickle import DEFAULT_ALLOW_LIST, PickleAllowList, safe_loads
 from tether.v1 import program_pb2, values_pb2
@@ -331,7 +332,7 @@ def _check_cached(
 def _parse(source: str, filename: str, first_line: int) -> tuple[ast.AST, int]:
     """The AST and the offset from its line numbers to the user's; indented bodies are parsed in place."""
     try:
-        return ast.parse(source, filename=filename), first_line - 1
+        return parse(source, filename=filename), first_line - 1
     except IndentationError:
         pass
     except SyntaxError as e:
@@ -339,7 +340,7 @@ def _parse(source: str, filename: str, first_line: int) -> tuple[ast.AST, int]:
             f"cannot parse the program: {e.msg}", first_line - 1 + (e.lineno or 1), filename=filename
         ) from None
     try:
-        return ast.parse("if True:\n" + source, filename=filename), first_line - 2
+        return parse("if True:\n" + source, filename=filename), first_line - 2
     except SyntaxError as e:
         raise PolicyViolation(
             f"cannot parse the program: {e.msg}", first_line - 2 + (e.lineno or 2), filename=filename

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.runtime.capture import _assigned_names
+from tether.runtime.capture import _assigned_names, parse
 from tether.runtime.envoy import Envoy
 from tether.runtime.program import Program
 from tether.v1 import program_pb2, values_pb2
@@ -282,7 +282,7 @@ def _function(fn: program_pb2.FunctionSource, policy: Policy, codec: ValueCodec,
 @functools.lru_cache(maxsize=512)
 def _defined_name(source: str) -> str | None:
     """The name a shipped source's one `def`/`class` statement binds; None if it is not exactly one."""
-    body = ast.parse(source).body
+    body = parse(source).body
     if len(body) == 1 and isinstance(body[0], (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         return body[0].name
     return None
@@ -293,7 +293,7 @@ def _defined_name(source: str) -> str | None:
 
 def _parse(source: str, filename: str, first_line: int) -> ast.Module:
     try:
-        return ast.parse("\n" * (first_line - 1) + source, filename)
+        return parse("\n" * (first_line - 1) + source, filename)
     except SyntaxError as error:
         raise InvalidProgram(f"{filename}, line {error.lineno}: cannot parse the program: {error.msg}") from None
 

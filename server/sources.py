@@ -12,7 +12,7 @@ import hashlib
 import linecache
 import threading
 
-from tether.runtime.capture import register_source
+from tether.runtime.capture import compile_source, register_source
 
 __all__ = ["hold", "release", "compiled"]
 
@@ -42,4 +42,4 @@ def release(name: str) -> None:
 @functools.lru_cache(maxsize=256)
 def compiled(text: str, name: str):
     """The code object of a registered text (immutable, so shared by every job that runs it)."""
-    return compile(text, name, "exec")
+    return compile_source(text, name, "exec")
