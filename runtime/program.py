@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import ops
-from .capture import OPS_NAME, Block, _assigned_names, _find_in, _local_blocks, register_source
+from .capture import OPS_NAME, Block, _assigned_names, _find_in, _local_blocks, parse, register_source
 from .contexts import local_handler
 from .interleaver import cancel_scope
 from .saving import SaveScope, hand_back
@@ -68,7 +68,7 @@ def block_of(program: Program, filename: str | None = None) -> Block:
     filename = filename or program.filename
     text = "\n" * (program.first_line - 1) + program.source
     register_source(filename, text)
-    module = ast.parse(text, filename)
+    module = parse(text, filename)
     if not module.body:
         module.body = [ast.Pass(lineno=program.first_line, col_offset=0)]
     last = module.body[-1].end_lineno or module.body[-1].lineno
