@@ -51,6 +51,8 @@ class Envoy:
         return self._child(key, child)
 
     def __iter__(self):
+        if isinstance(self._module, torch.nn.ModuleList):
+            return iter([self._child(key, child) for key, child in self._module._modules.items()])
         return iter([self[i] for i in range(len(self._module))])
 
     def __len__(self) -> int:
@@ -94,7 +96,10 @@ class Envoy:
     @property
     def output(self) -> Any:
         """This module's output at the body's current iteration (a view of the invoke's rows)."""
-        return self._request("output", "get")
+        mediator = current_mediator()
+        if mediator is None:
+            self._mediator("output")
+        return mediator.request(Request(self._module, "output", mediator.iteration, "get", None, self._path))
 
     @property
     def input(self) -> Any:

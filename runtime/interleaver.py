@@ -199,6 +199,8 @@ class Interleaver:
             if not self._stop:
                 try:
                     result = forward()
+                    if self.max_iterations == 1:  # the root's output is what forward returned
+                        result = self._serve_value(self.root, "fwd", result)
                 except (EarlyStop, _Abort):
                     pass
             self._raise_failure()
@@ -211,12 +213,16 @@ class Interleaver:
     def serve(self, module: Any, kind: str, value: Any) -> Any:
         """Serve requests for a pseudo-module (e.g. the generator's output) outside any hook."""
         self._end_open_loops()
-        slot = batching.Slot(value, self.batch_size)
         try:
-            self._serve(module, "fwd" if kind == "output" else "pre", slot, any_iteration=True)
+            value = self._serve_value(module, "fwd" if kind == "output" else "pre", value, any_iteration=True)
         except (EarlyStop, _Abort):
             pass
         self._raise_failure()
+        return value
+
+    def _serve_value(self, module: Any, group: str, value: Any, *, any_iteration: bool = False) -> Any:
+        slot = batching.Slot(value, self.batch_size)
+        self._serve(module, group, slot, any_iteration=any_iteration)
         return slot.value
 
     def finish(self) -> None:
@@ -292,12 +298,14 @@ class Interleaver:
         key = (id(req.module), req.group)
         if key in self._handles or not isinstance(req.module, torch.nn.Module):
             return
+        if req.module is self.root and req.group == "fwd" and self.max_iterations == 1:
+            return  # served from forward's return value
         if req.group == "fwd":
             self._handles[key] = req.module.register_forward_hook(self._forward_hook)
         else:
             self._handles[key] = req.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         parent = self._parents().get(id(req.module))
-        while parent is not None:
+        while parent is not None and not (parent is self.root and self.max_iterations == 1):
             key = (id(parent), "fwd")
             if key in self._handles:
                 break
@@ -313,14 +321,17 @@ class Interleaver:
     # ---- serving -------------------------------------------------------------------------------
     def _serve(self, module, group: str, slot, *, any_iteration: bool = False) -> None:
         previous = self._serving
-        self._serving = (module, group, slot, None if any_iteration else self.iteration)
+        iteration = None if any_iteration else self.iteration
+        self._serving = (module, group, slot, iteration)
         try:
             for mediator in self.mediators:
                 req = mediator.pending
-                if req is not None and self._matches(req):
+                if (req is not None and req.module is module and req.group == group
+                        and (iteration is None or req.iteration == iteration)):
                     mediator.pending = None
                     self._drive(mediator, self._apply(mediator, req, slot))
-            self._start_ready()
+            if self._unstarted:
+                self._start_ready()
         finally:
             self._serving = previous
         self._fired[(id(module), group)] = self.iteration
@@ -331,15 +342,6 @@ class Interleaver:
         if self._cancel is not None and self._cancel():
             self._failure = JobCancelled("The job was cancelled while the model was running.")
             raise _Abort()
-
-    def _matches(self, req: Request) -> bool:
-        serving = self._serving
-        return (
-            serving is not None
-            and req.module is serving[0]
-            and req.group == serving[1]
-            and (serving[3] is None or req.iteration == serving[3])
-        )
 
     def _apply(self, mediator: Mediator, req: Request, slot) -> Any:
         rows = mediator.rows
@@ -373,23 +375,25 @@ class Interleaver:
             else:
                 event = mediator.greenlet.switch(value)
             value = None
-            if isinstance(event, _Failed):
-                self._failure = event.error
+            if type(event) is not Request:
+                if isinstance(event, _Failed):
+                    self._failure = event.error
                 return
-            if event is _DONE or mediator.greenlet.dead:
-                return
-            req: Request = event
+            req = event
             if req.op == "stop":
                 self._stop = True
                 mediator.pending = None
                 return
-            if self._matches(req):
-                value = self._apply(mediator, req, self._serving[2])
+            serving = self._serving
+            if (serving is not None and req.module is serving[0] and req.group == serving[1]
+                    and (serving[3] is None or req.iteration == serving[3])):
+                value = self._apply(mediator, req, serving[2])
                 continue
-            seen = mediator.seen.get((id(req.module), req.kind, req.iteration), _DONE)
-            if req.op == "get" and seen is not _DONE:
-                value = seen
-                continue
+            if mediator.seen:
+                seen = mediator.seen.get((id(req.module), req.kind, req.iteration), _DONE)
+                if req.op == "get" and seen is not _DONE:
+                    value = seen
+                    continue
             stale = self._stale(req)
             if stale is not None:
                 throw = stale
@@ -399,11 +403,10 @@ class Interleaver:
             return
 
     def _stale(self, req: Request) -> BaseException | None:
-        if not isinstance(req.module, torch.nn.Module):
-            return None
         fired = self._fired.get((id(req.module), req.group))
         if req.iteration < self.iteration or (fired is not None and fired >= req.iteration):
-            return self._unreachable(req)
+            if isinstance(req.module, torch.nn.Module):
+                return self._unreachable(req)
         return None
 
     def _unreachable(self, req: Request) -> BaseException:

@@ -21,7 +21,12 @@ _MISSING = object()
 
 def save(obj: Any) -> Any:
     """`obj.save()`: keep `obj` after the trace."""
-    if type(obj) is torch.Tensor or not hasattr(type(obj), "save") or isinstance(obj, torch.Tensor):
+    if type(obj) is torch.Tensor:
+        scope = saving.current_scope()
+        if scope is not None:
+            scope.saved[id(obj)] = obj
+            return obj
+    if not hasattr(type(obj), "save") or isinstance(obj, torch.Tensor):
         return saving.save(obj)
     if hasattr(obj, "_tether_save"):
         return saving.save(obj)
