@@ -1,13 +1,17 @@
 """The one place the client opens gRPC channels: host, message limits, keepalive, API key metadata.
 
-A `Connection` tracks its calls in flight; when the channel drops out of READY while calls are
-pending, every one of them is cancelled at once and reports the same clear error.
+Every call runs on one named thread ("tether-grpc") with grpc.aio, so a call starts no thread of its own;
+callers block on a queue. When a channel drops, every pending call on it fails at once, with one clear error.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import os
+import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,12 +20,13 @@ import grpc
 from tether.runtime.errors import RemoteError
 from tether.v1 import jobs_pb2_grpc, models_pb2_grpc
 
-__all__ = ["Connection", "connect", "resolve_host", "resolve_api_key", "channel_options", "close_all",
-           "MAX_MESSAGE_BYTES"]
+__all__ = ["Connection", "Stream", "connect", "resolve_host", "resolve_api_key", "auth_metadata",
+           "channel_options", "close_all", "MAX_MESSAGE_BYTES"]
 
 MAX_MESSAGE_BYTES = 256 << 20  # bytes: largest message sent or received (jobs with big inputs, specs)
 KEEPALIVE_MS = 300_000  # ping a silent connection every 5 min (the gRPC server default minimum interval)
 KEEPALIVE_TIMEOUT_MS = 20_000  # a ping unanswered this long means the server is gone
+UNARY_TIMEOUT_S = 30.0  # default deadline of unary calls, seconds
 
 
 def channel_options() -> list[tuple[str, Any]]:
@@ -31,7 +36,6 @@ def channel_options() -> list[tuple[str, Any]]:
         ("grpc.keepalive_time_ms", KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.enable_retries", 1),
     ]
 
 
@@ -57,23 +61,170 @@ def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
+# ------------------------------------------------------------------------------------------- the loop
+
+
+class _LoopThread:
+    """The client's asyncio loop, run by one named daemon thread; everything grpc happens there."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="tether-grpc", daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: Coroutine) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine, timeout: float | None = None) -> Any:
+        """Run `coro` on the loop and wait for its result (Ctrl-C cancels it)."""
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
+
+
+_loop_lock = threading.Lock()
+_loop_thread: _LoopThread | None = None  # guarded by _loop_lock; replaced in a forked child
+
+
+def _loop() -> _LoopThread:
+    global _loop_thread
+    with _loop_lock:
+        if _loop_thread is None or _loop_thread.pid != os.getpid():  # first use, or a forked child
+            _loop_thread = _LoopThread()
+        return _loop_thread
+
+
+class _Cancelled(grpc.RpcError):
+    """A call cancelled on the client's side (it reads like the status it stands for)."""
+
+    def __init__(self, details: str):
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return self._details
+
+
+_END = object()
+
+
+class Stream:
+    """One streaming call, run on the loop thread and read (and for RunJob written) from the caller's."""
+
+    def __init__(self, conn: Connection, method: Any, request: Any, metadata: tuple, timeout: float | None,
+                 on_response: Callable[[Any], Any] | None = None):
+        self._loop = conn.loop
+        self._on_response = on_response  # runs on the loop thread: what to hand the reader (None: nothing)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # responses, then _END or the RpcError
+        self._outbox: asyncio.Queue = asyncio.Queue()  # used on the loop thread: messages to write; None ends
+        self._call: Any = None  # loop thread only
+        self._cancelled = ""  # why cancel() was called; read by the loop thread after the call ends
+        self._loop.submit(self._run(method, request, metadata, timeout))
+
+    async def _run(self, method: Any, request: Any, metadata: tuple, timeout: float | None) -> None:
+        writer = None
+        try:
+            if request is None:  # bidirectional: messages come from send()
+                self._call = method(metadata=metadata, timeout=timeout)
+                writer = asyncio.ensure_future(self._write(self._call))
+            else:
+                self._call = method(request, metadata=metadata, timeout=timeout)
+            if self._cancelled:
+                self._call.cancel()
+            async for response in self._call:
+                item = response if self._on_response is None else self._on_response(response)
+                if item is not None:
+                    self._inbox.put(item)
+            self._inbox.put(_END)
+        except grpc.RpcError as error:
+            self._inbox.put(_Cancelled(self._cancelled) if self._cancelled else error)
+        except asyncio.CancelledError:
+            self._inbox.put(_Cancelled(self._cancelled or "cancelled"))
+        except BaseException as error:  # on_response failed: stop the call, never leave the reader waiting
+            if self._call is not None:
+                self._call.cancel()
+            self._inbox.put(error)
+        finally:
+            if writer is not None:
+                writer.cancel()
+
+    async def _write(self, call: Any) -> None:
+        while (message := await self._outbox.get()) is not None:
+            await call.write(message)
+        await call.done_writing()
+
+    def send(self, message: Any) -> None:
+        """Write one message on a bidirectional stream; `None` ends the client's side."""
+        self._loop.loop.call_soon_threadsafe(self._put, message)
+
+    def _put(self, message: Any) -> None:
+        self._outbox.put_nowait(message)
+
+    def cancel(self, reason: str = "cancelled by the client") -> None:
+        self._cancelled = self._cancelled or reason
+        self._loop.loop.call_soon_threadsafe(self._cancel_on_loop)
+
+    def _cancel_on_loop(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._inbox.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+# ------------------------------------------------------------------------------------------ connections
+
+
 class Connection:
     """One channel to one server, its stubs, and the streaming calls in flight on it."""
 
     def __init__(self, host: str):
         self.host = host
-        self.channel = grpc.insecure_channel(host, options=channel_options())
+        self.loop = _loop()
+        self.channel = self.loop.call(self._open())
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self.models = models_pb2_grpc.ModelServiceStub(self.channel)
         self._lock = threading.Lock()
         self._pending: dict[Any, str] = {}  # guarded by _lock: call -> why it was cancelled ("" while live)
         self._pending_changed = threading.Condition(self._lock)  # notified when _pending gains or loses a call
-        self._was_ready = False  # only touched by gRPC's connectivity thread
-        self.channel.subscribe(self._on_state, try_to_connect=False)
+        self._watcher = self.loop.submit(self._watch_state())
+
+    async def _open(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.host, options=channel_options())
+
+    def unary(self, method: Any, request: Any, metadata: tuple, timeout: float | None = UNARY_TIMEOUT_S) -> Any:
+        """Call a unary method (a stub attribute) and return its response; raises grpc.RpcError."""
+
+        async def call() -> Any:
+            return await method(request, metadata=metadata, timeout=timeout)
+
+        return self.loop.call(call())
+
+    def stream(self, method: Any, request: Any = None, *, metadata: tuple = (), timeout: float | None = None,
+               on_response: Callable[[Any], Any] | None = None) -> Stream:
+        """Start a streaming call: server streaming with `request`, bidirectional without.
+
+        `on_response(response)`, if given, runs on the loop thread as each response arrives and returns
+        what to hand to the reader (None: nothing), so routine events cost no thread switch.
+        """
+        return Stream(self, method, request, metadata, timeout, on_response)
 
     @contextmanager
     def track(self, call: Any, job_id: Callable[[], str] | str = "") -> Iterator[Any]:
-        """Register a call (an RPC stream or future) for the block.
+        """Register a call (a Stream) for the block.
 
         If it fails with UNAVAILABLE (the connection dropped), or the channel drops while it is pending,
         it and every other pending call fail at once with the same RemoteError, naming `job_id` if known.
@@ -101,6 +252,15 @@ class Connection:
         with self._lock:
             return self._pending_changed.wait_for(lambda: len(self._pending) >= count, timeout)
 
+    def fail_pending(self, reason: str) -> None:
+        """Cancel every pending call at once; each then raises the same clear RemoteError."""
+        with self._lock:
+            calls = [call for call, why in self._pending.items() if not why]
+            for call in calls:
+                self._pending[call] = reason
+        for call in calls:
+            call.cancel(reason)
+
     def _lost_error(self, reason: str, job_id: str) -> RemoteError:
         job = (f"Job {job_id} may still be running there: re-attach with "
                f"tether.client.RemoteBackend(job_id={job_id!r}) once the server is reachable." if job_id else
@@ -111,31 +271,18 @@ class Connection:
             code="UNAVAILABLE",
         )
 
-    def ready(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for the channel to connect; whether it did."""
+    async def _watch_state(self) -> None:
+        """Fail the pending calls when the channel leaves READY (the server or the network went away)."""
+        state = self.channel.get_state(try_to_connect=False)
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            return False
-        return True
-
-    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
-        if state is grpc.ChannelConnectivity.READY:
-            self._was_ready = True
-            return
-        if not self._was_ready or state is grpc.ChannelConnectivity.CONNECTING:
-            return
-        self._was_ready = False
-        self.fail_pending(f"the channel went {state.name.lower()}")
-
-    def fail_pending(self, reason: str) -> None:
-        """Cancel every pending call at once; each then raises the same clear RemoteError."""
-        with self._lock:
-            calls = [call for call, why in self._pending.items() if not why]
-            for call in calls:
-                self._pending[call] = reason
-        for call in calls:
-            call.cancel()
+            while True:
+                await self.channel.wait_for_state_change(state)
+                new = self.channel.get_state(try_to_connect=False)
+                if state is grpc.ChannelConnectivity.READY and new is not grpc.ChannelConnectivity.READY:
+                    self.fail_pending(f"the channel went {new.name.lower()}")
+                state = new
+        except (asyncio.CancelledError, RuntimeError, grpc.RpcError):
+            return  # the channel was closed
 
     def close(self) -> None:
         """Fail every pending call, close the channel and forget it: the next `connect` opens a new one."""
@@ -143,8 +290,11 @@ class Connection:
             if _connections.get(self.host) is self:
                 del _connections[self.host]
         self.fail_pending("the client closed the connection")
-        self.channel.unsubscribe(self._on_state)
-        self.channel.close()
+        self._watcher.cancel()
+        try:
+            self.loop.call(self.channel.close(), timeout=5.0)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass
 
 
 _connections: dict[str, Connection] = {}  # guarded by _connections_lock: one per host, reused by every job
@@ -154,9 +304,10 @@ _connections_lock = threading.Lock()
 def connect(host: str | None = None) -> Connection:
     """The shared connection to `host` (default CONFIG.API.HOST), opened on first use."""
     host = resolve_host(host)
+    loop = _loop()
     with _connections_lock:
         conn = _connections.get(host)
-        if conn is None:
+        if conn is None or conn.loop is not loop:  # a forked child cannot use its parent's channels
             conn = _connections[host] = Connection(host)
         return conn
 

@@ -6,7 +6,6 @@ which job is out. A blocking job is one RunJob stream: status, logs, local() cal
 
 from __future__ import annotations
 
-import queue
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +24,6 @@ from .local import LocalCalls
 
 __all__ = ["RemoteBackend", "run_remote"]
 
-UNARY_TIMEOUT_S = 30.0  # seconds: submit, status, cancel, list
 _DROPPED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)  # a lost stream
 
 
@@ -192,7 +190,7 @@ def _debug() -> bool:
 
 def _models(conn: Connection, metadata: tuple) -> list[str]:
     try:
-        response = conn.models.ListModels(models_pb2.ListModelsRequest(), metadata=metadata, timeout=5.0)
+        response = conn.unary(conn.models.ListModels, models_pb2.ListModelsRequest(), metadata, timeout=5.0)
     except grpc.RpcError:
         return []
     return [m.name for m in response.models]
@@ -205,7 +203,7 @@ def _error(conn: Connection, metadata: tuple, error: grpc.RpcError) -> RemoteErr
 
 def _unary(conn: Connection, method: Any, request: Any, metadata: tuple) -> Any:
     try:
-        return method(request, metadata=metadata, timeout=UNARY_TIMEOUT_S)
+        return conn.unary(method, request, metadata)
     except grpc.RpcError as error:
         raise _error(conn, metadata, error) from None
 
@@ -218,41 +216,40 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
     """
     events = JobEvents(display, log=_logger(), debug=_debug())
     local = LocalCalls(job, ns, display)
-    outbox: queue.SimpleQueue = queue.SimpleQueue()  # messages for the server; None ends our side
-
-    def outgoing():
-        yield jobs_pb2.RunJobRequest(job=job.spec)
-        while (message := outbox.get()) is not None:
-            yield message
-
     display.update(state="SUBMITTING")
-    call = conn.jobs.RunJob(outgoing(), metadata=metadata)
+
+    def on_response(response: jobs_pb2.RunJobResponse) -> jobs_pb2.LocalCall | None:
+        """On the loop thread: status, logs and result chunks are handled there; local() calls come here."""
+        local_call = events.feed(response.event)
+        if context.job_id is None and events.job_id:
+            context.job_id = events.job_id
+        if events.done:
+            call.send(None)
+        return local_call
+
+    call = conn.stream(conn.jobs.RunJob, metadata=metadata, on_response=on_response)
+    call.send(jobs_pb2.RunJobRequest(job=job.spec))
     try:
         with conn.track(call, lambda: events.job_id):
-            for response in call:
-                local_call = events.feed(response.event)
-                if context.job_id is None and events.job_id:
-                    context.job_id = events.job_id
-                if local_call is not None:
-                    for message in local.answer(local_call):
-                        outbox.put(message)
-                if events.done:
-                    outbox.put(None)
+            for local_call in call:
+                for message in local.answer(local_call):
+                    call.send(message)
     except grpc.RpcError as error:
         if not events.job_id or error.code() not in _DROPPED:
             raise _error(conn, metadata, error) from None
         # the stream dropped after the job started: the job runs on, so pick up its events where we stopped
     except KeyboardInterrupt:
-        outbox.put(jobs_pb2.RunJobRequest(cancel=jobs_pb2.CancelRequest(reason="interrupted by the user")))
+        call.send(jobs_pb2.RunJobRequest(cancel=jobs_pb2.CancelRequest(reason="interrupted by the user")))
         if events.job_id:
             try:
-                conn.jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id=events.job_id, reason="interrupted by the user"),
-                                    metadata=metadata, timeout=2.0)
+                conn.unary(conn.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=events.job_id,
+                                                                          reason="interrupted by the user"),
+                           metadata, timeout=2.0)
             except grpc.RpcError:
                 pass
         raise
     finally:
-        outbox.put(None)
+        call.send(None)
     if not events.done:
         _follow(conn, metadata, events)
     if local.error is not None:
@@ -269,11 +266,12 @@ def _follow(conn: Connection, metadata: tuple, events: JobEvents, *, timeout: fl
     A local() call seen here cannot be answered (only RunJob carries answers); the server times it out.
     """
     request = jobs_pb2.WatchJobRequest(job_id=events.job_id, after_sequence=events.last_sequence)
-    call = conn.jobs.WatchJob(request, metadata=metadata, timeout=timeout)
+    call = conn.stream(conn.jobs.WatchJob, request, metadata=metadata, timeout=timeout,
+                       on_response=lambda response: events.feed(response.event) and None)
     try:
         with conn.track(call, events.job_id):
-            for response in call:
-                events.feed(response.event)
+            for _ in call:
+                pass
     except grpc.RpcError as error:
         if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
             return
@@ -292,11 +290,12 @@ def _read_result(conn: Connection, metadata: tuple, events: JobEvents) -> None:
     if events.result_complete:
         return
     request = jobs_pb2.ReadResultRequest(job_id=events.job_id, offset=len(events.result))
-    call = conn.jobs.ReadResult(request, metadata=metadata)
+    call = conn.stream(conn.jobs.ReadResult, request, metadata=metadata,
+                       on_response=lambda response: events.add_result_chunk(response.chunk))
     try:
         with conn.track(call, events.job_id):
-            for response in call:
-                events.add_result_chunk(response.chunk)
+            for _ in call:
+                pass
     except grpc.RpcError as error:
         raise _error(conn, metadata, error) from None
     if not events.result_complete:

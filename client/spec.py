@@ -30,15 +30,15 @@ def fetch_spec(name: str, host: str | None = None, api_key: str | None = None) -
     conn = connect(host)
     metadata = auth_metadata(resolve_api_key(api_key))
     try:
-        response = conn.models.GetModel(models_pb2.GetModelRequest(name=name), metadata=metadata,
-                                        timeout=SPEC_TIMEOUT_S)
+        response = conn.unary(conn.models.GetModel, models_pb2.GetModelRequest(name=name), metadata,
+                              timeout=SPEC_TIMEOUT_S)
     except grpc.RpcError as error:
         code = error.code()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return None
         if code is grpc.StatusCode.NOT_FOUND:
             try:
-                listed = conn.models.ListModels(models_pb2.ListModelsRequest(), metadata=metadata, timeout=5.0)
+                listed = conn.unary(conn.models.ListModels, models_pb2.ListModelsRequest(), metadata, timeout=5.0)
                 hosted = ", ".join(m.name for m in listed.models) or "none"
             except grpc.RpcError:
                 hosted = "unknown"
