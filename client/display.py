@@ -66,6 +66,8 @@ class StatusDisplay:
         self._drawn = False  # a partial line is on the terminal
         self._paused = 0
         self._handle: Any = None  # IPython DisplayHandle
+        self._watch: _LineWatch | None = None  # sys.stdout while paused in a terminal
+        self._mid_line = False  # the user's output ended without a newline: do not draw over it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -103,6 +105,8 @@ class StatusDisplay:
             return
         with self._lock:
             if self._state != "DOWNLOADING":
+                if self.verbose and self._state and self._tty:
+                    self._write_line(final=True)  # keep the previous state on its own line
                 self._state, self._state_start = "DOWNLOADING", time.monotonic()
             self._progress = (received, total)
             if self._tty:
@@ -120,12 +124,21 @@ class StatusDisplay:
                 self._stream.write("\r\033[2K")
                 self._stream.flush()
                 self._drawn = False
+            if self._tty and self._watch is None:
+                self._watch = _LineWatch(sys.stdout)
+                sys.stdout = self._watch
 
     def resume(self) -> None:
         if not self.enabled:
             return
         with self._lock:
             self._paused = max(0, self._paused - 1)
+            if self._watch is not None and not self._paused:
+                if sys.stdout is self._watch:
+                    sys.stdout = self._watch.target
+                if self._watch.wrote:
+                    self._mid_line = not self._watch.at_line_start
+                self._watch = None
             if self._tty and not self._paused and self._state:
                 self._write_line(final=False)
 
@@ -160,6 +173,11 @@ class StatusDisplay:
     def _write_line(self, *, final: bool) -> None:
         if self._paused:
             return
+        if self._mid_line:  # the user's text ends the line: redrawing would erase it
+            if not final:
+                return
+            self._stream.write("\n")
+            self._mid_line = False
         self._stream.write("\r\033[2K" + self._text(color=True) + ("\n" if final else ""))
         self._stream.flush()
         self._drawn = not final
@@ -191,6 +209,25 @@ class StatusDisplay:
                     return
                 if not self._paused:
                     self._write_line(final=False)
+
+
+class _LineWatch:
+    """Stands in for sys.stdout while user code prints during a job: forwards everything, and notes
+    whether the output so far ends a line (the status line must not be drawn over a partial one)."""
+
+    def __init__(self, target: TextIO):
+        self.target = target
+        self.wrote = False
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.wrote = True
+            self.at_line_start = text.endswith("\n")
+        return self.target.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.target, name)
 
 
 def _bar(received: int, total: int, seconds: float, width: int = 24) -> str:

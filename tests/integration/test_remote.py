@@ -371,3 +371,53 @@ def test_api_keys_from_argument_environment_and_config_file(x, tmp_path, monkeyp
         with net.trace(x, remote=True, model_name="net", backend=keyed.address):
             out = net.output.save()
     _same(out, tiny.tiny_net()(x))
+
+
+def test_a_large_result_streams_in_chunks_and_is_reassembled(rllm):
+    with rllm.trace(PROMPT, remote=True):
+        big = torch.linspace(0, 1, 16 << 20).save()  # 64 MiB: 64 chunks of at most 1 MiB
+        logits = rllm.lm_head.output.save()
+    assert torch.equal(big, torch.linspace(0, 1, 16 << 20))
+    assert logits.shape[-1] == 512
+
+
+def test_cancel_a_queued_job(x):
+    import threading
+
+    net = NNsight(tiny.tiny_net())
+    entered, release = threading.Event(), threading.Event()
+
+    def holder() -> None:  # keeps the only "net" worker busy inside a local() block
+        with net.trace(x, remote=True, model_name="net"):
+            net.output.save()
+            with tether.local():
+                entered.set()
+                release.wait(30)
+
+    thread = threading.Thread(target=holder, name="holder")
+    thread.start()
+    try:
+        assert entered.wait(30)
+        backend = RemoteBackend(blocking=False)
+        with net.trace(x, remote=True, model_name="net", backend=backend):
+            net.output.save()
+        assert backend.status() == "QUEUED"
+        assert backend.cancel() == "CANCELLED"
+        with pytest.raises(tether.RemoteError, match="cancelled"):
+            backend.result(timeout=30)
+    finally:
+        release.set()
+        thread.join(30)
+
+
+def test_local_blocks_need_a_blocking_job(rllm):
+    with pytest.raises(tether.TetherError, match="blocking"):
+        with rllm.trace(PROMPT, remote=True, blocking=False) as tracer:
+            with tracer.local():
+                print("here")
+
+
+def test_a_plain_torch_model_from_the_spec_prints_the_servers_tree():
+    net = LanguageModel("net")  # no Hugging Face config: a skeleton of the server's modules
+    assert repr(net) == repr(tiny.tiny_net())
+    assert net.tokenizer is None
