@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import time
 
-from tether.runtime.loading import load_smollm2
-
 import tether
+from tether.runtime.loading import load_smollm2
 
 PROMPT = "The Eiffel Tower is in the city of"
 
