@@ -378,3 +378,24 @@ def test_a_client_that_goes_away_mid_call_fails_its_job_and_frees_the_worker(x):
         thread.join(WAIT_S)
         handle.stop(grace=0)
         close_all()
+
+
+def test_an_awaited_job_runs_its_local_blocks_too(rllm):
+    import asyncio
+
+    from tether.client import aio
+
+    backend = aio.AsyncBackend()
+    with rllm.trace(PROMPT, remote=True, backend=backend) as tracer:
+        width = rllm.lm_head.output.shape[-1]
+        with tracer.local():
+            doubled = width * 2
+            kept_here = [width]
+        out = (rllm.lm_head.output[0, -1, :1] * 0 + doubled).save()
+    for pending in (out, kept_here):  # nothing ran yet: the names stand for the awaited values
+        with pytest.raises(tether.TetherError, match="not available yet"):
+            print(pending)
+    values = asyncio.run(backend.run())
+    assert values["out"].tolist() == [1024.0]
+    assert values["doubled"] == 1024 and values["kept_here"] == [512]
+    assert backend.job_id and backend.state == "COMPLETED"

@@ -137,3 +137,29 @@ def test_a_hugging_face_config_rebuilds_the_model_on_the_meta_device():
     assert repr(rebuilt) == repr(model)
     assert type(rebuilt) is type(model)
     assert all(p.device.type == "meta" for p in rebuilt.parameters())
+
+
+def test_a_notebook_gets_one_html_status_updated_in_place(monkeypatch):
+    pytest.importorskip("IPython")
+    import IPython.display
+
+    from tether.client import display as display_module
+
+    shown, updates = [], []
+
+    class Handle:
+        def update(self, obj):
+            updates.append(obj.data)
+
+    def fake_display(obj, display_id=False):
+        shown.append(obj.data)
+        return Handle()
+
+    monkeypatch.setattr(display_module, "_in_notebook", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", fake_display)
+    display = StatusDisplay(enabled=True)
+    for state in ("QUEUED", "RUNNING", "COMPLETED"):
+        display.update("job6", state)
+    display.close()
+    assert len(shown) == 1 and len(updates) == 2
+    assert "<pre" in updates[-1] and "COMPLETED" in updates[-1] and "job6" in updates[-1]
