@@ -421,3 +421,45 @@ def test_a_plain_torch_model_from_the_spec_prints_the_servers_tree():
     net = LanguageModel("net")  # no Hugging Face config: a skeleton of the server's modules
     assert repr(net) == repr(tiny.tiny_net())
     assert net.tokenizer is None
+
+
+def test_submodules_bound_outside_the_body_travel_as_references(llm, rllm):
+    first, layers = llm.transformer.h[0], llm.transformer.h[:2]
+    with llm.trace(PROMPT):
+        first.mlp.output = first.mlp.output * 0.5
+        outs = list().save()
+        for layer in layers:
+            outs.append(layer.output)
+    r_first, r_layers = rllm.transformer.h[0], rllm.transformer.h[:2]
+    with rllm.trace(PROMPT, remote=True):
+        r_first.mlp.output = r_first.mlp.output * 0.5
+        r_outs = list().save()
+        for layer in r_layers:
+            r_outs.append(layer.output)
+    for a, b in zip(outs, r_outs):
+        _same(a, b)
+
+
+def _is_even(n: int) -> bool:
+    return n == 0 or _is_odd(n - 1)
+
+
+def _is_odd(n: int) -> bool:
+    return n != 0 and _is_even(n - 1)
+
+
+def _scaled(t: torch.Tensor) -> torch.Tensor:
+    return t * 0.25 if _is_even(2) else t
+
+
+def test_mutually_recursive_functions_are_shipped_once(llm, rllm):
+    with llm.trace(PROMPT):
+        llm.transformer.h[0].mlp.output = _scaled(llm.transformer.h[0].mlp.output)
+        even = _is_even(llm.lm_head.output.shape[1])
+        out = llm.lm_head.output.save()
+    with rllm.trace(PROMPT, remote=True):
+        rllm.transformer.h[0].mlp.output = _scaled(rllm.transformer.h[0].mlp.output)
+        r_even = _is_even(rllm.lm_head.output.shape[1])
+        r_out = rllm.lm_head.output.save()
+    assert r_even == even
+    _same(out, r_out)
