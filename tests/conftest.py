@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+
 from tether.runtime import tiny
 
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+
 from tether.runtime import loading, tiny
 
 PROMPT = "The Eiffel Tower is in the city of"

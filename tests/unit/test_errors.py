@@ -16,7 +16,6 @@ import torch
 import tether
 from tether import LanguageModel, NNsight
 from tether.runtime import tiny
-from tether.runtime.capture import SkipBody
 
 THIS_FILE = os.path.abspath(__file__)
 RUNTIME_DIR = os.path.dirname(os.path.abspath(tether.runtime.__file__)) + os.sep
