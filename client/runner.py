@@ -32,7 +32,8 @@ def run_remote(context: Any, ns: dict) -> None:
     options = context._remote_options
     backend = options.get("backend")
     if backend is None or isinstance(backend, str):
-        backend = RemoteBackend(backend, api_key=options.get("api_key"), blocking=options.get("blocking", True))
+        backend = RemoteBackend(backend, api_key=options.get("api_key"), blocking=options.get("blocking", True),
+                                verbose=bool(options.get("verbose", False)))
     elif not callable(backend):
         raise TetherError(
             f"backend= must be 'host:port' or a tether.client.RemoteBackend, not {type(backend).__name__}."
@@ -247,6 +248,10 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
                            metadata, timeout=2.0)
             except grpc.RpcError:
                 pass
+        call.cancel("interrupted by the user")
+        raise
+    except BaseException:
+        call.cancel("the client stopped reading the job")
         raise
     finally:
         call.send(None)
