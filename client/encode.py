@@ -22,7 +22,7 @@ from tether.runtime.contexts import Context
 from tether.runtime.envoy import Envoy
 from tether.runtime.errors import TetherError
 from tether.runtime.program import free_names, program_of
-from tether.runtime.saving import _Unusable
+from tether.runtime.saving import StandIn
 from tether.runtime.session import Session
 from tether.v1 import jobs_pb2, program_pb2, values_pb2
 from tether.values import to_value
@@ -244,7 +244,7 @@ class _Encoder:
     def _default(self, obj: Any) -> values_pb2.Value | None:
         if isinstance(obj, Envoy):
             return values_pb2.Value(model_reference=self._model_reference(obj))
-        if isinstance(obj, _Unusable):
+        if isinstance(obj, StandIn):
             raise obj._error()
         if isinstance(obj, Context):
             raise TetherError("A tracing context cannot be sent to the server inside another value.")

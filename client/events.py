@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tether.runtime.errors import RemoteError, TetherError
-from tether.runtime.saving import NotReached, UnsavedValue, _Unusable, current_scope
+from tether.runtime.saving import NotReached, StandIn, UnsavedValue, current_scope
 from tether.v1 import jobs_pb2, values_pb2
 from tether.values import from_value_map, import_reference
 
@@ -30,7 +30,7 @@ def state_name(state: int) -> str:
     return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
 
 
-class PendingValue(_Unusable):
+class PendingValue(StandIn):
     """Stands for a name of a non-blocking job that has not finished (or was not fetched) yet."""
 
     __slots__ = ()

@@ -12,7 +12,7 @@ import traceback
 from typing import Any
 
 from tether.runtime.program import local_block_at, run_local_block
-from tether.runtime.saving import _Unusable
+from tether.runtime.saving import StandIn
 from tether.v1 import jobs_pb2, values_pb2
 from tether.values import from_value_map, split_chunks
 
@@ -93,7 +93,7 @@ class LocalCalls:
         """Serialized ValueMap of the names remote code reads; the rest stays here (`kept`)."""
         send = {}
         for name, value in written.items():
-            if name in self._job.remote_loads and not isinstance(value, _Unusable):
+            if name in self._job.remote_loads and not isinstance(value, StandIn):
                 send[name] = value
                 self.kept.pop(name, None)
             else:

@@ -62,8 +62,12 @@ class Context:
         bound = bind_target(self._block, self._entered, ns)
         before = {name: ns[name] for name in self._block.assigned if name in ns}
         scope = SaveScope(tensor_save=self._tensor_save)
-        with scope:
-            self._run(ns)
+        try:
+            with scope:
+                self._run(ns)
+        except BaseException:
+            _write_frame(frame, bound)  # as plain Python does, `as` names stay bound when the body fails
+            raise
         handed = hand_back(ns, self._block.assigned, scope, before, why=self._why_unreached())
         _write_frame(frame, {**bound, **handed} if self._hands_back else bound)
         return True
@@ -191,7 +195,10 @@ class LocalBlock:
         frame, self._frame = self._frame, None
         if exc_type is not SkipBody:
             return False
-        frame.f_globals.update(self._handler(self._block, frame.f_globals))
+        if frame.f_locals is frame.f_globals:
+            frame.f_globals.update(self._handler(self._block, frame.f_globals))
+        else:  # a block inside a function: it sees the function's variables and may rebind them
+            _write_frame(frame, self._handler(self._block, {**frame.f_globals, **frame.f_locals}))
         return True
 
 

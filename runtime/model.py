@@ -18,7 +18,8 @@ from .tracer import Tracer
 
 __all__ = ["NNsight", "Prepared"]
 
-_TRACE_OPTIONS = ("scan", "validate", "invoker_args", "remote", "backend", "blocking", "api_key", "model_name")
+_REMOTE_OPTIONS = ("backend", "blocking", "api_key", "model_name", "verbose")
+_TRACE_OPTIONS = ("scan", "validate", "invoker_args", "remote", *_REMOTE_OPTIONS)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class NNsight(Envoy):
 
     def session(self, *, remote: bool = False, **options: Any) -> Session:
         """`with model.session():` — several traces in order, sharing values (one job when remote)."""
-        return Session(self, remote=remote, remote_options=options)
+        return Session(self, remote=remote or "backend" in options, remote_options=options)
 
     def edit(self, *, inplace: bool = False) -> Edit:
         """`with model.edit() as edited:` — interventions that persist in every later trace."""
@@ -67,11 +68,12 @@ class NNsight(Envoy):
 
     def _tracer(self, mode: str, inputs: tuple, kwargs: dict) -> Tracer:
         options = {k: kwargs.pop(k) for k in _TRACE_OPTIONS if k in kwargs}
-        remote_options = {k: options.pop(k) for k in ("backend", "blocking", "api_key", "model_name") if k in options}
+        remote_options = {k: options.pop(k) for k in _REMOTE_OPTIONS if k in options}
         input_kwargs, run_kwargs = self._split_kwargs(mode, kwargs)
         return Tracer(self, inputs, input_kwargs, mode=mode, scan=options.get("scan", False),
                       validate=options.get("validate", False), invoker_args=options.get("invoker_args"),
-                      remote=options.get("remote", False), remote_options=remote_options, run_kwargs=run_kwargs)
+                      remote=options.get("remote", False) or "backend" in remote_options,
+                      remote_options=remote_options, run_kwargs=run_kwargs)
 
     def _edited_copy(self) -> NNsight:
         copy = object.__new__(type(self))

@@ -14,7 +14,7 @@ import torch
 
 from .errors import TetherError, UnsavedValueError, ValueNotReachedError
 
-__all__ = ["SaveScope", "current_scope", "save", "SavedTensor", "UnsavedValue", "NotReached", "hand_back"]
+__all__ = ["SaveScope", "current_scope", "save", "SavedTensor", "StandIn", "UnsavedValue", "NotReached", "hand_back"]
 
 _state = threading.local()
 _patch_lock = threading.Lock()
@@ -112,8 +112,8 @@ class SavedTensor(torch.Tensor):
         return torch.Tensor.__reduce_ex__(self.as_subclass(torch.Tensor), protocol)
 
 
-class _Unusable:
-    """A name that must not be used: every access raises the error built by `_error()`."""
+class StandIn:
+    """Stands for a value the caller cannot have: every use raises the error `_error()` builds."""
 
     __slots__ = ("_name", "_why")
 
@@ -156,7 +156,7 @@ class _Unusable:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         for arg in args:
-            if isinstance(arg, _Unusable):
+            if isinstance(arg, StandIn):
                 raise arg._error()
         raise TetherError("an unsaved trace value was passed to torch")
 
@@ -172,10 +172,10 @@ def _raising_binary(name: str):
 for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
             "lt", "le", "gt", "ge", "radd", "rsub", "rmul", "rtruediv", "rmatmul", "neg", "abs", "float", "int",
             "index"):
-    setattr(_Unusable, f"__{_op}__", _raising_binary(f"__{_op}__"))
+    setattr(StandIn, f"__{_op}__", _raising_binary(f"__{_op}__"))
 
 
-class UnsavedValue(_Unusable):
+class UnsavedValue(StandIn):
     """Stands for an activation that was not `.save()`d inside the trace."""
 
     def _error(self) -> Exception:
@@ -185,7 +185,7 @@ class UnsavedValue(_Unusable):
         )
 
 
-class NotReached(_Unusable):
+class NotReached(StandIn):
     """Stands for a name the trace body never assigned (it stopped early or never got that far)."""
 
     def _error(self) -> Exception:
@@ -216,7 +216,7 @@ def hand_back(ns: dict, names: tuple[str, ...], scope: SaveScope, before: dict, 
             out[name] = NotReached(name, why)
             continue
         value = ns[name]
-        if isinstance(value, _Unusable) or (name in before and value is before[name]):
+        if isinstance(value, StandIn) or (name in before and value is before[name]):
             out[name] = value
         elif scope.is_saved(value):
             out[name] = finalize_saved(value)
