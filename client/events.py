@@ -34,7 +34,6 @@ class PendingValue(StandIn):
     """Stands for a name of a non-blocking job that has not finished (or was not fetched) yet."""
 
     __slots__ = ()
-    _tether_deferred = False  # the hand-back reads this; without it every access raises
 
     def _error(self) -> Exception:
         return TetherError(
@@ -42,20 +41,6 @@ class PendingValue(StandIn):
             "`backend=tracer.backend` (and remote=True) to fetch it once the job is done, or call "
             "`tracer.backend.result()` to wait for it."
         )
-
-
-class _Unsaved(UnsavedValue):
-    """UnsavedValue that the outermost context's hand-back passes through unchanged."""
-
-    __slots__ = ()
-    _tether_deferred = False
-
-
-class _NotReached(NotReached):
-    """NotReached that the outermost context's hand-back passes through unchanged."""
-
-    __slots__ = ()
-    _tether_deferred = False
 
 
 class JobEvents:
@@ -191,9 +176,9 @@ def apply_result(job: Job, data: bytes, ns: dict, *, kept: dict[str, Any] | None
         if scope is not None:
             scope.add(value)
     for name in unsaved:
-        ns[name] = kept[name] if name in kept else _Unsaved(name)
+        ns[name] = kept[name] if name in kept else UnsavedValue(name)
     for name in unreached:
-        ns[name] = kept[name] if name in kept else _NotReached(name, result.unreached_reason)
+        ns[name] = kept[name] if name in kept else NotReached(name, result.unreached_reason)
     mentioned = set(saved) | set(unsaved) | set(unreached)
     for name in job.assigned:
         if name in mentioned:
