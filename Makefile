@@ -38,7 +38,7 @@ test: install
 
 demo: install
 	$(PYTHON) examples/demo.py
-	$(PYTHON) examples/serve_and_run.py --model smollm2=smollm2 -- $(PYTHON) examples/remote_chat.py
+	$(PYTHON) examples/serve_and_run.py --model smollm2=smollm2 -- $(PYTHON) examples/remote_demo.py
 
 bench: install
 	$(PYTHON) -m bench.run

@@ -15,7 +15,7 @@ import tether
 from tether import CONFIG
 
 PROMPT = "The Eiffel Tower is in the city of"
-QUESTION = "What is the capital of France? Answer in one sentence."
+QUESTION = "Tell me about the Eiffel Tower."
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,12 +65,15 @@ def run(name: str, tokens: int) -> None:
         [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
     )
     print(f"\nuser: {QUESTION}\nassistant: ", end="", flush=True)
-    with llm.generate(prompt, max_new_tokens=tokens, remote=True) as tracer:
+    CONFIG.APP.DISPLAY = False  # a status line would land in the middle of the streamed answer
+    start = time.perf_counter()
+    with llm.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, remote=True) as tracer:
         tracer.all()
         token = llm.lm_head.output[0, -1].argmax(dim=-1)  # the greedy next token, on the server
         with tracer.local():
-            print(llm.tokenizer.decode(token), end="", flush=True)  # runs here, as each token arrives
-    print()
+            print(llm.tokenizer.decode(token, skip_special_tokens=True), end="", flush=True)  # runs here
+    print(f"\n[{tokens} tokens generated remotely, each decoded by a local() block here, "
+          f"in {time.perf_counter() - start:.1f} s]")
 
 
 if __name__ == "__main__":

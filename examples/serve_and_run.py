@@ -1,6 +1,6 @@
 """Start `tether serve` on loopback, run a client script against it, then stop the server.
 
-    python examples/serve_and_run.py --model smollm2=smollm2 -- python examples/remote_chat.py
+    python examples/serve_and_run.py --model smollm2=smollm2 -- python examples/remote_demo.py
 
 The client finds the server through TETHER_HOST. The server is stopped however the client ends.
 """
