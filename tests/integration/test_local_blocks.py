@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tether
-from tether import CONFIG, LanguageModel, NNsight
+from tether import LanguageModel, NNsight
 from tether.client import RemoteBackend
 from tether.client.channel import close_all, connect
 from tether.runtime import tiny
@@ -35,27 +35,9 @@ def server():
 
 
 @pytest.fixture(autouse=True)
-def client_config(server, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.delenv("TETHER_API_KEY", raising=False)
-    monkeypatch.setattr(CONFIG.API, "_host", server.address)
-    return server
-
-
-@pytest.fixture
-def llm():
-    model, tok = tiny.tiny_gpt2()
-    return LanguageModel(model, tokenizer=tok)
-
-
-@pytest.fixture
-def rllm(client_config):
-    return LanguageModel("tiny")
-
-
-@pytest.fixture
-def x() -> torch.Tensor:
-    return torch.rand((1, 5), generator=torch.Generator().manual_seed(5))
+def _client(client_config):
+    """Every test here talks to this module's server (see conftest.client_config)."""
+    return client_config
 
 
 @tether.trace

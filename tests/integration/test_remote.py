@@ -35,32 +35,9 @@ def server():
 
 
 @pytest.fixture(autouse=True)
-def client_config(server, tmp_path, monkeypatch):
-    """Point CONFIG at the server; keep the user config file in a temp dir; no keys from the environment."""
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.delenv("TETHER_API_KEY", raising=False)
-    monkeypatch.delenv("TETHER_HOST", raising=False)
-    monkeypatch.setattr(CONFIG.API, "_host", server.address)
-    monkeypatch.setattr(CONFIG.API, "_api_key", None)
-    return server
-
-
-@pytest.fixture
-def llm():
-    """The local reference: a fresh tiny GPT-2 with the same seed as the served one."""
-    model, tok = tiny.tiny_gpt2()
-    return LanguageModel(model, tokenizer=tok)
-
-
-@pytest.fixture
-def rllm(client_config):
-    """The remote model, built only from the server's ModelSpec."""
-    return LanguageModel("tiny")
-
-
-@pytest.fixture
-def x() -> torch.Tensor:
-    return torch.rand((1, 5), generator=torch.Generator().manual_seed(5))
+def _client(client_config):
+    """Every test here talks to this module's server (see conftest.client_config)."""
+    return client_config
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> None:
