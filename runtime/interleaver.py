@@ -276,6 +276,10 @@ class Interleaver:
     def _forward_hook(self, module, args, output):
         if getcurrent() is not self._driver:
             return None
+        if self._unstarted == 0 and not any(m.pending is not None and m.pending.module is module
+                                            for m in self.mediators):
+            self._fired[(id(module), "fwd")] = self.iteration  # nobody waits here (an ancestor hook)
+            return None
         slot = batching.Slot(output, self.batch_size)
         self._serve(module, "fwd", slot)
         return slot.value if slot.changed else None
@@ -347,7 +351,7 @@ class Interleaver:
         rows = mediator.rows
         if req.op == "set":
             slot.set(req.kind, rows, req.value)
-        value = slot.get(req.kind, rows)
+        value = slot.value if rows is None and req.kind == "output" else slot.get(req.kind, rows)
         mediator.seen[(id(req.module), req.kind, req.iteration)] = value
         if rows is not None:
             batching.record_views(value, slot.get(req.kind, None), rows, mediator.views)
