@@ -11,6 +11,7 @@ import ast
 import builtins
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from . import ops
@@ -64,23 +65,32 @@ def _is_builtin(name: str, ns: dict) -> bool:
 
 
 def block_of(program: Program, filename: str | None = None) -> Block:
-    """A Block for a received Program: its text registered under `filename` so nested blocks resolve."""
+    """A Block for a received Program: its text registered under `filename` so nested blocks resolve.
+
+    Blocks (and so their compiled code) are reused for a program seen before, as a local trace reuses
+    the Block of its `with` statement.
+    """
     filename = filename or program.filename
     text = "\n" * (program.first_line - 1) + program.source
     register_source(filename, text)
+    return _block_of_text(filename, text, program.first_line, program.source)
+
+
+@lru_cache(maxsize=256)
+def _block_of_text(filename: str, text: str, first_line: int, source: str) -> Block:
     module = parse(text, filename)
     if not module.body:
-        module.body = [ast.Pass(lineno=program.first_line, col_offset=0)]
+        module.body = [ast.Pass(lineno=first_line, col_offset=0)]
     last = module.body[-1].end_lineno or module.body[-1].lineno
     node = ast.With(items=[ast.withitem(context_expr=ast.Constant(None))], body=module.body,
-                    lineno=max(program.first_line - 1, 1), col_offset=0)
+                    lineno=max(first_line - 1, 1), col_offset=0)
     return Block(
         filename=filename,
         with_line=node.lineno,
-        first_line=program.first_line,
+        first_line=first_line,
         last_line=last,
         node=node,
-        source=program.source,
+        source=source,
         assigned=tuple(_assigned_names(module.body)),
         loaded=frozenset(n.id for s in module.body for n in ast.walk(s)
                          if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)),
