@@ -6,6 +6,7 @@ job's condition variable (never polling); sequences start at 1 and increase by 1
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import threading
 import time
@@ -17,10 +18,11 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from tether.v1 import failure_pb2, jobs_pb2
+from tether.values import _varint
 
 from .errors import NotFound
 
-__all__ = ["Job", "JobStore", "TERMINAL", "state_name"]
+__all__ = ["Job", "JobStore", "ResultBytes", "TERMINAL", "chunk_frame", "chunk_length", "state_name"]
 
 TERMINAL = frozenset({jobs_pb2.JOB_STATE_COMPLETED, jobs_pb2.JOB_STATE_ERROR, jobs_pb2.JOB_STATE_CANCELLED})
 _ORDER = {
@@ -41,6 +43,67 @@ def _now() -> timestamp_pb2.Timestamp:
     return stamp
 
 
+class ResultBytes:
+    """A serialized JobResult kept as the pieces it was encoded in (bytes, or memoryviews of tensors' memory):
+    chunks are cut from them directly, so the result is never joined into one buffer."""
+
+    def __init__(self, pieces: bytes | bytearray | memoryview | list):
+        if isinstance(pieces, (bytes, bytearray, memoryview)):
+            pieces = [pieces]
+        self.pieces = [memoryview(p).cast("B") for p in pieces if len(p)]
+        self.starts, size = [], 0
+        for piece in self.pieces:
+            self.starts.append(size)
+            size += len(piece)
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def views(self, offset: int, size: int) -> list[memoryview]:
+        """Memoryviews covering bytes [offset, offset + size) (no copy)."""
+        out, end = [], min(offset + size, self.size)
+        i = max(0, bisect.bisect_right(self.starts, offset) - 1)
+        while offset < end and i < len(self.pieces):
+            piece, start = self.pieces[i], self.starts[i]
+            take = piece[offset - start : end - start]
+            out.append(take)
+            offset += len(take)
+            i += 1
+        return out
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+def _field(tag: bytes, size: int) -> bytes:
+    return tag + _varint(size)
+
+
+def chunk_frame(prefix: bytes, offset: int, views: list[memoryview], total: int) -> bytes:
+    """`prefix` + a serialized Chunk(offset, data=views joined, total_size=total): the data's one copy.
+
+    Bytes for bytes what protobuf writes (fields in number order, zeros left out). `prefix` must already
+    include the framing of whatever holds the Chunk (see _result_frame)."""
+    size = sum(len(v) for v in views)
+    head = (_field(b"\x08", offset) if offset else b"") + (
+        _field(b"\x12", size) if size else b"")
+    tail = b"\x18" + _varint(total) if total else b""
+    return b"".join([prefix, head, *views, tail]) if size else prefix + head + tail
+
+
+def chunk_length(offset: int, size: int, total: int) -> int:
+    """The size of the serialized Chunk that chunk_frame writes."""
+    return ((1 + len(_varint(offset))) if offset else 0) + ((1 + len(_varint(size)) + size) if size else 0) + (
+        (1 + len(_varint(total))) if total else 0)
+
+
+def _frame(event: jobs_pb2.JobEvent) -> bytes:
+    """The serialized RunJobResponse / WatchJobResponse (the same bytes: `event = 1` in both) of an event."""
+    body = event.SerializeToString()
+    return b"".join([_field(b"\x0a", len(body)), body])
+
+
 @dataclass(frozen=True)
 class _ResultChunk:
     """A result-chunk event, kept as a position in Job.result (the bytes are not stored twice)."""
@@ -49,6 +112,14 @@ class _ResultChunk:
     time: timestamp_pb2.Timestamp
     offset: int
     size: int
+
+    def frame(self, job_id: str, result: ResultBytes) -> bytes:
+        """Its serialized RunJobResponse, built straight from the result's pieces (one copy of the data)."""
+        head = jobs_pb2.JobEvent(job_id=job_id, sequence=self.sequence, time=self.time).SerializeToString()
+        chunk = chunk_length(self.offset, self.size, result.size)
+        event = len(head) + 1 + len(_varint(chunk)) + chunk
+        prefix = b"".join([_field(b"\x0a", event), head, _field(b"\x32", chunk)])
+        return chunk_frame(prefix, self.offset, result.views(self.offset, self.size), result.size)
 
 
 class Job:
@@ -61,12 +132,15 @@ class Job:
         self.cond = threading.Condition()
         self.status = jobs_pb2.JobStatus()  # guarded by cond: the latest status
         self.update_time = self.create_time  # guarded by cond
-        self.result: bytes | None = None  # guarded by cond: the serialized JobResult once COMPLETED
+        self.result: ResultBytes | None = None  # guarded by cond: the serialized JobResult once COMPLETED
         self.failure_code: grpc.StatusCode | None = None  # guarded by cond: how ERROR/CANCELLED is reported
         self.cancel_reason: str | None = None  # guarded by cond: set once a cancel was requested
         self.expire_at: float | None = None  # guarded by cond: time.monotonic() when the record is dropped
         self.expire_time: timestamp_pb2.Timestamp | None = None  # guarded by cond: the same, as wall time
-        self._events: list[jobs_pb2.JobEvent | _ResultChunk] = []  # guarded by cond; index = sequence - 1
+        # guarded by cond; index = sequence - 1. Entries are never changed once appended (forget_payload
+        # replaces them), so readers may serialize them outside the lock.
+        self._events: list[jobs_pb2.JobEvent | _ResultChunk] = []
+        self._local_calls: dict[str, list[int]] = {}  # guarded by cond: call_id -> indexes of its events
         self.link = None  # set once, before the job is queued: its LocalLink (RunJob jobs only)
         self.on_end: Callable[[Job], None] | None = None  # set once by JobStore.add: learns the expiry time
         self.set_state(jobs_pb2.JOB_STATE_RECEIVED, "the server accepted and checked the program")
@@ -84,6 +158,8 @@ class Job:
         """Append an event (status=, log=, local_call=); returns its sequence."""
         with self.cond:
             sequence = len(self._events) + 1
+            if "local_call" in fields:
+                self._local_calls.setdefault(fields["local_call"].call_id, []).append(sequence - 1)
             self._events.append(
                 jobs_pb2.JobEvent(job_id=self.id, sequence=sequence, time=_now(), **fields)
             )
@@ -112,15 +188,19 @@ class Job:
             self.event(status=self.status)
             return True
 
-    def complete(self, result: bytes, chunk_size: int, ttl: float) -> None:
-        """Store the serialized result, log its chunks, then COMPLETED (nothing if already terminal)."""
+    def complete(self, result: bytes | list | ResultBytes, chunk_size: int, ttl: float) -> None:
+        """Store the serialized result (bytes, or its pieces as encode_result returns them), log its chunks,
+        then COMPLETED (nothing if already terminal)."""
+        if not isinstance(result, ResultBytes):
+            result = ResultBytes(result)
+        stamp = _now()
         with self.cond:
             if self.done:
                 return
             self.result = result
             for offset in range(0, max(len(result), 1), chunk_size):
                 self._events.append(
-                    _ResultChunk(len(self._events) + 1, _now(), offset, min(chunk_size, len(result) - offset))
+                    _ResultChunk(len(self._events) + 1, stamp, offset, min(chunk_size, len(result) - offset))
                 )
             self.set_state(jobs_pb2.JOB_STATE_COMPLETED, f"result of {len(result)} bytes")
             self._retain(ttl)
@@ -173,25 +253,48 @@ class Job:
             self.cond.wait_for(lambda: len(self._events) > after or self.done or stop(), timeout)
             entries = self._events[after : after + limit]
             finished = self.done and after + len(entries) == len(self._events)
-            return [self._materialize(e) for e in entries], finished
+            result = self.result
+        return [self._materialize(e, result) for e in entries], finished
 
-    def _materialize(self, entry: jobs_pb2.JobEvent | _ResultChunk) -> jobs_pb2.JobEvent:
+    def wait_frames(
+        self, after: int, stop: Callable[[], bool], timeout: float | None = None, limit: int = 16
+    ) -> tuple[list[bytes], bool]:
+        """As wait_events, but each event as its serialized RunJobResponse / WatchJobResponse (the same
+        bytes), built outside the lock: result chunks straight from the result's pieces, one copy each."""
+        with self.cond:
+            self.cond.wait_for(lambda: len(self._events) > after or self.done or stop(), timeout)
+            entries = self._events[after : after + limit]
+            finished = self.done and after + len(entries) == len(self._events)
+            result = self.result
+        return [
+            e.frame(self.id, result) if isinstance(e, _ResultChunk) else _frame(e) for e in entries
+        ], finished
+
+    def _materialize(self, entry: jobs_pb2.JobEvent | _ResultChunk, result: ResultBytes | None) -> jobs_pb2.JobEvent:
         if isinstance(entry, jobs_pb2.JobEvent):
             return entry
         chunk = jobs_pb2.Chunk(
             offset=entry.offset,
-            data=self.result[entry.offset : entry.offset + entry.size],
-            total_size=len(self.result),
+            data=b"".join(result.views(entry.offset, entry.size)),
+            total_size=len(result),
         )
         return jobs_pb2.JobEvent(job_id=self.id, sequence=entry.sequence, time=entry.time, result=chunk)
 
-    def forget_payload(self, predicate: Callable[[jobs_pb2.JobEvent], bool]) -> None:
-        """Drop the bulky data of logged events that match (answered local() calls): replays keep their
-        sequence and call ids, with empty value chunks, so the log does not hold every exchanged tensor."""
+    def forget_payload(self, call_id: str) -> None:
+        """Drop the bulky data of the logged events of an answered local() call: replays keep their sequence
+        and call ids, with empty value chunks, so the log does not hold every exchanged tensor. The log is
+        indexed by call id (no scan); entries are replaced, not changed, as readers may be serializing them."""
         with self.cond:
-            for entry in self._events:
-                if isinstance(entry, jobs_pb2.JobEvent) and predicate(entry):
-                    entry.local_call.values.data = b""
+            for index in self._local_calls.pop(call_id, ()):
+                old = self._events[index]
+                call = old.local_call
+                self._events[index] = jobs_pb2.JobEvent(
+                    job_id=old.job_id, sequence=old.sequence, time=old.time,
+                    local_call=jobs_pb2.LocalCall(
+                        call_id=call.call_id, block_id=call.block_id,
+                        values=jobs_pb2.Chunk(offset=call.values.offset, total_size=call.values.total_size),
+                    ),
+                )
 
     def info(self, queue_position: int = 0) -> jobs_pb2.JobInfo:
         with self.cond:

@@ -153,6 +153,5 @@ class LocalCaller:
             answer = self._link.call(call_id, site.block_id, payload, self._deadline, self._local_timeout,
                                      self._timed_out)
         finally:  # answered or not, the log need not keep the values
-            self._job.forget_payload(
-                lambda e: e.WhichOneof("event") == "local_call" and e.local_call.call_id == call_id)
+            self._job.forget_payload(call_id)
         return codec.decode_answer(answer)

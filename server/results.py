@@ -19,18 +19,27 @@ from tether.values import encode_value_map, import_reference
 
 from .errors import ResultTooLarge
 
-__all__ = ["encode_result"]
+__all__ = ["encode_result", "encode_result_pieces"]
 
 _CODE_TYPES = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, type, types.ModuleType)
 
 
 def encode_result(values: Mapping[str, Any], encode: Callable[[Any], values_pb2.Value], limit: int,
                   log: Callable[..., None] = print) -> bytes:
-    """The serialized JobResult of `values` (what `execute` returned); ResultTooLarge above `limit` bytes.
+    """The serialized JobResult of `values` as one bytes object (see encode_result_pieces)."""
+    return b"".join(encode_result_pieces(values, encode, limit, log))
+
+
+def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], values_pb2.Value], limit: int,
+                         log: Callable[..., None] = print) -> list[bytes | memoryview]:
+    """The serialized JobResult of `values` (what `execute` returned) as pieces that concatenate into it
+    (jobs.ResultBytes cuts chunks from them); ResultTooLarge above `limit` bytes.
 
     A value a client could not load (a pickle naming globals outside tether's default allow-list, such as a
     torch.Generator, or a function the program defined) is left out, with a line in the job's log.
-    Tensors take tether.values' wire fast path: their bytes are copied once, into the result.
+    Tensors take tether.values' wire fast path: their pieces are views of the tensors' memory (no copy;
+    each chunk sent copies its part once), except for tensors that a later job could change in place (a
+    model's parameters, and views of them), which are copied once here so the kept result cannot change.
     """
     pieces: list[bytes | memoryview] = []
     sizes: dict[str, int] = {}
@@ -43,6 +52,8 @@ def encode_result(values: Mapping[str, Any], encode: Callable[[Any], values_pb2.
             stand_ins.unreached_reason = object.__getattribute__(value, "_why") or stand_ins.unreached_reason
         elif isinstance(value, torch.Tensor) and value.layout is torch.strided and not value.is_meta:
             entry = encode_value_map({name: value})
+            if _shared(value):
+                entry = [bytes(p) if isinstance(p, memoryview) else p for p in entry]
             pieces += entry
             sizes[name] = sum(len(p) for p in entry)
         elif _sendable(value):
@@ -65,7 +76,12 @@ def encode_result(values: Mapping[str, Any], encode: Callable[[Any], values_pb2.
             f"{', '.join(biggest) or 'none'}). Save less (e.g. slice or reduce tensors before .save()), or ask "
             "for a larger max_result_bytes (the server's --max-result-bytes caps it)."
         )
-    return b"".join(pieces)
+    return pieces
+
+
+def _shared(t: torch.Tensor) -> bool:
+    """Whether a tensor's memory belongs to something that outlives the job (a parameter, or a view of one)."""
+    return isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter) or t.requires_grad
 
 
 def _importable(reference: values_pb2.Reference, value: Any) -> bool:

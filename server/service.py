@@ -17,17 +17,18 @@ from dataclasses import dataclass
 import grpc
 
 from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+from tether.values import _varint
 
 from .auth import Authenticator
 from .errors import InvalidProgram, QueueFull, ServerError
-from .jobs import TERMINAL, Job, JobStore, state_name
+from .jobs import TERMINAL, Job, JobStore, chunk_frame, chunk_length, state_name
 from .local_calls import NO_STREAM, LocalLink
 from .policy import Policy
 from .program_codec import decode_program
 from .registry import Registry
 from .workers import JobLimits, Limits, ModelQueue
 
-__all__ = ["Hub", "JobService", "ModelService"]
+__all__ = ["Hub", "JobService", "ModelService", "add_job_service"]
 
 _log = logging.getLogger("tether.server")
 CANCEL_WAIT = 10.0  # seconds CancelJob waits for a running job to stop before answering with its state
@@ -126,8 +127,10 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or reason, code=grpc.StatusCode.CANCELLED,
                        ttl=self._hub.limits.result_ttl)
 
-    def _events(self, job: Job, after: int, context: grpc.ServicerContext, wrap) -> Iterator:
-        """The job's events after `after`, then live ones until the job ends or the caller goes away."""
+    def _events(self, job: Job, after: int, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The job's events after `after`, then live ones until the job ends or the caller goes away, each as
+        its serialized RunJobResponse / WatchJobResponse (the same bytes; add_job_service sends bytes as
+        they are). Every event that is ready is sent in one pass, without waiting between them."""
         gone = threading.Event()
 
         def on_rpc_end() -> None:
@@ -138,10 +141,10 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         if not context.add_callback(on_rpc_end):
             return
         while True:
-            events, finished = job.wait_events(after, gone.is_set)
-            for event in events:
-                yield wrap(event=event)
-                after = event.sequence
+            frames, finished = job.wait_frames(after, gone.is_set)
+            for frame in frames:
+                yield frame
+                after += 1
             if finished or gone.is_set():
                 return
 
@@ -157,7 +160,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 if existing:
                     job.link.attach()
                 self._readers.submit(self._read_client, request_iterator, job)
-            yield from self._events(job, 0, context, jobs_pb2.RunJobResponse)
+            yield from self._events(job, 0, context)
 
     def _read_client(self, requests, job: Job) -> None:
         """The client's later messages on a RunJob stream: local() answers and cancel requests."""
@@ -187,7 +190,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     @_streaming
     def WatchJob(self, request, context, owner):
         job = self._hub.store.get(request.job_id, owner)
-        yield from self._events(job, max(0, request.after_sequence), context, jobs_pb2.WatchJobResponse)
+        yield from self._events(job, max(0, request.after_sequence), context)
 
     @_streaming
     def ReadResult(self, request, context, owner):
@@ -205,10 +208,11 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             raise ServerError(f"offset {request.offset} is outside the result of job {job.id} ({total} bytes)",
                               code=grpc.StatusCode.OUT_OF_RANGE)
         size = self._hub.limits.chunk_size
-        view = memoryview(result)
         for offset in range(request.offset, max(total, request.offset + 1), size):
-            chunk = jobs_pb2.Chunk(offset=offset, data=bytes(view[offset:offset + size]), total_size=total)
-            yield jobs_pb2.ReadResultResponse(chunk=chunk)
+            views = result.views(offset, size)
+            # a serialized ReadResultResponse (chunk = 1), its data copied once, from the result's pieces
+            length = chunk_length(offset, sum(len(v) for v in views), total)
+            yield chunk_frame(b"\x0a" + _varint(length), offset, views, total)
 
     @_unary
     def CancelJob(self, request, context, owner):
@@ -236,3 +240,29 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
     def GetModel(self, request, context, owner):
         hosted = self._hub.registry.get(request.name)
         return models_pb2.GetModelResponse(spec=hosted.spec(self._hub.queues[hosted.name].depth))
+
+
+def _serialize(message) -> bytes:
+    """A response as bytes: messages are serialized, bytes (already serialized responses) sent as they are."""
+    return message if type(message) is bytes else message.SerializeToString()
+
+
+def add_job_service(servicer: JobService, server: grpc.Server) -> None:
+    """jobs_pb2_grpc.add_JobServiceServicer_to_server, except that the streaming RPCs may yield their
+    responses already serialized (bytes): result chunks are framed straight from the result's pieces."""
+    rpcs = {
+        "RunJob": (grpc.stream_stream_rpc_method_handler, jobs_pb2.RunJobRequest, jobs_pb2.RunJobResponse),
+        "SubmitJob": (grpc.unary_unary_rpc_method_handler, jobs_pb2.SubmitJobRequest, jobs_pb2.SubmitJobResponse),
+        "GetJob": (grpc.unary_unary_rpc_method_handler, jobs_pb2.GetJobRequest, jobs_pb2.GetJobResponse),
+        "WatchJob": (grpc.unary_stream_rpc_method_handler, jobs_pb2.WatchJobRequest, jobs_pb2.WatchJobResponse),
+        "ReadResult": (grpc.unary_stream_rpc_method_handler, jobs_pb2.ReadResultRequest,
+                       jobs_pb2.ReadResultResponse),
+        "CancelJob": (grpc.unary_unary_rpc_method_handler, jobs_pb2.CancelJobRequest, jobs_pb2.CancelJobResponse),
+    }
+    handlers = {
+        name: make(getattr(servicer, name), request_deserializer=request.FromString, response_serializer=_serialize)
+        for name, (make, request, _) in rpcs.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("tether.v1.JobService", handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers("tether.v1.JobService", handlers)

@@ -26,7 +26,7 @@ from .jobs import Job
 from .local_calls import LocalCaller, LocalLink
 from .program_codec import DecodedProgram
 from .registry import HostedModel
-from .results import encode_result
+from .results import encode_result_pieces
 
 __all__ = ["Limits", "JobLimits", "ModelQueue", "JobLog"]
 
@@ -238,7 +238,7 @@ class _Run:
                              filename=decoded.body_filename, local=handler, log=log,
                              cancel=self._stop_requested)
             log.flush()
-            result = encode_result(values, decoded.codec.encode, self.limits.max_result_bytes, log)
+            result = encode_result_pieces(values, decoded.codec.encode, self.limits.max_result_bytes, log)
             log.flush()
         except BaseException as error:  # the worker survives anything a program does (SystemExit included)
             log.flush()
