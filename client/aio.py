@@ -24,6 +24,7 @@ from .errors import from_rpc_error
 from .events import JobEvents, mark_pending, state_name
 from .local import LocalCalls
 from .runner import RemoteBackend, _debug, _logger, values_of
+from .wire import split_value_map
 
 __all__ = ["AsyncBackend", "fetch"]
 
@@ -91,7 +92,7 @@ class AsyncBackend:
             display.close()
         self.state = state_name(events.state)
         values = values_of(events.result, job)
-        saved = set(jobs_pb2.JobResult.FromString(bytes(events.result)).saved)
+        saved = set(split_value_map(events.result)[0])
         for name, value in local.kept.items():  # assigned by local() blocks, never sent to the server
             if name in job.assigned and name not in saved:
                 values[name] = value
@@ -145,8 +146,8 @@ async def _watch(stub: Any, metadata: tuple, events: JobEvents, *, timeout: floa
 async def _read_result(stub: Any, metadata: tuple, events: JobEvents) -> None:
     if events.result_complete:
         return
-    request = jobs_pb2.ReadResultRequest(job_id=events.job_id, offset=len(events.result))
+    request = jobs_pb2.ReadResultRequest(job_id=events.job_id, offset=events.received)
     async for response in stub.ReadResult(request, metadata=metadata):
         events.add_result_chunk(response.chunk)
     if not events.result_complete:
-        raise RemoteError(f"job {events.job_id}: the result ended after {len(events.result)} bytes.")
+        raise RemoteError(f"job {events.job_id}: the result ended after {events.received} bytes.")

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from tether.runtime.errors import RemoteError, TetherError
 from tether.runtime.saving import NotReached, StandIn, UnsavedValue, current_scope
 from tether.v1 import jobs_pb2, values_pb2
-from tether.values import from_value_map, import_reference
+from tether.values import decode_value_map, import_reference
 
 from .display import StatusDisplay
 from .encode import CLIENT_MODULE, Job
 from .errors import from_failure
+from .wire import result_buffer, split_value_map
 
-__all__ = ["JobEvents", "PendingValue", "apply_result", "decode_result", "state_name", "resolvers",
+__all__ = ["DecodedResult", "JobEvents", "PendingValue", "apply_result", "decode_result", "state_name", "resolvers",
            "PROGRESS_MIN_BYTES", "TERMINAL"]
 
 PROGRESS_MIN_BYTES = 8 << 20  # results at least this large get a progress bar
@@ -53,7 +54,8 @@ class JobEvents:
         self.last_sequence = 0  # events up to here were handled; a re-attach asks for the ones after
         self.state = jobs_pb2.JOB_STATE_UNSPECIFIED
         self.status: jobs_pb2.JobStatus | None = None  # the latest status event
-        self.result = bytearray()  # serialized JobResult received so far
+        self.result: bytearray | memoryview = bytearray()  # the serialized JobResult (its first `received` bytes so far)
+        self.received = 0  # bytes of it received so far
         self.result_total = -1  # its size once the first chunk said so
         self._log = log
         self._debug = debug
@@ -64,7 +66,7 @@ class JobEvents:
 
     @property
     def result_complete(self) -> bool:
-        return self.result_total >= 0 and len(self.result) == self.result_total
+        return self.result_total >= 0 and self.received == self.result_total
 
     def feed(self, event: jobs_pb2.JobEvent) -> jobs_pb2.LocalCall | None:
         """Handle one event; returns it when it is a local() call for the caller to answer."""
@@ -96,17 +98,29 @@ class JobEvents:
         return None
 
     def add_result_chunk(self, chunk: jobs_pb2.Chunk) -> None:
-        if chunk.offset != len(self.result):
-            if chunk.offset < len(self.result):
+        """Write one chunk into the result buffer (allocated once, at its full size, by the first chunk)."""
+        offset, received = chunk.offset, self.received
+        if offset != received:
+            if offset < received:
                 return  # a chunk we already have (replayed)
             raise RemoteError(
-                f"job {self.job_id}: result chunk at byte {chunk.offset} but {len(self.result)} bytes were "
+                f"job {self.job_id}: result chunk at byte {offset} but {received} bytes were "
                 "received; the result is incomplete. Fetch it again with tether.client.RemoteBackend(job_id=...)."
             )
-        self.result_total = chunk.total_size
-        self.result += chunk.data
+        data = chunk.data
+        if self.result_total < 0:
+            self.result_total = chunk.total_size
+            self.result = result_buffer(chunk.total_size, data)
+        end = received + len(data)
+        if chunk.total_size != self.result_total or end > self.result_total:
+            raise RemoteError(
+                f"job {self.job_id}: result chunk at byte {offset} ({len(data)} bytes of {chunk.total_size}) does "
+                f"not fit the {self.result_total}-byte result. Fetch it again with tether.client.RemoteBackend(job_id=...)."
+            )
+        self.result[received:end] = data
+        self.received = end
         if self.result_total >= PROGRESS_MIN_BYTES:
-            self.display.progress(len(self.result), self.result_total)
+            self.display.progress(end, self.result_total)
 
     def raise_if_failed(self) -> None:
         if self.state == jobs_pb2.JOB_STATE_ERROR:
@@ -149,28 +163,48 @@ def resolvers(job: Job | None, client_ns: dict | None = None) -> dict[str, Any]:
     return {"resolve_reference": resolve_reference, "resolve_model": resolve_model}
 
 
-def decode_result(data: bytes, job: Job | None) -> tuple[dict[str, Any], list[str], list[str], jobs_pb2.JobResult]:
-    """(saved values, unsaved names, unreached names, the message) of a serialized JobResult."""
-    result = jobs_pb2.JobResult.FromString(bytes(data))
-    saved = from_value_map(result.saved, **resolvers(job))
-    unsaved = list(getattr(result, "unsaved", ()))
-    unreached = list(getattr(result, "unreached", ()))
-    return saved, unsaved, unreached, result
+class DecodedResult(NamedTuple):
+    """A decoded JobResult: values by name, the other names, and each saved value's serialized Value."""
+
+    saved: dict[str, Any]
+    unsaved: list[str]
+    unreached: list[str]
+    unreached_reason: str
+    raw: dict[str, memoryview]  # name -> its Value's bytes (views of the result buffer)
 
 
-def apply_result(job: Job, data: bytes, ns: dict, *, kept: dict[str, Any] | None = None) -> None:
+def decode_result(data: bytes | bytearray | memoryview, job: Job | None) -> DecodedResult:
+    """Decode a serialized JobResult; top-level tensors share `data` when it is writable (no copy)."""
+    raw, rest = split_value_map(data)
+    result = jobs_pb2.JobResult.FromString(rest)  # everything but the saved values: small
+    saved = decode_value_map(data, **resolvers(job))
+    return DecodedResult(saved, list(getattr(result, "unsaved", ())), list(getattr(result, "unreached", ())),
+                         getattr(result, "unreached_reason", ""), raw)
+
+
+def _same_value(sent: bytes, raw: memoryview) -> bool:
+    """Whether a Value the server sent back is the one the client sent (`sent`: deterministic bytes)."""
+    if abs(len(raw) - len(sent)) > 16:
+        return False  # the same message serializes to (nearly: explicit defaults) the same size in any order
+    if raw == sent:
+        return True
+    return values_pb2.Value.FromString(raw).SerializeToString(deterministic=True) == sent
+
+
+def apply_result(job: Job, data: bytes | bytearray | memoryview, ns: dict, *,
+                 kept: dict[str, Any] | None = None) -> None:
     """Write a finished job's values into `ns` (the caller's names) as a local run leaves them.
 
     Saved values join the current SaveScope, so the outermost context's hand-back keeps them (tensors get
     `.value`); unsaved ones become UnsavedValue, unreached ones NotReached. `kept`: values local() blocks
     assigned that stayed on the client, used where the server has none.
     """
-    saved, unsaved, unreached, result = decode_result(data, job)
+    saved, unsaved, unreached, reason, raw = decode_result(data, job)
     kept = kept or {}
     scope = current_scope()
     for name, value in saved.items():
         sent = job.sent.get(name)
-        if sent is not None and name in ns and sent == result.saved[name].SerializeToString(deterministic=True):
+        if sent is not None and name in ns and _same_value(sent, raw[name]):
             continue  # the caller's own value, unchanged: keep the very object, as a local run does
         ns[name] = value
         if scope is not None:
@@ -178,7 +212,7 @@ def apply_result(job: Job, data: bytes, ns: dict, *, kept: dict[str, Any] | None
     for name in unsaved:
         ns[name] = kept[name] if name in kept else UnsavedValue(name)
     for name in unreached:
-        ns[name] = kept[name] if name in kept else NotReached(name, result.unreached_reason)
+        ns[name] = kept[name] if name in kept else NotReached(name, reason)
     mentioned = set(saved) | set(unsaved) | set(unreached)
     for name in job.assigned:
         if name in mentioned:

@@ -14,12 +14,13 @@ from typing import Any
 from tether.runtime.program import local_block_at, run_local_block
 from tether.runtime.saving import StandIn
 from tether.v1 import jobs_pb2, values_pb2
-from tether.values import from_value_map, split_chunks
+from tether.values import decode_value_map, split_chunks
 
 from .display import StatusDisplay
 from .encode import Job, LocalSite, _Encoder
 from .errors import failure_of
 from .events import resolvers
+from .wire import result_buffer
 
 __all__ = ["LocalCalls"]
 
@@ -40,24 +41,33 @@ class LocalCalls:
         self.ns = dict(ns)  # the caller's names, plus what the server sent and the blocks assigned
         self.kept: dict[str, Any] = {}  # names blocks assigned that the server was not sent (it never reads them)
         self.error: BaseException | None = None  # the first exception a block raised; re-raised after the job
-        self._parts: dict[str, bytearray] = {}  # call_id -> chunks of its values received so far
+        self._parts: dict[str, tuple[bytearray | memoryview, int]] = {}  # call_id -> (its values' buffer, bytes in)
         self._encoder = _Encoder(job.model, job.model_name)
 
     def answer(self, call: jobs_pb2.LocalCall) -> list[jobs_pb2.RunJobRequest]:
         """The messages answering `call` once all its chunks arrived ([] while more are expected)."""
-        buf = self._parts.setdefault(call.call_id, bytearray())
         chunk = call.values
-        if chunk.offset != len(buf):
-            raise ValueError(f"local call {call.call_id}: chunk at {chunk.offset}, expected {len(buf)}")
-        buf += chunk.data
-        if len(buf) < chunk.total_size:
+        data, total = chunk.data, chunk.total_size
+        parts = self._parts.get(call.call_id)
+        if parts is None:
+            if chunk.offset == 0 and len(data) == total:  # the usual case: one chunk (tensors copy out of it once)
+                return self._run(call.call_id, call.block_id, data)
+            parts = (result_buffer(total, data), 0)
+        buf, received = parts
+        if chunk.offset != received or received + len(data) > len(buf):
+            raise ValueError(f"local call {call.call_id}: chunk at {chunk.offset} ({len(data)} bytes), expected "
+                             f"{received} of {len(buf)}")
+        buf[received : received + len(data)] = data
+        received += len(data)
+        if received < len(buf):
+            self._parts[call.call_id] = (buf, received)
             return []
-        del self._parts[call.call_id]
-        return self._run(call.call_id, call.block_id, bytes(buf))
+        self._parts.pop(call.call_id, None)
+        return self._run(call.call_id, call.block_id, buf)
 
-    def _run(self, call_id: str, block_id: str, data: bytes) -> list[jobs_pb2.RunJobRequest]:
+    def _run(self, call_id: str, block_id: str, data: bytes | bytearray | memoryview) -> list[jobs_pb2.RunJobRequest]:
         try:
-            values = from_value_map(values_pb2.ValueMap.FromString(data), **resolvers(self._job, self.ns))
+            values = decode_value_map(data, **resolvers(self._job, self.ns))
             block = self._block(block_id)
         except Exception as error:  # tether's own failure to set the block up: report it, as the user's would be
             return self._failed(call_id, error, show=False)

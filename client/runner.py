@@ -167,10 +167,10 @@ class RemoteBackend:
 
 def values_of(data: bytes, job: Job | None) -> dict[str, Any]:
     """A serialized JobResult as a dict of what the caller would see by name."""
-    saved, unsaved, unreached, result = decode_result(data, job)
+    saved, unsaved, unreached, reason, _ = decode_result(data, job)
     out = {name: finalize_saved(value) for name, value in saved.items()}
     out.update({name: UnsavedValue(name) for name in unsaved})
-    out.update({name: NotReached(name, result.unreached_reason) for name in unreached})
+    out.update({name: NotReached(name, reason) for name in unreached})
     return out
 
 
@@ -294,7 +294,7 @@ def _read_result(conn: Connection, metadata: tuple, events: JobEvents) -> None:
     """Complete `events.result` with ReadResult from where the event stream stopped."""
     if events.result_complete:
         return
-    request = jobs_pb2.ReadResultRequest(job_id=events.job_id, offset=len(events.result))
+    request = jobs_pb2.ReadResultRequest(job_id=events.job_id, offset=events.received)
     call = conn.stream(conn.jobs.ReadResult, request, metadata=metadata,
                        on_response=lambda response: events.add_result_chunk(response.chunk))
     try:
@@ -304,5 +304,5 @@ def _read_result(conn: Connection, metadata: tuple, events: JobEvents) -> None:
     except grpc.RpcError as error:
         raise _error(conn, metadata, error) from None
     if not events.result_complete:
-        raise RemoteError(f"job {events.job_id}: the result ended after {len(events.result)} bytes "
+        raise RemoteError(f"job {events.job_id}: the result ended after {events.received} bytes "
                           f"of {events.result_total}.")

@@ -1,0 +1,118 @@
+"""Reading serialized JobResults / ValueMaps (a map<string, Value> at field 1) without parsing their values.
+
+The client assembles a large result in one buffer (`result_buffer`) and lets tether.values.decode_value_map
+decode its tensors in place; this module finds names, raw Value bytes and the message's other fields.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator
+
+__all__ = ["ALIGN", "fields", "result_buffer", "split_value_map"]
+
+ALIGN = 64  # bytes: the first top-level tensor's data starts at this alignment in a result buffer
+
+
+def _varint(view: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(view) or shift > 63:
+            raise ValueError("truncated or corrupt message")
+        byte = view[pos]
+        result |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return result, pos
+
+
+def fields(view: memoryview, *, prefix: bool = False) -> Iterator[tuple[int, int, int, int, memoryview | int]]:
+    """(field number, wire type, start of the field, end of the field, value) of each field of a message.
+
+    Varints come as int, length-delimited fields as a view of their payload (it starts at end - len),
+    fixed ones as a view. `prefix`: `view` is the start of a message; a length-delimited field it cuts off
+    comes as the part it has (its end is then len(view)).
+    """
+    pos, n = 0, len(view)
+    while pos < n:
+        start = pos
+        tag, pos = _varint(view, pos)
+        wire = tag & 7
+        if wire == 0:
+            value, pos = _varint(view, pos)
+        elif wire == 2:
+            size, pos = _varint(view, pos)
+            if pos + size > n:
+                if not prefix:
+                    raise ValueError("truncated or corrupt message")
+                size = n - pos
+            value, pos = view[pos : pos + size], pos + size
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            if pos + width > n:
+                raise ValueError("truncated or corrupt message")
+            value, pos = view[pos : pos + width], pos + width
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+        yield tag >> 3, wire, start, pos, value
+
+
+def split_value_map(data: bytes | bytearray | memoryview) -> tuple[dict[str, memoryview], bytes]:
+    """(raw Value bytes by name, the message's other fields serialized) of a ValueMap / JobResult."""
+    view = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
+    named: dict[str, memoryview] = {}
+    rest: list[memoryview] = []
+    for number, wire, start, end, value in fields(view):
+        if number != 1 or wire != 2:
+            rest.append(view[start:end])
+            continue
+        name, raw = "", memoryview(b"")
+        for entry_number, entry_wire, _, _, entry_value in fields(value):
+            if entry_number == 1 and entry_wire == 2:
+                name = bytes(entry_value).decode()
+            elif entry_number == 2 and entry_wire == 2:
+                raw = entry_value
+        named[name] = raw
+    return named, b"".join(rest)
+
+
+def _first_tensor_data(view: memoryview) -> int:
+    """Offset of the first top-level tensor's data in a (prefix of a) ValueMap / JobResult; -1 if not seen."""
+    try:
+        for number, wire, _, end, entry in fields(view, prefix=True):
+            if number != 1 or wire != 2:
+                continue
+            base = end - len(entry)
+            for entry_number, entry_wire, _, entry_end, value in fields(entry, prefix=True):
+                if entry_number != 2 or entry_wire != 2:
+                    continue
+                base += entry_end - len(value)
+                for value_number, value_wire, _, value_end, tensor in fields(value, prefix=True):
+                    if value_number != 1 or value_wire != 2:
+                        return -1
+                    base += value_end - len(tensor)
+                    for tensor_number, tensor_wire, _, tensor_end, data in fields(tensor, prefix=True):
+                        if tensor_number == 3 and tensor_wire == 2:
+                            return base + tensor_end - len(data) if len(data) else -1
+                    return -1
+            return -1
+    except ValueError:  # the prefix ended inside a field: the first tensor is not in it
+        pass
+    return -1
+
+
+def result_buffer(total: int, first: bytes | bytearray | memoryview = b"") -> bytearray | memoryview:
+    """A writable buffer of `total` bytes to assemble a serialized ValueMap / JobResult in.
+
+    `first` is the start of the message (its first chunk): if it shows where the first top-level tensor's
+    data lies, the buffer is placed so that data is ALIGN-aligned, so the tensor can use it in place.
+    """
+    if total < 4096:
+        return bytearray(total)
+    offset = _first_tensor_data(memoryview(first).cast("B")) if len(first) else -1
+    if offset < 0:
+        return bytearray(total)
+    storage = bytearray(total + ALIGN)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(storage))
+    shift = (-(address + offset)) % ALIGN
+    return memoryview(storage)[shift : shift + total]
