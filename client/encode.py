@@ -11,6 +11,7 @@ import inspect
 import linecache
 import sys
 import textwrap
+import threading
 import types
 import uuid
 from dataclasses import dataclass, field
@@ -92,7 +93,7 @@ def build_job(context: Any, ns: dict) -> Job:
         kind = "scan" if getattr(context, "_scan", False) else context._mode
     program = program_of(context, kind)
     block = context.block
-    body = _Body(block.node.body)
+    body = _body_of(block)
     encoder = _Encoder(model, model_name)
 
     msg = program_pb2.Program(
@@ -121,8 +122,9 @@ def build_job(context: Any, ns: dict) -> Job:
         if value is not None:
             msg.bindings[name].CopyFrom(value)
             job.sent[name] = value.SerializeToString(deterministic=True)
-    text = "".join(linecache.getlines(block.filename))
-    for local in body.local_blocks(body.remote_stores):
+    locals_ = body.local_blocks(body.remote_stores) if body.locals else []
+    text = "".join(linecache.getlines(block.filename)) if locals_ else ""
+    for local in locals_:
         msg.local_blocks.append(local)
         job.sites[local.block_id] = LocalSite(block.filename, text, local.first_line)
     for fn, site in encoder.shipped():
@@ -199,6 +201,24 @@ class _Body:
                 reads=sorted(loads & remote_assigned), writes=list(writes),
             ))
         return blocks
+
+
+_BODY_CACHE_SIZE = 512
+_bodies: dict[tuple[str, int, str], _Body] = {}  # (filename, first_line, source) -> its _Body (read-only)
+_bodies_lock = threading.Lock()
+
+
+def _body_of(block: Any) -> _Body:
+    """The _Body of a captured block, walked once per distinct body (the walk is the costly part)."""
+    key = (block.filename, block.first_line, block.source)
+    body = _bodies.get(key)
+    if body is None:
+        body = _Body(block.node.body)
+        with _bodies_lock:
+            if len(_bodies) >= _BODY_CACHE_SIZE:
+                _bodies.clear()
+            _bodies[key] = body
+    return body
 
 
 # --------------------------------------------------------------------------------------------- values

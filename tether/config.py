@@ -17,6 +17,7 @@ __all__ = ["CONFIG", "Config", "DEFAULT_HOST", "config_path"]
 DEFAULT_HOST = "127.0.0.1:8765"
 
 _file_lock = threading.Lock()  # guards reads and writes of the user config file
+_file_cache: tuple[Path, int, int, dict[str, Any]] | None = None  # guarded by _file_lock: (path, mtime_ns, size, data)
 
 
 def config_path() -> Path:
@@ -26,16 +27,28 @@ def config_path() -> Path:
 
 
 def _read_file() -> dict[str, Any]:
+    """The user config file's settings, parsed again only when its path, mtime or size changed."""
+    global _file_cache
     path = config_path()
     with _file_lock:
+        try:
+            st = path.stat()
+        except OSError:
+            return {}
+        cached = _file_cache
+        if cached is not None and cached[0] == path and cached[1] == st.st_mtime_ns and cached[2] == st.st_size:
+            return cached[3]
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             return {}
-    return data if isinstance(data, dict) else {}
+        data = data if isinstance(data, dict) else {}
+        _file_cache = (path, st.st_mtime_ns, st.st_size, data)
+    return data
 
 
 def _update_file(**entries: Any) -> Path:
+    global _file_cache
     path = config_path()
     with _file_lock:
         try:
@@ -49,6 +62,7 @@ def _update_file(**entries: Any) -> Path:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         os.chmod(tmp, 0o600)  # the file holds an API key
         os.replace(tmp, path)
+        _file_cache = None
     return path
 
 
