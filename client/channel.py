@@ -72,6 +72,7 @@ class _LoopThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="tether-grpc", daemon=True)
         self.thread.start()
+        self.ident = self.thread.ident
 
     def submit(self, coro: Coroutine) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -119,41 +120,58 @@ class Stream:
     """One streaming call, run on the loop thread and read (and for RunJob written) from the caller's."""
 
     def __init__(self, conn: Connection, method: Any, request: Any, metadata: tuple, timeout: float | None,
-                 on_response: Callable[[Any], Any] | None = None):
+                 on_response: Callable[[Any], Any] | None = None, first: Any = None):
         self._loop = conn.loop
         self._on_response = on_response  # runs on the loop thread: what to hand the reader (None: nothing)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # responses, then _END or the RpcError
-        self._outbox: asyncio.Queue = asyncio.Queue()  # used on the loop thread: messages to write; None ends
+        self._outbox: asyncio.Queue | None = None  # loop thread only: messages to write; None ends
+        self._writer: asyncio.Future | None = None  # loop thread only: writes the outbox, from the first send()
         self._call: Any = None  # loop thread only
         self._cancelled = ""  # why cancel() was called; read by the loop thread after the call ends
-        self._loop.submit(self._run(method, request, metadata, timeout))
+        self._closed = False  # the client's side was ended (send(None)); later sends are dropped
+        self.finished = False  # the call ended (every response is in the inbox)
+        self._loop.loop.call_soon_threadsafe(self._start, method, request, metadata, timeout, first)
 
-    async def _run(self, method: Any, request: Any, metadata: tuple, timeout: float | None) -> None:
-        writer = None
+    def _start(self, method: Any, request: Any, metadata: tuple, timeout: float | None, first: Any) -> None:
+        """On the loop thread: start the call (so a send() queued after this finds it) and its reader."""
         try:
-            if request is None:  # bidirectional: messages come from send()
+            if request is None:  # bidirectional: `first`, then messages from send()
                 self._call = method(metadata=metadata, timeout=timeout)
-                writer = asyncio.ensure_future(self._write(self._call))
             else:
                 self._call = method(request, metadata=metadata, timeout=timeout)
+        except BaseException as error:
+            self.finished = True
+            self._inbox.put(error)
+            return
+        self._task = self._loop.loop.create_task(self._run(first))
+
+    async def _run(self, first: Any) -> None:
+        try:
             if self._cancelled:
                 self._call.cancel()
+            if first is not None:
+                await self._call.write(first)
+            inbox, on_response = self._inbox, self._on_response
             async for response in self._call:
-                item = response if self._on_response is None else self._on_response(response)
+                item = response if on_response is None else on_response(response)
                 if item is not None:
-                    self._inbox.put(item)
-            self._inbox.put(_END)
+                    inbox.put(item)
+            self.finished = True
+            inbox.put(_END)
         except grpc.RpcError as error:
+            self.finished = True
             self._inbox.put(_Cancelled(self._cancelled) if self._cancelled else error)
         except asyncio.CancelledError:
+            self.finished = True
             self._inbox.put(_Cancelled(self._cancelled or "cancelled"))
         except BaseException as error:  # on_response failed: stop the call, never leave the reader waiting
+            self.finished = True
             if self._call is not None:
                 self._call.cancel()
             self._inbox.put(error)
         finally:
-            if writer is not None:
-                writer.cancel()
+            if self._writer is not None:
+                self._writer.cancel()
 
     async def _write(self, call: Any) -> None:
         while (message := await self._outbox.get()) is not None:
@@ -162,9 +180,23 @@ class Stream:
 
     def send(self, message: Any) -> None:
         """Write one message on a bidirectional stream; `None` ends the client's side."""
-        self._loop.loop.call_soon_threadsafe(self._put, message)
+        if self._closed or self.finished:
+            return  # nothing more goes out (the server ended the call, or the client's side is closed)
+        if message is None:
+            self._closed = True
+        if threading.get_ident() == self._loop.ident:
+            self._put(message)
+        else:
+            self._loop.loop.call_soon_threadsafe(self._put, message)
 
     def _put(self, message: Any) -> None:
+        if self.finished or self._call is None:  # ended (or failed to start): nothing more goes out
+            return
+        if self._writer is None:
+            if message is None:
+                return  # nothing was written after `first`: the call ends without a half-close of ours
+            self._outbox = asyncio.Queue()
+            self._writer = asyncio.ensure_future(self._write(self._call))
         self._outbox.put_nowait(message)
 
     def cancel(self, reason: str = "cancelled by the client") -> None:
@@ -214,13 +246,14 @@ class Connection:
         return self.loop.call(call())
 
     def stream(self, method: Any, request: Any = None, *, metadata: tuple = (), timeout: float | None = None,
-               on_response: Callable[[Any], Any] | None = None) -> Stream:
-        """Start a streaming call: server streaming with `request`, bidirectional without.
+               on_response: Callable[[Any], Any] | None = None, first: Any = None) -> Stream:
+        """Start a streaming call: server streaming with `request`, bidirectional without (`first`: its
+        first message, written as the call starts).
 
         `on_response(response)`, if given, runs on the loop thread as each response arrives and returns
         what to hand to the reader (None: nothing), so routine events cost no thread switch.
         """
-        return Stream(self, method, request, metadata, timeout, on_response)
+        return Stream(self, method, request, metadata, timeout, on_response, first)
 
     @contextmanager
     def track(self, call: Any, job_id: Callable[[], str] | str = "") -> Iterator[Any]:

@@ -228,8 +228,8 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
             call.send(None)
         return local_call
 
-    call = conn.stream(conn.jobs.RunJob, metadata=metadata, on_response=on_response)
-    call.send(jobs_pb2.RunJobRequest(job=job.spec))
+    call = conn.stream(conn.jobs.RunJob, metadata=metadata, on_response=on_response,
+                       first=jobs_pb2.RunJobRequest(job=job.spec))
     try:
         with conn.track(call, lambda: events.job_id):
             for local_call in call:
