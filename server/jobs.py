@@ -154,8 +154,9 @@ class Job:
     def done(self) -> bool:
         return self.status.state in TERMINAL
 
-    def event(self, **fields) -> int:
-        """Append an event (status=, log=, local_call=); returns its sequence."""
+    def event(self, *, notify: bool = True, **fields) -> int:
+        """Append an event (status=, log=, local_call=); returns its sequence. notify=False leaves waking the
+        watchers to the next event (one that follows at once), so they take both in one pass."""
         with self.cond:
             sequence = len(self._events) + 1
             if "local_call" in fields:
@@ -163,7 +164,8 @@ class Job:
             self._events.append(
                 jobs_pb2.JobEvent(job_id=self.id, sequence=sequence, time=_now(), **fields)
             )
-            self.cond.notify_all()
+            if notify:
+                self.cond.notify_all()
             return sequence
 
     def set_state(
@@ -174,8 +176,10 @@ class Job:
         failure: failure_pb2.Failure | None = None,
         queue_position: int = 0,
         code: grpc.StatusCode | None = None,
+        notify: bool = True,
     ) -> bool:
-        """Move to `state` and log it; False (nothing changes) once the job is terminal or for a step back."""
+        """Move to `state` and log it; False (nothing changes) once the job is terminal or for a step back.
+        notify=False: the caller logs another event at once, which wakes the watchers (see `event`)."""
         with self.cond:
             if self.done or _ORDER.get(state, 9) < _ORDER.get(self.status.state, 0):
                 return False
@@ -185,7 +189,7 @@ class Job:
             self.update_time = _now()
             if state in TERMINAL:
                 self.failure_code = code
-            self.event(status=self.status)
+            self.event(status=self.status, notify=notify)
             return True
 
     def complete(self, result: bytes | list | ResultBytes, chunk_size: int, ttl: float) -> None:

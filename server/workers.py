@@ -189,7 +189,9 @@ class ModelQueue:
     def _work(self, replica) -> None:
         while (entry := self._take()) is not None:
             try:
-                if entry.job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, f"on worker {threading.current_thread().name}"):
+                # run() logs RUNNING (or the job's end) right after: watchers wake once for both
+                if entry.job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, f"on worker {threading.current_thread().name}",
+                                       notify=False):
                     _Run(entry, replica, self.limits).run()
             finally:
                 entry.decoded.release()
