@@ -38,9 +38,8 @@ def state_name(state: int) -> str:
 
 
 def _now() -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
+    ns = time.time_ns()  # (GetCurrentTime goes through datetime: ~5x slower)
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
 class ResultBytes:
