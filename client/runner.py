@@ -224,12 +224,15 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
         local_call = events.feed(response.event)
         if context.job_id is None and events.job_id:
             context.job_id = events.job_id
-        if events.done:
-            call.send(None)
+        if events.done and started:
+            started[0].send(None)
         return local_call
+
+    started: list[Any] = []  # the call, once started (a fast job can end before `call` is bound)
 
     call = conn.stream(conn.jobs.RunJob, metadata=metadata, on_response=on_response,
                        first=jobs_pb2.RunJobRequest(job=job.spec))
+    started.append(call)
     try:
         with conn.track(call, lambda: events.job_id):
             for local_call in call:

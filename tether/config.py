@@ -20,10 +20,17 @@ _file_lock = threading.Lock()  # guards reads and writes of the user config file
 _file_cache: tuple[Path, int, int, dict[str, Any]] | None = None  # guarded by _file_lock: (path, mtime_ns, size, data)
 
 
+_paths: dict[tuple[str | None, str | None], Path] = {}  # (XDG_CONFIG_HOME, HOME) -> config_path()
+
+
 def config_path() -> Path:
     """The user config file: $XDG_CONFIG_HOME/tether/config.json, else ~/.config/tether/config.json."""
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "tether" / "config.json"
+    key = (os.environ.get("XDG_CONFIG_HOME"), os.environ.get("HOME"))
+    path = _paths.get(key)
+    if path is None:
+        base = key[0] or os.path.join(os.path.expanduser("~"), ".config")
+        path = _paths[key] = Path(base) / "tether" / "config.json"
+    return path
 
 
 def _read_file() -> dict[str, Any]:
