@@ -39,7 +39,8 @@ def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], valu
     torch.Generator, or a function the program defined) is left out, with a line in the job's log.
     Tensors take tether.values' wire fast path: their pieces are views of the tensors' memory (no copy;
     each chunk sent copies its part once), except for tensors that a later job could change in place (a
-    model's parameters, and views of them), which are copied once here so the kept result cannot change.
+    model's parameters, and views of them), which are copied once here so the kept result cannot change,
+    and small views of large storages (see _shared).
     """
     pieces: list[bytes | memoryview] = []
     sizes: dict[str, int] = {}
@@ -79,11 +80,6 @@ def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], valu
     return pieces
 
 
-def _shared(t: torch.Tensor) -> bool:
-    """Whether a tensor's memory belongs to something that outlives the job (a parameter, or a view of one)."""
-    return isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter) or t.requires_grad
-
-
 def _importable(reference: values_pb2.Reference, value: Any) -> bool:
     try:
         return import_reference(reference) is value
@@ -111,3 +107,15 @@ def _sendable(value: Any) -> bool:
     if module.startswith("tether.runtime.") and not module.endswith((".envoy", ".model", ".language_model")):
         return module == "tether.runtime.saving"  # SavedTensor
     return True
+
+
+def _shared(t: torch.Tensor) -> bool:
+    """Whether the result should not keep a view of the tensor's memory: it belongs to something that
+    outlives the job (a parameter, a view of one, a leaf that requires grad), or the tensor is a small part
+    of a larger storage (keeping the view would keep all of it alive for the result's retention time)."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        return False  # the encoder sends a fresh copy (on the host, contiguous) anyway
+    if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter) or (t.is_leaf and t.requires_grad):
+        return True
+    size = t.numel() * t.element_size()
+    return t.untyped_storage().nbytes() > 2 * size + (64 << 10)
