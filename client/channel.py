@@ -18,7 +18,9 @@ from typing import Any
 import grpc
 
 from tether.runtime.errors import RemoteError
-from tether.v1 import jobs_pb2_grpc, models_pb2_grpc
+from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2_grpc
+
+from .wire import chunk_deserializer, event_deserializer
 
 __all__ = ["Connection", "Stream", "connect", "resolve_host", "resolve_api_key", "auth_metadata",
            "channel_options", "close_all", "MAX_MESSAGE_BYTES"]
@@ -228,11 +230,24 @@ class Connection:
         self.loop = _loop()
         self.channel = self.loop.call(self._open())
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
+        self._raw_result_methods()
         self.models = models_pb2_grpc.ModelServiceStub(self.channel)
         self._lock = threading.Lock()
         self._pending: dict[Any, str] = {}  # guarded by _lock: call -> why it was cancelled ("" while live)
         self._pending_changed = threading.Condition(self._lock)  # notified when _pending gains or loses a call
         self._watcher = self.loop.submit(self._watch_state())
+
+    def _raw_result_methods(self) -> None:
+        """RunJob, WatchJob and ReadResult hand large result chunks over as views of the bytes received."""
+        for name, kind, response, deserializer in (
+            ("RunJob", "stream_stream", jobs_pb2.RunJobResponse, event_deserializer),
+            ("WatchJob", "unary_stream", jobs_pb2.WatchJobResponse, event_deserializer),
+            ("ReadResult", "unary_stream", jobs_pb2.ReadResultResponse, chunk_deserializer),
+        ):
+            request = getattr(jobs_pb2, f"{name}Request")
+            setattr(self.jobs, name, getattr(self.channel, kind)(
+                f"/tether.v1.JobService/{name}", request_serializer=request.SerializeToString,
+                response_deserializer=deserializer(response), _registered_method=True))
 
     async def _open(self) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(self.host, options=channel_options())

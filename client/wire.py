@@ -7,9 +7,11 @@ decode its tensors in place; this module finds names, raw Value bytes and the me
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-__all__ = ["ALIGN", "fields", "result_buffer", "split_value_map"]
+__all__ = ["ALIGN", "RawChunk", "RawResponse", "RawResultEvent", "chunk_deserializer", "event_deserializer", "fields",
+           "result_buffer", "split_value_map"]
 
 ALIGN = 64  # bytes: the first top-level tensor's data starts at this alignment in a result buffer
 
@@ -116,3 +118,108 @@ def result_buffer(total: int, first: bytes | bytearray | memoryview = b"") -> by
     address = ctypes.addressof(ctypes.c_char.from_buffer(storage))
     shift = (-(address + offset)) % ALIGN
     return memoryview(storage)[shift : shift + total]
+
+
+# ------------------------------------------------------------------- result chunks read off the wire as views
+
+RAW_MIN_BYTES = 64 << 10  # responses at least this large are checked for a result chunk to read in place
+
+
+class RawChunk:
+    """A Chunk whose data is a view of the response's bytes (no copy); reads like jobs_pb2.Chunk."""
+
+    __slots__ = ("offset", "data", "total_size")
+
+    def __init__(self, offset: int, data: memoryview, total_size: int):
+        self.offset, self.data, self.total_size = offset, data, total_size
+
+
+class RawResultEvent:
+    """A JobEvent that carries a result chunk, read without copying the chunk's data."""
+
+    __slots__ = ("job_id", "sequence", "result")
+
+    def __init__(self, job_id: str, sequence: int, result: RawChunk):
+        self.job_id, self.sequence, self.result = job_id, sequence, result
+
+    def WhichOneof(self, name: str) -> str | None:  # noqa: N802 (protobuf's name)
+        return "result" if name == "event" else None
+
+
+class RawResponse:
+    """A RunJobResponse / WatchJobResponse / ReadResultResponse holding a RawResultEvent or a RawChunk."""
+
+    __slots__ = ("event", "chunk")
+
+    def __init__(self, event: RawResultEvent | None = None, chunk: RawChunk | None = None):
+        self.event, self.chunk = event, chunk
+
+
+def _int64(n: int) -> int:
+    return n - (1 << 64) if n >= 1 << 63 else n
+
+
+def _raw_chunk(view: memoryview) -> RawChunk:
+    offset, data, total = 0, memoryview(b""), 0
+    for number, wire, _, _, value in fields(view):
+        if number == 1 and wire == 0:
+            offset = _int64(value)
+        elif number == 2 and wire == 2:
+            data = value
+        elif number == 3 and wire == 0:
+            total = _int64(value)
+    return RawChunk(offset, data, total)
+
+
+def _raw_result_event(view: memoryview) -> RawResultEvent | None:
+    """The event, if it is a result chunk (else None: protobuf parses it)."""
+    job_id, sequence, chunk = "", 0, None
+    for number, wire, _, _, value in fields(view):
+        if number == 1 and wire == 2:
+            job_id = bytes(value).decode()
+        elif number == 2 and wire == 0:
+            sequence = _int64(value)
+        elif number == 6 and wire == 2:
+            chunk = _raw_chunk(value)
+        elif number in (4, 5, 7):
+            return None  # another kind of event (a later oneof field would win; not sent by servers)
+    return RawResultEvent(job_id, sequence, chunk) if chunk is not None else None
+
+
+def event_deserializer(message_type: type) -> Callable[[bytes], Any]:
+    """A response deserializer for RunJob / WatchJob (`message_type`: its response, an `event` at field 1):
+    large result-chunk events come as RawResponse (data a view of the bytes received), the rest as usual."""
+    parse = message_type.FromString
+
+    def deserialize(raw: bytes) -> Any:
+        if len(raw) >= RAW_MIN_BYTES:
+            try:
+                for number, wire, _, _, value in fields(memoryview(raw)):
+                    if number == 1 and wire == 2:
+                        event = _raw_result_event(value)
+                        if event is not None:
+                            return RawResponse(event=event)
+                    break
+            except ValueError:
+                pass  # protobuf says what is wrong with it
+        return parse(raw)
+
+    return deserialize
+
+
+def chunk_deserializer(message_type: type) -> Callable[[bytes], Any]:
+    """A response deserializer for ReadResult (a `chunk` at field 1): large chunks as RawResponse."""
+    parse = message_type.FromString
+
+    def deserialize(raw: bytes) -> Any:
+        if len(raw) >= RAW_MIN_BYTES:
+            try:
+                for number, wire, _, _, value in fields(memoryview(raw)):
+                    if number == 1 and wire == 2:
+                        return RawResponse(chunk=_raw_chunk(value))
+                    break
+            except ValueError:
+                pass
+        return parse(raw)
+
+    return deserialize
