@@ -97,12 +97,6 @@ def chunk_length(offset: int, size: int, total: int) -> int:
         (1 + len(_varint(total))) if total else 0)
 
 
-def _frame(event: jobs_pb2.JobEvent) -> bytes:
-    """The serialized RunJobResponse / WatchJobResponse (the same bytes: `event = 1` in both) of an event."""
-    body = event.SerializeToString()
-    return b"".join([_field(b"\x0a", len(body)), body])
-
-
 @dataclass(frozen=True)
 class _ResultChunk:
     """A result-chunk event, kept as a position in Job.result (the bytes are not stored twice)."""
@@ -138,7 +132,9 @@ class Job:
         self.expire_time: timestamp_pb2.Timestamp | None = None  # guarded by cond: the same, as wall time
         # guarded by cond; index = sequence - 1. Entries are never changed once appended (forget_payload
         # replaces them), so readers may serialize them outside the lock.
-        self._events: list[jobs_pb2.JobEvent | _ResultChunk] = []
+        # Events are kept inside their RunJobResponse (the same bytes as a WatchJobResponse): serialized once
+        # per send, with no copy into a response message.
+        self._events: list[jobs_pb2.RunJobResponse | _ResultChunk] = []
         self._local_calls: dict[str, list[int]] = {}  # guarded by cond: call_id -> indexes of its events
         self.link = None  # set once, before the job is queued: its LocalLink (RunJob jobs only)
         self.on_end: Callable[[Job], None] | None = None  # set once by JobStore.add: learns the expiry time
@@ -157,15 +153,38 @@ class Job:
         """Append an event (status=, log=, local_call=); returns its sequence. notify=False leaves waking the
         watchers to the next event (one that follows at once), so they take both in one pass."""
         with self.cond:
-            sequence = len(self._events) + 1
-            if "local_call" in fields:
-                self._local_calls.setdefault(fields["local_call"].call_id, []).append(sequence - 1)
-            self._events.append(
-                jobs_pb2.JobEvent(job_id=self.id, sequence=sequence, time=_now(), **fields)
-            )
-            if notify:
-                self.cond.notify_all()
-            return sequence
+            response = self._response(len(self._events) + 1)
+            for name, value in fields.items():
+                getattr(response.event, name).CopyFrom(value)
+            return self._append(response, notify)
+
+    def local_call(self, call_id: str, block_id: str, offset: int, data: bytes, total: int) -> int:
+        """Append a local_call event carrying one chunk of the call's values (built in place: one copy)."""
+        with self.cond:
+            response = self._response(len(self._events) + 1)
+            call = response.event.local_call
+            call.call_id, call.block_id = call_id, block_id
+            call.values.offset, call.values.data, call.values.total_size = offset, data, total
+            return self._append(response, True)
+
+    def _response(self, sequence: int, stamp: timestamp_pb2.Timestamp | None = None) -> jobs_pb2.RunJobResponse:
+        response = jobs_pb2.RunJobResponse()
+        event = response.event
+        event.job_id, event.sequence = self.id, sequence
+        if stamp is None:
+            ns = time.time_ns()
+            event.time.seconds, event.time.nanos = ns // 1_000_000_000, ns % 1_000_000_000
+        else:
+            event.time.CopyFrom(stamp)
+        return response
+
+    def _append(self, response: jobs_pb2.RunJobResponse, notify: bool) -> int:
+        if response.event.WhichOneof("event") == "local_call":  # indexed for forget_payload
+            self._local_calls.setdefault(response.event.local_call.call_id, []).append(len(self._events))
+        self._events.append(response)
+        if notify:
+            self.cond.notify_all()
+        return len(self._events)
 
     def set_state(
         self,
@@ -270,12 +289,13 @@ class Job:
             finished = self.done and after + len(entries) == len(self._events)
             result = self.result
         return [
-            e.frame(self.id, result) if isinstance(e, _ResultChunk) else _frame(e) for e in entries
+            e.frame(self.id, result) if isinstance(e, _ResultChunk) else e.SerializeToString() for e in entries
         ], finished
 
-    def _materialize(self, entry: jobs_pb2.JobEvent | _ResultChunk, result: ResultBytes | None) -> jobs_pb2.JobEvent:
-        if isinstance(entry, jobs_pb2.JobEvent):
-            return entry
+    def _materialize(self, entry: jobs_pb2.RunJobResponse | _ResultChunk,
+                     result: ResultBytes | None) -> jobs_pb2.JobEvent:
+        if not isinstance(entry, _ResultChunk):
+            return entry.event
         chunk = jobs_pb2.Chunk(
             offset=entry.offset,
             data=b"".join(result.views(entry.offset, entry.size)),
@@ -289,15 +309,13 @@ class Job:
         indexed by call id (no scan); entries are replaced, not changed, as readers may be serializing them."""
         with self.cond:
             for index in self._local_calls.pop(call_id, ()):
-                old = self._events[index]
+                old = self._events[index].event
                 call = old.local_call
-                self._events[index] = jobs_pb2.JobEvent(
-                    job_id=old.job_id, sequence=old.sequence, time=old.time,
-                    local_call=jobs_pb2.LocalCall(
-                        call_id=call.call_id, block_id=call.block_id,
-                        values=jobs_pb2.Chunk(offset=call.values.offset, total_size=call.values.total_size),
-                    ),
-                )
+                response = self._response(old.sequence, old.time)
+                kept = response.event.local_call
+                kept.call_id, kept.block_id = call.call_id, call.block_id
+                kept.values.offset, kept.values.total_size = call.values.offset, call.values.total_size
+                self._events[index] = response
 
     def info(self, queue_position: int = 0) -> jobs_pb2.JobInfo:
         with self.cond:

@@ -14,7 +14,7 @@ import torch
 
 from tether.runtime.capture import Block
 from tether.v1 import jobs_pb2
-from tether.values import encode_value_map, join_chunks, split_chunks
+from tether.values import encode_value_map, join_chunks, split_pieces
 
 from .errors import JobCancelledError, JobTimeout, LocalBlockFailed, LocalCallFailed
 from .jobs import Job
@@ -77,8 +77,8 @@ class LocalLink:
             if self._closed is not None:
                 raise LocalCallFailed(f"cannot run the local() block {block_id}: {self._closed}")
             self._open, self._parts, self._failure = call_id, [], None
-            for chunk in split_chunks(payload):
-                job.event(local_call=jobs_pb2.LocalCall(call_id=call_id, block_id=block_id, values=chunk))
+            for offset, data, total in split_pieces(payload):
+                job.local_call(call_id, block_id, offset, data, total)
             answer_by = min(deadline, time.monotonic() + local_timeout)
             try:
                 while True:

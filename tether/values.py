@@ -34,6 +34,7 @@ __all__ = [
     "import_reference",
     "join_chunks",
     "split_chunks",
+    "split_pieces",
     "to_value",
     "to_value_map",
 ]
@@ -583,6 +584,14 @@ def split_chunks(
 ) -> Iterator[jobs_pb2.Chunk]:
     """Chunk messages of at most chunk_size bytes covering `data`: bytes, or pieces from encode_value_map
     (one empty chunk for empty data). Each chunk's bytes are the only copy made."""
+    for offset, part, total in split_pieces(data, chunk_size):
+        yield jobs_pb2.Chunk(offset=offset, data=part, total_size=total)
+
+
+def split_pieces(
+    data: bytes | bytearray | memoryview | Iterable[bytes | memoryview], chunk_size: int = CHUNK_SIZE
+) -> Iterator[tuple[int, bytes, int]]:
+    """split_chunks' (offset, data, total_size) of each chunk, for callers that build the Chunk in place."""
     pieces = [memoryview(data).cast("B")] if isinstance(data, (bytes, bytearray, memoryview)) else data
     pieces = [memoryview(p).cast("B") for p in pieces]
     total = sum(len(p) for p in pieces)
@@ -594,10 +603,10 @@ def split_chunks(
             pending.append(take)
             pending_size += len(take)
             if pending_size == chunk_size:
-                yield jobs_pb2.Chunk(offset=offset, data=b"".join(pending), total_size=total)
+                yield offset, b"".join(pending), total
                 offset, pending, pending_size = offset + pending_size, [], 0
     if pending_size or total == 0:
-        yield jobs_pb2.Chunk(offset=offset, data=b"".join(pending), total_size=total)
+        yield offset, b"".join(pending), total
 
 
 def join_chunks(chunks: Iterable[jobs_pb2.Chunk]) -> bytearray:
