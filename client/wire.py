@@ -14,6 +14,7 @@ __all__ = ["ALIGN", "RawChunk", "RawResponse", "RawResultEvent", "chunk_deserial
            "result_buffer", "split_value_map"]
 
 ALIGN = 64  # bytes: the first top-level tensor's data starts at this alignment in a result buffer
+ALIGN_MIN_BYTES = 1 << 20  # smaller buffers are not aligned
 
 
 def _varint(view: memoryview, pos: int) -> tuple[int, int]:
@@ -109,8 +110,8 @@ def result_buffer(total: int, first: bytes | bytearray | memoryview = b"") -> by
     `first` is the start of the message (its first chunk): if it shows where the first top-level tensor's
     data lies, the buffer is placed so that data is ALIGN-aligned, so the tensor can use it in place.
     """
-    if total < 4096:
-        return bytearray(total)
+    if total < ALIGN_MIN_BYTES:
+        return bytearray(total)  # small: a misaligned tensor is cheaply copied
     offset = _first_tensor_data(memoryview(first).cast("B")) if len(first) else -1
     if offset < 0:
         return bytearray(total)
