@@ -216,7 +216,7 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
     `context.job_id` is set as soon as the server names the job (local() blocks can read it).
     """
     events = JobEvents(display, log=_logger(), debug=_debug())
-    local = LocalCalls(job, ns, display)
+    local: LocalCalls | None = None  # made when the first local() call arrives (most jobs have none)
     display.update(state="SUBMITTING")
 
     def on_response(response: jobs_pb2.RunJobResponse) -> jobs_pb2.LocalCall | None:
@@ -236,6 +236,8 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
     try:
         with conn.track(call, lambda: events.job_id):
             for local_call in call:
+                if local is None:
+                    local = LocalCalls(job, ns, display)
                 for message in local.answer(local_call):
                     call.send(message)
     except grpc.RpcError as error:
@@ -260,11 +262,11 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
         call.send(None)
     if not events.done:
         _follow(conn, metadata, events)
-    if local.error is not None:
+    if local is not None and local.error is not None:
         raise local.error
     events.raise_if_failed()
     _read_result(conn, metadata, events)
-    apply_result(job, events.result, ns, kept=local.kept)
+    apply_result(job, events.result, ns, kept=local.kept if local is not None else None)
     return events
 
 
