@@ -23,11 +23,9 @@ import cProfile
 import functools
 import gc
 import os
-import platform
 import pstats
 import random
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -36,12 +34,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import transformers
 
 import tether
 from tether.runtime.tiny import gpt2_config_model, train_tokenizer
 
 from . import Options
+from ._common import environment, load
 
 __all__ = ["run", "main"]
 
@@ -427,39 +425,8 @@ def _x(value: float) -> str:
 
 
 def _environment(nnsight: Any, load_at_start: float | None) -> dict:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
-        except Exception:
-            return "?"
-
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "nnsight": getattr(nnsight, "__version__", None) if nnsight is not None else None,
-        "tether_commit": git("rev-parse", "--short", "HEAD"),
-        "tether_uncommitted_changes": git("status", "--porcelain", "--", "runtime", "tether"),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "load_average_1m_at_start_and_end": [load_at_start, _load()],
-    }
-
-
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
+    return {**environment(load_at_start),
+            "nnsight": getattr(nnsight, "__version__", None) if nnsight is not None else None}
 
 
 def run(options: Options | None = None) -> dict:
@@ -470,7 +437,7 @@ def run(options: Options | None = None) -> dict:
     except RuntimeError:  # already set, or parallel work already started
         pass
     notes: list[str] = []
-    load_at_start = _load()
+    load_at_start = load()
     nnsight, note = _import_nnsight(options)
     if note:
         notes.append(note)
@@ -516,15 +483,15 @@ def run(options: Options | None = None) -> dict:
             gc.collect()
     if profile is not None:
         tables += _profile_tables(profile)
-    environment = _environment(nnsight, load_at_start)
-    loads = [x for x in environment["load_average_1m_at_start_and_end"] if x is not None]
+    env = _environment(nnsight, load_at_start)
+    loads = [x for x in env["load_average_1m_at_start_and_end"] if x is not None]
     if loads and max(loads) > (os.cpu_count() or 1) - 0.5:
         notes.append(f"The machine was busy (1-minute load average {loads} on {os.cpu_count()} CPUs): absolute "
                      "times and IQRs are inflated; the paired ratios and differences are the numbers to read.")
     return {
         "name": "local_trace",
         "title": TITLE,
-        "environment": environment,
+        "environment": env,
         "settings": {"widths": list(WIDTHS), "n_layer": N_LAYER, "seq_len": SEQ_LEN, "batch": 1,
                      "new_tokens": NEW_TOKENS, "threads": 1, "budget_scale": options.budget_scale,
                      "no_grad": True, "eval": True},
