@@ -18,7 +18,7 @@ from . import ops
 from .capture import OPS_NAME, Block, SkipBody, bind_target, find_block, restore_trace, skip_body
 from .saving import SaveScope, hand_back
 
-__all__ = ["Context", "Cond", "Iterator", "LocalBlock", "local", "local_handler", "ExitLoop", "run_block"]
+__all__ = ["Context", "Cond", "Iterator", "LocalBlock", "local", "local_handler", "ExitLoop"]
 
 _RUNTIME_DIR = os.path.dirname(os.path.abspath(__file__))
 _PROJECT_DIR = os.path.dirname(_RUNTIME_DIR)
@@ -89,11 +89,6 @@ class Context:
     @property
     def block(self) -> Block:
         return self._block
-
-
-def run_block(block: Block, ns: dict) -> None:
-    """Run a captured block's body in `ns` (the caller's namespace)."""
-    exec(block.code(), ns)
 
 
 class Cond:

@@ -121,11 +121,3 @@ class Envoy:
         self._mediator("all()").enable_all()
         return self
 
-
-def module_tree(envoy: Envoy) -> list[tuple[str, str]]:
-    """(path, class name) of every module, for scans and model specs."""
-    return [(e._path, type(e._module).__name__) for e in envoy.modules()]
-
-
-def is_module(obj: Any) -> bool:
-    return isinstance(obj, torch.nn.Module)

@@ -113,7 +113,7 @@ def execute(model: Any, program: Program, bindings: dict, *, filename: str | Non
     if program.tracer_name:
         ns[program.tracer_name] = context
     scope = SaveScope(tensor_save=program.kind == "session")
-    with scope, local_handler(local or _run_inline), cancel_scope(cancel):
+    with scope, local_handler(local or run_local_block), cancel_scope(cancel):
         context._run(ns)
     return hand_back(ns, block.assigned, scope, bindings, why=context._why_unreached())
 
@@ -130,11 +130,6 @@ def _context(model: Any, program: Program, log: Callable[..., None]) -> Any:
         raise ValueError(f"Unknown program kind {program.kind!r}; expected one of {KINDS}.")
     context.log = log
     return context
-
-
-def _run_inline(block: Block, ns: dict) -> dict:
-    exec(block.code(), ns)
-    return {}
 
 
 def local_block_at(filename: str, text: str, first_line: int) -> Block:
