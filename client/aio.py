@@ -73,9 +73,9 @@ class AsyncBackend:
                 try:
                     await call.write(jobs_pb2.RunJobRequest(job=job.spec))
                     async for response in call:
-                        local_call = events.feed(response.event)
+                        local_calls = events.feed_response(response)
                         self.job_id = events.job_id or self.job_id
-                        if local_call is not None:
+                        for local_call in local_calls:
                             for message in local.answer(local_call):
                                 await call.write(message)
                         if events.done:
@@ -137,7 +137,7 @@ async def _watch(stub: Any, metadata: tuple, events: JobEvents, *, timeout: floa
     request = jobs_pb2.WatchJobRequest(job_id=events.job_id, after_sequence=events.last_sequence)
     try:
         async for response in stub.WatchJob(request, metadata=metadata, timeout=timeout):
-            events.feed(response.event)
+            events.feed_response(response)
     except grpc.RpcError as error:
         if error.code() is not grpc.StatusCode.DEADLINE_EXCEEDED or timeout is None:
             raise

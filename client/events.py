@@ -68,6 +68,20 @@ class JobEvents:
     def result_complete(self) -> bool:
         return self.result_total >= 0 and self.received == self.result_total
 
+    def feed_response(self, response: jobs_pb2.RunJobResponse | jobs_pb2.WatchJobResponse
+                      ) -> list[jobs_pb2.LocalCall]:
+        """Handle a RunJob / WatchJob response's events (`event`, then `more_events` in order); returns the
+        local() calls among them, for the caller to answer."""
+        calls = []
+        local_call = self.feed(response.event)
+        if local_call is not None:
+            calls.append(local_call)
+        for event in response.more_events:
+            local_call = self.feed(event)
+            if local_call is not None:
+                calls.append(local_call)
+        return calls
+
     def feed(self, event: jobs_pb2.JobEvent) -> jobs_pb2.LocalCall | None:
         """Handle one event; returns it when it is a local() call for the caller to answer."""
         if event.sequence and event.sequence <= self.last_sequence:

@@ -219,14 +219,14 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
     local: LocalCalls | None = None  # made when the first local() call arrives (most jobs have none)
     display.update(state="SUBMITTING")
 
-    def on_response(response: jobs_pb2.RunJobResponse) -> jobs_pb2.LocalCall | None:
+    def on_response(response: jobs_pb2.RunJobResponse) -> list[jobs_pb2.LocalCall] | None:
         """On the loop thread: status, logs and result chunks are handled there; local() calls come here."""
-        local_call = events.feed(response.event)
+        local_calls = events.feed_response(response)
         if context.job_id is None and events.job_id:
             context.job_id = events.job_id
         if events.done and started:
             started[0].send(None)
-        return local_call
+        return local_calls or None
 
     started: list[Any] = []  # the call, once started (a fast job can end before `call` is bound)
 
@@ -235,11 +235,12 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
     started.append(call)
     try:
         with conn.track(call, lambda: events.job_id):
-            for local_call in call:
-                if local is None:
-                    local = LocalCalls(job, ns, display)
-                for message in local.answer(local_call):
-                    call.send(message)
+            for local_calls in call:
+                for local_call in local_calls:
+                    if local is None:
+                        local = LocalCalls(job, ns, display)
+                    for message in local.answer(local_call):
+                        call.send(message)
     except grpc.RpcError as error:
         if not events.job_id or error.code() not in _DROPPED:
             raise _error(conn, metadata, error) from None
@@ -277,7 +278,7 @@ def _follow(conn: Connection, metadata: tuple, events: JobEvents, *, timeout: fl
     """
     request = jobs_pb2.WatchJobRequest(job_id=events.job_id, after_sequence=events.last_sequence)
     call = conn.stream(conn.jobs.WatchJob, request, metadata=metadata, timeout=timeout,
-                       on_response=lambda response: events.feed(response.event) and None)
+                       on_response=lambda response: events.feed_response(response) and None)
     try:
         with conn.track(call, events.job_id):
             for _ in call:

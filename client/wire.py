@@ -150,10 +150,10 @@ class RawResultEvent:
 class RawResponse:
     """A RunJobResponse / WatchJobResponse / ReadResultResponse holding a RawResultEvent or a RawChunk."""
 
-    __slots__ = ("event", "chunk")
+    __slots__ = ("event", "more_events", "chunk")
 
-    def __init__(self, event: RawResultEvent | None = None, chunk: RawChunk | None = None):
-        self.event, self.chunk = event, chunk
+    def __init__(self, event: Any = None, chunk: RawChunk | None = None, more_events: list | None = None):
+        self.event, self.chunk, self.more_events = event, chunk, more_events or []
 
 
 def _int64(n: int) -> int:
@@ -188,19 +188,28 @@ def _raw_result_event(view: memoryview) -> RawResultEvent | None:
 
 
 def event_deserializer(message_type: type) -> Callable[[bytes], Any]:
-    """A response deserializer for RunJob / WatchJob (`message_type`: its response, an `event` at field 1):
-    large result-chunk events come as RawResponse (data a view of the bytes received), the rest as usual."""
+    """A response deserializer for RunJob / WatchJob (`message_type`: its response, an `event` at field 1 and
+    `more_events` at field 2): a large response holding result chunks comes as a RawResponse (each chunk's
+    data a view of the bytes received; its other events parsed by protobuf), the rest as usual."""
     parse = message_type.FromString
+    parse_event = type(message_type().event).FromString
 
     def deserialize(raw: bytes) -> Any:
         if len(raw) >= RAW_MIN_BYTES:
             try:
+                event, more, chunks = None, [], 0
                 for number, wire, _, _, value in fields(memoryview(raw)):
-                    if number == 1 and wire == 2:
-                        event = _raw_result_event(value)
-                        if event is not None:
-                            return RawResponse(event=event)
-                    break
+                    if number not in (1, 2) or wire != 2 or (number == 1 and event is not None):
+                        raise ValueError("not a plain event response")  # protobuf handles the rest
+                    parsed = _raw_result_event(value)
+                    chunks += parsed is not None
+                    parsed = parsed if parsed is not None else parse_event(bytes(value))
+                    if number == 1:
+                        event = parsed
+                    else:
+                        more.append(parsed)
+                if chunks and event is not None:
+                    return RawResponse(event=event, more_events=more)
             except ValueError:
                 pass  # protobuf says what is wrong with it
         return parse(raw)

@@ -234,8 +234,11 @@ function runJob(jobs, job, JobResult) {
     const logs = [];
     let jobId = '';
     let final = null;
+    // One response may carry several events: `event`, then `more_events` (events ready together), in order.
     call.on('data', (response) => {
-      const event = response.event;
+      for (const event of [response.event, ...(response.more_events || [])]) onEvent(event);
+    });
+    const onEvent = (event) => {
       jobId = event.job_id;
       if (event.event === 'status') {
         states.push(event.status.state);
@@ -251,7 +254,7 @@ function runJob(jobs, job, JobResult) {
       } else if (event.event === 'local_call') {
         call.write({ cancel: { reason: 'this client runs no local() blocks' } });
       }
-    });
+    };
     call.on('error', (error) => reject(new Error(`RunJob failed: ${grpc.status[error.code]} ${error.details}`)));
     call.on('end', () => {
       if (!final) return reject(new Error('RunJob stream ended before a terminal state'));

@@ -277,12 +277,16 @@ def test_watch_resumes_after_a_dropped_stream_without_duplicates(rllm, server):
     RemoteBackend(job_id=tracer.job_id).result(timeout=60)
     with grpc.insecure_channel(server.address) as channel:
         stub = jobs_pb2_grpc.JobServiceStub(channel)
-        everything = [r.event.sequence for r in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=tracer.job_id))]
+        def sequences(stream):  # each response's events: `event`, then `more_events`
+            return (e.sequence for r in stream for e in [r.event, *r.more_events])
+
+        everything = list(sequences(stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=tracer.job_id))))
         stream = stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=tracer.job_id))
-        seen = [next(stream).event.sequence, next(stream).event.sequence]
+        events = sequences(stream)
+        seen = [next(events), next(events)]
         stream.cancel()  # the client drops its stream mid-way
-        rest = [r.event.sequence for r in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=tracer.job_id,
-                                                                                  after_sequence=seen[-1]))]
+        rest = list(sequences(stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=tracer.job_id,
+                                                                      after_sequence=seen[-1]))))
     assert everything == list(range(1, len(everything) + 1))
     assert seen + rest == everything
 

@@ -6,6 +6,8 @@ tests pin the wire contract itself. Waits use conditions/streams with timeouts, 
 
 from __future__ import annotations
 
+import collections
+import itertools
 import os
 import pickle
 import queue
@@ -102,6 +104,11 @@ class Outcome:
         return values.from_value_map(self.result.saved, resolve_reference=values.import_reference)
 
 
+def events_of(response: jobs_pb2.RunJobResponse | jobs_pb2.WatchJobResponse) -> list[jobs_pb2.JobEvent]:
+    """A response's events in order: `event`, then `more_events`."""
+    return [response.event, *response.more_events]
+
+
 class Stream:
     """One RunJob call driven by hand: send later messages with `send`, read events with `next_event`."""
 
@@ -110,6 +117,7 @@ class Stream:
         self._outbox.put(jobs_pb2.RunJobRequest(job=job))
         self.call = stub.RunJob(self._requests(), metadata=metadata, timeout=WAIT)
         self.outcome = Outcome()
+        self._pending: collections.deque[jobs_pb2.JobEvent] = collections.deque()  # received, not yet read
 
     def _requests(self):
         while (message := self._outbox.get()) is not None:
@@ -124,7 +132,9 @@ class Stream:
             self.send(jobs_pb2.RunJobRequest(local_result=jobs_pb2.LocalResult(call_id=call.call_id, values=chunk)))
 
     def next_event(self) -> jobs_pb2.JobEvent:
-        event = next(self.call).event
+        if not self._pending:
+            self._pending.extend(events_of(next(self.call)))
+        event = self._pending.popleft()
         self.outcome.events.append(event)
         return event
 
@@ -137,8 +147,7 @@ class Stream:
         """Read to the end, answering local() calls with `answer(block_id, reads) -> writes`."""
         calls: dict[str, list[jobs_pb2.LocalCall]] = {}
         try:
-            for response in self.call:
-                event = response.event
+            for event in itertools.chain(self._pending, (e for r in self.call for e in events_of(r))):
                 self.outcome.events.append(event)
                 if event.WhichOneof("event") == "local_call":
                     call = event.local_call
@@ -191,7 +200,7 @@ class Client:
                                   metadata=self.metadata, timeout=WAIT)
 
     def wait(self, job_id: str, after: int = 0) -> Outcome:
-        return Outcome([r.event for r in self.watch(job_id, after)])
+        return Outcome([e for r in self.watch(job_id, after) for e in events_of(r)])
 
     def get(self, job_id: str) -> jobs_pb2.JobInfo:
         return self.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), metadata=self.metadata, timeout=WAIT).job
@@ -575,11 +584,11 @@ def test_cancel_stops_a_long_generation(client):
     prog = program(source, "hello", kind="generate", tracer_name="tracer",
                    kwargs={"max_new_tokens": 900, "min_new_tokens": 900})
     job_id = client.submit(spec(prog)).job_id
-    watch = client.watch(job_id)
-    while next(watch).event.WhichOneof("event") != "log":
+    watch = (e for r in client.watch(job_id) for e in events_of(r))
+    while next(watch).WhichOneof("event") != "log":
         pass  # running: it has printed its first step
     assert client.cancel(job_id, "enough") == jobs_pb2.JOB_STATE_CANCELLED
-    outcome = Outcome([r.event for r in watch])
+    outcome = Outcome(list(watch))
     assert outcome.final.state == jobs_pb2.JOB_STATE_CANCELLED and "enough" in outcome.final.message
     assert len(outcome.logs) < 899  # it stopped long before the end
     code, _ = code_of(lambda: client.read_result(job_id))

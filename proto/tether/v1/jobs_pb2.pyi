@@ -149,10 +149,12 @@ class RunJobRequest(_message.Message):
     def __init__(self, job: _Optional[_Union[JobSpec, _Mapping]] = ..., local_result: _Optional[_Union[LocalResult, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ...) -> None: ...
 
 class RunJobResponse(_message.Message):
-    __slots__ = ("event",)
+    __slots__ = ("event", "more_events")
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    MORE_EVENTS_FIELD_NUMBER: _ClassVar[int]
     event: JobEvent
-    def __init__(self, event: _Optional[_Union[JobEvent, _Mapping]] = ...) -> None: ...
+    more_events: _containers.RepeatedCompositeFieldContainer[JobEvent]
+    def __init__(self, event: _Optional[_Union[JobEvent, _Mapping]] = ..., more_events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("job",)
@@ -213,10 +215,12 @@ class WatchJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
 
 class WatchJobResponse(_message.Message):
-    __slots__ = ("event",)
+    __slots__ = ("event", "more_events")
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    MORE_EVENTS_FIELD_NUMBER: _ClassVar[int]
     event: JobEvent
-    def __init__(self, event: _Optional[_Union[JobEvent, _Mapping]] = ...) -> None: ...
+    more_events: _containers.RepeatedCompositeFieldContainer[JobEvent]
+    def __init__(self, event: _Optional[_Union[JobEvent, _Mapping]] = ..., more_events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ...) -> None: ...
 
 class ReadResultRequest(_message.Message):
     __slots__ = ("job_id", "offset")
