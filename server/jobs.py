@@ -22,7 +22,7 @@ from tether.values import _varint
 
 from .errors import NotFound
 
-__all__ = ["Job", "JobStore", "ResultBytes", "TERMINAL", "chunk_frame", "chunk_length", "state_name"]
+__all__ = ["Job", "JobStore", "ResultBytes", "TERMINAL", "chunk_frame", "chunk_length", "chunk_parts", "state_name"]
 
 TERMINAL = frozenset({jobs_pb2.JOB_STATE_COMPLETED, jobs_pb2.JOB_STATE_ERROR, jobs_pb2.JOB_STATE_CANCELLED})
 _ORDER = {
@@ -31,6 +31,10 @@ _ORDER = {
     jobs_pb2.JOB_STATE_DISPATCHED: 3,
     jobs_pb2.JOB_STATE_RUNNING: 4,
 }
+
+
+BATCH_BYTES = 1 << 20  # an event stream message holds at most about this much payload (see wait_frames)
+SMALL_EVENT = 64 << 10  # events smaller than this may ride along with a full message
 
 
 def state_name(state: int) -> str:
@@ -79,16 +83,21 @@ def _field(tag: bytes, size: int) -> bytes:
     return tag + _varint(size)
 
 
-def chunk_frame(prefix: bytes, offset: int, views: list[memoryview], total: int) -> bytes:
-    """`prefix` + a serialized Chunk(offset, data=views joined, total_size=total): the data's one copy.
+def chunk_parts(prefix: bytes, offset: int, views: list[memoryview], total: int) -> list[bytes | memoryview]:
+    """The pieces of `prefix` + a serialized Chunk(offset, data=views joined, total_size=total), uncopied.
 
     Bytes for bytes what protobuf writes (fields in number order, zeros left out). `prefix` must already
-    include the framing of whatever holds the Chunk (see _result_frame)."""
+    include the framing of whatever holds the Chunk (see _ResultChunk.parts)."""
     size = sum(len(v) for v in views)
     head = (_field(b"\x08", offset) if offset else b"") + (
         _field(b"\x12", size) if size else b"")
     tail = b"\x18" + _varint(total) if total else b""
-    return b"".join([prefix, head, *views, tail]) if size else prefix + head + tail
+    return [prefix, head, *views, tail] if size else [prefix, head, tail]
+
+
+def chunk_frame(prefix: bytes, offset: int, views: list[memoryview], total: int) -> bytes:
+    """`prefix` + a serialized Chunk(offset, data=views joined, total_size=total): the data's one copy."""
+    return b"".join(chunk_parts(prefix, offset, views, total))
 
 
 def chunk_length(offset: int, size: int, total: int) -> int:
@@ -106,13 +115,18 @@ class _ResultChunk:
     offset: int
     size: int
 
-    def frame(self, job_id: str, result: ResultBytes) -> bytes:
-        """Its serialized RunJobResponse, built straight from the result's pieces (one copy of the data)."""
+    def parts(self, job_id: str, result: ResultBytes, tag: bytes = b"\x0a") -> list[bytes | memoryview]:
+        """Its serialized RunJobResponse (the event as field 1; tag b"\x12": as one of more_events), as
+        pieces: the data stays views of the result's pieces until the message is joined (its one copy)."""
         head = jobs_pb2.JobEvent(job_id=job_id, sequence=self.sequence, time=self.time).SerializeToString()
         chunk = chunk_length(self.offset, self.size, result.size)
         event = len(head) + 1 + len(_varint(chunk)) + chunk
-        prefix = b"".join([_field(b"\x0a", event), head, _field(b"\x32", chunk)])
-        return chunk_frame(prefix, self.offset, result.views(self.offset, self.size), result.size)
+        prefix = b"".join([_field(tag, event), head, _field(b"\x32", chunk)])
+        return chunk_parts(prefix, self.offset, result.views(self.offset, self.size), result.size)
+
+    def frame(self, job_id: str, result: ResultBytes) -> bytes:
+        """Its serialized RunJobResponse, built straight from the result's pieces (one copy of the data)."""
+        return b"".join(self.parts(job_id, result))
 
 
 class Job:
@@ -281,16 +295,40 @@ class Job:
     def wait_frames(
         self, after: int, stop: Callable[[], bool], timeout: float | None = None, limit: int = 16
     ) -> tuple[list[bytes], bool]:
-        """As wait_events, but each event as its serialized RunJobResponse / WatchJobResponse (the same
-        bytes), built outside the lock: result chunks straight from the result's pieces, one copy each."""
+        """As wait_events, but as serialized RunJobResponses / WatchJobResponses (the same bytes), built
+        outside the lock: result chunks straight from the result's pieces, one copy each.
+
+        Events ready together share a message (the first as `event`, the rest as `more_events`): its large
+        events (SMALL_EVENT bytes or more, e.g. result chunks) hold at most BATCH_BYTES together, and small
+        ones may ride along up to BATCH_BYTES + SMALL_EVENT in all; an event never waits for others.
+        Returns (frames, count of events they hold, finished)."""
         with self.cond:
             self.cond.wait_for(lambda: len(self._events) > after or self.done or stop(), timeout)
             entries = self._events[after : after + limit]
             finished = self.done and after + len(entries) == len(self._events)
             result = self.result
-        return [
-            e.frame(self.id, result) if isinstance(e, _ResultChunk) else e.SerializeToString() for e in entries
-        ], finished
+        frames: list[bytes] = []
+        parts: list[bytes | memoryview] = []
+        size = large = 0  # bytes of events in `parts`, all and large ones
+        for entry in entries:
+            if isinstance(entry, _ResultChunk):
+                more = entry.parts(self.id, result, b"\x12" if parts else b"\x0a")
+                length = entry.size
+            else:
+                serialized = entry.SerializeToString()  # b"\x0a" <length> <event>: the event as field 1
+                more = [b"\x12", memoryview(serialized)[1:]] if parts else [serialized]
+                length = len(serialized)
+            big = length >= SMALL_EVENT
+            if parts and (big and large + length > BATCH_BYTES or size + length > BATCH_BYTES + SMALL_EVENT):
+                frames.append(b"".join(parts))  # full: this event starts the next message
+                more = entry.parts(self.id, result) if isinstance(entry, _ResultChunk) else [serialized]
+                parts, size, large = [], 0, 0
+            parts.extend(more)
+            size += length
+            large += length if big else 0
+        if parts:
+            frames.append(b"".join(parts))
+        return frames, len(entries), finished
 
     def _materialize(self, entry: jobs_pb2.RunJobResponse | _ResultChunk,
                      result: ResultBytes | None) -> jobs_pb2.JobEvent:

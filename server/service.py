@@ -130,7 +130,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     def _events(self, job: Job, after: int, context: grpc.ServicerContext) -> Iterator[bytes]:
         """The job's events after `after`, then live ones until the job ends or the caller goes away, each as
         its serialized RunJobResponse / WatchJobResponse (the same bytes; add_job_service sends bytes as
-        they are). Every event that is ready is sent in one pass, without waiting between them."""
+        they are). Every event that is ready is sent in one pass, without waiting between them; events ready
+        together share a message (RunJobResponse.more_events)."""
         gone = threading.Event()
 
         def on_rpc_end() -> None:
@@ -141,10 +142,9 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         if not context.add_callback(on_rpc_end):
             return
         while True:
-            frames, finished = job.wait_frames(after, gone.is_set)
-            for frame in frames:
-                yield frame
-                after += 1
+            frames, count, finished = job.wait_frames(after, gone.is_set)
+            yield from frames
+            after += count
             if finished or gone.is_set():
                 return
 

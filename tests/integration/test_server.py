@@ -554,7 +554,8 @@ def test_submit_watch_reattach_and_chunked_result(client):
     assert (again.job_id, again.existing) == (submitted.job_id, True)  # retries are idempotent
 
     first = client.watch(submitted.job_id)
-    seen = [next(first).event for _ in range(2)]  # RECEIVED, QUEUED: the job has not run yet
+    seen = events_of(next(first))  # RECEIVED, QUEUED (ready together: one message): the job has not run yet
+    assert [e.status.state for e in seen] == [jobs_pb2.JOB_STATE_RECEIVED, jobs_pb2.JOB_STATE_QUEUED]
     first.cancel()  # the client drops its stream mid-job
     assert client.get(submitted.job_id).status.state == jobs_pb2.JOB_STATE_QUEUED
 

@@ -107,6 +107,33 @@ def test_job_lifecycle_sequences_and_result_chunks():
     assert job.info().result_size == 25 and job.info().HasField("result_expire_time")
 
 
+def test_events_ready_together_share_a_message_of_at_most_about_one_mib():
+    from client.wire import event_deserializer  # noqa: PLC0415 (the client reads what the server framed)
+
+    job = Job("owner", "tiny", 1)
+    job.set_state(jobs_pb2.JOB_STATE_QUEUED)
+    mib = 1 << 20
+    data = bytes(range(256)) * (5 * mib // 2 // 256)  # 2.5 MiB: chunks of 1, 1 and 0.5 MiB
+    job.complete(data, chunk_size=mib, ttl=60)
+    frames, count, finished = job.wait_frames(0, lambda: False)
+    assert finished and count == 6
+    responses = [jobs_pb2.RunJobResponse.FromString(f) for f in frames]
+    events = [e for r in responses for e in [r.event, *r.more_events]]
+    assert [e.sequence for e in events] == list(range(1, 7))  # in order, none lost
+    assert join_chunks([e.result for e in events if e.WhichOneof("event") == "result"]) == data
+    # RECEIVED + QUEUED + the first chunk; the second chunk alone; the last one with COMPLETED
+    assert [len(r.more_events) for r in responses] == [2, 0, 1]
+    assert all(len(f) < mib + (64 << 10) for f in frames)
+    frames, count, _ = job.wait_frames(3, lambda: False)  # a resumed watcher
+    assert count == 3 and jobs_pb2.RunJobResponse.FromString(frames[0]).event.sequence == 4
+    # the client reads chunks as views of the bytes, with the events beside them
+    raw = [event_deserializer(jobs_pb2.RunJobResponse)(f) for f in job.wait_frames(0, lambda: False)[0]]
+    events = [e for r in raw for e in [r.event, *r.more_events]]
+    assert [e.sequence for e in events] == list(range(1, 7))
+    assert [e.WhichOneof("event") for e in events] == ["status"] * 2 + ["result"] * 3 + ["status"]
+    assert b"".join(bytes(e.result.data) for e in events[2:5]) == data
+
+
 def test_watchers_wake_on_new_events_without_polling():
     job = Job("owner", "tiny", 1)
     got = []
