@@ -27,6 +27,7 @@ from .local_calls import LocalCaller, LocalLink
 from .program_codec import DecodedProgram
 from .registry import HostedModel
 from .results import encode_result_pieces
+from .weights import WeightsChanged, WeightWatch
 
 __all__ = ["Limits", "JobLimits", "ModelQueue", "JobLog"]
 
@@ -187,24 +188,36 @@ class ModelQueue:
             return entry
 
     def _work(self, replica) -> None:
+        watch = WeightWatch(replica._module)
         while (entry := self._take()) is not None:
             try:
                 # run() logs RUNNING (or the job's end) right after: watchers wake once for both
                 if entry.job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, f"on worker {threading.current_thread().name}",
                                        notify=False):
-                    _Run(entry, replica, self.limits).run()
+                    _Run(entry, replica, self.limits, watch).run()
             finally:
                 entry.decoded.release()
                 with self._cond:
                     self._running.discard(entry.job)
 
 
+def _weights_changed(watch: WeightWatch, versions: list[int]) -> WeightsChanged | None:
+    """The error to report instead of a failed job's own when it had also written into the weights."""
+    try:
+        watch.check(versions)
+    except WeightsChanged as changed:
+        _log.warning("%s", changed)
+        return changed
+    return None
+
+
 class _Run:
     """One job on one worker: the Executor call with limits, then the job's end state."""
 
-    def __init__(self, entry: _Entry, replica, limits: Limits):
+    def __init__(self, entry: _Entry, replica, limits: Limits, watch: WeightWatch):
         self.job, self.decoded, self.limits, self.link = entry.job, entry.decoded, entry.limits, entry.link
         self.replica, self.ttl, self.chunk_size = replica, limits.result_ttl, limits.chunk_size
+        self.watch = watch  # the replica's parameters, to notice a job that wrote into them
         self.deadline = 0.0
 
     def timed_out(self) -> JobTimeout:
@@ -233,18 +246,21 @@ class _Run:
         handler = LocalCaller(job, self.link, decoded, deadline=self.deadline,
                               local_timeout=self.limits.local_call_timeout, timed_out=self.timed_out)
         hook = self.replica._module.register_forward_pre_hook(self._check_stop)
+        watch = self.watch
+        versions = watch.snapshot()
         try:
             root = decoded.bind(self.replica)
             decoded.define_functions(log)
             values = execute(root, decoded.program, decoded.bindings,
                              filename=decoded.body_filename, local=handler, log=log,
                              cancel=self._stop_requested)
+            watch.check(versions)
             log.flush()
             result = encode_result_pieces(values, decoded.codec.encode, self.limits.max_result_bytes, log)
             log.flush()
         except BaseException as error:  # the worker survives anything a program does (SystemExit included)
             log.flush()
-            self._end(error)
+            self._end(_weights_changed(watch, versions) or error)
             return
         finally:
             hook.remove()
