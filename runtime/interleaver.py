@@ -101,12 +101,11 @@ def current_mediator() -> Mediator | None:
 class Mediator:
     """One invoke: its compiled body, its namespace, its rows of the batch and its iteration cursor."""
 
-    def __init__(self, block, code, ns: dict, rows: slice | None, *, log: Callable[..., None] = print):
+    def __init__(self, block, code, ns: dict, rows: slice | None):
         self.block = block
         self.code = code
         self.ns = ns
         self.rows = rows
-        self.log = log
         self.iteration = 0  # which call of each module the body's next access refers to
         self.all_tail = None  # compiled statements to re-run at every later iteration (`.all()`)
         self.after_loop = None  # compiled statements after an open `tracer.iter[:]` loop
@@ -241,9 +240,7 @@ class Interleaver:
                 continue
             self._drive(mediator, throw=self._unreachable(req))
             self._raise_failure()
-        for mediator in self.mediators:
-            if mediator.greenlet is not None and not mediator.greenlet.dead:
-                mediator.greenlet.throw(GreenletExit)
+        self.kill()
 
     def _end_open_loops(self) -> None:
         """Bodies waiting in an open step loop for a step that never came continue after the loop."""

@@ -184,10 +184,10 @@ class Tracer(Context):
         args, kwargs, rows, batch_size = model._batch([inv.inputs for inv in invokes])
         if len(invokes) == 1:
             rows = [None]
-        mediators = [Mediator(block, block.code(), ns, None, log=self.log) for block, ns in model._edits]
+        mediators = [Mediator(block, block.code(), ns, None) for block, ns in model._edits]
         assigned_earlier: set[str] = set()
         for inv, r in zip(invokes, rows):
-            mediator = Mediator(inv._block, inv._block.code(), inv._ns, r, log=self.log)
+            mediator = Mediator(inv._block, inv._block.code(), inv._ns, r)
             mediator.waits_for = {n: inv._ns.get(n, _MISSING) for n in inv._block.loaded & assigned_earlier}
             assigned_earlier.update(inv._block.assigned)
             mediators.append(mediator)
