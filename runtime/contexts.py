@@ -78,7 +78,7 @@ class Context:
         except SkipBody:
             raise
         except BaseException as error:
-            raise _trimmed(error) from _keep_cause(error)
+            raise _trimmed(error) from error.__cause__
 
     def _execute(self, ns: dict) -> None:
         exec(self._block.code(), ns)
@@ -229,6 +229,3 @@ def _trimmed(error: BaseException) -> BaseException:
         new_tb = types.TracebackType(new_tb, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
     return error.with_traceback(new_tb)
 
-
-def _keep_cause(error: BaseException) -> BaseException | None:
-    return error.__cause__
