@@ -169,17 +169,26 @@ def skip_body(frame: FrameType, block: Block) -> object:
     body starts with (`try:`, `pass`, a docstring...). The `as` target is then bound by tether.
     """
     previous = (sys.gettrace(), frame.f_trace, frame.f_trace_opcodes)
-
-    def tracer(fr, event, arg):
-        if fr is frame and event == "opcode":
-            raise SkipBody()
-        return tracer
-
     if previous[0] is None:
         sys.settrace(_noop_trace)
-    frame.f_trace = tracer
+    frame.f_trace = _SkipNextOpcode(frame)
     frame.f_trace_opcodes = True
     return (frame, previous)
+
+
+class _SkipNextOpcode:
+    """The frame's trace function while its body is skipped (an object, not a closure that would refer to
+    itself, so nothing is left for the garbage collector once `restore_trace` drops it)."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: FrameType):
+        self.frame = frame
+
+    def __call__(self, frame: FrameType, event: str, arg: object) -> _SkipNextOpcode:
+        if frame is self.frame and event == "opcode":
+            raise SkipBody()
+        return self
 
 
 def restore_trace(state: object) -> None:

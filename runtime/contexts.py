@@ -50,16 +50,17 @@ class Context:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         restore_trace(self._skip_state)
-        frame, self._frame = self._frame, None
+        frame, self._frame, self._skip_state = self._frame, None, None
+        entered, self._entered = self._entered, None  # often `self`: kept, it would be a reference cycle
         if exc_type is not SkipBody:
             return False
         globals_ = frame.f_globals
         if OPS_NAME in globals_ and frame.f_locals is globals_:
-            bind_target(self._block, self._entered, globals_)
+            bind_target(self._block, entered, globals_)
             self._run(globals_)
             return True
         ns = {**globals_, **frame.f_locals, OPS_NAME: ops}
-        bound = bind_target(self._block, self._entered, ns)
+        bound = bind_target(self._block, entered, ns)
         before = {name: ns[name] for name in self._block.assigned if name in ns}
         scope = SaveScope(tensor_save=self._tensor_save)
         try:
@@ -106,6 +107,7 @@ class Cond:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self._condition:
             restore_trace(self._skip_state)
+            self._skip_state = None
             return exc_type is SkipBody
         return False
 
@@ -187,7 +189,7 @@ class LocalBlock:
         if self._handler is None:
             return False
         restore_trace(self._skip_state)
-        frame, self._frame = self._frame, None
+        frame, self._frame, self._skip_state = self._frame, None, None
         if exc_type is not SkipBody:
             return False
         if frame.f_locals is frame.f_globals:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -26,13 +27,13 @@ class Invoker(Context):
     """`with tracer.invoke(inputs):` — one batch entry (or several rows) and the body that edits it."""
 
     def __init__(self, tracer: Tracer, args: tuple, kwargs: dict):
-        self._tracer = tracer
+        self._tracer = weakref.ref(tracer)  # the tracer holds its invokes: no cycle for the collector
         self.inputs = tracer._model._prepare(args, kwargs)
         self._ns: dict | None = None
 
     def _execute(self, ns: dict) -> None:
         self._ns = ns
-        self._tracer._invokes.append(self)
+        self._tracer()._invokes.append(self)
 
 
 class _Steps:
@@ -114,13 +115,17 @@ class Tracer(Context):
         self._stopped = False
         self._cancel = cancel
         self.log = log
-        self.iter = _Steps(self)
         self.invoker: Invoker | None = None
         self.result: Any = None
         if args or kwargs:
             self.invoker = Invoker(self, args, {**kwargs, **self._invoker_args})
 
     # ---- the user's API inside the body ---------------------------------------------------------
+    @property
+    def iter(self) -> _Steps:
+        """`tracer.iter[...]` / `tracer.iter(seq)` (made on use: a stored one would be a reference cycle)."""
+        return _Steps(self)
+
     def invoke(self, *args: Any, **kwargs: Any) -> Invoker:
         """A batch entry: its inputs join the one batched run; its body sees only its own rows."""
         return Invoker(self, args, kwargs)
@@ -168,16 +173,21 @@ class Tracer(Context):
             self._invokes = []
             exec(self._block.code(), ns)
             invokes = self._invokes
-        if not invokes or self._stopped:
-            return
-        if fake:
-            from torch._subclasses.fake_tensor import FakeTensorMode
+        try:
+            if not invokes or self._stopped:
+                return
+            if fake:
+                from torch._subclasses.fake_tensor import FakeTensorMode
 
-            with FakeTensorMode(allow_non_fake_inputs=True):
+                with FakeTensorMode(allow_non_fake_inputs=True):
+                    self._run_model(invokes)
+            else:
+                self._model._dispatch()
                 self._run_model(invokes)
-        else:
-            self._model._dispatch()
-            self._run_model(invokes)
+        finally:  # the body's namespace may hold this tracer (`as tracer`): drop it so no cycle outlives the run
+            for invoker in invokes:
+                invoker._ns = None
+            self._invokes = []
 
     def _run_model(self, invokes: list[Invoker]) -> None:
         model = self._model

@@ -405,3 +405,44 @@ def test_trace_functions_are_restored(model, x):
             model.layer2.output.save()
             model.layer1.output.save()
     assert sys.gettrace() is before
+
+
+def _uncollected_after(run) -> list:
+    """What the cyclic garbage collector would have to free after `run()` (it should be nothing)."""
+    run()
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        run()
+        gc.collect()
+        return [type(o).__name__ for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+def test_traces_leave_no_reference_cycles():
+    """A trace frees its model output and namespaces as soon as it ends, not at the next GC pass: the
+    collector would otherwise free whole activation graphs at random points (and slow every trace)."""
+    hf, tok = tiny.tiny_gpt2()
+    lm = LanguageModel(hf, tokenizer=tok)
+
+    def bodies():
+        with lm.trace("hello world") as tracer:
+            lm.transformer.h[0].output.save()
+        with lm.trace() as tracer:
+            with tracer.invoke("hello"):
+                lm.transformer.h[0].output.save()
+            with tracer.invoke("world there"):
+                lm.transformer.h[1].output[:, 0].save()
+        with lm.generate("hello", max_new_tokens=2, min_new_tokens=2) as tracer:
+            steps = tether.list().save()
+            for _ in tracer.iter[:]:
+                steps.append(lm.transformer.h[-1].output.save())
+        with lm.session():
+            with lm.trace("hi"):
+                first = lm.transformer.h[0].output
+            with lm.trace("there"):
+                (lm.transformer.h[0].output + first.sum()).save()
+
+    assert _uncollected_after(bodies) == []
