@@ -99,7 +99,8 @@ class Envoy:
         mediator = current_mediator()
         if mediator is None:
             self._mediator("output")
-        return mediator.request(Request(self._module, "output", mediator.iteration, "get", None, self._path))
+        return mediator.greenlet.parent.switch(
+            Request(self._module, "output", mediator.iteration, "get", None, self._path))
 
     @property
     def input(self) -> Any:

@@ -71,6 +71,7 @@ class Request:
 
 
 _DONE = object()
+_ENDED = object()  # what a body greenlet hands its driver when the body returned or raised
 
 
 class _Failed:
@@ -90,12 +91,54 @@ def parents_of(root: torch.nn.Module) -> dict[int, torch.nn.Module]:
 
 
 class _BodyGreenlet(Greenlet):
-    mediator: Mediator
+    """Runs bodies one after another: a finished body leaves it idle in its thread's pool for the next.
+
+    Starting a fresh greenlet and letting it die costs ~10x a switch, and every trace starts one body per
+    invoke; a body that is killed (GreenletExit) ends its greenlet instead of returning it.
+    """
+
+    mediator: Mediator | None = None
+
+    def __init__(self) -> None:
+        super().__init__(run=_run_bodies)
+
+
+def _run_bodies(task: tuple[Mediator, Any]) -> None:
+    while True:
+        _run_task(task)
+        task = None  # an idle greenlet holds nothing of the body it ran
+        task = getcurrent().parent.switch(_ENDED)
+
+
+def _run_task(task: tuple[Mediator, Any]) -> None:
+    mediator, code = task
+    mediator.outcome = mediator._run(code)
+
+
+_idle = threading.local()  # .greenlets: this thread's finished body greenlets, ready for another body
+_MAX_IDLE = 8
+
+
+def _body_greenlet(driver: Greenlet) -> _BodyGreenlet:
+    idle = getattr(_idle, "greenlets", None)
+    body = idle.pop() if idle else _BodyGreenlet()
+    body.parent = driver
+    return body
+
+
+def _release(body: _BodyGreenlet) -> None:
+    body.mediator = None
+    idle = getattr(_idle, "greenlets", None)
+    if idle is None:
+        idle = _idle.greenlets = []
+    if len(idle) < _MAX_IDLE:
+        idle.append(body)
 
 
 def current_mediator() -> Mediator | None:
     """The mediator whose body is running right now, if any."""
-    return getattr(getcurrent(), "mediator", None)
+    body = getcurrent()
+    return body.mediator if type(body) is _BodyGreenlet else None
 
 
 class Mediator:
@@ -112,8 +155,9 @@ class Mediator:
         self.views: dict[int, tuple[Any, Any, slice]] = {}  # id(row view) -> (view, full tensor, rows)
         self.pending: Request | None = None
         self.seen: dict[tuple[int, str, int], Any] = {}  # values already handed to this body, re-readable
-        self.interleaver: Interleaver | None = None
-        self.greenlet: _BodyGreenlet | None = None
+        self.started = False
+        self.outcome: object = None  # _DONE or _Failed, set when the body ends
+        self.greenlet: _BodyGreenlet | None = None  # while the body runs or waits; None once it ended
         self.waits_for: dict[str, Any] = {}  # name -> its value before the run: start once an earlier invoke rebinds it
 
     def ready(self) -> bool:
@@ -121,12 +165,7 @@ class Mediator:
         return all(name in self.ns and self.ns[name] is not before for name, before in self.waits_for.items())
 
     def request(self, req: Request) -> Any:
-        """Called from the body: hand `req` to the model side and wait for the answer."""
-        if getcurrent() is not self.greenlet:
-            raise TetherError(
-                f"{req.label} was accessed outside the body of its trace (for example from another thread). "
-                "Access module values only inside the `with` block."
-            )
+        """Called from the body (the mediator `current_mediator()` gave): hand `req` over, wait for the answer."""
         return self.greenlet.parent.switch(req)
 
     def stop(self) -> None:
@@ -178,8 +217,6 @@ class Interleaver:
         self._failure: BaseException | None = None
         self._unstarted = len(mediators)  # bodies not started yet (see _start_ready)
         self._parent_map = parents  # id(module) -> parent; built on first use when not given
-        for mediator in mediators:
-            mediator.interleaver = self
 
     @property
     def stopped(self) -> bool:
@@ -232,11 +269,11 @@ class Interleaver:
             self._raise_failure()
         for mediator in self.mediators:
             req = mediator.pending
-            if req is None or mediator.greenlet is None or mediator.greenlet.dead:
+            if req is None or mediator.greenlet is None:
                 continue
             mediator.pending = None
             if self._stop or mediator.all_tail is not None:
-                mediator.greenlet.throw(GreenletExit)
+                self._end(mediator)
                 continue
             self._drive(mediator, throw=self._unreachable(req))
             self._raise_failure()
@@ -249,7 +286,7 @@ class Interleaver:
             if req is None or mediator.after_loop is None or req.iteration < max(self._root_calls, 1):
                 continue
             mediator.pending = None
-            mediator.greenlet.throw(GreenletExit)
+            self._end(mediator)
             code, mediator.after_loop = mediator.after_loop, None
             self._start(mediator, code)
         self._raise_failure()
@@ -257,8 +294,14 @@ class Interleaver:
     def kill(self) -> None:
         """End every body without running more of it (after a failure)."""
         for mediator in self.mediators:
-            if mediator.greenlet is not None and not mediator.greenlet.dead:
-                mediator.greenlet.throw(GreenletExit)
+            self._end(mediator)
+
+    @staticmethod
+    def _end(mediator: Mediator) -> None:
+        """Unwind a body that is still waiting; its greenlet ends with it."""
+        body, mediator.greenlet = mediator.greenlet, None
+        if body is not None:
+            body.throw(GreenletExit)
 
     # ---- hooks ---------------------------------------------------------------------------------
     def _root_pre_hook(self, module, args):
@@ -273,10 +316,14 @@ class Interleaver:
     def _forward_hook(self, module, args, output):
         if getcurrent() is not self._driver:
             return None
-        if self._unstarted == 0 and not any(m.pending is not None and m.pending.module is module
-                                            for m in self.mediators):
-            self._fired[(id(module), "fwd")] = self.iteration  # nobody waits here (an ancestor hook)
-            return None
+        if self._unstarted == 0:
+            for mediator in self.mediators:
+                req = mediator.pending
+                if req is not None and req.module is module:
+                    break
+            else:  # nobody waits here (an ancestor hook)
+                self._fired[(id(module), "fwd")] = self.iteration
+                return None
         slot = batching.Slot(output, self.batch_size)
         self._serve(module, "fwd", slot)
         return slot.value if slot.changed else None
@@ -289,15 +336,14 @@ class Interleaver:
         self._serve(module, "pre", slot)
         return slot.value if slot.changed else None
 
-    def _ensure_hook(self, req: Request) -> None:
+    def _ensure_hook(self, req: Request, key: tuple[int, str]) -> None:
         """Hook the requested module, and its ancestors' outputs while they have not started running.
 
         PyTorch decides when a module is called whether to look for hooks at all, so a module that is
         already running cannot be hooked; hooking a module's ancestors together with it means a later
         request for an enclosing module (`block.mlp.output`, then `block.output`) is still served.
         """
-        key = (id(req.module), req.group)
-        if key in self._handles or not isinstance(req.module, torch.nn.Module):
+        if not isinstance(req.module, torch.nn.Module):
             return
         if req.module is self.root and req.group == "fwd" and self.max_iterations == 1:
             return  # served from forward's return value
@@ -305,14 +351,15 @@ class Interleaver:
             self._handles[key] = req.module.register_forward_hook(self._forward_hook)
         else:
             self._handles[key] = req.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        parent = self._parents().get(id(req.module))
+        parents = self._parents()
+        parent = parents.get(id(req.module))
         while parent is not None and not (parent is self.root and self.max_iterations == 1):
             key = (id(parent), "fwd")
             if key in self._handles:
                 break
             if not isinstance(parent, _CONTAINERS):
                 self._handles[key] = parent.register_forward_hook(self._forward_hook)
-            parent = self._parents().get(id(parent))
+            parent = parents.get(id(parent))
 
     def _parents(self) -> dict[int, torch.nn.Module]:
         if self._parent_map is None:
@@ -359,14 +406,15 @@ class Interleaver:
         if self._unstarted == 0:
             return
         for mediator in self.mediators:
-            if mediator.greenlet is None and (force or mediator.ready()):
+            if not mediator.started and (force or mediator.ready()):
                 self._unstarted -= 1
                 self._start(mediator, mediator.code)
 
     def _start(self, mediator: Mediator, code) -> None:
-        mediator.greenlet = _BodyGreenlet(run=mediator._run, parent=self._driver)
-        mediator.greenlet.mediator = mediator
-        self._drive(mediator, code)
+        mediator.started = True
+        body = mediator.greenlet = _body_greenlet(self._driver)
+        body.mediator = mediator
+        self._drive(mediator, (mediator, code))
 
     def _drive(self, mediator: Mediator, value: Any = None, *, throw: BaseException | None = None) -> None:
         """Switch into the body and answer what it asks until it waits for a hook that is not running."""
@@ -376,9 +424,13 @@ class Interleaver:
             else:
                 event = mediator.greenlet.switch(value)
             value = None
-            if type(event) is not Request:
-                if isinstance(event, _Failed):
-                    self._failure = event.error
+            if type(event) is not Request:  # the body ended (_ENDED): its greenlet is free for another
+                outcome, mediator.outcome = mediator.outcome, None
+                if isinstance(outcome, _Failed):
+                    self._failure = outcome.error
+                body, mediator.greenlet = mediator.greenlet, None
+                if event is _ENDED:
+                    _release(body)
                 return
             req = event
             if req.op == "stop":
@@ -390,25 +442,21 @@ class Interleaver:
                     and (serving[3] is None or req.iteration == serving[3])):
                 value = self._apply(mediator, req, serving[2])
                 continue
-            if mediator.seen:
+            if mediator.seen and req.op == "get":
                 seen = mediator.seen.get((id(req.module), req.kind, req.iteration), _DONE)
-                if req.op == "get" and seen is not _DONE:
+                if seen is not _DONE:
                     value = seen
                     continue
-            stale = self._stale(req)
-            if stale is not None:
-                throw = stale
+            key = (id(req.module), req.group)
+            fired = self._fired.get(key)
+            if ((req.iteration < self.iteration or (fired is not None and fired >= req.iteration))
+                    and isinstance(req.module, torch.nn.Module)):
+                throw = self._unreachable(req)
                 continue
-            self._ensure_hook(req)
+            if key not in self._handles:
+                self._ensure_hook(req, key)
             mediator.pending = req
             return
-
-    def _stale(self, req: Request) -> BaseException | None:
-        fired = self._fired.get((id(req.module), req.group))
-        if req.iteration < self.iteration or (fired is not None and fired >= req.iteration):
-            if isinstance(req.module, torch.nn.Module):
-                return self._unreachable(req)
-        return None
 
     def _unreachable(self, req: Request) -> BaseException:
         if req.iteration >= max(self._root_calls, 1):
@@ -426,12 +474,10 @@ class Interleaver:
         for mediator in self.mediators:
             req = mediator.pending
             if mediator.all_tail is not None:
-                alive = mediator.greenlet is not None and not mediator.greenlet.dead
-                if alive and req is not None and req.iteration >= self.iteration:
+                if mediator.greenlet is not None and req is not None and req.iteration >= self.iteration:
                     continue
-                if alive:
-                    mediator.pending = None
-                    mediator.greenlet.throw(GreenletExit)
+                mediator.pending = None
+                self._end(mediator)
                 mediator.iteration = self.iteration
                 self._start(mediator, mediator.all_tail)
             elif req is not None and req.iteration < self.iteration and isinstance(req.module, torch.nn.Module):

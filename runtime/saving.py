@@ -58,7 +58,7 @@ def _stack() -> list[SaveScope]:
 
 def current_scope() -> SaveScope | None:
     """The innermost open scope in this thread: the context that will hand saved values back."""
-    stack = _stack()
+    stack = getattr(_state, "stack", None)
     return stack[-1] if stack else None
 
 
