@@ -20,7 +20,7 @@ from greenlet import greenlet as Greenlet
 from . import batching
 from .errors import OutOfOrderError, TetherError
 
-__all__ = ["Request", "Mediator", "Interleaver", "current_mediator", "EarlyStop", "JobCancelled", "cancel_scope"]
+__all__ = ["Request", "Mediator", "Interleaver", "HookPlan", "current_mediator", "EarlyStop", "JobCancelled", "cancel_scope"]
 
 _limits = threading.local()
 
@@ -82,6 +82,20 @@ class _Failed:
 
 
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
+
+
+class HookPlan:
+    """Which hooks the same bodies asked for the last time they ran on this model.
+
+    The next run registers them before the forward pass, in one tight loop, instead of one at a time
+    between layers (where each registration costs several times more). A planned hook whose module no
+    body asks for this time does nothing, exactly as if it were absent, and is dropped from the plan.
+    """
+
+    __slots__ = ("hooks",)
+
+    def __init__(self) -> None:
+        self.hooks: list[tuple[torch.nn.Module, str]] = []  # (module, "fwd" | "pre"), in request order
 
 
 def parents_of(root: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -201,7 +215,8 @@ class Interleaver:
     """Drives mediators from hooks during one run of the model."""
 
     def __init__(self, root: torch.nn.Module, mediators: list[Mediator], batch_size: int, max_iterations: int = 1,
-                 cancel: Callable[[], bool] | None = None, parents: dict[int, torch.nn.Module] | None = None):
+                 cancel: Callable[[], bool] | None = None, parents: dict[int, torch.nn.Module] | None = None,
+                 plan: HookPlan | None = None):
         self.root = root
         self.mediators = mediators
         self.batch_size = batch_size
@@ -211,6 +226,8 @@ class Interleaver:
         self._driver = getcurrent()
         self._root_calls = 0
         self._handles: dict[tuple[int, str], Any] = {}
+        self._demanded: dict[tuple[int, str], tuple[torch.nn.Module, str]] = {}  # hooks some body needs
+        self._plan = plan
         self._serving: tuple | None = None  # (module, group, slot, iteration) of the hook running now
         self._fired: dict[tuple[int, str], int] = {}
         self._stop = False
@@ -230,6 +247,9 @@ class Interleaver:
         if self.max_iterations > 1:  # a single pass needs no step counting
             self._handles[(id(self.root), "root")] = self.root.register_forward_pre_hook(self._root_pre_hook)
         try:
+            if self._plan is not None:
+                for module, group in self._plan.hooks:
+                    self._register(module, group)
             self._start_ready()
             self._raise_failure()
             if not self._stop:
@@ -245,6 +265,8 @@ class Interleaver:
             for handle in self._handles.values():
                 handle.remove()
             self._handles.clear()
+            if self._plan is not None:
+                self._plan.hooks = list(self._demanded.values())
 
     def serve(self, module: Any, kind: str, value: Any) -> Any:
         """Serve requests for a pseudo-module (e.g. the generator's output) outside any hook."""
@@ -316,20 +338,23 @@ class Interleaver:
     def _forward_hook(self, module, args, output):
         if getcurrent() is not self._driver:
             return None
-        if self._unstarted == 0:
-            for mediator in self.mediators:
-                req = mediator.pending
-                if req is not None and req.module is module:
-                    break
-            else:  # nobody waits here (an ancestor hook)
-                self._fired[(id(module), "fwd")] = self.iteration
+        for mediator in self.mediators:
+            req = mediator.pending
+            if req is not None and req.module is module:
+                break
+        else:
+            key = (id(module), "fwd")
+            if key not in self._demanded:  # a planned hook nobody asked for this time
+                return None
+            if self._unstarted == 0:  # nobody waits here (an ancestor hook)
+                self._fired[key] = self.iteration
                 return None
         slot = batching.Slot(output, self.batch_size)
         self._serve(module, "fwd", slot)
         return slot.value if slot.changed else None
 
     def _pre_hook(self, module, args, kwargs=None):
-        if getcurrent() is not self._driver:
+        if getcurrent() is not self._driver or (id(module), "pre") not in self._demanded:
             return None
         kwargs = {} if kwargs is None else kwargs
         slot = batching.Slot((args, kwargs), self.batch_size)
@@ -343,23 +368,32 @@ class Interleaver:
         already running cannot be hooked; hooking a module's ancestors together with it means a later
         request for an enclosing module (`block.mlp.output`, then `block.output`) is still served.
         """
-        if not isinstance(req.module, torch.nn.Module):
+        module = req.module
+        if not isinstance(module, torch.nn.Module):
             return
-        if req.module is self.root and req.group == "fwd" and self.max_iterations == 1:
+        if module is self.root and req.group == "fwd" and self.max_iterations == 1:
             return  # served from forward's return value
-        if req.group == "fwd":
-            self._handles[key] = req.module.register_forward_hook(self._forward_hook)
-        else:
-            self._handles[key] = req.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        self._demand(key, module, req.group)
         parents = self._parents()
-        parent = parents.get(id(req.module))
+        parent = parents.get(id(module))
         while parent is not None and not (parent is self.root and self.max_iterations == 1):
             key = (id(parent), "fwd")
-            if key in self._handles:
+            if key in self._demanded:
                 break
             if not isinstance(parent, _CONTAINERS):
-                self._handles[key] = parent.register_forward_hook(self._forward_hook)
+                self._demand(key, parent, "fwd")
             parent = parents.get(id(parent))
+
+    def _demand(self, key: tuple[int, str], module: torch.nn.Module, group: str) -> None:
+        self._demanded[key] = (module, group)
+        if key not in self._handles:
+            self._register(module, group)
+
+    def _register(self, module: torch.nn.Module, group: str) -> None:
+        if group == "fwd":
+            self._handles[(id(module), group)] = module.register_forward_hook(self._forward_hook)
+        else:
+            self._handles[(id(module), group)] = module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
 
     def _parents(self) -> dict[int, torch.nn.Module]:
         if self._parent_map is None:
@@ -453,7 +487,7 @@ class Interleaver:
                     and isinstance(req.module, torch.nn.Module)):
                 throw = self._unreachable(req)
                 continue
-            if key not in self._handles:
+            if key not in self._demanded:
                 self._ensure_hook(req, key)
             mediator.pending = req
             return

@@ -13,12 +13,14 @@ import torch
 
 from .batching import concat_inputs
 from .envoy import Envoy
+from .interleaver import HookPlan
 from .session import Edit, Session
 from .tracer import Tracer
 
 __all__ = ["NNsight", "Prepared"]
 
 _REMOTE_OPTIONS = ("backend", "blocking", "api_key", "model_name", "verbose")
+_MAX_PLANS = 64  # hook plans kept per model (one per distinct set of trace bodies)
 _TRACE_OPTIONS = ("scan", "validate", "invoker_args", "remote", *_REMOTE_OPTIONS)
 
 
@@ -110,6 +112,19 @@ class NNsight(Envoy):
             cached = (signature, parents_of(self._module))
             object.__setattr__(self, "_parent_cache", cached)
         return cached[1]
+
+    def _hook_plan(self, bodies: tuple) -> HookPlan:
+        """The hooks these bodies (their code objects) asked for when they last ran on this model."""
+        plans = self.__dict__.get("_hook_plans")
+        if plans is None:
+            plans = {}
+            object.__setattr__(self, "_hook_plans", plans)
+        plan = plans.get(bodies)
+        if plan is None:
+            if len(plans) >= _MAX_PLANS:
+                plans.clear()
+            plan = plans[bodies] = HookPlan()
+        return plan
 
     def _dispatch(self) -> None:
         """Load real weights if the model is still a meta-device skeleton (LanguageModel)."""

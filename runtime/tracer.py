@@ -202,7 +202,7 @@ class Tracer(Context):
             assigned_earlier.update(inv._block.assigned)
             mediators.append(mediator)
         interleaver = Interleaver(model._module, mediators, batch_size, self._max_iterations(), cancel=self._cancel,
-                                  parents=model._parents())
+                                  parents=model._parents(), plan=model._hook_plan(tuple(m.code for m in mediators)))
         self.result = interleaver.run(lambda: model._run(self._mode, args, kwargs, self._run_kwargs))
         if self._mode == "generate":
             interleaver.serve(model._generator_key(), "output", self.result)

@@ -1,8 +1,10 @@
 """Hooks go only where a body asks, yet enclosing modules stay reachable after their children."""
 
+import pytest
 import torch
 
 from tether import LanguageModel
+from tether.runtime.errors import OutOfOrderError
 
 
 def _reference(hf, ids, modules):
@@ -54,4 +56,44 @@ def test_only_requested_modules_and_their_ancestors_are_hooked(gpt2):
     # the root is not hooked in a single pass: its output is what the forward call returns
     assert set(counts["hooked"]) == {"transformer", "transformer.h.1", "transformer.h.1.mlp",
                                      "transformer.h.1.mlp.c_proj"}
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in hf.modules())
+
+
+def test_a_repeated_body_hooks_up_front_only_what_it_asked_for_last_time(gpt2):
+    """The second run of the same body registers its hooks before the forward pass (the hook plan); a
+    planned hook that this run does not need changes nothing, and the plan forgets it afterwards."""
+    hf, tok = gpt2
+    llm = LanguageModel(hf, tokenizer=tok)
+    ids = torch.tensor([tok("The Eiffel Tower is in the city of")["input_ids"]])
+    blocks = hf.transformer.h
+
+    def run(read_first: bool):
+        with torch.no_grad(), llm.trace(ids):
+            first = llm.transformer.h[0].output.save() if read_first else None
+            second = llm.transformer.h[1].output.save()
+        return first, second
+
+    seen, _ = _reference(hf, ids, {"first": blocks[0], "second": blocks[1]})
+    as_tensor = {k: v if isinstance(v, torch.Tensor) else v[0] for k, v in seen.items()}
+    for read_first in (True, True, False, False, True):
+        first, second = run(read_first)
+        assert torch.equal(second, as_tensor["second"])
+        assert first is None or torch.equal(first, as_tensor["first"])
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in hf.modules())
+    plans = list(llm._hook_plans.values())
+    assert [[m for m, _ in plan.hooks] for plan in plans] == [[blocks[0], hf.transformer, blocks[1]]]
+
+
+def test_a_planned_hook_does_not_change_out_of_order_errors(gpt2):
+    hf, tok = gpt2
+    llm = LanguageModel(hf, tokenizer=tok)
+    for backwards in (False, True):  # the first run plans hooks on both blocks
+        if backwards:
+            with pytest.raises(OutOfOrderError), llm.trace("hello"):
+                llm.transformer.h[1].output.save()
+                llm.transformer.h[0].output.save()
+        else:
+            with llm.trace("hello"):
+                llm.transformer.h[0].output.save()
+                llm.transformer.h[1].output.save()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in hf.modules())
