@@ -204,14 +204,18 @@ def local() -> LocalBlock:
     return LocalBlock()
 
 
+_locals_to_fast = ctypes.pythonapi.PyFrame_LocalsToFast
+_locals_to_fast.argtypes = (ctypes.py_object, ctypes.c_int)
+_locals_to_fast.restype = None
+
+
 def _write_frame(frame: types.FrameType, values: dict) -> None:
     if not values:
         return
-    if frame.f_locals is frame.f_globals:
-        frame.f_globals.update(values)
-        return
-    frame.f_locals.update(values)
-    ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+    locals_ = frame.f_locals
+    locals_.update(values)
+    if locals_ is not frame.f_globals:
+        _locals_to_fast(frame, 0)
 
 
 def _is_internal(filename: str) -> bool:

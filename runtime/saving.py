@@ -197,7 +197,9 @@ class NotReached(StandIn):
 
 
 def _holds_activations(value: Any, depth: int = 0) -> bool:
-    if isinstance(value, torch.Tensor) or getattr(value, "_tether_deferred", False):
+    if type(value) in _PLAIN_TYPES:
+        return False
+    if isinstance(value, torch.Tensor) or getattr(type(value), "_tether_deferred", False):
         return not isinstance(value, torch.nn.Parameter)
     if depth > 3:
         return False
@@ -206,6 +208,9 @@ def _holds_activations(value: Any, depth: int = 0) -> bool:
     if isinstance(value, dict):
         return any(_holds_activations(v, depth + 1) for v in list(value.values())[:64])
     return False
+
+
+_PLAIN_TYPES = frozenset({int, float, str, bool, bytes, type(None)})
 
 
 def hand_back(ns: dict, names: tuple[str, ...], scope: SaveScope, before: dict, *, why: str = "") -> dict:
