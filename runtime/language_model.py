@@ -144,7 +144,10 @@ class LanguageModel(NNsight):
 
     def _dispatch(self) -> None:
         """Give a meta skeleton its real weights, keeping every module object (and so every Envoy)."""
-        if self._source is None or not _is_meta(self._module):
+        if self._source is None:
+            return
+        if not _is_meta(self._module):
+            object.__setattr__(self, "_source", None)  # real weights: later traces skip the parameter scan
             return
         from transformers import AutoModelForCausalLM
 
@@ -161,6 +164,7 @@ class LanguageModel(NNsight):
             state = {k: v for k, v in donor.__dict__.items() if k != "_modules"}
             module.__dict__.update(state)
         self._module.eval()
+        object.__setattr__(self, "_source", None)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
