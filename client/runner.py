@@ -24,6 +24,7 @@ from .local import LocalCalls
 
 __all__ = ["RemoteBackend", "run_remote"]
 
+_ENDED = object()  # handed to the RunJob reader with the job's last event
 _DROPPED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)  # a lost stream
 
 
@@ -220,12 +221,15 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
     display.update(state="SUBMITTING")
 
     def on_response(response: jobs_pb2.RunJobResponse) -> list[jobs_pb2.LocalCall] | None:
-        """On the loop thread: status, logs and result chunks are handled there; local() calls come here."""
+        """On the loop thread: status, logs and result chunks are handled there; local() calls come here,
+        and so does the job's end (the reader need not wait for the server to close the stream)."""
         local_calls = events.feed_response(response)
         if context.job_id is None and events.job_id:
             context.job_id = events.job_id
-        if events.done and started:
-            started[0].send(None)
+        if events.done:
+            if started:
+                started[0].send(None)
+            local_calls.append(_ENDED)
         return local_calls or None
 
     started: list[Any] = []  # the call, once started (a fast job can end before `call` is bound)
@@ -236,6 +240,8 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
     try:
         with conn.track(call, lambda: events.job_id):
             for local_calls in call:
+                if local_calls[-1] is _ENDED:  # the job ended: nothing is left to answer
+                    break
                 for local_call in local_calls:
                     if local is None:
                         local = LocalCalls(job, ns, display)

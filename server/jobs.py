@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -35,6 +36,7 @@ _ORDER = {
 
 BATCH_BYTES = 1 << 20  # an event stream message holds at most about this much payload (see wait_frames)
 SMALL_EVENT = 64 << 10  # events smaller than this may ride along with a full message
+STATUS_LINGER = 0.05  # s: a status change waits this long for the next event, to share its message
 
 
 def state_name(state: int) -> str:
@@ -292,18 +294,35 @@ class Job:
             result = self.result
         return [self._materialize(e, result) for e in entries], finished
 
+    def _linger(self, after: int, stop: Callable[[], bool], deadline: float) -> None:
+        """With the lock held: wait while every unsent event is a status change of a live job."""
+        while not self.done and not stop() and all(
+            isinstance(e, jobs_pb2.RunJobResponse) and e.event.HasField("status") for e in self._events[after:]
+        ):
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.cond.wait_for(partial(self._moved, len(self._events), stop), left):
+                return
+
+    def _moved(self, seen: int, stop: Callable[[], bool]) -> bool:
+        return len(self._events) > seen or self.done or stop()
+
     def wait_frames(
-        self, after: int, stop: Callable[[], bool], timeout: float | None = None, limit: int = 16
+        self, after: int, stop: Callable[[], bool], timeout: float | None = None, limit: int = 16,
+        linger: float = 0.0,
     ) -> tuple[list[bytes], bool]:
         """As wait_events, but as serialized RunJobResponses / WatchJobResponses (the same bytes), built
         outside the lock: result chunks straight from the result's pieces, one copy each.
 
         Events ready together share a message (the first as `event`, the rest as `more_events`): its large
         events (SMALL_EVENT bytes or more, e.g. result chunks) hold at most BATCH_BYTES together, and small
-        ones may ride along up to BATCH_BYTES + SMALL_EVENT in all; an event never waits for others.
+        ones may ride along up to BATCH_BYTES + SMALL_EVENT in all. With `linger`, status changes that are
+        ready wait up to that long for a later event (a short job's RECEIVED ... COMPLETED and result then
+        travel as one message); logs, local() calls and result chunks never wait.
         Returns (frames, count of events they hold, finished)."""
         with self.cond:
             self.cond.wait_for(lambda: len(self._events) > after or self.done or stop(), timeout)
+            if linger:
+                self._linger(after, stop, time.monotonic() + linger)
             entries = self._events[after : after + limit]
             finished = self.done and after + len(entries) == len(self._events)
             result = self.result

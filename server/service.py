@@ -21,7 +21,7 @@ from tether.values import _varint
 
 from .auth import Authenticator
 from .errors import InvalidProgram, QueueFull, ServerError
-from .jobs import TERMINAL, Job, JobStore, chunk_frame, chunk_length, state_name
+from .jobs import STATUS_LINGER, TERMINAL, Job, JobStore, chunk_frame, chunk_length, state_name
 from .local_calls import NO_STREAM, LocalLink
 from .policy import Policy
 from .program_codec import decode_program
@@ -142,7 +142,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         if not context.add_callback(on_rpc_end):
             return
         while True:
-            frames, count, finished = job.wait_frames(after, gone.is_set)
+            frames, count, finished = job.wait_frames(after, gone.is_set, linger=STATUS_LINGER)
             yield from frames
             after += count
             if finished or gone.is_set():

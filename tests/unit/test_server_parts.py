@@ -134,6 +134,63 @@ def test_events_ready_together_share_a_message_of_at_most_about_one_mib():
     assert b"".join(bytes(e.result.data) for e in events[2:5]) == data
 
 
+class _Probe:
+    """A `stop` callback that never stops, counting its calls: the reader calls it each time it wakes."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._changed = threading.Condition()
+
+    def __call__(self) -> bool:
+        with self._changed:
+            self.calls += 1
+            self._changed.notify_all()
+        return False
+
+    def wait_for_more_than(self, calls: int) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.calls > calls, 10)
+
+
+def _frames_in_thread(job: Job, after: int, linger: float) -> tuple[threading.Thread, list, _Probe]:
+    got: list = []
+    probe = _Probe()
+    reader = threading.Thread(target=lambda: got.append(job.wait_frames(after, probe, linger=linger)))
+    reader.start()
+    probe.wait_for_more_than(1)  # it has looked at the events and waits (for company, or for a first event)
+    return reader, got, probe
+
+
+def test_status_changes_wait_for_company_so_a_short_job_is_one_message():
+    job = Job("owner", "tiny", 1)
+    job.set_state(jobs_pb2.JOB_STATE_QUEUED)
+    reader, got, probe = _frames_in_thread(job, 0, linger=60.0)  # far longer than the test may take
+    calls = probe.calls
+    job.set_state(jobs_pb2.JOB_STATE_RUNNING)
+    probe.wait_for_more_than(calls)  # it woke for RUNNING, and waits on
+    assert reader.is_alive()
+    job.complete(b"result", chunk_size=1 << 20, ttl=60)  # the job's end sends everything at once
+    reader.join(10)
+    assert not reader.is_alive()
+    frames, count, finished = got[0]
+    assert finished and count == 5 and len(frames) == 1
+    response = jobs_pb2.RunJobResponse.FromString(frames[0])
+    assert [e.sequence for e in [response.event, *response.more_events]] == [1, 2, 3, 4, 5]
+
+
+def test_logs_never_wait_behind_a_lingering_status():
+    job = Job("owner", "tiny", 1)
+    job.set_state(jobs_pb2.JOB_STATE_RUNNING)
+    reader, got, _ = _frames_in_thread(job, 0, linger=60.0)
+    job.event(log=jobs_pb2.LogLine(text="now"))
+    reader.join(10)
+    assert not reader.is_alive()  # returned at the log, not after the minute of linger
+    frames, count, finished = got[0]
+    assert count == 3 and not finished
+    response = jobs_pb2.RunJobResponse.FromString(frames[0])
+    assert response.more_events[-1].log.text == "now"
+
+
 def test_watchers_wake_on_new_events_without_polling():
     job = Job("owner", "tiny", 1)
     got = []
