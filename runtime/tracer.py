@@ -28,8 +28,17 @@ class Invoker(Context):
 
     def __init__(self, tracer: Tracer, args: tuple, kwargs: dict):
         self._tracer = weakref.ref(tracer)  # the tracer holds its invokes: no cycle for the collector
-        self.inputs = tracer._model._prepare(args, kwargs)
+        self._model, self._given = tracer._model, (args, kwargs)
+        self._inputs = None
         self._ns: dict | None = None
+
+    @property
+    def inputs(self) -> Any:
+        """This invoke's inputs prepared for the batch (tokenized, for a LanguageModel), made when the model
+        first needs them: a remote trace sends them as given and never tokenizes here."""
+        if self._inputs is None:
+            self._inputs = self._model._prepare(*self._given)
+        return self._inputs
 
     def _execute(self, ns: dict) -> None:
         self._ns = ns
