@@ -158,6 +158,9 @@ def current_mediator() -> Mediator | None:
 class Mediator:
     """One invoke: its compiled body, its namespace, its rows of the batch and its iteration cursor."""
 
+    __slots__ = ("block", "code", "ns", "rows", "iteration", "all_tail", "after_loop", "views", "pending", "seen",
+                 "started", "outcome", "greenlet", "waits_for")
+
     def __init__(self, block, code, ns: dict, rows: slice | None):
         self.block = block
         self.code = code
@@ -255,8 +258,8 @@ class Interleaver:
             if not self._stop:
                 try:
                     result = forward()
-                    if self.max_iterations == 1:  # the root's output is what forward returned
-                        result = self._serve_value(self.root, "fwd", result)
+                    if self.max_iterations == 1 and (self._unstarted or self._waited_at(self.root)):
+                        result = self._serve_value(self.root, "fwd", result)  # the root's output is forward's return
                 except (EarlyStop, _Abort):
                     pass
             self._raise_failure()
@@ -335,14 +338,18 @@ class Interleaver:
             self._begin_iteration()
         return None
 
-    def _forward_hook(self, module, args, output):
-        if getcurrent() is not self._driver:
-            return None
+    def _waited_at(self, module: Any) -> bool:
+        """Whether a body waits for `module`'s value."""
         for mediator in self.mediators:
             req = mediator.pending
             if req is not None and req.module is module:
-                break
-        else:
+                return True
+        return False
+
+    def _forward_hook(self, module, args, output):
+        if getcurrent() is not self._driver:
+            return None
+        if not self._waited_at(module):
             key = (id(module), "fwd")
             if key not in self._demanded:  # a planned hook nobody asked for this time
                 return None
