@@ -227,6 +227,9 @@ def _ops_call(name: str, node: ast.AST, *args: ast.expr) -> ast.Call:
     return ast.copy_location(call, node)
 
 
+_MODULE_VALUES = ("output", "input", "inputs")
+
+
 class _RouteTetherCalls(ast.NodeTransformer):
     """Route `.save()`, `.stop()`, `.grad`, `.value` and `with x.backward():` to tether's ops.
 
@@ -236,9 +239,13 @@ class _RouteTetherCalls(ast.NodeTransformer):
     def visit_Call(self, node: ast.Call) -> ast.AST:
         self.generic_visit(node)
         func = node.func
-        if isinstance(func, ast.Attribute) and func.attr in ("save", "stop") and not node.args and not node.keywords:
-            return _ops_call(func.attr, node, func.value)
-        return node
+        if not (isinstance(func, ast.Attribute) and func.attr in ("save", "stop")) or node.args or node.keywords:
+            return node
+        owner = func.value
+        if func.attr == "stop" and isinstance(owner, ast.Attribute) and owner.attr in _MODULE_VALUES:
+            # `module.output.stop()` stops at that module without fetching its value (it may have run)
+            return _ops_call("stop_at", node, owner.value, ast.Constant(owner.attr))
+        return _ops_call(func.attr, node, owner)
 
     def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
         self.generic_visit(node)

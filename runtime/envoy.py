@@ -112,6 +112,10 @@ class Envoy:
         """`(args, kwargs)` this module is called with."""
         return self._request("inputs", "get")
 
+    def _stop_at(self, kind: str) -> None:
+        """`module.output.stop()`: stop the model once this module's value exists (see Interleaver)."""
+        self._request(kind, "stop_at")
+
     def next(self, step: int = 1) -> Envoy:
         """Refer to the next call of the modules (the next generation step) from here on."""
         self._mediator("next()").iteration += step

@@ -60,7 +60,7 @@ class Request:
         self.module = module  # a torch module, or a pseudo-module such as the generator
         self.kind = kind  # "output" | "input" | "inputs"
         self.iteration = iteration
-        self.op = op  # "get" | "set" | "stop"
+        self.op = op  # "get" | "set" | "stop" (after the module running now) | "stop_at" (after this one)
         self.value = value
         self.path = path  # e.g. "model.layer1", for messages
         self.group = "fwd" if kind == "output" else "pre"  # which hook serves it
@@ -297,6 +297,9 @@ class Interleaver:
             if req is None or mediator.greenlet is None:
                 continue
             mediator.pending = None
+            if req.op == "stop_at":  # its module had run before the body asked: stop there after all
+                self._stop_retroactively(mediator, req)
+                continue
             if self._stop or mediator.all_tail is not None:
                 self._end(mediator)
                 continue
@@ -418,6 +421,9 @@ class Interleaver:
                 if (req is not None and req.module is module and req.group == group
                         and (iteration is None or req.iteration == iteration)):
                     mediator.pending = None
+                    if req.op == "stop_at":
+                        self._stop = True  # the body waits there until finish() ends it
+                        continue
                     self._drive(mediator, self._apply(mediator, req, slot))
             if self._unstarted:
                 self._start_ready()
@@ -481,23 +487,50 @@ class Interleaver:
             serving = self._serving
             if (serving is not None and req.module is serving[0] and req.group == serving[1]
                     and (serving[3] is None or req.iteration == serving[3])):
+                if req.op == "stop_at":
+                    self._stop = True
+                    mediator.pending = None
+                    return
                 value = self._apply(mediator, req, serving[2])
                 continue
+            if req.op == "stop_at":
+                req.value = serving[0] if serving is not None else None  # the module whose values came later
+                if (id(req.module), req.kind, req.iteration) in mediator.seen or self._ran(req):
+                    self._stop_retroactively(mediator, req)
+                    return
             if mediator.seen and req.op == "get":
                 seen = mediator.seen.get((id(req.module), req.kind, req.iteration), _DONE)
                 if seen is not _DONE:
                     value = seen
                     continue
             key = (id(req.module), req.group)
-            fired = self._fired.get(key)
-            if ((req.iteration < self.iteration or (fired is not None and fired >= req.iteration))
-                    and isinstance(req.module, torch.nn.Module)):
+            if self._ran(req):
                 throw = self._unreachable(req)
                 continue
             if key not in self._demanded:
                 self._ensure_hook(req, key)
             mediator.pending = req
             return
+
+    def _ran(self, req: Request) -> bool:
+        """Whether the module `req` asks for has already run at `req`'s iteration."""
+        fired = self._fired.get((id(req.module), req.group))
+        return ((req.iteration < self.iteration or (fired is not None and fired >= req.iteration))
+                and isinstance(req.module, torch.nn.Module))
+
+    def _stop_retroactively(self, mediator: Mediator, req: Request) -> None:
+        """`.stop()` at a module that ran before the one whose values the body took last: the model stops
+        now, and those later values are void, as if the model had stopped where asked (the body's names
+        bound to them become NotReached). Values taken at earlier modules are kept."""
+        self._stop = True
+        mediator.pending = None
+        later = req.value
+        void = [v for (module_id, _, iteration), v in mediator.seen.items()
+                if later is not None and module_id == id(later) and iteration == req.iteration]
+        for name, value in list(mediator.ns.items()):
+            if any(value is v for v in void):
+                del mediator.ns[name]
+        self._end(mediator)
 
     def _unreachable(self, req: Request) -> BaseException:
         if req.iteration >= max(self._root_calls, 1):

@@ -14,7 +14,7 @@ from . import grads, saving
 from .errors import NotInTraceError
 from .interleaver import current_mediator
 
-__all__ = ["save", "stop", "grad", "set_grad", "value", "backward"]
+__all__ = ["save", "stop", "stop_at", "grad", "set_grad", "value", "backward"]
 
 _MISSING = object()
 
@@ -41,6 +41,15 @@ def stop(obj: Any) -> Any:
     if mediator is None:
         raise NotInTraceError("`.stop()` on a value only works inside a trace body.")
     mediator.stop()
+    return None
+
+
+def stop_at(owner: Any, kind: str) -> Any:
+    """`owner.output.stop()` (or `.input` / `.inputs`): on a module, stop the model once that value exists."""
+    stop_after = getattr(owner, "_stop_at", None)
+    if stop_after is None:
+        return stop(getattr(owner, kind))
+    stop_after(kind)
     return None
 
 

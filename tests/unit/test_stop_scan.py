@@ -94,14 +94,34 @@ def test_saved_value_after_the_stop_point_raises_clear_error(tiny_net, x):
         _ = l2_out.value
 
 
-def test_walkthrough_cell_24_order_is_reported_not_hung(tiny_net, x):
-    """The walkthrough asks for layer2 before stopping at layer1; tether reports the order clearly."""
+def test_stop_at_a_module_that_already_ran_voids_the_later_values(tiny_net, x):
+    """Walkthrough cell [83]: layer2 is asked for before the stop at layer1. As in nnsight, the trace ends
+    quietly and the value from after the stop point raises when used; layer2 runs only once."""
+    calls = _Calls(layer1=tiny_net.layer1, layer2=tiny_net.layer2)
     model = NNsight(tiny_net)
-    with pytest.raises((tether.OutOfOrderError, tether.ValueNotReachedError)):
-        with model.trace(x):
-            l2_out = model.layer2.output.save()
-            model.layer1.output.stop()
+    with model.trace(x):
+        l2_out = model.layer2.output.save()
+        model.layer1.output.stop()
+        never = 1
+    assert calls.real == {"layer1": 1, "layer2": 1}
+    with pytest.raises(tether.ValueNotReachedError) as info:
         print("L2 - Output: ", l2_out)
+    assert isinstance(info.value, ValueError) and "stopped early" in str(info.value)
+    with pytest.raises(tether.ValueNotReachedError):
+        _ = never + 1
+
+
+def test_stop_at_a_later_module_stops_there_without_reading_it(tiny_net, x):
+    calls = _Calls(layer1=tiny_net.layer1, layer2=tiny_net.layer2)
+    model = NNsight(tiny_net)
+    with model.trace(x):
+        l1 = model.layer1.output.save()
+        model.layer2.input.stop()  # stop before layer2 runs: its input exists, its output never will
+        out = model.output.save()
+    assert calls.real == {"layer1": 1, "layer2": 0}
+    assert torch.equal(l1, tiny_net.layer1(x))
+    with pytest.raises(tether.ValueNotReachedError):
+        print(out)
 
 
 def test_stop_in_a_language_model_skips_later_layers(gpt2):
