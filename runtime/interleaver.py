@@ -352,7 +352,11 @@ class Interleaver:
     def _forward_hook(self, module, args, output):
         if getcurrent() is not self._driver:
             return None
-        if not self._waited_at(module):
+        for mediator in self.mediators:  # _waited_at(module), inlined: this runs at every hooked module
+            req = mediator.pending
+            if req is not None and req.module is module:
+                break
+        else:
             key = (id(module), "fwd")
             if key not in self._demanded:  # a planned hook nobody asked for this time
                 return None
@@ -383,8 +387,10 @@ class Interleaver:
             return
         if module is self.root and req.group == "fwd" and self.max_iterations == 1:
             return  # served from forward's return value
-        self._demand(key, module, req.group)
-        parents = self._parents()
+        self._demanded[key] = (module, req.group)
+        if key not in self._handles:
+            self._register(module, req.group)
+        parents = self._parent_map if self._parent_map is not None else self._parents()
         parent = parents.get(id(module))
         while parent is not None and not (parent is self.root and self.max_iterations == 1):
             key = (id(parent), "fwd")
