@@ -10,23 +10,13 @@ import ctypes
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from tether.values import read_varint
+
 __all__ = ["ALIGN", "RawChunk", "RawResponse", "RawResultEvent", "chunk_deserializer", "event_deserializer", "fields",
            "result_buffer", "split_value_map"]
 
 ALIGN = 64  # bytes: the first top-level tensor's data starts at this alignment in a result buffer
 ALIGN_MIN_BYTES = 1 << 20  # smaller buffers are not aligned
-
-
-def _varint(view: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(view) or shift > 63:
-            raise ValueError("truncated or corrupt message")
-        byte = view[pos]
-        result |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if not byte & 0x80:
-            return result, pos
 
 
 def fields(view: memoryview, *, prefix: bool = False) -> Iterator[tuple[int, int, int, int, memoryview | int]]:
@@ -39,12 +29,12 @@ def fields(view: memoryview, *, prefix: bool = False) -> Iterator[tuple[int, int
     pos, n = 0, len(view)
     while pos < n:
         start = pos
-        tag, pos = _varint(view, pos)
+        tag, pos = read_varint(view, pos)
         wire = tag & 7
         if wire == 0:
-            value, pos = _varint(view, pos)
+            value, pos = read_varint(view, pos)
         elif wire == 2:
-            size, pos = _varint(view, pos)
+            size, pos = read_varint(view, pos)
             if pos + size > n:
                 if not prefix:
                     raise ValueError("truncated or corrupt message")

@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from tether.v1 import failure_pb2, jobs_pb2
-from tether.values import _varint
+from tether.values import varint
 
 from .errors import NotFound
 
@@ -82,7 +82,7 @@ class ResultBytes:
 
 
 def _field(tag: bytes, size: int) -> bytes:
-    return tag + _varint(size)
+    return tag + varint(size)
 
 
 def chunk_parts(prefix: bytes, offset: int, views: list[memoryview], total: int) -> list[bytes | memoryview]:
@@ -93,7 +93,7 @@ def chunk_parts(prefix: bytes, offset: int, views: list[memoryview], total: int)
     size = sum(len(v) for v in views)
     head = (_field(b"\x08", offset) if offset else b"") + (
         _field(b"\x12", size) if size else b"")
-    tail = b"\x18" + _varint(total) if total else b""
+    tail = b"\x18" + varint(total) if total else b""
     return [prefix, head, *views, tail] if size else [prefix, head, tail]
 
 
@@ -104,8 +104,8 @@ def chunk_frame(prefix: bytes, offset: int, views: list[memoryview], total: int)
 
 def chunk_length(offset: int, size: int, total: int) -> int:
     """The size of the serialized Chunk that chunk_frame writes."""
-    return ((1 + len(_varint(offset))) if offset else 0) + ((1 + len(_varint(size)) + size) if size else 0) + (
-        (1 + len(_varint(total))) if total else 0)
+    return ((1 + len(varint(offset))) if offset else 0) + ((1 + len(varint(size)) + size) if size else 0) + (
+        (1 + len(varint(total))) if total else 0)
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class _ResultChunk:
         pieces: the data stays views of the result's pieces until the message is joined (its one copy)."""
         head = jobs_pb2.JobEvent(job_id=job_id, sequence=self.sequence, time=self.time).SerializeToString()
         chunk = chunk_length(self.offset, self.size, result.size)
-        event = len(head) + 1 + len(_varint(chunk)) + chunk
+        event = len(head) + 1 + len(varint(chunk)) + chunk
         prefix = b"".join([_field(tag, event), head, _field(b"\x32", chunk)])
         return chunk_parts(prefix, self.offset, result.views(self.offset, self.size), result.size)
 

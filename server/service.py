@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
-from tether.values import _varint
+from tether.values import varint
 
 from .auth import Authenticator
 from .errors import InvalidProgram, QueueFull, ServerError
@@ -212,7 +212,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             views = result.views(offset, size)
             # a serialized ReadResultResponse (chunk = 1), its data copied once, from the result's pieces
             length = chunk_length(offset, sum(len(v) for v in views), total)
-            yield chunk_frame(b"\x0a" + _varint(length), offset, views, total)
+            yield chunk_frame(b"\x0a" + varint(length), offset, views, total)
 
     @_unary
     def CancelJob(self, request, context, owner):

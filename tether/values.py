@@ -23,6 +23,8 @@ from tether.safe_pickle import safe_loads
 from tether.v1 import jobs_pb2, values_pb2
 
 __all__ = [
+    "varint",
+    "read_varint",
     "CHUNK_SIZE",
     "COMPRESS_MIN_BYTES",
     "decode_tensor",
@@ -462,7 +464,8 @@ def from_value_map(
 _KEY, _VALUE, _TENSOR, _DATA = b"\x0a", b"\x12", b"\x0a", b"\x1a"  # field tags of length-delimited fields
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """`n` as a protobuf varint (for messages framed by hand)."""
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -471,7 +474,8 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+def read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    """The varint at `pos` of `view`, and the position after it."""
     result = shift = 0
     while True:
         if pos >= len(view) or shift > 63:
@@ -484,7 +488,7 @@ def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
 
 
 def _framed(tag: bytes, *parts: bytes | memoryview) -> list[bytes | memoryview]:
-    return [tag + _varint(sum(len(p) for p in parts)), *parts]
+    return [tag + varint(sum(len(p) for p in parts)), *parts]
 
 
 def encode_value_map(named: Mapping[str, Any], **options: Any) -> list[bytes | memoryview]:
@@ -527,11 +531,11 @@ def _fields(view: memoryview) -> Iterator[tuple[int, int, Any]]:
     """(field number, wire type, value) of a message: varints as int, length-delimited as memoryview."""
     pos = 0
     while pos < len(view):
-        tag, pos = _read_varint(view, pos)
+        tag, pos = read_varint(view, pos)
         if tag & 7 == 0:
-            value, pos = _read_varint(view, pos)
+            value, pos = read_varint(view, pos)
         elif tag & 7 == 2:
-            size, pos = _read_varint(view, pos)
+            size, pos = read_varint(view, pos)
             value, pos = view[pos : pos + size], pos + size
             if pos > len(view):
                 raise ValueError("truncated or corrupt message")
@@ -567,7 +571,7 @@ def _fast_tensor(value: memoryview) -> torch.Tensor | None:
         elif number == 2 and wire == 2:  # packed
             pos = 0
             while pos < len(field_value):
-                size, pos = _read_varint(field_value, pos)
+                size, pos = read_varint(field_value, pos)
                 shape.append(size)
         elif number == 2:
             shape.append(field_value)
