@@ -22,6 +22,7 @@ from tether.values import CHUNK_SIZE
 
 from .errors import JobCancelledError, JobTimeout, QueueFull, ServerError
 from .failures import failure_of
+from .interrupts import Interruptible, Watchdog
 from .jobs import Job
 from .local_calls import LocalCaller, LocalLink
 from .program_codec import DecodedProgram
@@ -111,6 +112,7 @@ class ModelQueue:
         self._pending: collections.deque[_Entry] = collections.deque()  # guarded by _cond
         self._closed = False  # guarded by _cond
         self._running: set[Job] = set()  # guarded by _cond
+        self._watchdog = Watchdog(f"tether-watchdog-{hosted.name}")  # stops jobs stuck in pure Python
         self._threads = [
             threading.Thread(target=self._work, args=(hosted.replica(i),), name=f"tether-worker-{hosted.name}-{i}",
                              daemon=True)
@@ -171,6 +173,7 @@ class ModelQueue:
             entry.decoded.release()
         for job in running:
             job.request_cancel("the server is shutting down")
+        self._watchdog.close()
 
     def join(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -194,7 +197,7 @@ class ModelQueue:
                 # run() logs RUNNING (or the job's end) right after: watchers wake once for both
                 if entry.job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, f"on worker {threading.current_thread().name}",
                                        notify=False):
-                    _Run(entry, replica, self.limits, watch).run()
+                    _Run(entry, replica, self.limits, watch, self._watchdog).run()
             finally:
                 entry.decoded.release()
                 with self._cond:
@@ -214,10 +217,11 @@ def _weights_changed(watch: WeightWatch, versions: list[int]) -> WeightsChanged 
 class _Run:
     """One job on one worker: the Executor call with limits, then the job's end state."""
 
-    def __init__(self, entry: _Entry, replica, limits: Limits, watch: WeightWatch):
+    def __init__(self, entry: _Entry, replica, limits: Limits, watch: WeightWatch, watchdog: Watchdog):
         self.job, self.decoded, self.limits, self.link = entry.job, entry.decoded, entry.limits, entry.link
         self.replica, self.ttl, self.chunk_size = replica, limits.result_ttl, limits.chunk_size
         self.watch = watch  # the replica's parameters, to notice a job that wrote into them
+        self.watchdog = watchdog
         self.deadline = 0.0
 
     def timed_out(self) -> JobTimeout:
@@ -251,9 +255,14 @@ class _Run:
         try:
             root = decoded.bind(self.replica)
             decoded.define_functions(log)
-            values = execute(root, decoded.program, decoded.bindings,
-                             filename=decoded.body_filename, local=handler, log=log,
-                             cancel=self._stop_requested)
+            guard = Interruptible(self._stop_requested)
+            self.watchdog.add(guard)
+            try:
+                values = guard.call(lambda: execute(root, decoded.program, decoded.bindings,
+                                                    filename=decoded.body_filename, local=handler, log=log,
+                                                    cancel=self._stop_requested))
+            finally:
+                self.watchdog.remove(guard)
             watch.check(versions)
             log.flush()
             result = encode_result_pieces(values, decoded.codec.encode, self.limits.max_result_bytes, log)

@@ -699,3 +699,37 @@ def test_api_keys(tmp_path):
         for c in (alice, bob, anonymous, wrong):
             c.close()
         handle.stop(grace=0)
+
+
+def test_a_job_stuck_in_pure_python_is_stopped_at_its_time_limit(client):
+    """`while True` has no module boundary to stop at: past its time limit (and a grace second) the
+    watchdog interrupts it, `except Exception` cannot keep it alive, and the worker takes the next job."""
+    source = """
+    h = model.transformer.h[0].output.save()
+    while True:
+        try:
+            h = h + 0
+        except Exception:
+            pass
+    """
+    job_id = client.submit(spec(program(source, "hello"), timeout={"nanos": 200_000_000})).job_id
+    outcome = client.wait(job_id)
+    assert outcome.final.state == jobs_pb2.JOB_STATE_ERROR and "time limit" in outcome.final.failure.message
+    assert code_of(lambda: client.read_result(job_id))[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_serving(client)
+
+
+def test_cancel_stops_a_job_stuck_in_pure_python(client):
+    source = """
+    print("looping")
+    while True:
+        pass
+    """
+    job_id = client.submit(spec(program(source, "hello"))).job_id
+    watch = (e for r in client.watch(job_id) for e in events_of(r))
+    while next(watch).WhichOneof("event") != "log":
+        pass  # it runs the loop now
+    client.cancel(job_id, "stuck")
+    outcome = Outcome(list(watch))
+    assert outcome.final.state == jobs_pb2.JOB_STATE_CANCELLED and "stuck" in outcome.final.message
+    assert_serving(client)
