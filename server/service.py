@@ -151,8 +151,10 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     # ---- RPCs ---------------------------------------------------------------------------------
     def RunJob(self, request_iterator, context):
         with _status(context):
-            owner = self._hub.auth.identify(context)
+            # the job message first: refused while the client still writes it, a call ends for that client
+            # with grpc.aio's "Internal error from Core" instead of the refusal's own status
             first = next(request_iterator, None)
+            owner = self._hub.auth.identify(context)
             if first is None or first.WhichOneof("message") != "job":
                 raise InvalidProgram("the first RunJob message must set `job` (the JobSpec to run).")
             job, existing = self._start(first.job, owner, stream=True)
