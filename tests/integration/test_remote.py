@@ -182,6 +182,17 @@ def test_early_stop_and_unreached_names(x):
         print(r_after)
 
 
+def test_a_stop_at_a_module_that_already_ran_ends_the_remote_trace_quietly(x):
+    """Walkthrough cell [83] remotely: layer2 is read before the stop at layer1; the job completes and the
+    value from after the stop point raises when used, as locally."""
+    rnet = NNsight(tiny.tiny_net())
+    with rnet.trace(x, remote=True, model_name="net"):
+        r_l2 = rnet.layer2.output.save()
+        rnet.layer1.output.stop()
+    with pytest.raises(tether.ValueNotReachedError, match="stopped early"):
+        print(r_l2)
+
+
 def test_scan(x):
     net, rnet = NNsight(tiny.tiny_net()), NNsight(tiny.tiny_net())
     with net.scan(x):
