@@ -20,7 +20,8 @@ from greenlet import greenlet as Greenlet
 from . import batching
 from .errors import OutOfOrderError, TetherError
 
-__all__ = ["Request", "Mediator", "Interleaver", "HookPlan", "BodyGreenlet", "current_mediator", "EarlyStop", "JobCancelled", "cancel_scope"]
+__all__ = ["Request", "Mediator", "Interleaver", "HookPlan", "BodyGreenlet", "current_mediator", "EarlyStop",
+           "JobCancelled", "cancel_scope"]
 
 _limits = threading.local()
 
