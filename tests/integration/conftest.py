@@ -1,4 +1,4 @@
-"""Fixtures shared by the remote tests: a client pointed at the module's `server` fixture, and models."""
+"""Fixtures shared by the remote tests: a loopback server per module, a client pointed at it, and models."""
 
 from __future__ import annotations
 
@@ -6,7 +6,20 @@ import pytest
 import torch
 
 from tether import CONFIG, LanguageModel
+from tether.client.channel import close_all
 from tether.runtime import tiny
+from tether.server.app import start_server
+
+
+@pytest.fixture(scope="module")
+def server(request):
+    """A real server on 127.0.0.1 with an OS-assigned port for the test module: it hosts what the module's
+    `served()` returns, with its SERVER_LIMITS; stopped (and the client's channels closed) after it."""
+    handle = start_server(request.module.served(), host="127.0.0.1", port=0,
+                          **getattr(request.module, "SERVER_LIMITS", {}))
+    yield handle
+    handle.stop(grace=0)
+    close_all()
 
 
 @pytest.fixture

@@ -25,19 +25,12 @@ PROMPT = "The quick brown fox"
 WAIT_S = 30.0  # longest any hand-over between threads may take
 
 
-@pytest.fixture(scope="module")
-def server():
+def served() -> dict:
     """"tiny" and an identical "tiny_b" (own queue and worker), so two clients' jobs run at the same time."""
-    handle = start_server({"tiny": tiny.tiny_gpt2(), "tiny_b": tiny.tiny_gpt2()}, host="127.0.0.1", port=0)
-    yield handle
-    handle.stop(grace=0)
-    close_all()
+    return {"tiny": tiny.tiny_gpt2(), "tiny_b": tiny.tiny_gpt2()}
 
 
-@pytest.fixture(autouse=True)
-def _client(client_config):
-    """Every test here talks to this module's server (see conftest.client_config)."""
-    return client_config
+pytestmark = pytest.mark.usefixtures("client_config")  # every test talks to this module's server
 
 
 @tether.trace

@@ -17,7 +17,6 @@ import torch
 
 from tether import LanguageModel
 from tether.runtime import tiny
-from tether.server.app import start_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "node_client" / "run_job.js"
@@ -41,11 +40,8 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server():
-    handle = start_server({"tiny": tiny.tiny_gpt2(), "net": tiny.tiny_net()})
-    yield handle
-    handle.stop(grace=0)
+def served() -> dict:
+    return {"tiny": tiny.tiny_gpt2(), "net": tiny.tiny_net()}
 
 
 def run_node(address: str, model: str) -> subprocess.CompletedProcess:

@@ -16,7 +16,6 @@ import torch
 import tether
 from tether import CONFIG, LanguageModel, NNsight
 from tether.client import RemoteBackend, aio
-from tether.client.channel import close_all
 from tether.runtime import tiny
 from tether.server.app import start_server
 from tether.v1 import jobs_pb2, jobs_pb2_grpc
@@ -25,19 +24,12 @@ PROMPT = "The quick brown fox"
 OTHER = "Hello"
 
 
-@pytest.fixture(scope="module")
-def server():
-    """One loopback server on an OS-assigned port: "tiny" (a 2-layer GPT-2 + tokenizer) and "net"."""
-    handle = start_server({"tiny": tiny.tiny_gpt2(), "net": tiny.tiny_net()}, host="127.0.0.1", port=0)
-    yield handle
-    handle.stop(grace=0)
-    close_all()
+def served() -> dict:
+    """"tiny" (a 2-layer GPT-2 + tokenizer) and "net"."""
+    return {"tiny": tiny.tiny_gpt2(), "net": tiny.tiny_net()}
 
 
-@pytest.fixture(autouse=True)
-def _client(client_config):
-    """Every test here talks to this module's server (see conftest.client_config)."""
-    return client_config
+pytestmark = pytest.mark.usefixtures("client_config")  # every test talks to this module's server
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -244,11 +244,11 @@ def assert_serving(client: Client) -> None:
     assert outcome.saved()["out"].shape[-1] == 512
 
 
-@pytest.fixture(scope="module")
-def server():
-    handle = start_server({"tiny": tiny.tiny_gpt2(), "net": tiny.tiny_net()}, local_call_timeout=20.0)
-    yield handle
-    handle.stop(grace=0)
+SERVER_LIMITS = {"local_call_timeout": 20.0}
+
+
+def served() -> dict:
+    return {"tiny": tiny.tiny_gpt2(), "net": tiny.tiny_net()}
 
 
 @pytest.fixture

@@ -6,22 +6,14 @@ import pytest
 import torch
 
 from tether import CONFIG, LanguageModel, RemoteError
-from tether.client.channel import close_all
 from tether.runtime import tiny
-from tether.server.app import start_server
 
 
-@pytest.fixture(scope="module")
-def server():
-    handle = start_server({"tiny": tiny.tiny_gpt2()}, host="127.0.0.1", port=0)
-    yield handle
-    handle.stop(grace=0)
-    close_all()
+def served() -> dict:
+    return {"tiny": tiny.tiny_gpt2()}
 
 
-@pytest.fixture(autouse=True)
-def _client(client_config):
-    return client_config
+pytestmark = pytest.mark.usefixtures("client_config")  # every test talks to this module's server
 
 
 def test_writing_into_weights_fails_the_job_and_the_server_keeps_serving(server):
