@@ -27,6 +27,10 @@ from tether.runtime import tiny
 from tether.server.app import start_server
 
 from ._common import ROOT, host, quiet_client, side_of, thread_group
+from .local_blocks import BLOCKS, blocks_job
+from .remote import save_randn, two_saves
+
+WARMUP = 20
 
 _PROFILES: list[tuple[threading.Thread, cProfile.Profile]] = []
 _LOCK = threading.Lock()
@@ -38,36 +42,6 @@ def _boot(frame, event, arg):  # the first profile event of a new thread: give i
     with _LOCK:
         _PROFILES.append((threading.current_thread(), profile))
     profile.enable()
-
-
-
-PROMPT = "The quick brown fox"
-BLOCKS = 50
-WARMUP = 20
-
-
-def job_body(rllm):
-    with rllm.trace(PROMPT, remote=True):
-        hidden = rllm.transformer.h[0].output[0].save()
-        logits = rllm.lm_head.output.save()
-    return hidden, logits
-
-
-def local_block_body(rllm, n, stamps):
-    with rllm.trace(PROMPT, remote=True) as tracer:
-        x = rllm.lm_head.output[0, -1, :4]
-        for _ in range(n):
-            with tracer.local():
-                stamps.append(time.perf_counter())
-                x = x + 1
-        out = x.save()
-    return out
-
-
-def big_result_body(rllm):
-    with rllm.trace(PROMPT, remote=True):
-        big = torch.randn(64, 1024, 1024).save()
-    return big
 
 
 def _key(entry) -> str:
@@ -118,18 +92,18 @@ def main(argv: list[str]) -> int:
         rllm = LanguageModel("tiny")
         if scenario == "job":
             def unit_run():
-                job_body(rllm)
+                two_saves(rllm, remote=True)
             jobs, unit = n, "job"
         elif scenario == "local_block":
             stamps: list[float] = []
 
             def unit_run():
-                out = local_block_body(rllm, BLOCKS, stamps)
+                out = blocks_job(rllm, BLOCKS, stamps)
                 assert out.shape == (4,)
             jobs, unit = max(1, n // BLOCKS), "local block"
         elif scenario == "big_result":
             def unit_run():
-                assert big_result_body(rllm).shape == (64, 1024, 1024)
+                assert save_randn(rllm).shape == (64, 1024, 1024)
             jobs, unit = n, "256 MiB job"
         else:
             raise SystemExit(f"unknown scenario {scenario!r}")
