@@ -353,11 +353,7 @@ class Interleaver:
     def _forward_hook(self, module, args, output):
         if getcurrent() is not self._driver:
             return None
-        for mediator in self.mediators:  # _waited_at(module), inlined: this runs at every hooked module
-            req = mediator.pending
-            if req is not None and req.module is module:
-                break
-        else:
+        if not self._waited_at(module):
             key = (id(module), "fwd")
             if key not in self._demanded:  # a planned hook nobody asked for this time
                 return None
@@ -388,10 +384,8 @@ class Interleaver:
             return
         if module is self.root and req.group == "fwd" and self.max_iterations == 1:
             return  # served from forward's return value
-        self._demanded[key] = (module, req.group)
-        if key not in self._handles:
-            self._register(module, req.group)
-        parents = self._parent_map if self._parent_map is not None else self._parents()
+        self._demand(key, module, req.group)
+        parents = self._parents()
         parent = parents.get(id(module))
         while parent is not None and not (parent is self.root and self.max_iterations == 1):
             key = (id(parent), "fwd")
@@ -532,8 +526,8 @@ class Interleaver:
         self._stop = True
         mediator.pending = None
         later = req.value
-        void = [v for (module_id, _, iteration), v in mediator.seen.items()
-                if later is not None and module_id == id(later) and iteration == req.iteration]
+        void = [] if later is None else [v for (module_id, _, iteration), v in mediator.seen.items()
+                                         if module_id == id(later) and iteration == req.iteration]
         for name, value in list(mediator.ns.items()):
             if any(value is v for v in void):
                 del mediator.ns[name]
