@@ -54,20 +54,18 @@ class Interruptible:
             with self._guard:
                 self._thread = None
 
-    def check(self, now: float) -> bool:
-        """Interrupt the run if it should have stopped GRACE seconds ago; whether it still runs."""
+    def check(self, now: float) -> None:
+        """Interrupt the run if it should have stopped GRACE seconds ago."""
         with self._guard:
             if self._thread is None or self.interrupted:
-                return self._thread is not None
+                return
             if not self._should_stop():
                 self._since = None
-                return True
-            if self._since is None:
+            elif self._since is None:
                 self._since = now
             elif now - self._since >= GRACE:
                 self.interrupted = True
                 _raise_in(self._thread)
-            return True
 
 
 class Watchdog:

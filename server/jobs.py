@@ -288,7 +288,7 @@ class Job:
         limit bounds what one call copies (result chunks are built from `result` on the way out).
         """
         with self.cond:
-            self.cond.wait_for(lambda: len(self._events) > after or self.done or stop(), timeout)
+            self.cond.wait_for(partial(self._moved, after, stop), timeout)
             entries = self._events[after : after + limit]
             finished = self.done and after + len(entries) == len(self._events)
             result = self.result
@@ -304,6 +304,7 @@ class Job:
                 return
 
     def _moved(self, seen: int, stop: Callable[[], bool]) -> bool:
+        """Whether there are events after `seen`, the job ended, or `stop()` (what readers wait for)."""
         return len(self._events) > seen or self.done or stop()
 
     def wait_frames(
@@ -320,7 +321,7 @@ class Job:
         travel as one message); logs, local() calls and result chunks never wait.
         Returns (frames, count of events they hold, finished)."""
         with self.cond:
-            self.cond.wait_for(lambda: len(self._events) > after or self.done or stop(), timeout)
+            self.cond.wait_for(partial(self._moved, after, stop), timeout)
             if linger:
                 self._linger(after, stop, time.monotonic() + linger)
             entries = self._events[after : after + limit]
