@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from greenlet import getcurrent
 
 from .errors import NotInTraceError
-from .interleaver import BodyGreenlet, Mediator, Request, current_mediator
+from .interleaver import Mediator, Request, current_mediator
 
 __all__ = ["Envoy"]
 
@@ -88,8 +87,11 @@ class Envoy:
         return mediator
 
     def _request(self, kind: str, op: str, value: Any = None) -> Any:
-        mediator = self._mediator(kind)
-        return mediator.request(Request(self._module, kind, mediator.iteration, op, value, self._path))
+        mediator = current_mediator()
+        if mediator is None:
+            self._mediator(kind)  # raises NotInTraceError
+        return mediator.greenlet.parent.switch(  # Mediator.request, inlined: every module value read runs it
+            Request(self._module, kind, mediator.iteration, op, value, self._path))
 
     def _set(self, kind: str, value: Any) -> None:
         self._request(kind, "set", value)
@@ -97,10 +99,7 @@ class Envoy:
     @property
     def output(self) -> Any:
         """This module's output at the body's current iteration (a view of the invoke's rows)."""
-        body = getcurrent()  # the hottest path of a trace: current_mediator() and Mediator.request, inlined
-        if type(body) is not BodyGreenlet:
-            self._mediator("output")
-        return body.parent.switch(Request(self._module, "output", body.mediator.iteration, "get", None, self._path))
+        return self._request("output", "get")
 
     @property
     def input(self) -> Any:

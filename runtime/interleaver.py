@@ -20,7 +20,7 @@ from greenlet import greenlet as Greenlet
 from . import batching
 from .errors import OutOfOrderError, TetherError
 
-__all__ = ["Request", "Mediator", "Interleaver", "HookPlan", "BodyGreenlet", "current_mediator", "EarlyStop",
+__all__ = ["Request", "Mediator", "Interleaver", "HookPlan", "current_mediator", "EarlyStop",
            "JobCancelled", "cancel_scope"]
 
 _limits = threading.local()
@@ -105,7 +105,7 @@ def parents_of(root: torch.nn.Module) -> dict[int, torch.nn.Module]:
             if child is not None}
 
 
-class BodyGreenlet(Greenlet):
+class _BodyGreenlet(Greenlet):
     """Runs bodies one after another: a finished body leaves it idle in its thread's pool for the next.
 
     Starting a fresh greenlet and letting it die costs ~10x a switch, and every trace starts one body per
@@ -134,14 +134,14 @@ _idle = threading.local()  # .greenlets: this thread's finished body greenlets, 
 _MAX_IDLE = 8
 
 
-def _body_greenlet(driver: Greenlet) -> BodyGreenlet:
+def _body_greenlet(driver: Greenlet) -> _BodyGreenlet:
     idle = getattr(_idle, "greenlets", None)
-    body = idle.pop() if idle else BodyGreenlet()
+    body = idle.pop() if idle else _BodyGreenlet()
     body.parent = driver
     return body
 
 
-def _release(body: BodyGreenlet) -> None:
+def _release(body: _BodyGreenlet) -> None:
     body.mediator = None
     idle = getattr(_idle, "greenlets", None)
     if idle is None:
@@ -153,7 +153,7 @@ def _release(body: BodyGreenlet) -> None:
 def current_mediator() -> Mediator | None:
     """The mediator whose body is running right now, if any."""
     body = getcurrent()
-    return body.mediator if type(body) is BodyGreenlet else None
+    return body.mediator if type(body) is _BodyGreenlet else None
 
 
 class Mediator:
@@ -175,7 +175,7 @@ class Mediator:
         self.seen: dict[tuple[int, str, int], Any] = {}  # values already handed to this body, re-readable
         self.started = False
         self.outcome: object = None  # _DONE or _Failed, set when the body ends
-        self.greenlet: BodyGreenlet | None = None  # while the body runs or waits; None once it ended
+        self.greenlet: _BodyGreenlet | None = None  # while the body runs or waits; None once it ended
         self.waits_for: dict[str, Any] = {}  # name -> its value before the run: start once an earlier invoke rebinds it
 
     def ready(self) -> bool:
