@@ -80,13 +80,16 @@ class Watchdog:
         self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
         self._thread.start()
 
-    def add(self, run: Interruptible) -> None:
+    def call(self, should_stop: Callable[[], bool], fn: Callable[[], Any]) -> Any:
+        """Run `fn` in this thread, interruptible once `should_stop()` has held for GRACE seconds."""
+        run = Interruptible(should_stop)
         with self._cond:
             self._runs.add(run)
-
-    def remove(self, run: Interruptible) -> None:
-        with self._cond:
-            self._runs.discard(run)
+        try:
+            return run.call(fn)
+        finally:
+            with self._cond:
+                self._runs.discard(run)
 
     def close(self) -> None:
         with self._cond:

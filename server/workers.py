@@ -22,7 +22,7 @@ from tether.values import CHUNK_SIZE
 
 from .errors import JobCancelledError, JobTimeout, QueueFull, ServerError
 from .failures import failure_of
-from .interrupts import Interruptible, Watchdog
+from .interrupts import Watchdog
 from .jobs import Job
 from .local_calls import LocalCaller, LocalLink
 from .program_codec import DecodedProgram
@@ -255,14 +255,9 @@ class _Run:
         try:
             root = decoded.bind(self.replica)
             decoded.define_functions(log)
-            guard = Interruptible(self._stop_requested)
-            self.watchdog.add(guard)
-            try:
-                values = guard.call(lambda: execute(root, decoded.program, decoded.bindings,
-                                                    filename=decoded.body_filename, local=handler, log=log,
-                                                    cancel=self._stop_requested))
-            finally:
-                self.watchdog.remove(guard)
+            values = self.watchdog.call(self._stop_requested, lambda: execute(
+                root, decoded.program, decoded.bindings, filename=decoded.body_filename, local=handler, log=log,
+                cancel=self._stop_requested))
             watch.check(versions)
             log.flush()
             result = encode_result_pieces(values, decoded.codec.encode, self.limits.max_result_bytes, log)
