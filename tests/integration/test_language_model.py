@@ -425,46 +425,35 @@ def test_iterating_tracer_all(gpt2, llm):
 
 
 def _early_eos(hf, tok) -> tuple[int, int]:
-    """(eos id that makes greedy generation of PROMPT stop after its first new token, prompt length)."""
+    """(an eos id that makes greedy generation of PROMPT stop early, how many tokens plain HF generate then
+    makes when asked for 5)."""
     expected, _ = _generate(hf, tok, PROMPT, 2)
     n = len(tok(PROMPT)["input_ids"])
-    return int(expected[0, n + 1]), n
+    eos = int(expected[0, n + 1])
+    with torch.no_grad():
+        plain = hf.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=5, do_sample=False, pad_token_id=0,
+                            eos_token_id=eos)
+    return eos, plain.shape[1] - n
 
 
 def test_all_stops_with_generation_on_early_eos(gpt2, llm):
     hf, tok = gpt2
-    eos, n = _early_eos(hf, tok)
-    with torch.no_grad():
-        plain = hf.generate(
-            **tok(PROMPT, return_tensors="pt"),
-            max_new_tokens=5,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=eos,
-        )
+    eos, plain_new = _early_eos(hf, tok)
     with llm.generate(PROMPT, max_new_tokens=5, eos_token_id=eos):
         tokens = tether.list().save()
         llm.all()
         tokens.append(int(llm.lm_head.output[0, -1].argmax()))
-    assert len(tokens) == plain.shape[1] - n
+    assert len(tokens) == plain_new
 
 
 def test_tracer_iter_stops_with_generation_on_early_eos(gpt2, llm):
     hf, tok = gpt2
-    eos, n = _early_eos(hf, tok)
-    with torch.no_grad():
-        plain = hf.generate(
-            **tok(PROMPT, return_tensors="pt"),
-            max_new_tokens=5,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=eos,
-        )
+    eos, plain_new = _early_eos(hf, tok)
     with llm.generate(PROMPT, max_new_tokens=5, eos_token_id=eos) as tracer:
         tokens = tether.list().save()
         for _step in tracer.iter[:]:
             tokens.append(int(llm.lm_head.output[0, -1].argmax()))
-    assert len(tokens) == plain.shape[1] - n
+    assert len(tokens) == plain_new
 
 
 def test_scan_does_not_load_the_weights(gpt2, saved_dir):
