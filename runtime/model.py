@@ -13,7 +13,7 @@ import torch
 
 from .batching import concat_inputs
 from .envoy import Envoy
-from .interleaver import HookPlan
+from .interleaver import HookPlan, parents_of
 from .session import Edit, Session
 from .tracer import Tracer
 
@@ -33,12 +33,24 @@ class Prepared:
     rows: int = 1
 
 
+class _Caches:
+    """What a wrapper learns about its module between traces. One object, shared with the copies that
+    server jobs run on (`_edited_copy`), so every job profits from what earlier jobs learned."""
+
+    __slots__ = ("parents", "plans")
+
+    def __init__(self) -> None:
+        self.parents: tuple[tuple, dict[int, torch.nn.Module]] | None = None  # (child tuple, parents_of map)
+        self.plans: dict[tuple, HookPlan] = {}  # trace bodies' code objects -> their hook plan
+
+
 class NNsight(Envoy):
     """The root Envoy of a wrapped model: `trace`, `scan`, `session`, `edit`."""
 
     def __init__(self, module: torch.nn.Module, **_: Any):
         super().__init__(module, "model")
         object.__setattr__(self, "_edits", [])
+        object.__setattr__(self, "_caches", _Caches())
 
     # ---- contexts ------------------------------------------------------------------------------
     def trace(self, *inputs: Any, trace: bool = True, **kwargs: Any) -> Any:
@@ -105,20 +117,14 @@ class NNsight(Envoy):
     def _parents(self) -> dict[int, torch.nn.Module]:
         """id(module) -> parent module, cached on the wrapper and rebuilt if the module tree changed."""
         signature = tuple(self._module._modules.values())
-        cached = self.__dict__.get("_parent_cache")
-        if cached is None or cached[0] != signature:
-            from .interleaver import parents_of
-
-            cached = (signature, parents_of(self._module))
-            object.__setattr__(self, "_parent_cache", cached)
-        return cached[1]
+        caches = self._caches
+        if caches.parents is None or caches.parents[0] != signature:
+            caches.parents = (signature, parents_of(self._module))
+        return caches.parents[1]
 
     def _hook_plan(self, bodies: tuple) -> HookPlan:
         """The hooks these bodies (their code objects) asked for when they last ran on this model."""
-        plans = self.__dict__.get("_hook_plans")
-        if plans is None:
-            plans = {}
-            object.__setattr__(self, "_hook_plans", plans)
+        plans = self._caches.plans
         plan = plans.get(bodies)
         if plan is None:
             if len(plans) >= _MAX_PLANS:

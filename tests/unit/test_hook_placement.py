@@ -80,7 +80,7 @@ def test_a_repeated_body_hooks_up_front_only_what_it_asked_for_last_time(gpt2):
         assert torch.equal(second, as_tensor["second"])
         assert first is None or torch.equal(first, as_tensor["first"])
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in hf.modules())
-    plans = list(llm._hook_plans.values())
+    plans = list(llm._caches.plans.values())
     assert [[m for m, _ in plan.hooks] for plan in plans] == [[blocks[0], hf.transformer, blocks[1]]]
 
 
@@ -97,3 +97,20 @@ def test_a_planned_hook_does_not_change_out_of_order_errors(gpt2):
                 llm.transformer.h[0].output.save()
                 llm.transformer.h[1].output.save()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in hf.modules())
+
+
+
+def test_the_copies_server_jobs_run_on_share_the_models_hook_plans(gpt2):
+    """A server job runs on `_edited_copy()` of its replica: what one job's body asked for is planned for the next."""
+    hf, tok = gpt2
+    llm = LanguageModel(hf, tokenizer=tok)
+    ids = torch.tensor([tok("The Eiffel Tower is in the city of")["input_ids"]])
+    seen, _ = _reference(hf, ids, {"block": hf.transformer.h[1]})
+    expected = seen["block"] if isinstance(seen["block"], torch.Tensor) else seen["block"][0]
+    for _ in range(2):
+        job_root = llm._edited_copy()
+        with torch.no_grad(), job_root.trace(ids):
+            out = job_root.transformer.h[1].output.save()
+        assert torch.equal(out if isinstance(out, torch.Tensor) else out[0], expected)
+    plans = list(llm._caches.plans.values())
+    assert [[m for m, _ in plan.hooks] for plan in plans] == [[hf.transformer.h[1], hf.transformer]]
