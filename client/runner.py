@@ -1,7 +1,9 @@
 """`remote=True`: run a captured context on a tether server and put its results in the caller's names.
 
 `run_remote` is the seam the engine calls. `RemoteBackend` holds where jobs go and, in non-blocking mode,
-which job is out. A blocking job is one RunJob stream: status, logs, local() calls and the result.
+which job is out. A blocking job with local() blocks is one RunJob stream: status, logs, local() calls and
+the result. One without is a SubmitJob that waits for the job's end and brings its events (a unary call
+costs about half a stream), followed by WatchJob if the job outlasts the wait.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from tether.runtime.errors import RemoteError, TetherError
 from tether.runtime.saving import NotReached, UnsavedValue, finalize_saved
 from tether.v1 import jobs_pb2, models_pb2
 
-from .channel import Connection, auth_metadata, connect, resolve_api_key, resolve_host
+from .channel import UNARY_TIMEOUT_S, Connection, auth_metadata, connect, resolve_api_key, resolve_host
 from .display import StatusDisplay
 from .encode import Job, build_job
 from .errors import from_rpc_error
@@ -26,6 +28,7 @@ __all__ = ["RemoteBackend", "run_remote"]
 
 _ENDED = object()  # handed to the RunJob reader with the job's last event
 _DROPPED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)  # a lost stream
+SUBMIT_WAIT_S = 1.0  # how long a blocking job's SubmitJob waits for its end before following it with WatchJob
 
 
 def run_remote(context: Any, ns: dict) -> None:
@@ -80,7 +83,8 @@ class RemoteBackend:
                 self._fetch(conn, metadata, job, ns, display, wait=blocking)
             elif blocking:
                 context.job_id = None
-                events = _run_job(conn, metadata, job, ns, display, context)
+                run = _run_job if job.has_local_blocks else _submit_and_wait
+                events = run(conn, metadata, job, ns, display, context)
                 self.last_job_id, self.state = events.job_id, state_name(events.state)
             else:
                 self._submit(conn, metadata, job, ns, display)
@@ -203,11 +207,51 @@ def _error(conn: Connection, metadata: tuple, error: grpc.RpcError) -> RemoteErr
     return from_rpc_error(error, conn.host, models=models)
 
 
-def _unary(conn: Connection, method: Any, request: Any, metadata: tuple) -> Any:
+def _unary(conn: Connection, method: Any, request: Any, metadata: tuple, wait: float = 0.0) -> Any:
     try:
-        return conn.unary(method, request, metadata)
+        return conn.unary(method, request, metadata, timeout=UNARY_TIMEOUT_S + wait)
     except grpc.RpcError as error:
         raise _error(conn, metadata, error) from None
+
+
+def _submit_and_wait(conn: Connection, metadata: tuple, job: Job, ns: dict, display: StatusDisplay,
+                     context: Any) -> JobEvents:
+    """Run a blocking job that has no local() blocks and fill `ns` with its result.
+
+    SubmitJob waits up to SUBMIT_WAIT_S for the job to end and then carries all its events; a job still
+    running is followed with WatchJob (live status and logs). Ctrl-C cancels the job.
+    """
+    events = JobEvents(display, log=_logger(), debug=_debug())
+    display.update(state="SUBMITTING")
+    request = jobs_pb2.SubmitJobRequest(job=job.spec)
+    request.wait.FromNanoseconds(int(SUBMIT_WAIT_S * 1e9))
+    try:
+        response = _unary(conn, conn.jobs.SubmitJob, request, metadata, wait=SUBMIT_WAIT_S)
+        events.job_id = context.job_id = response.job_id
+        for update in response.events:
+            events.feed_response(update)
+        if not events.done:
+            display.update(response.job_id, state_name(response.state), "")
+            _follow(conn, metadata, events)
+    except KeyboardInterrupt:
+        _cancel_interrupted(conn, metadata, job, events.job_id)
+        raise
+    events.raise_if_failed()
+    _read_result(conn, metadata, events)
+    apply_result(job, events.result, ns)
+    return events
+
+
+def _cancel_interrupted(conn: Connection, metadata: tuple, job: Job, job_id: str | None) -> None:
+    """Cancel a job the user interrupted; without its id yet, SubmitJob with the same request_id names it."""
+    try:
+        if not job_id:
+            job_id = conn.unary(conn.jobs.SubmitJob, jobs_pb2.SubmitJobRequest(job=job.spec), metadata,
+                                timeout=2.0).job_id
+        conn.unary(conn.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id, reason="interrupted by the user"),
+                   metadata, timeout=2.0)
+    except grpc.RpcError:
+        pass
 
 
 def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: StatusDisplay,
@@ -254,12 +298,7 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
     except KeyboardInterrupt:
         call.send(jobs_pb2.RunJobRequest(cancel=jobs_pb2.CancelRequest(reason="interrupted by the user")))
         if events.job_id:
-            try:
-                conn.unary(conn.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=events.job_id,
-                                                                          reason="interrupted by the user"),
-                           metadata, timeout=2.0)
-            except grpc.RpcError:
-                pass
+            _cancel_interrupted(conn, metadata, job, events.job_id)
         call.cancel("interrupted by the user")
         raise
     except BaseException:

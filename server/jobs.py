@@ -350,6 +350,25 @@ class Job:
             frames.append(b"".join(parts))
         return frames, len(entries), finished
 
+    def frames_when_done(self, stop: Callable[[], bool], timeout: float, max_bytes: int) -> list[bytes] | None:
+        """Every event of the job, framed as wait_frames frames them, once it ended within `timeout`.
+
+        None if it is still running then (or `stop()`), or if its events hold more than `max_bytes`."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.done or stop(), timeout) or not self.done:
+                return None
+            if self.result is not None and len(self.result) > max_bytes:
+                return None
+        frames: list[bytes] = []
+        after, finished = 0, False
+        while not finished:
+            more, count, finished = self.wait_frames(after, stop, limit=64)
+            frames += more
+            after += count
+            if sum(len(f) for f in frames) > max_bytes:
+                return None
+        return frames
+
     def _materialize(self, entry: jobs_pb2.RunJobResponse | _ResultChunk,
                      result: ResultBytes | None) -> jobs_pb2.JobEvent:
         if not isinstance(entry, _ResultChunk):

@@ -26,12 +26,15 @@ from .local_calls import NO_STREAM, LocalLink
 from .policy import Policy
 from .program_codec import decode_program
 from .registry import Registry
-from .workers import JobLimits, Limits, ModelQueue
+from .workers import JobLimits, Limits, ModelQueue, seconds
 
 __all__ = ["Hub", "JobService", "ModelService", "add_job_service"]
 
 _log = logging.getLogger("tether.server")
 CANCEL_WAIT = 10.0  # seconds CancelJob waits for a running job to stop before answering with its state
+MAX_SUBMIT_WAIT = 10.0  # seconds SubmitJob may hold its answer for the job to end (SubmitJobRequest.wait)
+INLINE_EVENTS_BYTES = 1 << 20  # a waited-for job's events ride in the SubmitJob answer up to this size
+_SUBMIT_EVENTS_TAG = b"\x22"  # SubmitJobResponse.events (field 4, length-delimited)
 
 
 @dataclass
@@ -132,14 +135,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         its serialized RunJobResponse / WatchJobResponse (the same bytes; add_job_service sends bytes as
         they are). Every event that is ready is sent in one pass, without waiting between them; events ready
         together share a message (RunJobResponse.more_events)."""
-        gone = threading.Event()
-
-        def on_rpc_end() -> None:
-            gone.set()
-            with job.cond:
-                job.cond.notify_all()
-
-        if not context.add_callback(on_rpc_end):
+        gone = _rpc_end(job, context)
+        if gone is None:
             return
         while True:
             frames, count, finished = job.wait_frames(after, gone.is_set, linger=STATUS_LINGER)
@@ -182,7 +179,13 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     @_unary
     def SubmitJob(self, request, context, owner):
         job, existing = self._start(request.job, owner, stream=False)
-        return jobs_pb2.SubmitJobResponse(job_id=job.id, state=job.state, existing=existing)
+        wait = min(seconds(request.wait), MAX_SUBMIT_WAIT) if request.HasField("wait") else 0.0
+        frames = None
+        if wait > 0 and (gone := _rpc_end(job, context)) is not None:
+            frames = job.frames_when_done(gone.is_set, wait, INLINE_EVENTS_BYTES)
+        response = jobs_pb2.SubmitJobResponse(job_id=job.id, state=job.state, existing=existing).SerializeToString()
+        # the events are WatchJobResponse frames already: appended as they are, as repeated field 4
+        return response + b"".join(_SUBMIT_EVENTS_TAG + varint(len(f)) + f for f in frames or ())
 
     @_unary
     def GetJob(self, request, context, owner):
@@ -223,6 +226,18 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         with job.cond:
             job.cond.wait_for(lambda: job.done, CANCEL_WAIT)
             return jobs_pb2.CancelJobResponse(state=job.state)
+
+
+def _rpc_end(job: Job, context: grpc.ServicerContext) -> threading.Event | None:
+    """An Event set when the RPC ends (waking the job's waiters), or None if it has ended already."""
+    gone = threading.Event()
+
+    def on_rpc_end() -> None:
+        gone.set()
+        with job.cond:
+            job.cond.notify_all()
+
+    return gone if context.add_callback(on_rpc_end) else None
 
 
 class ModelService(models_pb2_grpc.ModelServiceServicer):

@@ -50,6 +50,11 @@ class Limits:
         return dataclasses.replace(self, **changes)
 
 
+def seconds(duration) -> float:
+    """A google.protobuf.Duration in seconds."""
+    return duration.seconds + duration.nanos / 1e9
+
+
 @dataclass(frozen=True)
 class JobLimits:
     """One job's limits: the server's, lowered by what its JobSpec asked for."""
@@ -60,9 +65,6 @@ class JobLimits:
 
     @classmethod
     def of(cls, spec: jobs_pb2.JobSpec, limits: Limits) -> JobLimits:
-        def seconds(duration) -> float:
-            return duration.seconds + duration.nanos / 1e9
-
         timeout = seconds(spec.timeout) if spec.HasField("timeout") else 0.0
         local = seconds(spec.local_call_timeout) if spec.HasField("local_call_timeout") else 0.0
         return cls(

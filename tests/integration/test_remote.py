@@ -15,7 +15,7 @@ import torch
 
 import tether
 from tether import CONFIG, LanguageModel, NNsight
-from tether.client import RemoteBackend, aio
+from tether.client import RemoteBackend, aio, runner
 from tether.runtime import tiny
 from tether.server.app import start_server
 from tether.v1 import jobs_pb2, jobs_pb2_grpc
@@ -75,6 +75,18 @@ def test_get(llm, rllm):
     assert torch.equal(r_logits.value, logits)  # walkthrough spelling
     assert tracer.job_id and tracer.backend.state == "COMPLETED"
 
+
+
+def test_a_job_that_outlasts_the_submit_wait_is_followed_to_its_end(llm, rllm, monkeypatch, capsys):
+    """A blocking job without local() blocks is one waiting SubmitJob; past the wait, WatchJob follows it."""
+    monkeypatch.setattr(runner, "SUBMIT_WAIT_S", 0.0)  # the server answers before the job ends
+    with llm.trace(PROMPT):
+        logits = llm.lm_head.output.save()
+    with rllm.trace(PROMPT, remote=True) as tracer:
+        r_logits = rllm.lm_head.output.save()
+        print("ran remotely")
+    _same(logits, r_logits)
+    assert tracer.backend.state == "COMPLETED" and "ran remotely" in capsys.readouterr().out
 
 def test_set(llm, rllm):
     with llm.trace(PROMPT):

@@ -234,7 +234,8 @@ def local_run(source: str, *args: Any, kind: str = "trace", bindings: dict | Non
     return execute(lm, prog, {"model": lm, "tether": tether, "torch": torch, **(bindings or {})})
 
 
-QUICK = program("out = model.lm_head.output.save()\n", "hello")
+QUICK_SOURCE = "out = model.lm_head.output.save()\n"
+QUICK = program(QUICK_SOURCE, "hello")
 
 
 def assert_serving(client: Client) -> None:
@@ -575,6 +576,42 @@ def test_submit_watch_reattach_and_chunked_result(client):
     tail = client.read_result(submitted.job_id, offset=info.result_size - 10)  # resume a broken download
     assert tail[0].offset == info.result_size - 10 and values.join_chunks(chunks)[-10:] == tail[0].data
 
+
+
+def _submit_waiting(client: Client, job: jobs_pb2.JobSpec, seconds: float) -> jobs_pb2.SubmitJobResponse:
+    request = jobs_pb2.SubmitJobRequest(job=job)
+    request.wait.FromNanoseconds(int(seconds * 1e9))
+    return client.jobs.SubmitJob(request, metadata=client.metadata, timeout=WAIT)
+
+
+def test_submit_with_wait_answers_with_the_ended_jobs_events(client):
+    """A waited-for job's events come in the SubmitJob answer, the same as RunJob streams them."""
+    prompt = "The Eiffel Tower is in the city of"
+    streamed = client.run(spec(program(TRACE, prompt)))
+    answer = _submit_waiting(client, spec(program(TRACE, prompt)), WAIT)
+    outcome = Outcome([e for r in answer.events for e in events_of(r)])
+    assert answer.state == jobs_pb2.JOB_STATE_COMPLETED
+    assert outcome.states == streamed.states and outcome.logs == streamed.logs
+    assert [e.sequence for e in outcome.events] == list(range(1, len(outcome.events) + 1))
+    assert {e.job_id for e in outcome.events} == {answer.job_id}
+    for name in ("h", "logits"):
+        assert torch.equal(outcome.saved()[name], streamed.saved()[name]), name
+    assert not client.submit(spec(program(TRACE, prompt))).events  # without a wait: the id at once, no events
+
+
+def test_submit_with_wait_leaves_a_running_job_and_a_large_result_to_watch_and_read(client):
+    blocker = client.stream(spec(program(LOCAL, "hold the worker")))
+    blocker.until(lambda e: e.WhichOneof("event") == "local_call")  # the model's only worker now waits
+    waiting = _submit_waiting(client, spec(program(QUICK_SOURCE, "hi")), 0.05)
+    assert waiting.state == jobs_pb2.JOB_STATE_QUEUED and not waiting.events  # the wait ended first
+    blocker.answer(blocker.outcome.events[-1].local_call, {"scale": 1.0})
+    blocker.finish()
+    assert client.wait(waiting.job_id).final.state == jobs_pb2.JOB_STATE_COMPLETED
+
+    big = _submit_waiting(client, spec(program(BIG, "hi")), WAIT)  # > 1 MiB of events: not in the answer
+    assert big.state == jobs_pb2.JOB_STATE_COMPLETED and not big.events
+    result = jobs_pb2.JobResult.FromString(values.join_chunks(client.read_result(big.job_id)))
+    assert torch.equal(values.from_value(result.saved["big"]), local_run(BIG, "hi")["big"].as_subclass(torch.Tensor))
 
 def test_cancel_stops_a_long_generation(client):
     source = """

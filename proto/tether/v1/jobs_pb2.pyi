@@ -157,20 +157,24 @@ class RunJobResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[JobEvent, _Mapping]] = ..., more_events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("job",)
+    __slots__ = ("job", "wait")
     JOB_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
     job: JobSpec
-    def __init__(self, job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+    wait: _duration_pb2.Duration
+    def __init__(self, job: _Optional[_Union[JobSpec, _Mapping]] = ..., wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
-    __slots__ = ("job_id", "state", "existing")
+    __slots__ = ("job_id", "state", "existing", "events")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EXISTING_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     existing: bool
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., existing: _Optional[bool] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[WatchJobResponse]
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., existing: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[WatchJobResponse, _Mapping]]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -85,6 +85,10 @@ class JobServiceServicer:
 
     def SubmitJob(self, request, context):
         """Unary. The non-blocking way: queues the job and returns its id at once.
+        With `wait`, the answer waits up to that long for the job to end and then
+        carries all its events: a short job without local() blocks takes one
+        round trip (a stream costs about two on loopback). A job still running
+        when the wait ends is followed with WatchJob, as after a plain submit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
