@@ -97,7 +97,8 @@ STEPS = [
     ("client: build_job (the JobSpec of the captured body)", "tether.client.runner", "build_job"),
     ("client:   _Body.__init__ (AST walk of the body, in build_job)", "tether.client.encode", "_Body.__init__"),
     ("client: resolve_api_key (reads the user config file)", "tether.client.runner", "resolve_api_key"),
-    ("client: _run_job (RunJob stream, until the result is in)", "tether.client.runner", "_run_job"),
+    ("client: _submit_and_wait (SubmitJob with wait, until the result is in)", "tether.client.runner",
+     "_submit_and_wait"),
     ("client: JobEvents.feed (each event received)", "tether.client.events", "JobEvents.feed"),
     ("client: apply_result (decode the result, hand back)", "tether.client.runner", "apply_result"),
     ("server: JobService._start (decode the program, queue the job)", "tether.server.service", "JobService._start"),
@@ -578,7 +579,7 @@ def _method_notes(d: dict) -> list[str]:
     return [
         "Latency: interleaved repetitions (each runs every case once, in a fresh random order); 'added' = "
         "percentiles of per-repetition differences remote - local. Remote = a blocking `trace(..., remote=True)`: "
-        "build the JobSpec, RunJob stream, queue, run on the server's worker, result events, decode, hand back.",
+        "build the JobSpec, a SubmitJob that waits for the job's end (no local() blocks), queue, run on the server's worker, result events, decode, hand back.",
         "No torch.no_grad() anywhere: the server runs jobs with autograd on, so the local cases do too.",
         "The child-process row runs the same client against the same model served by `python -m "
         "bench._serve_child`: the in-process rows pay for client and server sharing one GIL on this machine.",
