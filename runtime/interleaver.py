@@ -86,17 +86,19 @@ _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
 
 
 class HookPlan:
-    """Which hooks the same bodies asked for the last time they ran on this model.
+    """Which hooks the same bodies needed the last time they ran on this model.
 
-    The next run registers them before the forward pass, in one tight loop, instead of one at a time
-    between layers (where each registration costs several times more). A planned hook whose module no
-    body asks for this time does nothing, exactly as if it were absent, and is dropped from the plan.
+    The next run registers them before the forward pass, in one tight loop, and counts them as asked for,
+    instead of registering them one at a time between layers (where each costs several times more). A
+    planned hook that this run's bodies do not ask for hands nothing over (a module value only goes to a
+    body that waits for it); the next plan keeps only the hooks that served a value, and their ancestors.
     """
 
-    __slots__ = ("hooks",)
+    __slots__ = ("hooks", "values")
 
     def __init__(self) -> None:
-        self.hooks: list[tuple[torch.nn.Module, str]] = []  # (module, "fwd" | "pre"), in request order
+        self.hooks: list[tuple[torch.nn.Module, str]] = []  # (module, "fwd" | "pre")
+        self.values = -1  # how many module values the bodies took in the run that made this plan
 
 
 def parents_of(root: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -254,6 +256,7 @@ class Interleaver:
             if self._plan is not None:
                 for module, group in self._plan.hooks:
                     self._register(module, group)
+                    self._demanded[(id(module), group)] = (module, group)
             self._start_ready()
             self._raise_failure()
             if not self._stop:
@@ -270,7 +273,27 @@ class Interleaver:
                 handle.remove()
             self._handles.clear()
             if self._plan is not None:
-                self._plan.hooks = list(self._demanded.values())
+                self._update_plan(self._plan)
+
+    def _update_plan(self, plan: HookPlan) -> None:
+        """Plan the hooks that served a value this run, and their ancestors' (see _ensure_hook).
+
+        Unchanged when no hook was added and the bodies took as many values as last time (the common case:
+        the same bodies asking for the same modules); a body that took fewer values drops hooks."""
+        values = sum(len(mediator.seen) for mediator in self.mediators)
+        if values == plan.values and len(plan.hooks) == len(self._demanded):
+            return
+        served = {(module_id, "fwd" if kind == "output" else "pre")
+                  for mediator in self.mediators for module_id, kind, _ in mediator.seen}
+        needed = set(served)
+        parents = self._parents()
+        for module_id, _ in served:
+            parent = parents.get(module_id)
+            while parent is not None:
+                needed.add((id(parent), "fwd"))
+                parent = parents.get(id(parent))
+        plan.values = values
+        plan.hooks = [entry for key, entry in self._demanded.items() if key in needed]
 
     def serve(self, module: Any, kind: str, value: Any) -> Any:
         """Serve requests for a pseudo-module (e.g. the generator's output) outside any hook."""
@@ -353,19 +376,15 @@ class Interleaver:
     def _forward_hook(self, module, args, output):
         if getcurrent() is not self._driver:
             return None
-        if not self._waited_at(module):
-            key = (id(module), "fwd")
-            if key not in self._demanded:  # a planned hook nobody asked for this time
-                return None
-            if self._unstarted == 0:  # nobody waits here (an ancestor hook)
-                self._fired[key] = self.iteration
-                return None
+        if not self._waited_at(module) and self._unstarted == 0:  # an ancestor's hook, or a planned one
+            self._fired[(id(module), "fwd")] = self.iteration
+            return None
         slot = batching.Slot(output, self.batch_size)
         self._serve(module, "fwd", slot)
         return slot.value if slot.changed else None
 
     def _pre_hook(self, module, args, kwargs=None):
-        if getcurrent() is not self._driver or (id(module), "pre") not in self._demanded:
+        if getcurrent() is not self._driver:
             return None
         kwargs = {} if kwargs is None else kwargs
         slot = batching.Slot((args, kwargs), self.batch_size)
