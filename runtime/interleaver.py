@@ -518,15 +518,16 @@ class Interleaver:
                 if (id(req.module), req.kind, req.iteration) in mediator.seen or self._ran(req):
                     self._stop_retroactively(mediator, req)
                     return
-            if mediator.seen and req.op == "get":
-                seen = mediator.seen.get((id(req.module), req.kind, req.iteration), _DONE)
-                if seen is not _DONE:
-                    value = seen
-                    continue
             key = (id(req.module), req.group)
-            if self._ran(req):
-                throw = self._unreachable(req)
-                continue
+            if req.iteration < self.iteration or key in self._fired:  # it ran: a value seen before, or too late
+                if req.op == "get":
+                    seen = mediator.seen.get((key[0], req.kind, req.iteration), _DONE)
+                    if seen is not _DONE:
+                        value = seen
+                        continue
+                if self._ran(req):
+                    throw = self._unreachable(req)
+                    continue
             if key not in self._demanded:
                 self._ensure_hook(req, key)
             mediator.pending = req
