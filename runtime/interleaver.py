@@ -258,7 +258,8 @@ class Interleaver:
                     self._register(module, group)
                     self._demanded[(id(module), group)] = (module, group)
             self._start_ready()
-            self._raise_failure()
+            if self._failure is not None:
+                self._raise_failure()
             if not self._stop:
                 try:
                     result = forward()
@@ -266,7 +267,8 @@ class Interleaver:
                         result = self._serve_value(self.root, "fwd", result)  # the root's output is forward's return
                 except (EarlyStop, _Abort):
                     pass
-            self._raise_failure()
+            if self._failure is not None:
+                self._raise_failure()
             return result
         finally:
             for handle in self._handles.values():
@@ -280,7 +282,9 @@ class Interleaver:
 
         Unchanged when no hook was added and the bodies took as many values as last time (the common case:
         the same bodies asking for the same modules); a body that took fewer values drops hooks."""
-        values = sum(len(mediator.seen) for mediator in self.mediators)
+        values = 0
+        for mediator in self.mediators:
+            values += len(mediator.seen)
         if values == plan.values and len(plan.hooks) == len(self._demanded):
             return
         served = {(module_id, "fwd" if kind == "output" else "pre")
@@ -313,7 +317,7 @@ class Interleaver:
     def finish(self) -> None:
         """End every body still waiting: silently after a stop or in `.all()` mode, else with an error."""
         self._end_open_loops()
-        if not self._stop:
+        if not self._stop and self._unstarted:
             self._start_ready(force=True)
             self._raise_failure()
         for mediator in self.mediators:
@@ -473,7 +477,7 @@ class Interleaver:
         if self._unstarted == 0:
             return
         for mediator in self.mediators:
-            if not mediator.started and (force or mediator.ready()):
+            if not mediator.started and (force or not mediator.waits_for or mediator.ready()):
                 self._unstarted -= 1
                 self._start(mediator, mediator.code)
 
