@@ -380,9 +380,6 @@ class Interleaver:
     def _forward_hook(self, module, args, output):
         if getcurrent() is not self._driver:
             return None
-        if not self._waited_at(module) and self._unstarted == 0:  # an ancestor's hook, or a planned one
-            self._fired[(id(module), "fwd")] = self.iteration
-            return None
         slot = batching.Slot(output, self.batch_size)
         self._serve(module, "fwd", slot)
         return slot.value if slot.changed else None
