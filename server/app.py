@@ -7,7 +7,7 @@ both use it. Imports grpc, grpcio-health-checking, grpcio-reflection and the ser
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from typing import Any
 
@@ -78,6 +78,7 @@ def start_server(
     port: int = 0,
     *,
     api_keys: Iterable[str] | str | os.PathLike[str] | None = None,
+    sources: Mapping[str, Callable[[], Any]] | None = None,
     policy: Policy = DEFAULT_POLICY,
     replicas: int = 1,
     rpc_threads: int = 128,
@@ -87,11 +88,13 @@ def start_server(
     """Serve `models` (name -> torch module, `(model, tokenizer)` or NNsight) on `host:port` (0: any free port).
 
     api_keys: keys (or a file of keys, one per line) clients must send; None accepts loopback clients only.
+    sources: name -> a function that loads that model again; with one, weights a job wrote into are restored
+    (see weights.py); without, such a job takes the model out of service until a restart.
     limits: fields of `Limits` (queue_size, job_timeout, max_result_bytes, result_ttl, local_call_timeout).
     """
     if isinstance(api_keys, (str, os.PathLike)):
         api_keys = read_keys(api_keys)
-    registry = Registry(models)
+    registry = Registry(models, sources)
     server_limits = Limits(**limits)
     hub = Hub(
         registry=registry,

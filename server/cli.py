@@ -7,6 +7,7 @@ and tests can wait for it; everything else goes to stderr.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handle = start_server(
             models, args.host, args.port, api_keys=args.api_keys, replicas=args.replicas,
+            sources={name: functools.partial(load_model, spec) for name, spec in args.model},
             queue_size=args.queue_size, job_timeout=args.job_timeout, max_result_bytes=args.max_result_bytes,
             result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
         )

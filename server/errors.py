@@ -52,6 +52,12 @@ class QueueFull(ServerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class OutOfService(ServerError):
+    """A hosted model that no longer runs jobs (its weights were changed and could not be restored)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class ResultTooLarge(ServerError):
     """A job's serialized result is larger than the allowed size."""
 

@@ -10,7 +10,7 @@ import importlib
 import os
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -84,11 +84,13 @@ def _is_causal_lm(module: torch.nn.Module) -> bool:
 
 
 class HostedModel:
-    """One hosted model: its name, its root NNsight and (computed once) its description."""
+    """One hosted model: its name, its root NNsight, how to load it again (`source`, when known: restores
+    weights a job wrote into) and (computed once) its description."""
 
-    def __init__(self, name: str, model: NNsight):
+    def __init__(self, name: str, model: NNsight, source: Callable[[], Any] | None = None):
         self.name = name
         self.model = model
+        self.source = source
         self._lock = threading.Lock()
         self._spec: models_pb2.ModelSpec | None = None  # guarded by _lock; built on the first GetModel
 
@@ -105,8 +107,8 @@ class HostedModel:
         object.__setattr__(copy, "_module", deepcopy(self.module))
         return copy
 
-    def info(self, queue_depth: int = 0) -> models_pb2.ModelInfo:
-        """The model's summary (architecture, parameter count, dtype, device, queue depth)."""
+    def info(self, queue_depth: int = 0, ready: bool = True) -> models_pb2.ModelInfo:
+        """The model's summary (architecture, parameter count, dtype, device, queue depth, readiness)."""
         module = self.module
         params = list(module.parameters())
         counts: collections.Counter = collections.Counter()
@@ -122,17 +124,17 @@ class HostedModel:
             data_type=to_value(dtype).data_type_value,
             device=str(params[0].device) if params else "cpu",
             queue_depth=queue_depth,
-            ready=True,
+            ready=ready,
         )
 
-    def spec(self, queue_depth: int = 0) -> models_pb2.ModelSpec:
+    def spec(self, queue_depth: int = 0, ready: bool = True) -> models_pb2.ModelSpec:
         """Everything a client needs to mirror the model: module tree, printed form, config, tokenizer."""
         with self._lock:
             if self._spec is None:
                 self._spec = self._build_spec()
             spec = models_pb2.ModelSpec()
             spec.CopyFrom(self._spec)
-        spec.info.CopyFrom(self.info(queue_depth))
+        spec.info.CopyFrom(self.info(queue_depth, ready))
         return spec
 
     def _build_spec(self) -> models_pb2.ModelSpec:
@@ -172,8 +174,12 @@ def _tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
 class Registry:
     """The hosted models by name; fixed once the server starts (so reads need no lock)."""
 
-    def __init__(self, models: Mapping[str, Any]):
-        self._models = {name: HostedModel(name, wrap(obj)) for name, obj in models.items()}
+    def __init__(self, models: Mapping[str, Any], sources: Mapping[str, Callable[[], Any]] | None = None):
+        sources = sources or {}
+        unknown = set(sources) - set(models)
+        if unknown:
+            raise ValueError(f"sources given for models that are not hosted: {', '.join(sorted(unknown))}")
+        self._models = {name: HostedModel(name, wrap(obj), sources.get(name)) for name, obj in models.items()}
         if not self._models:
             raise ValueError("a server needs at least one model: --model NAME=SPEC")
 

@@ -250,13 +250,15 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
     def ListModels(self, request, context, owner):
         hub = self._hub
         return models_pb2.ListModelsResponse(
-            models=[hosted.info(hub.queues[hosted.name].depth) for hosted in hub.registry]
+            models=[hosted.info(hub.queues[hosted.name].depth, hub.queues[hosted.name].serving)
+                    for hosted in hub.registry]
         )
 
     @_unary
     def GetModel(self, request, context, owner):
         hosted = self._hub.registry.get(request.name)
-        return models_pb2.GetModelResponse(spec=hosted.spec(self._hub.queues[hosted.name].depth))
+        queue = self._hub.queues[hosted.name]
+        return models_pb2.GetModelResponse(spec=hosted.spec(queue.depth, queue.serving))
 
 
 def _serialize(message) -> bytes:

@@ -20,7 +20,7 @@ from tether.runtime.program import execute
 from tether.v1 import jobs_pb2
 from tether.values import CHUNK_SIZE
 
-from .errors import JobCancelledError, JobTimeout, QueueFull, ServerError
+from .errors import JobCancelledError, JobTimeout, OutOfService, QueueFull, ServerError
 from .failures import failure_of
 from .interrupts import Watchdog
 from .jobs import Job
@@ -113,6 +113,7 @@ class ModelQueue:
         self._cond = threading.Condition()
         self._pending: collections.deque[_Entry] = collections.deque()  # guarded by _cond
         self._closed = False  # guarded by _cond
+        self._broken = ""  # guarded by _cond: why the model no longer runs jobs (see WeightWatch)
         self._running: set[Job] = set()  # guarded by _cond
         self._watchdog = Watchdog(f"tether-watchdog-{hosted.name}")  # stops jobs stuck in pure Python
         self._threads = [
@@ -127,6 +128,8 @@ class ModelQueue:
     def submit(self, job: Job, decoded: DecodedProgram, limits: JobLimits, link: LocalLink | None) -> None:
         """Queue `job` (QUEUED with its position); QueueFull when the model's queue has no room."""
         with self._cond:
+            if self._broken:
+                raise OutOfService(self._out_of_service())
             if self._closed:
                 raise QueueFull(f"model {self.hosted.name!r} is shutting down; retry on another server")
             if len(self._pending) >= self.limits.queue_size:
@@ -138,6 +141,29 @@ class ModelQueue:
             position = len(self._pending) - 1
             job.set_state(jobs_pb2.JOB_STATE_QUEUED, f"queued behind {position} jobs", queue_position=position)
             self._cond.notify()
+
+    @property
+    def serving(self) -> bool:
+        """Whether the model runs jobs (ModelInfo.ready)."""
+        with self._cond:
+            return not (self._closed or self._broken)
+
+    def _out_of_service(self) -> str:
+        return (f"model {self.hosted.name!r} is out of service: {self._broken}. The server's operator must "
+                "restart `tether serve`; other models on this server still run jobs.")
+
+    def _retire(self, reason: str) -> None:
+        """Stop running jobs on this model for good: those waiting fail with the reason, workers end."""
+        with self._cond:
+            self._broken = reason
+            pending, self._pending = list(self._pending), collections.deque()
+            self._cond.notify_all()
+            message = self._out_of_service()
+        for entry in pending:
+            failure = failure_of(OutOfService(message), entry.decoded.user_files)
+            entry.job.finish(jobs_pb2.JOB_STATE_ERROR, message, failure=failure, code=OutOfService.code,
+                             ttl=self.limits.result_ttl)
+            entry.decoded.release()
 
     @property
     def depth(self) -> int:
@@ -185,15 +211,15 @@ class ModelQueue:
     # ---- the workers --------------------------------------------------------------------------
     def _take(self) -> _Entry | None:
         with self._cond:
-            self._cond.wait_for(lambda: self._pending or self._closed)
-            if self._closed:
+            self._cond.wait_for(lambda: self._pending or self._closed or self._broken)
+            if self._closed or self._broken:
                 return None
             entry = self._pending.popleft()
             self._running.add(entry.job)
             return entry
 
     def _work(self, replica) -> None:
-        watch = WeightWatch(replica._module)
+        watch = WeightWatch(replica._module, self.hosted.source)
         while (entry := self._take()) is not None:
             try:
                 # run() logs RUNNING (or the job's end) right after: watchers wake once for both
@@ -204,6 +230,8 @@ class ModelQueue:
                 entry.decoded.release()
                 with self._cond:
                     self._running.discard(entry.job)
+            if watch.broken:  # weights a job wrote into could not be put back: serve nothing wrong
+                self._retire(watch.broken)
 
 
 def _weights_changed(watch: WeightWatch, versions: list[int]) -> WeightsChanged | None:

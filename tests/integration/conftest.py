@@ -14,9 +14,9 @@ from tether.server.app import start_server
 @pytest.fixture(scope="module")
 def server(request):
     """A real server on 127.0.0.1 with an OS-assigned port for the test module: it hosts what the module's
-    `served()` returns, with its SERVER_LIMITS; stopped (and the client's channels closed) after it."""
+    `served()` returns, with its SERVER_OPTIONS; stopped (and the client's channels closed) after it."""
     handle = start_server(request.module.served(), host="127.0.0.1", port=0,
-                          **getattr(request.module, "SERVER_LIMITS", {}))
+                          **getattr(request.module, "SERVER_OPTIONS", {}))
     yield handle
     handle.stop(grace=0)
     close_all()

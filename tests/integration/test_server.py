@@ -245,7 +245,7 @@ def assert_serving(client: Client) -> None:
     assert outcome.saved()["out"].shape[-1] == 512
 
 
-SERVER_LIMITS = {"local_call_timeout": 20.0}
+SERVER_OPTIONS = {"local_call_timeout": 20.0}
 
 
 def served() -> dict:

@@ -1,29 +1,64 @@
-"""A job that writes into the hosted model's weights fails with a clear error; the server keeps serving."""
+"""A job that writes into the hosted model's weights fails with a clear error, and no later job sees the
+changed weights: they are restored from the model's source, or the model stops serving."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import torch
 
 from tether import CONFIG, LanguageModel, RemoteError
 from tether.runtime import tiny
+from tether.v1 import models_pb2, models_pb2_grpc
+
+PROMPT = "hello"
 
 
 def served() -> dict:
-    return {"tiny": tiny.tiny_gpt2()}
+    return {"tiny": tiny.tiny_gpt2(), "fixed": tiny.tiny_gpt2()}
 
+
+SERVER_OPTIONS = {"sources": {"tiny": tiny.tiny_gpt2}}  # "fixed" was given as an object only
 
 pytestmark = pytest.mark.usefixtures("client_config")  # every test talks to this module's server
 
 
-def test_writing_into_weights_fails_the_job_and_the_server_keeps_serving(server):
-    CONFIG.APP.DISPLAY = False
-    llm = LanguageModel("tiny")
-    with pytest.raises(RemoteError, match="weights in place"):
-        with llm.trace("hello", remote=True):
+def _write_weights(remote: LanguageModel) -> RemoteError:
+    with pytest.raises(RemoteError, match="weights in place") as info:
+        with remote.trace(PROMPT, remote=True):
             with torch.no_grad():
-                llm.transformer.h[0].mlp.c_fc.weight.mul_(2)
-            llm.lm_head.output.save()
-    with llm.trace("hello", remote=True):  # the next job runs
-        logits = llm.lm_head.output.save()
-    assert logits.shape == (1, len(llm.tokenizer("hello")["input_ids"]), llm.tokenizer.vocab_size)
+                remote.transformer.h[0].mlp.c_fc.weight.mul_(2)
+            remote.lm_head.output.save()
+    return info.value
+
+
+def _logits(remote: LanguageModel) -> torch.Tensor:
+    with remote.trace(PROMPT, remote=True):
+        logits = remote.lm_head.output.save()
+    return logits
+
+
+def test_weights_a_job_wrote_into_are_restored_before_the_next_job(llm):
+    CONFIG.APP.DISPLAY = False
+    remote = LanguageModel("tiny")
+    with llm.trace(PROMPT):
+        expected = llm.lm_head.output.save()
+    error = _write_weights(remote)
+    assert "put them back" in str(error)
+    assert torch.equal(_logits(remote), expected)  # the original weights, not doubled ones
+
+
+def test_weights_that_cannot_be_restored_take_the_model_out_of_service(llm, server):
+    CONFIG.APP.DISPLAY = False
+    remote = LanguageModel("fixed")
+    error = _write_weights(remote)
+    assert "restart" in str(error)
+    with pytest.raises(RemoteError, match="out of service") as refused:
+        _logits(remote)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION.name
+    with grpc.insecure_channel(server.address) as channel:
+        listed = models_pb2_grpc.ModelServiceStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=10)
+    assert {m.name: m.ready for m in listed.models} == {"fixed": False, "tiny": True}
+    with llm.trace(PROMPT):
+        expected = llm.lm_head.output.save()
+    assert torch.equal(_logits(LanguageModel("tiny")), expected)  # the other model still serves
