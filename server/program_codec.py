@@ -23,6 +23,7 @@ from . import sources
 from .errors import InvalidProgram
 from .policy import Policy
 from .registry import HostedModel
+from .source_check import check_source
 
 __all__ = ["ClientOnly", "DecodedProgram", "LocalSite", "ValueCodec", "decode_program"]
 
@@ -385,8 +386,8 @@ def _check_cached(policy: Policy, source: str, filename: str, first_line: int,
                 f"so the server cannot run it; {_LOCAL_HINT}."
             )
     try:
-        policy.check_source(source, filename=filename, first_line=first_line,
-                            bound_names={name: path for name, path in bound if name in used})
+        check_source(policy, source, filename=filename, first_line=first_line,
+                     bound_names={name: path for name, path in bound if name in used})
     except ValueError as error:  # PolicyViolation
         raise InvalidProgram(str(error)) from None
     return used

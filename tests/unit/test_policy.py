@@ -1,4 +1,4 @@
-"""server.policy: the server's source check refuses each listed construct at the user's line; allowed code passes."""
+"""server.policy and server.source_check: the source check refuses each listed construct at the user's line; allowed code passes."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import torch
 
 from tether import values
 from tether.safe_pickle import UnsafePickleError
-from tether.server.policy import (
-    DEFAULT_POLICY,
-    Policy,
-    PolicyViolation,
+from tether.server.policy import DEFAULT_POLICY, Policy, PolicyViolation
+from tether.server.source_check import (
     check_function_source,
+    check_program,
     check_program_source,
+    check_source,
 )
 from tether.v1 import program_pb2, values_pb2
 
@@ -247,15 +247,15 @@ def test_check_program_covers_body_functions_and_bindings():
         ],
         local_blocks=[program_pb2.LocalBlock(block_id="b0", first_line=12, last_line=12)],
     )
-    DEFAULT_POLICY.check_program(program)
+    check_program(DEFAULT_POLICY, program)
     program.functions[0].source = "def helper(h):\n    return eval('h')"
     with pytest.raises(PolicyViolation, match="'eval'") as info:
-        DEFAULT_POLICY.check_program(program)
+        check_program(DEFAULT_POLICY, program)
     assert info.value.line == 4
     program.functions[0].source = "def helper(h):\n    return h"
     program.bindings["tools"].CopyFrom(_value([os.system]))
     with pytest.raises(PolicyViolation, match="posix.system|os.system"):
-        DEFAULT_POLICY.check_program(program)
+        check_program(DEFAULT_POLICY, program)
 
 
 def test_policy_resolvers_for_values():
@@ -277,6 +277,6 @@ def test_policy_resolvers_for_values():
 
 def test_custom_policy_objects():
     policy = Policy(allowed_modules=frozenset({"torch"}), denied_builtins=frozenset({"print"}))
-    policy.check_source("import torch\ninput('x')", filename="a.py", first_line=1)
+    check_source(policy, "import torch\ninput('x')", filename="a.py", first_line=1)
     with pytest.raises(PolicyViolation, match="'print'"):
-        policy.check_source("print(1)", filename="a.py", first_line=1)
+        check_source(policy, "print(1)", filename="a.py", first_line=1)
