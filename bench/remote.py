@@ -12,7 +12,7 @@ the same process, CPU, one torch thread. Measured side by side in one run:
    blocking remote traces until a time budget (and a job cap) is spent.
 3. result throughput of one saved 256 MiB activation (`torch.randn(64, 1024, 1024)` made on the server),
    with tether.values' per-tensor lz4 decision (auto), lz4 forced on and forced off (in-process, by replacing
-   `tether.values._worth_compressing` for the case), and a compressible `torch.zeros` of the same size (auto);
+   `tether.tensor_codec.worth_compressing` for the case), and a compressible `torch.zeros` of the same size (auto);
    compared with a bare gRPC server stream of 1 MiB byte chunks measured in the same loop. The result path
    is the job minus the same job saving 16 bytes of the tensor instead (paired), so the server-side tensor
    creation cancels out.
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-import tether.values as tv
+import tether.tensor_codec as tv
 from tether import LanguageModel
 from tether.client.channel import close_all
 from tether.runtime.tiny import gpt2_config_model, tiny_gpt2, train_tokenizer
@@ -276,7 +276,7 @@ class _Recorder:
 
     def __init__(self):
         self.events: list[dict] = []
-        self._parts, self._from, self._worth = tv._tensor_parts, tv._tensor_from, tv._worth_compressing
+        self._parts, self._from, self._worth = tv.tensor_parts, tv.tensor_from, tv.worth_compressing
         self.force: bool | None = None
 
     def __enter__(self):
@@ -301,11 +301,11 @@ class _Recorder:
         def worth_compressing(raw):
             return worth(raw) if self.force is None else self.force
 
-        tv._tensor_parts, tv._tensor_from, tv._worth_compressing = tensor_parts, tensor_from, worth_compressing
+        tv.tensor_parts, tv.tensor_from, tv.worth_compressing = tensor_parts, tensor_from, worth_compressing
         return self
 
     def __exit__(self, *exc):
-        tv._tensor_parts, tv._tensor_from, tv._worth_compressing = self._parts, self._from, self._worth
+        tv.tensor_parts, tv.tensor_from, tv.worth_compressing = self._parts, self._from, self._worth
 
 
 def _throughput(model_and_tokenizer, budget_s: float) -> dict:
@@ -589,9 +589,9 @@ def _method_notes(d: dict) -> list[str]:
         f"Throughput: max_result_bytes {max(Limits().max_result_bytes, 2 * BIG_BYTES) >> 20} MiB (the default, "
         f"{Limits().max_result_bytes >> 20} MiB, already fits 256 MiB), result_ttl 0.5 s so finished results are "
         "freed. 'result path' = job - the same job saving 16 bytes of the tensor (paired median): server encode, "
-        "result events over gRPC, client assembly and decode. 'server encode' is tether.values._tensor_parts "
+        "result events over gRPC, client assembly and decode. 'server encode' is tether.tensor_codec.tensor_parts "
         "(the lz4 decision and compression; the copy into the result follows it). Forced cases replace "
-        "tether.values._worth_compressing; 'True' still sends raw bytes when lz4 does not shrink them.",
+        "tether.tensor_codec.worth_compressing; 'True' still sends raw bytes when lz4 does not shrink them.",
         "The bare stream: a generic-handler unary-stream RPC answering 256 chunks of 1 MiB, each a `bytes` slice "
         "of one buffer (one copy per message, as tether's result chunks), read into one bytearray.",
     ]

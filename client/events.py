@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 from tether.runtime.errors import RemoteError, TetherError
 from tether.runtime.saving import NotReached, StandIn, UnsavedValue, current_scope
 from tether.v1 import jobs_pb2, values_pb2
-from tether.values import decode_value_map, import_reference
+from tether.values import import_reference
+from tether.wire import decode_value_map
 
 from .display import StatusDisplay
 from .encode import CLIENT_MODULE, Job

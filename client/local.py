@@ -14,7 +14,7 @@ from typing import Any
 from tether.runtime.program import local_block_at, run_local_block
 from tether.runtime.saving import StandIn
 from tether.v1 import jobs_pb2, values_pb2
-from tether.values import decode_value_map, split_chunks
+from tether.wire import decode_value_map, split_chunks
 
 from .display import StatusDisplay
 from .encode import Job, LocalSite, _Encoder

@@ -1,53 +1,22 @@
 """Reading serialized JobResults / ValueMaps (a map<string, Value> at field 1) without parsing their values.
 
-The client assembles a large result in one buffer (`result_buffer`) and lets tether.values.decode_value_map
+The client assembles a large result in one buffer (`result_buffer`) and lets tether.wire.decode_value_map
 decode its tensors in place; this module finds names, raw Value bytes and the message's other fields.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from tether.values import read_varint
+from tether.wire import fields
 
-__all__ = ["ALIGN", "RawChunk", "RawResponse", "RawResultEvent", "chunk_deserializer", "event_deserializer", "fields",
+__all__ = ["ALIGN", "RawChunk", "RawResponse", "RawResultEvent", "chunk_deserializer", "event_deserializer",
            "result_buffer", "split_value_map"]
 
 ALIGN = 64  # bytes: the first top-level tensor's data starts at this alignment in a result buffer
 ALIGN_MIN_BYTES = 1 << 20  # smaller buffers are not aligned
-
-
-def fields(view: memoryview, *, prefix: bool = False) -> Iterator[tuple[int, int, int, int, memoryview | int]]:
-    """(field number, wire type, start of the field, end of the field, value) of each field of a message.
-
-    Varints come as int, length-delimited fields as a view of their payload (it starts at end - len),
-    fixed ones as a view. `prefix`: `view` is the start of a message; a length-delimited field it cuts off
-    comes as the part it has (its end is then len(view)).
-    """
-    pos, n = 0, len(view)
-    while pos < n:
-        start = pos
-        tag, pos = read_varint(view, pos)
-        wire = tag & 7
-        if wire == 0:
-            value, pos = read_varint(view, pos)
-        elif wire == 2:
-            size, pos = read_varint(view, pos)
-            if pos + size > n:
-                if not prefix:
-                    raise ValueError("truncated or corrupt message")
-                size = n - pos
-            value, pos = view[pos : pos + size], pos + size
-        elif wire in (1, 5):
-            width = 8 if wire == 1 else 4
-            if pos + width > n:
-                raise ValueError("truncated or corrupt message")
-            value, pos = view[pos : pos + width], pos + width
-        else:
-            raise ValueError(f"unexpected wire type {wire}")
-        yield tag >> 3, wire, start, pos, value
 
 
 def split_value_map(data: bytes | bytearray | memoryview) -> tuple[dict[str, memoryview], bytes]:

@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from tether.v1 import failure_pb2, jobs_pb2
-from tether.values import varint
+from tether.wire import varint
 
 from .errors import NotFound
 

@@ -14,7 +14,7 @@ import torch
 
 from tether.runtime.capture import Block
 from tether.v1 import jobs_pb2
-from tether.values import encode_value_map, join_chunks, split_pieces
+from tether.wire import encode_value_map, join_chunks, split_pieces
 
 from .errors import JobCancelledError, JobTimeout, LocalBlockFailed, LocalCallFailed
 from .jobs import Job
@@ -66,7 +66,7 @@ class LocalLink:
 
     def call(self, call_id: str, block_id: str, payload: list, deadline: float,
              local_timeout: float, timed_out: Callable[[], BaseException]) -> bytearray:
-        """Send one LocalCall (payload: serialized ValueMap pieces, see tether.values.encode_value_map) and
+        """Send one LocalCall (payload: serialized ValueMap pieces, see tether.wire.encode_value_map) and
         wait for its answer: the serialized ValueMap of the block's writes.
 
         Raises LocalBlockFailed (the block raised on the client), LocalCallFailed (no stream left),

@@ -17,7 +17,8 @@ from tether.runtime.capture import _assigned_names, parse
 from tether.runtime.envoy import Envoy
 from tether.runtime.program import Program
 from tether.v1 import program_pb2, values_pb2
-from tether.values import decode_value_map, from_value, to_value
+from tether.values import from_value, to_value
+from tether.wire import decode_value_map
 
 from . import sources
 from .errors import InvalidProgram

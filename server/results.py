@@ -15,7 +15,8 @@ import torch
 from tether.runtime.saving import NotReached, UnsavedValue
 from tether.safe_pickle import safe_loads
 from tether.v1 import jobs_pb2, values_pb2
-from tether.values import encode_value_map, import_reference
+from tether.values import import_reference
+from tether.wire import encode_value_map
 
 from .errors import ResultTooLarge
 

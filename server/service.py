@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
-from tether.values import varint
+from tether.wire import varint
 
 from .auth import Authenticator
 from .errors import InvalidProgram, QueueFull, ServerError

@@ -18,7 +18,7 @@ import grpc
 from tether.runtime.interleaver import JobCancelled
 from tether.runtime.program import execute
 from tether.v1 import jobs_pb2
-from tether.values import CHUNK_SIZE
+from tether.wire import CHUNK_SIZE
 
 from .errors import JobCancelledError, JobTimeout, OutOfService, QueueFull, ServerError
 from .failures import failure_of

@@ -24,7 +24,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import tether
-from tether import values
+from tether import values, wire
 from tether.runtime import tiny
 from tether.runtime.language_model import LanguageModel
 from tether.runtime.program import Program, execute
@@ -69,7 +69,7 @@ def spec(prog: program_pb2.Program, **fields) -> jobs_pb2.JobSpec:
 
 
 def value_map(chunks: list[jobs_pb2.Chunk]) -> dict[str, Any]:
-    data = values.join_chunks(chunks)
+    data = wire.join_chunks(chunks)
     return values.from_value_map(values_pb2.ValueMap.FromString(data), resolve_reference=values.import_reference)
 
 
@@ -98,7 +98,7 @@ class Outcome:
     @property
     def result(self) -> jobs_pb2.JobResult:
         chunks = [e.result for e in self.events if e.WhichOneof("event") == "result"]
-        return jobs_pb2.JobResult.FromString(values.join_chunks(chunks))
+        return jobs_pb2.JobResult.FromString(wire.join_chunks(chunks))
 
     def saved(self) -> dict[str, Any]:
         return values.from_value_map(self.result.saved, resolve_reference=values.import_reference)
@@ -128,7 +128,7 @@ class Stream:
 
     def answer(self, call: jobs_pb2.LocalCall, writes: dict[str, Any]) -> None:
         data = packed(writes)
-        for chunk in values.split_chunks(data):
+        for chunk in wire.split_chunks(data):
             self.send(jobs_pb2.RunJobRequest(local_result=jobs_pb2.LocalResult(call_id=call.call_id, values=chunk)))
 
     def next_event(self) -> jobs_pb2.JobEvent:
@@ -571,10 +571,10 @@ def test_submit_watch_reattach_and_chunked_result(client):
     assert info.result_size > 4 * MIB and info.HasField("result_expire_time")
     chunks = client.read_result(submitted.job_id)
     assert len(chunks) > 4 and all(len(c.data) <= MIB for c in chunks)
-    result = jobs_pb2.JobResult.FromString(values.join_chunks(chunks))
+    result = jobs_pb2.JobResult.FromString(wire.join_chunks(chunks))
     assert torch.equal(values.from_value(result.saved["big"]), local_run(BIG, "hi")["big"].as_subclass(torch.Tensor))
     tail = client.read_result(submitted.job_id, offset=info.result_size - 10)  # resume a broken download
-    assert tail[0].offset == info.result_size - 10 and values.join_chunks(chunks)[-10:] == tail[0].data
+    assert tail[0].offset == info.result_size - 10 and wire.join_chunks(chunks)[-10:] == tail[0].data
 
 
 
@@ -610,7 +610,7 @@ def test_submit_with_wait_leaves_a_running_job_and_a_large_result_to_watch_and_r
 
     big = _submit_waiting(client, spec(program(BIG, "hi")), WAIT)  # > 1 MiB of events: not in the answer
     assert big.state == jobs_pb2.JOB_STATE_COMPLETED and not big.events
-    result = jobs_pb2.JobResult.FromString(values.join_chunks(client.read_result(big.job_id)))
+    result = jobs_pb2.JobResult.FromString(wire.join_chunks(client.read_result(big.job_id)))
     assert torch.equal(values.from_value(result.saved["big"]), local_run(BIG, "hi")["big"].as_subclass(torch.Tensor))
 
 def test_cancel_stops_a_long_generation(client):

@@ -18,7 +18,8 @@ from tether.server.policy import DEFAULT_POLICY
 from tether.server.results import encode_result
 from tether.server.workers import JobLimits, JobLog, Limits
 from tether.v1 import jobs_pb2, values_pb2
-from tether.values import from_value, join_chunks, to_value
+from tether.values import from_value, to_value
+from tether.wire import join_chunks
 
 # ------------------------------------------------------------------------------------------- local() cuts
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from tether import values
+from tether import tensor_codec, values, wire
 from tether.safe_pickle import UnsafePickleError
 from tether.v1 import jobs_pb2, values_pb2
 
-ALL_DTYPES = sorted(values._DTYPES, key=str)
+ALL_DTYPES = sorted(tensor_codec.DTYPES, key=str)
 
 
 def roundtrip(obj, **options):
@@ -34,7 +34,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (
         a.dtype == b.dtype
         and a.shape == b.shape
-        and bytes(values._host_bytes(a.contiguous())) == bytes(values._host_bytes(b.contiguous()))
+        and bytes(tensor_codec.host_bytes(a.contiguous())) == bytes(tensor_codec.host_bytes(b.contiguous()))
     )
 
 
@@ -95,20 +95,20 @@ def test_lz4_used_only_where_it_pays():
     compressible = torch.zeros(1 << 16, dtype=torch.float32)  # 256 KiB
     random_like = torch.randn(1 << 16, dtype=torch.float32)
     small = torch.zeros(1000, dtype=torch.float32)  # 4 KB, below the threshold
-    assert values.encode_tensor(compressible).compression == values_pb2.COMPRESSION_LZ4
-    assert values.encode_tensor(random_like).compression == values_pb2.COMPRESSION_NONE
-    assert values.encode_tensor(small).compression == values_pb2.COMPRESSION_NONE
-    assert values.encode_tensor(small, compress=True).compression == values_pb2.COMPRESSION_LZ4
-    assert values.encode_tensor(compressible, compress=False).compression == values_pb2.COMPRESSION_NONE
+    assert tensor_codec.encode_tensor(compressible).compression == values_pb2.COMPRESSION_LZ4
+    assert tensor_codec.encode_tensor(random_like).compression == values_pb2.COMPRESSION_NONE
+    assert tensor_codec.encode_tensor(small).compression == values_pb2.COMPRESSION_NONE
+    assert tensor_codec.encode_tensor(small, compress=True).compression == values_pb2.COMPRESSION_LZ4
+    assert tensor_codec.encode_tensor(compressible, compress=False).compression == values_pb2.COMPRESSION_NONE
     # forced compression of incompressible data still sends raw bytes
-    assert values.encode_tensor(torch.randn(4096), compress=True).compression == values_pb2.COMPRESSION_NONE
+    assert tensor_codec.encode_tensor(torch.randn(4096), compress=True).compression == values_pb2.COMPRESSION_NONE
     for t in (compressible, random_like, small):
-        assert torch.equal(values.decode_tensor(values.encode_tensor(t, compress=True)), t)
+        assert torch.equal(tensor_codec.decode_tensor(tensor_codec.encode_tensor(t, compress=True)), t)
 
 
 def test_lz4_payload_is_a_raw_block_of_the_stated_size():
     t = torch.arange(1 << 15, dtype=torch.int64) // 100  # token-id-like, compressible
-    msg = values.encode_tensor(t)
+    msg = tensor_codec.encode_tensor(t)
     assert msg.compression == values_pb2.COMPRESSION_LZ4 and len(msg.data) < t.numel() * 8
     import lz4.block
 
@@ -237,35 +237,35 @@ def test_unsupported_tensors_fall_back_to_pickle():
     q = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8)
     assert values.to_value(q).WhichOneof("kind") == "pickled"
     with pytest.raises(TypeError, match="quint8"):
-        values.encode_tensor(q)
+        tensor_codec.encode_tensor(q)
 
 
 def test_corrupt_tensor_messages_are_rejected():
-    msg = values.encode_tensor(torch.ones(4))
+    msg = tensor_codec.encode_tensor(torch.ones(4))
     msg.data = msg.data[:-1]
     with pytest.raises(ValueError, match="needs 16 bytes"):
-        values.decode_tensor(msg)
+        tensor_codec.decode_tensor(msg)
     with pytest.raises(ValueError, match="empty Value"):
         values.from_value(values_pb2.Value())
 
 
-@pytest.mark.parametrize("size", [0, 1, values.CHUNK_SIZE, 3 * values.CHUNK_SIZE + 5])
+@pytest.mark.parametrize("size", [0, 1, wire.CHUNK_SIZE, 3 * wire.CHUNK_SIZE + 5])
 def test_chunks_split_and_join(size):
     data = os.urandom(size)
-    chunks = list(values.split_chunks(data))
-    assert all(len(c.data) <= values.CHUNK_SIZE for c in chunks)
-    assert len(chunks) == max(1, -(-size // values.CHUNK_SIZE))
+    chunks = list(wire.split_chunks(data))
+    assert all(len(c.data) <= wire.CHUNK_SIZE for c in chunks)
+    assert len(chunks) == max(1, -(-size // wire.CHUNK_SIZE))
     stream = iter([*chunks, jobs_pb2.Chunk(data=b"next message")])
-    assert values.join_chunks(stream) == data
+    assert wire.join_chunks(stream) == data
     assert next(stream).data == b"next message"  # reading stopped at the last chunk
 
 
 def test_join_chunks_rejects_gaps_and_truncation():
-    chunks = list(values.split_chunks(b"x" * 10, chunk_size=4))
+    chunks = list(wire.split_chunks(b"x" * 10, chunk_size=4))
     with pytest.raises(ValueError, match="does not follow"):
-        values.join_chunks([chunks[0], chunks[2]])
+        wire.join_chunks([chunks[0], chunks[2]])
     with pytest.raises(ValueError, match="ended after 8 of 10"):
-        values.join_chunks(chunks[:2])
+        wire.join_chunks(chunks[:2])
 
 
 def test_functions_travel_by_public_name_and_are_never_pickled():
@@ -309,31 +309,31 @@ def _assert_same(out: dict, expected: dict) -> None:
 
 def test_encode_value_map_is_a_valid_value_map_and_job_result():
     named = _mixed_values()
-    wire = b"".join(values.encode_value_map(named))
-    _assert_same(values.from_value_map(values_pb2.ValueMap.FromString(wire)), named)
-    result = jobs_pb2.JobResult.FromString(wire)
+    data = b"".join(wire.encode_value_map(named))
+    _assert_same(values.from_value_map(values_pb2.ValueMap.FromString(data)), named)
+    result = jobs_pb2.JobResult.FromString(data)
     assert set(result.saved) == set(named)
     # and protobuf's own serialization decodes with the fast reader
-    _assert_same(values.decode_value_map(values.to_value_map(named).SerializeToString()), named)
+    _assert_same(wire.decode_value_map(values.to_value_map(named).SerializeToString()), named)
 
 
-@pytest.mark.parametrize("chunk_size", [7, 1000, values.CHUNK_SIZE])
+@pytest.mark.parametrize("chunk_size", [7, 1000, wire.CHUNK_SIZE])
 def test_named_values_through_chunks(chunk_size):
     named = _mixed_values()
-    chunks = list(values.split_chunks(values.encode_value_map(named), chunk_size))
+    chunks = list(wire.split_chunks(wire.encode_value_map(named), chunk_size))
     assert all(len(c.data) <= chunk_size for c in chunks)
     assert sum(len(c.data) for c in chunks) == chunks[0].total_size
-    _assert_same(values.decode_value_map(values.join_chunks(iter(chunks))), named)
+    _assert_same(wire.decode_value_map(wire.join_chunks(iter(chunks))), named)
 
 
 def test_received_tensors_share_the_joined_buffer_and_are_writable():
     big = torch.randn(1 << 16)  # incompressible: sent raw
-    wire = b"".join(values.encode_value_map({"h": big}))
+    data = b"".join(wire.encode_value_map({"h": big}))
     shared = 0
     for shift in range(4):  # at one of these shifts the data is aligned and used in place
-        buffer = bytearray(shift) + bytearray(wire)
+        buffer = bytearray(shift) + bytearray(data)
         start = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
-        out = values.decode_value_map(memoryview(buffer)[shift:])
+        out = wire.decode_value_map(memoryview(buffer)[shift:])
         shared += start <= out["h"].data_ptr() < start + len(buffer)
         out["h"][0] = 123.0  # writable, no warning
         assert torch.equal(out["h"][1:], big[1:])
@@ -342,26 +342,26 @@ def test_received_tensors_share_the_joined_buffer_and_are_writable():
 
 def test_misaligned_tensor_data_is_copied_to_aligned_memory():
     named = {"x": torch.arange(4, dtype=torch.float64)}
-    wire = b"".join(values.encode_value_map(named))
+    data = b"".join(wire.encode_value_map(named))
     for shift in range(8):  # place the message at every offset within a buffer
-        buffer = bytearray(shift) + bytearray(wire)
-        out = values.decode_value_map(memoryview(buffer)[shift:])
+        buffer = bytearray(shift) + bytearray(data)
+        out = wire.decode_value_map(memoryview(buffer)[shift:])
         assert out["x"].data_ptr() % 8 == 0 and torch.equal(out["x"], named["x"])
 
 
 def test_encode_value_map_keeps_tensors_alive():
-    pieces = values.encode_value_map({"h": torch.full((1 << 14,), 2.0).sin()})  # no other reference
+    pieces = wire.encode_value_map({"h": torch.full((1 << 14,), 2.0).sin()})  # no other reference
     gc.collect()
     torch.randn(1 << 16)  # reuse freed memory if any was freed
-    out = values.decode_value_map(b"".join(pieces))
+    out = wire.decode_value_map(b"".join(pieces))
     assert torch.equal(out["h"], torch.full((1 << 14,), 2.0).sin())
 
 
 def test_other_top_level_fields_are_skipped():
     named = {"a": 1, "h": torch.ones(3)}
-    pieces = b"".join(values.encode_value_map(named))
+    pieces = b"".join(wire.encode_value_map(named))
     job_result_extras = jobs_pb2.JobResult(unsaved=["x"], unreached_reason="stopped").SerializeToString()
     odd_fields = b"\x10\x05", b"\x19" + bytes(8)  # a varint field, a fixed64 field
-    for wire in (odd_fields[0] + pieces + odd_fields[1], pieces + job_result_extras):
-        out = values.decode_value_map(wire)
+    for data in (odd_fields[0] + pieces + odd_fields[1], pieces + job_result_extras):
+        out = wire.decode_value_map(data)
         assert out.keys() == named.keys() and out["a"] == 1 and torch.equal(out["h"], named["h"])

@@ -1,0 +1,150 @@
+"""Tensors to and from tether.v1 Tensor messages: dtype, shape and raw little-endian bytes, lz4 where it pays.
+
+Imports torch, lz4 and tether.v1 only; `values` and `wire` build on it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import warnings
+from typing import Any
+
+import lz4.block
+import torch
+
+from tether.v1 import values_pb2
+
+__all__ = ["COMPRESS_MIN_BYTES", "DTYPES", "TORCH_DTYPES", "decode_tensor", "encode_tensor", "host_bytes",
+           "neutral_tensor", "tensor_from", "tensor_parts", "worth_compressing"]
+
+COMPRESS_MIN_BYTES = 64 << 10  # bytes: smaller tensors are never compressed
+_SAMPLE_PIECES, _SAMPLE_PIECE_BYTES = 4, 16 << 10  # a 64 KiB sample, from 4 places in the tensor
+_MIN_SAMPLE_RATIO = 0.9  # compress only if the sample shrinks below this fraction
+_LZ4_MAX_INPUT = 0x7E000000  # bytes: LZ4_MAX_INPUT_SIZE
+
+
+def _dtype_table() -> dict[torch.dtype, int]:
+    """DATA_TYPE_<NAME> <-> torch.<name>, for every name this torch has."""
+    table = {}
+    for enum_name, number in values_pb2.DataType.items():
+        dtype = getattr(torch, enum_name.removeprefix("DATA_TYPE_").lower(), None)
+        if isinstance(dtype, torch.dtype):
+            table[dtype] = number
+    return table
+
+
+DTYPES: dict[torch.dtype, int] = _dtype_table()
+TORCH_DTYPES: dict[int, torch.dtype] = {number: dtype for dtype, number in DTYPES.items()}
+
+def _check_little_endian() -> None:
+    if sys.byteorder != "little":
+        raise NotImplementedError("tether's wire format is little-endian; big-endian hosts are not supported")
+
+
+def host_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy view of a contiguous CPU tensor's bytes; the view keeps the tensor alive."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    array = (ctypes.c_char * nbytes).from_address(t.data_ptr())
+    array.keep_alive = t
+    return memoryview(array).cast("B")
+
+
+def worth_compressing(raw: memoryview) -> bool:
+    """lz4 only where it pays: a 64 KiB sample from 4 places must shrink below 90%."""
+    n = len(raw)
+    if n < COMPRESS_MIN_BYTES or n > _LZ4_MAX_INPUT:
+        return False
+    step = n // _SAMPLE_PIECES
+    sample = b"".join(raw[i * step : i * step + _SAMPLE_PIECE_BYTES] for i in range(_SAMPLE_PIECES))
+    return len(lz4.block.compress(sample, store_size=False)) < _MIN_SAMPLE_RATIO * len(sample)
+
+
+def tensor_parts(t: torch.Tensor, compress: bool | None) -> tuple[values_pb2.Tensor, bytes | memoryview]:
+    """A Tensor message without its data, and the data: a view of the tensor's memory or lz4 bytes."""
+    _check_little_endian()
+    number = DTYPES.get(t.dtype)
+    if number is None:
+        raise TypeError(
+            f"cannot send a {t.dtype} tensor as a neutral tensor: tether supports {_dtype_names()}"
+        )
+    if t.layout is not torch.strided or t.is_meta:
+        raise TypeError(f"cannot send a {t.layout} {t.device.type} tensor: it has no dense data to send")
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()  # also materializes expanded / strided views
+    raw = host_bytes(t)
+    head = values_pb2.Tensor(data_type=number, shape=t.shape, compression=values_pb2.COMPRESSION_NONE)
+    if compress is None:
+        compress = worth_compressing(raw)
+    if compress and 0 < len(raw) <= _LZ4_MAX_INPUT:
+        packed = lz4.block.compress(raw, store_size=False)
+        if len(packed) < len(raw):
+            head.compression = values_pb2.COMPRESSION_LZ4
+            return head, packed
+    return head, raw
+
+
+def encode_tensor(t: torch.Tensor, *, compress: bool | None = None) -> values_pb2.Tensor:
+    """A Tensor message: dtype, shape and little-endian row-major bytes of `t` (detached, on the host).
+
+    compress: None decides per tensor (lz4 when >= 64 KiB and a sample shrinks below 90%); True or
+    False forces it (True still sends raw bytes when lz4 does not shrink them).
+    """
+    msg, data = tensor_parts(t, compress)
+    msg.data = bytes(data)
+    return msg
+
+
+def decode_tensor(msg: values_pb2.Tensor) -> torch.Tensor:
+    """A new, writable CPU tensor from a Tensor message (bit-exact inverse of encode_tensor)."""
+    return tensor_from(msg.data_type, tuple(msg.shape), msg.compression, msg.data)
+
+
+def tensor_from(data_type: int, shape: tuple[int, ...], compression: int, data: Any) -> torch.Tensor:
+    """The tensor for decoded Tensor fields. `data` is bytes-like; a writable memoryview (of a buffer
+    the caller hands over, see decode_value_map) is used in place when aligned, anything else is copied."""
+    _check_little_endian()
+    dtype = TORCH_DTYPES.get(data_type)
+    if dtype is None:
+        raise ValueError(f"tensor message has unknown data_type {data_type}; the sender is newer than tether")
+    numel = 1
+    for size in shape:
+        numel *= size
+    nbytes = numel * dtype.itemsize
+    if compression == values_pb2.COMPRESSION_LZ4:
+        data = lz4.block.decompress(data, uncompressed_size=nbytes, return_bytearray=True)
+        if len(data) != nbytes:
+            raise ValueError(f"lz4 tensor data decompressed to {len(data)} bytes, expected {nbytes}")
+    elif compression not in (values_pb2.COMPRESSION_NONE, values_pb2.COMPRESSION_UNSPECIFIED):
+        raise ValueError(f"tensor message has unknown compression {compression}")
+    if len(data) != nbytes:
+        raise ValueError(f"tensor of shape {list(shape)} and {dtype} needs {nbytes} bytes, got {len(data)}")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly):
+        out = torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
+        return out if out.data_ptr() % dtype.itemsize == 0 else out.clone()  # kernels want aligned data
+    out = torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():  # read-only source: only read from, never handed out
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.frombuffer(data, dtype=torch.uint8)
+    out.reshape(-1).view(torch.uint8).copy_(source)
+    return out
+
+
+def _dtype_names() -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
+
+
+def neutral_tensor(t: torch.Tensor) -> bool:
+    """Whether `t` travels as a Tensor message (a supported dtype, dense, with data)."""
+    return t.dtype in DTYPES and t.layout is torch.strided and not t.is_meta

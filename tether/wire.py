@@ -1,0 +1,211 @@
+"""Named values on the wire: the protobuf wire format framed by hand, and chunks of at most 1 MiB.
+
+A ValueMap, a JobResult and the values of a LocalCall / LocalResult share one wire form (a map<string,
+Value> at field 1), so one encoder serves all. Top-level tensors are framed around a view of their memory,
+so a large result is copied once (into its chunks) on the way out, and once (into one buffer its tensors
+then share) on the way in. Imports tether.values, tether.tensor_codec and tether.v1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from tether import tensor_codec
+from tether.tensor_codec import neutral_tensor
+from tether.v1 import jobs_pb2, values_pb2
+from tether.values import from_value, to_value
+
+__all__ = ["CHUNK_SIZE", "decode_value_map", "encode_value_map", "fields", "join_chunks", "read_varint",
+           "split_chunks", "split_pieces", "varint"]
+
+CHUNK_SIZE = 1 << 20  # bytes: largest Chunk.data on the wire
+
+_KEY, _VALUE, _TENSOR, _DATA = b"\x0a", b"\x12", b"\x0a", b"\x1a"  # field tags of length-delimited fields
+
+
+def varint(n: int) -> bytes:
+    """`n` as a protobuf varint (for messages framed by hand)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    """The varint at `pos` of `view`, and the position after it."""
+    result = shift = 0
+    while True:
+        if pos >= len(view) or shift > 63:
+            raise ValueError("truncated or corrupt message")
+        byte = view[pos]
+        result |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return result, pos
+
+
+def _framed(tag: bytes, *parts: bytes | memoryview) -> list[bytes | memoryview]:
+    return [tag + varint(sum(len(p) for p in parts)), *parts]
+
+
+def encode_value_map(named: Mapping[str, Any], **options: Any) -> list[bytes | memoryview]:
+    """The serialized ValueMap of `named` (also a valid JobResult) as pieces for split_chunks.
+
+    Tensor pieces are views of the tensors' memory (kept alive by the views): send them before changing
+    the tensors. Options as for to_value.
+    """
+    pieces: list[bytes | memoryview] = []
+    for name, obj in named.items():
+        if not (isinstance(obj, torch.Tensor) and neutral_tensor(obj)):
+            entry = values_pb2.ValueMap(values={name: to_value(obj, **options)})
+            pieces.append(entry.SerializeToString())
+            continue
+        head, data = tensor_codec.tensor_parts(obj, options.get("compress"))
+        tensor = [head.SerializeToString(), *_framed(_DATA, data)]
+        value = _framed(_TENSOR, *tensor)
+        key = _framed(_KEY, name.encode())
+        pieces += _framed(_KEY, *key, *_framed(_VALUE, *value))
+    return pieces
+
+
+def decode_value_map(data: bytes | bytearray | memoryview, **options: Any) -> dict[str, Any]:
+    """The named values of a serialized ValueMap / JobResult (inverse of encode_value_map).
+
+    Top-level tensors in a writable buffer (join_chunks returns one) use it in place: they share it, so
+    it lives as long as any of them. Options as for from_value.
+    """
+    out = {}
+    for number, wire, _, _, entry in fields(memoryview(data).cast("B")):
+        if number != 1 or wire != 2:
+            continue  # another field (JobResult has more): skipped, as protobuf skips unknown fields
+        name, value = _entry(entry)
+        fast = _fast_tensor(value)
+        out[name] = fast if fast is not None else from_value(values_pb2.Value.FromString(value), **options)
+    return out
+
+
+def fields(view: memoryview, *, prefix: bool = False) -> Iterator[tuple[int, int, int, int, memoryview | int]]:
+    """(field number, wire type, start of the field, end of the field, value) of each field of a message.
+
+    Varints come as int, length-delimited fields as a view of their payload (it starts at end - len),
+    fixed ones as a view. `prefix`: `view` is the start of a message; a length-delimited field it cuts off
+    comes as the part it has (its end is then len(view)).
+    """
+    pos, n = 0, len(view)
+    while pos < n:
+        start = pos
+        tag, pos = read_varint(view, pos)
+        wire = tag & 7
+        if wire == 0:
+            value, pos = read_varint(view, pos)
+        elif wire == 2:
+            size, pos = read_varint(view, pos)
+            if pos + size > n:
+                if not prefix:
+                    raise ValueError("truncated or corrupt message")
+                size = n - pos
+            value, pos = view[pos : pos + size], pos + size
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            if pos + width > n:
+                raise ValueError("truncated or corrupt message")
+            value, pos = view[pos : pos + width], pos + width
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+        yield tag >> 3, wire, start, pos, value
+
+
+def _entry(view: memoryview) -> tuple[str, memoryview]:
+    name, value = "", memoryview(b"")
+    for number, _, _, _, field_value in fields(view):
+        if number == 1:
+            name = bytes(field_value).decode()
+        elif number == 2:
+            value = field_value
+    return name, value
+
+
+def _fast_tensor(value: memoryview) -> torch.Tensor | None:
+    """The tensor of a Value that holds one, read without copying its data; None for other kinds."""
+    if len(value) == 0 or value[0] != 0x0A:
+        return None
+    entries = list(fields(value))
+    if len(entries) != 1:
+        return None
+    data_type, shape, compression, data = 0, [], 0, memoryview(b"")
+    for number, wire, _, _, field_value in fields(entries[0][4]):
+        if number == 1:
+            data_type = field_value
+        elif number == 2 and wire == 2:  # packed
+            pos = 0
+            while pos < len(field_value):
+                size, pos = read_varint(field_value, pos)
+                shape.append(size)
+        elif number == 2:
+            shape.append(field_value)
+        elif number == 3:
+            data = field_value
+        elif number == 4:
+            compression = field_value
+    shape = [d - (1 << 64) if d >= 1 << 63 else d for d in shape]  # int64 on the wire
+    return tensor_codec.tensor_from(data_type, tuple(shape), compression, data)
+
+
+def split_chunks(
+    data: bytes | bytearray | memoryview | Iterable[bytes | memoryview], chunk_size: int = CHUNK_SIZE
+) -> Iterator[jobs_pb2.Chunk]:
+    """Chunk messages of at most chunk_size bytes covering `data`: bytes, or pieces from encode_value_map
+    (one empty chunk for empty data). Each chunk's bytes are the only copy made."""
+    for offset, part, total in split_pieces(data, chunk_size):
+        yield jobs_pb2.Chunk(offset=offset, data=part, total_size=total)
+
+
+def split_pieces(
+    data: bytes | bytearray | memoryview | Iterable[bytes | memoryview], chunk_size: int = CHUNK_SIZE
+) -> Iterator[tuple[int, bytes, int]]:
+    """split_chunks' (offset, data, total_size) of each chunk, for callers that build the Chunk in place."""
+    pieces = [memoryview(data).cast("B")] if isinstance(data, (bytes, bytearray, memoryview)) else data
+    pieces = [memoryview(p).cast("B") for p in pieces]
+    total = sum(len(p) for p in pieces)
+    offset, pending, pending_size = 0, [], 0
+    for piece in pieces:
+        while len(piece):
+            take = piece[: chunk_size - pending_size]
+            piece = piece[len(take) :]
+            pending.append(take)
+            pending_size += len(take)
+            if pending_size == chunk_size:
+                yield offset, b"".join(pending), total
+                offset, pending, pending_size = offset + pending_size, [], 0
+    if pending_size or total == 0:
+        yield offset, b"".join(pending), total
+
+
+def join_chunks(chunks: Iterable[jobs_pb2.Chunk]) -> bytearray:
+    """Reassembles a message from its chunks into one writable buffer, reading no further than its last chunk.
+
+    Raises ValueError on a gap, overlap or inconsistent total_size, and if the chunks end too soon.
+    """
+    buffer, received, total = bytearray(), 0, None
+    for chunk in chunks:
+        if total is None:
+            total = chunk.total_size
+            buffer = bytearray(total)
+        size = len(chunk.data)
+        if chunk.offset != received or chunk.total_size != total or received + size > total:
+            raise ValueError(
+                f"chunk at offset {chunk.offset} of {chunk.total_size} bytes does not follow the "
+                f"{received} of {total} bytes received so far"
+            )
+        buffer[received : received + size] = chunk.data
+        received += size
+        if received == total:
+            break
+    if total is None or received != total:
+        raise ValueError(f"message ended after {received} of {total or 0} bytes")
+    return buffer
