@@ -89,6 +89,13 @@ class NNsight(Envoy):
                       remote=options.get("remote", False) or "backend" in remote_options,
                       remote_options=remote_options, run_kwargs=run_kwargs)
 
+    def _with_module(self, module: torch.nn.Module) -> NNsight:
+        """This wrapper over another copy of its module (a server replica): its own caches, which name modules."""
+        copy = self._edited_copy()
+        object.__setattr__(copy, "_module", module)
+        object.__setattr__(copy, "_caches", _Caches())
+        return copy
+
     def _edited_copy(self) -> NNsight:
         copy = object.__new__(type(self))
         copy.__dict__.update(self.__dict__)
@@ -118,9 +125,10 @@ class NNsight(Envoy):
         """id(module) -> parent module, cached on the wrapper and rebuilt if the module tree changed."""
         signature = tuple(self._module._modules.values())
         caches = self._caches
-        if caches.parents is None or caches.parents[0] != signature:
-            caches.parents = (signature, parents_of(self._module))
-        return caches.parents[1]
+        cached = caches.parents
+        if cached is None or cached[0] != signature:
+            cached = caches.parents = (signature, parents_of(self._module))
+        return cached[1]
 
     def _hook_plan(self, bodies: tuple) -> HookPlan:
         """The hooks these bodies (their code objects) asked for when they last ran on this model."""

@@ -103,9 +103,7 @@ class HostedModel:
         own hooks, so workers never share a module)."""
         if index == 0:
             return self.model
-        copy = self.model._edited_copy()
-        object.__setattr__(copy, "_module", deepcopy(self.module))
-        return copy
+        return self.model._with_module(deepcopy(self.module))
 
     def info(self, queue_depth: int = 0, ready: bool = True) -> models_pb2.ModelInfo:
         """The model's summary (architecture, parameter count, dtype, device, queue depth, readiness)."""

@@ -20,7 +20,7 @@ from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from tether.wire import varint
 
 from .auth import Authenticator
-from .errors import InvalidProgram, QueueFull, ServerError
+from .errors import InvalidProgram, ServerError
 from .jobs import STATUS_LINGER, TERMINAL, Job, JobStore, chunk_frame, chunk_length, state_name
 from .local_calls import NO_STREAM, LocalLink
 from .policy import Policy
@@ -117,7 +117,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 return published, True
             try:
                 hub.queues[hosted.name].submit(job, decoded, JobLimits.of(spec, hub.limits), job.link)
-            except QueueFull:
+            except ServerError:  # refused (queue full, model out of service): no record of a job that never runs
                 hub.store.remove(job)
                 raise
         except BaseException:

@@ -294,7 +294,9 @@ class _Run:
             log.flush()
         except BaseException as error:  # the worker survives anything a program does (SystemExit included)
             log.flush()
-            self._end(_weights_changed(watch, versions) or error)
+            if not isinstance(error, WeightsChanged):  # (check() already put the weights back: never twice)
+                error = _weights_changed(watch, versions) or error
+            self._end(error)
             return
         finally:
             hook.remove()

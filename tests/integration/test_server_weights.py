@@ -9,7 +9,7 @@ import torch
 
 from tether import CONFIG, LanguageModel, RemoteError
 from tether.runtime import tiny
-from tether.v1 import models_pb2, models_pb2_grpc
+from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc, program_pb2
 
 PROMPT = "hello"
 
@@ -18,7 +18,15 @@ def served() -> dict:
     return {"tiny": tiny.tiny_gpt2(), "fixed": tiny.tiny_gpt2()}
 
 
-SERVER_OPTIONS = {"sources": {"tiny": tiny.tiny_gpt2}}  # "fixed" was given as an object only
+LOADS = []  # one entry per time the server loaded "tiny" again
+
+
+def _load_tiny():
+    LOADS.append(1)
+    return tiny.tiny_gpt2()
+
+
+SERVER_OPTIONS = {"sources": {"tiny": _load_tiny}}  # "fixed" was given as an object only
 
 pytestmark = pytest.mark.usefixtures("client_config")  # every test talks to this module's server
 
@@ -44,7 +52,7 @@ def test_weights_a_job_wrote_into_are_restored_before_the_next_job(llm):
     with llm.trace(PROMPT):
         expected = llm.lm_head.output.save()
     error = _write_weights(remote)
-    assert "put them back" in str(error)
+    assert "put them back" in str(error) and len(LOADS) == 1  # loaded again once, for this job
     assert torch.equal(_logits(remote), expected)  # the original weights, not doubled ones
 
 
@@ -56,6 +64,13 @@ def test_weights_that_cannot_be_restored_take_the_model_out_of_service(llm, serv
     with pytest.raises(RemoteError, match="out of service") as refused:
         _logits(remote)
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION.name
+    job = jobs_pb2.SubmitJobRequest(job=jobs_pb2.JobSpec(request_id="retry-me", program=program_pb2.Program(
+        kind=program_pb2.PROGRAM_KIND_TRACE, model="fixed", source="x = 1\n")))
+    with grpc.insecure_channel(server.address) as channel:
+        for _ in range(2):  # a refused job leaves no record: its retry is refused too, not "existing"
+            with pytest.raises(grpc.RpcError) as again:
+                jobs_pb2_grpc.JobServiceStub(channel).SubmitJob(job, timeout=10)
+            assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     with grpc.insecure_channel(server.address) as channel:
         listed = models_pb2_grpc.ModelServiceStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=10)
     assert {m.name: m.ready for m in listed.models} == {"fixed": False, "tiny": True}

@@ -114,3 +114,22 @@ def test_the_copies_server_jobs_run_on_share_the_models_hook_plans(gpt2):
         assert torch.equal(out if isinstance(out, torch.Tensor) else out[0], expected)
     plans = list(llm._caches.plans.values())
     assert [[m for m, _ in plan.hooks] for plan in plans] == [[hf.transformer.h[1], hf.transformer]]
+
+
+def test_each_server_replica_plans_hooks_on_its_own_modules(gpt2):
+    """Replicas are deep copies run by separate workers: a plan made on one must never hook another's modules."""
+    from tether.server.registry import HostedModel, wrap
+
+    hf, tok = gpt2
+    hosted = HostedModel("m", wrap((hf, tok)))
+    ids = torch.tensor([tok("The Eiffel Tower is in the city of")["input_ids"]])
+    replicas = [hosted.replica(0), hosted.replica(1)]
+    outs = []
+    for replica in replicas:
+        job_root = replica._edited_copy()
+        with torch.no_grad(), job_root.trace(ids):
+            out = job_root.transformer.h[1].output.save()
+        outs.append(out if isinstance(out, torch.Tensor) else out[0])
+        hooked = {id(m) for plan in replica._caches.plans.values() for m, _ in plan.hooks}
+        assert hooked == {id(replica._module.transformer.h[1]), id(replica._module.transformer)}
+    assert torch.equal(outs[0], outs[1])
