@@ -29,6 +29,7 @@ __all__ = ["RemoteBackend", "run_remote"]
 _ENDED = object()  # handed to the RunJob reader with the job's last event
 _DROPPED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)  # a lost stream
 SUBMIT_WAIT_S = 1.0  # how long a blocking job's SubmitJob waits for its end before following it with WatchJob
+_SLOW_LINK_BYTES_S = 10e6  # a SubmitJob's deadline allows its upload at this rate
 
 
 def run_remote(context: Any, ns: dict) -> None:
@@ -208,6 +209,7 @@ def _error(conn: Connection, metadata: tuple, error: grpc.RpcError) -> RemoteErr
 
 
 def _unary(conn: Connection, method: Any, request: Any, metadata: tuple, wait: float = 0.0) -> Any:
+    """A unary call with UNARY_TIMEOUT_S (plus `wait` seconds) to answer; its failure as a RemoteError."""
     try:
         return conn.unary(method, request, metadata, timeout=UNARY_TIMEOUT_S + wait)
     except grpc.RpcError as error:
@@ -225,8 +227,17 @@ def _submit_and_wait(conn: Connection, metadata: tuple, job: Job, ns: dict, disp
     display.update(state="SUBMITTING")
     request = jobs_pb2.SubmitJobRequest(job=job.spec)
     request.wait.FromNanoseconds(int(SUBMIT_WAIT_S * 1e9))
+    upload_s = request.ByteSize() / _SLOW_LINK_BYTES_S
     try:
-        response = _unary(conn, conn.jobs.SubmitJob, request, metadata, wait=SUBMIT_WAIT_S)
+        try:
+            response = conn.unary(conn.jobs.SubmitJob, request, metadata,
+                                  timeout=UNARY_TIMEOUT_S + SUBMIT_WAIT_S + upload_s)
+        except grpc.RpcError as error:
+            if error.code() not in (*_DROPPED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise _error(conn, metadata, error) from None
+            # the answer was lost, not refused: the job's request_id finds it (or submits it, once)
+            response = _unary(conn, conn.jobs.SubmitJob, jobs_pb2.SubmitJobRequest(job=job.spec), metadata,
+                              wait=upload_s)
         events.job_id = context.job_id = response.job_id
         for update in response.events:
             events.feed_response(update)

@@ -15,7 +15,7 @@ import torch
 
 import tether
 from tether import CONFIG, LanguageModel, NNsight
-from tether.client import RemoteBackend, aio, runner
+from tether.client import RemoteBackend, aio, channel, runner
 from tether.runtime import tiny
 from tether.server.app import start_server
 from tether.v1 import jobs_pb2, jobs_pb2_grpc
@@ -87,6 +87,37 @@ def test_a_job_that_outlasts_the_submit_wait_is_followed_to_its_end(llm, rllm, m
         print("ran remotely")
     _same(logits, r_logits)
     assert tracer.backend.state == "COMPLETED" and "ran remotely" in capsys.readouterr().out
+
+
+class _LostAnswer(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection reset (simulated)"
+
+
+def test_a_lost_submit_answer_finds_the_job_by_its_request_id(llm, rllm, monkeypatch):
+    """The job was queued but its SubmitJob answer was lost: the client asks again with the same request_id
+    (no second job is run) and follows the job to its values."""
+    real_unary = channel.Connection.unary
+    submitted: list[str] = []
+
+    def lose_the_first_answer(self, method, request, metadata, timeout=None):
+        response = real_unary(self, method, request, metadata, timeout=timeout)
+        if isinstance(request, jobs_pb2.SubmitJobRequest):
+            submitted.append(response.job_id)
+            if len(submitted) == 1:
+                raise _LostAnswer()
+        return response
+
+    monkeypatch.setattr(channel.Connection, "unary", lose_the_first_answer)
+    with llm.trace(PROMPT):
+        logits = llm.lm_head.output.save()
+    with rllm.trace(PROMPT, remote=True) as tracer:
+        r_logits = rllm.lm_head.output.save()
+    _same(logits, r_logits)
+    assert len(submitted) == 2 and submitted[0] == submitted[1] == tracer.job_id  # one job, found again
 
 def test_set(llm, rllm):
     with llm.trace(PROMPT):
