@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dis
 import linecache
 import sys
 import textwrap
@@ -47,12 +48,18 @@ class Block:
     assigned: tuple[str, ...]  # names the body binds, outside nested function scopes
     loaded: frozenset[str]  # names the body reads
     local_blocks: list[tuple[int, int]] = field(default_factory=list)  # (first, last) of nested local() bodies
+    item: int | None = None  # which of the with statement's items is tether's (set when first entered)
     _code: dict = field(default_factory=dict)
+
+    @property
+    def target(self) -> ast.expr | None:
+        """The `as` target of tether's item of the with statement (None without one)."""
+        return self.node.items[self.item or 0].optional_vars
 
     def target_code(self) -> CodeType:
         """`<as target> = __tether___item`, compiled (for tuple targets)."""
         if "target" not in self._code:
-            bind = ast.Assign(targets=[self.node.items[0].optional_vars],
+            bind = ast.Assign(targets=[self.target],
                               value=ast.Name(id=f"{OPS_NAME}_item", ctx=ast.Load()))
             module = ast.Module(body=[ast.copy_location(bind, self.node)], type_ignores=[])
             with _compile_lock:
@@ -103,10 +110,29 @@ def find_block(frame: FrameType) -> Block:
             "without source), so its body can be executed."
         )
     block = _find_in(filename, "".join(lines), line)
+    if block.item is None:
+        block.item = _entered_item(frame, block.node)
     if len(_recent) > 1024:
         _recent.clear()
     _recent[(filename, line)] = (lines, block)
     return block
+
+
+def _entered_item(frame: FrameType, node: ast.With) -> int:
+    """Which item of a `with a, b as t:` statement `frame` is entering: the one whose context expression it
+    evaluated last (3.11 positions); the last item when that cannot be told."""
+    if len(node.items) == 1:
+        return 0
+    last = None
+    for instruction in dis.get_instructions(frame.f_code):
+        if instruction.offset >= frame.f_lasti:
+            break
+        last = instruction.positions
+    for i, item in enumerate(node.items):
+        expr = item.context_expr
+        if last is not None and (expr.end_lineno, expr.end_col_offset) == (last.end_lineno, last.end_col_offset):
+            return i
+    return len(node.items) - 1
 
 
 _recent: dict[tuple[str, int], tuple[list[str], Block]] = {}  # (file, line) -> (linecache's lines, block)
@@ -202,7 +228,7 @@ def restore_trace(state: object) -> None:
 
 def bind_target(block: Block, value: object, ns: dict) -> dict:
     """Bind the block's `as` target to `value` in `ns`; returns the names bound."""
-    target = block.node.items[0].optional_vars
+    target = block.target
     if target is None:
         return {}
     if isinstance(target, ast.Name):

@@ -124,7 +124,7 @@ class Iterator(Context):
         return (None, self) if self._return_context else None
 
     def _execute(self, ns: dict) -> None:
-        target = self._block.node.items[0].optional_vars
+        target = self._block.target
         code = self._block.code(target=target)
         try:
             for item in self._items:

@@ -86,19 +86,19 @@ _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
 
 
 class HookPlan:
-    """Which hooks the same bodies needed the last time they ran on this model.
+    """Which hooks the same bodies asked for the last time they ran on this model.
 
-    The next run registers them before the forward pass, in one tight loop, and counts them as asked for,
-    instead of registering them one at a time between layers (where each costs several times more). A
-    planned hook that this run's bodies do not ask for hands nothing over (a module value only goes to a
-    body that waits for it); the next plan keeps only the hooks that served a value, and their ancestors.
+    The next run registers them before the forward pass, in one tight loop, instead of one at a time
+    between layers (where each registration costs several times more). A planned hook whose module no
+    body asks for this time does nothing, exactly as if it were absent, and is dropped from the plan.
+    `closures` remembers, per requested hook, the hooks it needs with it (its ancestors', see _ensure_hook).
     """
 
-    __slots__ = ("hooks", "values")
+    __slots__ = ("hooks", "closures")
 
     def __init__(self) -> None:
-        self.hooks: list[tuple[torch.nn.Module, str]] = []  # (module, "fwd" | "pre")
-        self.values = -1  # how many module values the bodies took in the run that made this plan
+        self.hooks: list[tuple[torch.nn.Module, str]] = []  # (module, "fwd" | "pre"), in request order
+        self.closures: dict[tuple, tuple] = {}  # (key, single pass) -> ((key, module, group), ...)
 
 
 def parents_of(root: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -234,6 +234,7 @@ class Interleaver:
         self._handles: dict[tuple[int, str], Any] = {}
         self._demanded: dict[tuple[int, str], tuple[torch.nn.Module, str]] = {}  # hooks some body needs
         self._plan = plan
+        self._closures: dict[tuple, tuple] = plan.closures if plan is not None else {}
         self._serving: tuple | None = None  # (module, group, slot, iteration) of the hook running now
         self._fired: dict[tuple[int, str], int] = {}
         self._stop = False
@@ -256,7 +257,6 @@ class Interleaver:
             if self._plan is not None:
                 for module, group in self._plan.hooks:
                     self._register(module, group)
-                    self._demanded[(id(module), group)] = (module, group)
             self._start_ready()
             if self._failure is not None:
                 self._raise_failure()
@@ -275,29 +275,7 @@ class Interleaver:
                 handle.remove()
             self._handles.clear()
             if self._plan is not None:
-                self._update_plan(self._plan)
-
-    def _update_plan(self, plan: HookPlan) -> None:
-        """Plan the hooks that served a value this run, and their ancestors' (see _ensure_hook).
-
-        Unchanged when no hook was added and the bodies took as many values as last time (the common case:
-        the same bodies asking for the same modules); a body that took fewer values drops hooks."""
-        values = 0
-        for mediator in self.mediators:
-            values += len(mediator.seen)
-        if values == plan.values and len(plan.hooks) == len(self._demanded):
-            return
-        served = {(module_id, "fwd" if kind == "output" else "pre")
-                  for mediator in self.mediators for module_id, kind, _ in mediator.seen}
-        needed = set(served)
-        parents = self._parents()
-        for module_id, _ in served:
-            parent = parents.get(module_id)
-            while parent is not None:
-                needed.add((id(parent), "fwd"))
-                parent = parents.get(id(parent))
-        plan.values = values
-        plan.hooks = [entry for key, entry in self._demanded.items() if key in needed]
+                self._plan.hooks = list(self._demanded.values())
 
     def serve(self, module: Any, kind: str, value: Any) -> Any:
         """Serve requests for a pseudo-module (e.g. the generator's output) outside any hook."""
@@ -378,14 +356,14 @@ class Interleaver:
         return False
 
     def _forward_hook(self, module, args, output):
-        if getcurrent() is not self._driver:
-            return None
+        if getcurrent() is not self._driver or (id(module), "fwd") not in self._demanded:
+            return None  # (a planned hook no body asked for this time)
         slot = batching.Slot(output, self.batch_size)
         self._serve(module, "fwd", slot)
         return slot.value if slot.changed else None
 
     def _pre_hook(self, module, args, kwargs=None):
-        if getcurrent() is not self._driver:
+        if getcurrent() is not self._driver or (id(module), "pre") not in self._demanded:
             return None
         kwargs = {} if kwargs is None else kwargs
         slot = batching.Slot((args, kwargs), self.batch_size)
@@ -399,26 +377,32 @@ class Interleaver:
         already running cannot be hooked; hooking a module's ancestors together with it means a later
         request for an enclosing module (`block.mlp.output`, then `block.output`) is still served.
         """
-        module = req.module
+        closure_key = (key, self.max_iterations == 1)
+        closure = self._closures.get(closure_key)
+        if closure is None:
+            closure = self._closures[closure_key] = self._closure(req.module, key)
+        demanded, handles = self._demanded, self._handles
+        for hook_key, module, group in closure:
+            if hook_key not in demanded:
+                demanded[hook_key] = (module, group)
+                if hook_key not in handles:  # not planned: registered now
+                    self._register(module, group)
+
+    def _closure(self, module: Any, key: tuple[int, str]) -> tuple:
+        """The hooks a request for `key` needs: its own and its ancestors' outputs (see _ensure_hook)."""
         if not isinstance(module, torch.nn.Module):
-            return
-        if module is self.root and req.group == "fwd" and self.max_iterations == 1:
-            return  # served from forward's return value
-        self._demand(key, module, req.group)
+            return ()
+        single = self.max_iterations == 1
+        if module is self.root and key[1] == "fwd" and single:
+            return ()  # served from forward's return value
+        out = [(key, module, key[1])]
         parents = self._parents()
         parent = parents.get(id(module))
-        while parent is not None and not (parent is self.root and self.max_iterations == 1):
-            key = (id(parent), "fwd")
-            if key in self._demanded:
-                break
+        while parent is not None and not (parent is self.root and single):
             if not isinstance(parent, _CONTAINERS):
-                self._demand(key, parent, "fwd")
+                out.append(((id(parent), "fwd"), parent, "fwd"))
             parent = parents.get(id(parent))
-
-    def _demand(self, key: tuple[int, str], module: torch.nn.Module, group: str) -> None:
-        self._demanded[key] = (module, group)
-        if key not in self._handles:
-            self._register(module, group)
+        return tuple(out)
 
     def _register(self, module: torch.nn.Module, group: str) -> None:
         if group == "fwd":

@@ -42,7 +42,7 @@ class Program:
 def program_of(context: Any, kind: str) -> Program:
     """The Program of a captured (entered and skipped) Tracer or Session."""
     block: Block = context.block
-    target = block.node.items[0].optional_vars
+    target = block.target
     return Program(
         kind=kind,
         source=block.source,

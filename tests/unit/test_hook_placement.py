@@ -133,3 +133,28 @@ def test_each_server_replica_plans_hooks_on_its_own_modules(gpt2):
         hooked = {id(m) for plan in replica._caches.plans.values() for m, _ in plan.hooks}
         assert hooked == {id(replica._module.transformer.h[1]), id(replica._module.transformer)}
     assert torch.equal(outs[0], outs[1])
+
+
+def test_a_hook_plan_never_changes_what_a_body_sees(gpt2):
+    """A planned hook that this run's bodies did not ask for acts as if absent: the same body gives the
+    same outcome whatever ran before it (here: an out-of-order read that a stop in another invoke ends
+    quietly, with and without hooks planned by an earlier run that read the module first)."""
+    hf, tok = gpt2
+    llm = LanguageModel(hf, tokenizer=tok)
+    seen, _ = _reference(hf, torch.tensor([tok("hello")["input_ids"]]), {"block": hf.transformer.h[1]})
+    expected = seen["block"] if isinstance(seen["block"], torch.Tensor) else seen["block"][0]
+
+    def run(read_first: bool) -> torch.Tensor:
+        with torch.no_grad(), llm.trace() as tracer:
+            with tracer.invoke("hello"):
+                if read_first:
+                    llm.transformer.h[0].output.save()
+                b = llm.transformer.h[1].output.save()
+                llm.transformer.h[0].output.save()  # a re-read after reading it first; out of order otherwise
+            with tracer.invoke("hello"):
+                llm.transformer.h[1].output.save()
+                tracer.stop()
+        return b if isinstance(b, torch.Tensor) else b[0]
+
+    for read_first in (False, True, False, False):
+        assert torch.equal(run(read_first), expected)

@@ -569,3 +569,15 @@ def test_empty_trace_body_with_only_pass_runs_the_model(tiny_net, x):
         pass
     assert calls == [1]
     assert tracer is not None
+
+
+def test_a_trace_among_other_context_managers_binds_its_own_as_target(model, x):
+    """`with torch.no_grad(), model.trace(x) as tracer:` binds `tracer` (and the other items run as usual)."""
+    with torch.no_grad(), model.trace(x) as tracer:
+        out = model.layer1.output.save()
+        grad_mode = torch.is_grad_enabled()
+    assert isinstance(tracer, type(model.trace(x))) and not grad_mode
+    with torch.no_grad(), model.trace() as tracer2:
+        with tracer2.invoke(x):
+            again = model.layer1.output.save()
+    assert torch.equal(out, model._module.layer1(x)) and torch.equal(again, out)
