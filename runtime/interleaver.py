@@ -94,11 +94,12 @@ class HookPlan:
     `closures` remembers, per requested hook, the hooks it needs with it (its ancestors', see _ensure_hook).
     """
 
-    __slots__ = ("hooks", "closures")
+    __slots__ = ("hooks", "closures", "single_pass")
 
     def __init__(self) -> None:
         self.hooks: list[tuple[torch.nn.Module, str]] = []  # (module, "fwd" | "pre"), in request order
-        self.closures: dict[tuple, tuple] = {}  # (key, single pass) -> ((key, module, group), ...)
+        self.closures: dict[tuple[int, str], tuple] = {}  # hook key -> ((key, module, group), ...)
+        self.single_pass = True  # whether the closures are for one forward pass (the root is not hooked)
 
 
 def parents_of(root: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -234,7 +235,11 @@ class Interleaver:
         self._handles: dict[tuple[int, str], Any] = {}
         self._demanded: dict[tuple[int, str], tuple[torch.nn.Module, str]] = {}  # hooks some body needs
         self._plan = plan
-        self._closures: dict[tuple, tuple] = plan.closures if plan is not None else {}
+        self._closures: dict[tuple[int, str], tuple] = {}
+        if plan is not None:
+            if plan.single_pass != (max_iterations == 1):  # the same bodies, run the other way: start afresh
+                plan.closures, plan.single_pass = {}, max_iterations == 1
+            self._closures = plan.closures
         self._serving: tuple | None = None  # (module, group, slot, iteration) of the hook running now
         self._fired: dict[tuple[int, str], int] = {}
         self._stop = False
@@ -377,10 +382,9 @@ class Interleaver:
         already running cannot be hooked; hooking a module's ancestors together with it means a later
         request for an enclosing module (`block.mlp.output`, then `block.output`) is still served.
         """
-        closure_key = (key, self.max_iterations == 1)
-        closure = self._closures.get(closure_key)
+        closure = self._closures.get(key)
         if closure is None:
-            closure = self._closures[closure_key] = self._closure(req.module, key)
+            closure = self._closures[key] = self._closure(req.module, key)
         demanded, handles = self._demanded, self._handles
         for hook_key, module, group in closure:
             if hook_key not in demanded:
