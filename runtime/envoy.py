@@ -51,9 +51,15 @@ class Envoy:
         return self._child(key, child)
 
     def __iter__(self):
-        if isinstance(self._module, torch.nn.ModuleList):
-            return iter([self._child(key, child) for key, child in self._module._modules.items()])
-        return iter([self[i] for i in range(len(self._module))])
+        module = self._module
+        if not isinstance(module, torch.nn.ModuleList):
+            return iter([self[i] for i in range(len(module))])
+        members = tuple(module._modules.values())  # a trace body loops over blocks: their Envoys are kept
+        cached = self.__dict__.get("_members")
+        if cached is None or cached[0] != members:
+            cached = (members, [self._child(key, child) for key, child in module._modules.items()])
+            object.__setattr__(self, "_members", cached)
+        return iter(cached[1])
 
     def __len__(self) -> int:
         return len(self._module)

@@ -63,6 +63,15 @@ def test_submodules_by_attribute_index_and_slice(gpt2):
     assert [e._module for e in model.transformer.h[::-1]] == list(hf.transformer.h)[::-1]
     assert len(model.transformer.h) == len(hf.transformer.h)
     assert model.transformer.h[-1] is model.transformer.h[1]  # one Envoy per module
+    assert [e._module for e in model.transformer.h] == list(hf.transformer.h)  # iteration, in order
+    import copy
+
+    replaced = hf.transformer.h[0]
+    hf.transformer.h[0] = copy.deepcopy(replaced)  # a swapped block gets its own Envoy, in loops too
+    try:
+        assert [e._module for e in model.transformer.h] == list(hf.transformer.h)
+    finally:
+        hf.transformer.h[0] = replaced
     # Attributes that are not submodules fall through to the torch module.
     assert model.config is hf.config
 
