@@ -24,23 +24,14 @@ __all__ = ["check_function_source", "check_program", "check_program_source", "ch
 
 def check_program(policy: Policy, program: program_pb2.Program) -> None:
     """Checks a whole Program: its body, its shipped functions and the references among its values."""
-    bound = _bound_paths(program.bindings)
-    check_source(
-        policy,
-        program.source,
-        filename=program.filename,
-        first_line=program.first_line or 1,
-        local_block_spans=program.local_blocks,
-        bound_names=bound,
-    )
-    for fn in program.functions:
+    for part in (program, *program.functions):  # a shipped function carries the same fields as the body
         check_source(
             policy,
-            fn.source,
-            filename=fn.filename,
-            first_line=fn.first_line or 1,
-            local_block_spans=fn.local_blocks,
-            bound_names=_bound_paths(fn.bindings),
+            part.source,
+            filename=part.filename,
+            first_line=part.first_line or 1,
+            local_block_spans=part.local_blocks,
+            bound_names=_bound_paths(part.bindings),
         )
     nested = [v for v in program.bindings.values() if v.WhichOneof("kind") != "reference"]
     for value in (*program.args, *program.kwargs.values(), *nested):  # direct bindings: checked above
