@@ -245,7 +245,6 @@ class Interleaver:
         self._stop = False
         self._failure: BaseException | None = None
         self._unstarted = len(mediators)  # bodies not started yet (see _start_ready)
-        self._solo = mediators[0] if len(mediators) == 1 and mediators[0].rows is None else None  # see _forward_hook
         self._parent_map = parents  # id(module) -> parent; built on first use when not given
 
     @property
@@ -365,22 +364,7 @@ class Interleaver:
         if getcurrent() is not self._driver or (id(module), "fwd") not in self._demanded:
             return None  # (a planned hook no body asked for this time)
         slot = batching.Slot(output, self.batch_size)
-        solo, iteration = self._solo, self.iteration
-        req = solo.pending if solo is not None else None
-        if (req is not None and req.module is module and req.op == "get" and req.kind == "output"
-                and req.iteration == iteration):
-            # what _serve and _apply do, for the commonest case (the one body, whole batch, reads this
-            # output): every saved value passes here, and each call saved costs more next to the model
-            solo.pending = None
-            solo.seen[(id(module), "output", iteration)] = output
-            previous, self._serving = self._serving, (module, "fwd", slot, iteration)
-            try:
-                self._drive(solo, output)
-            finally:
-                self._serving = previous
-            self._served(module, "fwd")
-        else:
-            self._serve(module, "fwd", slot)
+        self._serve(module, "fwd", slot)
         return slot.value if slot.changed else None
 
     def _pre_hook(self, module, args, kwargs=None):
@@ -454,11 +438,6 @@ class Interleaver:
                 self._start_ready()
         finally:
             self._serving = previous
-        self._served(module, group)
-
-    def _served(self, module, group: str) -> None:
-        """After a hook handed its value out: note that the module ran, and stop the model if a body failed
-        or stopped it, or the job was cancelled."""
         self._fired[(id(module), group)] = self.iteration
         if self._failure is not None:
             raise _Abort()
