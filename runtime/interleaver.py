@@ -263,8 +263,7 @@ class Interleaver:
                 for module, group in self._plan.hooks:
                     self._register(module, group)
             self._start_ready()
-            if self._failure is not None:
-                self._raise_failure()
+            self._raise_failure()
             if not self._stop:
                 try:
                     result = forward()
@@ -272,8 +271,7 @@ class Interleaver:
                         result = self._serve_value(self.root, "fwd", result)  # the root's output is forward's return
                 except (EarlyStop, _Abort):
                     pass
-            if self._failure is not None:
-                self._raise_failure()
+            self._raise_failure()
             return result
         finally:
             for handle in self._handles.values():
@@ -300,7 +298,7 @@ class Interleaver:
     def finish(self) -> None:
         """End every body still waiting: silently after a stop or in `.all()` mode, else with an error."""
         self._end_open_loops()
-        if not self._stop and self._unstarted:
+        if not self._stop:
             self._start_ready(force=True)
             self._raise_failure()
         for mediator in self.mediators:
@@ -462,7 +460,7 @@ class Interleaver:
         if self._unstarted == 0:
             return
         for mediator in self.mediators:
-            if not mediator.started and (force or not mediator.waits_for or mediator.ready()):
+            if not mediator.started and (force or mediator.ready()):
                 self._unstarted -= 1
                 self._start(mediator, mediator.code)
 

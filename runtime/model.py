@@ -81,8 +81,8 @@ class NNsight(Envoy):
         self._edits.clear()
 
     def _tracer(self, mode: str, inputs: tuple, kwargs: dict) -> Tracer:
-        options = {k: kwargs.pop(k) for k in _TRACE_OPTIONS if k in kwargs} if kwargs else {}
-        remote_options = {k: options.pop(k) for k in _REMOTE_OPTIONS if k in options} if options else {}
+        options = {k: kwargs.pop(k) for k in _TRACE_OPTIONS if k in kwargs}
+        remote_options = {k: options.pop(k) for k in _REMOTE_OPTIONS if k in options}
         input_kwargs, run_kwargs = self._split_kwargs(mode, kwargs)
         return Tracer(self, inputs, input_kwargs, mode=mode, scan=options.get("scan", False),
                       validate=options.get("validate", False), invoker_args=options.get("invoker_args"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import operator
 import sys
 import weakref
 from collections.abc import Callable
@@ -103,9 +102,6 @@ def _mediator(what: str) -> Mediator:
     if mediator is None:
         raise NotInTraceError(f"`tracer.{what}` only works inside the body of a trace or invoke.")
     return mediator
-
-
-_code_of = operator.attrgetter("code")
 
 
 class Tracer(Context):
@@ -207,16 +203,15 @@ class Tracer(Context):
         args, kwargs, rows, batch_size = model._batch([inv.inputs for inv in invokes])
         if len(invokes) == 1:
             rows = [None]
-        mediators = [Mediator(block, block.code(), ns, None) for block, ns in model._edits] if model._edits else []
+        mediators = [Mediator(block, block.code(), ns, None) for block, ns in model._edits]
         assigned_earlier: set[str] = set()
         for inv, r in zip(invokes, rows):
             mediator = Mediator(inv._block, inv._block.code(), inv._ns, r)
-            if assigned_earlier:
-                mediator.waits_for = {n: inv._ns.get(n, _MISSING) for n in inv._block.loaded & assigned_earlier}
+            mediator.waits_for = {n: inv._ns.get(n, _MISSING) for n in inv._block.loaded & assigned_earlier}
             assigned_earlier.update(inv._block.assigned)
             mediators.append(mediator)
         interleaver = Interleaver(model._module, mediators, batch_size, self._max_iterations(), cancel=self._cancel,
-                                  parents=model._parents(), plan=model._hook_plan(tuple(map(_code_of, mediators))))
+                                  parents=model._parents(), plan=model._hook_plan(tuple(m.code for m in mediators)))
         self.result = interleaver.run(lambda: model._run(self._mode, args, kwargs, self._run_kwargs))
         if self._mode == "generate":
             interleaver.serve(model._generator_key(), "output", self.result)
