@@ -360,12 +360,13 @@ class Job:
             if self.result is not None and len(self.result) > max_bytes:
                 return None
         frames: list[bytes] = []
-        after, finished = 0, False
+        after, size, finished = 0, 0, False
         while not finished:
             more, count, finished = self.wait_frames(after, stop, limit=64)
             frames += more
             after += count
-            if sum(len(f) for f in frames) > max_bytes:
+            size += sum(len(f) for f in more)
+            if size > max_bytes:
                 return None
         return frames
 
