@@ -10,7 +10,7 @@ import ctypes
 from collections.abc import Callable
 from typing import Any
 
-from tether.wire import fields
+from tether.wire import fields, int64
 
 __all__ = ["ALIGN", "RawChunk", "RawResponse", "RawResultEvent", "chunk_deserializer", "event_deserializer",
            "result_buffer", "split_value_map"]
@@ -115,19 +115,15 @@ class RawResponse:
         self.event, self.chunk, self.more_events = event, chunk, more_events or []
 
 
-def _int64(n: int) -> int:
-    return n - (1 << 64) if n >= 1 << 63 else n
-
-
 def _raw_chunk(view: memoryview) -> RawChunk:
     offset, data, total = 0, memoryview(b""), 0
     for number, wire, _, _, value in fields(view):
         if number == 1 and wire == 0:
-            offset = _int64(value)
+            offset = int64(value)
         elif number == 2 and wire == 2:
             data = value
         elif number == 3 and wire == 0:
-            total = _int64(value)
+            total = int64(value)
     return RawChunk(offset, data, total)
 
 
@@ -138,7 +134,7 @@ def _raw_result_event(view: memoryview) -> RawResultEvent | None:
         if number == 1 and wire == 2:
             job_id = bytes(value).decode()
         elif number == 2 and wire == 0:
-            sequence = _int64(value)
+            sequence = int64(value)
         elif number == 6 and wire == 2:
             chunk = _raw_chunk(value)
         elif number in (4, 5, 7):

@@ -18,7 +18,7 @@ from tether.tensor_codec import neutral_tensor
 from tether.v1 import jobs_pb2, values_pb2
 from tether.values import from_value, to_value
 
-__all__ = ["CHUNK_SIZE", "decode_value_map", "encode_value_map", "fields", "join_chunks", "read_varint",
+__all__ = ["CHUNK_SIZE", "decode_value_map", "encode_value_map", "fields", "int64", "join_chunks", "read_varint",
            "split_chunks", "split_pieces", "varint"]
 
 CHUNK_SIZE = 1 << 20  # bytes: largest Chunk.data on the wire
@@ -34,6 +34,11 @@ def varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+def int64(n: int) -> int:
+    """A varint read as protobuf's int64 (negative numbers travel as their 64-bit two's complement)."""
+    return n - (1 << 64) if n >= 1 << 63 else n
 
 
 def read_varint(view: memoryview, pos: int) -> tuple[int, int]:
@@ -152,8 +157,7 @@ def _fast_tensor(value: memoryview) -> torch.Tensor | None:
             data = field_value
         elif number == 4:
             compression = field_value
-    shape = [d - (1 << 64) if d >= 1 << 63 else d for d in shape]  # int64 on the wire
-    return tensor_codec.tensor_from(data_type, tuple(shape), compression, data)
+    return tensor_codec.tensor_from(data_type, tuple(int64(d) for d in shape), compression, data)
 
 
 def split_chunks(
