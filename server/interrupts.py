@@ -20,7 +20,6 @@ __all__ = ["Interrupted", "Interruptible", "Watchdog", "GRACE"]
 GRACE = 1.0  # seconds a cancelled or overdue job gets to stop at a module boundary before it is interrupted
 
 
-
 def _raise_in(thread: int) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(Interrupted))
 
