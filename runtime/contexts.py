@@ -54,11 +54,20 @@ class Context:
         entered, self._entered = self._entered, None  # often `self`: kept, it would be a reference cycle
         if exc_type is not SkipBody:
             return False
+        _set_handled_exception(None)
+        try:
+            self._run_skipped(frame, entered)
+        finally:
+            _set_handled_exception(exc)
+        return True
+
+    def _run_skipped(self, frame: types.FrameType, entered: Any) -> None:
+        """Run the block the caller skipped, with the caller's names, and write back what it assigned."""
         globals_ = frame.f_globals
         if OPS_NAME in globals_ and frame.f_locals is globals_:
             bind_target(self._block, entered, globals_)
             self._run(globals_)
-            return True
+            return
         ns = {**globals_, **frame.f_locals, OPS_NAME: ops}
         bound = bind_target(self._block, entered, ns)
         before = {name: ns[name] for name in self._block.assigned if name in ns}
@@ -71,7 +80,6 @@ class Context:
             raise
         handed = hand_back(ns, self._block.assigned, scope, before, why=self._why_unreached())
         _write_frame(frame, {**bound, **handed} if self._hands_back else bound)
-        return True
 
     def _run(self, ns: dict) -> None:
         try:
@@ -207,6 +215,27 @@ def local() -> LocalBlock:
 _locals_to_fast = ctypes.pythonapi.PyFrame_LocalsToFast
 _locals_to_fast.argtypes = (ctypes.py_object, ctypes.c_int)
 _locals_to_fast.restype = None
+
+
+_set_exc_info = ctypes.pythonapi.PyErr_SetExcInfo
+_set_exc_info.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+_set_exc_info.restype = None
+_incref = ctypes.pythonapi.Py_IncRef
+_incref.argtypes = (ctypes.py_object,)
+_incref.restype = None
+
+
+def _set_handled_exception(exc: BaseException | None) -> None:
+    """Make `exc` (None: nothing) the exception this thread is handling, through the public C API.
+
+    `__exit__` is called while SkipBody is being handled, and every exception raised meanwhile is chained
+    to the handled one and so built at once, where a `getattr(obj, name, default)` that finds nothing
+    would otherwise build none: a Hugging Face GPT-2 forward raises ~120 such AttributeErrors, which made
+    a model run inside `__exit__` ~45 µs slower than a plain call. The body runs with nothing handled.
+    """
+    if exc is not None:
+        _incref(exc)  # PyErr_SetExcInfo steals the reference
+    _set_exc_info(None, None if exc is None else id(exc), None)
 
 
 def _write_frame(frame: types.FrameType, values: dict) -> None:

@@ -407,6 +407,33 @@ def test_trace_functions_are_restored(model, x):
     assert sys.gettrace() is before
 
 
+def test_the_model_runs_with_no_exception_being_handled(model, tiny_net, x):
+    """The block runs from `__exit__`, while the skip exception is being handled: the model must not see it
+    (each exception raised in the forward would be chained to it and built eagerly, a cost per raise), and
+    the caller's own handled exception is back after the block."""
+    import sys
+
+    seen = []
+    handle = tiny_net.layer1.register_forward_hook(lambda m, a, o: seen.append(sys.exc_info()[1]))
+    try:
+        try:
+            raise ValueError("outer")
+        except ValueError as outer:
+            with model.trace(x):
+                out = model.layer2.output.save()
+            assert sys.exc_info()[1] is outer
+        with pytest.raises(KeyError) as info:
+            with model.trace(x):
+                model.layer1.output.save()
+                raise KeyError("k")
+    finally:
+        handle.remove()
+    assert seen == [None, None]
+    assert info.value.__context__ is None
+    assert torch.equal(out, tiny_net.layer2(tiny_net.layer1(x)))
+    assert sys.exc_info() == (None, None, None)
+
+
 def _uncollected_after(run) -> list:
     """What the cyclic garbage collector would have to free after `run()` (it should be nothing)."""
     run()
