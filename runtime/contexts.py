@@ -42,6 +42,7 @@ class Context:
         self._block: Block = find_block(frame)
         self._frame = frame
         self._skip_state = skip_body(frame, self._block)
+        self._outer_exception = sys.exc_info()[1]  # what the caller is handling, if anything (see __exit__)
         self._entered = self._enter_value()
         return self._entered
 
@@ -52,9 +53,10 @@ class Context:
         restore_trace(self._skip_state)
         frame, self._frame, self._skip_state = self._frame, None, None
         entered, self._entered = self._entered, None  # often `self`: kept, it would be a reference cycle
+        outer, self._outer_exception = self._outer_exception, None
         if exc_type is not SkipBody:
             return False
-        _set_handled_exception(None)
+        _set_handled_exception(outer)
         try:
             self._run_skipped(frame, entered)
         finally:
@@ -228,10 +230,11 @@ _incref.restype = None
 def _set_handled_exception(exc: BaseException | None) -> None:
     """Make `exc` (None: nothing) the exception this thread is handling, through the public C API.
 
-    `__exit__` is called while SkipBody is being handled, and every exception raised meanwhile is chained
-    to the handled one and so built at once, where a `getattr(obj, name, default)` that finds nothing
-    would otherwise build none: a Hugging Face GPT-2 forward raises ~120 such AttributeErrors, which made
-    a model run inside `__exit__` ~45 µs slower than a plain call. The body runs with nothing handled.
+    `__exit__` is called while SkipBody is being handled. The block runs as it would in plain Python, with
+    what the caller was handling (usually nothing): SkipBody is an artefact of skipping, and every exception
+    raised while one is handled is chained to it and so built at once, where a `getattr(obj, name, default)`
+    that finds nothing would otherwise build none. A Hugging Face GPT-2 forward raises ~120 such
+    AttributeErrors, which made a model run inside `__exit__` ~45 µs slower than a plain call.
     """
     if exc is not None:
         _incref(exc)  # PyErr_SetExcInfo steals the reference

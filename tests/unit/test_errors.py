@@ -407,28 +407,29 @@ def test_trace_functions_are_restored(model, x):
     assert sys.gettrace() is before
 
 
-def test_the_model_runs_with_no_exception_being_handled(model, tiny_net, x):
-    """The block runs from `__exit__`, while the skip exception is being handled: the model must not see it
-    (each exception raised in the forward would be chained to it and built eagerly, a cost per raise), and
-    the caller's own handled exception is back after the block."""
+def test_the_model_runs_with_what_the_caller_handles_not_the_skip_exception(model, tiny_net, x):
+    """The block runs from `__exit__`, while the skip exception is being handled: the model must see what the
+    caller handles, as in plain Python, not that artefact (each exception raised in the forward would be
+    chained to it and built eagerly, a cost per raise); the caller's own handled exception is back after."""
     import sys
 
     seen = []
     handle = tiny_net.layer1.register_forward_hook(lambda m, a, o: seen.append(sys.exc_info()[1]))
     try:
-        try:
-            raise ValueError("outer")
-        except ValueError as outer:
-            with model.trace(x):
-                out = model.layer2.output.save()
-            assert sys.exc_info()[1] is outer
         with pytest.raises(KeyError) as info:
             with model.trace(x):
                 model.layer1.output.save()
                 raise KeyError("k")
+        try:
+            raise ValueError("outer")
+        except ValueError as error:
+            outer = error
+            with model.trace(x):
+                out = model.layer2.output.save()
+            assert sys.exc_info()[1] is outer
     finally:
         handle.remove()
-    assert seen == [None, None]
+    assert seen == [None, outer]
     assert info.value.__context__ is None
     assert torch.equal(out, tiny_net.layer2(tiny_net.layer1(x)))
     assert sys.exc_info() == (None, None, None)
