@@ -236,9 +236,11 @@ def _set_handled_exception(exc: BaseException | None) -> None:
     that finds nothing would otherwise build none. A Hugging Face GPT-2 forward raises ~120 such
     AttributeErrors, which made a model run inside `__exit__` ~45 µs slower than a plain call.
     """
-    if exc is not None:
-        _incref(exc)  # PyErr_SetExcInfo steals the reference
-    _set_exc_info(None, None if exc is None else id(exc), None)
+    parts = (None, None, None) if exc is None else (type(exc), exc, exc.__traceback__)
+    for part in parts:
+        if part is not None:
+            _incref(part)  # PyErr_SetExcInfo steals its arguments (3.10 keeps all three, 3.11 the value)
+    _set_exc_info(*(None if part is None else id(part) for part in parts))
 
 
 def _write_frame(frame: types.FrameType, values: dict) -> None:
