@@ -42,7 +42,6 @@ class Context:
         self._block: Block = find_block(frame)
         self._frame = frame
         self._skip_state = skip_body(frame, self._block)
-        self._outer_exception = sys.exc_info()[1]  # what the caller is handling, if anything (see __exit__)
         self._entered = self._enter_value()
         return self._entered
 
@@ -53,10 +52,9 @@ class Context:
         restore_trace(self._skip_state)
         frame, self._frame, self._skip_state = self._frame, None, None
         entered, self._entered = self._entered, None  # often `self`: kept, it would be a reference cycle
-        outer, self._outer_exception = self._outer_exception, None
         if exc_type is not SkipBody:
             return False
-        _set_handled_exception(outer)
+        _set_handled_exception(exc.__context__)  # what the caller was handling when the skip was raised
         try:
             self._run_skipped(frame, entered)
         finally:
