@@ -27,6 +27,9 @@ _LOCALS_PROXY = sys.version_info >= (3, 13)
 _locals_to_fast = None if _LOCALS_PROXY else ctypes.PYFUNCTYPE(None, ctypes.py_object, ctypes.c_int)(
     ("PyFrame_LocalsToFast", ctypes.pythonapi))
 
+# 3.12 runs `sys.settrace` on sys.monitoring (PEP 669), whose opcode events need re-arming (see skip_body).
+_REARM_OPCODE_EVENTS = sys.version_info[:2] == (3, 12)
+
 # 3.11 (PEP 657) gives each instruction its source columns; 3.10 has line numbers only.
 _POSITIONS = sys.version_info >= (3, 11)
 # The instruction that calls a `with` item's `__enter__` (3.10: SETUP_WITH; 3.11 to 3.13: BEFORE_WITH).
@@ -42,13 +45,17 @@ def skip_body(frame: FrameType) -> object:
     whatever the body starts with: `try:`, `pass`, a docstring...); returns the state `restore_trace` needs.
 
     Per-opcode trace events (`f_trace_opcodes`, 3.7+) reach a frame's `f_trace` only while some thread-wide
-    trace function is set, so a no-op one is installed when there is none.
+    trace function is set, so a no-op one is installed when there is none. 3.12 turns opcode events on only
+    inside `sys.settrace`, and only once some frame has asked for them: so the frame asks first, and there
+    the thread-wide function is set again even when one is already installed (a debugger's, coverage's).
     """
     previous = (sys.gettrace(), frame.f_trace, frame.f_trace_opcodes)
-    if previous[0] is None:
-        sys.settrace(_noop_trace)
     frame.f_trace = _SkipNextOpcode(frame)
     frame.f_trace_opcodes = True
+    if previous[0] is None:
+        sys.settrace(_noop_trace)
+    elif _REARM_OPCODE_EVENTS:
+        sys.settrace(previous[0])
     return (frame, previous)
 
 
