@@ -19,13 +19,13 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from tether.framing import as_more_events, chunk_length, chunk_parts, result_event_prefix
+from tether.protocol import TERMINAL, state_name
 from tether.v1 import failure_pb2, jobs_pb2
 
 from .errors import NotFound
 
 __all__ = ["Job", "JobStore", "ResultBytes", "TERMINAL", "state_name"]
 
-TERMINAL = frozenset({jobs_pb2.JOB_STATE_COMPLETED, jobs_pb2.JOB_STATE_ERROR, jobs_pb2.JOB_STATE_CANCELLED})
 _ORDER = {
     jobs_pb2.JOB_STATE_RECEIVED: 1,
     jobs_pb2.JOB_STATE_QUEUED: 2,
@@ -37,10 +37,6 @@ _ORDER = {
 BATCH_BYTES = 1 << 20  # an event stream message holds at most about this much payload (see wait_frames)
 SMALL_EVENT = 64 << 10  # events smaller than this may ride along with a full message
 STATUS_LINGER = 0.05  # s: a status change waits this long for the next event, to share its message
-
-
-def state_name(state: int) -> str:
-    return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
 
 
 def _now() -> timestamp_pb2.Timestamp:
