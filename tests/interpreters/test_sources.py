@@ -1,0 +1,37 @@
+"""Every module of tether compiles under this Python and imports no standard-library module some supported
+Python lacks: the parts that need torch cannot run under every minor, but they must not need another one."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SOURCES = sorted(p for folder in ("tether", "runtime", "client", "server") for p in (ROOT / folder).glob("*.py"))
+# standard-library modules that some supported Python lacks: added in 3.11, or removed in 3.12 and 3.13
+NOT_EVERYWHERE = {"tomllib", "wsgiref.types", "distutils", "imp", "asynchat", "asyncore", "smtpd", "aifc",
+                  "audioop", "cgi", "cgitb", "chunk", "crypt", "imghdr", "mailcap", "msilib", "nis", "nntplib",
+                  "ossaudiodev", "pipes", "sndhdr", "spwd", "sunau", "telnetlib", "uu", "xdrlib", "lib2to3"}
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(ROOT)) for p in SOURCES])
+def test_module_compiles_and_uses_only_stdlib_every_python_has(path):
+    text = path.read_text()
+    compile(text, str(path), "exec")
+    bad = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        bad += [f"{path.name}:{node.lineno} imports {n}" for n in names
+                if n in NOT_EVERYWHERE or n.split(".")[0] in NOT_EVERYWHERE]
+    assert not bad, "\n".join(bad)
+
+
+def test_sources_found():
+    assert len(SOURCES) > 40
