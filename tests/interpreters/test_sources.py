@@ -4,7 +4,10 @@ Python lacks: the parts that need torch cannot run under every minor, but they m
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
 import pathlib
+import sys
 
 import pytest
 
@@ -30,7 +33,16 @@ def test_module_compiles_and_uses_only_stdlib_every_python_has(path):
             continue
         bad += [f"{path.name}:{node.lineno} imports {n}" for n in names
                 if n in NOT_EVERYWHERE or n.split(".")[0] in NOT_EVERYWHERE]
+        if isinstance(node, ast.ImportFrom) and names and names[0].split(".")[0] in sys.stdlib_module_names:
+            module = importlib.import_module(names[0])  # e.g. `from typing import Self` needs 3.11
+            bad += [f"{path.name}:{node.lineno} imports {names[0]}.{a.name}, which this Python lacks"
+                    for a in node.names if a.name != "*" and not _has(module, a.name)]
     assert not bad, "\n".join(bad)
+
+
+def _has(module, name: str) -> bool:
+    """Whether `from module import name` works: an attribute, or a submodule (`from concurrent import futures`)."""
+    return hasattr(module, name) or importlib.util.find_spec(f"{module.__name__}.{name}") is not None
 
 
 def test_sources_found():
