@@ -131,14 +131,17 @@ READ_RESULT_CHUNK = field_tag(jobs_pb2.ReadResultResponse, "chunk")
 READ_RESULT_CHUNK_NUMBER = field_number(jobs_pb2.ReadResultResponse, "chunk")
 SUBMIT_EVENTS = field_tag(jobs_pb2.SubmitJobResponse, "events")
 
-# One framing serves RunJob and WatchJob responses, a JobResult reads as a ValueMap, and an event is moved
-# from `event` to `more_events` by swapping its one-byte tag: the descriptors must keep allowing all three.
+# One framing serves RunJob and WatchJob responses, and a JobResult reads as a ValueMap: the descriptors
+# must keep allowing both.
 assert ([(f.name, f.number) for f in jobs_pb2.WatchJobResponse.DESCRIPTOR.fields]
         == [(f.name, f.number) for f in jobs_pb2.RunJobResponse.DESCRIPTOR.fields])
 assert field_number(jobs_pb2.JobResult, "saved") == VALUE_MAP_NUMBER
-assert len(RESPONSE_EVENT) == len(RESPONSE_MORE) == 1
 # value_map_tensor_entry writes a Tensor's data between its other fields: only `compression` follows it.
 assert [f.name for f in values_pb2.Tensor.DESCRIPTOR.fields if f.number > TENSOR_NUMBERS[2]] == ["compression"]
+
+
+_CHUNK_OFFSET_LEN, _CHUNK_DATA_LEN, _CHUNK_TOTAL_LEN = len(CHUNK_OFFSET), len(CHUNK_DATA), len(CHUNK_TOTAL)
+_EVENT_RESULT_LEN = len(EVENT_RESULT)
 
 
 # ---- writers: bytes for bytes what SerializeToString writes (fields in number order, zeros left out)
@@ -163,9 +166,9 @@ def value_map_tensor_entry(
 
 def chunk_length(offset: int, size: int, total: int) -> int:
     """The size of the serialized Chunk(offset, data of `size` bytes, total_size=total)."""
-    return ((len(CHUNK_OFFSET) + len(varint(offset))) if offset else 0) + (
-        (len(CHUNK_DATA) + len(varint(size)) + size) if size else 0) + (
-        (len(CHUNK_TOTAL) + len(varint(total))) if total else 0)
+    return ((_CHUNK_OFFSET_LEN + len(varint(offset))) if offset else 0) + (
+        (_CHUNK_DATA_LEN + len(varint(size)) + size) if size else 0) + (
+        (_CHUNK_TOTAL_LEN + len(varint(total))) if total else 0)
 
 
 def chunk_parts(prefix: bytes, offset: int, views: list[memoryview], total: int) -> list[bytes | memoryview]:
@@ -187,7 +190,7 @@ def read_result_frame(offset: int, views: list[memoryview], total: int) -> bytes
 def result_event_prefix(head: bytes, chunk: int, *, more: bool = False) -> bytes:
     """The start of a serialized RunJobResponse / WatchJobResponse whose event (`more`: one of more_events)
     is `head` (a serialized JobEvent without its kind) and a result Chunk of `chunk` bytes that follows."""
-    event = len(head) + len(EVENT_RESULT) + len(varint(chunk)) + chunk
+    event = len(head) + _EVENT_RESULT_LEN + len(varint(chunk)) + chunk
     return b"".join([RESPONSE_MORE if more else RESPONSE_EVENT, varint(event), head, EVENT_RESULT, varint(chunk)])
 
 
