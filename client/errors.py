@@ -14,7 +14,7 @@ import grpc
 from tether.runtime.errors import RemoteError
 from tether.v1 import failure_pb2
 
-__all__ = ["from_rpc_error", "from_failure", "failure_of", "user_frames"]
+__all__ = ["from_rpc_error", "from_failure", "local_failure", "user_frames"]
 
 
 def _hint(code: grpc.StatusCode, host: str, details: str, models: list[str] | None) -> str:
@@ -84,8 +84,9 @@ def _traceback_text(failure: failure_pb2.Failure, debug: bool) -> str:
     return failure.traceback
 
 
-def failure_of(error: BaseException, *, user_frame: Any = None) -> failure_pb2.Failure:
-    """A Failure describing a client-side exception (a local() block that raised), with its frames.
+def local_failure(error: BaseException, *, user_frame: Any = None) -> failure_pb2.Failure:
+    """The Failure of an exception a local() block raised on this machine, with its frames (the server's
+    twin, server/failures.failure_of, also renames frames to the user's file names).
 
     `user_frame(frame)` says whether a frame is the user's own code; others are dropped from the text.
     """
@@ -102,7 +103,7 @@ def failure_of(error: BaseException, *, user_frame: Any = None) -> failure_pb2.F
     msg = failure_pb2.Failure(type=f"{tp.__module__}.{tp.__qualname__}", message=str(error), traceback=text,
                               frames=frames)
     if cause is not None:
-        msg.cause.CopyFrom(failure_of(cause, user_frame=user_frame))
+        msg.cause.CopyFrom(local_failure(cause, user_frame=user_frame))
     return msg
 
 

@@ -19,7 +19,7 @@ from tether.wire import decode_value_map, split_chunks
 
 from .display import StatusDisplay
 from .encode import Job, LocalSite, _Encoder
-from .errors import failure_of, user_frames
+from .errors import local_failure, user_frames
 from .events import resolvers
 from .wire import result_buffer
 
@@ -124,5 +124,5 @@ class LocalCalls:
                 sys.stderr.flush()
             finally:
                 self._display.resume()
-        failure = failure_of(error, user_frame=_user_frame)
+        failure = local_failure(error, user_frame=_user_frame)
         return [jobs_pb2.RunJobRequest(local_result=jobs_pb2.LocalResult(call_id=call_id, failure=failure))]
