@@ -33,8 +33,11 @@ $(STAMP): $(INSTALL_INPUTS)
 	if [ -f package.json ]; then npm install --no-audit --no-fund; fi
 	mkdir -p $(dir $@) && touch $@
 
+# The torch-free tests (tests/interpreters: block capture, the interpreter tricks) also run under every other
+# Python minor pyproject.toml claims, each in a small venv with pytest only (torch exists for one minor here).
 test: install
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) tests/interpreters/run_minors.py
 
 demo: install
 	$(PYTHON) examples/demo.py
@@ -46,8 +49,9 @@ bench: install
 proto: install
 	PYTHON=$(PYTHON) bash proto/gen.sh
 
-lint:
-	ruff check .
+lint: install
+	$(PYTHON) -m ruff check .
 
-check: lint install
+# What CI enforces besides the tests: ruff and `buf lint` findings fail it.
+check: lint
 	npx --no-install buf lint

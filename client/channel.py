@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from tether.protocol import MAX_MESSAGE_BYTES
 from tether.runtime.errors import RemoteError
 from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2_grpc
 
@@ -25,7 +26,6 @@ from .wire import chunk_deserializer, event_deserializer
 __all__ = ["Connection", "Stream", "connect", "resolve_host", "resolve_api_key", "auth_metadata",
            "channel_options", "close_all", "MAX_MESSAGE_BYTES"]
 
-MAX_MESSAGE_BYTES = 256 << 20  # bytes: largest message sent or received (jobs with big inputs, specs)
 KEEPALIVE_MS = 300_000  # ping a silent connection every 5 min (the gRPC server default minimum interval)
 KEEPALIVE_TIMEOUT_MS = 20_000  # a ping unanswered this long means the server is gone
 UNARY_TIMEOUT_S = 30.0  # default deadline of unary calls, seconds

@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any, TextIO
 
+from tether.protocol import TERMINAL_NAMES
+
 __all__ = ["StatusDisplay"]
 
 _SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
@@ -26,7 +28,7 @@ _COLORS = {  # ANSI colours per state, terminal only
     "CANCELLED": "\033[31m",
 }
 _HTML_COLORS = {"COMPLETED": "#2e7d32", "ERROR": "#c62828", "CANCELLED": "#c62828", "QUEUED": "#b26a00"}
-_TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
+_TERMINAL = TERMINAL_NAMES
 _RESET, _DIM, _BOLD = "\033[0m", "\033[2m", "\033[1m"
 _REFRESH_S = 0.1  # spinner frame time, seconds
 

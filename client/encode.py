@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from tether.protocol import CLIENT_MODULE, PROGRAM_KINDS
 from tether.runtime.capture import parse
 from tether.runtime.compat import is_traced_function
 from tether.runtime.contexts import Context
@@ -30,13 +31,7 @@ from tether.values import to_value
 
 __all__ = ["Job", "LocalSite", "build_job", "model_name_of", "CLIENT_MODULE"]
 
-CLIENT_MODULE = "__client__"  # Reference.module of @tether.trace functions: they run on the client only
-_KINDS = {
-    "trace": program_pb2.PROGRAM_KIND_TRACE,
-    "generate": program_pb2.PROGRAM_KIND_GENERATE,
-    "session": program_pb2.PROGRAM_KIND_SESSION,
-    "scan": program_pb2.PROGRAM_KIND_SCAN,
-}
+_KINDS = PROGRAM_KINDS
 _HAS_PATH = "path" in values_pb2.ModelReference.DESCRIPTOR.fields_by_name
 
 

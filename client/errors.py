@@ -14,7 +14,7 @@ import grpc
 from tether.runtime.errors import RemoteError
 from tether.v1 import failure_pb2
 
-__all__ = ["from_rpc_error", "from_failure", "failure_of"]
+__all__ = ["from_rpc_error", "from_failure", "local_failure", "user_frames"]
 
 
 def _hint(code: grpc.StatusCode, host: str, details: str, models: list[str] | None) -> str:
@@ -84,13 +84,13 @@ def _traceback_text(failure: failure_pb2.Failure, debug: bool) -> str:
     return failure.traceback
 
 
-def failure_of(error: BaseException, *, user_frame: Any = None) -> failure_pb2.Failure:
-    """A Failure describing a client-side exception (a local() block that raised), with its frames.
+def local_failure(error: BaseException, *, user_frame: Any = None) -> failure_pb2.Failure:
+    """The Failure of an exception a local() block raised on this machine, with its frames (the server's
+    twin, server/failures.failure_of, also renames frames to the user's file names).
 
-    `user_frame(filename)` says whether a frame is the user's own code; others are dropped from the text.
+    `user_frame(frame)` says whether a frame is the user's own code; others are dropped from the text.
     """
-    tb = traceback.extract_tb(error.__traceback__)
-    kept = [f for f in tb if user_frame is None or user_frame(f.filename)]
+    kept = user_frames(error, user_frame)
     tp = type(error)
     frames = [
         failure_pb2.Frame(filename=f.filename, line=f.lineno or 0, function=f.name, source_line=(f.line or "").strip(),
@@ -103,5 +103,11 @@ def failure_of(error: BaseException, *, user_frame: Any = None) -> failure_pb2.F
     msg = failure_pb2.Failure(type=f"{tp.__module__}.{tp.__qualname__}", message=str(error), traceback=text,
                               frames=frames)
     if cause is not None:
-        msg.cause.CopyFrom(failure_of(cause, user_frame=user_frame))
+        msg.cause.CopyFrom(local_failure(cause, user_frame=user_frame))
     return msg
+
+
+def user_frames(error: BaseException, user_frame: Any = None) -> traceback.StackSummary:
+    """The frames of `error`'s traceback for which `user_frame(frame)` holds (all without a predicate)."""
+    walked = traceback.walk_tb(error.__traceback__)
+    return traceback.StackSummary.extract((f, line) for f, line in walked if user_frame is None or user_frame(f))

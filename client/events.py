@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from tether.protocol import CLIENT_MODULE, TERMINAL, state_name
 from tether.runtime.errors import RemoteError, TetherError
 from tether.runtime.saving import NotReached, StandIn, UnsavedValue, current_scope
 from tether.v1 import jobs_pb2, values_pb2
@@ -17,7 +18,7 @@ from tether.values import import_reference
 from tether.wire import decode_value_map
 
 from .display import StatusDisplay
-from .encode import CLIENT_MODULE, Job
+from .encode import Job
 from .errors import from_failure
 from .wire import result_buffer, split_value_map
 
@@ -25,11 +26,6 @@ __all__ = ["DecodedResult", "JobEvents", "PendingValue", "apply_result", "decode
            "PROGRESS_MIN_BYTES", "TERMINAL"]
 
 PROGRESS_MIN_BYTES = 8 << 20  # results at least this large get a progress bar
-TERMINAL = (jobs_pb2.JOB_STATE_COMPLETED, jobs_pb2.JOB_STATE_ERROR, jobs_pb2.JOB_STATE_CANCELLED)
-
-
-def state_name(state: int) -> str:
-    return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
 
 
 class PendingValue(StandIn):

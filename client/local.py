@@ -6,11 +6,12 @@ so later blocks of the same job see it. A block's exception fails the job and is
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
+from types import FrameType
 from typing import Any
 
+from tether.runtime.cpython import is_tether_frame
 from tether.runtime.program import local_block_at, run_local_block
 from tether.runtime.saving import StandIn
 from tether.v1 import jobs_pb2, values_pb2
@@ -18,18 +19,15 @@ from tether.wire import decode_value_map, split_chunks
 
 from .display import StatusDisplay
 from .encode import Job, LocalSite, _Encoder
-from .errors import failure_of
+from .errors import local_failure, user_frames
 from .events import resolvers
 from .wire import result_buffer
 
 __all__ = ["LocalCalls"]
 
-_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_INTERNAL = tuple(os.path.join(_PROJECT, d) + os.sep for d in ("client", "runtime", "tether", "server"))
 
-
-def _user_frame(filename: str) -> bool:
-    return not os.path.abspath(filename).startswith(_INTERNAL)
+def _user_frame(frame: FrameType) -> bool:
+    return not is_tether_frame(frame)
 
 
 class LocalCalls:
@@ -119,12 +117,12 @@ class LocalCalls:
         if show:
             self._display.pause()
             try:
-                kept = [f for f in traceback.extract_tb(error.__traceback__) if _user_frame(f.filename)]
+                kept = user_frames(error, _user_frame)
                 sys.stderr.write("tether: a local() block raised on this machine; the remote job stops.\n")
                 sys.stderr.write("Traceback (most recent call last):\n" + "".join(traceback.format_list(kept)))
                 sys.stderr.write("".join(traceback.format_exception_only(type(error), error)))
                 sys.stderr.flush()
             finally:
                 self._display.resume()
-        failure = failure_of(error, user_frame=_user_frame)
+        failure = local_failure(error, user_frame=_user_frame)
         return [jobs_pb2.RunJobRequest(local_result=jobs_pb2.LocalResult(call_id=call_id, failure=failure))]

@@ -10,13 +10,32 @@ import ctypes
 from collections.abc import Callable
 from typing import Any
 
-from tether.wire import fields, int64
+from tether.framing import (
+    CHUNK_NUMBERS,
+    ENTRY_KEY_NUMBER,
+    ENTRY_VALUE_NUMBER,
+    EVENT_JOB_ID,
+    EVENT_OTHER_KINDS,
+    EVENT_RESULT_NUMBER,
+    EVENT_SEQUENCE,
+    READ_RESULT_CHUNK_NUMBER,
+    RESPONSE_NUMBERS,
+    TENSOR_NUMBERS,
+    VALUE_MAP_NUMBER,
+    VALUE_TENSOR_NUMBER,
+    fields,
+    int64,
+)
 
 __all__ = ["ALIGN", "RawChunk", "RawResponse", "RawResultEvent", "chunk_deserializer", "event_deserializer",
            "result_buffer", "split_value_map"]
 
 ALIGN = 64  # bytes: the first top-level tensor's data starts at this alignment in a result buffer
 ALIGN_MIN_BYTES = 1 << 20  # smaller buffers are not aligned
+
+_TENSOR_DATA = TENSOR_NUMBERS[2]
+_CHUNK_OFFSET, _CHUNK_DATA, _CHUNK_TOTAL = CHUNK_NUMBERS
+_EVENT = RESPONSE_NUMBERS[0]
 
 
 def split_value_map(data: bytes | bytearray | memoryview) -> tuple[dict[str, memoryview], bytes]:
@@ -25,14 +44,14 @@ def split_value_map(data: bytes | bytearray | memoryview) -> tuple[dict[str, mem
     named: dict[str, memoryview] = {}
     rest: list[memoryview] = []
     for number, wire, start, end, value in fields(view):
-        if number != 1 or wire != 2:
+        if number != VALUE_MAP_NUMBER or wire != 2:
             rest.append(view[start:end])
             continue
         name, raw = "", memoryview(b"")
         for entry_number, entry_wire, _, _, entry_value in fields(value):
-            if entry_number == 1 and entry_wire == 2:
+            if entry_number == ENTRY_KEY_NUMBER and entry_wire == 2:
                 name = bytes(entry_value).decode()
-            elif entry_number == 2 and entry_wire == 2:
+            elif entry_number == ENTRY_VALUE_NUMBER and entry_wire == 2:
                 raw = entry_value
         named[name] = raw
     return named, b"".join(rest)
@@ -42,19 +61,19 @@ def _first_tensor_data(view: memoryview) -> int:
     """Offset of the first top-level tensor's data in a (prefix of a) ValueMap / JobResult; -1 if not seen."""
     try:
         for number, wire, _, end, entry in fields(view, prefix=True):
-            if number != 1 or wire != 2:
+            if number != VALUE_MAP_NUMBER or wire != 2:
                 continue
             base = end - len(entry)
             for entry_number, entry_wire, _, entry_end, value in fields(entry, prefix=True):
-                if entry_number != 2 or entry_wire != 2:
+                if entry_number != ENTRY_VALUE_NUMBER or entry_wire != 2:
                     continue
                 base += entry_end - len(value)
                 for value_number, value_wire, _, value_end, tensor in fields(value, prefix=True):
-                    if value_number != 1 or value_wire != 2:
+                    if value_number != VALUE_TENSOR_NUMBER or value_wire != 2:
                         return -1
                     base += value_end - len(tensor)
                     for tensor_number, tensor_wire, _, tensor_end, data in fields(tensor, prefix=True):
-                        if tensor_number == 3 and tensor_wire == 2:
+                        if tensor_number == _TENSOR_DATA and tensor_wire == 2:
                             return base + tensor_end - len(data) if len(data) else -1
                     return -1
             return -1
@@ -118,11 +137,11 @@ class RawResponse:
 def _raw_chunk(view: memoryview) -> RawChunk:
     offset, data, total = 0, memoryview(b""), 0
     for number, wire, _, _, value in fields(view):
-        if number == 1 and wire == 0:
+        if number == _CHUNK_OFFSET and wire == 0:
             offset = int64(value)
-        elif number == 2 and wire == 2:
+        elif number == _CHUNK_DATA and wire == 2:
             data = value
-        elif number == 3 and wire == 0:
+        elif number == _CHUNK_TOTAL and wire == 0:
             total = int64(value)
     return RawChunk(offset, data, total)
 
@@ -131,13 +150,13 @@ def _raw_result_event(view: memoryview) -> RawResultEvent | None:
     """The event, if it is a result chunk (else None: protobuf parses it)."""
     job_id, sequence, chunk = "", 0, None
     for number, wire, _, _, value in fields(view):
-        if number == 1 and wire == 2:
+        if number == EVENT_JOB_ID and wire == 2:
             job_id = bytes(value).decode()
-        elif number == 2 and wire == 0:
+        elif number == EVENT_SEQUENCE and wire == 0:
             sequence = int64(value)
-        elif number == 6 and wire == 2:
+        elif number == EVENT_RESULT_NUMBER and wire == 2:
             chunk = _raw_chunk(value)
-        elif number in (4, 5, 7):
+        elif number in EVENT_OTHER_KINDS:
             return None  # another kind of event (a later oneof field would win; not sent by servers)
     return RawResultEvent(job_id, sequence, chunk) if chunk is not None else None
 
@@ -154,12 +173,12 @@ def event_deserializer(message_type: type) -> Callable[[bytes], Any]:
             try:
                 event, more, chunks = None, [], 0
                 for number, wire, _, _, value in fields(memoryview(raw)):
-                    if number not in (1, 2) or wire != 2 or (number == 1 and event is not None):
+                    if number not in RESPONSE_NUMBERS or wire != 2 or (number == _EVENT and event is not None):
                         raise ValueError("not a plain event response")  # protobuf handles the rest
                     parsed = _raw_result_event(value)
                     chunks += parsed is not None
                     parsed = parsed if parsed is not None else parse_event(bytes(value))
-                    if number == 1:
+                    if number == _EVENT:
                         event = parsed
                     else:
                         more.append(parsed)
@@ -180,7 +199,7 @@ def chunk_deserializer(message_type: type) -> Callable[[bytes], Any]:
         if len(raw) >= RAW_MIN_BYTES:
             try:
                 for number, wire, _, _, value in fields(memoryview(raw)):
-                    if number == 1 and wire == 2:
+                    if number == READ_RESULT_CHUNK_NUMBER and wire == 2:
                         return RawResponse(chunk=_raw_chunk(value))
                     break
             except ValueError:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import ast
 import copy
-import dis
 import linecache
-import sys
 import textwrap
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import CodeType, FrameType
 
+from .cpython import SkipBody, entered_with_item, restore_trace, skip_body
 from .errors import SourceUnavailableError
 
 __all__ = ["parse", "compile_source", "Block", "SkipBody", "find_block", "skip_body", "restore_trace", "bind_target", "register_source",
@@ -29,10 +28,6 @@ OPS_NAME = "__tether__"
 # CPython 3.11's parser and compiler share a recursion counter across threads ("AST constructor
 # recursion depth mismatch"); server workers parse concurrently, so parsing and compiling take turns.
 _compile_lock = threading.Lock()
-
-
-class SkipBody(BaseException):
-    """Raised from a trace function on a block's first line so the caller never runs the body itself."""
 
 
 @dataclass(eq=False)
@@ -111,28 +106,11 @@ def find_block(frame: FrameType) -> Block:
         )
     block = _find_in(filename, "".join(lines), line)
     if block.item is None:
-        block.item = _entered_item(frame, block.node)
+        block.item = entered_with_item(frame, block.node)
     if len(_recent) > 1024:
         _recent.clear()
     _recent[(filename, line)] = (lines, block)
     return block
-
-
-def _entered_item(frame: FrameType, node: ast.With) -> int:
-    """Which item of a `with a, b as t:` statement `frame` is entering: the one whose context expression it
-    evaluated last (3.11 positions); the last item when that cannot be told."""
-    if len(node.items) == 1:
-        return 0
-    last = None
-    for instruction in dis.get_instructions(frame.f_code):
-        if instruction.offset >= frame.f_lasti:
-            break
-        last = instruction.positions
-    for i, item in enumerate(node.items):
-        expr = item.context_expr
-        if last is not None and (expr.end_lineno, expr.end_col_offset) == (last.end_lineno, last.end_col_offset):
-            return i
-    return len(node.items) - 1
 
 
 _recent: dict[tuple[str, int], tuple[list[str], Block]] = {}  # (file, line) -> (linecache's lines, block)
@@ -187,45 +165,6 @@ def _find_in(filename: str, text: str, line: int) -> Block:
     )
 
 
-def skip_body(frame: FrameType, block: Block) -> object:
-    """Make the caller raise `SkipBody` right after `__enter__` returns; returns the state to restore.
-
-    The exception is raised on the caller's next instruction (an `opcode` trace event), which CPython
-    always places inside the `with` statement's own handler, so `__exit__` receives it whatever the
-    body starts with (`try:`, `pass`, a docstring...). The `as` target is then bound by tether.
-    """
-    previous = (sys.gettrace(), frame.f_trace, frame.f_trace_opcodes)
-    if previous[0] is None:
-        sys.settrace(_noop_trace)
-    frame.f_trace = _SkipNextOpcode(frame)
-    frame.f_trace_opcodes = True
-    return (frame, previous)
-
-
-class _SkipNextOpcode:
-    """The frame's trace function while its body is skipped (an object, not a closure that would refer to
-    itself, so nothing is left for the garbage collector once `restore_trace` drops it)."""
-
-    __slots__ = ("frame",)
-
-    def __init__(self, frame: FrameType):
-        self.frame = frame
-
-    def __call__(self, frame: FrameType, event: str, arg: object) -> _SkipNextOpcode:
-        if frame is self.frame and event == "opcode":
-            raise SkipBody()
-        return self
-
-
-def restore_trace(state: object) -> None:
-    """Undo `skip_body`: give the thread and the frame back their previous trace functions."""
-    frame, (global_trace, frame_trace, opcodes) = state
-    frame.f_trace = frame_trace
-    frame.f_trace_opcodes = opcodes
-    if global_trace is None:
-        sys.settrace(None)
-
-
 def bind_target(block: Block, value: object, ns: dict) -> dict:
     """Bind the block's `as` target to `value` in `ns`; returns the names bound."""
     target = block.target
@@ -238,10 +177,6 @@ def bind_target(block: Block, value: object, ns: dict) -> dict:
     exec(block.target_code(), ns)
     del ns[f"{OPS_NAME}_item"]
     return {n.id: ns[n.id] for n in ast.walk(target) if isinstance(n, ast.Name)}
-
-
-def _noop_trace(frame, event, arg):
-    return None
 
 
 def _ops_call(name: str, node: ast.AST, *args: ast.expr) -> ast.Call:

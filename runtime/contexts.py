@@ -6,8 +6,6 @@ names, then (for the outermost block) writes the names it assigned back into the
 
 from __future__ import annotations
 
-import ctypes
-import os
 import sys
 import threading
 import types
@@ -15,15 +13,18 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import ops
-from .capture import OPS_NAME, Block, SkipBody, bind_target, find_block, restore_trace, skip_body
+from .capture import OPS_NAME, Block, bind_target, find_block
+from .cpython import (
+    SkipBody,
+    is_tether_frame,
+    restore_trace,
+    set_handled_exception,
+    skip_body,
+    write_frame_locals,
+)
 from .saving import SaveScope, hand_back
 
 __all__ = ["Context", "Cond", "Iterator", "LocalBlock", "local", "local_handler", "ExitLoop"]
-
-_RUNTIME_DIR = os.path.dirname(os.path.abspath(__file__))
-_PROJECT_DIR = os.path.dirname(_RUNTIME_DIR)
-_INTERNAL_DIRS = tuple(os.path.join(_PROJECT_DIR, d) + os.sep for d in ("runtime", "tether", "client", "server"))
-
 
 class ExitLoop(BaseException):
     """Raised by `iterator.exit()` to leave a `session.iter(...)` loop."""
@@ -41,7 +42,7 @@ class Context:
     def _enter_from(self, frame: types.FrameType) -> Any:
         self._block: Block = find_block(frame)
         self._frame = frame
-        self._skip_state = skip_body(frame, self._block)
+        self._skip_state = skip_body(frame)
         self._entered = self._enter_value()
         return self._entered
 
@@ -54,11 +55,15 @@ class Context:
         entered, self._entered = self._entered, None  # often `self`: kept, it would be a reference cycle
         if exc_type is not SkipBody:
             return False
-        _set_handled_exception(exc.__context__)  # what the caller was handling when the skip was raised
+        # The block runs with what the caller was handling when the skip was raised (usually nothing), as in
+        # plain Python: while SkipBody is handled, every exception raised would be chained to it and so built
+        # at once, where `getattr(obj, name, default)` finding nothing builds none (~120 of those made a
+        # Hugging Face GPT-2 forward ~45 µs slower inside `__exit__` than a plain call).
+        set_handled_exception(exc.__context__)
         try:
             self._run_skipped(frame, entered)
         finally:
-            _set_handled_exception(exc)
+            set_handled_exception(exc)
         return True
 
     def _run_skipped(self, frame: types.FrameType, entered: Any) -> None:
@@ -76,10 +81,10 @@ class Context:
             with scope:
                 self._run(ns)
         except BaseException:
-            _write_frame(frame, bound)  # as plain Python does, `as` names stay bound when the body fails
+            write_frame_locals(frame, bound)  # as plain Python does, `as` names stay bound when the body fails
             raise
         handed = hand_back(ns, self._block.assigned, scope, before, why=self._why_unreached())
-        _write_frame(frame, {**bound, **handed} if self._hands_back else bound)
+        write_frame_locals(frame, {**bound, **handed} if self._hands_back else bound)
 
     def _run(self, ns: dict) -> None:
         try:
@@ -109,7 +114,7 @@ class Cond:
     def __enter__(self) -> Cond:
         if not self._condition:
             frame = sys._getframe(1)
-            self._skip_state = skip_body(frame, find_block(frame))
+            self._skip_state = skip_body(frame)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -190,7 +195,7 @@ class LocalBlock:
             frame = sys._getframe(1)
             self._block = find_block(frame)
             self._frame = frame
-            self._skip_state = skip_body(frame, self._block)
+            self._skip_state = skip_body(frame)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -203,7 +208,7 @@ class LocalBlock:
         if frame.f_locals is frame.f_globals:
             frame.f_globals.update(self._handler(self._block, frame.f_globals))
         else:  # a block inside a function: it sees the function's variables and may rebind them
-            _write_frame(frame, self._handler(self._block, {**frame.f_globals, **frame.f_locals}))
+            write_frame_locals(frame, self._handler(self._block, {**frame.f_globals, **frame.f_locals}))
         return True
 
 
@@ -212,54 +217,12 @@ def local() -> LocalBlock:
     return LocalBlock()
 
 
-_locals_to_fast = ctypes.pythonapi.PyFrame_LocalsToFast
-_locals_to_fast.argtypes = (ctypes.py_object, ctypes.c_int)
-_locals_to_fast.restype = None
-
-
-_set_exc_info = ctypes.pythonapi.PyErr_SetExcInfo
-_set_exc_info.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
-_set_exc_info.restype = None
-_incref = ctypes.pythonapi.Py_IncRef
-_incref.argtypes = (ctypes.py_object,)
-_incref.restype = None
-
-
-def _set_handled_exception(exc: BaseException | None) -> None:
-    """Make `exc` (None: nothing) the exception this thread is handling, through the public C API.
-
-    `__exit__` is called while SkipBody is being handled. The block runs as it would in plain Python, with
-    what the caller was handling (usually nothing): SkipBody is an artefact of skipping, and every exception
-    raised while one is handled is chained to it and so built at once, where a `getattr(obj, name, default)`
-    that finds nothing would otherwise build none. A Hugging Face GPT-2 forward raises ~120 such
-    AttributeErrors, which made a model run inside `__exit__` ~45 µs slower than a plain call.
-    """
-    parts = (None, None, None) if exc is None else (type(exc), exc, exc.__traceback__)
-    for part in parts:
-        if part is not None:
-            _incref(part)  # PyErr_SetExcInfo steals its arguments (3.10 keeps all three, 3.11 the value)
-    _set_exc_info(*(None if part is None else id(part) for part in parts))
-
-
-def _write_frame(frame: types.FrameType, values: dict) -> None:
-    if not values:
-        return
-    locals_ = frame.f_locals
-    locals_.update(values)
-    if locals_ is not frame.f_globals:
-        _locals_to_fast(frame, 0)
-
-
-def _is_internal(filename: str) -> bool:
-    return filename.startswith(_INTERNAL_DIRS)
-
-
 def _trimmed(error: BaseException) -> BaseException:
     """`error` with tether's own frames removed, so the traceback ends at the user's line."""
     kept = []
     tb = error.__traceback__
     while tb is not None:
-        if not _is_internal(tb.tb_frame.f_code.co_filename):
+        if not is_tether_frame(tb.tb_frame):
             kept.append(tb)
         tb = tb.tb_next
     new_tb = None

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tether.protocol import MAX_MESSAGE_BYTES
 from tether.v1 import jobs_pb2, models_pb2, models_pb2_grpc
 
 from .auth import Authenticator, read_keys
@@ -26,7 +27,6 @@ from .workers import Limits, ModelQueue
 
 __all__ = ["ServerHandle", "start_server", "MAX_MESSAGE_BYTES"]
 
-MAX_MESSAGE_BYTES = 256 << 20  # bytes: largest message in either direction (a JobSpec with big inputs)
 SERVICES = (
     jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,

@@ -18,14 +18,14 @@ from functools import partial
 import grpc
 from google.protobuf import timestamp_pb2
 
+from tether.framing import as_more_events, chunk_length, chunk_parts, result_event_prefix
+from tether.protocol import TERMINAL, state_name
 from tether.v1 import failure_pb2, jobs_pb2
-from tether.wire import varint
 
 from .errors import NotFound
 
-__all__ = ["Job", "JobStore", "ResultBytes", "TERMINAL", "chunk_frame", "chunk_length", "chunk_parts", "state_name"]
+__all__ = ["Job", "JobStore", "ResultBytes", "TERMINAL", "state_name"]
 
-TERMINAL = frozenset({jobs_pb2.JOB_STATE_COMPLETED, jobs_pb2.JOB_STATE_ERROR, jobs_pb2.JOB_STATE_CANCELLED})
 _ORDER = {
     jobs_pb2.JOB_STATE_RECEIVED: 1,
     jobs_pb2.JOB_STATE_QUEUED: 2,
@@ -37,10 +37,6 @@ _ORDER = {
 BATCH_BYTES = 1 << 20  # an event stream message holds at most about this much payload (see wait_frames)
 SMALL_EVENT = 64 << 10  # events smaller than this may ride along with a full message
 STATUS_LINGER = 0.05  # s: a status change waits this long for the next event, to share its message
-
-
-def state_name(state: int) -> str:
-    return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -81,33 +77,6 @@ class ResultBytes:
         return b"".join(self.pieces)
 
 
-def _field(tag: bytes, size: int) -> bytes:
-    return tag + varint(size)
-
-
-def chunk_parts(prefix: bytes, offset: int, views: list[memoryview], total: int) -> list[bytes | memoryview]:
-    """The pieces of `prefix` + a serialized Chunk(offset, data=views joined, total_size=total), uncopied.
-
-    Bytes for bytes what protobuf writes (fields in number order, zeros left out). `prefix` must already
-    include the framing of whatever holds the Chunk (see _ResultChunk.parts)."""
-    size = sum(len(v) for v in views)
-    head = (_field(b"\x08", offset) if offset else b"") + (
-        _field(b"\x12", size) if size else b"")
-    tail = b"\x18" + varint(total) if total else b""
-    return [prefix, head, *views, tail] if size else [prefix, head, tail]
-
-
-def chunk_frame(prefix: bytes, offset: int, views: list[memoryview], total: int) -> bytes:
-    """`prefix` + a serialized Chunk(offset, data=views joined, total_size=total): the data's one copy."""
-    return b"".join(chunk_parts(prefix, offset, views, total))
-
-
-def chunk_length(offset: int, size: int, total: int) -> int:
-    """The size of the serialized Chunk that chunk_frame writes."""
-    return ((1 + len(varint(offset))) if offset else 0) + ((1 + len(varint(size)) + size) if size else 0) + (
-        (1 + len(varint(total))) if total else 0)
-
-
 @dataclass(frozen=True)
 class _ResultChunk:
     """A result-chunk event, kept as a position in Job.result (the bytes are not stored twice)."""
@@ -117,13 +86,11 @@ class _ResultChunk:
     offset: int
     size: int
 
-    def parts(self, job_id: str, result: ResultBytes, tag: bytes = b"\x0a") -> list[bytes | memoryview]:
-        """Its serialized RunJobResponse (the event as field 1; tag b"\x12": as one of more_events), as
-        pieces: the data stays views of the result's pieces until the message is joined (its one copy)."""
+    def parts(self, job_id: str, result: ResultBytes, more: bool = False) -> list[bytes | memoryview]:
+        """Its serialized RunJobResponse (the event as `event`; `more`: as one of more_events), as pieces:
+        the data stays views of the result's pieces until the message is joined (its one copy)."""
         head = jobs_pb2.JobEvent(job_id=job_id, sequence=self.sequence, time=self.time).SerializeToString()
-        chunk = chunk_length(self.offset, self.size, result.size)
-        event = len(head) + 1 + len(varint(chunk)) + chunk
-        prefix = b"".join([_field(tag, event), head, _field(b"\x32", chunk)])
+        prefix = result_event_prefix(head, chunk_length(self.offset, self.size, result.size), more=more)
         return chunk_parts(prefix, self.offset, result.views(self.offset, self.size), result.size)
 
     def frame(self, job_id: str, result: ResultBytes) -> bytes:
@@ -332,11 +299,11 @@ class Job:
         size = large = 0  # bytes of events in `parts`, all and large ones
         for entry in entries:
             if isinstance(entry, _ResultChunk):
-                more = entry.parts(self.id, result, b"\x12" if parts else b"\x0a")
+                more = entry.parts(self.id, result, more=bool(parts))
                 length = entry.size
             else:
-                serialized = entry.SerializeToString()  # b"\x0a" <length> <event>: the event as field 1
-                more = [b"\x12", memoryview(serialized)[1:]] if parts else [serialized]
+                serialized = entry.SerializeToString()  # the event as `event`
+                more = as_more_events(serialized) if parts else [serialized]
                 length = len(serialized)
             big = length >= SMALL_EVENT
             if parts and (big and large + length > BATCH_BYTES or size + length > BATCH_BYTES + SMALL_EVENT):

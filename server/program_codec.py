@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tether.protocol import CLIENT_MODULE, PROGRAM_KIND_NAMES
 from tether.runtime.capture import _assigned_names, parse
 from tether.runtime.envoy import Envoy
 from tether.runtime.program import Program
@@ -28,13 +29,7 @@ from .source_check import check_source
 
 __all__ = ["ClientOnly", "DecodedProgram", "LocalSite", "ValueCodec", "decode_program"]
 
-CLIENT_MODULE = "__client__"  # Reference(module="__client__", qualname=name): a function only the client runs
-_KINDS = {
-    program_pb2.PROGRAM_KIND_TRACE: "trace",
-    program_pb2.PROGRAM_KIND_GENERATE: "generate",
-    program_pb2.PROGRAM_KIND_SESSION: "session",
-    program_pb2.PROGRAM_KIND_SCAN: "scan",
-}
+_KINDS = PROGRAM_KIND_NAMES
 _LOCAL_HINT = "wrap the call in `with tether.local():` to run it on your own machine"
 
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from tether.framing import read_result_frame, submit_job_response
 from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
-from tether.wire import varint
 
 from .auth import Authenticator
 from .errors import InvalidProgram, ServerError
-from .jobs import STATUS_LINGER, TERMINAL, Job, JobStore, chunk_frame, chunk_length, state_name
+from .jobs import STATUS_LINGER, TERMINAL, Job, JobStore, state_name
 from .local_calls import NO_STREAM, LocalLink
 from .policy import Policy
 from .program_codec import decode_program
@@ -34,7 +34,6 @@ _log = logging.getLogger("tether.server")
 CANCEL_WAIT = 10.0  # seconds CancelJob waits for a running job to stop before answering with its state
 MAX_SUBMIT_WAIT = 10.0  # seconds SubmitJob may hold its answer for the job to end (SubmitJobRequest.wait)
 INLINE_EVENTS_BYTES = 1 << 20  # a waited-for job's events ride in the SubmitJob answer up to this size
-_SUBMIT_EVENTS_TAG = b"\x22"  # SubmitJobResponse.events (field 4, length-delimited)
 
 
 @dataclass
@@ -184,8 +183,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         if wait > 0 and (gone := _rpc_end(job, context)) is not None:
             frames = job.frames_when_done(gone.is_set, wait, INLINE_EVENTS_BYTES)
         response = jobs_pb2.SubmitJobResponse(job_id=job.id, state=job.state, existing=existing).SerializeToString()
-        # the events are WatchJobResponse frames already: appended as they are, as repeated field 4
-        return response + b"".join(_SUBMIT_EVENTS_TAG + varint(len(f)) + f for f in frames or ())
+        return submit_job_response(response, frames)  # the events are WatchJobResponse frames already
 
     @_unary
     def GetJob(self, request, context, owner):
@@ -214,10 +212,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                               code=grpc.StatusCode.OUT_OF_RANGE)
         size = self._hub.limits.chunk_size
         for offset in range(request.offset, max(total, request.offset + 1), size):
-            views = result.views(offset, size)
-            # a serialized ReadResultResponse (chunk = 1), its data copied once, from the result's pieces
-            length = chunk_length(offset, sum(len(v) for v in views), total)
-            yield chunk_frame(b"\x0a" + varint(length), offset, views, total)
+            yield read_result_frame(offset, result.views(offset, size), total)  # the data's one copy
 
     @_unary
     def CancelJob(self, request, context, owner):

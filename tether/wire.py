@@ -1,9 +1,9 @@
-"""Named values on the wire: the protobuf wire format framed by hand, and chunks of at most 1 MiB.
+"""Named values on the wire: ValueMaps framed around tensors' memory (tether.framing), chunks of at most 1 MiB.
 
 A ValueMap, a JobResult and the values of a LocalCall / LocalResult share one wire form (a map<string,
 Value> at field 1), so one encoder serves all. Top-level tensors are framed around a view of their memory,
 so a large result is copied once (into its chunks) on the way out, and once (into one buffer its tensors
-then share) on the way in. Imports tether.values, tether.tensor_codec and tether.v1.
+then share) on the way in. Imports tether.values, tether.tensor_codec, tether.framing and tether.v1.
 """
 
 from __future__ import annotations
@@ -14,48 +14,28 @@ from typing import Any
 import torch
 
 from tether import tensor_codec
+from tether.framing import (
+    ENTRY_KEY_NUMBER,
+    ENTRY_VALUE_NUMBER,
+    TENSOR_NUMBERS,
+    VALUE_MAP_NUMBER,
+    VALUE_TENSOR,
+    fields,
+    int64,
+    read_varint,
+    value_map_tensor_entry,
+)
 from tether.tensor_codec import neutral_tensor
 from tether.v1 import jobs_pb2, values_pb2
 from tether.values import from_value, to_value
 
-__all__ = ["CHUNK_SIZE", "decode_value_map", "encode_value_map", "fields", "int64", "join_chunks", "read_varint",
-           "split_chunks", "split_pieces", "varint"]
+__all__ = ["CHUNK_SIZE", "decode_value_map", "encode_value_map", "join_chunks", "split_chunks", "split_pieces"]
 
 CHUNK_SIZE = 1 << 20  # bytes: largest Chunk.data on the wire
 
-_KEY, _VALUE, _TENSOR, _DATA = b"\x0a", b"\x12", b"\x0a", b"\x1a"  # field tags of length-delimited fields
-
-
-def varint(n: int) -> bytes:
-    """`n` as a protobuf varint (for messages framed by hand)."""
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def int64(n: int) -> int:
-    """A varint read as protobuf's int64 (negative numbers travel as their 64-bit two's complement)."""
-    return n - (1 << 64) if n >= 1 << 63 else n
-
-
-def read_varint(view: memoryview, pos: int) -> tuple[int, int]:
-    """The varint at `pos` of `view`, and the position after it."""
-    result = shift = 0
-    while True:
-        if pos >= len(view) or shift > 63:
-            raise ValueError("truncated or corrupt message")
-        byte = view[pos]
-        result |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if not byte & 0x80:
-            return result, pos
-
-
-def _framed(tag: bytes, *parts: bytes | memoryview) -> list[bytes | memoryview]:
-    return [tag + varint(sum(len(p) for p in parts)), *parts]
+_DATA_TYPE, _SHAPE, _DATA, _COMPRESSION = TENSOR_NUMBERS
+assert len(VALUE_TENSOR) == 1
+_TENSOR_KEY = VALUE_TENSOR[0]  # the first byte of a Value that holds a tensor
 
 
 def encode_value_map(named: Mapping[str, Any], **options: Any) -> list[bytes | memoryview]:
@@ -71,10 +51,7 @@ def encode_value_map(named: Mapping[str, Any], **options: Any) -> list[bytes | m
             pieces.append(entry.SerializeToString())
             continue
         head, data = tensor_codec.tensor_parts(obj, options.get("compress"))
-        tensor = [head.SerializeToString(), *_framed(_DATA, data)]
-        value = _framed(_TENSOR, *tensor)
-        key = _framed(_KEY, name.encode())
-        pieces += _framed(_KEY, *key, *_framed(_VALUE, *value))
+        pieces += value_map_tensor_entry(name, head, data)
     return pieces
 
 
@@ -86,7 +63,7 @@ def decode_value_map(data: bytes | bytearray | memoryview, **options: Any) -> di
     """
     out = {}
     for number, wire, _, _, entry in fields(memoryview(data).cast("B")):
-        if number != 1 or wire != 2:
+        if number != VALUE_MAP_NUMBER or wire != 2:
             continue  # another field (JobResult has more): skipped, as protobuf skips unknown fields
         name, value = _entry(entry)
         fast = _fast_tensor(value)
@@ -94,68 +71,37 @@ def decode_value_map(data: bytes | bytearray | memoryview, **options: Any) -> di
     return out
 
 
-def fields(view: memoryview, *, prefix: bool = False) -> Iterator[tuple[int, int, int, int, memoryview | int]]:
-    """(field number, wire type, start of the field, end of the field, value) of each field of a message.
-
-    Varints come as int, length-delimited fields as a view of their payload (it starts at end - len),
-    fixed ones as a view. `prefix`: `view` is the start of a message; a length-delimited field it cuts off
-    comes as the part it has (its end is then len(view)).
-    """
-    pos, n = 0, len(view)
-    while pos < n:
-        start = pos
-        tag, pos = read_varint(view, pos)
-        wire = tag & 7
-        if wire == 0:
-            value, pos = read_varint(view, pos)
-        elif wire == 2:
-            size, pos = read_varint(view, pos)
-            if pos + size > n:
-                if not prefix:
-                    raise ValueError("truncated or corrupt message")
-                size = n - pos
-            value, pos = view[pos : pos + size], pos + size
-        elif wire in (1, 5):
-            width = 8 if wire == 1 else 4
-            if pos + width > n:
-                raise ValueError("truncated or corrupt message")
-            value, pos = view[pos : pos + width], pos + width
-        else:
-            raise ValueError(f"unexpected wire type {wire}")
-        yield tag >> 3, wire, start, pos, value
-
-
 def _entry(view: memoryview) -> tuple[str, memoryview]:
     name, value = "", memoryview(b"")
     for number, _, _, _, field_value in fields(view):
-        if number == 1:
+        if number == ENTRY_KEY_NUMBER:
             name = bytes(field_value).decode()
-        elif number == 2:
+        elif number == ENTRY_VALUE_NUMBER:
             value = field_value
     return name, value
 
 
 def _fast_tensor(value: memoryview) -> torch.Tensor | None:
     """The tensor of a Value that holds one, read without copying its data; None for other kinds."""
-    if len(value) == 0 or value[0] != 0x0A:
+    if len(value) == 0 or value[0] != _TENSOR_KEY:
         return None
     entries = list(fields(value))
     if len(entries) != 1:
         return None
     data_type, shape, compression, data = 0, [], 0, memoryview(b"")
     for number, wire, _, _, field_value in fields(entries[0][4]):
-        if number == 1:
+        if number == _DATA_TYPE:
             data_type = field_value
-        elif number == 2 and wire == 2:  # packed
+        elif number == _SHAPE and wire == 2:  # packed
             pos = 0
             while pos < len(field_value):
                 size, pos = read_varint(field_value, pos)
                 shape.append(size)
-        elif number == 2:
+        elif number == _SHAPE:
             shape.append(field_value)
-        elif number == 3:
+        elif number == _DATA:
             data = field_value
-        elif number == 4:
+        elif number == _COMPRESSION:
             compression = field_value
     return tensor_codec.tensor_from(data_type, tuple(int64(d) for d in shape), compression, data)
 

@@ -6,7 +6,6 @@ The SmolLM2 tests are marked `slow` (~3 s with a warm cache, ~30 s the first tim
 from __future__ import annotations
 
 import importlib.util
-import time
 
 import pytest
 import torch
@@ -48,11 +47,8 @@ def test_second_smollm2_load_comes_from_the_safetensors_cache(smollm2, monkeypat
         raise AssertionError("load_smollm2 went back to the GGUF although a complete cache exists")
 
     monkeypatch.setattr(loading, "smollm2_gguf_path", no_gguf)
-    start = time.perf_counter()
-    model, tokenizer = loading.load_smollm2()
-    elapsed = time.perf_counter() - start
+    model, tokenizer = loading.load_smollm2()  # from the cache alone: `no_gguf` fails it otherwise
     assert _next_token(model, tokenizer, [PROMPT]) == [" Paris"]
-    assert elapsed < 30, f"cached load took {elapsed:.1f} s"
 
 
 @needs_smollm2

@@ -314,7 +314,7 @@ def test_a_dropped_connection_fails_every_pending_call_at_once(x):
     for error in errors.values():
         assert isinstance(error, tether.RemoteError)
         assert "Lost" in str(error) and relay.address in str(error)
-    assert max(failed_at.values()) - cut_at < 5.0
+    assert max(failed_at.values()) - cut_at < WAIT_S / 2  # failed by the cut, not by waiting out their time
 
 
 def test_a_client_that_goes_away_mid_call_fails_its_job_and_frees_the_worker(x):

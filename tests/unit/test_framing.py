@@ -1,0 +1,145 @@
+"""Hand-framed protobuf (tether.framing) against protobuf itself: the bytes each writer produces equal
+`SerializeToString()` of the same message, and the raw readers agree with `FromString`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from google.protobuf import timestamp_pb2
+
+from tether import framing, tensor_codec
+from tether.client.wire import chunk_deserializer, event_deserializer, split_value_map
+from tether.v1 import jobs_pb2, values_pb2
+from tether.values import to_value
+from tether.wire import decode_value_map, encode_value_map
+
+STAMP = timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=5)
+CHUNKS = [(0, b"abc", 3), (0, b"", 0), (5, b"", 9), (1 << 40, b"x" * 300, (1 << 40) + 300), (0, b"\x00" * 70_000, 70_000)]
+
+
+def _views(data: bytes) -> list[memoryview]:
+    """`data` as several views, as a result's pieces give them."""
+    view = memoryview(data)
+    return [view[: len(data) // 3], view[len(data) // 3 :]] if data else []
+
+
+def test_tags_come_from_the_descriptors():
+    assert framing.field_tag(jobs_pb2.Chunk, "offset") == bytes([1 << 3 | 0])
+    assert framing.field_tag(values_pb2.Tensor, "shape") == bytes([2 << 3 | 2])  # packed repeated int64
+    assert framing.field_tag(jobs_pb2.SubmitJobResponse, "events") == bytes([4 << 3 | 2])
+    assert framing.field_number(jobs_pb2.JobEvent, "result") == 6
+
+
+@pytest.mark.parametrize("offset,data,total", CHUNKS)
+def test_chunk(offset, data, total):
+    message = jobs_pb2.Chunk(offset=offset, data=data, total_size=total).SerializeToString()
+    assert b"".join(framing.chunk_parts(b"", offset, _views(data), total)) == message
+    assert framing.chunk_length(offset, len(data), total) == len(message)
+
+
+@pytest.mark.parametrize("offset,data,total", CHUNKS)
+def test_read_result_response(offset, data, total):
+    expected = jobs_pb2.ReadResultResponse(chunk=jobs_pb2.Chunk(offset=offset, data=data, total_size=total))
+    assert framing.read_result_frame(offset, _views(data), total) == expected.SerializeToString()
+
+
+@pytest.mark.parametrize("more", [False, True])
+@pytest.mark.parametrize("offset,data,total", CHUNKS)
+def test_result_event_response(offset, data, total, more):
+    head = jobs_pb2.JobEvent(job_id="job-1", sequence=7, time=STAMP).SerializeToString()
+    prefix = framing.result_event_prefix(head, framing.chunk_length(offset, len(data), total), more=more)
+    framed = b"".join(framing.chunk_parts(prefix, offset, _views(data), total))
+    event = jobs_pb2.JobEvent(job_id="job-1", sequence=7, time=STAMP,
+                              result=jobs_pb2.Chunk(offset=offset, data=data, total_size=total))
+    for response in (jobs_pb2.RunJobResponse, jobs_pb2.WatchJobResponse):
+        expected = response(more_events=[event]) if more else response(event=event)
+        assert framed == expected.SerializeToString()
+
+
+def test_an_event_moved_to_more_events():
+    event = jobs_pb2.JobEvent(job_id="j", sequence=3, time=STAMP, log=jobs_pb2.LogLine(text="hi " * 50))
+    first = jobs_pb2.RunJobResponse(event=event).SerializeToString()
+    expected = jobs_pb2.RunJobResponse(more_events=[event]).SerializeToString()
+    assert b"".join(framing.as_more_events(first)) == expected
+
+
+def test_submit_job_response_with_events():
+    events = [jobs_pb2.WatchJobResponse(event=jobs_pb2.JobEvent(job_id="j", sequence=i, time=STAMP))
+              for i in (1, 2)]
+    base = jobs_pb2.SubmitJobResponse(job_id="j", state=jobs_pb2.JOB_STATE_COMPLETED, existing=True)
+    framed = framing.submit_job_response(base.SerializeToString(), [e.SerializeToString() for e in events])
+    base.events.extend(events)
+    assert framed == base.SerializeToString()
+    assert framing.submit_job_response(b"x", None) == b"x"
+
+
+TENSORS = {
+    "plain": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+    "empty": torch.zeros(0, 5),
+    "scalar": torch.tensor(2.5, dtype=torch.float64),
+    "int64": torch.ones(2, 1, 3, dtype=torch.int64),
+    "compressible": torch.zeros(1 << 16),
+}
+
+
+@pytest.mark.parametrize("name", TENSORS)
+@pytest.mark.parametrize("compress", [False, True])
+def test_value_map_tensor_entry(name, compress):
+    tensor = TENSORS[name]
+    head, data = tensor_codec.tensor_parts(tensor, compress)
+    full = values_pb2.Tensor()
+    full.CopyFrom(head)
+    full.data = bytes(data)
+    expected = values_pb2.ValueMap(values={name: values_pb2.Value(tensor=full)}).SerializeToString()
+    assert b"".join(framing.value_map_tensor_entry(name, head, data)) == expected
+
+
+@pytest.mark.parametrize("name", TENSORS)
+def test_encode_value_map_is_protobufs_bytes_and_decodes_back(name):
+    value = TENSORS[name]
+    framed = b"".join(encode_value_map({name: value}))
+    assert framed == values_pb2.ValueMap(values={name: to_value(value)}).SerializeToString()
+    assert torch.equal(decode_value_map(bytearray(framed))[name], value)
+
+
+def test_raw_readers_agree_with_from_string():
+    named = {"a": TENSORS["plain"], "b": [1, "two"], "c": TENSORS["empty"]}
+    data = b"".join(encode_value_map(named))
+    parsed = values_pb2.ValueMap.FromString(data)
+    raw, rest = split_value_map(data)
+    assert rest == b""
+    assert {k: values_pb2.Value.FromString(bytes(v)) for k, v in raw.items()} == dict(parsed.values)
+    result = jobs_pb2.JobResult(saved=parsed.values, unsaved=["z"]).SerializeToString()
+    raw, rest = split_value_map(result)
+    assert jobs_pb2.JobResult.FromString(rest).unsaved == ["z"] and set(raw) == {"a", "b", "c"}
+    decoded = decode_value_map(bytearray(result))
+    assert torch.equal(decoded["a"], named["a"]) and decoded["b"] == [1, "two"]
+
+
+def test_fields_reads_what_protobuf_wrote():
+    message = jobs_pb2.Chunk(offset=-3, data=b"xyz", total_size=1 << 50).SerializeToString()
+    got = {n: v for n, _, _, _, v in framing.fields(memoryview(message))}
+    parsed = jobs_pb2.Chunk.FromString(message)
+    assert (framing.int64(got[1]), bytes(got[2]), framing.int64(got[3])) == (
+        parsed.offset, parsed.data, parsed.total_size)
+
+
+@pytest.mark.parametrize("response_type", [jobs_pb2.RunJobResponse, jobs_pb2.WatchJobResponse])
+def test_event_deserializer_agrees_with_from_string(response_type):
+    data = bytes(range(256)) * 300  # over RAW_MIN_BYTES: read in place
+    chunk = jobs_pb2.Chunk(offset=4, data=data, total_size=len(data) + 4)
+    log = jobs_pb2.JobEvent(job_id="j", sequence=9, log=jobs_pb2.LogLine(text="x"))
+    message = response_type(event=jobs_pb2.JobEvent(job_id="j", sequence=8, result=chunk), more_events=[log])
+    raw = event_deserializer(response_type)(message.SerializeToString())
+    parsed = response_type.FromString(message.SerializeToString())
+    assert (raw.event.job_id, raw.event.sequence) == (parsed.event.job_id, parsed.event.sequence)
+    got = raw.event.result
+    assert (got.offset, bytes(got.data), got.total_size) == (chunk.offset, chunk.data, chunk.total_size)
+    assert list(raw.more_events) == list(parsed.more_events)
+
+
+def test_chunk_deserializer_agrees_with_from_string():
+    chunk = jobs_pb2.Chunk(offset=0, data=b"q" * 70_000, total_size=70_000)
+    message = jobs_pb2.ReadResultResponse(chunk=chunk).SerializeToString()
+    raw = chunk_deserializer(jobs_pb2.ReadResultResponse)(message).chunk
+    assert (raw.offset, bytes(raw.data), raw.total_size) == (chunk.offset, chunk.data, chunk.total_size)

@@ -1,0 +1,69 @@
+"""Which package may import which, read from every module's source (imports anywhere in a module count,
+inside functions too): the engine knows no transport, client and server stay apart, shared code neither."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PACKAGES = {"runtime": "tether.runtime", "client": "tether.client", "server": "tether.server", "tether": "tether"}
+TRANSPORT = ("grpc", "grpc_health", "grpc_reflection")
+
+# package -> import prefixes it must not use
+FORBIDDEN = {
+    "tether.runtime": ("tether.client", "tether.server", *TRANSPORT),
+    "tether.client": ("tether.server",),
+    "tether.server": ("tether.client",),
+    "tether": ("tether.client", "tether.server", *TRANSPORT),  # shared modules; the facade is checked apart
+}
+FACADE_MAY_IMPORT = ("tether.client",)  # `tether/__init__.py` (LanguageModel, CONFIG) wires the client in
+
+
+def _modules():
+    for folder, package in PACKAGES.items():
+        for path in sorted((ROOT / folder).glob("*.py")):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            yield name, package, path
+
+
+def _imports(path: pathlib.Path, package: str) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in the file at `path`, a module of `package`."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            out.append((node.lineno, module))
+            out += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]  # `from tether import client`
+    return out
+
+
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+MODULES = list(_modules())
+
+
+@pytest.mark.parametrize("name,package,path", MODULES, ids=[m[0] for m in MODULES])
+def test_imports_respect_the_layers(name, package, path):
+    forbidden = FORBIDDEN[package]
+    if name == "tether":
+        forbidden = tuple(p for p in forbidden if p not in FACADE_MAY_IMPORT)
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {module}" for line, module in _imports(path, package)
+           if any(_within(module, p) for p in forbidden)]
+    assert not bad, "\n".join(bad)
+
+
+def test_every_package_is_walked():
+    assert {package for _, package, _ in MODULES} == set(PACKAGES.values())
+    assert len(MODULES) > 40
