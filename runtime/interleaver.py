@@ -162,8 +162,8 @@ def current_mediator() -> Mediator | None:
 class Mediator:
     """One invoke: its compiled body, its namespace, its rows of the batch and its iteration cursor."""
 
-    __slots__ = ("block", "code", "ns", "rows", "iteration", "all_tail", "after_loop", "views", "pending", "seen",
-                 "started", "outcome", "greenlet", "waits_for")
+    __slots__ = ("block", "code", "ns", "rows", "iteration", "offsets", "limit", "all_tail", "after_loop", "views",
+                 "pending", "seen", "started", "outcome", "greenlet", "waits_for")
 
     def __init__(self, block, code, ns: dict, rows: slice | None):
         self.block = block
@@ -171,6 +171,8 @@ class Mediator:
         self.ns = ns
         self.rows = rows
         self.iteration = 0  # which call of each module the body's next access refers to
+        self.offsets: dict[int, int] | None = None  # id(module) -> calls its own `.next()` moved it past `iteration`
+        self.limit = 1  # how many steps the run may take (set by the Interleaver)
         self.all_tail = None  # compiled statements to re-run at every later iteration (`.all()`)
         self.after_loop = None  # compiled statements after an open `tracer.iter[:]` loop
         self.views: dict[int, tuple[Any, Any, slice]] = {}  # id(row view) -> (view, full tensor, rows)
@@ -180,6 +182,23 @@ class Mediator:
         self.outcome: object = None  # _DONE or _Failed, set when the body ends
         self.greenlet: _BodyGreenlet | None = None  # while the body runs or waits; None once it ended
         self.waits_for: dict[str, Any] = {}  # name -> its value before the run: start once an earlier invoke rebinds it
+
+    def at(self, step: int) -> None:
+        """Point every module at call `step` (a step loop, `.all()`): per-module `.next()` moves are dropped."""
+        self.iteration = step
+        self.offsets = None
+
+    def iteration_of(self, module: Any) -> int:
+        """Which call of `module` the body's next access refers to."""
+        offsets = self.offsets
+        return self.iteration if offsets is None else self.iteration + offsets.get(id(module), 0)
+
+    def advance(self, module: torch.nn.Module, step: int) -> None:
+        """`module.next()`: move `module` and the modules inside it (their calls are part of its call) on."""
+        offsets = self.offsets if self.offsets is not None else {}
+        for inner in module.modules():
+            offsets[id(inner)] = offsets.get(id(inner), 0) + step
+        self.offsets = offsets
 
     def ready(self) -> bool:
         """Whether every name this body takes from an earlier invoke has been set by it."""
@@ -245,6 +264,8 @@ class Interleaver:
         self._stop = False
         self._failure: BaseException | None = None
         self._unstarted = len(mediators)  # bodies not started yet (see _start_ready)
+        for mediator in mediators:
+            mediator.limit = max_iterations
         self._parent_map = parents  # id(module) -> parent; built on first use when not given
 
     @property
@@ -560,7 +581,7 @@ class Interleaver:
                     continue
                 mediator.pending = None
                 self._end(mediator)
-                mediator.iteration = self.iteration
+                mediator.at(self.iteration)
                 self._start(mediator, mediator.all_tail)
             elif req is not None and req.iteration < self.iteration and isinstance(req.module, torch.nn.Module):
                 mediator.pending = None

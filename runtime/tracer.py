@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 from .capture import Block
-from .contexts import Cond, Context, Iterator, LocalBlock
-from .errors import NotInTraceError
+from .contexts import Cond, Context, LocalBlock
 from .interleaver import Interleaver, Mediator, current_mediator
+from .steps import AllSteps, Steps, all_steps, body_mediator
 
 __all__ = ["Tracer", "Invoker"]
 
@@ -43,65 +42,6 @@ class Invoker(Context):
     def _execute(self, ns: dict) -> None:
         self._ns = ns
         self._tracer()._invokes.append(self)
-
-
-class _Steps:
-    """`tracer.iter[0:3]`, `tracer.iter[:]` — loop over generation steps; `tracer.iter(seq)` — a loop block."""
-
-    def __init__(self, tracer: Tracer):
-        self._tracer = tracer
-
-    def __getitem__(self, index: int | slice):
-        mediator = _mediator("iter")
-        if isinstance(index, slice) and index.stop is None:
-            mediator.open_loop_from(sys._getframe(1))
-        limit = self._tracer._max_iterations()
-        steps = range(limit)[index] if isinstance(index, slice) else [index]
-        return self._steps(mediator, steps)
-
-    @staticmethod
-    def _steps(mediator: Mediator, steps):
-        for step in steps:
-            mediator.iteration = step
-            yield step
-
-    def __call__(self, items, return_context: bool = False) -> Iterator:
-        return Iterator(items, return_context=return_context, log=self._tracer.log)
-
-
-class _AllSteps(Context):
-    """What `tracer.all()` returns: as a statement it turns on every-step mode for the rest of the body;
-    iterated (`for step in tracer.all():`) it loops over steps; as `with tracer.all():` it runs its
-    block at every step (nnsight 0.8's spelling)."""
-
-    _hands_back = False
-
-    def __init__(self, tracer: Tracer, mediator: Mediator):
-        self._tracer, self._mediator = tracer, mediator
-
-    def __iter__(self):
-        self._mediator.all_tail = None
-        self._mediator.open_loop_from(sys._getframe(1))
-        return _Steps._steps(self._mediator, range(self._mediator.iteration, self._tracer._max_iterations()))
-
-    def __enter__(self) -> _AllSteps:
-        frame = sys._getframe(1)
-        self._mediator.all_tail = None
-        self._mediator.open_loop_from(frame)
-        return self._enter_from(frame)
-
-    def _execute(self, ns: dict) -> None:
-        code = self._block.code()
-        for step in range(self._mediator.iteration, self._tracer._max_iterations()):
-            self._mediator.iteration = step
-            exec(code, ns)
-
-
-def _mediator(what: str) -> Mediator:
-    mediator = current_mediator()
-    if mediator is None:
-        raise NotInTraceError(f"`tracer.{what}` only works inside the body of a trace or invoke.")
-    return mediator
 
 
 class Tracer(Context):
@@ -131,9 +71,9 @@ class Tracer(Context):
 
     # ---- the user's API inside the body ---------------------------------------------------------
     @property
-    def iter(self) -> _Steps:
+    def iter(self) -> Steps:
         """`tracer.iter[...]` / `tracer.iter(seq)` (made on use: a stored one would be a reference cycle)."""
-        return _Steps(self)
+        return Steps(self._max_iterations(), self.log)
 
     def invoke(self, *args: Any, **kwargs: Any) -> Invoker:
         """A batch entry: its inputs join the one batched run; its body sees only its own rows."""
@@ -150,13 +90,13 @@ class Tracer(Context):
     def cond(self, condition: Any) -> Cond:
         return Cond(condition)
 
-    def all(self) -> _AllSteps:
-        mediator = _mediator("all()")
-        mediator.enable_all()
-        return _AllSteps(self, mediator)
+    def all(self) -> AllSteps:
+        """Every step from here on (see `steps.AllSteps` for its three spellings)."""
+        return all_steps()
 
     def next(self, step: int = 1) -> None:
-        _mediator("next()").iteration += step
+        """Move every module to its next call (the next generation step)."""
+        body_mediator("tracer.next()").iteration += step
 
     def local(self) -> LocalBlock:
         return LocalBlock()

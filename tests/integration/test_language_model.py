@@ -25,7 +25,10 @@ def llm(gpt2) -> LanguageModel:
 
 
 def _logits(hf, tok, prompts) -> torch.Tensor:
+    """Plain HF logits of the left-padded batch, each row at its own positions (as HF `generate` counts them)."""
     batch = tok(prompts, return_tensors="pt", padding=True)
+    mask = batch["attention_mask"]
+    batch["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     with torch.no_grad():
         return hf(**batch).logits
 
