@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
+
 from .contexts import Context, Iterator
 from .errors import NotInTraceError, TetherError
 from .interleaver import Mediator, current_mediator
