@@ -124,6 +124,14 @@ class Envoy:
         """`module.output.stop()`: stop the model once this module's value exists (see Interleaver)."""
         self._request(kind, "stop_at")
 
+    def skip(self, replacement: Any) -> None:
+        """Do not run this module at its current call: `replacement` is its output (e.g. its own `.input`).
+
+        Call it before the module runs (reading the module's own input first is fine). In a batch of invokes,
+        every invoke must skip it, as the module runs once for all rows.
+        """
+        self._request("skip", "set", replacement)
+
     def next(self, step: int = 1) -> Envoy:
         """Refer to this module's next call (the next generation step) from here on.
 

@@ -38,7 +38,7 @@ class _Generator:
         return mediator.request(Request(self, "output", mediator.iteration, "get", path="model.generator"))
 
     def __repr__(self) -> str:
-        return "Generator()"
+        return "Generator(\n  (streamer): Streamer()\n)"
 
 
 class LanguageModel(NNsight):
@@ -63,6 +63,14 @@ class LanguageModel(NNsight):
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
+
+    def __repr__(self) -> str:
+        """The model's module tree with the `(generator)` module `generate()` feeds, as nnsight prints it."""
+        tree = super().__repr__()
+        if not tree.endswith("\n)"):
+            return tree
+        generator = repr(self._generator).replace("\n", "\n  ")
+        return f"{tree[:-2]}\n  (generator): {generator}\n)"
 
     @property
     def generator(self) -> _Generator:

@@ -12,8 +12,10 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from .barrier import Barrier
 from .capture import Block
 from .contexts import Cond, Context, LocalBlock
+from .errors import TetherError
 from .interleaver import Interleaver, Mediator, current_mediator
 from .steps import AllSteps, Steps, all_steps, body_mediator
 
@@ -38,6 +40,12 @@ class Invoker(Context):
         if self._inputs is None:
             self._inputs = self._model._prepare(*self._given)
         return self._inputs
+
+    @property
+    def given_input(self) -> bool:
+        """Whether this invoke adds rows; an empty `tracer.invoke()` sees the whole batch the others make."""
+        args, kwargs = self._given
+        return bool(args or kwargs)
 
     def _execute(self, ns: dict) -> None:
         self._ns = ns
@@ -65,11 +73,21 @@ class Tracer(Context):
         self._cancel = cancel
         self.log = log
         self.invoker: Invoker | None = None
-        self.result: Any = None
+        self._result: Any = None
         if args or kwargs:
             self.invoker = Invoker(self, args, {**kwargs, **self._invoker_args})
 
     # ---- the user's API inside the body ---------------------------------------------------------
+    @property
+    def result(self) -> Any:
+        """What the run returned: inside the body, this invoke's rows of it once the run ends (`generate`: the
+        token ids, as `model.generator.output`; a trace: the model's output, as `model.output`); after the
+        block, the whole of it."""
+        if current_mediator() is None:
+            return self._result
+        if self._mode == "generate":
+            return self._model.generator.output
+        return self._model.output
     @property
     def iter(self) -> Steps:
         """`tracer.iter[...]` / `tracer.iter(seq)` (made on use: a stored one would be a reference cycle)."""
@@ -86,6 +104,10 @@ class Tracer(Context):
             self._stopped = True
         else:
             mediator.stop()
+
+    def barrier(self, n: int) -> Barrier:
+        """A meeting point for `n` invokes: each calls `barrier()`, and none goes on until all have."""
+        return Barrier(n)
 
     def cond(self, condition: Any) -> Cond:
         return Cond(condition)
@@ -140,9 +162,15 @@ class Tracer(Context):
 
     def _run_model(self, invokes: list[Invoker]) -> None:
         model = self._model
-        args, kwargs, rows, batch_size = model._batch([inv.inputs for inv in invokes])
-        if len(invokes) == 1:
-            rows = [None]
+        given = [inv for inv in invokes if inv.given_input]
+        if not given:
+            raise TetherError("No invoke has an input: give `tracer.invoke(...)` an input (an empty "
+                              "`tracer.invoke()` sees the batch the other invokes make).")
+        args, kwargs, given_rows, batch_size = model._batch([inv.inputs for inv in given])
+        if len(given) == 1:
+            given_rows = [None]
+        row_of = dict(zip(map(id, given), given_rows))
+        rows = [row_of.get(id(inv)) for inv in invokes]  # an empty invoke: the whole batch (None)
         mediators = [Mediator(block, block.code(), ns, None) for block, ns in model._edits]
         assigned_earlier: set[str] = set()
         for inv, r in zip(invokes, rows):
@@ -152,9 +180,9 @@ class Tracer(Context):
             mediators.append(mediator)
         interleaver = Interleaver(model._module, mediators, batch_size, self._max_iterations(), cancel=self._cancel,
                                   parents=model._parents(), plan=model._hook_plan(tuple(m.code for m in mediators)))
-        self.result = interleaver.run(lambda: model._run(self._mode, args, kwargs, self._run_kwargs))
+        self._result = interleaver.run(lambda: model._run(self._mode, args, kwargs, self._run_kwargs))
         if self._mode == "generate":
-            interleaver.serve(model._generator_key(), "output", self.result)
+            interleaver.serve(model._generator_key(), "output", self._result)
         interleaver.finish()
         self._stopped = interleaver.stopped
 
