@@ -198,29 +198,32 @@ def test_tracer_next_and_root_next_move_every_module(gpt2_llm):
 
 
 def test_walkthrough_old_next_loop_keeps_working(gpt2_llm):
-    """The walkthrough's pre-0.4 loop: `layers[0]` is zeroed at every step; `layers[-1]` was never moved, so each
-    pass reads its first call (as in nnsight, where `.next()` moved only the module it was called on)."""
+    """The walkthrough's pre-0.4 loop: `layers[0]` is edited at every step; `layers[-1]` was never moved, so each
+    pass reads its first call (as in nnsight, where `.next()` moved only the module it was called on). The edit
+    halves the output rather than zeroing it, as a zeroed random-weight GPT-2 makes every later output zero."""
     hf, tok, llm = gpt2_llm
     layers = llm.transformer.h
     n_new_tokens = 3
     hidden_states = []
     with llm.generate(LONG, max_new_tokens=n_new_tokens, min_new_tokens=n_new_tokens):
         for _ in range(n_new_tokens):
-            layers[0].output[0][:] = 0
+            layers[0].output[0][:] = layers[0].output[0] * 0.5
             hidden_states.append(layers[-1].output.save())
             layers[0].next()
         tokens = llm.generator.output.save()
     assert len(hidden_states) == 3
 
-    def zero(mod, args, output):
-        return torch.zeros_like(output)
+    def halve(mod, args, output):
+        return output * 0.5
 
-    with _Recorder({hf.transformer.h[0]: zero}).watch(hf.transformer.h[-1]) as seen:
+    with _Recorder({hf.transformer.h[0]: halve}).watch(hf.transformer.h[-1]) as seen:
         expected = _solo_generation(hf, tok, LONG, n_new_tokens)
-    assert len(seen.outputs[hf.transformer.h[0]]) == 3  # zeroed at each of the three steps
+    assert len(seen.outputs[hf.transformer.h[0]]) == 3  # edited at each of the three steps
     assert torch.equal(tokens[0, -n_new_tokens:], expected)
+    first = seen.outputs[hf.transformer.h[-1]][0]
+    assert first.abs().sum() > 0
     for hidden in hidden_states:
-        assert torch.equal(_hidden(hidden), seen.outputs[hf.transformer.h[-1]][0])
+        assert torch.allclose(_hidden(hidden), first, atol=1e-6)
 
 
 # ---- 3. print(llm) ----------------------------------------------------------------------------------------
