@@ -67,7 +67,7 @@ class LanguageModel(NNsight):
     def __repr__(self) -> str:
         """The model's module tree with the `(generator)` module `generate()` feeds, as nnsight prints it."""
         tree = super().__repr__()
-        if not tree.endswith("\n)"):
+        if not tree.endswith("\n)") or not hasattr(self._module, "generate"):  # (a plain torch model cannot generate)
             return tree
         generator = repr(self._generator).replace("\n", "\n  ")
         return f"{tree[:-2]}\n  (generator): {generator}\n)"
