@@ -343,6 +343,7 @@ def test_skip_in_every_invoke_and_in_only_one(gpt2_llm):
                 llm.transformer.h[0].skip(llm.transformer.h[0].input)
             with tracer.invoke(SHORT):
                 llm.output.save()
+    assert "forward" not in hf.transformer.h[0].__dict__  # the gate is removed when the run fails too
 
 
 def test_skip_after_the_module_ran_is_out_of_order(gpt2_llm):
