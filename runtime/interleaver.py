@@ -19,7 +19,7 @@ from greenlet import greenlet as Greenlet
 
 from . import batching
 from .errors import OutOfOrderError, TetherError
-from .skipping import SkipGate, SkipSlot, join_rows
+from .skipping import SkipGate, SkipSlot
 
 __all__ = ["Request", "Mediator", "Interleaver", "HookPlan", "current_mediator", "EarlyStop",
            "JobCancelled", "cancel_scope"]
@@ -460,27 +460,13 @@ class Interleaver:
             return forward(*args, **kwargs)
         slot = SkipSlot()
         self._serve(module, "skip", slot)
-        parts = slot.parts
-        if not parts:
+        if not slot.parts:
             return forward(*args, **kwargs)
-        whole = [value for rows, value in parts if rows is None]
-        if whole:
-            return whole[-1]
-        parts.sort(key=lambda part: part[0].start)
-        covered = sum(rows.stop - rows.start for rows, _ in parts)
-        if covered != self.batch_size:
-            self._failure = TetherError(
-                f"`{self._path_of(module)}.skip()` was called in some invokes but not in others: the module runs "
-                "once for the whole batch, so it cannot run for only some rows. Skip it in every invoke (or in "
-                "an empty `tracer.invoke()`, which sees the whole batch), or in none."
-            )
-            raise _Abort()
-        return join_rows([value for _, value in parts])
-
-    def _path_of(self, module: Any) -> str:
-        """`model.a.b` for messages (looked up only when one is raised)."""
-        name = next((name for name, inner in self.root.named_modules() if inner is module), "")
-        return f"model.{name}" if name else "model"
+        try:
+            return slot.replacement(self.batch_size, self.root, module)
+        except TetherError as error:
+            self._failure = error
+            raise _Abort() from None
 
     def _parents(self) -> dict[int, torch.nn.Module]:
         if self._parent_map is None:

@@ -1,7 +1,7 @@
 """`module.skip(replacement)`: a gate in place of a module's forward, so a skipped module never runs.
 
 PyTorch binds `module.forward` before it runs the pre-hooks, so the gate is installed (as an instance
-attribute, removed in `finally` like a hook) before the module is called. Imports torch only.
+attribute, removed in `finally` like a hook) before the module is called. Imports torch and errors only.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from .errors import TetherError
 
 __all__ = ["SkipGate", "SkipSlot", "join_rows"]
 
@@ -53,6 +55,21 @@ class SkipSlot:
 
     def set(self, kind: str, rows: slice | None, new: Any) -> None:
         self.parts.append((rows, new))
+
+    def replacement(self, batch_size: int, root: torch.nn.Module, module: torch.nn.Module) -> Any:
+        """The module's output: the replacements joined in row order, which must cover the whole batch."""
+        whole = [value for rows, value in self.parts if rows is None]  # an empty invoke (or the only one)
+        if whole:
+            return whole[-1]
+        parts = sorted(self.parts, key=lambda part: part[0].start)
+        if sum(rows.stop - rows.start for rows, _ in parts) != batch_size:
+            name = next((name for name, inner in root.named_modules() if inner is module), "")
+            raise TetherError(
+                f"`model.{name}.skip()` was called in some invokes but not in others: the module runs once for "
+                "the whole batch, so it cannot run for only some rows. Skip it in every invoke (or in an empty "
+                "`tracer.invoke()`, which sees the whole batch), or in none."
+            )
+        return join_rows([value for _, value in parts])
 
 
 def join_rows(values: list[Any]) -> Any:
