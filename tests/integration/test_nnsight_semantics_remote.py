@@ -114,3 +114,19 @@ def test_iter_list_and_logit_lens_remote_equal_local(llm, rllm):
     assert len(local) == len(remote) == 2
     for a, b in zip(local, remote):
         _same(a, b)
+
+
+def test_older_step_spellings_remote_equal_local(llm, rllm):
+    def run(model, **options):
+        with model.generate(LONG, max_new_tokens=3, min_new_tokens=3, **options) as tracer:
+            ranged, every = list().save(), list().save()
+            with tracer.iter[0:2]:
+                ranged.append(model.lm_head.output)
+            with model.all():
+                every.append(model.lm_head.output)
+        return ranged + every
+
+    local, remote = run(llm), run(rllm, remote=True)
+    assert len(local) == len(remote) == 4  # steps 0, 1, then `.all()` from the step the body is at: 1, 2
+    for a, b in zip(local, remote):
+        _same(a, b)
