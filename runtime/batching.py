@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Slot", "narrow", "splice", "concat_inputs", "record_views"]
+__all__ = ["Slot", "narrow", "splice", "concat_inputs", "record_views", "left_padded_positions"]
 
 
 def _map(value: Any, fn) -> Any:
@@ -123,3 +123,10 @@ def concat_inputs(per_invoke: list[tuple[tuple, dict]]) -> tuple[tuple, dict, li
         for i in range(n_args)
     )
     return args, dict(per_invoke[0][1]), rows
+
+
+def left_padded_positions(lengths: list[int], width: int) -> torch.Tensor:
+    """`position_ids` of a left-padded batch, as Hugging Face `generate` derives them from the attention mask:
+    each row counts from its first real token (its padding gets 0), so a short prompt in a batch sees exactly
+    the positions of its solo run. (batch, width)"""
+    return torch.tensor([[0] * (width - n) + list(range(n)) for n in lengths], dtype=torch.long)

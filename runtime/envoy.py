@@ -12,6 +12,7 @@ import torch
 
 from .errors import NotInTraceError
 from .interleaver import Mediator, Request, current_mediator
+from .steps import AllSteps, all_steps
 
 __all__ = ["Envoy"]
 
@@ -96,8 +97,10 @@ class Envoy:
         mediator = current_mediator()
         if mediator is None:
             self._mediator(kind)  # raises NotInTraceError
+        module, offsets = self._module, mediator.offsets
+        iteration = mediator.iteration if offsets is None else mediator.iteration + offsets.get(id(module), 0)
         return mediator.greenlet.parent.switch(  # Mediator.request, inlined: every module value read runs it
-            Request(self._module, kind, mediator.iteration, op, value, self._path))
+            Request(module, kind, iteration, op, value, self._path))
 
     def _set(self, kind: str, value: Any) -> None:
         self._request(kind, "set", value)
@@ -121,13 +124,29 @@ class Envoy:
         """`module.output.stop()`: stop the model once this module's value exists (see Interleaver)."""
         self._request(kind, "stop_at")
 
+    def skip(self, replacement: Any) -> None:
+        """Do not run this module at its current call: `replacement` is its output (e.g. its own `.input`).
+
+        Call it before the module runs (reading the module's own input first is fine). In a batch of invokes,
+        every invoke must skip it, as the module runs once for all rows.
+        """
+        self._request("skip", "set", replacement)
+
     def next(self, step: int = 1) -> Envoy:
-        """Refer to the next call of the modules (the next generation step) from here on."""
-        self._mediator("next()").iteration += step
+        """Refer to this module's next call (the next generation step) from here on.
+
+        Each module keeps its own call index, as nnsight's walkthrough defines it: `.next()` moves this module
+        and the modules inside it, not the others (`tracer.next()`, or the root's `.next()`, moves them all).
+        """
+        mediator = self._mediator("next()")
+        if self is self._root:
+            mediator.iteration += step
+        else:
+            mediator.advance(self._module, step)
         return self
 
-    def all(self) -> Envoy:
-        """Apply the rest of the body at every iteration (every generated token)."""
-        self._mediator("all()").enable_all()
-        return self
+    def all(self) -> AllSteps:
+        """Apply the rest of the body at every iteration (every generated token), as `tracer.all()` does."""
+        self._mediator("all()")
+        return all_steps()
 

@@ -19,6 +19,7 @@ from greenlet import greenlet as Greenlet
 
 from . import batching
 from .errors import OutOfOrderError, TetherError
+from .skipping import SkipGate, SkipSlot
 
 __all__ = ["Request", "Mediator", "Interleaver", "HookPlan", "current_mediator", "EarlyStop",
            "JobCancelled", "cancel_scope"]
@@ -52,6 +53,11 @@ class _Abort(BaseException):
     """Unwinds the forward pass after a body failed; the body's own exception is re-raised after."""
 
 
+# Which hook serves a request of each kind: the forward hook, the pre-hook, the skip gate (skipping.py), or
+# none (`stop`, `barrier`: the driver acts on them at once).
+_GROUPS = {"output": "fwd", "input": "pre", "inputs": "pre", "skip": "skip", "control": "control"}
+
+
 class Request:
     """What a body asks the model side for: a module's value at one iteration, to read or replace."""
 
@@ -59,12 +65,12 @@ class Request:
 
     def __init__(self, module: Any, kind: str, iteration: int, op: str, value: Any = None, path: str = ""):
         self.module = module  # a torch module, or a pseudo-module such as the generator
-        self.kind = kind  # "output" | "input" | "inputs"
+        self.kind = kind  # "output" | "input" | "inputs" | "skip" | "control"
         self.iteration = iteration
-        self.op = op  # "get" | "set" | "stop" (after the module running now) | "stop_at" (after this one)
+        self.op = op  # "get" | "set" | "stop" (after the module running now) | "stop_at" (after this one) | "barrier"
         self.value = value
         self.path = path  # e.g. "model.layer1", for messages
-        self.group = "fwd" if kind == "output" else "pre"  # which hook serves it
+        self.group = _GROUPS[kind]  # which hook serves it
 
     @property
     def label(self) -> str:
@@ -162,8 +168,8 @@ def current_mediator() -> Mediator | None:
 class Mediator:
     """One invoke: its compiled body, its namespace, its rows of the batch and its iteration cursor."""
 
-    __slots__ = ("block", "code", "ns", "rows", "iteration", "all_tail", "after_loop", "views", "pending", "seen",
-                 "started", "outcome", "greenlet", "waits_for")
+    __slots__ = ("block", "code", "ns", "rows", "iteration", "offsets", "limit", "all_tail", "after_loop", "views",
+                 "pending", "seen", "started", "outcome", "greenlet", "waits_for")
 
     def __init__(self, block, code, ns: dict, rows: slice | None):
         self.block = block
@@ -171,6 +177,8 @@ class Mediator:
         self.ns = ns
         self.rows = rows
         self.iteration = 0  # which call of each module the body's next access refers to
+        self.offsets: dict[int, int] | None = None  # id(module) -> calls its own `.next()` moved it past `iteration`
+        self.limit = 1  # how many steps the run may take (set by the Interleaver)
         self.all_tail = None  # compiled statements to re-run at every later iteration (`.all()`)
         self.after_loop = None  # compiled statements after an open `tracer.iter[:]` loop
         self.views: dict[int, tuple[Any, Any, slice]] = {}  # id(row view) -> (view, full tensor, rows)
@@ -180,6 +188,23 @@ class Mediator:
         self.outcome: object = None  # _DONE or _Failed, set when the body ends
         self.greenlet: _BodyGreenlet | None = None  # while the body runs or waits; None once it ended
         self.waits_for: dict[str, Any] = {}  # name -> its value before the run: start once an earlier invoke rebinds it
+
+    def at(self, step: int) -> None:
+        """Point every module at call `step` (a step loop, `.all()`): per-module `.next()` moves are dropped."""
+        self.iteration = step
+        self.offsets = None
+
+    def iteration_of(self, module: Any) -> int:
+        """Which call of `module` the body's next access refers to."""
+        offsets = self.offsets
+        return self.iteration if offsets is None else self.iteration + offsets.get(id(module), 0)
+
+    def advance(self, module: torch.nn.Module, step: int) -> None:
+        """`module.next()`: move `module` and the modules inside it (their calls are part of its call) on."""
+        offsets = self.offsets if self.offsets is not None else {}
+        for inner in module.modules():
+            offsets[id(inner)] = offsets.get(id(inner), 0) + step
+        self.offsets = offsets
 
     def ready(self) -> bool:
         """Whether every name this body takes from an earlier invoke has been set by it."""
@@ -191,7 +216,7 @@ class Mediator:
 
     def stop(self) -> None:
         """Stop the model right after the module that is running now."""
-        self.request(Request(None, "output", self.iteration, "stop"))
+        self.request(Request(None, "control", self.iteration, "stop"))
 
     def enable_all(self) -> None:
         """Re-run the rest of the body at every later iteration (`.all()`)."""
@@ -245,6 +270,11 @@ class Interleaver:
         self._stop = False
         self._failure: BaseException | None = None
         self._unstarted = len(mediators)  # bodies not started yet (see _start_ready)
+        for mediator in mediators:
+            mediator.limit = max_iterations
+        # whether a body may call `.skip()`: then each module whose input is asked for gets a skip gate at once,
+        # since a body that reads a module's input and then skips it does so while the module is being called
+        self._may_skip = any("skip" in mediator.code.co_names for mediator in mediators)
         self._parent_map = parents  # id(module) -> parent; built on first use when not given
 
     @property
@@ -306,6 +336,14 @@ class Interleaver:
             if req is None or mediator.greenlet is None:
                 continue
             mediator.pending = None
+            if req.op == "barrier":
+                barrier, n = req.module, req.module.n
+                arrived, barrier.waiting = len(barrier.waiting), []
+                self._drive(mediator, throw=TetherError(
+                    f"`tracer.barrier({n})` was reached by only {arrived} invoke(s): every one of the {n} invokes "
+                    "that share it must call it, or give `tracer.barrier()` the number that do."))
+                self._raise_failure()
+                continue
             if req.op == "stop_at":  # its module had run before the body asked: stop there after all
                 self._stop_retroactively(mediator, req)
                 continue
@@ -409,8 +447,26 @@ class Interleaver:
     def _register(self, module: torch.nn.Module, group: str) -> None:
         if group == "fwd":
             self._handles[(id(module), group)] = module.register_forward_hook(self._forward_hook)
-        else:
+        elif group == "pre":
             self._handles[(id(module), group)] = module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            if self._may_skip and (id(module), "skip") not in self._handles:
+                self._handles[(id(module), "skip")] = SkipGate(module, self._skip_gate)
+        elif (id(module), group) not in self._handles:
+            self._handles[(id(module), group)] = SkipGate(module, self._skip_gate)
+
+    def _skip_gate(self, module: torch.nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """In place of `module.forward` while gated: the bodies' replacements if they skip this call."""
+        if getcurrent() is not self._driver or (id(module), "skip") not in self._demanded:
+            return forward(*args, **kwargs)
+        slot = SkipSlot()
+        self._serve(module, "skip", slot)
+        if not slot.parts:
+            return forward(*args, **kwargs)
+        try:
+            return slot.replacement(self.batch_size, self.root, module)
+        except TetherError as error:
+            self._failure = error
+            raise _Abort() from None
 
     def _parents(self) -> dict[int, torch.nn.Module]:
         if self._parent_map is None:
@@ -487,10 +543,14 @@ class Interleaver:
                     _release(body)
                 return
             req = event
-            if req.op == "stop":
-                self._stop = True
-                mediator.pending = None
-                return
+            if req.group == "control":
+                if req.op == "stop":
+                    self._stop = True
+                    mediator.pending = None
+                    return
+                if not self._arrive(mediator, req):
+                    return
+                continue
             serving = self._serving
             if (serving is not None and req.module is serving[0] and req.group == serving[1]
                     and (serving[3] is None or req.iteration == serving[3])):
@@ -519,6 +579,20 @@ class Interleaver:
                 self._ensure_hook(req, key)
             mediator.pending = req
             return
+
+    def _arrive(self, mediator: Mediator, req: Request) -> bool:
+        """A body reached a barrier: it waits (False), or it is the last one and every body there goes on
+        (True), the earlier ones first, in the order they arrived."""
+        barrier = req.module
+        barrier.waiting.append(mediator)
+        if len(barrier.waiting) < barrier.n:
+            mediator.pending = req
+            return False
+        earlier, barrier.waiting = barrier.waiting[:-1], []
+        for other in earlier:
+            other.pending = None
+            self._drive(other)
+        return True
 
     def _ran(self, req: Request) -> bool:
         """Whether the module `req` asks for has already run at `req`'s iteration."""
@@ -560,7 +634,7 @@ class Interleaver:
                     continue
                 mediator.pending = None
                 self._end(mediator)
-                mediator.iteration = self.iteration
+                mediator.at(self.iteration)
                 self._start(mediator, mediator.all_tail)
             elif req is not None and req.iteration < self.iteration and isinstance(req.module, torch.nn.Module):
                 mediator.pending = None

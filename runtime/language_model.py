@@ -7,10 +7,12 @@ gets its weights on the first run (`dispatch=True` loads at once). Nothing is fe
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
+from .batching import left_padded_positions
 from .errors import TetherError
 from .interleaver import Request, current_mediator
 from .model import NNsight, Prepared
@@ -36,7 +38,7 @@ class _Generator:
         return mediator.request(Request(self, "output", mediator.iteration, "get", path="model.generator"))
 
     def __repr__(self) -> str:
-        return "Generator()"
+        return "Generator(\n  (streamer): Streamer()\n)"
 
 
 class LanguageModel(NNsight):
@@ -61,6 +63,14 @@ class LanguageModel(NNsight):
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
+
+    def __repr__(self) -> str:
+        """The model's module tree with the `(generator)` module `generate()` feeds, as nnsight prints it."""
+        tree = super().__repr__()
+        if not tree.endswith("\n)") or not hasattr(self._module, "generate"):  # (a plain torch model cannot generate)
+            return tree
+        generator = repr(self._generator).replace("\n", "\n  ")
+        return f"{tree[:-2]}\n  (generator): {generator}\n)"
 
     @property
     def generator(self) -> _Generator:
@@ -120,7 +130,14 @@ class LanguageModel(NNsight):
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         device = _device_of(self._module)
-        return (), {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, slices, len(rows)
+        kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if any(len(r) < width for r in rows) and self._takes_positions():
+            kwargs["position_ids"] = left_padded_positions([len(r) for r in rows], width).to(device)
+        return (), kwargs, slices, len(rows)
+
+    def _takes_positions(self) -> bool:
+        """Whether the model's forward accepts `position_ids` (every Hugging Face causal LM here does)."""
+        return "position_ids" in inspect.signature(self._module.forward).parameters
 
     def _pad_id(self) -> int:
         tok = self._tokenizer
@@ -134,8 +151,9 @@ class LanguageModel(NNsight):
         return 0
 
     def _run(self, mode: str, args: tuple, kwargs: dict, run_kwargs: dict) -> Any:
-        if mode == "generate":
+        if mode == "generate":  # generate derives the same positions from the mask, and extends them per step
             run_kwargs = {"pad_token_id": self._pad_id(), **run_kwargs}
+            kwargs = {k: v for k, v in kwargs.items() if k != "position_ids"}
             return self._module.generate(**kwargs, **run_kwargs)
         return self._module(**kwargs, **{k: v for k, v in run_kwargs.items() if k not in _GENERATE_ONLY})
 

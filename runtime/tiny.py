@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-__all__ = ["EOS_TOKEN", "corpus", "gpt2_config_model", "tiny_gpt2", "tiny_net", "train_tokenizer"]
+__all__ = ["EOS_TOKEN", "corpus", "gpt2_config_model", "tiny_gpt2", "tiny_llama", "tiny_net", "train_tokenizer"]
 
 EOS_TOKEN = "<|endoftext|>"  # also bos and pad, as in GPT-2
 
@@ -169,3 +169,21 @@ def tiny_net(seed: int = 0) -> torch.nn.Sequential:
             )
         ).requires_grad_(False)
     return net
+
+
+def tiny_llama(
+    n_layer: int = 2, hidden: int = 64, n_head: int = 4, seed: int = 0
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """A tiny random-weight Llama (rotary positions, grouped attention) and the same tokenizer as `tiny_gpt2`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layer,
+        num_attention_heads=n_head, num_key_value_heads=max(1, n_head // 2), max_position_embeddings=1024,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval(), tokenizer

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
 
+from .barrier import Barrier
 from .capture import Block
-from .contexts import Cond, Context, Iterator, LocalBlock
-from .errors import NotInTraceError
+from .contexts import Cond, Context, LocalBlock
+from .errors import TetherError
 from .interleaver import Interleaver, Mediator, current_mediator
+from .steps import AllSteps, Steps, all_steps, body_mediator
 
 __all__ = ["Tracer", "Invoker"]
 
@@ -40,68 +41,15 @@ class Invoker(Context):
             self._inputs = self._model._prepare(*self._given)
         return self._inputs
 
+    @property
+    def given_input(self) -> bool:
+        """Whether this invoke adds rows; an empty `tracer.invoke()` sees the whole batch the others make."""
+        args, kwargs = self._given
+        return bool(args or kwargs)
+
     def _execute(self, ns: dict) -> None:
         self._ns = ns
         self._tracer()._invokes.append(self)
-
-
-class _Steps:
-    """`tracer.iter[0:3]`, `tracer.iter[:]` — loop over generation steps; `tracer.iter(seq)` — a loop block."""
-
-    def __init__(self, tracer: Tracer):
-        self._tracer = tracer
-
-    def __getitem__(self, index: int | slice):
-        mediator = _mediator("iter")
-        if isinstance(index, slice) and index.stop is None:
-            mediator.open_loop_from(sys._getframe(1))
-        limit = self._tracer._max_iterations()
-        steps = range(limit)[index] if isinstance(index, slice) else [index]
-        return self._steps(mediator, steps)
-
-    @staticmethod
-    def _steps(mediator: Mediator, steps):
-        for step in steps:
-            mediator.iteration = step
-            yield step
-
-    def __call__(self, items, return_context: bool = False) -> Iterator:
-        return Iterator(items, return_context=return_context, log=self._tracer.log)
-
-
-class _AllSteps(Context):
-    """What `tracer.all()` returns: as a statement it turns on every-step mode for the rest of the body;
-    iterated (`for step in tracer.all():`) it loops over steps; as `with tracer.all():` it runs its
-    block at every step (nnsight 0.8's spelling)."""
-
-    _hands_back = False
-
-    def __init__(self, tracer: Tracer, mediator: Mediator):
-        self._tracer, self._mediator = tracer, mediator
-
-    def __iter__(self):
-        self._mediator.all_tail = None
-        self._mediator.open_loop_from(sys._getframe(1))
-        return _Steps._steps(self._mediator, range(self._mediator.iteration, self._tracer._max_iterations()))
-
-    def __enter__(self) -> _AllSteps:
-        frame = sys._getframe(1)
-        self._mediator.all_tail = None
-        self._mediator.open_loop_from(frame)
-        return self._enter_from(frame)
-
-    def _execute(self, ns: dict) -> None:
-        code = self._block.code()
-        for step in range(self._mediator.iteration, self._tracer._max_iterations()):
-            self._mediator.iteration = step
-            exec(code, ns)
-
-
-def _mediator(what: str) -> Mediator:
-    mediator = current_mediator()
-    if mediator is None:
-        raise NotInTraceError(f"`tracer.{what}` only works inside the body of a trace or invoke.")
-    return mediator
 
 
 class Tracer(Context):
@@ -125,15 +73,25 @@ class Tracer(Context):
         self._cancel = cancel
         self.log = log
         self.invoker: Invoker | None = None
-        self.result: Any = None
+        self._result: Any = None
         if args or kwargs:
             self.invoker = Invoker(self, args, {**kwargs, **self._invoker_args})
 
     # ---- the user's API inside the body ---------------------------------------------------------
     @property
-    def iter(self) -> _Steps:
+    def result(self) -> Any:
+        """What the run returned: inside the body, this invoke's rows of it once the run ends (`generate`: the
+        token ids, as `model.generator.output`; a trace: the model's output, as `model.output`); after the
+        block, the whole of it."""
+        if current_mediator() is None:
+            return self._result
+        if self._mode == "generate":
+            return self._model.generator.output
+        return self._model.output
+    @property
+    def iter(self) -> Steps:
         """`tracer.iter[...]` / `tracer.iter(seq)` (made on use: a stored one would be a reference cycle)."""
-        return _Steps(self)
+        return Steps(self._max_iterations(), self.log)
 
     def invoke(self, *args: Any, **kwargs: Any) -> Invoker:
         """A batch entry: its inputs join the one batched run; its body sees only its own rows."""
@@ -147,16 +105,20 @@ class Tracer(Context):
         else:
             mediator.stop()
 
+    def barrier(self, n: int) -> Barrier:
+        """A meeting point for `n` invokes: each calls `barrier()`, and none goes on until all have."""
+        return Barrier(n)
+
     def cond(self, condition: Any) -> Cond:
         return Cond(condition)
 
-    def all(self) -> _AllSteps:
-        mediator = _mediator("all()")
-        mediator.enable_all()
-        return _AllSteps(self, mediator)
+    def all(self) -> AllSteps:
+        """Every step from here on (see `steps.AllSteps` for its three spellings)."""
+        return all_steps()
 
     def next(self, step: int = 1) -> None:
-        _mediator("next()").iteration += step
+        """Move every module to its next call (the next generation step)."""
+        body_mediator("tracer.next()").iteration += step
 
     def local(self) -> LocalBlock:
         return LocalBlock()
@@ -200,9 +162,15 @@ class Tracer(Context):
 
     def _run_model(self, invokes: list[Invoker]) -> None:
         model = self._model
-        args, kwargs, rows, batch_size = model._batch([inv.inputs for inv in invokes])
-        if len(invokes) == 1:
-            rows = [None]
+        given = [inv for inv in invokes if inv.given_input]
+        if not given:
+            raise TetherError("No invoke has an input: give `tracer.invoke(...)` an input (an empty "
+                              "`tracer.invoke()` sees the batch the other invokes make).")
+        args, kwargs, given_rows, batch_size = model._batch([inv.inputs for inv in given])
+        if len(given) == 1:
+            given_rows = [None]
+        row_of = dict(zip(map(id, given), given_rows))
+        rows = [row_of.get(id(inv)) for inv in invokes]  # an empty invoke: the whole batch (None)
         mediators = [Mediator(block, block.code(), ns, None) for block, ns in model._edits]
         assigned_earlier: set[str] = set()
         for inv, r in zip(invokes, rows):
@@ -212,9 +180,9 @@ class Tracer(Context):
             mediators.append(mediator)
         interleaver = Interleaver(model._module, mediators, batch_size, self._max_iterations(), cancel=self._cancel,
                                   parents=model._parents(), plan=model._hook_plan(tuple(m.code for m in mediators)))
-        self.result = interleaver.run(lambda: model._run(self._mode, args, kwargs, self._run_kwargs))
+        self._result = interleaver.run(lambda: model._run(self._mode, args, kwargs, self._run_kwargs))
         if self._mode == "generate":
-            interleaver.serve(model._generator_key(), "output", self.result)
+            interleaver.serve(model._generator_key(), "output", self._result)
         interleaver.finish()
         self._stopped = interleaver.stopped
 

@@ -136,7 +136,11 @@ def test_multi_row_invoke_and_single_input_trace_agree(tiny_net, b):
 
 
 def _hf_padded(tok, prompts):
-    return tok(prompts, return_tensors="pt", padding=True)
+    """The tokenizer's left-padded batch, with `position_ids` from the mask as Hugging Face `generate` derives them."""
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    mask = batch["attention_mask"]
+    batch["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return batch
 
 
 def test_language_model_invokes_are_padded_rows_of_one_batch(gpt2):

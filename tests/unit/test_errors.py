@@ -472,5 +472,15 @@ def test_traces_leave_no_reference_cycles():
                 first = lm.transformer.h[0].output
             with lm.trace("there"):
                 (lm.transformer.h[0].output + first.sum()).save()
+        with lm.generate(max_new_tokens=2, min_new_tokens=2) as tracer:  # skip, barrier, per-module next
+            barrier = tracer.barrier(2)
+            with tracer.invoke("hello"):
+                lm.transformer.h[0].skip(lm.transformer.h[0].input)
+                barrier()
+                lm.transformer.h[1].next().output.save()
+            with tracer.invoke("world"):
+                lm.transformer.h[0].skip(lm.transformer.h[0].input)
+                barrier()
 
     assert _uncollected_after(bodies) == []
+    assert "forward" not in hf.transformer.h[0].__dict__  # the skip gate is gone

@@ -76,6 +76,19 @@ def test_tiny_gpt2_is_seeded_and_leaves_global_rng_alone():
     assert not torch.equal(a.transformer.h[0].mlp.c_fc.weight, c.transformer.h[0].mlp.c_fc.weight)
 
 
+def test_tiny_llama_is_seeded_rotary_and_matches_the_tokenizer():
+    state = torch.random.get_rng_state()
+    a, tokenizer = tiny.tiny_llama(seed=0)
+    b, _ = tiny.tiny_llama(seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not a.training and a.config.vocab_size == len(tokenizer) and len(a.model.layers) == 2
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    with torch.no_grad():
+        logits = a(**tokenizer("hello", return_tensors="pt")).logits  # (batch, seq, vocab)
+    assert logits.shape[-1] == len(tokenizer) and torch.isfinite(logits).all()
+
+
 def test_tiny_gpt2_vocab_size_is_the_tokenizers():
     model, tokenizer = tiny.tiny_gpt2(vocab_size=300)
     assert len(tokenizer) == model.config.vocab_size == 300
