@@ -67,7 +67,7 @@ class Job:
 
 
 def model_name_of(model: Any, options: dict) -> str:
-    name = options.get("model_name") or getattr(model, "_source", None)
+    name = options.get("model_name") or getattr(model, "_remote_name", None) or getattr(model, "_source", None)
     if not name:
         raise TetherError(
             "tether does not know which hosted model this is: pass `model_name='...'` (the server's name "
@@ -87,11 +87,9 @@ def build_job(context: Any, ns: dict) -> Job:
             "edit's interventions in the trace body instead, or run locally."
         )
     model_name = model_name_of(model, options)
-    if isinstance(context, Session):
-        kind = "session"
-    else:
-        kind = "scan" if getattr(context, "_scan", False) else context._mode
+    kind = "session" if isinstance(context, Session) else context._mode
     program = program_of(context, kind)
+    program.kwargs.update(_trace_options(context))
     block = context.block
     body = _body_of(block)
     encoder = _Encoder(model, model_name)
@@ -133,6 +131,21 @@ def build_job(context: Any, ns: dict) -> Job:
             job.sites[local.block_id] = LocalSite(site.filename, site.text, local.first_line)
     job.spec.program.CopyFrom(msg)
     return job
+
+
+def _trace_options(context: Any) -> dict[str, Any]:
+    """The trace options a local run obeys (scan, validate, invoker_args), as keywords of the entry point:
+    the server's `model.trace(...)` takes them as the caller's did."""
+    if isinstance(context, Session) or context._mode == "scan":
+        return {}
+    options: dict[str, Any] = {}
+    if context._scan:
+        options["scan"] = True
+    if context._validate:
+        options["validate"] = True
+    if context._invoker_args:
+        options["invoker_args"] = dict(context._invoker_args)
+    return options
 
 
 # ---------------------------------------------------------------------------------------------- the body
@@ -280,7 +293,7 @@ class _Encoder:
         if root is self._model or getattr(root, "_module", None) is getattr(self._model, "_module", None):
             name = self._model_name
         else:
-            name = getattr(root, "_source", None)
+            name = getattr(root, "_remote_name", None) or getattr(root, "_source", None)
             if not name:
                 raise TetherError(
                     "The body uses a second model that the server cannot name: load it by its hosted name "

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from tether.runtime.saving import NotReached, UnsavedValue
 from tether.safe_pickle import safe_loads
@@ -47,6 +48,7 @@ def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], valu
     sizes: dict[str, int] = {}
     stand_ins = jobs_pb2.JobResult()
     for name, value in values.items():
+        value = _without_fakes(value)
         if isinstance(value, UnsavedValue):
             stand_ins.unsaved.append(name)
         elif isinstance(value, NotReached):
@@ -79,6 +81,18 @@ def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], valu
             "for a larger max_result_bytes (the server's --max-result-bytes caps it)."
         )
     return pieces
+
+
+def _without_fakes(value: Any) -> Any:
+    """A scan's fake tensors (shapes and dtypes, no memory to read) as meta tensors of the same shape and
+    dtype, in plain containers too: what a client can load, and nothing that reads a fake's data pointer."""
+    if isinstance(value, FakeTensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if type(value) in (list, tuple):
+        return type(value)(_without_fakes(v) for v in value)
+    if type(value) is dict:
+        return {k: _without_fakes(v) for k, v in value.items()}
+    return value
 
 
 def _importable(reference: values_pb2.Reference, value: Any) -> bool:
