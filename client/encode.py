@@ -28,6 +28,8 @@ from tether.runtime.session import Session
 from tether.v1 import jobs_pb2, program_pb2, values_pb2
 from tether.values import to_value
 
+from .outside import as_namespace, is_plain_object
+
 __all__ = ["Job", "LocalSite", "build_job", "model_name_of", "CLIENT_MODULE"]
 
 CLIENT_MODULE = "__client__"  # Reference.module of @tether.trace functions: they run on the client only
@@ -111,6 +113,8 @@ def build_job(context: Any, ns: dict) -> Job:
     for name in free_names(block, ns):
         if name not in body.remote_loads or name == program.tracer_name or isinstance(ns[name], Context):
             continue  # read only inside local() blocks (stays on the client), or the tracer itself
+        if is_plain_object(ns[name], _is_library):
+            _check_plain_object(name, ns[name], block)
         try:
             value = encoder.binding(name, ns[name])
         except (TypeError, TetherError):
@@ -131,6 +135,19 @@ def build_job(context: Any, ns: dict) -> Job:
             job.sites[local.block_id] = LocalSite(site.filename, site.text, local.first_line)
     job.spec.program.CopyFrom(msg)
     return job
+
+
+def _check_plain_object(name: str, obj: Any, block: Any) -> None:
+    """A plain object travels as its attributes: refuse, before the job, a body that uses its class's methods
+    or properties there (the server would not have them)."""
+    for node in ast.walk(block.node):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == name
+                and node.attr not in vars(obj) and hasattr(type(obj), node.attr)):
+            raise TetherError(
+                f"{block.filename}, line {node.lineno}: `{name}.{node.attr}` belongs to the class "
+                f"{type(obj).__qualname__}, which stays here: a remote job gets `{name}`'s attributes only. "
+                f"Read or set attributes of `{name}` in the body, or use it inside `with tether.local():`."
+            )
 
 
 def _trace_options(context: Any) -> dict[str, Any]:
@@ -281,6 +298,8 @@ class _Encoder:
             raise obj._error()
         if isinstance(obj, Context):
             raise TetherError("A tracing context cannot be sent to the server inside another value.")
+        if is_plain_object(obj, _is_library):
+            return to_value(as_namespace(obj), default=self._default)
         if isinstance(obj, (types.FunctionType, type)) and not _is_library(obj):
             raise TetherError(
                 f"{obj.__qualname__} is your own function or class inside a container: the server can only "

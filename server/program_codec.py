@@ -17,7 +17,7 @@ from tether.runtime.capture import _assigned_names, parse
 from tether.runtime.envoy import Envoy
 from tether.runtime.program import Program
 from tether.v1 import program_pb2, values_pb2
-from tether.values import from_value, to_value
+from tether.values import Attributes, from_value, to_value
 from tether.wire import decode_value_map
 
 from . import sources
@@ -36,6 +36,7 @@ _KINDS = {
     program_pb2.PROGRAM_KIND_SCAN: "scan",
 }
 _LOCAL_HINT = "wrap the call in `with tether.local():` to run it on your own machine"
+_MUTABLE = (list, dict, Attributes)  # outside values whose in-place changes go back to the client
 
 
 class ClientOnly:
@@ -179,10 +180,29 @@ class DecodedProgram:
     user_files: dict[str, str]  # registered file name (see sources.py) -> the user's file name
     local_sites: dict[tuple[str, int], LocalSite]  # (registered file name, first body line) -> site
     functions: list[_Function] = field(default_factory=list)
+    outside: dict[str, bytes] = field(default_factory=dict)  # mutable bindings (lists, dicts, plain objects)
+    # -> their received Value, deterministic bytes: a job sends back those its body changed
 
     @property
     def has_local_blocks(self) -> bool:
         return bool(self.local_sites)
+
+    def with_outside_changes(self, values: dict[str, Any], log: Callable[..., None]) -> dict[str, Any]:
+        """`values` (what `execute` returned) plus the outside lists, dicts and plain objects the body changed
+        in place, so the client applies the same changes to its own objects as a local run makes."""
+        changed = {}
+        for name, sent in self.outside.items():
+            obj = self.bindings.get(name)
+            if name in values or type(obj) not in _MUTABLE:
+                continue
+            try:
+                now = self.codec.encode(obj).SerializeToString(deterministic=True)
+            except Exception as error:  # something appended that has no wire form
+                log(f"tether: the changes to `{name}` stay on the server: {error}")
+                continue
+            if now != sent:
+                changed[name] = obj
+        return {**changed, **values} if changed else values
 
     def bind(self, replica: Any) -> Any:
         """Give the job its own root on `replica` (the NNsight its worker runs): model references become its
@@ -214,6 +234,7 @@ class DecodedProgram:
         for name in names:  # idempotent: a second call finds nothing to release
             sources.release(name)
         self.bindings.clear()
+        self.outside.clear()
         for fn in self.functions:
             fn.namespace.clear()
 
@@ -252,6 +273,8 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
     try:
         decoded.bindings.update(
             codec.decode_map({k: v for k, v in program.bindings.items() if k in used}, "the value of"))
+        decoded.outside.update({k: program.bindings[k].SerializeToString(deterministic=True)
+                                for k, v in decoded.bindings.items() if type(v) in _MUTABLE})
         for fn in program.functions:
             decoded.functions.append(_function(fn, policy, codec, decoded))
     except BaseException:

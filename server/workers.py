@@ -292,6 +292,7 @@ class _Run:
                 root, decoded.program, decoded.bindings, filename=decoded.body_filename, local=handler, log=log,
                 cancel=self._stop_requested))
             watch.check(versions)
+            values = decoded.with_outside_changes(values, log)
             log.flush()
             result = encode_result_pieces(values, decoded.codec.encode, self.limits.max_result_bytes, log)
             log.flush()
