@@ -140,9 +140,11 @@ def build_job(context: Any, ns: dict) -> Job:
 def _check_plain_object(name: str, obj: Any, block: Any) -> None:
     """A plain object travels as its attributes: refuse, before the job, a body that uses its class's methods
     or properties there (the server would not have them)."""
+    spans = list(block.local_blocks)  # code there runs here, with the real object
     for node in ast.walk(block.node):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == name
-                and node.attr not in vars(obj) and hasattr(type(obj), node.attr)):
+                and node.attr not in vars(obj) and hasattr(type(obj), node.attr)
+                and not any(a <= node.lineno <= b for a, b in spans)):
             raise TetherError(
                 f"{block.filename}, line {node.lineno}: `{name}.{node.attr}` belongs to the class "
                 f"{type(obj).__qualname__}, which stays here: a remote job gets `{name}`'s attributes only. "
@@ -357,6 +359,8 @@ class _Encoder:
                 "Define it with `def`, or call it inside `with tether.local():`."
             )
         scope, closure, local_names = _scopes(obj)
+        if isinstance(node, ast.ClassDef):  # its methods' own variables are not free names of the class
+            local_names = local_names | _method_locals(node)
         fn_body = _Body([node], line_offset=first_line - 1)
         msg = program_pb2.FunctionSource(name=name, source=source, filename=filename, first_line=first_line)
         loads = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
@@ -377,6 +381,21 @@ class _Encoder:
         text = "".join(linecache.getlines(filename))
         site = LocalSite(filename, text, 0)
         self._functions.append((msg, site))
+
+
+def _method_locals(node: ast.ClassDef) -> set[str]:
+    """Names the methods of a class bind themselves (arguments, assignments), minus `global` ones."""
+    names: set[str] = set()
+    declared: set[str] = set()
+    for fn in ast.walk(node):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            for n in ast.walk(fn):
+                if isinstance(n, ast.Global):
+                    declared.update(n.names)
+                elif n is not fn or isinstance(n, ast.Lambda):
+                    names.update(_stored(n))
+            names.update(a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg))
+    return names - declared
 
 
 def _scopes(obj: Any) -> tuple[dict, dict, set[str]]:

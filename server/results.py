@@ -61,7 +61,16 @@ def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], valu
             pieces += entry
             sizes[name] = sum(len(p) for p in entry)
         elif _sendable(value):
-            encoded = encode(value)
+            if not _importable_class(type(value)):
+                log(f"tether: `{name}` ({type(value).__qualname__}) stays on the server: its class was defined by "
+                    "the program, so no client can load it; save its tensors or numbers instead to get them back")
+                continue
+            try:
+                encoded = encode(value)
+            except Exception as error:  # e.g. an optimizer or loader holding locks: it has no wire form
+                log(f"tether: `{name}` ({type(value).__qualname__}) stays on the server: it cannot be sent "
+                    f"({error}); convert it to tensors, numbers, strings, lists or dicts to get it back")
+                continue
             if encoded.WhichOneof("kind") == "reference" and not _importable(encoded.reference, value):
                 continue  # a function or class the program defined: the client cannot import it
             if encoded.WhichOneof("kind") == "pickled" and not _loadable(encoded.pickled, value):
@@ -93,6 +102,13 @@ def _without_fakes(value: Any) -> Any:
     if type(value) is dict:
         return {k: _without_fakes(v) for k, v in value.items()}
     return value
+
+
+def _importable_class(tp: type) -> bool:
+    try:
+        return import_reference(values_pb2.Reference(module=tp.__module__, qualname=tp.__qualname__)) is tp
+    except Exception:
+        return False
 
 
 def _importable(reference: values_pb2.Reference, value: Any) -> bool:
