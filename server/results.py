@@ -61,7 +61,7 @@ def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], valu
             pieces += entry
             sizes[name] = sum(len(p) for p in entry)
         elif _sendable(value):
-            if not _importable_class(type(value)):
+            if not isinstance(value, _CODE_TYPES) and not _importable_class(type(value)):
                 log(f"tether: `{name}` ({type(value).__qualname__}) stays on the server: its class was defined by "
                     "the program, so no client can load it; save its tensors or numbers instead to get them back")
                 continue
