@@ -113,6 +113,10 @@ def build_job(context: Any, ns: dict) -> Job:
     for name in free_names(block, ns):
         if name not in body.remote_loads or name == program.tracer_name or isinstance(ns[name], Context):
             continue  # read only inside local() blocks (stays on the client), or the tracer itself
+        arg = next((i for i, a in enumerate(program.args) if a is ns[name]), None)
+        if arg is not None and not isinstance(ns[name], (int, float, str, bool)):
+            msg.bound_args[name] = arg  # the same object as the input, on the server too
+            continue
         if is_plain_object(ns[name], _is_library):
             _check_plain_object(name, ns[name], block)
         try:

@@ -273,8 +273,10 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
     try:
         decoded.bindings.update(
             codec.decode_map({k: v for k, v in program.bindings.items() if k in used}, "the value of"))
+        decoded.bindings.update({k: decoded.program.args[i] for k, i in program.bound_args.items()
+                                 if k in used and 0 <= i < len(decoded.program.args)})
         decoded.outside.update({k: program.bindings[k].SerializeToString(deterministic=True)
-                                for k, v in decoded.bindings.items() if type(v) in _MUTABLE})
+                                for k, v in decoded.bindings.items() if type(v) in _MUTABLE and k in program.bindings})
         for fn in program.functions:
             decoded.functions.append(_function(fn, policy, codec, decoded))
     except BaseException:
