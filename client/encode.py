@@ -83,11 +83,6 @@ def build_job(context: Any, ns: dict) -> Job:
     """The job for a captured (entered and skipped) Tracer or Session, with the caller's names `ns`."""
     options = context._remote_options
     model = context._model
-    if getattr(model, "_edits", None):
-        raise TetherError(
-            "This model has persistent edits (`model.edit()`), which a remote job would not apply. Run the "
-            "edit's interventions in the trace body instead, or run locally."
-        )
     model_name = model_name_of(model, options)
     kind = "session" if isinstance(context, Session) else context._mode
     program = program_of(context, kind)
@@ -104,6 +99,8 @@ def build_job(context: Any, ns: dict) -> Job:
         model=model_name,
         tracer_name=program.tracer_name,
     )
+    for edit_block, edit_ns in getattr(model, "_edits", ()):
+        msg.edits.append(_edit(encoder, edit_block, edit_ns))
     msg.args.extend(encoder.value(a) for a in program.args)
     for key, value in program.kwargs.items():
         msg.kwargs[key].CopyFrom(encoder.value(value))
@@ -139,6 +136,23 @@ def build_job(context: Any, ns: dict) -> Job:
             job.sites[local.block_id] = LocalSite(site.filename, site.text, local.first_line)
     job.spec.program.CopyFrom(msg)
     return job
+
+
+def _edit(encoder: _Encoder, block: Any, ns: dict) -> program_pb2.Edit:
+    """A persistent edit as the server applies it: its body and the values it read when it was made."""
+    if block.local_blocks:
+        raise TetherError(
+            f"{block.filename}, line {block.first_line}: this model's edit (`model.edit()`) has a `local()` block, "
+            "which a remote job cannot run in every trace; move that code out of the edit, or run locally."
+        )
+    msg = program_pb2.Edit(source=block.source, filename=block.filename, first_line=block.first_line)
+    for name in free_names(block, ns):
+        if isinstance(ns[name], Context):
+            continue
+        value = encoder.binding(name, ns[name])
+        if value is not None:
+            msg.bindings[name].CopyFrom(value)
+    return msg
 
 
 def _check_plain_object(name: str, obj: Any, block: Any) -> None:

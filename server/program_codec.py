@@ -15,7 +15,9 @@ from typing import Any
 
 from tether.runtime.capture import _assigned_names, parse
 from tether.runtime.envoy import Envoy
-from tether.runtime.program import Program
+from tether.runtime import ops
+from tether.runtime.capture import OPS_NAME
+from tether.runtime.program import Program, block_of
 from tether.v1 import program_pb2, values_pb2
 from tether.values import Attributes, from_value, to_value
 from tether.wire import decode_value_map
@@ -170,6 +172,13 @@ class _Function:
 
 
 @dataclass
+class _Edit:
+    program: Program  # the edit's body (kind "trace"), compiled under `filename`
+    filename: str  # the registered file name it is compiled under (see sources.py)
+    namespace: dict  # its decoded bindings
+
+
+@dataclass
 class DecodedProgram:
     """Everything a worker needs to run one job; built (and checked) before the job is queued."""
 
@@ -180,6 +189,7 @@ class DecodedProgram:
     user_files: dict[str, str]  # registered file name (see sources.py) -> the user's file name
     local_sites: dict[tuple[str, int], LocalSite]  # (registered file name, first body line) -> site
     functions: list[_Function] = field(default_factory=list)
+    edits: list[_Edit] = field(default_factory=list)  # the model's persistent edits, in order
     outside: dict[str, bytes] = field(default_factory=dict)  # mutable bindings (lists, dicts, plain objects)
     # -> their received Value, deterministic bytes: a job sends back those its body changed
 
@@ -214,6 +224,10 @@ class DecodedProgram:
         self.bindings.update({k: codec.resolve(v) for k, v in self.bindings.items()})
         for fn in self.functions:
             fn.namespace.update({k: codec.resolve(v) for k, v in fn.namespace.items()})
+        for edit in self.edits:  # on this job's root only: the hosted model never changes
+            edit.namespace.update({k: codec.resolve(v) for k, v in edit.namespace.items()})
+            edit.namespace[OPS_NAME] = ops
+            codec.root._edits.append((block_of(edit.program, edit.filename), edit.namespace))
         return codec.root
 
     def define_functions(self, log: Callable[..., None]) -> None:
@@ -235,6 +249,8 @@ class DecodedProgram:
             sources.release(name)
         self.bindings.clear()
         self.outside.clear()
+        for edit in self.edits:
+            edit.namespace.clear()
         for fn in self.functions:
             fn.namespace.clear()
 
@@ -279,6 +295,8 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
                                 for k, v in decoded.bindings.items() if type(v) in _MUTABLE and k in program.bindings})
         for fn in program.functions:
             decoded.functions.append(_function(fn, policy, codec, decoded))
+        for edit in program.edits:
+            decoded.edits.append(_edit(edit, policy, codec, decoded))
     except BaseException:
         decoded.release()
         raise
@@ -304,6 +322,20 @@ def _function(fn: program_pb2.FunctionSource, policy: Policy, codec: ValueCodec,
     decoded.local_sites.update({(name, line): site for line, site in sites.items()})
     namespace = codec.decode_map({k: v for k, v in fn.bindings.items() if k in used}, f"in `{fn.name}`, the value of")
     return _Function(fn.name or defined, defined, name, text, namespace)
+
+
+def _edit(edit: program_pb2.Edit, policy: Policy, codec: ValueCodec, decoded: DecodedProgram) -> _Edit:
+    filename = edit.filename or "<edit>"
+    first_line = edit.first_line or 1
+    source, sites = _cut_local_blocks(edit.source, filename, first_line, {})
+    if sites:
+        raise InvalidProgram(f"{filename}, line {first_line}: a model edit with a `local()` block cannot run "
+                             "remotely; move that code out of the edit.")
+    used = _check(policy, source, filename, first_line, edit.bindings)
+    name = sources.hold(filename, "\n" * (first_line - 1) + source)
+    decoded.user_files[name] = filename
+    namespace = codec.decode_map({k: v for k, v in edit.bindings.items() if k in used}, "in a model edit, the value of")
+    return _Edit(Program(kind="trace", source=source, filename=filename, first_line=first_line), name, namespace)
 
 
 @functools.lru_cache(maxsize=512)
