@@ -13,10 +13,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.runtime.capture import _assigned_names, parse
-from tether.runtime.envoy import Envoy
 from tether.runtime import ops
-from tether.runtime.capture import OPS_NAME
+from tether.runtime.capture import OPS_NAME, _assigned_names, parse
+from tether.runtime.envoy import Envoy
 from tether.runtime.program import Program, block_of
 from tether.v1 import program_pb2, values_pb2
 from tether.values import Attributes, from_value, to_value
