@@ -73,8 +73,9 @@ def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], valu
                 continue
             if encoded.WhichOneof("kind") == "reference" and not _importable(encoded.reference, value):
                 continue  # a function or class the program defined: the client cannot import it
-            if encoded.WhichOneof("kind") == "pickled" and not _loadable(encoded.pickled, value):
-                log(f"tether: `{name}` ({encoded.pickled.type_name}) stays on the server: it has no form a "
+            unloadable = _unloadable(encoded, value)
+            if unloadable:
+                log(f"tether: `{name}` ({unloadable}) stays on the server: it has no form a "
                     "client can load; convert it to tensors, numbers, strings, lists or dicts to get it back")
                 continue
             entry = values_pb2.ValueMap(values={name: encoded}).SerializeToString()  # = one JobResult.saved entry
@@ -116,6 +117,20 @@ def _importable(reference: values_pb2.Reference, value: Any) -> bool:
         return import_reference(reference) is value
     except Exception:
         return False
+
+
+def _unloadable(encoded: values_pb2.Value, value: Any) -> str:
+    """The type name of a pickled part of `encoded` (itself, or inside its lists, tuples and dicts) that a
+    client could not load; "" when it all loads."""
+    kind = encoded.WhichOneof("kind")
+    if kind == "pickled":
+        return "" if _loadable(encoded.pickled, value) else encoded.pickled.type_name
+    if kind in ("list_value", "tuple_value"):
+        return next((bad for item in getattr(encoded, kind).items if (bad := _unloadable(item, None))), "")
+    if kind == "map_value":
+        return next((bad for e in encoded.map_value.entries
+                     if (bad := _unloadable(e.key, None) or _unloadable(e.value, None))), "")
+    return ""
 
 
 def _loadable(pickled: values_pb2.Pickled, value: Any) -> bool:

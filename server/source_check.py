@@ -174,9 +174,15 @@ _DUNDER_STRING = re.compile(r"__\w+__")
 
 
 def _is_super_dunder(func: ast.expr) -> bool:
-    """`super().NAME` or `super(C, self).NAME` with NAME one of the dunder methods a class may define."""
-    return (isinstance(func, ast.Attribute) and func.attr in CLASS_DUNDERS and isinstance(func.value, ast.Call)
-            and isinstance(func.value.func, ast.Name) and func.value.func.id == "super")
+    """`super().NAME` or `super(C, self).NAME` with NAME one of the dunder methods a class may define (not
+    `super(C, other)`, which would re-run a constructor on someone else's object)."""
+    if not (isinstance(func, ast.Attribute) and func.attr in CLASS_DUNDERS and isinstance(func.value, ast.Call)):
+        return False
+    call = func.value
+    if not (isinstance(call.func, ast.Name) and call.func.id == "super") or call.keywords:
+        return False
+    return not call.args or (len(call.args) == 2 and isinstance(call.args[0], ast.Name)
+                             and isinstance(call.args[1], ast.Name) and call.args[1].id == "self")
 _GETATTR_LIKE = {
     "getattr": 1,
     "operator.attrgetter": None,

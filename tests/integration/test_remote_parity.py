@@ -135,6 +135,18 @@ def test_unchanged_outside_values_keep_their_identity(llm, rllm):
     assert config["rows"] is before and config == {"scale": 2, "rows": [1, 2]} and out.shape[-1] == 512
 
 
+def test_an_outside_list_given_what_no_client_can_load_stays_unchanged_and_says_so(rnet, x, capsys):
+    outs = [1]
+    with rnet.trace(x, remote=True):
+        class Thing:
+            pass
+
+        outs.append(Thing())
+    assert outs == [1]
+    out = capsys.readouterr().out
+    assert "`outs` (" in out and "stays on the server" in out
+
+
 def test_a_method_of_an_outside_object_is_refused_before_the_job(rllm):
     box = Box()
     with pytest.raises(tether.TetherError, match=r"line \d+: `box.twice` belongs to the class Box"):

@@ -132,6 +132,7 @@ def test_dunder_import_is_refused():
         ("class A:\n    def f(self):\n        self.__init__()", "__init__"),
         ("class A:\n    def f(self):\n        super().__reduce__()", "__reduce__"),
         ("class A(metaclass=M):\n    pass", "metaclass"),
+        ("class A:\n    def f(self, m):\n        super(A, m).__init__()", "__init__"),
     ],
 )
 def test_dunder_and_introspection_access_is_refused(source, named):
