@@ -16,10 +16,11 @@ __all__ = ["is_plain_object", "as_namespace", "merge_into"]
 
 
 def is_plain_object(obj: Any, is_library: Any) -> bool:
-    """An instance of the user's own class whose state is its `__dict__` (no slots, no custom metaclass)."""
+    """An instance of the user's own class whose state is its `__dict__`: every class of its MRO is the
+    user's (no library base such as dict or nn.Module, whose state lives elsewhere), no slots, no metaclass."""
     tp = type(obj)
-    return (type(tp) is type and not is_library(tp) and "__slots__" not in vars(tp)
-            and isinstance(getattr(obj, "__dict__", None), dict) and not isinstance(obj, torch.nn.Module))
+    return (type(tp) is type and isinstance(getattr(obj, "__dict__", None), dict)
+            and all(c is object or (not is_library(c) and "__slots__" not in vars(c)) for c in tp.__mro__))
 
 
 def as_namespace(obj: Any) -> Attributes:

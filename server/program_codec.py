@@ -189,6 +189,7 @@ class DecodedProgram:
     local_sites: dict[tuple[str, int], LocalSite]  # (registered file name, first body line) -> site
     functions: list[_Function] = field(default_factory=list)
     edits: list[_Edit] = field(default_factory=list)  # the model's persistent edits, in order
+    bound_args: dict[str, int] = field(default_factory=dict)  # free names that are positional inputs (by index)
     outside: dict[str, bytes] = field(default_factory=dict)  # mutable bindings (lists, dicts, plain objects)
     # -> their received Value, deterministic bytes: a job sends back those its body changed
 
@@ -221,6 +222,7 @@ class DecodedProgram:
         self.program.args = codec.resolve(self.program.args)
         self.program.kwargs = codec.resolve(self.program.kwargs)
         self.bindings.update({k: codec.resolve(v) for k, v in self.bindings.items()})
+        self.bindings.update({k: self.program.args[i] for k, i in self.bound_args.items()})  # the same objects
         for fn in self.functions:
             fn.namespace.update({k: codec.resolve(v) for k, v in fn.namespace.items()})
         for edit in self.edits:  # on this job's root only: the hosted model never changes
@@ -288,8 +290,9 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
     try:
         decoded.bindings.update(
             codec.decode_map({k: v for k, v in program.bindings.items() if k in used}, "the value of"))
-        decoded.bindings.update({k: decoded.program.args[i] for k, i in program.bound_args.items()
-                                 if k in used and 0 <= i < len(decoded.program.args)})
+        decoded.bound_args.update({k: i for k, i in program.bound_args.items()
+                                   if k in used and 0 <= i < len(decoded.program.args)})
+        decoded.bindings.update({k: decoded.program.args[i] for k, i in decoded.bound_args.items()})
         decoded.outside.update({k: program.bindings[k].SerializeToString(deterministic=True)
                                 for k, v in decoded.bindings.items() if type(v) in _MUTABLE and k in program.bindings})
         for fn in program.functions:
