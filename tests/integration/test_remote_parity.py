@@ -320,7 +320,27 @@ class LORA(torch.nn.Module):
         self.module.output = h * alpha
 
 
-def _train_lora(model, remote: bool) -> list[float]:
+class WalkthroughLORA(torch.nn.Module):
+    """The walkthrough's LoRA exactly as written there: `__call__`, `super(LORA, self)`, `.save()`d parameters."""
+
+    def __init__(self, module, dim: int, r: int) -> None:
+        super(WalkthroughLORA, self).__init__()  # noqa: UP008 - as the walkthrough writes it
+        self.r = r
+        self.module = module
+        self.WA = torch.nn.Parameter(torch.randn(dim, self.r), requires_grad=True).save()
+        self.WB = torch.nn.Parameter(torch.zeros(self.r, dim), requires_grad=True).save()
+
+    def __call__(self, alpha: float = 1.0):
+        A_x = torch.matmul(self.module.input[0][0], self.WA)
+        BA_x = torch.matmul(A_x, self.WB)
+        h = BA_x + self.module.output
+        self.module.output = h * alpha
+
+    def parameters(self):
+        return [self.WA, self.WB]
+
+
+def _train_lora(model, remote: bool, lora_class: type) -> list[float]:
     answer_token = model.tokenizer.encode(" Paris")[-1]
     module = model.transformer.h[-1].mlp
     losses = []
@@ -328,7 +348,7 @@ def _train_lora(model, remote: bool) -> list[float]:
         torch.manual_seed(0)
         dataset = [["_", answer_token]] * 100
         dataloader = DataLoader(dataset, batch_size=10)
-        lora = LORA(module, 64, 4)
+        lora = lora_class(module, 64, 4)
         optimizer = torch.optim.AdamW(lora.parameters(), lr=0.01)
         with session.iter(dataloader, return_context=True) as (batch, iterator):
             prompt = batch[0]
@@ -343,8 +363,9 @@ def _train_lora(model, remote: bool) -> list[float]:
     return losses
 
 
-def test_the_walkthrough_lora_trains_remotely(llm, rllm):
-    local, remote = _train_lora(llm, False), _train_lora(rllm, True)
+@pytest.mark.parametrize("lora_class", [LORA, WalkthroughLORA])
+def test_the_walkthrough_lora_trains_remotely(llm, rllm, lora_class):
+    local, remote = _train_lora(llm, False, lora_class), _train_lora(rllm, True, lora_class)
     assert len(remote) == 10 and remote == local
     assert remote[-1] < remote[0] and all(b < a for a, b in zip(remote, remote[1:]))
 
