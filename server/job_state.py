@@ -1,4 +1,5 @@
-"""Per-job state on a hosted model that must not outlive the job: gradients, train/eval modes, requires_grad.
+"""Per-job state that must not outlive the job: gradients, train/eval modes and requires_grad flags of a hosted
+model, and the worker thread's autograd mode (a body may call `torch.set_grad_enabled(False)`).
 
 `JobState.of(module)` records the model as served; `reset()` puts it back after each job, so no job sees
 what an earlier one left (a second user reading the first user's `.grad`). Imports torch only.
@@ -19,13 +20,17 @@ class JobState:
         self._requires_grad = [p.requires_grad for p in self._params]
         self._modules = list(module.modules())
         self._training = [m.training for m in self._modules]
+        self._grad_enabled = torch.is_grad_enabled()  # of the thread that records it: the worker's
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> JobState:
         return cls(module)
 
     def reset(self) -> None:
-        """Clear parameter gradients; restore requires_grad flags and train/eval modes as served."""
+        """Clear parameter gradients; restore requires_grad flags, train/eval modes and the autograd mode as
+        served. Called by the worker thread that recorded it, after each job."""
+        if torch.is_grad_enabled() is not self._grad_enabled:
+            torch.set_grad_enabled(self._grad_enabled)
         for param, flag in zip(self._params, self._requires_grad):
             if param.grad is not None:
                 param.grad = None

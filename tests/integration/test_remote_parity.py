@@ -436,3 +436,17 @@ def test_parameter_gradients_do_not_outlive_a_job(rllm):
             rllm.lm_head.output.sum().backward()
             grad = rllm.transformer.h[0].mlp.c_fc.weight.grad.clone().save()
         _same(expected, grad)
+
+
+def test_modes_and_flags_a_job_changes_do_not_outlive_it(rllm):
+    with rllm.trace(PROMPT, remote=True):
+        torch.set_grad_enabled(False)
+        rllm.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)
+        rllm.transformer.h[0].mlp.train()
+        changed = rllm.lm_head.output.save()
+    assert not changed.requires_grad
+    with rllm.trace(PROMPT, remote=True):
+        grad_on = torch.is_grad_enabled()
+        flag = rllm.transformer.h[0].mlp.c_fc.weight.requires_grad
+        training = rllm.transformer.h[0].mlp.training
+    assert (grad_on, flag, training) == (True, True, False)
