@@ -53,7 +53,6 @@ class LanguageModel(NNsight):
         super().__init__(module)
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "_remote_name", source)  # the server's name for it; kept after dispatch
-        object.__setattr__(self, "_from_server", from_server)  # no weights here: it runs remotely only
         object.__setattr__(self, "_device_map", device_map)
         object.__setattr__(self, "_tokenizer", _ready(tokenizer) if tokenizer is not None else None)
         object.__setattr__(self, "_generator", _Generator(self))
