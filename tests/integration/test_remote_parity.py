@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 import tether
 from tether import LanguageModel, NNsight
 from tether.runtime import tiny
+from tether.server.app import start_server
 from tether.tensor_codec import _leaf_requiring_grad
 
 PROMPT = "The quick brown fox"
@@ -261,6 +262,21 @@ def test_dispatch_true_keeps_a_hosted_model_remote(llm):
     _same(expected, logits)
 
 
+def test_a_local_model_keeps_its_hosted_name_after_running_locally(tmp_path):
+    hf, tok = tiny.tiny_gpt2()
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = LanguageModel(str(tmp_path))
+    local = model.trace(PROMPT, trace=False)  # loads the weights here
+    server = start_server({str(tmp_path): (hf, tok)}, host="127.0.0.1", port=0)
+    try:
+        with model.trace(PROMPT, remote=True, backend=server.address):
+            logits = model.lm_head.output.save()
+    finally:
+        server.stop(grace=0)
+    assert torch.equal(logits, local.logits)
+
+
 def test_nnsight_by_name_is_a_remote_handle(net, rnet, x):
     assert repr(rnet) == repr(net)
     with rnet.trace(x, remote=True):
@@ -411,6 +427,14 @@ def test_a_remote_key_error_is_caught_by_its_own_except(rllm):
         assert error.remote_type == "builtins.KeyError"
     else:
         pytest.fail("no KeyError")
+
+
+def test_a_remote_tether_error_is_its_own_type(rnet, x):
+    with pytest.raises(tether.OutOfOrderError) as info:
+        with rnet.trace(x, remote=True):
+            late = rnet.layer2.output  # noqa: F841
+            early = rnet.layer1.output  # noqa: F841
+    assert isinstance(info.value, tether.RemoteError) and "layer1" in str(info.value)
 
 
 def test_a_type_outside_the_allow_list_stays_a_plain_remote_error():
