@@ -35,10 +35,9 @@ def merge_into(old: Any, new: Any) -> Any:
         old[:] = [merge_into(o, n) for o, n in zip(old, new)] + new[len(old):]
         return old
     if type(old) is dict and type(new) is dict:
-        for key in [k for k in old if k not in new]:
-            del old[key]
-        for key, value in new.items():
-            old[key] = merge_into(old[key], value) if key in old else value
+        merged = {key: merge_into(old[key], value) if key in old else value for key, value in new.items()}
+        old.clear()  # the server's order is the body's (a key deleted and set again moved to the end)
+        old.update(merged)
         return old
     if type(new) is Attributes and not isinstance(old, Attributes) \
             and isinstance(getattr(old, "__dict__", None), dict):

@@ -41,5 +41,7 @@ def test_merge_keeps_the_callers_objects_and_unchanged_tensors():
     assert inner == {"k": 3, "new": 4} and vars(box) == {"a": 5, "b": 6} and old[3] == "appended"
     changed = merge_into([t], [torch.zeros(2)])
     assert changed[0] is not t and torch.equal(changed[0], torch.zeros(2))
+    order = {"a": 1, "b": 2}
+    assert list(merge_into(order, {"b": 2, "a": 1})) == ["b", "a"]  # the body's order, as a local run leaves it
     shorter = [1, 2, 3]
     assert merge_into(shorter, [1]) == [1] and shorter == [1]
