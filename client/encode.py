@@ -29,6 +29,8 @@ from tether.runtime.session import Session
 from tether.v1 import jobs_pb2, program_pb2, values_pb2
 from tether.values import to_value
 
+from .outside import as_namespace, is_plain_object
+
 __all__ = ["Job", "LocalSite", "build_job", "model_name_of", "CLIENT_MODULE"]
 
 _KINDS = PROGRAM_KINDS
@@ -62,7 +64,7 @@ class Job:
 
 
 def model_name_of(model: Any, options: dict) -> str:
-    name = options.get("model_name") or getattr(model, "_source", None)
+    name = options.get("model_name") or getattr(model, "_remote_name", None) or getattr(model, "_source", None)
     if not name:
         raise TetherError(
             "tether does not know which hosted model this is: pass `model_name='...'` (the server's name "
@@ -76,17 +78,10 @@ def build_job(context: Any, ns: dict) -> Job:
     """The job for a captured (entered and skipped) Tracer or Session, with the caller's names `ns`."""
     options = context._remote_options
     model = context._model
-    if getattr(model, "_edits", None):
-        raise TetherError(
-            "This model has persistent edits (`model.edit()`), which a remote job would not apply. Run the "
-            "edit's interventions in the trace body instead, or run locally."
-        )
     model_name = model_name_of(model, options)
-    if isinstance(context, Session):
-        kind = "session"
-    else:
-        kind = "scan" if getattr(context, "_scan", False) else context._mode
+    kind = "session" if isinstance(context, Session) else context._mode
     program = program_of(context, kind)
+    program.kwargs.update(_trace_options(context))
     block = context.block
     body = _body_of(block)
     encoder = _Encoder(model, model_name)
@@ -99,6 +94,8 @@ def build_job(context: Any, ns: dict) -> Job:
         model=model_name,
         tracer_name=program.tracer_name,
     )
+    for edit_block, edit_ns in getattr(model, "_edits", ()):
+        msg.edits.append(_edit(encoder, edit_block, edit_ns))
     msg.args.extend(encoder.value(a) for a in program.args)
     for key, value in program.kwargs.items():
         msg.kwargs[key].CopyFrom(encoder.value(value))
@@ -108,6 +105,12 @@ def build_job(context: Any, ns: dict) -> Job:
     for name in free_names(block, ns):
         if name not in body.remote_loads or name == program.tracer_name or isinstance(ns[name], Context):
             continue  # read only inside local() blocks (stays on the client), or the tracer itself
+        arg = next((i for i, a in enumerate(program.args) if a is ns[name]), None)
+        if arg is not None and not isinstance(ns[name], (int, float, str, bool)):
+            msg.bound_args[name] = arg  # the same object as the input, on the server too
+            continue
+        if is_plain_object(ns[name], _is_library):
+            _check_plain_object(name, ns[name], block)
         try:
             value = encoder.binding(name, ns[name])
         except (TypeError, TetherError):
@@ -128,6 +131,53 @@ def build_job(context: Any, ns: dict) -> Job:
             job.sites[local.block_id] = LocalSite(site.filename, site.text, local.first_line)
     job.spec.program.CopyFrom(msg)
     return job
+
+
+def _edit(encoder: _Encoder, block: Any, ns: dict) -> program_pb2.Edit:
+    """A persistent edit as the server applies it: its body and the values it read when it was made."""
+    if block.local_blocks:
+        raise TetherError(
+            f"{block.filename}, line {block.first_line}: this model's edit (`model.edit()`) has a `local()` block, "
+            "which a remote job cannot run in every trace; move that code out of the edit, or run locally."
+        )
+    msg = program_pb2.Edit(source=block.source, filename=block.filename, first_line=block.first_line)
+    for name in free_names(block, ns):
+        if isinstance(ns[name], Context):
+            continue
+        value = encoder.binding(name, ns[name])
+        if value is not None:
+            msg.bindings[name].CopyFrom(value)
+    return msg
+
+
+def _check_plain_object(name: str, obj: Any, block: Any) -> None:
+    """A plain object travels as its attributes: refuse, before the job, a body that uses its class's methods
+    or properties there (the server would not have them)."""
+    spans = list(block.local_blocks)  # code there runs here, with the real object
+    for node in ast.walk(block.node):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == name
+                and node.attr not in vars(obj) and hasattr(type(obj), node.attr)
+                and not any(a <= node.lineno <= b for a, b in spans)):
+            raise TetherError(
+                f"{block.filename}, line {node.lineno}: `{name}.{node.attr}` belongs to the class "
+                f"{type(obj).__qualname__}, which stays here: a remote job gets `{name}`'s attributes only. "
+                f"Read or set attributes of `{name}` in the body, or use it inside `with tether.local():`."
+            )
+
+
+def _trace_options(context: Any) -> dict[str, Any]:
+    """The trace options a local run obeys (scan, validate, invoker_args), as keywords of the entry point:
+    the server's `model.trace(...)` takes them as the caller's did."""
+    if isinstance(context, Session) or context._mode == "scan":
+        return {}
+    options: dict[str, Any] = {}
+    if context._scan:
+        options["scan"] = True
+    if context._validate:
+        options["validate"] = True
+    if context._invoker_args:
+        options["invoker_args"] = dict(context._invoker_args)
+    return options
 
 
 # ---------------------------------------------------------------------------------------------- the body
@@ -263,6 +313,8 @@ class _Encoder:
             raise obj._error()
         if isinstance(obj, Context):
             raise TetherError("A tracing context cannot be sent to the server inside another value.")
+        if is_plain_object(obj, _is_library):
+            return to_value(as_namespace(obj), default=self._default)
         if isinstance(obj, (types.FunctionType, type)) and not _is_library(obj):
             raise TetherError(
                 f"{obj.__qualname__} is your own function or class inside a container: the server can only "
@@ -275,7 +327,7 @@ class _Encoder:
         if root is self._model or getattr(root, "_module", None) is getattr(self._model, "_module", None):
             name = self._model_name
         else:
-            name = getattr(root, "_source", None)
+            name = getattr(root, "_remote_name", None) or getattr(root, "_source", None)
             if not name:
                 raise TetherError(
                     "The body uses a second model that the server cannot name: load it by its hosted name "
@@ -320,6 +372,8 @@ class _Encoder:
                 "Define it with `def`, or call it inside `with tether.local():`."
             )
         scope, closure, local_names = _scopes(obj)
+        if isinstance(node, ast.ClassDef):  # its methods' own variables are not free names of the class
+            local_names = local_names | _method_locals(node)
         fn_body = _Body([node], line_offset=first_line - 1)
         msg = program_pb2.FunctionSource(name=name, source=source, filename=filename, first_line=first_line)
         loads = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
@@ -340,6 +394,21 @@ class _Encoder:
         text = "".join(linecache.getlines(filename))
         site = LocalSite(filename, text, 0)
         self._functions.append((msg, site))
+
+
+def _method_locals(node: ast.ClassDef) -> set[str]:
+    """Names the methods of a class bind themselves (arguments, assignments), minus `global` ones."""
+    names: set[str] = set()
+    declared: set[str] = set()
+    for fn in ast.walk(node):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            for n in ast.walk(fn):
+                if isinstance(n, ast.Global):
+                    declared.update(n.names)
+                elif n is not fn or isinstance(n, ast.Lambda):
+                    names.update(_stored(n))
+            names.update(a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg))
+    return names - declared
 
 
 def _scopes(obj: Any) -> tuple[dict, dict, set[str]]:

@@ -1,7 +1,8 @@
 """Turn what the server reports into tether.RemoteError: gRPC status codes and job Failures, as text.
 
 An exception is never unpickled from the wire: the remote type, message and traceback (already mapped
-to the user's lines by the server) are carried as strings. Imports grpc and tether.v1 only.
+to the user's lines by the server) are carried as strings; remote_exceptions rebuilds an allow-listed type
+by name and the user's frames. Imports grpc and tether.v1 only.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import grpc
 
 from tether.runtime.errors import RemoteError
 from tether.v1 import failure_pb2
+
+from .remote_exceptions import remote_error_type, with_user_frames
 
 __all__ = ["from_rpc_error", "from_failure", "local_failure", "user_frames"]
 
@@ -66,7 +69,9 @@ def from_failure(failure: failure_pb2.Failure, *, job_id: str = "", debug: bool 
     while cause is not None:
         message += f"\n\nCaused by {cause.type.rsplit('.', 1)[-1]}: {cause.message}"
         cause = cause.cause if cause.HasField("cause") else None
-    return RemoteError(message, remote_type=remote_type, remote_traceback=failure.traceback, code="JOB_ERROR")
+    error_type = remote_error_type(remote_type, RemoteError)
+    error = error_type(message, remote_type=remote_type, remote_traceback=failure.traceback, code="JOB_ERROR")
+    return with_user_frames(error, (f for f in failure.frames if f.user_code))
 
 
 def _traceback_text(failure: failure_pb2.Failure, debug: bool) -> str:

@@ -20,6 +20,7 @@ from tether.wire import decode_value_map
 from .display import StatusDisplay
 from .encode import Job
 from .errors import from_failure
+from .outside import merge_into
 from .wire import result_buffer, split_value_map
 
 __all__ = ["DecodedResult", "JobEvents", "PendingValue", "apply_result", "decode_result", "state_name", "resolvers",
@@ -217,6 +218,9 @@ def apply_result(job: Job, data: bytes | bytearray | memoryview, ns: dict, *,
         sent = job.sent.get(name)
         if sent is not None and name in ns and _same_value(sent, raw[name]):
             continue  # the caller's own value, unchanged: keep the very object, as a local run does
+        if sent is not None and name in ns and name not in job.assigned:
+            ns[name] = merge_into(ns[name], value)  # an outside object the body changed in place
+            continue
         ns[name] = value
         if scope is not None:
             scope.add(value)

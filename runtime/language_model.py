@@ -46,18 +46,19 @@ class LanguageModel(NNsight):
 
     def __init__(self, model: Any, *, tokenizer: Any = None, device_map: Any = None, dispatch: bool = False,
                  **kwargs: Any):
-        source = None
+        source, from_server = None, False
         if isinstance(model, torch.nn.Module):
             module = model
         else:
             source = str(model)
-            module, tokenizer = _skeleton(source, tokenizer)
+            module, tokenizer, from_server = _skeleton(source, tokenizer)
         super().__init__(module)
         object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_remote_name", source)  # the server's name for it; kept after dispatch
         object.__setattr__(self, "_device_map", device_map)
         object.__setattr__(self, "_tokenizer", _ready(tokenizer) if tokenizer is not None else None)
         object.__setattr__(self, "_generator", _Generator(self))
-        if dispatch:
+        if dispatch and not from_server:  # a server's model stays a remote handle (nnsight: dispatch=True)
             self._dispatch()
 
     @property
@@ -203,8 +204,9 @@ def _ready(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
-    """A meta-device model and its tokenizer from a local directory or the local Hugging Face cache."""
+def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any, bool]:
+    """A meta-device model, its tokenizer, and whether they came from a server (else a local directory or
+    the local Hugging Face cache)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -214,7 +216,7 @@ def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
 
         remote = load_spec(source)
         if remote is not None:
-            return remote
+            return (*remote, True)
         raise TetherError(
             f"No local model named {source!r}: tether never downloads weights. Give a local directory, a "
             "model already in the Hugging Face cache, a torch module, or use `remote=True` with a server "
@@ -224,4 +226,4 @@ def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     with torch.device("meta"):
         module = AutoModelForCausalLM.from_config(config)
-    return module.eval(), tokenizer
+    return module.eval(), tokenizer, False

@@ -47,10 +47,14 @@ class _Caches:
 class NNsight(Envoy):
     """The root Envoy of a wrapped model: `trace`, `scan`, `session`, `edit`."""
 
-    def __init__(self, module: torch.nn.Module, **_: Any):
+    def __init__(self, module: torch.nn.Module | str, **_: Any):
+        hosted = None
+        if isinstance(module, str):  # a model a server hosts: its module tree from the server's spec
+            hosted, module = module, _hosted_skeleton(module)
         super().__init__(module, "model")
         object.__setattr__(self, "_edits", [])
         object.__setattr__(self, "_caches", _Caches())
+        object.__setattr__(self, "_remote_name", hosted)  # the server's name for it; kept after dispatch
 
     # ---- contexts ------------------------------------------------------------------------------
     def trace(self, *inputs: Any, trace: bool = True, **kwargs: Any) -> Any:
@@ -61,6 +65,10 @@ class NNsight(Envoy):
         tracer = self._tracer("trace", inputs, kwargs)
         if trace:
             return tracer
+        if tracer._remote:
+            from .remote import remote_output
+
+            return remote_output(self, tracer)
         self._dispatch()
         return self._run("trace", *self._batch([self._prepare(inputs, tracer._kwargs)])[:2], tracer._run_kwargs)
 
@@ -148,3 +156,14 @@ class NNsight(Envoy):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._module(*args, **kwargs)
+
+
+def _hosted_skeleton(name: str) -> torch.nn.Module:
+    from .errors import TetherError
+    from .remote import load_spec
+
+    loaded = load_spec(name)
+    if loaded is None:
+        raise TetherError(f"NNsight({name!r}): no tether server answers at the configured host to describe it; "
+                          "wrap a torch module, or point tether.CONFIG.API.HOST at a server that hosts it.")
+    return loaded[0]

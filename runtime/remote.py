@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from .errors import TetherError
 
-__all__ = ["set_runner", "run_remote", "set_spec_loader", "load_spec"]
+__all__ = ["set_runner", "run_remote", "set_spec_loader", "load_spec", "remote_output"]
 
 _runner: Callable[[Any, dict], None] | None = None
 
@@ -40,3 +42,18 @@ def set_spec_loader(loader: Callable[[str], tuple[Any, Any]]) -> None:
 def load_spec(name: str) -> tuple[Any, Any] | None:
     """A model skeleton from the configured server, or None when no backend is installed."""
     return None if _spec_loader is None else _spec_loader(name)
+
+
+_OUTPUT_SOURCE = "output = model.output.save()\n"
+
+
+def remote_output(model: Any, tracer: Any) -> Any:
+    """`model.trace(x, trace=False, remote=True)`: the model's output, computed on the server."""
+    from .program import Program, block_of
+    from .saving import SavedTensor
+
+    tracer._block = block_of(Program(kind="trace", source=_OUTPUT_SOURCE, filename="<trace=False>", first_line=1))
+    ns = {"model": model}
+    run_remote(tracer, ns)
+    output = ns["output"]
+    return output.as_subclass(torch.Tensor) if isinstance(output, SavedTensor) else output

@@ -18,7 +18,15 @@ from tether.runtime.errors import TetherError
 from tether.safe_pickle import DEFAULT_ALLOW_LIST, PickleAllowList, safe_loads
 from tether.v1 import values_pb2
 
-__all__ = ["ALLOW_HINT", "DEFAULT_POLICY", "MOVE_HINT", "Policy", "PolicyViolation"]
+__all__ = ["ALLOW_HINT", "CLASS_DUNDERS", "DATA_LOADERS", "DEFAULT_POLICY", "MOVE_HINT", "Policy", "PolicyViolation"]
+
+_DATA_DATASETS = ("Dataset", "IterableDataset", "TensorDataset", "StackDataset", "ConcatDataset", "ChainDataset",
+                  "Subset", "random_split")
+_DATA_SAMPLERS = ("Sampler", "SequentialSampler", "RandomSampler", "SubsetRandomSampler", "BatchSampler",
+                  "WeightedRandomSampler")
+DATA_LOADERS = frozenset({"torch.utils.data.DataLoader", "torch.utils.data.dataloader.DataLoader"})
+# methods a shipped class may define under a dunder name: construction, calling, the container protocol
+CLASS_DUNDERS = frozenset({"__init__", "__call__", "__len__", "__getitem__", "__iter__", "__next__", "__repr__"})
 
 MOVE_HINT = "move it into a `with tether.local():` block to run it on your own machine"
 ALLOW_HINT = f"{MOVE_HINT}, or ask the server operator to allow it"
@@ -49,7 +57,13 @@ class Policy:
     allowed_modules: frozenset[str] = frozenset(
         {"torch", "math", "operator", "collections", "itertools", "functools", "einops", "numpy", "tether"}
     )
-    allowed_callables: frozenset[str] = frozenset()
+    allowed_callables: frozenset[str] = frozenset(
+        # torch.utils.data's datasets, samplers and loaders (in-process only: see source_check's num_workers rule)
+        {f"torch.utils.data.{n}" for n in (*_DATA_DATASETS, *_DATA_SAMPLERS, "DataLoader", "default_collate")}
+        | {f"torch.utils.data.dataset.{n}" for n in _DATA_DATASETS}
+        | {f"torch.utils.data.sampler.{n}" for n in _DATA_SAMPLERS}
+        | {"torch.utils.data.dataloader.DataLoader"}
+    )
     denied_builtins: frozenset[str] = frozenset(
         {"exec", "eval", "compile", "open", "globals", "locals", "vars", "setattr", "delattr", "breakpoint"}
         | {"input", "help", "exit", "quit", "license", "credits", "copyright"}

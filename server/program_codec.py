@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.protocol import CLIENT_MODULE, PROGRAM_KIND_NAMES
-from tether.runtime.capture import _assigned_names, parse
+from tether.runtime import ops
+from tether.runtime.capture import OPS_NAME, _assigned_names, parse
 from tether.runtime.envoy import Envoy
-from tether.runtime.program import Program
+from tether.runtime.program import Program, block_of
 from tether.v1 import program_pb2, values_pb2
-from tether.values import from_value, to_value
+from tether.values import Attributes, from_value, to_value
 from tether.wire import decode_value_map
 
 from . import sources
@@ -31,6 +32,7 @@ __all__ = ["ClientOnly", "DecodedProgram", "LocalSite", "ValueCodec", "decode_pr
 
 _KINDS = PROGRAM_KIND_NAMES
 _LOCAL_HINT = "wrap the call in `with tether.local():` to run it on your own machine"
+_MUTABLE = (list, dict, Attributes)  # outside values whose in-place changes go back to the client
 
 
 class ClientOnly:
@@ -164,6 +166,13 @@ class _Function:
 
 
 @dataclass
+class _Edit:
+    program: Program  # the edit's body (kind "trace"), compiled under `filename`
+    filename: str  # the registered file name it is compiled under (see sources.py)
+    namespace: dict  # its decoded bindings
+
+
+@dataclass
 class DecodedProgram:
     """Everything a worker needs to run one job; built (and checked) before the job is queued."""
 
@@ -174,10 +183,31 @@ class DecodedProgram:
     user_files: dict[str, str]  # registered file name (see sources.py) -> the user's file name
     local_sites: dict[tuple[str, int], LocalSite]  # (registered file name, first body line) -> site
     functions: list[_Function] = field(default_factory=list)
+    edits: list[_Edit] = field(default_factory=list)  # the model's persistent edits, in order
+    bound_args: dict[str, int] = field(default_factory=dict)  # free names that are positional inputs (by index)
+    outside: dict[str, bytes] = field(default_factory=dict)  # mutable bindings (lists, dicts, plain objects)
+    # -> their received Value, deterministic bytes: a job sends back those its body changed
 
     @property
     def has_local_blocks(self) -> bool:
         return bool(self.local_sites)
+
+    def with_outside_changes(self, values: dict[str, Any], log: Callable[..., None]) -> dict[str, Any]:
+        """`values` (what `execute` returned) plus the outside lists, dicts and plain objects the body changed
+        in place, so the client applies the same changes to its own objects as a local run makes."""
+        changed = {}
+        for name, sent in self.outside.items():
+            obj = self.bindings.get(name)
+            if name in values or type(obj) not in _MUTABLE:
+                continue
+            try:
+                now = self.codec.encode(obj).SerializeToString(deterministic=True)
+            except Exception as error:  # something appended that has no wire form
+                log(f"tether: the changes to `{name}` stay on the server: {error}")
+                continue
+            if now != sent:
+                changed[name] = obj
+        return {**changed, **values} if changed else values
 
     def bind(self, replica: Any) -> Any:
         """Give the job its own root on `replica` (the NNsight its worker runs): model references become its
@@ -187,8 +217,13 @@ class DecodedProgram:
         self.program.args = codec.resolve(self.program.args)
         self.program.kwargs = codec.resolve(self.program.kwargs)
         self.bindings.update({k: codec.resolve(v) for k, v in self.bindings.items()})
+        self.bindings.update({k: self.program.args[i] for k, i in self.bound_args.items()})  # the same objects
         for fn in self.functions:
             fn.namespace.update({k: codec.resolve(v) for k, v in fn.namespace.items()})
+        for edit in self.edits:  # on this job's root only: the hosted model never changes
+            edit.namespace.update({k: codec.resolve(v) for k, v in edit.namespace.items()})
+            edit.namespace[OPS_NAME] = ops
+            codec.root._edits.append((block_of(edit.program, edit.filename), edit.namespace))
         return codec.root
 
     def define_functions(self, log: Callable[..., None]) -> None:
@@ -209,6 +244,9 @@ class DecodedProgram:
         for name in names:  # idempotent: a second call finds nothing to release
             sources.release(name)
         self.bindings.clear()
+        self.outside.clear()
+        for edit in self.edits:
+            edit.namespace.clear()
         for fn in self.functions:
             fn.namespace.clear()
 
@@ -247,8 +285,15 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
     try:
         decoded.bindings.update(
             codec.decode_map({k: v for k, v in program.bindings.items() if k in used}, "the value of"))
+        decoded.bound_args.update({k: i for k, i in program.bound_args.items()
+                                   if k in used and 0 <= i < len(decoded.program.args)})
+        decoded.bindings.update({k: decoded.program.args[i] for k, i in decoded.bound_args.items()})
+        decoded.outside.update({k: program.bindings[k].SerializeToString(deterministic=True)
+                                for k, v in decoded.bindings.items() if type(v) in _MUTABLE and k in program.bindings})
         for fn in program.functions:
             decoded.functions.append(_function(fn, policy, codec, decoded))
+        for edit in program.edits:
+            decoded.edits.append(_edit(edit, policy, codec, decoded))
     except BaseException:
         decoded.release()
         raise
@@ -274,6 +319,20 @@ def _function(fn: program_pb2.FunctionSource, policy: Policy, codec: ValueCodec,
     decoded.local_sites.update({(name, line): site for line, site in sites.items()})
     namespace = codec.decode_map({k: v for k, v in fn.bindings.items() if k in used}, f"in `{fn.name}`, the value of")
     return _Function(fn.name or defined, defined, name, text, namespace)
+
+
+def _edit(edit: program_pb2.Edit, policy: Policy, codec: ValueCodec, decoded: DecodedProgram) -> _Edit:
+    filename = edit.filename or "<edit>"
+    first_line = edit.first_line or 1
+    source, sites = _cut_local_blocks(edit.source, filename, first_line, {})
+    if sites:
+        raise InvalidProgram(f"{filename}, line {first_line}: a model edit with a `local()` block cannot run "
+                             "remotely; move that code out of the edit.")
+    used = _check(policy, source, filename, first_line, edit.bindings)
+    name = sources.hold(filename, "\n" * (first_line - 1) + source)
+    decoded.user_files[name] = filename
+    namespace = codec.decode_map({k: v for k, v in edit.bindings.items() if k in used}, "in a model edit, the value of")
+    return _Edit(Program(kind="trace", source=source, filename=filename, first_line=first_line), name, namespace)
 
 
 @functools.lru_cache(maxsize=512)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from tether.runtime.saving import NotReached, UnsavedValue
 from tether.safe_pickle import safe_loads
@@ -47,6 +48,7 @@ def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], valu
     sizes: dict[str, int] = {}
     stand_ins = jobs_pb2.JobResult()
     for name, value in values.items():
+        value = _without_fakes(value)
         if isinstance(value, UnsavedValue):
             stand_ins.unsaved.append(name)
         elif isinstance(value, NotReached):
@@ -59,11 +61,21 @@ def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], valu
             pieces += entry
             sizes[name] = sum(len(p) for p in entry)
         elif _sendable(value):
-            encoded = encode(value)
+            if not isinstance(value, _CODE_TYPES) and not _importable_class(type(value)):
+                log(f"tether: `{name}` ({type(value).__qualname__}) stays on the server: its class was defined by "
+                    "the program, so no client can load it; save its tensors or numbers instead to get them back")
+                continue
+            try:
+                encoded = encode(value)
+            except Exception as error:  # e.g. an optimizer or loader holding locks: it has no wire form
+                log(f"tether: `{name}` ({type(value).__qualname__}) stays on the server: it cannot be sent "
+                    f"({error}); convert it to tensors, numbers, strings, lists or dicts to get it back")
+                continue
             if encoded.WhichOneof("kind") == "reference" and not _importable(encoded.reference, value):
                 continue  # a function or class the program defined: the client cannot import it
-            if encoded.WhichOneof("kind") == "pickled" and not _loadable(encoded.pickled, value):
-                log(f"tether: `{name}` ({encoded.pickled.type_name}) stays on the server: it has no form a "
+            unloadable = _unloadable(encoded, value)
+            if unloadable:
+                log(f"tether: `{name}` ({unloadable}) stays on the server: it has no form a "
                     "client can load; convert it to tensors, numbers, strings, lists or dicts to get it back")
                 continue
             entry = values_pb2.ValueMap(values={name: encoded}).SerializeToString()  # = one JobResult.saved entry
@@ -81,11 +93,44 @@ def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], valu
     return pieces
 
 
+def _without_fakes(value: Any) -> Any:
+    """A scan's fake tensors (shapes and dtypes, no memory to read) as meta tensors of the same shape and
+    dtype, in plain containers too: what a client can load, and nothing that reads a fake's data pointer."""
+    if isinstance(value, FakeTensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if type(value) in (list, tuple):
+        return type(value)(_without_fakes(v) for v in value)
+    if type(value) is dict:
+        return {k: _without_fakes(v) for k, v in value.items()}
+    return value
+
+
+def _importable_class(tp: type) -> bool:
+    try:
+        return import_reference(values_pb2.Reference(module=tp.__module__, qualname=tp.__qualname__)) is tp
+    except Exception:
+        return False
+
+
 def _importable(reference: values_pb2.Reference, value: Any) -> bool:
     try:
         return import_reference(reference) is value
     except Exception:
         return False
+
+
+def _unloadable(encoded: values_pb2.Value, value: Any) -> str:
+    """The type name of a pickled part of `encoded` (itself, or inside its lists, tuples and dicts) that a
+    client could not load; "" when it all loads."""
+    kind = encoded.WhichOneof("kind")
+    if kind == "pickled":
+        return "" if _loadable(encoded.pickled, value) else encoded.pickled.type_name
+    if kind in ("list_value", "tuple_value"):
+        return next((bad for item in getattr(encoded, kind).items if (bad := _unloadable(item, None))), "")
+    if kind == "map_value":
+        return next((bad for e in encoded.map_value.entries
+                     if (bad := _unloadable(e.key, None) or _unloadable(e.value, None))), "")
+    return ""
 
 
 def _loadable(pickled: values_pb2.Pickled, value: Any) -> bool:

@@ -17,7 +17,15 @@ from typing import Any
 from tether.runtime.capture import parse
 from tether.v1 import program_pb2, values_pb2
 
-from .policy import ALLOW_HINT, DEFAULT_POLICY, MOVE_HINT, Policy, PolicyViolation
+from .policy import (
+    ALLOW_HINT,
+    CLASS_DUNDERS,
+    DATA_LOADERS,
+    DEFAULT_POLICY,
+    MOVE_HINT,
+    Policy,
+    PolicyViolation,
+)
 
 __all__ = ["check_function_source", "check_program", "check_program_source", "check_source"]
 
@@ -163,6 +171,18 @@ def _parse(source: str, filename: str, first_line: int) -> tuple[ast.AST, int]:
 
 
 _DUNDER_STRING = re.compile(r"__\w+__")
+
+
+def _is_super_dunder(func: ast.expr) -> bool:
+    """`super().NAME` or `super(C, self).NAME` with NAME one of the dunder methods a class may define (not
+    `super(C, other)`, which would re-run a constructor on someone else's object)."""
+    if not (isinstance(func, ast.Attribute) and func.attr in CLASS_DUNDERS and isinstance(func.value, ast.Call)):
+        return False
+    call = func.value
+    if not (isinstance(call.func, ast.Name) and call.func.id == "super") or call.keywords:
+        return False
+    return not call.args or (len(call.args) == 2 and isinstance(call.args[0], ast.Name)
+                             and isinstance(call.args[1], ast.Name) and call.args[1].id == "self")
 _GETATTR_LIKE = {
     "getattr": 1,
     "operator.attrgetter": None,
@@ -177,6 +197,7 @@ class _Checker(ast.NodeVisitor):
         self.policy, self.filename, self.offset, self.spans = policy, filename, offset, spans
         self.bound = bound  # free names the client binds (values shadow builtins)
         self.aliases: dict[str, str | None] = dict(bound)  # name -> import path (None: data)
+        self.methods: set[int] = set()  # ids of defs directly in a class body (they may be CLASS_DUNDERS)
 
     def record_local_imports(self, tree: ast.AST) -> None:
         """Names imported inside local() blocks come back from the client: uses outside are checked."""
@@ -286,8 +307,15 @@ class _Checker(ast.NodeVisitor):
 
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
+        if _is_super_dunder(func):  # super().__init__(...) in a shipped class: the one dunder call allowed
+            self.visit(func.value)
+            for arg in (*node.args, *node.keywords):
+                self.visit(arg)
+            return
         dotted = self._dotted(func)
         name = dotted[0] if dotted else func.id if isinstance(func, ast.Name) else None
+        if name in DATA_LOADERS:
+            self._check_loader(node)
         if name in _GETATTR_LIKE:
             index = _GETATTR_LIKE[name]
             args = node.args if index is None else node.args[index : index + 1]
@@ -324,11 +352,27 @@ class _Checker(ast.NodeVisitor):
 
     # definitions and patterns that bind or reach names
 
+    def _check_loader(self, node: ast.Call) -> None:
+        """A DataLoader runs in the job's own thread: no worker processes (num_workers stays 0)."""
+        workers = [k.value for k in node.keywords if k.arg in ("num_workers", "multiprocessing_context")]
+        if (len(node.args) > 5 or any(k.arg is None for k in node.keywords)
+                or any(not (isinstance(v, ast.Constant) and v.value in (0, None)) for v in workers)):
+            self.fail(node, "a DataLoader on the server loads in the job's own thread: leave num_workers at 0 "
+                            "(no worker processes, no multiprocessing_context, no **kwargs)")
+
     def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> None:
-        self._check_name(node, node.name)
+        if not (id(node) in self.methods and node.name in CLASS_DUNDERS):
+            self._check_name(node, node.name)
         self.generic_visit(node)
 
-    visit_AsyncFunctionDef = visit_ClassDef = visit_FunctionDef
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self._check_name(node, node.name)
+        if node.keywords:
+            self.fail(node, f"class keywords (metaclass=...) are not allowed on the server; {MOVE_HINT}")
+        self.methods.update(id(s) for s in node.body if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)))
+        self.generic_visit(node)
 
     def visit_arg(self, node: ast.arg) -> None:
         self._check_name(node, node.arg)

@@ -23,6 +23,7 @@ from tether.wire import CHUNK_SIZE
 from .errors import JobCancelledError, JobTimeout, OutOfService, QueueFull, ServerError
 from .failures import failure_of
 from .interrupts import Watchdog
+from .job_state import JobState
 from .jobs import Job
 from .local_calls import LocalCaller, LocalLink
 from .program_codec import DecodedProgram
@@ -220,6 +221,7 @@ class ModelQueue:
 
     def _work(self, replica) -> None:
         watch = WeightWatch(replica._module, self.hosted.source)
+        served = JobState.of(replica._module)
         while (entry := self._take()) is not None:
             try:
                 # run() logs RUNNING (or the job's end) right after: watchers wake once for both
@@ -227,6 +229,7 @@ class ModelQueue:
                                        notify=False):
                     _Run(entry, replica, self.limits, watch, self._watchdog).run()
             finally:
+                served.reset()  # no job sees what an earlier one left on the model (.grad, modes)
                 entry.decoded.release()
                 with self._cond:
                     self._running.discard(entry.job)
@@ -289,6 +292,7 @@ class _Run:
                 root, decoded.program, decoded.bindings, filename=decoded.body_filename, local=handler, log=log,
                 cancel=self._stop_requested))
             watch.check(versions)
+            values = decoded.with_outside_changes(values, log)
             log.flush()
             result = encode_result_pieces(values, decoded.codec.encode, self.limits.max_result_bytes, log)
             log.flush()

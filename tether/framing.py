@@ -115,7 +115,6 @@ VALUE_MAP_NUMBER = field_number(values_pb2.ValueMap, "values")
 VALUE_TENSOR = field_tag(values_pb2.Value, "tensor")
 VALUE_TENSOR_NUMBER = field_number(values_pb2.Value, "tensor")
 TENSOR_DATA = field_tag(values_pb2.Tensor, "data")
-TENSOR_COMPRESSION = field_tag(values_pb2.Tensor, "compression")
 TENSOR_NUMBERS = tuple(field_number(values_pb2.Tensor, n) for n in ("data_type", "shape", "data", "compression"))
 
 CHUNK_OFFSET, CHUNK_DATA, CHUNK_TOTAL = (field_tag(jobs_pb2.Chunk, n) for n in ("offset", "data", "total_size"))
@@ -136,8 +135,8 @@ SUBMIT_EVENTS = field_tag(jobs_pb2.SubmitJobResponse, "events")
 assert ([(f.name, f.number) for f in jobs_pb2.WatchJobResponse.DESCRIPTOR.fields]
         == [(f.name, f.number) for f in jobs_pb2.RunJobResponse.DESCRIPTOR.fields])
 assert field_number(jobs_pb2.JobResult, "saved") == VALUE_MAP_NUMBER
-# value_map_tensor_entry writes a Tensor's data between its other fields: only `compression` follows it.
-assert [f.name for f in values_pb2.Tensor.DESCRIPTOR.fields if f.number > TENSOR_NUMBERS[2]] == ["compression"]
+# value_map_tensor_entry writes a Tensor's data between its other fields: these follow it.
+_TENSOR_AFTER_DATA = tuple(f.name for f in values_pb2.Tensor.DESCRIPTOR.fields if f.number > TENSOR_NUMBERS[2])
 
 
 _CHUNK_OFFSET_LEN, _CHUNK_DATA_LEN, _CHUNK_TOTAL_LEN = len(CHUNK_OFFSET), len(CHUNK_DATA), len(CHUNK_TOTAL)
@@ -155,8 +154,9 @@ def value_map_tensor_entry(
     """The pieces of one ValueMap entry `name` -> Value(tensor=...): `tensor` is the Tensor message without
     its data, `data` its bytes (left uncopied)."""
     head, tail = tensor.SerializeToString(), b""
-    if tensor.compression:  # written after the data, as protobuf writes fields in number order
-        tail = TENSOR_COMPRESSION + varint(tensor.compression)
+    after = {name: getattr(tensor, name) for name in _TENSOR_AFTER_DATA}
+    if any(after.values()):  # written after the data, as protobuf writes fields in number order
+        tail = values_pb2.Tensor(**after).SerializeToString()
         head = head[: len(head) - len(tail)]
     parts = [head, *_framed(TENSOR_DATA, data), tail] if len(data) else [head, tail]
     value = _framed(VALUE_TENSOR, *parts)

@@ -98,7 +98,7 @@ DEFAULT_ALLOW_LIST = PickleAllowList(
             for n in "set frozenset slice complex range bytearray list dict tuple object Ellipsis".split()
         ]
         + [f"collections.{n}" for n in ("OrderedDict", "defaultdict", "deque", "Counter")]
-        + ["copyreg._reconstructor"]
+        + ["copyreg._reconstructor", "tether.values.Attributes"]  # a plain object's attributes travel as one
         + [f"torch.{n}" for n in _TORCH_DTYPES]
         + ["torch.Size", "torch.device", "torch.dtype", "torch.Tensor", "torch.strided"]
         + [

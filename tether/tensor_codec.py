@@ -72,6 +72,7 @@ def tensor_parts(t: torch.Tensor, compress: bool | None) -> tuple[values_pb2.Ten
         )
     if t.layout is not torch.strided or t.is_meta:
         raise TypeError(f"cannot send a {t.layout} {t.device.type} tensor: it has no dense data to send")
+    requires_grad = _leaf_requiring_grad(t)  # an activation's graph cannot travel: it arrives detached
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -82,7 +83,8 @@ def tensor_parts(t: torch.Tensor, compress: bool | None) -> tuple[values_pb2.Ten
     if not t.is_contiguous():
         t = t.contiguous()  # also materializes expanded / strided views
     raw = host_bytes(t)
-    head = values_pb2.Tensor(data_type=number, shape=t.shape, compression=values_pb2.COMPRESSION_NONE)
+    head = values_pb2.Tensor(data_type=number, shape=t.shape, compression=values_pb2.COMPRESSION_NONE,
+                             requires_grad=requires_grad)
     if compress is None:
         compress = worth_compressing(raw)
     if compress and 0 < len(raw) <= _LZ4_MAX_INPUT:
@@ -91,6 +93,17 @@ def tensor_parts(t: torch.Tensor, compress: bool | None) -> tuple[values_pb2.Ten
             head.compression = values_pb2.COMPRESSION_LZ4
             return head, packed
     return head, raw
+
+
+def _leaf_requiring_grad(t: torch.Tensor) -> bool:
+    """A leaf that requires grad, or an alias of one (`as_subclass`, as a saved tensor is)."""
+    if not t.requires_grad:
+        return False
+    fn = t.grad_fn
+    if fn is None:
+        return True
+    return type(fn).__name__ == "AliasBackward0" and all(
+        type(f).__name__ == "AccumulateGrad" for f, _ in fn.next_functions if f is not None)
 
 
 def encode_tensor(t: torch.Tensor, *, compress: bool | None = None) -> values_pb2.Tensor:
@@ -106,12 +119,21 @@ def encode_tensor(t: torch.Tensor, *, compress: bool | None = None) -> values_pb
 
 def decode_tensor(msg: values_pb2.Tensor) -> torch.Tensor:
     """A new, writable CPU tensor from a Tensor message (bit-exact inverse of encode_tensor)."""
-    return tensor_from(msg.data_type, tuple(msg.shape), msg.compression, msg.data)
+    return tensor_from(msg.data_type, tuple(msg.shape), msg.compression, msg.data, msg.requires_grad)
 
 
-def tensor_from(data_type: int, shape: tuple[int, ...], compression: int, data: Any) -> torch.Tensor:
+def tensor_from(data_type: int, shape: tuple[int, ...], compression: int, data: Any,
+                requires_grad: bool = False) -> torch.Tensor:
     """The tensor for decoded Tensor fields. `data` is bytes-like; a writable memoryview (of a buffer
-    the caller hands over, see decode_value_map) is used in place when aligned, anything else is copied."""
+    the caller hands over, see decode_value_map) is used in place when aligned, anything else is copied.
+    `requires_grad`: the sender's tensor took part in autograd; this one is a leaf that requires grad."""
+    out = _tensor_from(data_type, shape, compression, data)
+    if requires_grad and (out.is_floating_point() or out.is_complex()):
+        out.requires_grad_(True)
+    return out
+
+
+def _tensor_from(data_type: int, shape: tuple[int, ...], compression: int, data: Any) -> torch.Tensor:
     _check_little_endian()
     dtype = TORCH_DTYPES.get(data_type)
     if dtype is None:

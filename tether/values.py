@@ -21,9 +21,13 @@ from tether.safe_pickle import safe_loads
 from tether.tensor_codec import DTYPES, TORCH_DTYPES, decode_tensor, encode_tensor, neutral_tensor
 from tether.v1 import values_pb2
 
-__all__ = ["from_value", "from_value_map", "import_reference", "to_value", "to_value_map"]
+__all__ = ["Attributes", "from_value", "from_value_map", "import_reference", "to_value", "to_value_map"]
 
 Resolver = Callable[[Any], Any]
+
+
+class Attributes(types.SimpleNamespace):
+    """A plain object as it travels: its attributes only (pickled by this name, which both sides allow)."""
 
 
 # ----------------------------------------------------------------------------------------------- values

@@ -88,7 +88,7 @@ def _fast_tensor(value: memoryview) -> torch.Tensor | None:
     entries = list(fields(value))
     if len(entries) != 1:
         return None
-    data_type, shape, compression, data = 0, [], 0, memoryview(b"")
+    data_type, shape, compression, data, requires_grad = 0, [], 0, memoryview(b""), False
     for number, wire, _, _, field_value in fields(entries[0][4]):
         if number == _DATA_TYPE:
             data_type = field_value
@@ -103,7 +103,9 @@ def _fast_tensor(value: memoryview) -> torch.Tensor | None:
             data = field_value
         elif number == _COMPRESSION:
             compression = field_value
-    return tensor_codec.tensor_from(data_type, tuple(int64(d) for d in shape), compression, data)
+        elif number == 5:
+            requires_grad = bool(field_value)
+    return tensor_codec.tensor_from(data_type, tuple(int64(d) for d in shape), compression, data, requires_grad)
 
 
 def split_chunks(

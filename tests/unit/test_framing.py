@@ -79,6 +79,8 @@ TENSORS = {
     "scalar": torch.tensor(2.5, dtype=torch.float64),
     "int64": torch.ones(2, 1, 3, dtype=torch.int64),
     "compressible": torch.zeros(1 << 16),
+    "leaf requiring grad": torch.ones(2, 3, requires_grad=True),
+    "compressible leaf requiring grad": torch.zeros(1 << 16, requires_grad=True),
 }
 
 
@@ -99,7 +101,9 @@ def test_encode_value_map_is_protobufs_bytes_and_decodes_back(name):
     value = TENSORS[name]
     framed = b"".join(encode_value_map({name: value}))
     assert framed == values_pb2.ValueMap(values={name: to_value(value)}).SerializeToString()
-    assert torch.equal(decode_value_map(bytearray(framed))[name], value)
+    decoded = decode_value_map(bytearray(framed))[name]
+    assert torch.equal(decoded, value)
+    assert decoded.requires_grad == value.requires_grad
 
 
 def test_raw_readers_agree_with_from_string():

@@ -126,11 +126,64 @@ def test_dunder_import_is_refused():
         ("'{0.__init__.__globals__}'.format_map(m)", "format field"),
         ("template.format(x)", "f-string"),
         ("g = (i for i in [])\nf = g.gi_frame.f_back", "f_back"),
-        ("class A:\n    def __init__(self):\n        pass", "__init__"),
+        ("class A:\n    def __del__(self):\n        pass", "__del__"),
+        ("class A:\n    def __getattribute__(self, n):\n        pass", "__getattribute__"),
+        ("def __init__(self):\n    pass", "__init__"),  # only a class's own methods
+        ("class A:\n    def f(self):\n        self.__init__()", "__init__"),
+        ("class A:\n    def f(self):\n        super().__reduce__()", "__reduce__"),
+        ("class A(metaclass=M):\n    pass", "metaclass"),
+        ("class A:\n    def f(self, m):\n        super(A, m).__init__()", "__init__"),
     ],
 )
 def test_dunder_and_introspection_access_is_refused(source, named):
     assert named in str(refused(source))
+
+
+def test_a_user_class_with_init_forward_and_super_init_is_allowed():
+    check_program_source(
+        "import torch\n"
+        "class LORA(torch.nn.Module):\n"
+        "    def __init__(self, dim):\n"
+        "        super().__init__()\n"
+        "        super(LORA, self).__init__()\n"
+        "        self.w = torch.nn.Parameter(torch.zeros(dim))\n"
+        "    def forward(self, x):\n"
+        "        return x + self.w\n"
+        "    def __call__(self, x):\n"
+        "        return self.forward(x)\n"
+        "class Data(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n"
+        "        return 3\n"
+        "    def __getitem__(self, i):\n"
+        "        return i\n",
+        filename="lora.py", first_line=1)
+
+
+def test_a_user_class_method_is_checked_like_any_code():
+    error = refused("class A:\n    def __init__(self):\n        open('/etc/passwd')")
+    assert "'open'" in str(error) and error.line == 3
+
+
+@pytest.mark.parametrize("source", [
+    "from torch.utils.data import DataLoader\nDataLoader([1, 2], batch_size=1)",
+    "import torch\ntorch.utils.data.DataLoader([1, 2], batch_size=1, num_workers=0)",
+    "from torch.utils.data import TensorDataset, random_split\nTensorDataset(x)",
+])
+def test_torch_utils_data_in_process_is_allowed(source):
+    check_program_source(source, filename="u.py", first_line=1)
+
+
+@pytest.mark.parametrize("source", [
+    "from torch.utils.data import DataLoader\nDataLoader([1, 2], num_workers=2)",
+    "from torch.utils.data import DataLoader\nDataLoader([1, 2], **options)",
+    "import torch\ntorch.utils.data.DataLoader([1], 1, False, None, None, 4)",
+])
+def test_data_loaders_with_worker_processes_are_refused(source):
+    assert "num_workers" in str(refused(source))
+
+
+def test_the_rest_of_torch_utils_stays_refused():
+    assert "torch.utils.cpp_extension" in str(refused("import torch\ntorch.utils.cpp_extension.load('x', [])"))
 
 
 @pytest.mark.parametrize(

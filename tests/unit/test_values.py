@@ -86,6 +86,18 @@ def test_tensor_is_detached_and_decoded_tensor_is_writable_without_warnings():
     assert big[0] == 1.0
 
 
+def test_a_leaf_that_requires_grad_arrives_as_one():
+    x = torch.randn(3, 2, requires_grad=True)
+    out = roundtrip(x)
+    assert out.requires_grad and out.is_leaf and out.dtype == x.dtype and torch.equal(out, x.detach())
+    out.sum().backward()
+    assert torch.equal(out.grad, torch.ones(3, 2))
+    assert not roundtrip(torch.ones(2, requires_grad=True) * 2).requires_grad  # results of autograd: detached
+    assert not roundtrip(torch.ones(2)).requires_grad
+    fast = wire.decode_value_map(bytearray(b"".join(wire.encode_value_map({"x": x}))))  # the framed fast path
+    assert fast["x"].requires_grad and fast["x"].is_leaf and torch.equal(fast["x"], x.detach())
+
+
 def test_conjugate_and_negative_views_are_resolved():
     z = torch.randn(3, dtype=torch.complex64)
     assert torch.equal(roundtrip(z.conj()), z.conj().resolve_conj())

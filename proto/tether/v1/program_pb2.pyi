@@ -59,7 +59,7 @@ class FunctionSource(_message.Message):
     def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., bindings: _Optional[_Mapping[str, _values_pb2.Value]] = ..., local_blocks: _Optional[_Iterable[_Union[LocalBlock, _Mapping]]] = ...) -> None: ...
 
 class Program(_message.Message):
-    __slots__ = ("kind", "source", "filename", "first_line", "model", "args", "kwargs", "tracer_name", "bindings", "functions", "local_blocks")
+    __slots__ = ("kind", "source", "filename", "first_line", "model", "args", "kwargs", "tracer_name", "bindings", "functions", "local_blocks", "edits", "bound_args")
     class KwargsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,13 @@ class Program(_message.Message):
         key: str
         value: _values_pb2.Value
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_values_pb2.Value, _Mapping]] = ...) -> None: ...
+    class BoundArgsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     KIND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +92,8 @@ class Program(_message.Message):
     BINDINGS_FIELD_NUMBER: _ClassVar[int]
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EDITS_FIELD_NUMBER: _ClassVar[int]
+    BOUND_ARGS_FIELD_NUMBER: _ClassVar[int]
     kind: ProgramKind
     source: str
     filename: str
@@ -96,4 +105,25 @@ class Program(_message.Message):
     bindings: _containers.MessageMap[str, _values_pb2.Value]
     functions: _containers.RepeatedCompositeFieldContainer[FunctionSource]
     local_blocks: _containers.RepeatedCompositeFieldContainer[LocalBlock]
-    def __init__(self, kind: _Optional[_Union[ProgramKind, str]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., model: _Optional[str] = ..., args: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, _values_pb2.Value]] = ..., tracer_name: _Optional[str] = ..., bindings: _Optional[_Mapping[str, _values_pb2.Value]] = ..., functions: _Optional[_Iterable[_Union[FunctionSource, _Mapping]]] = ..., local_blocks: _Optional[_Iterable[_Union[LocalBlock, _Mapping]]] = ...) -> None: ...
+    edits: _containers.RepeatedCompositeFieldContainer[Edit]
+    bound_args: _containers.ScalarMap[str, int]
+    def __init__(self, kind: _Optional[_Union[ProgramKind, str]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., model: _Optional[str] = ..., args: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, _values_pb2.Value]] = ..., tracer_name: _Optional[str] = ..., bindings: _Optional[_Mapping[str, _values_pb2.Value]] = ..., functions: _Optional[_Iterable[_Union[FunctionSource, _Mapping]]] = ..., local_blocks: _Optional[_Iterable[_Union[LocalBlock, _Mapping]]] = ..., edits: _Optional[_Iterable[_Union[Edit, _Mapping]]] = ..., bound_args: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class Edit(_message.Message):
+    __slots__ = ("source", "filename", "first_line", "bindings")
+    class BindingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _values_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_values_pb2.Value, _Mapping]] = ...) -> None: ...
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LINE_FIELD_NUMBER: _ClassVar[int]
+    BINDINGS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    filename: str
+    first_line: int
+    bindings: _containers.MessageMap[str, _values_pb2.Value]
+    def __init__(self, source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., bindings: _Optional[_Mapping[str, _values_pb2.Value]] = ...) -> None: ...

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tether/v1/values.proto\x12\ttether.v1\"z\n\x06Tensor\x12&\n\tdata_type\x18\x01 \x01(\x0e\x32\x13.tether.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12+\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x16.tether.v1.Compression\"\x06\n\x04Null\",\n\tValueList\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.tether.v1.Value\"J\n\x08MapEntry\x12\x1d\n\x03key\x18\x01 \x01(\x0b\x32\x10.tether.v1.Value\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value\"0\n\x08MapValue\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.tether.v1.MapEntry\"|\n\x08ValueMap\x12/\n\x06values\x18\x01 \x03(\x0b\x32\x1f.tether.v1.ValueMap.ValuesEntry\x1a?\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value:\x02\x38\x01\"-\n\tReference\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x10\n\x08qualname\x18\x02 \x01(\t\",\n\x0eModelReference\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"N\n\x07Pickled\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\"\n\x07tensors\x18\x02 \x03(\x0b\x32\x11.tether.v1.Tensor\x12\x11\n\ttype_name\x18\x03 \x01(\t\"\x15\n\x05Shape\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x03\"\xf6\x04\n\x05Value\x12#\n\x06tensor\x18\x01 \x01(\x0b\x32\x11.tether.v1.TensorH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x05 \x01(\x08H\x00\x12\x15\n\x0b\x62ytes_value\x18\x06 \x01(\x0cH\x00\x12%\n\nnull_value\x18\x07 \x01(\x0b\x32\x0f.tether.v1.NullH\x00\x12*\n\nlist_value\x18\x08 \x01(\x0b\x32\x14.tether.v1.ValueListH\x00\x12+\n\x0btuple_value\x18\t \x01(\x0b\x32\x14.tether.v1.ValueListH\x00\x12(\n\tmap_value\x18\n \x01(\x0b\x32\x13.tether.v1.MapValueH\x00\x12\'\n\x0bshape_value\x18\x0b \x01(\x0b\x32\x10.tether.v1.ShapeH\x00\x12.\n\x0f\x64\x61ta_type_value\x18\x0c \x01(\x0e\x32\x13.tether.v1.DataTypeH\x00\x12\x17\n\rbig_int_value\x18\r \x01(\tH\x00\x12*\n\rndarray_value\x18\x0e \x01(\x0b\x32\x11.tether.v1.TensorH\x00\x12)\n\treference\x18\x0f \x01(\x0b\x32\x14.tether.v1.ReferenceH\x00\x12\x34\n\x0fmodel_reference\x18\x10 \x01(\x0b\x32\x19.tether.v1.ModelReferenceH\x00\x12%\n\x07pickled\x18\x11 \x01(\x0b\x32\x12.tether.v1.PickledH\x00\x42\x06\n\x04kind*\xc0\x04\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x07\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\t\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\n\x12\x14\n\x10\x44\x41TA_TYPE_UINT32\x10\x0b\x12\x14\n\x10\x44\x41TA_TYPE_UINT64\x10\x0c\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\r\x12\x17\n\x13\x44\x41TA_TYPE_COMPLEX32\x10\x0e\x12\x17\n\x13\x44\x41TA_TYPE_COMPLEX64\x10\x0f\x12\x18\n\x14\x44\x41TA_TYPE_COMPLEX128\x10\x10\x12\x1b\n\x17\x44\x41TA_TYPE_FLOAT8_E4M3FN\x10\x11\x12\x1d\n\x19\x44\x41TA_TYPE_FLOAT8_E4M3FNUZ\x10\x12\x12\x19\n\x15\x44\x41TA_TYPE_FLOAT8_E5M2\x10\x13\x12\x1d\n\x19\x44\x41TA_TYPE_FLOAT8_E5M2FNUZ\x10\x14\x12\x1c\n\x18\x44\x41TA_TYPE_FLOAT8_E8M0FNU\x10\x15\x12\x1e\n\x1a\x44\x41TA_TYPE_FLOAT4_E2M1FN_X2\x10\x16*U\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tether/v1/values.proto\x12\ttether.v1\"\x91\x01\n\x06Tensor\x12&\n\tdata_type\x18\x01 \x01(\x0e\x32\x13.tether.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12+\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x16.tether.v1.Compression\x12\x15\n\rrequires_grad\x18\x05 \x01(\x08\"\x06\n\x04Null\",\n\tValueList\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.tether.v1.Value\"J\n\x08MapEntry\x12\x1d\n\x03key\x18\x01 \x01(\x0b\x32\x10.tether.v1.Value\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value\"0\n\x08MapValue\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.tether.v1.MapEntry\"|\n\x08ValueMap\x12/\n\x06values\x18\x01 \x03(\x0b\x32\x1f.tether.v1.ValueMap.ValuesEntry\x1a?\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value:\x02\x38\x01\"-\n\tReference\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x10\n\x08qualname\x18\x02 \x01(\t\",\n\x0eModelReference\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"N\n\x07Pickled\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\"\n\x07tensors\x18\x02 \x03(\x0b\x32\x11.tether.v1.Tensor\x12\x11\n\ttype_name\x18\x03 \x01(\t\"\x15\n\x05Shape\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x03\"\xf6\x04\n\x05Value\x12#\n\x06tensor\x18\x01 \x01(\x0b\x32\x11.tether.v1.TensorH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x05 \x01(\x08H\x00\x12\x15\n\x0b\x62ytes_value\x18\x06 \x01(\x0cH\x00\x12%\n\nnull_value\x18\x07 \x01(\x0b\x32\x0f.tether.v1.NullH\x00\x12*\n\nlist_value\x18\x08 \x01(\x0b\x32\x14.tether.v1.ValueListH\x00\x12+\n\x0btuple_value\x18\t \x01(\x0b\x32\x14.tether.v1.ValueListH\x00\x12(\n\tmap_value\x18\n \x01(\x0b\x32\x13.tether.v1.MapValueH\x00\x12\'\n\x0bshape_value\x18\x0b \x01(\x0b\x32\x10.tether.v1.ShapeH\x00\x12.\n\x0f\x64\x61ta_type_value\x18\x0c \x01(\x0e\x32\x13.tether.v1.DataTypeH\x00\x12\x17\n\rbig_int_value\x18\r \x01(\tH\x00\x12*\n\rndarray_value\x18\x0e \x01(\x0b\x32\x11.tether.v1.TensorH\x00\x12)\n\treference\x18\x0f \x01(\x0b\x32\x14.tether.v1.ReferenceH\x00\x12\x34\n\x0fmodel_reference\x18\x10 \x01(\x0b\x32\x19.tether.v1.ModelReferenceH\x00\x12%\n\x07pickled\x18\x11 \x01(\x0b\x32\x12.tether.v1.PickledH\x00\x42\x06\n\x04kind*\xc0\x04\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x07\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\t\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\n\x12\x14\n\x10\x44\x41TA_TYPE_UINT32\x10\x0b\x12\x14\n\x10\x44\x41TA_TYPE_UINT64\x10\x0c\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\r\x12\x17\n\x13\x44\x41TA_TYPE_COMPLEX32\x10\x0e\x12\x17\n\x13\x44\x41TA_TYPE_COMPLEX64\x10\x0f\x12\x18\n\x14\x44\x41TA_TYPE_COMPLEX128\x10\x10\x12\x1b\n\x17\x44\x41TA_TYPE_FLOAT8_E4M3FN\x10\x11\x12\x1d\n\x19\x44\x41TA_TYPE_FLOAT8_E4M3FNUZ\x10\x12\x12\x19\n\x15\x44\x41TA_TYPE_FLOAT8_E5M2\x10\x13\x12\x1d\n\x19\x44\x41TA_TYPE_FLOAT8_E5M2FNUZ\x10\x14\x12\x1c\n\x18\x44\x41TA_TYPE_FLOAT8_E8M0FNU\x10\x15\x12\x1e\n\x1a\x44\x41TA_TYPE_FLOAT4_E2M1FN_X2\x10\x16*U\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VALUEMAP_VALUESENTRY']._loaded_options = None
   _globals['_VALUEMAP_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_DATATYPE']._serialized_start=1297
-  _globals['_DATATYPE']._serialized_end=1873
-  _globals['_COMPRESSION']._serialized_start=1875
-  _globals['_COMPRESSION']._serialized_end=1960
-  _globals['_TENSOR']._serialized_start=37
-  _globals['_TENSOR']._serialized_end=159
-  _globals['_NULL']._serialized_start=161
-  _globals['_NULL']._serialized_end=167
-  _globals['_VALUELIST']._serialized_start=169
-  _globals['_VALUELIST']._serialized_end=213
-  _globals['_MAPENTRY']._serialized_start=215
-  _globals['_MAPENTRY']._serialized_end=289
-  _globals['_MAPVALUE']._serialized_start=291
-  _globals['_MAPVALUE']._serialized_end=339
-  _globals['_VALUEMAP']._serialized_start=341
-  _globals['_VALUEMAP']._serialized_end=465
-  _globals['_VALUEMAP_VALUESENTRY']._serialized_start=402
-  _globals['_VALUEMAP_VALUESENTRY']._serialized_end=465
-  _globals['_REFERENCE']._serialized_start=467
-  _globals['_REFERENCE']._serialized_end=512
-  _globals['_MODELREFERENCE']._serialized_start=514
-  _globals['_MODELREFERENCE']._serialized_end=558
-  _globals['_PICKLED']._serialized_start=560
-  _globals['_PICKLED']._serialized_end=638
-  _globals['_SHAPE']._serialized_start=640
-  _globals['_SHAPE']._serialized_end=661
-  _globals['_VALUE']._serialized_start=664
-  _globals['_VALUE']._serialized_end=1294
+  _globals['_DATATYPE']._serialized_start=1321
+  _globals['_DATATYPE']._serialized_end=1897
+  _globals['_COMPRESSION']._serialized_start=1899
+  _globals['_COMPRESSION']._serialized_end=1984
+  _globals['_TENSOR']._serialized_start=38
+  _globals['_TENSOR']._serialized_end=183
+  _globals['_NULL']._serialized_start=185
+  _globals['_NULL']._serialized_end=191
+  _globals['_VALUELIST']._serialized_start=193
+  _globals['_VALUELIST']._serialized_end=237
+  _globals['_MAPENTRY']._serialized_start=239
+  _globals['_MAPENTRY']._serialized_end=313
+  _globals['_MAPVALUE']._serialized_start=315
+  _globals['_MAPVALUE']._serialized_end=363
+  _globals['_VALUEMAP']._serialized_start=365
+  _globals['_VALUEMAP']._serialized_end=489
+  _globals['_VALUEMAP_VALUESENTRY']._serialized_start=426
+  _globals['_VALUEMAP_VALUESENTRY']._serialized_end=489
+  _globals['_REFERENCE']._serialized_start=491
+  _globals['_REFERENCE']._serialized_end=536
+  _globals['_MODELREFERENCE']._serialized_start=538
+  _globals['_MODELREFERENCE']._serialized_end=582
+  _globals['_PICKLED']._serialized_start=584
+  _globals['_PICKLED']._serialized_end=662
+  _globals['_SHAPE']._serialized_start=664
+  _globals['_SHAPE']._serialized_end=685
+  _globals['_VALUE']._serialized_start=688
+  _globals['_VALUE']._serialized_end=1318
 # @@protoc_insertion_point(module_scope)

@@ -66,16 +66,18 @@ COMPRESSION_NONE: Compression
 COMPRESSION_LZ4: Compression
 
 class Tensor(_message.Message):
-    __slots__ = ("data_type", "shape", "data", "compression")
+    __slots__ = ("data_type", "shape", "data", "compression", "requires_grad")
     DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    REQUIRES_GRAD_FIELD_NUMBER: _ClassVar[int]
     data_type: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     compression: Compression
-    def __init__(self, data_type: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    requires_grad: bool
+    def __init__(self, data_type: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., requires_grad: _Optional[bool] = ...) -> None: ...
 
 class Null(_message.Message):
     __slots__ = ()
