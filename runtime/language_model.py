@@ -43,14 +43,15 @@ class LanguageModel(NNsight):
     """A causal LM with its tokenizer: `trace("prompt")`, `generate("prompt", max_new_tokens=n)`."""
 
     def __init__(self, model: Any, *, tokenizer: Any = None, device_map: Any = None, dispatch: bool = False,
-                 **kwargs: Any):
-        source = None
+                 rename: dict | None = None, **kwargs: Any):
+        source, declared = None, None
         if isinstance(model, torch.nn.Module):
             module = model
         else:
             source = str(model)
-            module, tokenizer = _skeleton(source, tokenizer)
+            module, tokenizer, declared = _skeleton(source, tokenizer)
         super().__init__(module)
+        self._rename(rename, declared)
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "_device_map", device_map)
         object.__setattr__(self, "_tokenizer", _ready(tokenizer) if tokenizer is not None else None)
@@ -185,7 +186,7 @@ def _ready(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
+def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any, dict | None]:
     """A meta-device model and its tokenizer from a local directory or the local Hugging Face cache."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -196,7 +197,7 @@ def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
 
         remote = load_spec(source)
         if remote is not None:
-            return remote
+            return remote  # (meta module, tokenizer, the aliases the server declares)
         raise TetherError(
             f"No local model named {source!r}: tether never downloads weights. Give a local directory, a "
             "model already in the Hugging Face cache, a torch module, or use `remote=True` with a server "
@@ -206,4 +207,4 @@ def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     with torch.device("meta"):
         module = AutoModelForCausalLM.from_config(config)
-    return module.eval(), tokenizer
+    return module.eval(), tokenizer, None

@@ -14,6 +14,7 @@ import torch
 from .batching import concat_inputs
 from .envoy import Envoy
 from .interleaver import HookPlan, parents_of
+from .rename import resolve as resolve_aliases
 from .session import Edit, Session
 from .tracer import Tracer
 
@@ -47,10 +48,17 @@ class _Caches:
 class NNsight(Envoy):
     """The root Envoy of a wrapped model: `trace`, `scan`, `session`, `edit`."""
 
-    def __init__(self, module: torch.nn.Module, **_: Any):
+    def __init__(self, module: torch.nn.Module, *, rename: dict | None = None, **_: Any):
         super().__init__(module, "model")
         object.__setattr__(self, "_edits", [])
         object.__setattr__(self, "_caches", _Caches())
+        self._rename(rename)
+
+    def _rename(self, rename: dict | None, declared: dict[str, str] | None = None) -> None:
+        """Bind `rename=` aliases (and those a server declared for its model); see rename.py."""
+        if rename or declared:
+            reserved = {name for klass in type(self).__mro__ for name in vars(klass)}
+            object.__setattr__(self, "_aliases", resolve_aliases(self._module, rename, declared, reserved))
 
     # ---- contexts ------------------------------------------------------------------------------
     def trace(self, *inputs: Any, trace: bool = True, **kwargs: Any) -> Any:

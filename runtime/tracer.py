@@ -17,6 +17,7 @@ from .capture import Block
 from .contexts import Cond, Context, Iterator, LocalBlock
 from .errors import NotInTraceError
 from .interleaver import Interleaver, Mediator, current_mediator
+from .saving import save
 
 __all__ = ["Tracer", "Invoker"]
 
@@ -160,6 +161,16 @@ class Tracer(Context):
 
     def local(self) -> LocalBlock:
         return LocalBlock()
+
+    def cache(self, modules: list | None = None, device: Any = "cpu", dtype: Any = None, detach: bool = True,
+              include_output: bool = True, include_inputs: bool = False) -> Any:
+        """Record the values of `modules` (Envoys or paths; all modules by default) during this run, moved to
+        `device` and cast to `dtype` as they are recorded; returns a saved `CacheView` (see cache.py)."""
+        from .cache import start_cache
+
+        view = start_cache(self._model, _mediator("cache()"), modules, device=device, dtype=dtype, detach=detach,
+                           include_output=include_output, include_inputs=include_inputs)
+        return save(view)
 
     # ---- running -------------------------------------------------------------------------------
     def _execute(self, ns: dict) -> None:

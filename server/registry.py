@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tether.runtime.model import NNsight
+from tether.runtime.rename import declared as declared_aliases
 from tether.v1 import models_pb2
 from tether.values import to_value
 
@@ -153,6 +154,7 @@ class HostedModel:
             printed=repr(module),
             config_json=config_json,
             tokenizer_files=_tokenizer_files(getattr(self.model, "tokenizer", None)),
+            aliases=declared_aliases(self.model),
         )
 
 
