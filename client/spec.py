@@ -56,7 +56,7 @@ def load_remote_spec(name: str) -> tuple[torch.nn.Module, Any, dict[str, str]] |
     spec = fetch_spec(name)
     if spec is None:
         return None
-    return module_from_spec(spec), tokenizer_from_spec(spec), dict(spec.aliases)
+    return module_from_spec(spec), tokenizer_from_spec(spec), {a.alias_path: a.path for a in spec.aliases}
 
 
 def module_from_spec(spec: models_pb2.ModelSpec) -> torch.nn.Module:

@@ -149,6 +149,8 @@ def render(envoy: Any) -> str:
 
 
 def _render(module: torch.nn.Module, path: str, table: Aliases) -> str:
+    if not any(host == path or host.startswith(path + ".") for host, bound in table.items() if bound):
+        return repr(module)  # no alias at or below: the module's own repr (some classes define theirs)
     bound = table.get(path, {})
     by_child: dict[str, list[str]] = {}
     extra: list[tuple[str, str]] = []

@@ -154,7 +154,8 @@ class HostedModel:
             printed=repr(module),
             config_json=config_json,
             tokenizer_files=_tokenizer_files(getattr(self.model, "tokenizer", None)),
-            aliases=declared_aliases(self.model),
+            aliases=[models_pb2.ModuleAlias(alias_path=alias, path=path)
+                     for alias, path in declared_aliases(self.model).items()],
         )
 
 

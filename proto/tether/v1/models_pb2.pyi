@@ -46,13 +46,6 @@ class ModelSpec(_message.Message):
         key: str
         value: bytes
         def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
-    class AliasesEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     INFO_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
     PRINTED_FIELD_NUMBER: _ClassVar[int]
@@ -64,8 +57,16 @@ class ModelSpec(_message.Message):
     printed: str
     config_json: str
     tokenizer_files: _containers.ScalarMap[str, bytes]
-    aliases: _containers.ScalarMap[str, str]
-    def __init__(self, info: _Optional[_Union[ModelInfo, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ModuleNode, _Mapping]]] = ..., printed: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., aliases: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    aliases: _containers.RepeatedCompositeFieldContainer[ModuleAlias]
+    def __init__(self, info: _Optional[_Union[ModelInfo, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ModuleNode, _Mapping]]] = ..., printed: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., aliases: _Optional[_Iterable[_Union[ModuleAlias, _Mapping]]] = ...) -> None: ...
+
+class ModuleAlias(_message.Message):
+    __slots__ = ("alias_path", "path")
+    ALIAS_PATH_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    alias_path: str
+    path: str
+    def __init__(self, alias_path: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
