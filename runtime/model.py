@@ -14,6 +14,7 @@ import torch
 from .batching import concat_inputs
 from .envoy import Envoy
 from .interleaver import HookPlan, parents_of
+from .rename import declared as declared_aliases
 from .rename import resolve as resolve_aliases
 from .session import Edit, Session
 from .tracer import Tracer
@@ -58,6 +59,7 @@ class NNsight(Envoy):
         """Bind `rename=` aliases (and those a server declared for its model); see rename.py."""
         if rename or declared:
             reserved = {name for klass in type(self).__mro__ for name in vars(klass)}
+            declared = {**declared_aliases(self), **(declared or {})}  # keep those bound already
             object.__setattr__(self, "_aliases", resolve_aliases(self._module, rename, declared, reserved))
 
     # ---- contexts ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from tether.runtime.model import NNsight
 from tether.runtime.rename import declared as declared_aliases
-from tether.v1 import models_pb2
+from tether.v1 import models_pb2, values_pb2
 from tether.values import to_value
 
 from .errors import NotFound
@@ -154,7 +154,7 @@ class HostedModel:
             printed=repr(module),
             config_json=config_json,
             tokenizer_files=_tokenizer_files(getattr(self.model, "tokenizer", None)),
-            aliases=[models_pb2.ModuleAlias(alias_path=alias, path=path)
+            aliases=[values_pb2.ModuleAlias(alias_path=alias, path=path)
                      for alias, path in declared_aliases(self.model).items()],
         )
 

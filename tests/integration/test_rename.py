@@ -93,3 +93,21 @@ def test_a_servers_aliases_reach_the_skeleton_and_its_jobs(client_config, rename
         got = remote.layers[0].attention.output[0].save()
     assert torch.equal(got, want)
     assert torch.equal(r_cache.model.layers[1].ff.output, cache.model.layers[1].ff.output)
+
+
+def test_a_clients_own_aliases_work_in_its_remote_jobs(client_config, llm):
+    remote = LanguageModel("tiny", rename={"ln_f": "final_norm", "h": "blocks"})
+    local = LanguageModel(llm._module, tokenizer=llm.tokenizer,
+                          rename={**RENAME, "ln_f": "final_norm", "h": "blocks"})  # the server's and the client's
+    assert repr(remote) == repr(local)
+    with local.trace(PROMPT):
+        block = local.transformer.blocks[1].ff.output.save()
+        want = local.transformer.final_norm.output.save()
+    with remote.trace(PROMPT, remote=True):
+        r_block = remote.transformer.blocks[1].ff.output.save()
+        got = remote.transformer.final_norm.output.save()
+    assert torch.equal(got, want) and torch.equal(r_block, block)
+    plain = LanguageModel("tiny")
+    with pytest.raises(tether.RemoteError, match="final_norm"):
+        with plain.trace(PROMPT, remote=True):
+            plain.transformer.final_norm.output.save()

@@ -57,16 +57,8 @@ class ModelSpec(_message.Message):
     printed: str
     config_json: str
     tokenizer_files: _containers.ScalarMap[str, bytes]
-    aliases: _containers.RepeatedCompositeFieldContainer[ModuleAlias]
-    def __init__(self, info: _Optional[_Union[ModelInfo, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ModuleNode, _Mapping]]] = ..., printed: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., aliases: _Optional[_Iterable[_Union[ModuleAlias, _Mapping]]] = ...) -> None: ...
-
-class ModuleAlias(_message.Message):
-    __slots__ = ("alias_path", "path")
-    ALIAS_PATH_FIELD_NUMBER: _ClassVar[int]
-    PATH_FIELD_NUMBER: _ClassVar[int]
-    alias_path: str
-    path: str
-    def __init__(self, alias_path: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+    aliases: _containers.RepeatedCompositeFieldContainer[_values_pb2.ModuleAlias]
+    def __init__(self, info: _Optional[_Union[ModelInfo, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ModuleNode, _Mapping]]] = ..., printed: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., aliases: _Optional[_Iterable[_Union[_values_pb2.ModuleAlias, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
