@@ -102,7 +102,7 @@ def test_each_invoke_caches_its_own_rows(llm):
 def test_cache_after_a_module_value_says_to_declare_it_first(llm):
     with pytest.raises(tether.TetherError, match="before reading"):
         with llm.trace(PROMPT) as tracer:
-            llm.transformer.h[0].output
+            llm.transformer.h[0].output  # noqa: B018 (the access is what is tested)
             tracer.cache()
 
 

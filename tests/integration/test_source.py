@@ -50,7 +50,7 @@ def test_print_lists_the_operations_of_forward_by_name(model, hf):
     body = inspect.getsource(inspect.unwrap(type(attn).forward))
     assert all(line.strip() in printed for line in body.splitlines())
     with pytest.raises(AttributeError, match="no operation 'nope'"):
-        model.model.layers[0].self_attn.source.nope
+        model.model.layers[0].self_attn.source.nope  # noqa: B018 (the access is what is tested)
 
 
 def test_attention_probabilities_read_equal_output_attentions(model, hf):
@@ -119,13 +119,13 @@ def test_input_of_an_operation_reads_and_writes(model, hf):
 def test_an_operation_asked_for_after_it_ran_says_so(model):
     with pytest.raises(tether.OutOfOrderError, match="source.query_states_0"):
         with model.trace(IDS):
-            model.model.layers[0].self_attn.output
-            model.model.layers[0].self_attn.source.query_states_0.output
+            model.model.layers[0].self_attn.output  # noqa: B018 (the access is what is tested)
+            model.model.layers[0].self_attn.source.query_states_0.output  # noqa: B018 (the access is what is tested)
 
 
 def test_source_of_an_operation_outside_a_trace_says_where_it_works(model):
     with pytest.raises(tether.NotInTraceError, match="only available inside a trace"):
-        model.model.layers[0].self_attn.source.attention_interface_1.source
+        model.model.layers[0].self_attn.source.attention_interface_1.source  # noqa: B018 (the access is what is tested)
 
 
 def test_generation_steps_each_serve_the_operation(model, hf):
@@ -134,7 +134,7 @@ def test_generation_steps_each_serve_the_operation(model, hf):
                           output_attentions=True, return_dict_in_generate=True, pad_token_id=0)
     probs = []
     with model.generate(IDS, max_new_tokens=3) as tracer:
-        for step in tracer.iter[0:3]:
+        for _ in tracer.iter[0:3]:
             inner = model.model.layers[0].self_attn.source.attention_interface_1.source
             probs.append(inner.nn_functional_softmax_0.output.save())
     assert len(probs) == 3
