@@ -17,6 +17,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .errors import NotInTraceError, TetherError
 from .interleaver import Request, current_interleaver, current_mediator
 
@@ -349,8 +351,13 @@ class Operation:
                                   "operation calls is known when it runs.")
         self._request("inputs", "get")  # wait until the operation is about to run
         site = _site(self._envoy._module)
+        callee = site.callees[self._label]
+        if isinstance(callee, torch.nn.Module):
+            raise TetherError(f"`{self._path}` calls a module, which has its own `.source`: use the module's "
+                              "Envoy (e.g. `model.<path to it>.source`).")
+        _compile(_raw(callee))  # a builtin has no source: say so here, at the user's line
         site.inner.add(self._label)
-        return SourceView(self._envoy, site.callees[self._label], self._label + ".")
+        return SourceView(self._envoy, callee, self._label + ".")
 
     def __repr__(self) -> str:
         return f"Operation({self._path})"

@@ -153,3 +153,12 @@ def test_remote_source_equals_the_local_run(client_config, model):
     with remote.trace(IDS, remote=True):
         r_probs = remote.model.layers[1].self_attn.source.attention_interface_1.source.nn_functional_softmax_0.output.save()
     assert torch.equal(r_probs, probs)
+
+
+def test_source_of_a_module_call_or_a_builtin_says_what_to_use(model):
+    with pytest.raises(tether.TetherError, match="its own `.source`"):
+        with model.trace(IDS):
+            model.model.layers[0].self_attn.source.self_q_proj_0.source  # noqa: B018 (the access is what is tested)
+    with pytest.raises(tether.TetherError, match="works on Python functions"):
+        with model.trace(IDS):
+            model.model.layers[0].self_attn.source.attention_interface_1.source.torch_matmul_0.source  # noqa: B018
