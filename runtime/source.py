@@ -33,7 +33,7 @@ _OP, _BIND = "__tether_op__", "__tether_bind__"
 class _Compiled:
     maker: types.CodeType  # code of `def maker(__tether_op__, __tether_bind__, *freevars): def fn...; return fn`
     names: tuple[str, ...]  # operation labels in the order they run
-    lines: dict[str, int]  # label -> line of the operation, counted from the `def` line (0)
+    lines: dict[str, int]  # label -> line of the operation, counted from the source's second line (0)
     text: list[str]  # the function's source lines, decorators included
     def_index: int  # index in `text` of the `def` line
 
@@ -42,11 +42,11 @@ class _Namer(ast.NodeTransformer):
     """Wrap each call `f(a)` as `__tether_op__("f_0", f, a)` and each `x = v` as
     `x = __tether_op__("x_0", __tether_bind__, v)`; labels count per name in evaluation order."""
 
-    def __init__(self, def_line: int):
+    def __init__(self, first_line: int):
         self.counts: dict[str, int] = {}
         self.names: list[str] = []
         self.lines: dict[str, int] = {}
-        self.def_line = def_line
+        self.first_line = first_line
         self.depth = 0
 
     def _label(self, name: str, node: ast.AST) -> str:
@@ -54,7 +54,7 @@ class _Namer(ast.NodeTransformer):
         self.counts[name] = n + 1
         label = f"{name}_{n}"
         self.names.append(label)
-        self.lines[label] = node.lineno - self.def_line
+        self.lines[label] = node.lineno - self.first_line
         return label
 
     def _wrap(self, label: str, fn: ast.expr, args: list, keywords: list, node: ast.AST) -> ast.Call:
@@ -81,8 +81,11 @@ class _Namer(ast.NodeTransformer):
 
     def visit_Assign(self, node: ast.Assign) -> ast.AST:
         self.generic_visit(node)
-        if len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            label = self._label(node.targets[0].id, node)
+        target = node.targets[0] if len(node.targets) == 1 else None
+        while isinstance(target, ast.Subscript):  # `cache.is_updated[i] = v` -> "cache_is_updated"
+            target = target.value
+        if isinstance(target, (ast.Name, ast.Attribute)):
+            label = self._label(_call_name(target), node)
             node.value = self._wrap(label, ast.Name(_BIND, ast.Load()), [node.value], [], node.value)
         return node
 
@@ -121,7 +124,7 @@ def _compile(raw: types.FunctionType) -> _Compiled:
         raise TetherError(f"`.source` found no `def` for {raw.__qualname__}.")
     def_index = fdef.lineno - 1
     fdef.decorator_list = []
-    namer = _Namer(fdef.lineno)
+    namer = _Namer(2)  # lines are numbered from the source's second line (the first is marked `*`)
     namer.visit(fdef)
     params = [_OP, _BIND, *raw.__code__.co_freevars]
     maker = ast.FunctionDef(
@@ -139,7 +142,7 @@ def _compile(raw: types.FunctionType) -> _Compiled:
     ast.increment_lineno(module, start - 1)
     code = compile(module, filename, "exec")
     maker_code = next(c for c in code.co_consts if isinstance(c, types.CodeType))
-    return _Compiled(maker_code, tuple(namer.names), namer.lines, text.splitlines(), def_index)
+    return _Compiled(maker_code, tuple(namer.names), namer.lines, text.split("\n"), def_index)
 
 
 def _bind(value: Any) -> Any:
@@ -296,14 +299,12 @@ class SourceView:
             by_line.setdefault(compiled.lines[name], []).append(name)
         out = []
         for index, line in enumerate(compiled.text):
-            number = index - compiled.def_index
-            if number < 0:
-                out.append(f" {'':<{width}}      * {line}")
-                continue
+            number = index - 1
             names = by_line.get(number, [])
-            first = names[0] if names else ""
-            out.append(f" {first:<{width}} {'->' if first else '  '} {number:>3} {line}")
-            out.extend(f" {name:<{width}} ->   +     ..." for name in names[1:])
+            mark = "*" if number < 0 else number
+            out.append(f" {names[0] if names else '':<{width}} {'->' if names else '  '}{mark:>3} {line}")
+            indent = line[:len(line) - len(line.lstrip())]
+            out.extend(f" {name:<{width}} ->{'+':>3} {indent}..." for name in names[1:])
         return "\n".join(out)
 
 

@@ -4,7 +4,10 @@ Face runs (output_attentions=True, forward hooks); the remote twin equals the lo
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,6 +54,29 @@ def test_print_lists_the_operations_of_forward_by_name(model, hf):
     assert all(line.strip() in printed for line in body.splitlines())
     with pytest.raises(AttributeError, match="no operation 'nope'"):
         model.model.layers[0].self_attn.source.nope  # noqa: B018 (the access is what is tested)
+
+
+_COMPARE = """
+import sys, torch, nnsight, tether
+from transformers import LlamaConfig, LlamaForCausalLM
+config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+hf = LlamaForCausalLM(config).eval()
+for path in sys.argv[1:]:
+    theirs, ours = nnsight.NNsight(hf), tether.NNsight(hf)
+    for part in path.split("."):
+        theirs, ours = getattr(theirs, part), getattr(ours, part)
+    if repr(ours.source) != repr(theirs.source):
+        print("differs:", path)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nnsight") is None, reason="nnsight 0.8.1 (the reference) is not installed")
+def test_the_listing_is_nnsights():
+    """Run apart: importing nnsight patches `object` for the whole process."""
+    paths = ["model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.0", "model", "lm_head"]
+    done = subprocess.run([sys.executable, "-c", _COMPARE, *paths], timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0 and "differs" not in done.stdout, done.stdout + done.stderr
 
 
 def test_attention_probabilities_read_equal_output_attentions(model, hf):
