@@ -126,30 +126,33 @@ class CacheView:
 
 
 class _Recorder:
-    """Appends one module's values to the cache entries as the model's pass reaches it."""
+    """Appends one module's values to the cache entries as the model's pass reaches it (so the entries are in
+    the order the modules finished, as nnsight keeps them)."""
 
-    __slots__ = ("visits", "kind", "paired", "transform", "rows", "batch_size")
+    __slots__ = ("entries", "path", "kind", "paired", "transform", "rows", "batch_size")
 
-    def __init__(self, visits: list, kind: int, paired: bool, transform, rows: slice | None, batch_size: int):
-        self.visits, self.kind, self.paired, self.transform = visits, kind, paired, transform
+    def __init__(self, entries: dict, path: str, kind: int, paired: bool, transform, rows: slice | None,
+                 batch_size: int):
+        self.entries, self.path, self.kind, self.paired, self.transform = entries, path, kind, paired, transform
         self.rows, self.batch_size = rows, batch_size
 
     def __call__(self, value: Any) -> None:
         value = self.transform(batching.narrow(value, self.rows, self.batch_size))
+        visits = self.entries.setdefault(self.path, [])
         if self.kind == _INPUTS:
-            self.visits.append([None, value])
-        elif self.paired:
-            self.visits[-1][_OUTPUT] = value  # the visit whose inputs were recorded when it began
+            visits.append([None, value])
+        elif self.paired and visits and visits[-1][_OUTPUT] is None:
+            visits[-1][_OUTPUT] = value  # the visit whose inputs were recorded when it began
         else:
-            self.visits.append([value, None])
+            visits.append([value, None])
 
 
-def _transformer(device: Any, dtype: Any, detach: bool):
+def _transformer(device: Any, dtype: Any, detach: bool, non_blocking: bool):
     def move(t: torch.Tensor) -> torch.Tensor:
         if detach:
             t = t.detach()
         if device is not None or dtype is not None:
-            t = t.to(device=device, dtype=dtype)
+            t = t.to(device=device, dtype=dtype, non_blocking=non_blocking)
         return t
 
     def transform(value: Any) -> Any:
@@ -159,7 +162,7 @@ def _transformer(device: Any, dtype: Any, detach: bool):
 
 
 def start_cache(root: Any, mediator: Mediator, modules: list | None, *, device: Any, dtype: Any, detach: bool,
-                include_output: bool, include_inputs: bool) -> CacheView:
+                include_output: bool, include_inputs: bool, non_blocking: bool = False) -> CacheView:
     """Hook the selected modules (Envoys or paths; None for all) for this run; returns the view they fill."""
     interleaver = current_interleaver()
     if interleaver is None:
@@ -171,13 +174,13 @@ def start_cache(root: Any, mediator: Mediator, modules: list | None, *, device: 
     else:
         envoys = [rename.envoy_at(root, m) if isinstance(m, str) else m for m in modules]
     entries: dict[str, list[list]] = {}
-    transform = _transformer(device, dtype, detach)
+    transform = _transformer(device, dtype, detach, non_blocking)
+    rows, batch_size = mediator.rows, interleaver.batch_size
     for envoy in envoys:
-        visits = entries.setdefault(envoy._path, [])
         if include_inputs:
-            interleaver.observe(envoy._module, "pre", _Recorder(visits, _INPUTS, False, transform, mediator.rows,
-                                                                interleaver.batch_size))
+            interleaver.observe(envoy._module, "pre",
+                                _Recorder(entries, envoy._path, _INPUTS, False, transform, rows, batch_size))
         if include_output:
-            interleaver.observe(envoy._module, "fwd", _Recorder(visits, _OUTPUT, include_inputs, transform,
-                                                                mediator.rows, interleaver.batch_size))
+            interleaver.observe(envoy._module, "fwd", _Recorder(entries, envoy._path, _OUTPUT, include_inputs,
+                                                                transform, rows, batch_size))
     return CacheView(entries, rename.alias_paths(root))

@@ -163,13 +163,13 @@ class Tracer(Context):
         return LocalBlock()
 
     def cache(self, modules: list | None = None, device: Any = "cpu", dtype: Any = None, detach: bool = True,
-              include_output: bool = True, include_inputs: bool = False) -> Any:
+              include_output: bool = True, include_inputs: bool = False, non_blocking: bool = False) -> Any:
         """Record the values of `modules` (Envoys or paths; all modules by default) during this run, moved to
         `device` and cast to `dtype` as they are recorded; returns a saved `CacheView` (see cache.py)."""
         from .cache import start_cache
 
         view = start_cache(self._model, _mediator("cache()"), modules, device=device, dtype=dtype, detach=detach,
-                           include_output=include_output, include_inputs=include_inputs)
+                           include_output=include_output, include_inputs=include_inputs, non_blocking=non_blocking)
         return save(view)
 
     # ---- running -------------------------------------------------------------------------------
