@@ -141,3 +141,19 @@ def test_remote_generation_cache_equals_the_local_one(llm, rllm):
     assert len(r_cache.model.lm_head.output) == 3
     for local, remote in zip(cache.model.lm_head.output, r_cache.model.lm_head.output):
         assert torch.equal(local, remote)
+
+
+def test_keys_are_the_modules_that_ran_in_the_order_they_finished(llm):
+    hf = llm._module
+    finished: list[str] = []
+    handles = [module.register_forward_hook(lambda m, a, o, name=name: finished.append(name))
+               for name, module in hf.named_modules()]
+    try:
+        with torch.no_grad():
+            hf(torch.tensor([llm.tokenizer(PROMPT)["input_ids"]]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    with llm.trace(PROMPT) as tracer:
+        cache = tracer.cache()
+    assert cache.keys() == [f"model.{name}" if name else "model" for name in finished]
