@@ -40,7 +40,7 @@ def resolve(root: torch.nn.Module, rename: dict | None, declared: dict[str, str]
             if found:
                 path = found[0][0]
                 for alias in [aliases] if isinstance(aliases, str) else list(aliases):
-                    _bind(table, host, host_path, alias, path, reserved)
+                    _bind_dotted(table, host, host_path, alias, path, reserved)
     for alias_path, native in (declared or {}).items():
         host_path, _, alias = alias_path.rpartition(".")
         prefix = f"{host_path}." if host_path else ""
@@ -73,6 +73,22 @@ def _named(host: torch.nn.Module, key: str | type) -> list[tuple[str, torch.nn.M
             found = step
     unique = {id(module): (path, module) for path, module in reversed(found)}
     return list(reversed(unique.values()))
+
+
+def _bind_dotted(table: Aliases, host: torch.nn.Module, host_path: str, alias: str, path: str,
+                 reserved: set[str]) -> None:
+    """A dotted alias binds on the module its prefix names: {"attn.c_proj": "attn.o_proj"} binds `o_proj` on
+    `attn`, so the prefix must start the key's path."""
+    if "." not in alias:
+        _bind(table, host, host_path, alias, path, reserved)
+        return
+    prefix, _, alias = alias.rpartition(".")
+    if not path.startswith(prefix + "."):
+        raise TetherError(f"`rename` alias {prefix + '.' + alias!r} for {path!r}: a dotted alias binds on the module "
+                          "its prefix names, so the prefix must start the key's path (e.g. 'attn.c_proj': "
+                          "'attn.o_proj').")
+    inner = f"{host_path}.{prefix}" if host_path else prefix
+    _bind(table, host.get_submodule(prefix), inner, alias, path[len(prefix) + 1:], reserved)
 
 
 def _bind(table: Aliases, host: torch.nn.Module, host_path: str, alias: str, path: str,

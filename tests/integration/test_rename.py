@@ -111,3 +111,16 @@ def test_a_clients_own_aliases_work_in_its_remote_jobs(client_config, llm):
     with pytest.raises(tether.RemoteError, match="final_norm"):
         with plain.trace(PROMPT, remote=True):
             plain.transformer.final_norm.output.save()
+
+
+def test_wildcard_keys_and_dotted_aliases(llm):
+    model = LanguageModel(llm._module, tokenizer=llm.tokenizer,
+                          rename={"*.h": "layers", "attn.c_proj": "attn.o_proj"})
+    with llm.trace(PROMPT):
+        want = llm.transformer.h[1].attn.c_proj.output.save()
+    with model.trace(PROMPT):
+        got = model.layers[1].attn.o_proj.output.save()
+    assert torch.equal(got, want)
+    assert "(o_proj/c_proj): Conv1D(" in repr(model)
+    with pytest.raises(tether.TetherError, match="prefix must start"):
+        LanguageModel(llm._module, tokenizer=llm.tokenizer, rename={"attn.c_proj": "mlp.o_proj"})
