@@ -157,3 +157,9 @@ def test_keys_are_the_modules_that_ran_in_the_order_they_finished(llm):
     with llm.trace(PROMPT) as tracer:
         cache = tracer.cache()
     assert cache.keys() == [f"model.{name}" if name else "model" for name in finished]
+
+
+def test_a_cache_leaves_no_hook_behind(llm):
+    with llm.generate(PROMPT, max_new_tokens=2) as tracer:
+        tracer.cache(include_inputs=True)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in llm._module.modules())

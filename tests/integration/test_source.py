@@ -188,3 +188,19 @@ def test_source_of_a_module_call_or_a_builtin_says_what_to_use(model):
     with pytest.raises(tether.TetherError, match="works on Python functions"):
         with model.trace(IDS):
             model.model.layers[0].self_attn.source.attention_interface_1.source.torch_matmul_0.source  # noqa: B018
+
+
+def test_each_invoke_edits_only_its_own_rows(model, hf):
+    other = [[5, 6, 7, 8, 9, 10]]
+    with model.trace() as tracer:
+        with tracer.invoke(IDS):
+            softmax = model.model.layers[0].self_attn.source.attention_interface_1.source.nn_functional_softmax_0
+            probs = softmax.output.clone()
+            probs[:, 1] = 0
+            softmax.output = probs
+            edited = model.output.logits.save()
+        with tracer.invoke(other):
+            untouched = model.output.logits.save()
+    assert torch.equal(edited, _zero_head_reference(hf, 0, 1))
+    with torch.no_grad():
+        assert torch.equal(untouched, hf(torch.tensor(other)).logits)
