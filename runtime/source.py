@@ -291,6 +291,9 @@ class SourceView:
     def __dir__(self) -> list[str]:
         return list(self._compiled().names)
 
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a `.source` view belongs to its model in this process; it cannot be sent or pickled")
+
     def __repr__(self) -> str:
         compiled = self._compiled()
         width = max((len(n) for n in compiled.names), default=0)
@@ -362,3 +365,6 @@ class Operation:
 
     def __repr__(self) -> str:
         return f"Operation({self._path})"
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a `.source` operation belongs to its model in this process; it cannot be sent or pickled")

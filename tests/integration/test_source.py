@@ -204,3 +204,19 @@ def test_each_invoke_edits_only_its_own_rows(model, hf):
     assert torch.equal(edited, _zero_head_reference(hf, 0, 1))
     with torch.no_grad():
         assert torch.equal(untouched, hf(torch.tensor(other)).logits)
+
+
+def test_remote_generation_steps_equal_the_local_run(client_config, model):
+    remote = LanguageModel("llama")
+    with model.generate(IDS, max_new_tokens=3) as tracer:
+        local_probs = list().save()
+        for _ in tracer.iter[0:3]:
+            inner = model.model.layers[1].self_attn.source.attention_interface_1.source
+            local_probs.append(inner.nn_functional_softmax_0.output)
+    with remote.generate(IDS, max_new_tokens=3, remote=True) as tracer:
+        remote_probs = list().save()
+        for _ in tracer.iter[0:3]:
+            inner = remote.model.layers[1].self_attn.source.attention_interface_1.source
+            remote_probs.append(inner.nn_functional_softmax_0.output)
+    assert len(local_probs) == len(remote_probs) == 3
+    assert all(torch.equal(r, p) for r, p in zip(remote_probs, local_probs))
