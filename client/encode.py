@@ -24,6 +24,7 @@ from tether.runtime.contexts import Context
 from tether.runtime.envoy import Envoy
 from tether.runtime.errors import TetherError
 from tether.runtime.program import free_names, program_of
+from tether.runtime.rename import declared as declared_aliases
 from tether.runtime.saving import StandIn
 from tether.runtime.session import Session
 from tether.v1 import jobs_pb2, program_pb2, values_pb2
@@ -336,7 +337,8 @@ class _Encoder:
         prefix = root._path + "."
         path = envoy._path[len(prefix):] if envoy._path.startswith(prefix) else ""
         if not path:
-            return values_pb2.ModelReference(name=name)
+            aliases = [values_pb2.ModuleAlias(alias_path=a, path=p) for a, p in declared_aliases(root).items()]
+            return values_pb2.ModelReference(name=name, aliases=aliases)  # `rename=` given here, bound there
         if not _HAS_PATH:
             raise TetherError(
                 f"`{envoy._path}` is a submodule bound from outside the body; this server protocol can only "

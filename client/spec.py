@@ -50,12 +50,13 @@ def fetch_spec(name: str, host: str | None = None, api_key: str | None = None) -
     return response.spec
 
 
-def load_remote_spec(name: str) -> tuple[torch.nn.Module, Any] | None:
-    """`(meta module, tokenizer or None)` for a model hosted at CONFIG.API.HOST; None if no server answers."""
+def load_remote_spec(name: str) -> tuple[torch.nn.Module, Any, dict[str, str]] | None:
+    """`(meta module, tokenizer or None, the aliases the server declares)` for a model hosted at
+    CONFIG.API.HOST; None if no server answers."""
     spec = fetch_spec(name)
     if spec is None:
         return None
-    return module_from_spec(spec), tokenizer_from_spec(spec)
+    return module_from_spec(spec), tokenizer_from_spec(spec), {a.alias_path: a.path for a in spec.aliases}
 
 
 def module_from_spec(spec: models_pb2.ModelSpec) -> torch.nn.Module:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from . import rename
 from .errors import NotInTraceError
 from .interleaver import Mediator, Request, current_mediator
 from .steps import AllSteps, all_steps
@@ -38,6 +39,10 @@ class Envoy:
         submodules = module.__dict__.get("_modules", {})
         if name in submodules:
             return self._child(name, submodules[name])
+        if self._root.__dict__.get("_aliases"):  # `rename=` aliases (rename.py)
+            aliased = rename.lookup(self, name)
+            if aliased is not None:
+                return aliased
         return getattr(module, name)
 
     def __getitem__(self, index: int | slice) -> Envoy | list[Envoy]:
@@ -72,6 +77,8 @@ class Envoy:
             setattr(self._module, name, value)
 
     def __repr__(self) -> str:
+        if self._root.__dict__.get("_aliases"):
+            return rename.render(self)
         return repr(self._module)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -149,4 +156,11 @@ class Envoy:
         """Apply the rest of the body at every iteration (every generated token), as `tracer.all()` does."""
         self._mediator("all()")
         return all_steps()
+
+    @property
+    def source(self) -> Any:
+        """The operations of this module's `forward`, by name: `print(m.source)`, `m.source.<op>.output`."""
+        from .source import SourceView
+
+        return SourceView.of(self)
 

@@ -21,7 +21,7 @@ from . import batching
 from .errors import OutOfOrderError, TetherError
 from .skipping import SkipGate, SkipSlot
 
-__all__ = ["Request", "Mediator", "Interleaver", "HookPlan", "current_mediator", "EarlyStop",
+__all__ = ["Request", "Mediator", "Interleaver", "HookPlan", "current_mediator", "current_interleaver", "EarlyStop",
            "JobCancelled", "cancel_scope"]
 
 _limits = threading.local()
@@ -159,6 +159,11 @@ def _release(body: _BodyGreenlet) -> None:
         idle.append(body)
 
 
+def current_interleaver() -> Interleaver | None:
+    """The interleaver whose model runs in this thread right now, if any (`.source`, `tracer.cache`)."""
+    return getattr(_limits, "running", None)
+
+
 def current_mediator() -> Mediator | None:
     """The mediator whose body is running right now, if any."""
     body = getcurrent()
@@ -286,6 +291,7 @@ class Interleaver:
     def run(self, forward: Callable[[], Any]) -> Any:
         """Start every body, run `forward()` with hooks, and finish the bodies; returns forward's result."""
         result = None
+        previous, _limits.running = getattr(_limits, "running", None), self
         if self.max_iterations > 1:  # a single pass needs no step counting
             self._handles[(id(self.root), "root")] = self.root.register_forward_pre_hook(self._root_pre_hook)
         try:
@@ -309,6 +315,53 @@ class Interleaver:
             self._handles.clear()
             if self._plan is not None:
                 self._plan.hooks = list(self._demanded.values())
+            _limits.running = previous
+            for undo in self.__dict__.pop("_on_exit", ()):
+                undo()
+
+    # ---- extensions (`tracer.cache`, `.source`): only traces that use them pay for them ---------------
+    def on_exit(self, undo: Callable[[], None]) -> None:
+        """Call `undo()` when this run ends (after its hooks are removed), e.g. to restore a module's forward."""
+        self.__dict__.setdefault("_on_exit", []).append(undo)
+
+    def observe(self, module: torch.nn.Module, group: str, observer: Callable[[Any], None]) -> None:
+        """Call `observer(value)` each time `module` runs in the model's pass, after the bodies' edits there:
+        group "fwd" gives its output, "pre" its `(args, kwargs)`. Hooks `module` now; it must not be running."""
+        key = (id(module), group)
+        observers = self.__dict__.setdefault("_observers", {})
+        if key not in observers:
+            observers[key] = []
+            old = self._handles.pop(key, None)
+            if old is not None:
+                old.remove()
+            if group == "fwd":
+                self._handles[key] = module.register_forward_hook(self._observed_forward_hook)
+            else:
+                self._handles[key] = module.register_forward_pre_hook(self._observed_pre_hook, with_kwargs=True)
+        observers[key].append(observer)
+
+    def _observed_forward_hook(self, module, args, output):
+        result = self._forward_hook(module, args, output)
+        if getcurrent() is self._driver:
+            for observer in self._observers[(id(module), "fwd")]:
+                observer(output if result is None else result)
+        return result
+
+    def _observed_pre_hook(self, module, args, kwargs):
+        result = self._pre_hook(module, args, kwargs)
+        if getcurrent() is self._driver:
+            for observer in self._observers[(id(module), "pre")]:
+                observer((args, kwargs) if result is None else result)
+        return result
+
+    def serve_point(self, point: Any, group: str, value: Any) -> Any:
+        """Serve the bodies waiting for `point`, a place inside a module's forward (a `.source` operation),
+        at this iteration; returns `value`, or what a body replaced it with."""
+        if getcurrent() is not self._driver:
+            return value
+        slot = batching.Slot(value, self.batch_size)
+        self._serve(point, group, slot)
+        return slot.value
 
     def serve(self, module: Any, kind: str, value: Any) -> Any:
         """Serve requests for a pseudo-module (e.g. the generator's output) outside any hook."""

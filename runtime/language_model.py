@@ -45,20 +45,21 @@ class LanguageModel(NNsight):
     """A causal LM with its tokenizer: `trace("prompt")`, `generate("prompt", max_new_tokens=n)`."""
 
     def __init__(self, model: Any, *, tokenizer: Any = None, device_map: Any = None, dispatch: bool = False,
-                 **kwargs: Any):
-        source, from_server = None, False
+                 rename: dict | None = None, **kwargs: Any):
+        source, declared = None, None
         if isinstance(model, torch.nn.Module):
             module = model
         else:
             source = str(model)
-            module, tokenizer, from_server = _skeleton(source, tokenizer)
+            module, tokenizer, declared = _skeleton(source, tokenizer)
         super().__init__(module)
+        self._rename(rename, declared)
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "_remote_name", source)  # the server's name for it; kept after dispatch
         object.__setattr__(self, "_device_map", device_map)
         object.__setattr__(self, "_tokenizer", _ready(tokenizer) if tokenizer is not None else None)
         object.__setattr__(self, "_generator", _Generator(self))
-        if dispatch and not from_server:  # a server's model stays a remote handle (nnsight: dispatch=True)
+        if dispatch and declared is None:  # a server's model stays a remote handle (nnsight: dispatch=True)
             self._dispatch()
 
     @property
@@ -204,9 +205,9 @@ def _ready(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any, bool]:
-    """A meta-device model, its tokenizer, and whether they came from a server (else a local directory or
-    the local Hugging Face cache)."""
+def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any, dict | None]:
+    """A meta-device model, its tokenizer, and the aliases a server declares for it (None: it came from a
+    local directory or the local Hugging Face cache)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -216,7 +217,8 @@ def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any, bool]:
 
         remote = load_spec(source)
         if remote is not None:
-            return (*remote, True)
+            module, tokenizer, aliases = remote
+            return module, tokenizer, aliases or {}
         raise TetherError(
             f"No local model named {source!r}: tether never downloads weights. Give a local directory, a "
             "model already in the Hugging Face cache, a torch module, or use `remote=True` with a server "
@@ -226,4 +228,4 @@ def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any, bool]:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     with torch.device("meta"):
         module = AutoModelForCausalLM.from_config(config)
-    return module.eval(), tokenizer, False
+    return module.eval(), tokenizer, None

@@ -14,6 +14,8 @@ import torch
 from .batching import concat_inputs
 from .envoy import Envoy
 from .interleaver import HookPlan, parents_of
+from .rename import declared as declared_aliases
+from .rename import resolve as resolve_aliases
 from .session import Edit, Session
 from .tracer import Tracer
 
@@ -47,14 +49,22 @@ class _Caches:
 class NNsight(Envoy):
     """The root Envoy of a wrapped model: `trace`, `scan`, `session`, `edit`."""
 
-    def __init__(self, module: torch.nn.Module | str, **_: Any):
-        hosted = None
+    def __init__(self, module: torch.nn.Module | str, *, rename: dict | None = None, **_: Any):
+        hosted, declared = None, None
         if isinstance(module, str):  # a model a server hosts: its module tree from the server's spec
-            hosted, module = module, _hosted_skeleton(module)
+            hosted, (module, declared) = module, _hosted_skeleton(module)
         super().__init__(module, "model")
         object.__setattr__(self, "_edits", [])
         object.__setattr__(self, "_caches", _Caches())
         object.__setattr__(self, "_remote_name", hosted)  # the server's name for it; kept after dispatch
+        self._rename(rename, declared)
+
+    def _rename(self, rename: dict | None, declared: dict[str, str] | None = None) -> None:
+        """Bind `rename=` aliases (and those a server declared for its model); see rename.py."""
+        if rename or declared:
+            reserved = {name for klass in type(self).__mro__ for name in vars(klass)}
+            declared = {**declared_aliases(self), **(declared or {})}  # keep those bound already
+            object.__setattr__(self, "_aliases", resolve_aliases(self._module, rename, declared, reserved))
 
     # ---- contexts ------------------------------------------------------------------------------
     def trace(self, *inputs: Any, trace: bool = True, **kwargs: Any) -> Any:
@@ -158,7 +168,7 @@ class NNsight(Envoy):
         return self._module(*args, **kwargs)
 
 
-def _hosted_skeleton(name: str) -> torch.nn.Module:
+def _hosted_skeleton(name: str) -> tuple[torch.nn.Module, dict | None]:
     from .errors import TetherError
     from .remote import load_spec
 
@@ -166,4 +176,4 @@ def _hosted_skeleton(name: str) -> torch.nn.Module:
     if loaded is None:
         raise TetherError(f"NNsight({name!r}): no tether server answers at the configured host to describe it; "
                           "wrap a torch module, or point tether.CONFIG.API.HOST at a server that hosts it.")
-    return loaded[0]
+    return loaded[0], loaded[2]  # the module tree and the aliases the server declares

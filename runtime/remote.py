@@ -30,16 +30,17 @@ def run_remote(context: Any, ns: dict) -> None:
     _runner(context, ns)
 
 
-_spec_loader: Callable[[str], tuple[Any, Any]] | None = None
+_spec_loader: Callable[[str], tuple[Any, Any, Any]] | None = None
 
 
-def set_spec_loader(loader: Callable[[str], tuple[Any, Any]]) -> None:
-    """Install the function that builds `(meta module, tokenizer)` for a model only a server has."""
+def set_spec_loader(loader: Callable[[str], tuple[Any, Any, Any]]) -> None:
+    """Install the function that builds `(meta module, tokenizer, declared aliases)` for a model only a
+    server has."""
     global _spec_loader
     _spec_loader = loader
 
 
-def load_spec(name: str) -> tuple[Any, Any] | None:
+def load_spec(name: str) -> tuple[Any, Any, Any] | None:
     """A model skeleton from the configured server, or None when no backend is installed."""
     return None if _spec_loader is None else _spec_loader(name)
 

@@ -17,6 +17,7 @@ from .capture import Block
 from .contexts import Cond, Context, LocalBlock
 from .errors import TetherError
 from .interleaver import Interleaver, Mediator, current_mediator
+from .saving import save
 from .steps import AllSteps, Steps, all_steps, body_mediator
 
 __all__ = ["Tracer", "Invoker"]
@@ -122,6 +123,16 @@ class Tracer(Context):
 
     def local(self) -> LocalBlock:
         return LocalBlock()
+
+    def cache(self, modules: list | None = None, device: Any = "cpu", dtype: Any = None, detach: bool = True,
+              include_output: bool = True, include_inputs: bool = False, non_blocking: bool = False) -> Any:
+        """Record the values of `modules` (Envoys or paths; all modules by default) during this run, moved to
+        `device` and cast to `dtype` as they are recorded; returns a saved `CacheView` (see cache.py)."""
+        from .cache import start_cache
+
+        view = start_cache(self._model, body_mediator("tracer.cache()"), modules, device=device, dtype=dtype, detach=detach,
+                           include_output=include_output, include_inputs=include_inputs, non_blocking=non_blocking)
+        return save(view)
 
     # ---- running -------------------------------------------------------------------------------
     def _execute(self, ns: dict) -> None:

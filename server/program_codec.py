@@ -17,7 +17,9 @@ from tether.protocol import CLIENT_MODULE, PROGRAM_KIND_NAMES
 from tether.runtime import ops
 from tether.runtime.capture import OPS_NAME, _assigned_names, parse
 from tether.runtime.envoy import Envoy
+from tether.runtime.errors import TetherError
 from tether.runtime.program import Program, block_of
+from tether.runtime.rename import resolve as resolve_aliases
 from tether.v1 import program_pb2, values_pb2
 from tether.values import Attributes, from_value, to_value
 from tether.wire import decode_value_map
@@ -66,6 +68,7 @@ class ValueCodec:
     def __init__(self, policy: Policy, hosted: HostedModel):
         self.policy, self.hosted = policy, hosted
         self.root: Any = None  # the job's own root Envoy on the replica that runs it; set by DecodedProgram.bind
+        self.aliases: dict[str, str] = {}  # the client's `rename=` aliases (alias path -> path), bound by bind
 
     def decode(self, value: values_pb2.Value, what: str) -> Any:
         """The object for a received Value; InvalidProgram naming `what` when it is refused."""
@@ -123,6 +126,12 @@ class ValueCodec:
                     "as in named_modules(), e.g. 'transformer.h.0'."
                 )
             module, where = module._modules[part], part
+        if ref.aliases:
+            self.aliases.update((a.alias_path, a.path) for a in ref.aliases)
+            try:
+                resolve_aliases(self.hosted.module, None, self.aliases)
+            except TetherError as error:
+                raise InvalidProgram(f"the model's `rename=` aliases were refused: {error}") from None
         return _ModelPath(ref.path) if self.root is None else self._envoy(ref.path)
 
     def _envoy(self, path: str) -> Any:
@@ -214,6 +223,8 @@ class DecodedProgram:
         Envoys, and its edits stay its own. Returns that root."""
         codec = self.codec
         codec.root = replica._edited_copy()
+        if codec.aliases:
+            codec.root._rename(None, codec.aliases)  # this job's own root: the hosted model keeps its names
         self.program.args = codec.resolve(self.program.args)
         self.program.kwargs = codec.resolve(self.program.kwargs)
         self.bindings.update({k: codec.resolve(v) for k, v in self.bindings.items()})

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from tether.runtime.model import NNsight
-from tether.v1 import models_pb2
+from tether.runtime.rename import declared as declared_aliases
+from tether.v1 import models_pb2, values_pb2
 from tether.values import to_value
 
 from .errors import NotFound
@@ -153,6 +154,8 @@ class HostedModel:
             printed=repr(module),
             config_json=config_json,
             tokenizer_files=_tokenizer_files(getattr(self.model, "tokenizer", None)),
+            aliases=[values_pb2.ModuleAlias(alias_path=alias, path=path)
+                     for alias, path in declared_aliases(self.model).items()],
         )
 
 

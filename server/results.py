@@ -151,7 +151,7 @@ def _sendable(value: Any) -> bool:
     if module == "tether.server.program_codec":
         return False
     if module.startswith("tether.runtime.") and not module.endswith((".envoy", ".model", ".language_model")):
-        return module == "tether.runtime.saving"  # SavedTensor
+        return module in ("tether.runtime.saving", "tether.runtime.cache")  # SavedTensor, CacheView
     return True
 
 

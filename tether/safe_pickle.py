@@ -120,6 +120,7 @@ DEFAULT_ALLOW_LIST = PickleAllowList(
         ]
         + ["numpy.ndarray", "numpy.dtype"]
         + ["transformers.tokenization_utils_base.BatchEncoding"]
+        + ["tether.runtime.cache.CacheView"]  # plain data: its own reduce builds it from dicts and lists
     ),
     subclasses=frozenset(
         [

@@ -38,7 +38,7 @@ class ModuleNode(_message.Message):
     def __init__(self, path: _Optional[str] = ..., class_name: _Optional[str] = ..., class_module: _Optional[str] = ..., extra_repr: _Optional[str] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("info", "modules", "printed", "config_json", "tokenizer_files")
+    __slots__ = ("info", "modules", "printed", "config_json", "tokenizer_files", "aliases")
     class TokenizerFilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,12 +51,14 @@ class ModelSpec(_message.Message):
     PRINTED_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FILES_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
     info: ModelInfo
     modules: _containers.RepeatedCompositeFieldContainer[ModuleNode]
     printed: str
     config_json: str
     tokenizer_files: _containers.ScalarMap[str, bytes]
-    def __init__(self, info: _Optional[_Union[ModelInfo, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ModuleNode, _Mapping]]] = ..., printed: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    aliases: _containers.RepeatedCompositeFieldContainer[_values_pb2.ModuleAlias]
+    def __init__(self, info: _Optional[_Union[ModelInfo, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ModuleNode, _Mapping]]] = ..., printed: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., aliases: _Optional[_Iterable[_Union[_values_pb2.ModuleAlias, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -125,12 +125,22 @@ class Reference(_message.Message):
     def __init__(self, module: _Optional[str] = ..., qualname: _Optional[str] = ...) -> None: ...
 
 class ModelReference(_message.Message):
-    __slots__ = ("name", "path")
+    __slots__ = ("name", "path", "aliases")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+    aliases: _containers.RepeatedCompositeFieldContainer[ModuleAlias]
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., aliases: _Optional[_Iterable[_Union[ModuleAlias, _Mapping]]] = ...) -> None: ...
+
+class ModuleAlias(_message.Message):
+    __slots__ = ("alias_path", "path")
+    ALIAS_PATH_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    alias_path: str
+    path: str
+    def __init__(self, alias_path: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class Pickled(_message.Message):
     __slots__ = ("data", "tensors", "type_name")
