@@ -205,10 +205,9 @@ class ModelQueue:
             entry.job.finish(jobs_pb2.JOB_STATE_CANCELLED, reason, code=grpc.StatusCode.CANCELLED,
                              ttl=self.limits.result_ttl)
             entry.decoded.release()
-        for job in running:
-            job.request_cancel(reason)
+        stopped = sum(job.request_cancel(reason) for job in running)  # (False for one that just ended)
         self._watchdog.close()
-        return len(pending) + len(running)
+        return len(pending) + stopped
 
     def join(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
