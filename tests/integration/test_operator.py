@@ -207,3 +207,8 @@ def test_admin_calls_need_an_admin_key(tmp_path):
     bad.write_text("key-0003 root\n")
     with pytest.raises(ValueError, match="bad:1: unknown role 'root'"):
         read_keys(bad)
+
+
+def test_an_unreachable_server_is_reported_clearly():
+    with Admin("127.0.0.1:1", timeout=10) as admin, pytest.raises(RemoteError, match="is `tether serve` running"):
+        admin.models()

@@ -62,16 +62,13 @@ def test_remote_bfloat16_equals_local_bfloat16_bit_for_bit(rllm):
 
 
 def test_remote_bfloat16_setting_a_value_and_generating(rllm):
-    local_model = _local(BF16)
-    for model, options in ((local_model, {}), (rllm, {"remote": True})):
+    def generate(model: LanguageModel, **options) -> torch.Tensor:
         with model.generate(PROMPT, max_new_tokens=3, **options):
             model.transformer.h[0].output[0][:, -1] = 0
             tokens = model.generator.output.save()
-        if options:
-            remote_tokens = tokens
-        else:
-            local_tokens = tokens
-    _same(remote_tokens, local_tokens)
+        return tokens
+
+    _same(generate(rllm, remote=True), generate(_local(BF16)))
 
 
 def test_model_info_shows_the_served_dtype(client_config):
