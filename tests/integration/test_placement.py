@@ -136,3 +136,20 @@ def test_language_model_with_a_cuda_device_map_equals_plain_hugging_face(saved_d
     ids = model.tokenizer(PROMPT, return_tensors="pt").to("cuda:0")
     with torch.no_grad():
         _same(logits, reference(**ids).logits)
+
+
+@cuda
+def test_a_local_block_on_values_from_a_gpu_hands_its_result_back_on_that_gpu(client_config):
+    import tether
+
+    def run(model: LanguageModel, **options) -> torch.Tensor:
+        with model.trace(PROMPT, **options):
+            hidden = model.transformer.h[0].output
+            with tether.local():
+                doubled = hidden * 2  # on the client: a CPU tensor when remote
+            model.transformer.h[0].output = doubled
+            logits = model.lm_head.output.save()
+        return logits
+
+    local = run(_local(Placement(device="cuda:0")))
+    _same(run(LanguageModel("tiny_cuda"), remote=True), local.cpu())
