@@ -27,10 +27,10 @@ from .local_calls import NO_STREAM, LocalLink
 from .policy import Policy
 from .program_codec import decode_program
 from .registry import Registry
+from .workers import JobLimits, Limits, ModelQueue, seconds
 
 if TYPE_CHECKING:
     from .deployments import ModelTable
-from .workers import JobLimits, Limits, ModelQueue, seconds
 
 __all__ = ["Hub", "JobService", "ModelService", "add_job_service", "cancel_job", "unary", "CANCEL_WAIT"]
 
