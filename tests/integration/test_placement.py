@@ -82,9 +82,9 @@ def test_model_info_shows_the_served_dtype(client_config):
     assert info.data_type == values_pb2.DATA_TYPE_BFLOAT16
 
 
-@pytest.mark.parametrize("option", ["dtype", "torch_dtype"])
-def test_language_model_from_a_directory_in_bfloat16_equals_plain_hugging_face(saved_dir, option):
-    model = LanguageModel(str(saved_dir), **{option: "bfloat16"}, device_map="cpu")
+@pytest.mark.parametrize("option, device_map", [("dtype", "cpu"), ("torch_dtype", "auto")])
+def test_language_model_from_a_directory_in_bfloat16_equals_plain_hugging_face(saved_dir, option, device_map):
+    model = LanguageModel(str(saved_dir), **{option: "bfloat16"}, device_map=device_map)
     assert next(model._module.parameters()).dtype == torch.bfloat16  # the skeleton too: scans report it
     hidden, logits = _run(model)
     reference = AutoModelForCausalLM.from_pretrained(saved_dir, dtype=torch.bfloat16).eval()
@@ -93,6 +93,13 @@ def test_language_model_from_a_directory_in_bfloat16_equals_plain_hugging_face(s
         out = reference(**ids, output_hidden_states=True)
     _same(logits, out.logits)
     _same(hidden, out.hidden_states[1][0])  # (a GPT2Block returns its hidden states: [0] is the first row)
+
+
+def test_a_device_map_spreads_a_served_model_and_it_runs_as_before():
+    model, tokenizer = load_model("tiny", Placement(device_map="auto", dtype=torch.bfloat16))
+    if not torch.cuda.is_available():  # (on GPUs a model this small may sit on fewer than all of them)
+        assert set(model.hf_device_map.values()) == {"cpu"}
+    _same(_run(LanguageModel(model, tokenizer=tokenizer))[1].cpu(), _run(_local(BF16))[1])
 
 
 def test_language_model_refuses_two_different_dtypes(saved_dir):
