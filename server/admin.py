@@ -60,9 +60,9 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             raise _invalid("DeployModelRequest.spec is empty: give what to load, e.g. `tiny` or a directory")
         if request.replicas < 0:
             raise _invalid(f"DeployModelRequest.replicas must be >= 0, got {request.replicas}")
-        placement = placement_of(request.placement)
-        load = functools.partial(load_model, request.spec, placement)
         table = self._hub.models
+        placement = placement_of(request.placement).over(table.default_placement)
+        load = functools.partial(load_model, request.spec, placement)
         _log.info("deploy %s=%s (%s) by %s", request.name, request.spec, placement.describe(), owner)
         deployment = table.deploy(request.name, load, spec=request.spec, placement=placement, source=load,
                                   replicas=request.replicas or None)

@@ -21,6 +21,7 @@ from .admin import AdminService
 from .auth import Authenticator, read_keys
 from .deployments import DEFAULT_LOADING_WAIT, ModelTable
 from .jobs import JobStore
+from .placement import Placement
 from .policy import DEFAULT_POLICY, Policy
 from .registry import Registry
 from .service import Hub, JobService, ModelService, add_job_service
@@ -85,6 +86,7 @@ def start_server(
     policy: Policy = DEFAULT_POLICY,
     replicas: int = 1,
     loading_wait: float = DEFAULT_LOADING_WAIT,
+    placement: Placement | None = None,
     rpc_threads: int = 128,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     **limits: Any,
@@ -95,6 +97,8 @@ def start_server(
     admin_keys: those of the keys that may use AdminService (default: the file's lines marked `admin`; with
     no keys at all, loopback callers are admins).
     loading_wait: seconds a job for a model that is still loading (deployed while serving) waits for it.
+    placement: the device and dtype a deployed model gets where its deploy does not say (`tether serve`'s
+    --device/--dtype before any --model); the `models` given are placed already.
     sources: name -> a function that loads that model again; with one, weights a job wrote into are restored
     (see weights.py); without, such a job takes the model out of service until a restart.
     limits: fields of `Limits` (queue_size, job_timeout, max_result_bytes, result_ttl, local_call_timeout).
@@ -112,7 +116,8 @@ def start_server(
         limits=server_limits,
         auth=Authenticator(api_keys, admin_keys or ()),
     )
-    hub.models = ModelTable(registry, hub.queues, server_limits, replicas=replicas, loading_wait=loading_wait)
+    hub.models = ModelTable(registry, hub.queues, server_limits, replicas=replicas, loading_wait=loading_wait,
+                            placement=placement)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=rpc_threads, thread_name_prefix="tether-rpc"),
         options=[

@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         handle = start_server(
             models, args.host, args.port, api_keys=args.api_keys, replicas=args.replicas,
             sources={m.name: functools.partial(load_model, m.spec, m.placement) for m in args.models},
+            placement=args.placement,
             queue_size=args.queue_size, job_timeout=args.job_timeout, max_result_bytes=args.max_result_bytes,
             result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
         )

@@ -65,9 +65,10 @@ class ModelTable:
     job asks for, waiting a bounded time for a model that is still loading."""
 
     def __init__(self, registry: Registry, queues: dict[str, ModelQueue], limits: Limits, *, replicas: int = 1,
-                 loading_wait: float = DEFAULT_LOADING_WAIT):
+                 loading_wait: float = DEFAULT_LOADING_WAIT, placement: Placement | None = None):
         self._registry, self._queues, self._limits = registry, queues, limits
         self.default_replicas, self.loading_wait = replicas, loading_wait
+        self.default_placement = placement or Placement()  # what a deploy leaves unset (read-only)
         self._cond = threading.Condition()
         self._deployments: dict[str, Deployment] = {}  # guarded by _cond
         self._closed = False  # guarded by _cond

@@ -38,6 +38,12 @@ class Placement:
             kwargs["device_map"] = str(resolve_device(self.device))
         return kwargs
 
+    def over(self, default: Placement) -> Placement:
+        """This placement, with what it leaves unset taken from `default` (a server's defaults)."""
+        where = (self.device, self.device_map) if self.device or self.device_map else (default.device,
+                                                                                        default.device_map)
+        return Placement(device=where[0], dtype=self.dtype or default.dtype, device_map=where[1])
+
     def describe(self) -> str:
         parts = [f"device_map={self.device_map}" if self.device_map else f"device={self.device or 'cpu'}"]
         if self.dtype is not None:

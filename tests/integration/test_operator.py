@@ -212,3 +212,10 @@ def test_admin_calls_need_an_admin_key(tmp_path):
 def test_an_unreachable_server_is_reported_clearly():
     with Admin("127.0.0.1:1", timeout=10) as admin, pytest.raises(RemoteError, match="is `tether serve` running"):
         admin.models()
+
+
+def test_a_deploy_gets_the_servers_default_placement():
+    with start_server({"tiny": tiny.tiny_gpt2()}, placement=Placement(dtype=torch.bfloat16)) as handle:
+        with Admin(handle.address) as admin:
+            assert admin.deploy("a", "tiny", wait=WAIT).data_type == values_pb2.DATA_TYPE_BFLOAT16
+            assert admin.deploy("b", "tiny", dtype=torch.float32, wait=WAIT).data_type == values_pb2.DATA_TYPE_FLOAT32

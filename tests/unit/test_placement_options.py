@@ -76,3 +76,11 @@ def test_admin_service_has_the_agreed_shape():
         assert method.input_type.name == f"{method.name}Request"
         assert method.output_type.name == f"{method.name}Response"
     assert hasattr(admin_pb2_grpc, "AdminServiceStub")
+
+
+def test_a_deploy_takes_the_servers_defaults_for_what_it_leaves_unset():
+    default = Placement(device="cpu", dtype=torch.bfloat16)
+    assert Placement().over(default) == default
+    assert Placement(dtype=torch.float16).over(default) == Placement(device="cpu", dtype=torch.float16)
+    assert Placement(device_map="auto").over(default) == Placement(dtype=torch.bfloat16, device_map="auto")
+    assert Placement(device="auto").over(Placement(device_map="auto")) == Placement(device="auto")
