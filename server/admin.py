@@ -69,7 +69,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         wait = min(seconds(request.wait), MAX_DEPLOY_WAIT) if request.HasField("wait") else 0.0
         if wait > 0:
             table.wait(deployment.name, wait)
-        return admin_pb2.DeployModelResponse(model=deployment.info())
+        return admin_pb2.DeployModelResponse(model=table.describe(deployment))
 
     @_admin
     def EvictModel(self, request, context, owner):

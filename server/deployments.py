@@ -43,22 +43,6 @@ class Deployment:
     hosted: HostedModel | None = None  # set once READY
     queue: ModelQueue | None = None  # set once READY
 
-    def info(self) -> models_pb2.ModelInfo:
-        """ModelInfo as ListModels shows it (a READY model that its queue retired shows FAILED)."""
-        if self.hosted is not None and self.queue is not None:
-            serving = self.queue.serving
-            info = self.hosted.info(self.queue.depth, serving)
-            state, message = (READY, "") if serving else (FAILED, self.queue.status_message())
-        else:
-            info = models_pb2.ModelInfo(name=self.name, device=self.placement.device or "cpu")
-            if self.placement.dtype is not None:
-                info.data_type = to_value(self.placement.dtype).data_type_value
-            state, message = self.state, self.message
-            if state == LOADING:
-                message = f"loading {self.spec} for {time.monotonic() - self.since:.0f} s"
-        info.replicas, info.state, info.state_message = self.replicas, state, message
-        return info
-
 
 class ModelTable:
     """The server's deployments by name. `deploy` loads in a named background thread; `resolve` is what a
@@ -200,7 +184,26 @@ class ModelTable:
             deployment = self._deployments.get(name)
         if deployment is None:
             raise NotFound(f"this server hosts no model named {name!r}; `tether models` lists those it hosts")
-        return deployment.info()
+        return self.describe(deployment)
 
     def infos(self) -> list[models_pb2.ModelInfo]:
-        return [d.info() for d in self.deployments()]
+        return [self.describe(d) for d in self.deployments()]
+
+    def describe(self, deployment: Deployment) -> models_pb2.ModelInfo:
+        """Its ModelInfo as ListModels shows it (a READY model whose queue retired it shows FAILED)."""
+        with self._cond:
+            state, message, since = deployment.state, deployment.message, deployment.since
+            hosted, queue = deployment.hosted, deployment.queue
+        if hosted is not None and queue is not None:
+            serving = queue.serving
+            info = hosted.info(queue.depth, serving)  # (outside the lock: it walks the parameters)
+            state, message = (READY, "") if serving else (FAILED, queue.status_message())
+        else:
+            placement = deployment.placement
+            info = models_pb2.ModelInfo(name=deployment.name, device=placement.device or "cpu")
+            if placement.dtype is not None:
+                info.data_type = to_value(placement.dtype).data_type_value
+            if state == LOADING:
+                message = f"loading {deployment.spec} for {time.monotonic() - since:.0f} s"
+        info.replicas, info.state, info.state_message = deployment.replicas, state, message
+        return info
