@@ -28,14 +28,14 @@ class Placement:
     device_map: str | None = None  # "auto": spread the model over this node's GPUs with accelerate
 
     def from_pretrained_kwargs(self) -> dict[str, Any]:
-        """What Hugging Face's from_pretrained takes for this placement (loads straight to the devices)."""
+        """What Hugging Face's from_pretrained takes for this placement: the dtype, and a device map (loads
+        straight to the GPUs; needs accelerate). One device is left to `place`, which needs nothing more."""
         kwargs: dict[str, Any] = {}
         if self.dtype is not None:
             kwargs["dtype"] = self.dtype
         if self.device_map is not None:
+            _need_accelerate(self.device_map)
             kwargs["device_map"] = self.device_map
-        elif self.device is not None:
-            kwargs["device_map"] = str(resolve_device(self.device))
         return kwargs
 
     def over(self, default: Placement) -> Placement:
@@ -88,9 +88,18 @@ def place(obj: Any, placement: Placement) -> Any:
     return obj
 
 
-def _dispatch(module: torch.nn.Module, device_map: str) -> None:
+def _need_accelerate(device_map: str) -> None:
     if device_map != "auto":
         raise ValueError(f"--device-map {device_map!r}: only `auto` is supported (or give --device)")
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ValueError("--device-map auto spreads a model with the `accelerate` package, which is not "
+                         "installed here: `pip install accelerate` (or give --device instead)") from None
+
+
+def _dispatch(module: torch.nn.Module, device_map: str) -> None:
+    _need_accelerate(device_map)
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 

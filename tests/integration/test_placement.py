@@ -102,6 +102,14 @@ def test_a_device_map_spreads_a_served_model_and_it_runs_as_before():
     _same(_run(LanguageModel(model, tokenizer=tokenizer))[1].cpu(), _run(_local(BF16))[1])
 
 
+def test_a_directory_spec_loads_straight_into_its_dtype(saved_dir):
+    model, tokenizer = load_model(str(saved_dir), Placement(device="cpu", dtype=torch.bfloat16))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    reference = AutoModelForCausalLM.from_pretrained(saved_dir, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        _same(_run(LanguageModel(model, tokenizer=tokenizer))[1], reference(**tokenizer(PROMPT, return_tensors="pt")).logits)
+
+
 def test_language_model_refuses_two_different_dtypes(saved_dir):
     from tether import TetherError
 
