@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Slot", "narrow", "splice", "concat_inputs", "record_views", "left_padded_positions"]
+__all__ = ["Slot", "narrow", "splice", "concat_inputs", "record_views", "left_padded_positions", "to_device"]
 
 
 def _map(value: Any, fn) -> Any:
@@ -27,6 +27,11 @@ def _map(value: Any, fn) -> Any:
         except TypeError:
             return type(value)(mapped)
     return value
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it on `device` (inputs follow the model to its GPU); others as they are."""
+    return _map(value, lambda t: t if t.device == device else t.to(device))
 
 
 def narrow(value: Any, rows: slice | None, batch_size: int) -> Any:

@@ -15,7 +15,8 @@ import torch
 from .batching import left_padded_positions
 from .errors import TetherError
 from .interleaver import Request, current_mediator
-from .model import NNsight, Prepared
+from .loading import adopt_weights, parse_dtype
+from .model import NNsight, Prepared, device_of
 from .tracer import Tracer
 
 __all__ = ["LanguageModel"]
@@ -44,19 +45,25 @@ class _Generator:
 class LanguageModel(NNsight):
     """A causal LM with its tokenizer: `trace("prompt")`, `generate("prompt", max_new_tokens=n)`."""
 
-    def __init__(self, model: Any, *, tokenizer: Any = None, device_map: Any = None, dispatch: bool = False,
-                 rename: dict | None = None, **kwargs: Any):
+    def __init__(self, model: Any, *, tokenizer: Any = None, device_map: Any = None, dtype: Any = None,
+                 dispatch: bool = False, rename: dict | None = None, **kwargs: Any):
+        """`model`: a torch module, or a local directory / cached Hugging Face id, loaded (on the first run,
+        or at once with `dispatch=True`) with `device_map` ("auto", "cuda:0", a dict) and `dtype`
+        (`torch.bfloat16` or its name; `torch_dtype=` as Hugging Face spells it). `rename`: aliases for
+        modules ({path or class: alias}), as nnsight takes them."""
+        dtype = parse_dtype(_one_dtype(dtype, kwargs.pop("torch_dtype", None)))
         source, declared = None, None
         if isinstance(model, torch.nn.Module):
             module = model
         else:
             source = str(model)
-            module, tokenizer, declared = _skeleton(source, tokenizer)
+            module, tokenizer, declared = _skeleton(source, tokenizer, dtype)
         super().__init__(module)
         self._rename(rename, declared)
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "_remote_name", source)  # the server's name for it; kept after dispatch
         object.__setattr__(self, "_device_map", device_map)
+        object.__setattr__(self, "_dtype", dtype)
         object.__setattr__(self, "_tokenizer", _ready(tokenizer) if tokenizer is not None else None)
         object.__setattr__(self, "_generator", _Generator(self))
         if dispatch and declared is None:  # a server's model stays a remote handle (nnsight: dispatch=True)
@@ -131,7 +138,7 @@ class LanguageModel(NNsight):
         pad = self._pad_id()
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-        device = _device_of(self._module)
+        device = device_of(self._module)
         kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         if any(len(r) < width for r in rows) and self._takes_positions():
             kwargs["position_ids"] = left_padded_positions([len(r) for r in rows], width).to(device)
@@ -171,27 +178,18 @@ class LanguageModel(NNsight):
             return
         from transformers import AutoModelForCausalLM
 
+        placed = {"device_map": self._device_map, "dtype": self._dtype}
         try:
-            real = AutoModelForCausalLM.from_pretrained(self._source, local_files_only=True)
+            real = AutoModelForCausalLM.from_pretrained(
+                self._source, local_files_only=True, **{k: v for k, v in placed.items() if v is not None})
         except OSError:
             raise TetherError(
                 f"The weights of {self._source!r} are not on this machine (its structure came from a server). "
                 "Run it there with `remote=True`."
             ) from None
-        real_modules = dict(real.named_modules())
-        for name, module in self._module.named_modules():
-            donor = real_modules[name]
-            state = {k: v for k, v in donor.__dict__.items() if k != "_modules"}
-            module.__dict__.update(state)
+        adopt_weights(self._module, real)
         self._module.eval()
         object.__setattr__(self, "_source", None)
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    """Where inputs go: the parameters' device (meta for an undispatched skeleton, which only scans)."""
-    for param in module.parameters():
-        return param.device
-    return torch.device("cpu")
 
 
 def _is_meta(module: torch.nn.Module) -> bool:
@@ -205,7 +203,13 @@ def _ready(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any, dict | None]:
+def _one_dtype(dtype: Any, torch_dtype: Any) -> Any:
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise TetherError(f"LanguageModel got dtype={dtype!r} and torch_dtype={torch_dtype!r}: give one of them.")
+    return dtype if dtype is not None else torch_dtype
+
+
+def _skeleton(source: str, tokenizer: Any, dtype: Any = None) -> tuple[torch.nn.Module, Any, dict | None]:
     """A meta-device model, its tokenizer, and the aliases a server declares for it (None: it came from a
     local directory or the local Hugging Face cache)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -226,6 +230,6 @@ def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any, dict |
         ) from None
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    with torch.device("meta"):
-        module = AutoModelForCausalLM.from_config(config)
+    with torch.device("meta"):  # in the dtype it will load in, so scans report it
+        module = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if isinstance(dtype, torch.dtype) else {}))
     return module.eval(), tokenizer, None

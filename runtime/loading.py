@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_model_dir", "load_smollm2", "smollm2_cache_dir", "smollm2_gguf_path", "tether_cache_root"]
+__all__ = ["adopt_weights", "parse_dtype", "load_model_dir", "load_smollm2", "smollm2_cache_dir", "smollm2_gguf_path", "tether_cache_root"]
 
 log = logging.getLogger(__name__)
 
@@ -215,3 +215,36 @@ def load_model_dir(path_or_id: str | os.PathLike[str], **kwargs: Any) -> tuple[A
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+_DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+                "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
+_HOOK_ATTRIBUTES = ("forward", "_old_forward", "_hf_hook")  # what accelerate's add_hook_to_module sets
+
+
+def parse_dtype(value: Any) -> Any:
+    """`torch.bfloat16` from itself, "bfloat16", "bf16" or "torch.bfloat16"; None and "auto" stay as they are."""
+    import torch
+
+    if value is None or isinstance(value, torch.dtype) or value == "auto":
+        return value
+    name = _DTYPE_NAMES.get(str(value).removeprefix("torch.").lower())
+    if name is None:
+        raise ValueError(f"unknown dtype {value!r}: give bfloat16, float16 or float32 (or a torch.dtype)")
+    return getattr(torch, name)
+
+
+def adopt_weights(skeleton: Any, real: Any) -> None:
+    """Give every module of `skeleton` (a meta-device copy) the state of its twin in `real`, keeping the
+    module objects (tether's Envoys point at them). accelerate's device-map hooks are attached again to
+    the skeleton's own modules, so its forward calls stay on its own submodules."""
+    real_modules = dict(real.named_modules())
+    for name, module in skeleton.named_modules():
+        donor = real_modules[name]
+        state = {k: v for k, v in donor.__dict__.items() if k != "_modules" and k not in _HOOK_ATTRIBUTES}
+        module.__dict__.update(state)
+        hook = donor.__dict__.get("_hf_hook")
+        if hook is not None:
+            from accelerate.hooks import add_hook_to_module
+
+            add_hook_to_module(module, hook)

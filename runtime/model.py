@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .batching import concat_inputs
+from .batching import concat_inputs, to_device
 from .envoy import Envoy
 from .interleaver import HookPlan, parents_of
 from .rename import declared as declared_aliases
@@ -19,7 +19,7 @@ from .rename import resolve as resolve_aliases
 from .session import Edit, Session
 from .tracer import Tracer
 
-__all__ = ["NNsight", "Prepared"]
+__all__ = ["NNsight", "Prepared", "device_of"]
 
 _REMOTE_OPTIONS = ("backend", "blocking", "api_key", "model_name", "verbose")
 _MAX_PLANS = 64  # hook plans kept per model (one per distinct set of trace bodies)
@@ -134,6 +134,9 @@ class NNsight(Envoy):
 
     def _batch(self, prepared: list[Prepared]) -> tuple[tuple, dict, list[slice], int]:
         args, kwargs, rows = concat_inputs([(p.args, p.kwargs) for p in prepared])
+        device = device_of(self._module)
+        if device.type not in ("cpu", "meta"):  # inputs follow the model (a device map: its first device)
+            args, kwargs = to_device(args, device), to_device(kwargs, device)
         return args, kwargs, rows, rows[-1].stop
 
     def _run(self, mode: str, args: tuple, kwargs: dict, run_kwargs: dict) -> Any:
@@ -177,3 +180,10 @@ def _hosted_skeleton(name: str) -> tuple[torch.nn.Module, dict | None]:
         raise TetherError(f"NNsight({name!r}): no tether server answers at the configured host to describe it; "
                           "wrap a torch module, or point tether.CONFIG.API.HOST at a server that hosts it.")
     return loaded[0], loaded[2]  # the module tree and the aliases the server declares
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where inputs go: the first parameter's device (meta for an undispatched skeleton, which only scans)."""
+    for param in module.parameters():
+        return param.device
+    return torch.device("cpu")

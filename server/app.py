@@ -16,20 +16,24 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tether.protocol import MAX_MESSAGE_BYTES
-from tether.v1 import jobs_pb2, models_pb2, models_pb2_grpc
+from tether.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, models_pb2, models_pb2_grpc
 
+from .admin import AdminService
 from .auth import Authenticator, read_keys
+from .deployments import DEFAULT_LOADING_WAIT, ModelTable
 from .jobs import JobStore
+from .placement import Placement
 from .policy import DEFAULT_POLICY, Policy
 from .registry import Registry
 from .service import Hub, JobService, ModelService, add_job_service
-from .workers import Limits, ModelQueue
+from .workers import Limits
 
 __all__ = ["ServerHandle", "start_server", "MAX_MESSAGE_BYTES"]
 
 SERVICES = (
     jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
 
 
@@ -54,11 +58,10 @@ class ServerHandle:
             return
         self._stopped = True
         self._health.enter_graceful_shutdown()
-        for queue in self.hub.queues.values():
-            queue.close()
+        self.hub.models.close()
         self._server.stop(grace).wait()
         self._job_service.close()
-        for queue in self.hub.queues.values():
+        for queue in list(self.hub.queues.values()):
             queue.join(timeout=grace)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -78,9 +81,12 @@ def start_server(
     port: int = 0,
     *,
     api_keys: Iterable[str] | str | os.PathLike[str] | None = None,
+    admin_keys: Iterable[str] | None = None,
     sources: Mapping[str, Callable[[], Any]] | None = None,
     policy: Policy = DEFAULT_POLICY,
     replicas: int = 1,
+    loading_wait: float = DEFAULT_LOADING_WAIT,
+    placement: Placement | None = None,
     rpc_threads: int = 128,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     **limits: Any,
@@ -88,11 +94,17 @@ def start_server(
     """Serve `models` (name -> torch module, `(model, tokenizer)` or NNsight) on `host:port` (0: any free port).
 
     api_keys: keys (or a file of keys, one per line) clients must send; None accepts loopback clients only.
+    admin_keys: those of the keys that may use AdminService (default: the file's lines marked `admin`; with
+    no keys at all, loopback callers are admins).
+    loading_wait: seconds a job for a model that is still loading (deployed while serving) waits for it.
+    placement: the device and dtype a deployed model gets where its deploy does not say (`tether serve`'s
+    --device/--dtype before any --model); the `models` given are placed already.
     sources: name -> a function that loads that model again; with one, weights a job wrote into are restored
     (see weights.py); without, such a job takes the model out of service until a restart.
     limits: fields of `Limits` (queue_size, job_timeout, max_result_bytes, result_ttl, local_call_timeout).
     """
     if isinstance(api_keys, (str, os.PathLike)):
+        admin_keys = read_keys(api_keys, role="admin") if admin_keys is None else admin_keys
         api_keys = read_keys(api_keys)
     registry = Registry(models, sources)
     server_limits = Limits(**limits)
@@ -102,8 +114,10 @@ def start_server(
         store=JobStore(),
         policy=policy,
         limits=server_limits,
-        auth=Authenticator(api_keys),
+        auth=Authenticator(api_keys, admin_keys or ()),
     )
+    hub.models = ModelTable(registry, hub.queues, server_limits, replicas=replicas, loading_wait=loading_wait,
+                            placement=placement)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=rpc_threads, thread_name_prefix="tether-rpc"),
         options=[
@@ -115,6 +129,7 @@ def start_server(
     job_service = JobService(hub, max_streams=rpc_threads)
     add_job_service(job_service, server)  # the streaming RPCs send pre-serialized responses
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(hub), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(hub), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -126,7 +141,7 @@ def start_server(
         bound = 0
     if not bound:
         raise OSError(f"cannot listen on {_join(host, port)}: the port is taken or the host is not this machine")
-    hub.queues.update({h.name: ModelQueue(h, server_limits, replicas=replicas) for h in registry})
+    hub.models.start_hosted()
     server.start()
     for service in ("", *SERVICES):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -1,4 +1,5 @@
-"""Who is calling: API keys from a file (`authorization: Bearer <key>`), or loopback-only without keys.
+"""Who is calling: API keys from a file (`authorization: Bearer <key>`), or loopback-only without keys; and
+who may operate the server (keys marked `admin`; every loopback caller of a server without keys).
 
 A caller's identity is an opaque owner id (a hash of its key), so job records never hold keys.
 Imports grpc and the standard library only.
@@ -12,28 +13,50 @@ import ipaddress
 import os
 from collections.abc import Iterable
 
-from .errors import Unauthenticated
+from .errors import PermissionDenied, Unauthenticated
 
-__all__ = ["Authenticator", "read_keys", "LOOPBACK_OWNER"]
+__all__ = ["Authenticator", "read_keys", "LOOPBACK_OWNER", "ROLES"]
 
 LOOPBACK_OWNER = "loopback"  # the owner of every job on a server started without keys
 _KEY_HINT = "pass api_key=... (or set TETHER_API_KEY, or CONFIG.set_default_api_key(...))"
 
 
-def read_keys(path: str | os.PathLike[str]) -> frozenset[str]:
-    """The API keys in `path`: one per line; blank lines and lines starting with '#' are ignored."""
+ROLES = frozenset({"admin"})  # what may follow a key on its line: `admin` may deploy, evict, list and stop jobs
+
+
+def read_keys(path: str | os.PathLike[str], role: str | None = None) -> frozenset[str]:
+    """The API keys in `path` (with `role`: only the keys marked with it).
+
+    One key per line, optionally followed by roles (`KEY admin`); blank lines and lines starting with '#'
+    are ignored."""
+    keys, marked = set(), set()
     with open(path, encoding="utf-8") as f:
-        keys = frozenset(line.strip() for line in f if line.strip() and not line.lstrip().startswith("#"))
+        for number, line in enumerate(f, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            key, *roles = line.split()
+            unknown = set(roles) - ROLES
+            if unknown:
+                raise ValueError(f"{os.fspath(path)}:{number}: unknown role {sorted(unknown)[0]!r} after the key; "
+                                 f"a line is `KEY` or `KEY admin`")
+            keys.add(key)
+            if role in roles:
+                marked.add(key)
     if not keys:
         raise ValueError(f"the API key file {os.fspath(path)!r} holds no keys (one key per line, '#' comments)")
-    return keys
+    return frozenset(marked if role is not None else keys)
 
 
 class Authenticator:
     """Checks each call's metadata and peer; `identify(context)` returns the caller's owner id."""
 
-    def __init__(self, keys: Iterable[str] | None = None):
+    def __init__(self, keys: Iterable[str] | None = None, admin_keys: Iterable[str] = ()):
         self._keys = {k: _owner(k) for k in keys} if keys is not None else None  # read-only after init
+        self._admins = frozenset(_owner(k) for k in admin_keys)  # owner ids of admin keys; read-only
+        if self._keys is None and self._admins:
+            raise ValueError("admin keys were given without the server's keys: list them among the API keys")
+        if self._keys is not None and not self._admins <= set(self._keys.values()):
+            raise ValueError("every admin key must also be one of the server's API keys")
 
     @property
     def requires_keys(self) -> bool:
@@ -64,6 +87,19 @@ class Authenticator:
             f"the {shown} API key is not one this server accepts: check it for typos or ask the server's "
             f"operator for a key, then {_KEY_HINT}."
         )
+
+
+    def identify_admin(self, context) -> str:
+        """As identify, for AdminService calls: PermissionDenied unless the key is marked admin (a server
+        without keys takes its loopback callers as admins)."""
+        owner = self.identify(context)
+        if self._keys is not None and owner not in self._admins:
+            raise PermissionDenied(
+                "operating this server (deploy, evict, jobs, cancel) needs an admin API key, and this call's key "
+                "is not one: use a key marked `admin` in the server's key file (a line `KEY admin`) with "
+                "--api-key or TETHER_API_KEY."
+            )
+        return owner
 
 
 def _owner(key: str) -> str:

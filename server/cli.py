@@ -1,4 +1,5 @@
-"""The `tether` command: `tether serve --model NAME=SPEC ...` loads models, serves them, stops on a signal.
+"""The `tether` command: `tether serve --model NAME=SPEC ...` loads models, serves them, stops on a signal;
+the operator's commands against a running server (models, deploy, evict, jobs, cancel) are operator_cli's.
 
 When ready it prints exactly one line to stdout, `tether: serving on HOST:PORT` (the real port), so scripts
 and tests can wait for it; everything else goes to stderr.
@@ -13,14 +14,10 @@ import signal
 import sys
 import threading
 
+from . import operator_cli
+from .placement import add_placement_options
+
 __all__ = ["main", "parse_args"]
-
-
-def _model_arg(text: str) -> tuple[str, str]:
-    name, sep, spec = text.partition("=")
-    if not sep or not name or not spec:
-        raise argparse.ArgumentTypeError(f"expected NAME=SPEC (e.g. tiny=tiny or smollm2=smollm2), got {text!r}")
-    return name, spec
 
 
 def _positive(kind):
@@ -35,16 +32,15 @@ def _positive(kind):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tether", description="tether: run intervention code on models.")
+    parser.add_argument("--version", action="version", version=f"tether {operator_cli.version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve models over gRPC (JobService, ModelService)")
-    serve.add_argument("--model", action="append", type=_model_arg, required=True, metavar="NAME=SPEC",
-                       help="a model to host; SPEC: tiny, smollm2, a local directory, a Hugging Face id in the "
-                            "local cache, or module:factory (returns a torch module or (model, tokenizer)); "
-                            "repeat for several models")
+    serve = commands.add_parser("serve", help="serve models over gRPC (JobService, ModelService, AdminService)")
+    add_placement_options(serve, with_model=True)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="port; 0 (default) picks a free one")
     serve.add_argument("--api-keys", metavar="FILE",
-                       help="file of accepted API keys, one per line; without it only loopback clients are served")
+                       help="file of accepted API keys, one per line (`KEY admin` for operators); without it only "
+                            "loopback clients are served")
     serve.add_argument("--queue-size", type=_positive(int), default=16, help="jobs waiting per model (default 16)")
     serve.add_argument("--job-timeout", type=_positive(float), default=600.0,
                        help="seconds a job may run (default 600)")
@@ -57,30 +53,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--replicas", type=_positive(int), default=1,
                        help="workers per model, each with its own copy of the model in memory and running one "
                             "job at a time (default 1)")
-    return parser.parse_args(argv)
+    operator_cli.add_commands(commands)
+    args = parser.parse_args(argv)
+    if args.command == "serve" and not args.models:
+        serve.error("give at least one --model NAME=SPEC")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command != "serve":
+        return operator_cli.run(args)
     logging.basicConfig(level=logging.INFO, format="tether: %(message)s", stream=sys.stderr)
     from .app import start_server
     from .registry import load_model
 
     models = {}
-    for name, spec in args.model:
+    for model in args.models:
+        name, spec, placement = model.name, model.spec, model.placement
         if name in models:
             print(f"tether: the model name {name!r} is given twice", file=sys.stderr)
             return 2
-        print(f"tether: loading {name} ({spec})...", file=sys.stderr, flush=True)
+        print(f"tether: loading {name} ({spec}, {placement.describe()})...", file=sys.stderr, flush=True)
         try:
-            models[name] = load_model(spec)
+            models[name] = load_model(spec, placement)
         except Exception as error:
             print(f"tether: cannot load model {name}={spec}: {error}", file=sys.stderr)
             return 1
     try:
         handle = start_server(
             models, args.host, args.port, api_keys=args.api_keys, replicas=args.replicas,
-            sources={name: functools.partial(load_model, spec) for name, spec in args.model},
+            sources={m.name: functools.partial(load_model, m.spec, m.placement) for m in args.models},
+            placement=args.placement,
             queue_size=args.queue_size, job_timeout=args.job_timeout, max_result_bytes=args.max_result_bytes,
             result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
         )

@@ -20,6 +20,9 @@ __all__ = [
     "LocalCallFailed",
     "LocalBlockFailed",
     "Unauthenticated",
+    "PermissionDenied",
+    "ModelLoading",
+    "ModelExists",
 ]
 
 
@@ -56,6 +59,19 @@ class OutOfService(ServerError):
     """A hosted model that no longer runs jobs (its weights were changed and could not be restored)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ModelLoading(ServerError):
+    """A model deployed while the server runs is still loading (FAILED_PRECONDITION: UNAVAILABLE would
+    read as a lost connection to clients)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ModelExists(ServerError):
+    """A deploy under a name that is already deployed."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
 
 
 class ResultTooLarge(ServerError):
@@ -96,3 +112,9 @@ class Unauthenticated(ServerError):
     """A call without a valid API key (or, on a server without keys, from another machine)."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServerError):
+    """An admin call (AdminService) with a key that is not marked admin."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED

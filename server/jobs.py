@@ -436,6 +436,18 @@ class JobStore:
             )
         return job
 
+    def find(self, job_id: str) -> Job | None:
+        """The job `job_id`, whoever owns it (operators: AdminService); None if unknown."""
+        with self._lock:
+            self._sweep()
+            return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        """Every job still remembered, oldest first (dicts keep insertion order)."""
+        with self._lock:
+            self._sweep()
+            return list(self._jobs.values())
+
     def __len__(self) -> int:
         with self._lock:
             self._sweep()

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from tether.runtime.batching import to_device
 from tether.runtime.capture import Block
 from tether.v1 import jobs_pb2
 from tether.wire import encode_value_map, join_chunks, split_pieces
@@ -154,4 +155,22 @@ class LocalCaller:
                                      self._timed_out)
         finally:  # answered or not, the log need not keep the values
             self._job.forget_payload(call_id)
-        return codec.decode_answer(answer)
+        values = codec.decode_answer(answer)
+        device = _gpu_of(reads)  # as in a local run on that GPU, what the block computed from it lands there
+        return to_device(values, device) if device is not None else values
+
+
+def _gpu_of(values: Any) -> torch.device | None:
+    """The one non-CPU device of the tensors in `values` (None if they are all on the CPU, or on several)."""
+    found: set[torch.device] = set()
+    stack = [values]
+    while stack and len(found) < 2:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "cpu":
+                found.add(value.device)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return found.pop() if len(found) == 1 else None

@@ -23,15 +23,22 @@ from tether.v1 import models_pb2, values_pb2
 from tether.values import to_value
 
 from .errors import NotFound
+from .placement import Placement, place
 
 __all__ = ["HostedModel", "Registry", "load_model", "wrap"]
 
-def load_model(spec: str) -> Any:
-    """The object a `--model NAME=SPEC` names: a torch module or a `(model, tokenizer)` pair.
+def load_model(spec: str, placement: Placement | None = None) -> Any:
+    """The object a `--model NAME=SPEC` names: a torch module or a `(model, tokenizer)` pair, in `placement`
+    (its device, dtype or device map; a directory or a cached id loads straight into it).
 
     SPEC: `tiny` (runtime.tiny.tiny_gpt2), `smollm2` (packaged SmolLM2-135M), an existing local directory,
     `module:factory` (the factory is called with no arguments), or a Hugging Face id in the local cache.
     """
+    placement = placement or Placement()
+    return place(_load(spec, placement), placement)
+
+
+def _load(spec: str, placement: Placement) -> Any:
     if spec == "tiny":
         from tether.runtime.tiny import tiny_gpt2
 
@@ -54,7 +61,7 @@ def load_model(spec: str) -> Any:
         return factory()
     from tether.runtime.loading import load_model_dir
 
-    model, tokenizer = load_model_dir(spec)
+    model, tokenizer = load_model_dir(spec, **placement.from_pretrained_kwargs())
     return (model, tokenizer) if tokenizer is not None else model
 
 
@@ -121,7 +128,7 @@ class HostedModel:
             architecture=architectures[0],
             parameter_count=sum(p.numel() for p in params),
             data_type=to_value(dtype).data_type_value,
-            device=str(params[0].device) if params else "cpu",
+            device=",".join(dict.fromkeys(str(p.device) for p in params)) or "cpu",  # (a device map: several)
             queue_depth=queue_depth,
             ready=ready,
         )
@@ -173,24 +180,46 @@ def _tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
 
 
 class Registry:
-    """The hosted models by name; fixed once the server starts (so reads need no lock)."""
+    """The hosted models by name. Models come and go while serving (`add`, `remove`: the deployments table
+    calls them); a job keeps the HostedModel it resolved."""
 
     def __init__(self, models: Mapping[str, Any], sources: Mapping[str, Callable[[], Any]] | None = None):
         sources = sources or {}
         unknown = set(sources) - set(models)
         if unknown:
             raise ValueError(f"sources given for models that are not hosted: {', '.join(sorted(unknown))}")
+        self._lock = threading.Lock()
+        # guarded by _lock (replaced, never changed in place: readers take the dict and use it unlocked)
         self._models = {name: HostedModel(name, wrap(obj), sources.get(name)) for name, obj in models.items()}
         if not self._models:
             raise ValueError("a server needs at least one model: --model NAME=SPEC")
 
+    def add(self, name: str, obj: Any, source: Callable[[], Any] | None = None) -> HostedModel:
+        """Host `obj` (a module, `(model, tokenizer)` or NNsight) as `name`; ValueError if the name is taken."""
+        hosted = HostedModel(name, wrap(obj), source)
+        with self._lock:
+            if name in self._models:
+                raise ValueError(f"a model named {name!r} is already hosted")
+            self._models = {**self._models, name: hosted}
+        return hosted
+
+    def remove(self, name: str, only: HostedModel | None = None) -> HostedModel | None:
+        """Stop hosting `name` (if given, only while it is `only`); the HostedModel removed, or None."""
+        with self._lock:
+            hosted = self._models.get(name)
+            if hosted is None or (only is not None and hosted is not only):
+                return None
+            self._models = {k: v for k, v in self._models.items() if k != name}
+        return hosted
+
     def get(self, name: str) -> HostedModel:
         """The hosted model `name`; NotFound with the names that exist otherwise."""
-        hosted = self._models.get(name)
+        models = self._models
+        hosted = models.get(name)
         if hosted is None:
             raise NotFound(
-                f"this server hosts no model named {name!r}; it hosts {', '.join(sorted(self._models))}. "
-                "Check the model name (ListModels shows them)."
+                f"this server hosts no model named {name!r}; it hosts {', '.join(sorted(models)) or 'none'}. "
+                "Check the model name (ListModels, or `tether models`, shows them)."
             )
         return hosted
 
@@ -198,4 +227,5 @@ class Registry:
         return sorted(self._models)
 
     def __iter__(self):
-        return iter(self._models[name] for name in self.names())
+        models = self._models
+        return iter([models[name] for name in sorted(models)])

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -28,7 +29,10 @@ from .program_codec import decode_program
 from .registry import Registry
 from .workers import JobLimits, Limits, ModelQueue, seconds
 
-__all__ = ["Hub", "JobService", "ModelService", "add_job_service"]
+if TYPE_CHECKING:
+    from .deployments import ModelTable
+
+__all__ = ["Hub", "JobService", "ModelService", "add_job_service", "cancel_job", "unary", "CANCEL_WAIT"]
 
 _log = logging.getLogger("tether.server")
 CANCEL_WAIT = 10.0  # seconds CancelJob waits for a running job to stop before answering with its state
@@ -46,6 +50,7 @@ class Hub:
     policy: Policy
     limits: Limits
     auth: Authenticator
+    models: ModelTable | None = None  # deployments: what add / remove models and resolve names (set by app)
 
 
 @contextlib.contextmanager
@@ -62,13 +67,22 @@ def _status(context: grpc.ServicerContext):
         context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {type(error).__name__}: {error}")
 
 
-def _unary(method):
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        with _status(context):
-            return method(self, request, context, self._hub.auth.identify(context))
+def unary(identify: str = "identify"):
+    """A unary RPC method `(self, request, context, owner)`: authenticated by `self._hub.auth.<identify>`,
+    its ServerErrors reported as their status codes."""
 
-    return wrapper
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, request, context):
+            with _status(context):
+                return method(self, request, context, getattr(self._hub.auth, identify)(context))
+
+        return wrapper
+
+    return decorate
+
+
+_unary = unary()
 
 
 def _streaming(method):
@@ -101,7 +115,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             return earlier, True
         if not spec.HasField("program"):
             raise InvalidProgram("the JobSpec has no program: set JobSpec.program.")
-        hosted = hub.registry.get(spec.program.model)
+        hosted = hub.models.resolve(spec.program.model)
         job = Job(owner, hosted.name, spec.program.kind, spec.request_id)
         decoded = decode_program(spec.program, hosted, hub.policy)
         try:
@@ -115,7 +129,10 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 decoded.release()
                 return published, True
             try:
-                hub.queues[hosted.name].submit(job, decoded, JobLimits.of(spec, hub.limits), job.link)
+                queue = hub.queues.get(hosted.name)
+                if queue is None:  # evicted since it was resolved
+                    hub.registry.get(hosted.name)  # raises NotFound
+                queue.submit(job, decoded, JobLimits.of(spec, hub.limits), job.link)
             except ServerError:  # refused (queue full, model out of service): no record of a job that never runs
                 hub.store.remove(job)
                 raise
@@ -125,9 +142,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         return job, False
 
     def _cancel(self, job: Job, reason: str) -> None:
-        if job.request_cancel(reason) and self._hub.queues[job.model].withdraw(job):
-            job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or reason, code=grpc.StatusCode.CANCELLED,
-                       ttl=self._hub.limits.result_ttl)
+        cancel_job(self._hub, job, reason)
 
     def _events(self, job: Job, after: int, context: grpc.ServicerContext) -> Iterator[bytes]:
         """The job's events after `after`, then live ones until the job ends or the caller goes away, each as
@@ -188,7 +203,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     @_unary
     def GetJob(self, request, context, owner):
         job = self._hub.store.get(request.job_id, owner)
-        return jobs_pb2.GetJobResponse(job=job.info(self._hub.queues[job.model].position(job)))
+        queue = self._hub.queues.get(job.model)
+        return jobs_pb2.GetJobResponse(job=job.info(queue.position(job) if queue is not None else 0))
 
     @_streaming
     def WatchJob(self, request, context, owner):
@@ -223,6 +239,14 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             return jobs_pb2.CancelJobResponse(state=job.state)
 
 
+def cancel_job(hub: Hub, job: Job, reason: str) -> None:
+    """Ask `job` to stop: one still queued ends CANCELLED at once, a running one at its next module boundary."""
+    queue = hub.queues.get(job.model)
+    if job.request_cancel(reason) and queue is not None and queue.withdraw(job):
+        job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or reason, code=grpc.StatusCode.CANCELLED,
+                   ttl=hub.limits.result_ttl)
+
+
 def _rpc_end(job: Job, context: grpc.ServicerContext) -> threading.Event | None:
     """An Event set when the RPC ends (waking the job's waiters), or None if it has ended already."""
     gone = threading.Event()
@@ -243,17 +267,14 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
 
     @_unary
     def ListModels(self, request, context, owner):
-        hub = self._hub
-        return models_pb2.ListModelsResponse(
-            models=[hosted.info(hub.queues[hosted.name].depth, hub.queues[hosted.name].serving)
-                    for hosted in hub.registry]
-        )
+        return models_pb2.ListModelsResponse(models=self._hub.models.infos())
 
     @_unary
     def GetModel(self, request, context, owner):
-        hosted = self._hub.registry.get(request.name)
-        queue = self._hub.queues[hosted.name]
-        return models_pb2.GetModelResponse(spec=hosted.spec(queue.depth, queue.serving))
+        hosted = self._hub.models.resolve(request.name)
+        spec = hosted.spec()
+        spec.info.CopyFrom(self._hub.models.info(hosted.name))
+        return models_pb2.GetModelResponse(spec=spec)
 
 
 def _serialize(message) -> bytes:

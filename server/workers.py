@@ -188,21 +188,27 @@ class ModelQueue:
                     return True
             return False
 
-    def close(self) -> None:
-        """Stop taking jobs, cancel those waiting and running; workers end after their current job."""
+    def status_message(self) -> str:
+        """Why the model does not run jobs (empty while it does)."""
+        with self._cond:
+            return self._out_of_service() if self._broken else "shut down" if self._closed else ""
+
+    def close(self, reason: str = "the server is shutting down") -> int:
+        """Stop taking jobs, cancel those waiting and running (with `reason`); workers end after their current
+        job. Returns how many jobs were cancelled."""
         with self._cond:
             self._closed = True
             pending, self._pending = list(self._pending), collections.deque()
             running = list(self._running)
             self._cond.notify_all()
         for entry in pending:
-            entry.job.request_cancel("the server is shutting down")
-            entry.job.finish(jobs_pb2.JOB_STATE_CANCELLED, "the server is shutting down",
-                             code=grpc.StatusCode.CANCELLED, ttl=self.limits.result_ttl)
+            entry.job.request_cancel(reason)
+            entry.job.finish(jobs_pb2.JOB_STATE_CANCELLED, reason, code=grpc.StatusCode.CANCELLED,
+                             ttl=self.limits.result_ttl)
             entry.decoded.release()
-        for job in running:
-            job.request_cancel("the server is shutting down")
+        stopped = sum(job.request_cancel(reason) for job in running)  # (False for one that just ended)
         self._watchdog.close()
+        return len(pending) + stopped
 
     def join(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

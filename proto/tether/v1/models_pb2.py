@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tether.v1 import values_pb2 as tether_dot_v1_dot_values__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tether/v1/models.proto\x12\ttether.v1\x1a\x16tether/v1/values.proto\"\xa4\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0fparameter_count\x18\x03 \x01(\x03\x12&\n\tdata_type\x18\x04 \x01(\x0e\x32\x13.tether.v1.DataType\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x05\x12\r\n\x05ready\x18\x07 \x01(\x08\"X\n\nModuleNode\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x14\n\x0c\x63lass_module\x18\x03 \x01(\t\x12\x12\n\nextra_repr\x18\x04 \x01(\t\"\xa0\x02\n\tModelSpec\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.tether.v1.ModelInfo\x12&\n\x07modules\x18\x02 \x03(\x0b\x32\x15.tether.v1.ModuleNode\x12\x0f\n\x07printed\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x41\n\x0ftokenizer_files\x18\x05 \x03(\x0b\x32(.tether.v1.ModelSpec.TokenizerFilesEntry\x12\'\n\x07\x61liases\x18\x06 \x03(\x0b\x32\x16.tether.v1.ModuleAlias\x1a\x35\n\x13TokenizerFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tether.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x10GetModelResponse\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.tether.v1.ModelSpec2\x9e\x01\n\x0cModelService\x12I\n\nListModels\x12\x1c.tether.v1.ListModelsRequest\x1a\x1d.tether.v1.ListModelsResponse\x12\x43\n\x08GetModel\x12\x1a.tether.v1.GetModelRequest\x1a\x1b.tether.v1.GetModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tether/v1/models.proto\x12\ttether.v1\x1a\x16tether/v1/values.proto\"\xf3\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0fparameter_count\x18\x03 \x01(\x03\x12&\n\tdata_type\x18\x04 \x01(\x0e\x32\x13.tether.v1.DataType\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x05\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x10\n\x08replicas\x18\x08 \x01(\x05\x12$\n\x05state\x18\t \x01(\x0e\x32\x15.tether.v1.ModelState\x12\x15\n\rstate_message\x18\n \x01(\t\"X\n\nModuleNode\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x14\n\x0c\x63lass_module\x18\x03 \x01(\t\x12\x12\n\nextra_repr\x18\x04 \x01(\t\"\xa0\x02\n\tModelSpec\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.tether.v1.ModelInfo\x12&\n\x07modules\x18\x02 \x03(\x0b\x32\x15.tether.v1.ModuleNode\x12\x0f\n\x07printed\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x41\n\x0ftokenizer_files\x18\x05 \x03(\x0b\x32(.tether.v1.ModelSpec.TokenizerFilesEntry\x12\'\n\x07\x61liases\x18\x06 \x03(\x0b\x32\x16.tether.v1.ModuleAlias\x1a\x35\n\x13TokenizerFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tether.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x10GetModelResponse\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.tether.v1.ModelSpec*q\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x32\x9e\x01\n\x0cModelService\x12I\n\nListModels\x12\x1c.tether.v1.ListModelsRequest\x1a\x1d.tether.v1.ListModelsResponse\x12\x43\n\x08GetModel\x12\x1a.tether.v1.GetModelRequest\x1a\x1b.tether.v1.GetModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELSPEC_TOKENIZERFILESENTRY']._loaded_options = None
   _globals['_MODELSPEC_TOKENIZERFILESENTRY']._serialized_options = b'8\001'
+  _globals['_MODELSTATE']._serialized_start=858
+  _globals['_MODELSTATE']._serialized_end=971
   _globals['_MODELINFO']._serialized_start=62
-  _globals['_MODELINFO']._serialized_end=226
-  _globals['_MODULENODE']._serialized_start=228
-  _globals['_MODULENODE']._serialized_end=316
-  _globals['_MODELSPEC']._serialized_start=319
-  _globals['_MODELSPEC']._serialized_end=607
-  _globals['_MODELSPEC_TOKENIZERFILESENTRY']._serialized_start=554
-  _globals['_MODELSPEC_TOKENIZERFILESENTRY']._serialized_end=607
-  _globals['_LISTMODELSREQUEST']._serialized_start=609
-  _globals['_LISTMODELSREQUEST']._serialized_end=628
-  _globals['_LISTMODELSRESPONSE']._serialized_start=630
-  _globals['_LISTMODELSRESPONSE']._serialized_end=688
-  _globals['_GETMODELREQUEST']._serialized_start=690
-  _globals['_GETMODELREQUEST']._serialized_end=721
-  _globals['_GETMODELRESPONSE']._serialized_start=723
-  _globals['_GETMODELRESPONSE']._serialized_end=777
-  _globals['_MODELSERVICE']._serialized_start=780
-  _globals['_MODELSERVICE']._serialized_end=938
+  _globals['_MODELINFO']._serialized_end=305
+  _globals['_MODULENODE']._serialized_start=307
+  _globals['_MODULENODE']._serialized_end=395
+  _globals['_MODELSPEC']._serialized_start=398
+  _globals['_MODELSPEC']._serialized_end=686
+  _globals['_MODELSPEC_TOKENIZERFILESENTRY']._serialized_start=633
+  _globals['_MODELSPEC_TOKENIZERFILESENTRY']._serialized_end=686
+  _globals['_LISTMODELSREQUEST']._serialized_start=688
+  _globals['_LISTMODELSREQUEST']._serialized_end=707
+  _globals['_LISTMODELSRESPONSE']._serialized_start=709
+  _globals['_LISTMODELSRESPONSE']._serialized_end=767
+  _globals['_GETMODELREQUEST']._serialized_start=769
+  _globals['_GETMODELREQUEST']._serialized_end=800
+  _globals['_GETMODELRESPONSE']._serialized_start=802
+  _globals['_GETMODELRESPONSE']._serialized_end=856
+  _globals['_MODELSERVICE']._serialized_start=974
+  _globals['_MODELSERVICE']._serialized_end=1132
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 from tether.v1 import values_pb2 as _values_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,8 +8,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
+    MODEL_STATE_LOADING: _ClassVar[ModelState]
+    MODEL_STATE_READY: _ClassVar[ModelState]
+    MODEL_STATE_FAILED: _ClassVar[ModelState]
+MODEL_STATE_UNSPECIFIED: ModelState
+MODEL_STATE_LOADING: ModelState
+MODEL_STATE_READY: ModelState
+MODEL_STATE_FAILED: ModelState
+
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "parameter_count", "data_type", "device", "queue_depth", "ready")
+    __slots__ = ("name", "architecture", "parameter_count", "data_type", "device", "queue_depth", "ready", "replicas", "state", "state_message")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +28,9 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     parameter_count: int
@@ -23,7 +38,10 @@ class ModelInfo(_message.Message):
     device: str
     queue_depth: int
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., data_type: _Optional[_Union[_values_pb2.DataType, str]] = ..., device: _Optional[str] = ..., queue_depth: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+    replicas: int
+    state: ModelState
+    state_message: str
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., data_type: _Optional[_Union[_values_pb2.DataType, str]] = ..., device: _Optional[str] = ..., queue_depth: _Optional[int] = ..., ready: _Optional[bool] = ..., replicas: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., state_message: _Optional[str] = ...) -> None: ...
 
 class ModuleNode(_message.Message):
     __slots__ = ("path", "class_name", "class_module", "extra_repr")
