@@ -13,7 +13,9 @@ import torch
 
 from .errors import TetherError
 from .interleaver import Request, current_mediator
+from .loading import load_named, named_spec
 from .model import NNsight, Prepared
+from .model_options import OWN, check_load_kwargs, remote_defaults, unexpected
 from .tracer import Tracer
 
 __all__ = ["LanguageModel"]
@@ -43,15 +45,31 @@ class LanguageModel(NNsight):
     """A causal LM with its tokenizer: `trace("prompt")`, `generate("prompt", max_new_tokens=n)`."""
 
     def __init__(self, model: Any, *, tokenizer: Any = None, device_map: Any = None, dispatch: bool = False,
-                 **kwargs: Any):
+                 api_key: str | None = None, backend: Any = None, host: str | None = None, **load_kwargs: Any):
+        """`LanguageModel(torch_module, tokenizer=tok)`, or `LanguageModel(name)` where name is a local model
+        directory, a Hugging Face id in the local cache, a model a tether server hosts (its module tree and
+        tokenizer come from the server), or a SPEC `tether serve` accepts (`tiny`, `smollm2`, `module:factory`),
+        loaded here when no server hosts it.
+
+        Keywords: `tokenizer=`; `dispatch=True` loads real weights now rather than at the first local run;
+        `host=`/`backend=` ("host:port") and `api_key=` pick the server for the spec and for remote traces;
+        other keywords go to Hugging Face `from_pretrained` (`torch_dtype=`, `revision=`...), and one it does
+        not take is a TypeError.
+        """
         source = None
+        owner = type(self).__name__
+        defaults = remote_defaults(owner, api_key, backend, host)
         if isinstance(model, torch.nn.Module):
+            if load_kwargs:
+                raise unexpected(owner, list(load_kwargs), ("tokenizer", "dispatch", "device_map", *OWN),
+                                 " (Hugging Face loader keywords apply only when loading by name)")
             module = model
         else:
             source = str(model)
-            module, tokenizer = _skeleton(source, tokenizer)
-        super().__init__(module)
+            module, tokenizer, source = _resolve(source, tokenizer, defaults, load_kwargs)
+        super().__init__(module, **defaults)
         object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_load_kwargs", load_kwargs)
         object.__setattr__(self, "_device_map", device_map)
         object.__setattr__(self, "_tokenizer", _ready(tokenizer) if tokenizer is not None else None)
         object.__setattr__(self, "_generator", _Generator(self))
@@ -149,15 +167,19 @@ class LanguageModel(NNsight):
         if not _is_meta(self._module):
             object.__setattr__(self, "_source", None)  # real weights: later traces skip the parameter scan
             return
-        from transformers import AutoModelForCausalLM
+        if named_spec(self._source):
+            loaded = load_named(self._source)
+            real = loaded[0] if isinstance(loaded, tuple) else loaded
+        else:
+            from transformers import AutoModelForCausalLM
 
-        try:
-            real = AutoModelForCausalLM.from_pretrained(self._source, local_files_only=True)
-        except OSError:
-            raise TetherError(
-                f"The weights of {self._source!r} are not on this machine (its structure came from a server). "
-                "Run it there with `remote=True`."
-            ) from None
+            try:
+                real = AutoModelForCausalLM.from_pretrained(self._source, local_files_only=True, **self._load_kwargs)
+            except OSError:
+                raise TetherError(
+                    f"The weights of {self._source!r} are not on this machine (its structure came from a "
+                    "server). Run it there with `remote=True`."
+                ) from None
         real_modules = dict(real.named_modules())
         for name, module in self._module.named_modules():
             donor = real_modules[name]
@@ -185,25 +207,41 @@ def _ready(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _skeleton(source: str, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
-    """A meta-device model and its tokenizer from a local directory or the local Hugging Face cache."""
+def _resolve(source: str, tokenizer: Any, remote: dict, load_kwargs: dict) -> tuple[torch.nn.Module, Any, str | None]:
+    """`(module, tokenizer, source)` for a model named `source`: a local directory or cached Hugging Face id
+    (a meta skeleton, weights on dispatch), else the server's spec, else a tether SPEC loaded here (real
+    weights: source None). Raises, naming the server address it tried, when none of them has it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
-    except OSError as error:
-        from .remote import load_spec
+    except (OSError, ValueError):
+        config = None
+    if config is not None:
+        check_load_kwargs("LanguageModel", load_kwargs, config)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        with torch.device("meta"):
+            module = AutoModelForCausalLM.from_config(config)
+        return module.eval(), tokenizer, source
+    from .remote import load_spec
 
-        remote = load_spec(source)
-        if remote is not None:
-            return remote
-        raise TetherError(
-            f"No local model named {source!r}: tether never downloads weights. Give a local directory, a "
-            "model already in the Hugging Face cache, a torch module, or use `remote=True` with a server "
-            f"that hosts it. ({error})"
-        ) from None
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    with torch.device("meta"):
-        module = AutoModelForCausalLM.from_config(config)
-    return module.eval(), tokenizer
+    found = load_spec(source, host=remote.get("backend"), api_key=remote.get("api_key"))
+    if not isinstance(found, str):
+        check_load_kwargs("LanguageModel", load_kwargs)
+        module, served_tokenizer = found
+        return module, tokenizer if tokenizer is not None else served_tokenizer, source
+    if named_spec(source):
+        if load_kwargs:
+            raise unexpected("LanguageModel", list(load_kwargs), ("tokenizer", "dispatch", "device_map", *OWN),
+                             f" ({source!r} is a tether model SPEC, loaded without Hugging Face keywords)")
+        loaded = load_named(source)
+        module, own_tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
+        return module, tokenizer if tokenizer is not None else own_tokenizer, None
+    raise TetherError(
+        f"No model named {source!r} here: it is not a local directory nor in the local Hugging Face cache, and "
+        f"{found}. tether never downloads weights. Start a server that hosts it (`tether serve --model "
+        f"NAME=SPEC` listens on 127.0.0.1:8765, where clients look by default), point at one with "
+        f"`LanguageModel({source!r}, host='host:port')`, `tether.CONFIG.API.HOST` or TETHER_HOST, or give a "
+        "local model directory (or `tiny`, `smollm2`, `module:factory`)."
+    )

@@ -14,6 +14,7 @@ import torch
 from .batching import concat_inputs
 from .envoy import Envoy
 from .interleaver import HookPlan, parents_of
+from .model_options import OWN, remote_defaults, unexpected
 from .session import Edit, Session
 from .tracer import Tracer
 
@@ -47,8 +48,14 @@ class _Caches:
 class NNsight(Envoy):
     """The root Envoy of a wrapped model: `trace`, `scan`, `session`, `edit`."""
 
-    def __init__(self, module: torch.nn.Module, **_: Any):
+    def __init__(self, module: torch.nn.Module, *, api_key: str | None = None, backend: Any = None,
+                 host: str | None = None, **kwargs: Any):
+        """Wrap `module`. `host=`/`backend=` ("host:port") and `api_key=` set where this model's remote
+        traces go (each trace may still pass its own); any other keyword is a TypeError."""
+        if kwargs:
+            raise unexpected(type(self).__name__, list(kwargs), OWN)
         super().__init__(module, "model")
+        object.__setattr__(self, "_remote_defaults", remote_defaults(type(self).__name__, api_key, backend, host))
         object.__setattr__(self, "_edits", [])
         object.__setattr__(self, "_caches", _Caches())
 
@@ -70,7 +77,8 @@ class NNsight(Envoy):
 
     def session(self, *, remote: bool = False, **options: Any) -> Session:
         """`with model.session():` — several traces in order, sharing values (one job when remote)."""
-        return Session(self, remote=remote or "backend" in options, remote_options=options)
+        return Session(self, remote=remote or "backend" in options,
+                       remote_options={**self._remote_defaults, **options})
 
     def edit(self, *, inplace: bool = False) -> Edit:
         """`with model.edit() as edited:` — interventions that persist in every later trace."""
@@ -87,7 +95,7 @@ class NNsight(Envoy):
         return Tracer(self, inputs, input_kwargs, mode=mode, scan=options.get("scan", False),
                       validate=options.get("validate", False), invoker_args=options.get("invoker_args"),
                       remote=options.get("remote", False) or "backend" in remote_options,
-                      remote_options=remote_options, run_kwargs=run_kwargs)
+                      remote_options={**self._remote_defaults, **remote_options}, run_kwargs=run_kwargs)
 
     def _with_module(self, module: torch.nn.Module) -> NNsight:
         """This wrapper over another copy of its module (a server replica): its own caches, which name modules."""

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import Any
 
 __all__ = ["main", "parse_args"]
 
@@ -42,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "local cache, or module:factory (returns a torch module or (model, tokenizer)); "
                             "repeat for several models")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=0, help="port; 0 (default) picks a free one")
+    serve.add_argument("--port", type=int, default=None,
+                       help="port; 0 picks a free one; default: the clients' default port (that of TETHER_HOST, "
+                            "else 8765) when it is free, else a free one")
     serve.add_argument("--api-keys", metavar="FILE",
                        help="file of accepted API keys, one per line; without it only loopback clients are served")
     serve.add_argument("--queue-size", type=_positive(int), default=16, help="jobs waiting per model (default 16)")
@@ -58,6 +61,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="workers per model, each with its own copy of the model in memory and running one "
                             "job at a time (default 1)")
     return parser.parse_args(argv)
+
+
+def default_port_start(start: Any) -> Any:
+    """Listen where clients look by default (the port of CONFIG.API.HOST: TETHER_HOST, the user config file,
+    else 8765) when that port is free, else on a free one; either way say so on stderr."""
+    from tether.config import CONFIG
+
+    port = int(CONFIG.API.HOST.rpartition(":")[2] or 8765)
+    try:
+        handle = start(port=port)
+    except OSError:
+        handle = start(port=0)
+        print(f"tether: port {port}, where clients look by default, is taken; point clients at this server "
+              f"with TETHER_HOST={handle.address} or tether.CONFIG.API.HOST = '{handle.address}'",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"tether: port {port} is where clients look by default: they need no host setting",
+              file=sys.stderr, flush=True)
+    return handle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,13 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:
             print(f"tether: cannot load model {name}={spec}: {error}", file=sys.stderr)
             return 1
+    start = functools.partial(
+        start_server, models, args.host, api_keys=args.api_keys, replicas=args.replicas,
+        sources={name: functools.partial(load_model, spec) for name, spec in args.model},
+        queue_size=args.queue_size, job_timeout=args.job_timeout, max_result_bytes=args.max_result_bytes,
+        result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
+    )
     try:
-        handle = start_server(
-            models, args.host, args.port, api_keys=args.api_keys, replicas=args.replicas,
-            sources={name: functools.partial(load_model, spec) for name, spec in args.model},
-            queue_size=args.queue_size, job_timeout=args.job_timeout, max_result_bytes=args.max_result_bytes,
-            result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
-        )
+        handle = start(port=args.port) if args.port is not None else default_port_start(start)
     except (OSError, ValueError) as error:
         print(f"tether: cannot start the server: {error}", file=sys.stderr)
         return 1
