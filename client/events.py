@@ -60,6 +60,7 @@ class JobEvents:
         self.result_total = -1  # its size once the first chunk said so
         self._log = log
         self._debug = debug
+        self.state_times: dict[int, float] = {}  # state -> when the server entered it (epoch seconds)
 
     @property
     def done(self) -> bool:
@@ -95,10 +96,16 @@ class JobEvents:
             print(f"tether: job {self.job_id} #{event.sequence} {kind}", file=sys.stderr)
         if kind == "status":
             self.state, self.status = event.status.state, event.status
+            self.state_times.setdefault(event.status.state, event.time.ToNanoseconds() / 1e9)
             message = event.status.message
             if event.status.state == jobs_pb2.JOB_STATE_QUEUED and event.status.queue_position:
                 message = message or f"position {event.status.queue_position} in the queue"
-            self.display.update(self.job_id, state_name(event.status.state), message)
+            if self.done:
+                message = " ".join(filter(None, (self._timing(), message)))
+            self.display.update(self.job_id, state_name(event.status.state), message, elapsed=self._elapsed())
+        elif kind == "progress":
+            total = f"/{event.progress.total_steps}" if event.progress.total_steps else ""
+            self.display.update(self.job_id, message=f"step {event.progress.step}{total}")
         elif kind == "log":
             if self._log is not None:
                 self.display.pause()
@@ -111,6 +118,22 @@ class JobEvents:
         elif kind == "local_call":
             return event.local_call
         return None
+
+    def _elapsed(self) -> float | None:
+        """Seconds from the server's first event to its last, once the job ended (a fetched job's real time)."""
+        times = self.state_times
+        if not self.done or not times:
+            return None
+        return times[self.state] - min(times.values())
+
+    def _timing(self) -> str:
+        """"(queued 3.1s, ran 5.2s)" for a job that waited; "" for one that did not, or without the times."""
+        times = self.state_times
+        start, running = min(times.values(), default=None), times.get(jobs_pb2.JOB_STATE_RUNNING)
+        if start is None or running is None:
+            return ""
+        queued, ran = running - start, times[self.state] - running
+        return f"(queued {queued:.1f}s, ran {ran:.1f}s)" if queued >= 0.05 else ""
 
     def add_result_chunk(self, chunk: jobs_pb2.Chunk) -> None:
         """Write one chunk into the result buffer (allocated once, at its full size, by the first chunk)."""

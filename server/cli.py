@@ -24,6 +24,15 @@ def _model_arg(text: str) -> tuple[str, str]:
     return name, spec
 
 
+def _size(text: str) -> int:
+    from tether.sizes import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _positive(kind):
     def convert(text: str):
         value = kind(text)
@@ -51,8 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--queue-size", type=_positive(int), default=16, help="jobs waiting per model (default 16)")
     serve.add_argument("--job-timeout", type=_positive(float), default=600.0,
                        help="seconds a job may run (default 600)")
-    serve.add_argument("--max-result-bytes", type=_positive(int), default=1 << 30,
-                       help="largest serialized result, bytes (default 1 GiB)")
+    serve.add_argument("--max-result-bytes", type=_positive(_size), default=1 << 30, metavar="SIZE",
+                       help="largest serialized result: bytes, or with a unit (1GiB, 512MiB; default 1GiB)")
+    serve.add_argument("--log-level", default="INFO", type=str.upper,
+                       choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                       help="server log on stderr; INFO (default) logs one line per finished job")
     serve.add_argument("--result-ttl", type=_positive(float), default=600.0,
                        help="seconds a finished job's result is kept (default 600)")
     serve.add_argument("--local-call-timeout", type=_positive(float), default=60.0,
@@ -84,7 +96,7 @@ def default_port_start(start: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="tether: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="tether: %(message)s", stream=sys.stderr)
     from .app import start_server
     from .registry import load_model
 
