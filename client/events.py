@@ -21,7 +21,7 @@ from .encode import CLIENT_MODULE, Job
 from .errors import from_failure
 from .wire import result_buffer, split_value_map
 
-__all__ = ["DecodedResult", "JobEvents", "PendingValue", "apply_result", "decode_result", "state_name", "resolvers",
+__all__ = ["AwaitedValue", "DecodedResult", "JobEvents", "PendingValue", "apply_result", "decode_result", "state_name", "resolvers",
            "PROGRESS_MIN_BYTES", "TERMINAL"]
 
 PROGRESS_MIN_BYTES = 8 << 20  # results at least this large get a progress bar
@@ -40,8 +40,21 @@ class PendingValue(StandIn):
     def _error(self) -> Exception:
         return TetherError(
             f"`{self._name}` is not available yet: {self._why}. Run the same block again with "
-            "`backend=tracer.backend` (and remote=True) to fetch it once the job is done, or call "
-            "`tracer.backend.result()` to wait for it."
+            "`remote=True, backend=tracer.backend` to fetch it (add `blocking=True` to wait for the job), or "
+            "call `tracer.backend.result()` to wait for it."
+        )
+
+
+class AwaitedValue(PendingValue):
+    """Stands for a name of an AsyncBackend's block until the job is awaited."""
+
+    __slots__ = ()
+
+    def _error(self) -> Exception:
+        return TetherError(
+            f"`{self._name}` is not available yet: {self._why}. Run the job with `values = await backend` "
+            f"(the backend= you passed): at module or notebook level that also fills `{self._name}`; inside "
+            f"a function read it from the returned dict, `values[{self._name!r}]`."
         )
 
 
@@ -261,7 +274,7 @@ def apply_result(job: Job, data: bytes | bytearray | memoryview, ns: dict, *,
             ns.pop(name, None)  # the server kept nothing under this name: the hand-back says NotReached
 
 
-def mark_pending(job: Job, ns: dict, why: str) -> None:
+def mark_pending(job: Job, ns: dict, why: str, kind: type[PendingValue] = PendingValue) -> None:
     """Every name the body assigns stands for a value a non-blocking job has not delivered yet."""
     for name in job.assigned:
-        ns[name] = PendingValue(name, why)
+        ns[name] = kind(name, why)

@@ -73,6 +73,10 @@ class Envoy:
     def __repr__(self) -> str:
         return repr(self._module)
 
+    def __dir__(self) -> list[str]:
+        """Children, tether's attributes and the module's own: what tab completion offers."""
+        return sorted(set(super().__dir__()) | set(dir(self._module)))
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._module(*args, **kwargs)
 

@@ -66,9 +66,10 @@ class LanguageModel(NNsight):
             module = model
         else:
             source = str(model)
-            module, tokenizer, source = _resolve(source, tokenizer, defaults, load_kwargs)
+            module, tokenizer = _resolve(source, tokenizer, defaults, load_kwargs)
         super().__init__(module, **defaults)
-        object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_source", source)  # the name: also the server's name for it (remote=True)
+        object.__setattr__(self, "_unloaded", source is not None and _is_meta(module))  # weights come on dispatch
         object.__setattr__(self, "_load_kwargs", load_kwargs)
         object.__setattr__(self, "_device_map", device_map)
         object.__setattr__(self, "_tokenizer", _ready(tokenizer) if tokenizer is not None else None)
@@ -162,10 +163,10 @@ class LanguageModel(NNsight):
 
     def _dispatch(self) -> None:
         """Give a meta skeleton its real weights, keeping every module object (and so every Envoy)."""
-        if self._source is None:
+        if not self._unloaded:
             return
         if not _is_meta(self._module):
-            object.__setattr__(self, "_source", None)  # real weights: later traces skip the parameter scan
+            object.__setattr__(self, "_unloaded", False)  # real weights: later traces skip the parameter scan
             return
         if named_spec(self._source):
             loaded = load_named(self._source)
@@ -186,7 +187,7 @@ class LanguageModel(NNsight):
             state = {k: v for k, v in donor.__dict__.items() if k != "_modules"}
             module.__dict__.update(state)
         self._module.eval()
-        object.__setattr__(self, "_source", None)
+        object.__setattr__(self, "_unloaded", False)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -207,10 +208,10 @@ def _ready(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _resolve(source: str, tokenizer: Any, remote: dict, load_kwargs: dict) -> tuple[torch.nn.Module, Any, str | None]:
-    """`(module, tokenizer, source)` for a model named `source`: a local directory or cached Hugging Face id
-    (a meta skeleton, weights on dispatch), else the server's spec, else a tether SPEC loaded here (real
-    weights: source None). Raises, naming the server address it tried, when none of them has it."""
+def _resolve(source: str, tokenizer: Any, remote: dict, load_kwargs: dict) -> tuple[torch.nn.Module, Any]:
+    """`(module, tokenizer)` for a model named `source`: a local directory or cached Hugging Face id (a meta
+    skeleton, weights on dispatch), else the server's spec, else a tether SPEC loaded here (real weights).
+    Raises, naming the server address it tried, when none of them has it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -223,21 +224,21 @@ def _resolve(source: str, tokenizer: Any, remote: dict, load_kwargs: dict) -> tu
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         with torch.device("meta"):
             module = AutoModelForCausalLM.from_config(config)
-        return module.eval(), tokenizer, source
+        return module.eval(), tokenizer
     from .remote import load_spec
 
     found = load_spec(source, host=remote.get("backend"), api_key=remote.get("api_key"))
     if not isinstance(found, str):
         check_load_kwargs("LanguageModel", load_kwargs)
         module, served_tokenizer = found
-        return module, tokenizer if tokenizer is not None else served_tokenizer, source
+        return module, tokenizer if tokenizer is not None else served_tokenizer
     if named_spec(source):
         if load_kwargs:
             raise unexpected("LanguageModel", list(load_kwargs), ("tokenizer", "dispatch", "device_map", *OWN),
                              f" ({source!r} is a tether model SPEC, loaded without Hugging Face keywords)")
         loaded = load_named(source)
         module, own_tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
-        return module, tokenizer if tokenizer is not None else own_tokenizer, None
+        return module, tokenizer if tokenizer is not None else own_tokenizer
     raise TetherError(
         f"No model named {source!r} here: it is not a local directory nor in the local Hugging Face cache, and "
         f"{found}. tether never downloads weights. Start a server that hosts it (`tether serve --model "

@@ -125,12 +125,17 @@ class StandIn:
         raise NotImplementedError
 
     def __getattr__(self, item):
+        if item.startswith("_"):  # probes by IPython, debuggers, pickle: "no such attribute", not a failure
+            raise AttributeError(item)
         raise self._error()
 
-    def __repr__(self):
-        raise self._error()
+    def __repr__(self) -> str:
+        """Readable, never raising (a notebook cell ending in one, a debugger's variable view): what the
+        name stands for, and how to get its value."""
+        return f"<{type(self).__name__} {self._name!r}: {self._error()}>"
 
-    __str__ = __repr__
+    def __str__(self):
+        raise self._error()
 
     def __bool__(self):
         raise self._error()

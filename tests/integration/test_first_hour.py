@@ -6,7 +6,13 @@ Each test runs its own loopback server (OS-assigned port) or none, and compares 
 from __future__ import annotations
 
 import functools
+import io
+import logging
+import re
+import runpy
 import socket
+import sys
+import threading
 
 import pytest
 import torch
@@ -17,6 +23,7 @@ from tether.client.channel import close_all
 from tether.runtime import tiny
 from tether.server.app import start_server
 from tether.server.cli import default_port_start
+from tether.v1 import jobs_pb2
 
 
 @pytest.fixture
@@ -107,3 +114,126 @@ def test_spec_names_load_locally_when_no_server_hosts_them(no_server):
     assert torch.equal(_ids(local), _ids(LanguageModel(model, tokenizer=tok)))
     net = LanguageModel("tether.runtime.tiny:tiny_gpt2")  # module:factory, as `tether serve` takes it
     assert torch.equal(_ids(net), _ids(local))
+
+
+# ---- 3. progress; 6. fetches; 8. the server's job log -----------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    """stderr as a terminal: the status line is redrawn in place, every redraw kept here."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def served(no_server, monkeypatch):
+    with start_server({"tiny": tiny.tiny_gpt2()}, host="127.0.0.1", port=0) as handle:
+        monkeypatch.setattr(CONFIG.API, "_host", handle.address)
+        yield handle
+
+
+def test_generation_shows_steps_and_the_line_never_goes_back(served, monkeypatch, caplog):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    llm = LanguageModel("tiny")
+    with caplog.at_level(logging.INFO, logger="tether.server"):
+        with llm.generate("Hello", max_new_tokens=5, remote=True):
+            out = llm.generator.output.save()
+    model, tok = tiny.tiny_gpt2()
+    local = LanguageModel(model, tokenizer=tok)
+    with local.generate("Hello", max_new_tokens=5):
+        expected = local.generator.output.save()
+    assert torch.equal(out, expected)
+    frames = [f for f in re.split(r"\r\x1b\[2K", re.sub(r"\x1b\[[0-9;]*m", "", terminal.getvalue())) if f.strip()]
+    assert any("step 3/5" in f for f in frames) and "step 5/5" in frames[-2] and "COMPLETED" in frames[-1]
+    order = ["SUBMITTING", "RECEIVED", "QUEUED", "DISPATCHED", "RUNNING", "COMPLETED"]
+    shown = [next(i for i, s in enumerate(order) if f" {s} " in f) for f in frames]
+    assert shown == sorted(shown)  # never back to an earlier state
+    line = next(r.getMessage() for r in caplog.records if "model=tiny" in r.getMessage())
+    assert re.search(r"job \w+ model=tiny key=loopback COMPLETED queued=\d+\.\d\ds ran=\d+\.\d\ds", line)
+    assert "result of 85 bytes" in line or "bytes" in line or "KiB" in line
+
+
+def test_a_fetched_job_shows_its_real_run_time(served, capsys):
+    llm = LanguageModel("tiny")
+    with llm.generate("Hello", max_new_tokens=40, remote=True, blocking=False) as tracer:
+        out = llm.generator.output.save()
+    backend = tracer.backend
+    job = served.hub.store.get(backend.job_id, "loopback")
+    capsys.readouterr()
+    with llm.generate("Hello", max_new_tokens=40, remote=True, backend=backend, blocking=True):
+        out = llm.generator.output.save()
+    final = capsys.readouterr().err.strip().splitlines()[-1]
+    shown = float(re.search(r"COMPLETED (\d+\.\d)s", final).group(1))
+    times = job.state_times
+    real = times[jobs_pb2.JOB_STATE_COMPLETED] - times[jobs_pb2.JOB_STATE_RECEIVED]
+    assert abs(shown - real) <= 0.06, (final, real)  # the job's time on the server, not the fetch's
+    assert out.shape[1] == len(llm.tokenizer("Hello")["input_ids"]) + 40
+
+
+def test_result_then_the_same_block_again_fills_names_without_a_second_job(served):
+    llm = LanguageModel("tiny")
+    jobs, backend = len(served.hub.store), None
+    for attempt in range(2):
+        with llm.trace("Hello", remote=True, blocking=False, backend=backend) as tracer:
+            logits = llm.output.logits.save()
+        if attempt == 0:
+            backend = tracer.backend
+            assert "PendingValue 'logits'" in repr(logits) and backend.job_id in repr(logits)
+            values = backend.result()
+    assert len(served.hub.store) == jobs + 1  # the second run of the block fetched; it submitted nothing
+    assert torch.equal(logits, values["logits"])
+    model, tok = tiny.tiny_gpt2()
+    assert torch.equal(logits, _ids(LanguageModel(model, tokenizer=tok), "Hello"))
+
+
+ASYNC_SCRIPT = '''
+import asyncio
+from tether.client.aio import AsyncBackend
+
+backend = AsyncBackend()
+with llm.trace("Hello", remote=True, backend=backend):
+    logits = llm.output.logits.save()
+pending = repr(logits)
+
+
+async def main():
+    return await backend
+
+values = asyncio.run(main())
+'''
+
+
+def test_await_fills_the_names_of_a_module_level_block(served, tmp_path):
+    script = tmp_path / "notebook_like.py"
+    script.write_text(ASYNC_SCRIPT)
+    ns = runpy.run_path(str(script), init_globals={"llm": LanguageModel("tiny")})
+    assert "await backend" in ns["pending"]
+    assert torch.equal(ns["logits"], ns["values"]["logits"])
+    model, tok = tiny.tiny_gpt2()
+    assert torch.equal(ns["logits"], _ids(LanguageModel(model, tokenizer=tok), "Hello"))
+
+
+def test_queued_behind_counts_the_running_job(served):
+    llm = LanguageModel("tiny")
+    started, release = threading.Event(), threading.Event()
+
+    def first_job():
+        with llm.trace("Hello", remote=True):
+            llm.transformer.h[0].output.save()
+            with tether.local():  # holds the only worker until the test lets go
+                started.set()
+                release.wait(30)
+
+    thread = threading.Thread(target=first_job)
+    thread.start()
+    try:
+        assert started.wait(30)
+        with llm.trace("Hello", remote=True, blocking=False) as tracer:
+            llm.output.logits.save()
+        queued = served.hub.store.get(tracer.backend.job_id, "loopback").status.message
+    finally:
+        release.set()
+        thread.join(30)
+    assert queued == "queued behind 1 job (1 running, 0 waiting)"

@@ -1,0 +1,66 @@
+"""Small pieces a new user meets first: readable stand-ins, byte sizes, completion lists, packaging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import tether
+from tether.client.events import AwaitedValue, PendingValue
+from tether.runtime import tiny
+from tether.runtime.saving import NotReached, UnsavedValue
+from tether.server.cli import parse_args
+from tether.sizes import format_bytes, parse_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("value, says", [
+    (UnsavedValue("h"), ["'h'", "not saved", ".save()"]),
+    (NotReached("h", "the trace was stopped early"), ["'h'", "never set", "stopped early"]),
+    (PendingValue("h", "job 0123 is QUEUED"), ["'h'", "job 0123", "backend=tracer.backend", "result()"]),
+    (AwaitedValue("h", "the job runs when you `await` its AsyncBackend"), ["'h'", "await backend"]),
+])
+def test_stand_ins_have_a_readable_repr_and_raise_only_when_used(value, says):
+    text = repr(value)
+    assert text.startswith(f"<{type(value).__name__} 'h': ")
+    assert all(s in text for s in says), text
+    assert getattr(value, "_repr_html_", None) is None  # IPython's probes see "no such attribute"
+    with pytest.raises(tether.TetherError):
+        value + 1
+    with pytest.raises(tether.TetherError):
+        str(value)
+
+
+def test_sizes_parse_and_print_as_people_write_them():
+    assert parse_bytes("1GiB") == 1 << 30 and parse_bytes("512 MiB") == 512 << 20 and parse_bytes("2GB") == 2e9
+    assert parse_bytes("1073741824") == 1 << 30
+    with pytest.raises(ValueError, match="1GiB"):
+        parse_bytes("lots")
+    assert format_bytes(188743720) == "180.0 MiB" and format_bytes(512) == "512 bytes"
+    assert parse_args(["serve", "--model", "t=tiny", "--max-result-bytes", "1GiB"]).max_result_bytes == 1 << 30
+    assert parse_args(["serve", "--model", "t=tiny", "--log-level", "debug"]).log_level == "DEBUG"
+
+
+def test_dir_lists_children_and_tether_attributes():
+    net = tether.NNsight(tiny.tiny_net())
+    assert {"layer1", "layer2", "trace", "output", "input", "next", "all"} <= set(dir(net))
+    model, tok = tiny.tiny_gpt2()
+    llm = tether.LanguageModel(model, tokenizer=tok)
+    assert {"mlp", "attn", "output", "inputs"} <= set(dir(llm.transformer.h[0]))
+    assert {"generate", "tokenizer", "transformer", "lm_head"} <= set(dir(llm))
+
+
+def test_jedi_completes_submodules_of_a_live_model():
+    jedi = pytest.importorskip("jedi")
+    model, tok = tiny.tiny_gpt2()
+    llm = tether.LanguageModel(model, tokenizer=tok)
+    names = lambda code: {c.name for c in jedi.Interpreter(code, [{"llm": llm}]).complete()}  # noqa: E731
+    assert "transformer" in names("llm.trans")
+    assert {"h", "wte"} <= names("llm.transformer.")
+
+
+def test_the_package_is_typed():
+    assert (ROOT / "tether" / "py.typed").is_file()
+    assert '"tether" = ["py.typed"]' in (ROOT / "pyproject.toml").read_text()
