@@ -174,12 +174,14 @@ class StatusDisplay:
                 self._stream.write("\n")
                 self._stream.flush()
                 self._drawn = False
+            if self._notebook and self._handle is not None and self._state not in _TERMINAL:
+                self._write_html(redraw=True)  # the last line stays: without a spinner, nothing moves now
 
     # ---- drawing (caller holds _lock) ------------------------------------------------------------
     def _text(self, *, color: bool) -> str:
         now = time.monotonic()
         state = self._state or "SUBMITTING"
-        spinner = "" if state in _TERMINAL else _SPINNER[int(now / _REFRESH_S) % len(_SPINNER)] + " "
+        spinner = "" if state in _TERMINAL or self._stop.is_set() else _SPINNER[int(now / _REFRESH_S) % len(_SPINNER)] + " "
         c, r, d, b = (_COLORS.get(state, ""), _RESET, _DIM, _BOLD) if color else ("", "", "", "")
         job = f" {d}[job {self._job_id}]{r}" if self._job_id else ""
         elapsed = self._elapsed if self._elapsed is not None and state in _TERMINAL else now - self._start
