@@ -34,7 +34,9 @@ __all__ = ["AsyncBackend", "fetch"]
 class AsyncBackend:
     """A backend whose block is captured, not run: `await backend` (or `await backend.run()`) runs it.
 
-    The names the block assigns hold pending stand-ins until then; the awaited dict has their values.
+    The names the block assigns hold pending stand-ins until then; the awaited dict has their values, and a
+    block at module or notebook level gets its names filled. `host=` ("host:port", default
+    CONFIG.API.HOST), `api_key=` (default CONFIG.API.APIKEY), `verbose=True` keeps every state's line.
     """
 
     def __init__(self, host: str | None = None, *, api_key: str | None = None, verbose: bool = False):
@@ -109,7 +111,10 @@ class AsyncBackend:
 
 async def fetch(job: str | RemoteBackend, *, host: str | None = None, api_key: str | None = None,
                 timeout: float | None = None) -> dict[str, Any]:
-    """Wait for a job (its id, or the RemoteBackend that submitted it) and return its values by name."""
+    """Wait for a job (its id, or the RemoteBackend that submitted it) and return its values by name.
+
+    `host=` and `api_key=` default to the backend's, then CONFIG; after `timeout` seconds, TimeoutError.
+    """
     submitted = None
     if isinstance(job, RemoteBackend):
         backend = job

@@ -53,7 +53,8 @@ class RemoteBackend:
     returns at once. Passing the same backend (`backend=tracer.backend`, with remote=True) to the same
     block again fetches that job instead of submitting a new one: its result when it is done (the names
     are filled and the backend forgets the job), its status otherwise. `RemoteBackend(job_id=...)`
-    picks up a job submitted elsewhere with the same API key.
+    picks up a job submitted elsewhere with the same API key. `api_key=` is sent with its calls (default
+    CONFIG.API.APIKEY); `verbose=True` keeps each job state on its own status line.
     """
 
     def __init__(self, host: str | None = None, *, api_key: str | None = None, blocking: bool = True,
@@ -144,7 +145,8 @@ class RemoteBackend:
         return self.state
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for the job that is out and return its values by name (saved values, and stand-ins).
+        """Wait for the job that is out (at most `timeout` seconds, then TimeoutError) and return its values
+        by name (saved values, and stand-ins).
 
         Running the block that submitted it again with `backend=` afterwards fills its names from this
         result; it submits no second job.
@@ -167,7 +169,7 @@ class RemoteBackend:
         return values_of(events.result, self._job)
 
     def cancel(self, reason: str = "cancelled by the client") -> str:
-        """Cancel the job that is out; returns its state afterwards."""
+        """Cancel the job that is out, telling the server `reason`; returns its state afterwards."""
         job_id = self._require_job()
         conn, metadata = self._connect(None)
         response = _unary(conn, conn.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason),

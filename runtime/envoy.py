@@ -81,6 +81,7 @@ class Envoy:
         return self._module(*args, **kwargs)
 
     def modules(self) -> list[Envoy]:
+        """This Envoy and every one below it, depth first (as `torch.nn.Module.modules`)."""
         return [self] + [e for child in self._direct_children() for e in child.modules()]
 
     def _direct_children(self) -> list[Envoy]:

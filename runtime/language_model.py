@@ -52,6 +52,7 @@ class LanguageModel(NNsight):
         loaded here when no server hosts it.
 
         Keywords: `tokenizer=`; `dispatch=True` loads real weights now rather than at the first local run;
+        `device_map=` is kept for nnsight compatibility (the model stays where its weights load);
         `host=`/`backend=` ("host:port") and `api_key=` pick the server for the spec and for remote traces;
         other keywords go to Hugging Face `from_pretrained` (`torch_dtype=`, `revision=`...), and one it does
         not take is a TypeError.
@@ -86,7 +87,11 @@ class LanguageModel(NNsight):
         return self._generator
 
     def generate(self, *inputs: Any, **kwargs: Any) -> Tracer:
-        """`with model.generate(prompt, max_new_tokens=n):` — generation with per-step interventions."""
+        """`with model.generate(prompt, max_new_tokens=n):` — generation with per-step interventions.
+
+        Keywords: those of `trace` (remote, backend, blocking, api_key, model_name, verbose, scan);
+        generation keywords (max_new_tokens, do_sample, temperature...) go to Hugging Face `generate`.
+        """
         return self._tracer("generate", inputs, kwargs)
 
     # ---- NNsight hooks -------------------------------------------------------------------------

@@ -63,7 +63,19 @@ class NNsight(Envoy):
     def trace(self, *inputs: Any, trace: bool = True, **kwargs: Any) -> Any:
         """`with model.trace(x):` — run the model once on `x` with the body's interventions.
 
-        `trace=False` just runs the model and returns its output.
+        Keywords:
+            remote: run the block on a tether server (`tether serve`) instead of here.
+            backend: where: "host:port" (implies remote), or a `tether.client.RemoteBackend` /
+                `tether.client.aio.AsyncBackend`; default the model's `host=`, else `tether.CONFIG.API.HOST`.
+            blocking: False submits the job and returns at once (see `RemoteBackend.result`).
+            api_key: the key sent to the server; default the model's `api_key=`, else `CONFIG.API.APIKEY`.
+            model_name: the server's name for the model (default: the name it was loaded by).
+            verbose: keep every job state on its own status line.
+            scan: first run the block on fake tensors, to catch shape errors without running the model.
+            validate: like scan.
+            invoker_args: keyword arguments given to every invoke's inputs.
+            trace: False just runs the model on the inputs and returns its output.
+            Other keywords go to the model's inputs (and, for a LanguageModel, to the tokenizer or run).
         """
         tracer = self._tracer("trace", inputs, kwargs)
         if trace:
@@ -72,16 +84,28 @@ class NNsight(Envoy):
         return self._run("trace", *self._batch([self._prepare(inputs, tracer._kwargs)])[:2], tracer._run_kwargs)
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
-        """`with model.scan(x):` — shapes and dtypes of module values, computed on fake tensors."""
+        """`with model.scan(x):` — shapes and dtypes of module values, computed on fake tensors.
+
+        Takes the keywords of `trace` (remote, backend, blocking, api_key...).
+        """
         return self._tracer("scan", inputs, kwargs)
 
     def session(self, *, remote: bool = False, **options: Any) -> Session:
-        """`with model.session():` — several traces in order, sharing values (one job when remote)."""
+        """`with model.session():` — several traces in order, sharing values (one job when remote).
+
+        Keywords:
+            remote: run the whole session as one job on a tether server.
+            options: the remote keywords of `trace` (backend, blocking, api_key, model_name, verbose).
+        """
         return Session(self, remote=remote or "backend" in options,
                        remote_options={**self._remote_defaults, **options})
 
     def edit(self, *, inplace: bool = False) -> Edit:
-        """`with model.edit() as edited:` — interventions that persist in every later trace."""
+        """`with model.edit() as edited:` — interventions that persist in every later trace.
+
+        Keywords:
+            inplace: True edits this model itself; False (default) returns an edited copy.
+        """
         return Edit(self, inplace=inplace)
 
     def clear_edits(self) -> None:

@@ -148,17 +148,21 @@ class Tracer(Context):
             mediator.stop()
 
     def cond(self, condition: Any) -> Cond:
+        """`with tracer.cond(condition):` — run the block only where `condition` holds."""
         return Cond(condition)
 
     def all(self) -> _AllSteps:
+        """Apply the rest of the body (or the `with`/`for` block) at every generation step."""
         mediator = _mediator("all()")
         mediator.enable_all()
         return _AllSteps(self, mediator)
 
     def next(self, step: int = 1) -> None:
+        """Move the body `step` generation steps on."""
         _mediator("next()").iteration += step
 
     def local(self) -> LocalBlock:
+        """`with tracer.local():` — the same as `tether.local()`: run the block on this machine."""
         return LocalBlock()
 
     # ---- running -------------------------------------------------------------------------------

@@ -33,6 +33,12 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _module_name(text: str) -> str:
+    if not all(part.isidentifier() for part in text.split(".")):
+        raise argparse.ArgumentTypeError(f"expected a module name such as json or scipy.special, got {text!r}")
+    return text
+
+
 def _positive(kind):
     def convert(text: str):
         value = kind(text)
@@ -62,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="seconds a job may run (default 600)")
     serve.add_argument("--max-result-bytes", type=_positive(_size), default=1 << 30, metavar="SIZE",
                        help="largest serialized result: bytes, or with a unit (1GiB, 512MiB; default 1GiB)")
+    serve.add_argument("--allow-module", action="append", default=[], metavar="NAME", type=_module_name,
+                       help="let programs import and call module NAME too (repeatable); the default allow-list "
+                            "is torch, math, operator, collections, itertools, functools, einops, numpy, tether")
     serve.add_argument("--log-level", default="INFO", type=str.upper,
                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                        help="server log on stderr; INFO (default) logs one line per finished job")
@@ -98,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="tether: %(message)s", stream=sys.stderr)
     from .app import start_server
+    from .policy import DEFAULT_POLICY
     from .registry import load_model
 
     models = {}
@@ -116,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         sources={name: functools.partial(load_model, spec) for name, spec in args.model},
         queue_size=args.queue_size, job_timeout=args.job_timeout, max_result_bytes=args.max_result_bytes,
         result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
+        policy=DEFAULT_POLICY.with_modules(args.allow_module),
     )
     try:
         handle = start(port=args.port) if args.port is not None else default_port_start(start)

@@ -237,3 +237,27 @@ def test_queued_behind_counts_the_running_job(served):
         release.set()
         thread.join(30)
     assert queued == "queued behind 1 job (1 running, 0 waiting)"
+
+
+# ---- 9. the allow-list and --allow-module -------------------------------------------------------------
+
+
+def test_allow_module_extends_the_servers_allow_list(no_server):
+    from tether.server.cli import parse_args
+    from tether.server.policy import DEFAULT_POLICY
+
+    args = parse_args(["serve", "--model", "net=tiny", "--allow-module", "json"])
+    x = torch.rand(1, 5)
+    net = NNsight(tiny.tiny_net())
+    for policy, allowed in ((DEFAULT_POLICY, False), (DEFAULT_POLICY.with_modules(args.allow_module), True)):
+        with start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0, policy=policy) as server:
+            if not allowed:
+                with pytest.raises(tether.RemoteError, match="module 'json' is not on its allow-list"):
+                    with net.trace(x, remote=True, model_name="net", backend=server.address):
+                        import json
+                        text = tether.save(json.dumps([1, 2]))
+                continue
+            with net.trace(x, remote=True, model_name="net", backend=server.address):
+                import json
+                text = tether.save(json.dumps([1, 2]))
+    assert text == "[1, 2]"

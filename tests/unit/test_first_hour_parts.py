@@ -64,3 +64,42 @@ def test_jedi_completes_submodules_of_a_live_model():
 def test_the_package_is_typed():
     assert (ROOT / "tether" / "py.typed").is_file()
     assert '"tether" = ["py.typed"]' in (ROOT / "pyproject.toml").read_text()
+
+
+def _public_callables():
+    """The user-facing API: constructors users call, and the methods they use."""
+    from tether.client.aio import AsyncBackend, fetch
+    from tether.client.runner import RemoteBackend
+    from tether.config import Config
+    from tether.runtime.envoy import Envoy
+    from tether.runtime.language_model import LanguageModel
+    from tether.runtime.model import NNsight
+    from tether.runtime.tracer import Tracer
+    from tether.server.policy import Policy
+
+    constructed = (NNsight, LanguageModel, RemoteBackend, AsyncBackend)
+    for cls in (*constructed, Tracer, Envoy, Config):
+        for name, member in vars(cls).items():
+            if callable(member) and (not name.startswith("_") or (name == "__init__" and cls in constructed)):
+                yield f"{cls.__name__}.{name}", cls, member
+    yield "Policy.with_modules", Policy, Policy.with_modules
+    yield "fetch", None, fetch
+
+
+@pytest.mark.parametrize("name, cls, function", list(_public_callables()),
+                         ids=[n for n, _, _ in _public_callables()])
+def test_every_public_method_documents_its_keywords(name, cls, function):
+    import inspect
+
+    doc = inspect.getdoc(function) or ""
+    if name.endswith("__init__"):
+        doc += inspect.getdoc(cls) or ""
+    assert doc, f"{name} has no docstring"
+    params = [p for p in inspect.signature(function).parameters.values() if p.name not in ("self", "cls")]
+    missing = [p.name for p in params if p.default is not p.empty and p.name not in doc]
+    assert not missing, f"{name}'s docstring does not mention {missing}"
+
+
+def test_help_of_trace_names_the_remote_keywords():
+    text = tether.NNsight.trace.__doc__
+    assert all(k in text for k in ("remote", "backend", "blocking", "api_key"))
