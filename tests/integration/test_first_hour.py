@@ -13,6 +13,7 @@ import runpy
 import socket
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,3 +262,29 @@ def test_allow_module_extends_the_servers_allow_list(no_server):
                 import json
                 text = tether.save(json.dumps([1, 2]))
     assert text == "[1, 2]"
+
+
+# ---- 7. the README's first screen runs as written -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_readmes_local_smollm2_trace_runs_as_written(no_server, tmp_path, capsys, smollm2):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    first = re.search(r"## A first trace, on your machine\n\n```python\n(.*?)```", readme, re.S).group(1)
+    script = tmp_path / "first_trace.py"
+    script.write_text(first)
+    ns = runpy.run_path(str(script))
+    assert capsys.readouterr().out.strip() == "Paris"
+    model, tok = smollm2  # the reference: plain torch, the same edit by a hook
+    batch = tok("The Eiffel Tower is in the city of", return_tensors="pt")
+
+    def halve_last(module, args, output):
+        output[:, -1] *= 0.5
+
+    handle = model.model.layers[10].mlp.register_forward_hook(halve_last)
+    try:
+        with torch.no_grad():
+            expected = model(**batch).logits
+    finally:
+        handle.remove()
+    assert torch.equal(ns["logits"], expected)
