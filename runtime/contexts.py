@@ -57,6 +57,10 @@ class Context:
         _set_handled_exception(exc.__context__)  # what the caller was handling when the skip was raised
         try:
             self._run_skipped(frame, entered)
+        except BaseException as error:
+            # IPython and pytest hide a frame with __tracebackhide__; _trimmed drops the frames below this one
+            __tracebackhide__ = True  # noqa: F841
+            raise _trimmed(error) from error.__cause__
         finally:
             _set_handled_exception(exc)
         return True

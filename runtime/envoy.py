@@ -6,14 +6,51 @@ trace the same attributes raise a clear error. Everything else falls through to 
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from .errors import NotInTraceError
+from .errors import NotInTraceError, TetherError
 from .interleaver import Mediator, Request, current_mediator
 
-__all__ = ["Envoy"]
+__all__ = ["Envoy", "body_without_input", "noting_sets"]
+
+_body = threading.local()  # .without_input: a trace body with no input runs now, to collect its invokes
+
+
+@contextlib.contextmanager
+def noting_sets() -> Iterator[None]:
+    """Around a model run: an exception the model raises gets a note naming the body's `.output = ...`
+    lines, since a wrongly shaped value fails deep inside the model, far from the line that set it."""
+    before = getattr(_body, "sets", None)
+    _body.sets = []
+    try:
+        yield
+    except Exception as error:
+        if _body.sets and not isinstance(error, TetherError) and hasattr(error, "add_note"):  # 3.11+
+            lines = "; ".join(f"`{path} = ...` ({shape}) at {file}, line {line}"
+                              for path, file, line, shape in _body.sets[-3:])
+            error.add_note(f"tether: the model failed after the trace set {lines}. If the value's shape or type "
+                           "differs from what the module returns, the model fails later like this: check it.")
+        raise
+    finally:
+        _body.sets = before
+
+
+@contextlib.contextmanager
+def body_without_input() -> Iterator[None]:
+    """While a trace body with no input runs (only its `tracer.invoke` blocks see the model), module
+    values read outside those blocks get an error that says so."""
+    before = getattr(_body, "without_input", False)
+    _body.without_input = True
+    try:
+        yield
+    finally:
+        _body.without_input = before
 
 
 class Envoy:
@@ -90,6 +127,12 @@ class Envoy:
     # ---- values --------------------------------------------------------------------------------
     def _mediator(self, what: str) -> Mediator:
         mediator = current_mediator()
+        if mediator is None and getattr(_body, "without_input", False):
+            raise NotInTraceError(
+                f"`{self._path}.{what}` was used in a trace that has no input, so the model does not run "
+                f"there: give the input to the trace (`with model.trace(x):`) or use `{self._path}.{what}` "
+                "inside `with tracer.invoke(x):` blocks."
+            )
         if mediator is None:
             raise NotInTraceError(
                 f"`{self._path}.{what}` is only available inside a tracing context "
@@ -105,6 +148,11 @@ class Envoy:
             Request(self._module, kind, mediator.iteration, op, value, self._path))
 
     def _set(self, kind: str, value: Any) -> None:
+        caller = sys._getframe(2)  # the body line `module.output = value` (via __setattr__)
+        sets = getattr(_body, "sets", None)
+        if sets is not None:
+            shape = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            sets.append((f"{self._path}.{kind}", caller.f_code.co_filename, caller.f_lineno, shape))
         self._request(kind, "set", value)
 
     @property

@@ -15,6 +15,7 @@ from typing import Any
 
 from .capture import Block
 from .contexts import Cond, Context, Iterator, LocalBlock
+from .envoy import body_without_input, noting_sets
 from .errors import NotInTraceError
 from .interleaver import Interleaver, Mediator, current_mediator
 
@@ -184,7 +185,8 @@ class Tracer(Context):
             invokes = [self.invoker]
         else:
             self._invokes = []
-            exec(self._block.code(), ns)
+            with body_without_input():
+                exec(self._block.code(), ns)
             invokes = self._invokes
         try:
             if not invokes or self._stopped:
@@ -216,7 +218,8 @@ class Tracer(Context):
             mediators.append(mediator)
         interleaver = Interleaver(model._module, mediators, batch_size, self._max_iterations(), cancel=self._cancel,
                                   parents=model._parents(), plan=model._hook_plan(tuple(m.code for m in mediators)))
-        self.result = interleaver.run(lambda: model._run(self._mode, args, kwargs, self._run_kwargs))
+        with noting_sets():
+            self.result = interleaver.run(lambda: model._run(self._mode, args, kwargs, self._run_kwargs))
         if self._mode == "generate":
             interleaver.serve(model._generator_key(), "output", self.result)
         interleaver.finish()

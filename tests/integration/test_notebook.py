@@ -7,6 +7,7 @@ every display message the kernel sends is recorded, so the test sees the status 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
+ROOT = Path(__file__).resolve().parents[2]
 CELLS = [
     """\
 import tether
@@ -31,6 +33,9 @@ tokens.shape[1] - len(llm.tokenizer("Hello")["input_ids"])""",
 with llm.trace("Hello", remote=True, blocking=False) as tracer:
     logits = llm.output.logits.save()
 logits""",
+    """\
+with llm.trace("Hello"):
+    broken = llm.transformer.h[0].output[0, 0, 10_000]""",
     """\
 from tqdm.auto import tqdm
 for _ in tqdm(range(3)):
@@ -57,7 +62,7 @@ def _texts(outputs, mime: str) -> list[str]:
 
 def test_a_notebook_shows_a_live_status_line_and_readable_pending_values(tmp_path):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
-    client = _Recording(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = _Recording(nb, timeout=120, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
     generation = nb.cells[1].outputs
     assert "24" in _texts(generation, "text/plain")  # tokens generated
@@ -69,6 +74,11 @@ def test_a_notebook_shows_a_live_status_line_and_readable_pending_values(tmp_pat
     assert len(running) >= 2  # the clock moves while the job runs
     pending = " ".join(_texts(nb.cells[2].outputs, "text/plain"))
     assert "PendingValue 'logits'" in pending and "backend=tracer.backend" in pending
-    assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.outputs)
+    errors = [o for i, c in enumerate(nb.cells) for o in c.outputs if o.get("output_type") == "error"]
+    assert len(errors) == 1 and errors[0]["ename"] == "IndexError"  # the cell that indexes out of range
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(errors[0]["traceback"]))
+    assert "output[0, 0, 10_000]" in shown  # the user's line...
+    own = [str(ROOT / d) for d in ("runtime", "client", "server", "tether")]
+    assert not any(d in shown for d in own), shown  # ...and no frame of tether's own
     everything = " ".join(" ".join(_texts(c.outputs, "text/plain")) for c in nb.cells)
     assert "IProgress not found" not in everything

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import pytest
+import torch
 
 import tether
 from tether.client.events import AwaitedValue, PendingValue
@@ -103,3 +105,46 @@ def test_every_public_method_documents_its_keywords(name, cls, function):
 def test_help_of_trace_names_the_remote_keywords():
     text = tether.NNsight.trace.__doc__
     assert all(k in text for k in ("remote", "backend", "blocking", "api_key"))
+
+
+# ---- 10. messages that name the user's line and the fix ------------------------------------------------
+
+
+def test_a_trace_without_input_says_so():
+    net = tether.NNsight(tiny.tiny_net())
+    with pytest.raises(tether.NotInTraceError, match=r"trace that has no input.*model.trace\(x\)"):
+        with net.trace():
+            net.layer1.output.save()
+
+
+def test_grad_asked_after_backward_names_the_variable_and_the_order():
+    net = tether.NNsight(tiny.tiny_net())
+    x = torch.rand(1, 5, requires_grad=True)
+    with net.trace(x):
+        h = net.layer1.output
+        net.output.sum().backward()
+        g = h.grad.save()
+    assert "`g` is a gradient" in repr(g) and "loss.backward()" in repr(g)
+    with pytest.raises(tether.ValueNotReachedError, match="`g` is a gradient that no backward pass computed"):
+        g + 1
+    with net.trace(x):  # the order it asks for works, and matches plain torch
+        h = net.layer1.output
+        g = h.grad.save()
+        net.output.sum().backward()
+    plain = tiny.tiny_net()
+    hidden = plain.layer1(x)
+    hidden.retain_grad()
+    plain.layer2(hidden).sum().backward()
+    assert torch.equal(g, hidden.grad)
+
+
+def test_a_wrongly_shaped_set_names_the_users_line_and_only_one_tether_frame_shows():
+    net = tether.NNsight(tiny.tiny_net())
+    with pytest.raises(RuntimeError) as info:
+        with net.trace(torch.rand(1, 5)):
+            net.layer1.output = torch.zeros(3, 7)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "`model.layer1.output = ...` (shape (3, 7))" in notes and f"{__file__}, line" in notes
+    own = [str(ROOT / d) for d in ("runtime", "client", "server", "tether")]
+    frames = [f.filename for f in traceback.extract_tb(info.value.__traceback__)]
+    assert sum(any(f.startswith(d) for d in own) for f in frames) == 1  # the `with` statement's __exit__
