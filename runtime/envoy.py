@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .batch_index import warn_if_batch_index
 from .errors import NotInTraceError, TetherError
 from .interleaver import Mediator, Request, current_mediator
 
@@ -158,7 +159,9 @@ class Envoy:
     @property
     def output(self) -> Any:
         """This module's output at the body's current iteration (a view of the invoke's rows)."""
-        return self._request("output", "get")
+        value = self._request("output", "get")
+        warn_if_batch_index(value, self._path, sys._getframe(1))
+        return value
 
     @property
     def input(self) -> Any:

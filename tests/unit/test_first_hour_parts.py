@@ -148,3 +148,36 @@ def test_a_wrongly_shaped_set_names_the_users_line_and_only_one_tether_frame_sho
     own = [str(ROOT / d) for d in ("runtime", "client", "server", "tether")]
     frames = [f.filename for f in traceback.extract_tb(info.value.__traceback__)]
     assert sum(any(f.startswith(d) for d in own) for f in frames) == 1  # the `with` statement's __exit__
+
+
+# ---- 11. the transformers-5 `.output[0]` trap --------------------------------------------------------
+
+
+def test_output_zero_on_a_batch_of_one_tensor_warns_once(monkeypatch):
+    from tether.runtime import batch_index
+
+    monkeypatch.setattr(batch_index, "_warned", False)
+    model, tok = tiny.tiny_gpt2()
+    llm = tether.LanguageModel(model, tokenizer=tok)
+    with pytest.warns(batch_index.BatchIndexWarning, match=r"model.transformer.h.0.output\[0\]` takes row 0") as seen:
+        with llm.trace("Hello"):
+            first = llm.transformer.h[0].output[0].save()
+            again = llm.transformer.h[1].output[0].save()
+    assert len(seen) == 1 and seen[0].filename == __file__  # once, at the user's line
+    with torch.no_grad():
+        hidden = model(**tok("Hello", return_tensors="pt"), output_hidden_states=True).hidden_states
+    assert torch.equal(first, hidden[1][0]) and again.shape == (3, 64)  # what [0] really took: batch row 0
+
+
+def test_no_warning_for_tuples_slices_or_explicit_rows(monkeypatch, recwarn):
+    from tether.runtime import batch_index
+
+    monkeypatch.setattr(batch_index, "_warned", False)
+    model, tok = tiny.tiny_gpt2()
+    llm = tether.LanguageModel(model, tokenizer=tok)
+    with llm.trace("Hello"):
+        attn = llm.transformer.h[0].attn.output[0].save()  # a tuple: [0] is its first element
+        last = llm.transformer.h[0].output[:, -1].save()
+        row = llm.transformer.h[1].output[0, ...].save()
+    assert not [w for w in recwarn if issubclass(w.category, batch_index.BatchIndexWarning)]
+    assert attn.shape == (1, 3, 64) and last.shape == (1, 64) and row.shape == (3, 64)
