@@ -288,3 +288,15 @@ def test_the_readmes_local_smollm2_trace_runs_as_written(no_server, tmp_path, ca
     finally:
         handle.remove()
     assert torch.equal(ns["logits"], expected)
+
+
+def test_a_refused_program_does_not_leave_submitting_on_the_status_line(served, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    llm = LanguageModel("tiny")
+    with pytest.raises(tether.RemoteError, match="refused to run the program"):
+        with llm.trace("Hello", remote=True):
+            import json
+            tether.save(json.dumps([1]))
+    last = re.sub(r"\x1b\[[0-9;]*m", "", terminal.getvalue()).split("\r\x1b[2K")[-1]
+    assert " ERROR " in last and "not completed" in last and "SUBMITTING" not in last
