@@ -74,6 +74,7 @@ class JobEvents:
         self._log = log
         self._debug = debug
         self.state_times: dict[int, float] = {}  # state -> when the server entered it (epoch seconds)
+        self.waited = False  # the job was queued behind others
 
     @property
     def done(self) -> bool:
@@ -110,6 +111,7 @@ class JobEvents:
         if kind == "status":
             self.state, self.status = event.status.state, event.status
             self.state_times.setdefault(event.status.state, event.time.ToNanoseconds() / 1e9)
+            self.waited = self.waited or event.status.queue_position > 0
             message = event.status.message
             if event.status.state == jobs_pb2.JOB_STATE_QUEUED and event.status.queue_position:
                 message = message or f"position {event.status.queue_position} in the queue"
@@ -140,13 +142,13 @@ class JobEvents:
         return times[self.state] - min(times.values())
 
     def _timing(self) -> str:
-        """"(queued 3.1s, ran 5.2s)" for a job that waited; "" for one that did not, or without the times."""
+        """"(queued 3.1s, ran 5.2s)" for a job that waited behind others (or long); else ""."""
         times = self.state_times
         start, running = min(times.values(), default=None), times.get(jobs_pb2.JOB_STATE_RUNNING)
         if start is None or running is None:
             return ""
         queued, ran = running - start, times[self.state] - running
-        return f"(queued {queued:.1f}s, ran {ran:.1f}s)" if queued >= 0.05 else ""
+        return f"(queued {queued:.1f}s, ran {ran:.1f}s)" if self.waited or queued >= 0.05 else ""
 
     def add_result_chunk(self, chunk: jobs_pb2.Chunk) -> None:
         """Write one chunk into the result buffer (allocated once, at its full size, by the first chunk)."""

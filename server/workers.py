@@ -148,7 +148,7 @@ class ModelQueue:
             self._pending.append(_Entry(job, decoded, limits, link))
             position = len(self._pending) - 1
             job.set_state(jobs_pb2.JOB_STATE_QUEUED, _queued_message(position, len(self._running)),
-                          queue_position=position)
+                          queue_position=position + len(self._running))
             self._cond.notify()
 
     @property
@@ -180,10 +180,11 @@ class ModelQueue:
             return len(self._pending)
 
     def position(self, job: Job) -> int:
+        """Jobs ahead of `job`: those waiting before it and those running (0 once it left the queue)."""
         with self._cond:
             for i, entry in enumerate(self._pending):
                 if entry.job is job:
-                    return i
+                    return i + len(self._running)
             return 0
 
     def withdraw(self, job: Job) -> bool:

@@ -216,7 +216,7 @@ def test_await_fills_the_names_of_a_module_level_block(served, tmp_path):
     assert torch.equal(ns["logits"], _ids(LanguageModel(model, tokenizer=tok), "Hello"))
 
 
-def test_queued_behind_counts_the_running_job(served):
+def test_queued_behind_counts_the_running_job_and_the_end_says_how_long_it_queued(served, capsys):
     llm = LanguageModel("tiny")
     started, release = threading.Event(), threading.Event()
 
@@ -238,6 +238,10 @@ def test_queued_behind_counts_the_running_job(served):
         release.set()
         thread.join(30)
     assert queued == "queued behind 1 job (1 running, 0 waiting)"
+    capsys.readouterr()
+    tracer.backend.result(timeout=30)
+    final = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"COMPLETED \d+\.\ds +\(queued \d+\.\ds, ran \d+\.\ds\)", final), final
 
 
 # ---- 9. the allow-list and --allow-module -------------------------------------------------------------
