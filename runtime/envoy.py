@@ -10,7 +10,7 @@ import contextlib
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -76,6 +76,12 @@ class Envoy:
         if name in submodules:
             return self._child(name, submodules[name])
         return getattr(module, name)
+
+    @overload
+    def __getitem__(self, index: int) -> Envoy: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Envoy]: ...
 
     def __getitem__(self, index: int | slice) -> Envoy | list[Envoy]:
         module = self._module

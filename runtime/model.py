@@ -7,7 +7,7 @@ at plain speed. Subclasses (LanguageModel) override how inputs are prepared, bat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -60,6 +60,12 @@ class NNsight(Envoy):
         object.__setattr__(self, "_caches", _Caches())
 
     # ---- contexts ------------------------------------------------------------------------------
+    @overload
+    def trace(self, *inputs: Any, trace: Literal[True] = True, **kwargs: Any) -> Tracer: ...
+
+    @overload
+    def trace(self, *inputs: Any, trace: Literal[False], **kwargs: Any) -> Any: ...
+
     def trace(self, *inputs: Any, trace: bool = True, **kwargs: Any) -> Any:
         """`with model.trace(x):` — run the model once on `x` with the body's interventions.
 

@@ -61,6 +61,8 @@ def test_jedi_completes_submodules_of_a_live_model():
     names = lambda code: {c.name for c in jedi.Interpreter(code, [{"llm": llm}]).complete()}  # noqa: E731
     assert "transformer" in names("llm.trans")
     assert {"h", "wte"} <= names("llm.transformer.")
+    indexed = names("llm.transformer.h[0].")  # jedi does not run __getitem__: the annotations say Envoy
+    assert {"output", "input", "next"} <= indexed and "append" not in indexed
 
 
 def test_the_package_is_typed():
