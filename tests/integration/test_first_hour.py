@@ -304,3 +304,13 @@ def test_a_refused_program_does_not_leave_submitting_on_the_status_line(served, 
             tether.save(json.dumps([1]))
     last = re.sub(r"\x1b\[[0-9;]*m", "", terminal.getvalue()).split("\r\x1b[2K")[-1]
     assert " ERROR " in last and "not completed" in last and "SUBMITTING" not in last
+
+
+def test_a_served_spec_name_also_runs_here_after_loading_it_locally(served):
+    llm = LanguageModel("tiny")  # the server's module tree: no weights here yet
+    assert all(p.device.type == "meta" for p in llm._module.parameters())
+    local = _ids(llm)  # a local trace loads `tiny` here, as `tether serve` would
+    with llm.trace("The quick brown fox", remote=True):  # and the name still names the served model
+        remote = llm.output.logits.save()
+    model, tok = tiny.tiny_gpt2()
+    assert torch.equal(local, _ids(LanguageModel(model, tokenizer=tok))) and torch.equal(remote, local)
