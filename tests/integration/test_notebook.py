@@ -6,6 +6,7 @@ every display message the kernel sends is recorded, so the test sees the status 
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
+from nbclient.util import run_sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CELLS = [
@@ -41,7 +43,7 @@ from tqdm.auto import tqdm
 for _ in tqdm(range(3)):
     pass
 server.stop(grace=0)""",
-]
+]  # the kernel keeps `llm` after the server stops: the completion requests below use it
 
 
 class _Recording(nbclient.NotebookClient):
@@ -56,6 +58,15 @@ class _Recording(nbclient.NotebookClient):
         return super().process_message(msg, cell, cell_index)
 
 
+def _complete(client, code: str) -> list[str]:
+    """The kernel's completions at the end of `code` (a complete_request, as Jupyter sends on Tab)."""
+
+    async def ask():
+        return await client.kc.complete(code, len(code), reply=True, timeout=30)
+
+    return run_sync(ask)()["content"]["matches"]
+
+
 def _texts(outputs, mime: str) -> list[str]:
     return [o.get("data", {}).get(mime, "") for o in outputs] + [o.get("text", "") for o in outputs]
 
@@ -63,7 +74,16 @@ def _texts(outputs, mime: str) -> list[str]:
 def test_a_notebook_shows_a_live_status_line_and_readable_pending_values(tmp_path):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
     client = _Recording(nb, timeout=120, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
+    with client.setup_kernel():
+        for index, cell in enumerate(nb.cells):
+            client.execute_cell(cell, index)
+        complete = functools.partial(_complete, client)
+        assert "transformer" in complete("llm.trans")  # Jupyter's completion (jedi) sees the children
+        assert {"output", "input", "next"} <= set(complete("llm.transformer.h[0]."))
+        nb.cells.append(nbformat.v4.new_code_cell("%config IPCompleter.evaluation = 'unsafe'\n"
+                                                  "%config IPCompleter.use_jedi = False"))
+        client.execute_cell(nb.cells[-1], len(nb.cells) - 1)
+        assert ".mlp" in complete("llm.transformer.h[0].ml")  # past an index, with evaluation on (docs)
     generation = nb.cells[1].outputs
     assert "24" in _texts(generation, "text/plain")  # tokens generated
     html = [m["content"]["data"]["text/html"] for i, m in client.messages
