@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 import traceback
 from pathlib import Path
 
@@ -183,3 +185,22 @@ def test_no_warning_for_tuples_slices_or_explicit_rows(monkeypatch, recwarn):
         row = llm.transformer.h[1].output[0, ...].save()
     assert not [w for w in recwarn if issubclass(w.category, batch_index.BatchIndexWarning)]
     assert attn.shape == (1, 3, 64) and last.shape == (1, 64) and row.shape == (3, 64)
+
+
+def test_the_status_line_never_moves_back_and_shows_the_servers_time():
+    from tether.client.display import StatusDisplay
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    display = StatusDisplay(enabled=True, stream=stream)
+    for state in ("RUNNING", "RECEIVED", "QUEUED"):  # a snapshot older than the events already shown
+        display.update("job1", state)
+    assert " RUNNING " in re.sub(r"\x1b\[[0-9;]*m", "", stream.getvalue()).split("\r\x1b[2K")[-1]
+    display.update("job1", "COMPLETED", "result of 180.0 MiB", elapsed=12.34)
+    display.close()
+    last = re.sub(r"\x1b\[[0-9;]*m", "", stream.getvalue()).split("\r\x1b[2K")[-1]
+    assert "COMPLETED 12.3s" in last and "180.0 MiB" in last
+    assert "RECEIVED" not in re.sub(r"\x1b\[[0-9;]*m", "", stream.getvalue())
