@@ -16,9 +16,9 @@ import sys
 import textwrap
 import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
 from types import CodeType, FrameType
 
+from ..caching import bytes_lru_cache
 from .errors import SourceUnavailableError
 
 __all__ = ["parse", "compile_source", "Block", "SkipBody", "find_block", "skip_body", "restore_trace", "bind_target", "register_source",
@@ -150,13 +150,13 @@ def compile_source(source, filename: str, mode: str = "exec") -> CodeType:
         return compile(source, filename, mode)
 
 
-@lru_cache(maxsize=256)
+@bytes_lru_cache()
 def _parse(text: str, filename: str) -> ast.Module:
     with _compile_lock:
         return ast.parse(text, filename)
 
 
-@lru_cache(maxsize=1024)
+@bytes_lru_cache()
 def _find_in(filename: str, text: str, line: int) -> Block:
     tree = _parse(text, filename)
     best = None

@@ -15,13 +15,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tether.v1 import jobs_pb2, models_pb2, models_pb2_grpc
+from tether.v1 import jobs_pb2, models_pb2
 
 from .auth import Authenticator, read_keys
 from .jobs import JobStore
 from .policy import DEFAULT_POLICY, Policy
 from .registry import Registry
-from .service import Hub, JobService, ModelService, add_job_service
+from .service import Hub, JobService, ModelService, add_job_service, add_model_service
 from .workers import Limits, ModelQueue
 
 __all__ = ["ServerHandle", "start_server", "MAX_MESSAGE_BYTES"]
@@ -114,7 +114,7 @@ def start_server(
     )
     job_service = JobService(hub, max_streams=rpc_threads)
     add_job_service(job_service, server)  # the streaming RPCs send pre-serialized responses
-    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(hub), server)
+    add_model_service(ModelService(hub), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

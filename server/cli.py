@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="seconds a finished job's result is kept (default 600)")
     serve.add_argument("--local-call-timeout", type=_positive(float), default=60.0,
                        help="seconds to wait for a client's answer to a local() block (default 60)")
+    serve.add_argument("--max-program-bytes", type=_positive(int), default=1 << 20,
+                       help="largest program a job may send (its source and shipped functions), bytes (default 1 MiB)")
     serve.add_argument("--replicas", type=_positive(int), default=1,
                        help="workers per model, each with its own copy of the model in memory and running one "
                             "job at a time (default 1)")
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             sources={name: functools.partial(load_model, spec) for name, spec in args.model},
             queue_size=args.queue_size, job_timeout=args.job_timeout, max_result_bytes=args.max_result_bytes,
             result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
+            max_program_bytes=args.max_program_bytes,
         )
     except (OSError, ValueError) as error:
         print(f"tether: cannot start the server: {error}", file=sys.stderr)

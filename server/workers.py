@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import torch
 
 from tether.runtime.interleaver import JobCancelled
 from tether.runtime.program import execute
@@ -45,6 +46,9 @@ class Limits:
     result_ttl: float = 600.0  # seconds a finished job's record and result are kept
     local_call_timeout: float = 60.0  # seconds to wait for the answer to one local() call
     chunk_size: int = CHUNK_SIZE  # bytes per result / local-value Chunk
+    max_program_bytes: int = 1 << 20  # bytes of program text in one job (body and shipped functions)
+    max_value_depth: int = 32  # lists / tuples / dicts nested in one value of a program
+    max_values: int = 100_000  # values in one program (each element of a container counts; a tensor is one)
 
     def replace(self, **changes) -> Limits:
         return dataclasses.replace(self, **changes)
@@ -234,6 +238,24 @@ class ModelQueue:
                 self._retire(watch.broken)
 
 
+def without_fake_data(values: dict) -> dict:
+    """A scan's saved tensors are fake (shapes and dtypes, no memory): they go back as meta tensors of the same
+    shape and dtype, never read (a fake tensor's data pointer is not memory)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def strip(value):
+        if isinstance(value, FakeTensor):
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta",
+                                       requires_grad=value.requires_grad)
+        if type(value) in (list, tuple):
+            return type(value)(strip(v) for v in value)
+        if type(value) is dict:
+            return {k: strip(v) for k, v in value.items()}
+        return value
+
+    return {name: strip(value) for name, value in values.items()}
+
+
 def _weights_changed(watch: WeightWatch, versions: list[int]) -> WeightsChanged | None:
     """The error to report instead of a failed job's own when it had also written into the weights."""
     try:
@@ -290,7 +312,7 @@ class _Run:
                 cancel=self._stop_requested))
             watch.check(versions)
             log.flush()
-            result = encode_result_pieces(values, decoded.codec.encode, self.limits.max_result_bytes, log)
+            result = encode_result_pieces(without_fake_data(values), decoded.codec.encode, self.limits.max_result_bytes, log)
             log.flush()
         except BaseException as error:  # the worker survives anything a program does (SystemExit included)
             log.flush()
