@@ -126,7 +126,7 @@ def start_server(
         bound = 0
     if not bound:
         raise OSError(f"cannot listen on {_join(host, port)}: the port is taken or the host is not this machine")
-    hub.queues.update({h.name: ModelQueue(h, server_limits, replicas=replicas) for h in registry})
+    hub.queues.update({h.name: ModelQueue(h, server_limits, replicas=replicas, policy=policy) for h in registry})
     server.start()
     for service in ("", *SERVICES):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -62,6 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _ready_stream():
+    """Standard output for the ready line only: file descriptor 1 becomes stderr, so worker processes (which
+    inherit it) never write to stdout nor keep it open after the server exits."""
+    sys.stdout.flush()
+    ready = os.fdopen(os.dup(1), "w")  # not inheritable: only this process holds the real stdout
+    os.dup2(2, 1)
+    return ready
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="tether: %(message)s", stream=sys.stderr)
@@ -79,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:
             print(f"tether: cannot load model {name}={spec}: {error}", file=sys.stderr)
             return 1
+    ready = _ready_stream()
     try:
         handle = start_server(
             models, args.host, args.port, api_keys=args.api_keys, replicas=args.replicas,
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    print(f"tether: serving on {handle.address}", flush=True)
+    print(f"tether: serving on {handle.address}", file=ready, flush=True)
     if args.api_keys is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print("tether: no --api-keys: only clients on this machine are accepted", file=sys.stderr, flush=True)
     stop.wait()

@@ -20,6 +20,8 @@ __all__ = [
     "LocalCallFailed",
     "LocalBlockFailed",
     "Unauthenticated",
+    "WorkerCrashed",
+    "JobMemoryExceeded",
 ]
 
 
@@ -96,3 +98,15 @@ class Unauthenticated(ServerError):
     """A call without a valid API key (or, on a server without keys, from another machine)."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class WorkerCrashed(ServerError):
+    """The worker process running a job died (a crash, or killed because the job would not stop)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class JobMemoryExceeded(ServerError):
+    """A job allocated more memory than the server's per-job limit; its worker was restarted."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -112,24 +112,21 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         check_program(spec.program, hub.limits)  # sizes, positions, nesting: before any parsing or decoding
         hosted = hub.registry.get(spec.program.model)
         job = Job(owner, hosted.name, spec.program.kind, spec.request_id)
-        decoded = decode_program(spec.program, hosted, hub.policy)
+        decoded = decode_program(spec.program, hosted, hub.policy)  # checked here: refused before it is queued
+        decoded.release()  # the worker decodes it again, in its own process
+        if not stream and decoded.has_local_blocks:
+            raise InvalidProgram(NO_STREAM)
+        if stream:
+            job.link = LocalLink(job)
+            job.link.attach()
+        published = hub.store.add(job)
+        if published is not job:  # the same request_id won a race
+            return published, True
         try:
-            if not stream and decoded.has_local_blocks:
-                raise InvalidProgram(NO_STREAM)
-            if stream:
-                job.link = LocalLink(job)
-                job.link.attach()
-            published = hub.store.add(job)
-            if published is not job:  # the same request_id won a race
-                decoded.release()
-                return published, True
-            try:
-                hub.queues[hosted.name].submit(job, decoded, JobLimits.of(spec, hub.limits), job.link)
-            except ServerError:  # refused (queue full, model out of service): no record of a job that never runs
-                hub.store.remove(job)
-                raise
-        except BaseException:
-            decoded.release()
+            hub.queues[hosted.name].submit(job, spec.program.SerializeToString(), JobLimits.of(spec, hub.limits),
+                                           job.link)
+        except ServerError:  # refused (queue full, model out of service): no record of a job that never runs
+            hub.store.remove(job)
             raise
         return job, False
 
