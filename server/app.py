@@ -7,6 +7,7 @@ both use it. Imports grpc, grpcio-health-checking, grpcio-reflection and the ser
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from typing import Any
@@ -22,6 +23,7 @@ from .jobs import JobStore
 from .policy import DEFAULT_POLICY, Policy
 from .registry import Registry
 from .service import Hub, JobService, ModelService, add_job_service, add_model_service
+from .supervisor import payload_of, preload_for
 from .workers import Limits, ModelQueue
 
 __all__ = ["ServerHandle", "start_server", "MAX_MESSAGE_BYTES"]
@@ -60,6 +62,17 @@ class ServerHandle:
         self._job_service.close()
         for queue in self.hub.queues.values():
             queue.join(timeout=grace)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until every replica's worker process is ready (or `timeout`); True if they all are. Jobs need
+        not wait for this (they queue), but the first worker of a process starts its forkserver (seconds)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for queue in self.hub.queues.values():
+            for replica in queue.replicas:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if replica.worker_pid(left) is None:
+                    return False
+        return True
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or `timeout`); True if it stopped."""
@@ -126,6 +139,7 @@ def start_server(
         bound = 0
     if not bound:
         raise OSError(f"cannot listen on {_join(host, port)}: the port is taken or the host is not this machine")
+    preload_for([payload_of(h.model) for h in registry])
     hub.queues.update({h.name: ModelQueue(h, server_limits, replicas=replicas, policy=policy) for h in registry})
     server.start()
     for service in ("", *SERVICES):

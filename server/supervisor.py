@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -33,25 +34,36 @@ from .jobs import ResultBytes
 from .local_calls import NO_STREAM
 from .workers import Entry, ModelQueue
 
-__all__ = ["Replica", "KILL_GRACE", "START_TIMEOUT"]
+__all__ = ["Replica", "KILL_GRACE", "START_TIMEOUT", "preload_for"]
 
 _log = logging.getLogger("tether.server")
 KILL_GRACE = GRACE + 2.0  # seconds a job past its time limit, or cancelled, may run before its worker is killed
 START_TIMEOUT = 300.0  # seconds a worker may take to receive its replica and report Ready
 TICK = 0.05  # seconds between checks of a running job's time and memory (messages wake the relay at once)
-_PRELOAD = ["tether.server.worker_main"]  # imported once by the forkserver: each worker starts warm
 _context_lock = threading.Lock()
+_preload = {"tether.server.worker_main"}  # guarded by _context_lock: what the forkserver imports once
 _context: Any = None  # guarded by _context_lock: the 'forkserver' multiprocessing context, made once
 
 
-def _mp_context(payload: Any):
-    """The 'forkserver' context (never fork a threaded gRPC process). Its server process, started once, imports
-    tether and the modules of the first models' classes (transformers...), so each worker forks warm."""
+def preload_for(models: list[Any]) -> None:
+    """Have the forkserver (started once, by the first worker) import what unpickling these models needs
+    (torch, transformers...) and tether's worker, so each worker process forks warm."""
+    with _context_lock:
+        for payload in models:
+            _preload.update(_class_modules(payload))
+
+
+def _mp_context():
+    """The 'forkserver' context: workers fork from a clean single-threaded server process, never from this
+    threaded gRPC process."""
     global _context
     with _context_lock:
         if _context is None:
             _context = multiprocessing.get_context("forkserver")
-            _context.set_forkserver_preload([*_PRELOAD, *sorted(_class_modules(payload))])
+            main = getattr(sys.modules.get("__main__"), "__spec__", None)
+            if main is not None and main.parent:  # `python -m pkg.mod`: each worker imports pkg.mod again
+                _preload.add(main.parent)
+            _context.set_forkserver_preload(sorted(_preload))
         return _context
 
 
@@ -62,6 +74,12 @@ def _class_modules(payload: Any) -> set[str]:
     if tokenizer is not None:
         names.add(type(tokenizer).__module__)
     return {n for n in names if n != "__main__" and not n.startswith("__mp_main__")}
+
+
+def payload_of(model: Any) -> Any:
+    """What a worker receives of a replica (an NNsight): its torch module, with its tokenizer if it has one."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return (model._module, tokenizer) if tokenizer is not None else model._module
 
 
 def _anon_rss(pid: int) -> int:
@@ -83,13 +101,13 @@ class Replica:
     def __init__(self, queue: ModelQueue, index: int, policy):
         self.queue, self.index, self.policy = queue, index, policy
         hosted = queue.hosted
-        model = hosted.replica(index)
-        tokenizer = getattr(model, "tokenizer", None)
-        self._payload = (model._module, tokenizer) if tokenizer is not None else model._module
+        self._payload = payload_of(hosted.replica(index))
         self.name = f"{hosted.name}-{index}"
         self.process: Any = None  # the worker process (None: not started, or a thread worker)
         self.conn: Any = None  # the front door's end of the worker's pipe
         self.restarts = 0  # how often the worker was started again after dying or being killed
+        self._ready = threading.Condition()
+        self._pid: int | None = None  # guarded by _ready: the pid of the worker that said Ready (None: none now)
         self._thread = threading.Thread(target=self._work, name=f"tether-replica-{self.name}", daemon=True)
         self._thread.start()
 
@@ -97,11 +115,13 @@ class Replica:
     def _start(self) -> None:
         """Start the worker and wait for Ready. The weights go as shared memory: a restart maps them again."""
         hosted, limits = self.queue.hosted, self.queue.limits
+        with self._ready:
+            self._pid = None
         ours, theirs = multiprocessing.Pipe(duplex=True)
         args = (theirs, hosted.name, self._payload, hosted.source, self.policy)
         self.process = None
         if limits.isolate:
-            context = _mp_context(self._payload)
+            context = _mp_context()
             process = context.Process(target=_process_main, args=args, name=f"tether-worker-{self.name}",
                                       daemon=True)
             try:
@@ -126,8 +146,21 @@ class Replica:
                 raise RuntimeError(f"it did not start within {START_TIMEOUT:g} s")
         ready = ours.recv()
         assert isinstance(ready, wp.Ready), ready
+        _log.debug("the worker of %s (pid %s) is ready after %.2f s", self.name, ready.pid,
+                   time.monotonic() - give_up + START_TIMEOUT)
+        with self._ready:
+            self._pid = ready.pid
+            self._ready.notify_all()
+
+    def worker_pid(self, timeout: float | None = None) -> int | None:
+        """The pid of the worker once it is ready (waits up to `timeout`; None if none is ready by then)."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._pid is not None, timeout)
+            return self._pid
 
     def _kill(self) -> None:
+        with self._ready:
+            self._pid = None
         if self.process is not None and self.process.is_alive():
             self.process.kill()
         if self.process is not None:
@@ -340,6 +373,7 @@ class _JobRelay:
     def _ended_with_worker(self, error: Exception) -> None:
         """The job's worker died or was killed: end the job, then start the worker again."""
         job = self.job
+        self.replica._kill()  # (already dead: reaped, so its exit status is known)
         if isinstance(error, JobCancelledError) or (job.cancel_requested and not isinstance(error, JobMemoryExceeded)):
             job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
                        code=grpc.StatusCode.CANCELLED, ttl=self.ttl)

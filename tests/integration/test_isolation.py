@@ -6,21 +6,27 @@ is on a stream or a condition with a timeout.
 
 from __future__ import annotations
 
+import os
+import signal
+
+import crashers
 import grpc
 import pytest
 import torch
-from test_server import QUICK, WAIT, Client, assert_serving, code_of, program, spec
+from test_server import QUICK, WAIT, Client, Outcome, assert_serving, code_of, events_of, program, spec
 
-from tether import values
+from tether import values, wire
 from tether.runtime import tiny
 from tether.v1 import jobs_pb2, program_pb2, values_pb2
 from tether.wire import varint
 
-SERVER_OPTIONS = {"max_program_bytes": 4096}
+SERVER_OPTIONS = {"max_program_bytes": 4096, "job_memory": 200 << 20}
+MODEL_NET = values_pb2.Value(model_reference=values_pb2.ModelReference(name="net"))
+MODEL_CRASHER = values_pb2.Value(model_reference=values_pb2.ModelReference(name="crasher"))
 
 
 def served() -> dict:
-    return {"tiny": tiny.tiny_gpt2(), "net": tiny.tiny_net()}
+    return {"tiny": tiny.tiny_gpt2(), "net": tiny.tiny_net(), "crasher": crashers.crasher()}
 
 
 @pytest.fixture
@@ -139,3 +145,119 @@ def test_remote_scan_gives_shapes_and_dtypes_of_saved_tensors(client):
 
 def test_quick_job_after_refusals(client):
     assert client.run(spec(QUICK)).final.state == jobs_pb2.JOB_STATE_COMPLETED
+
+
+# --------------------------------------------------------------------------------------- worker isolation
+
+
+def _worker(server, model: str):
+    return server.hub.queues[model].replicas[0]
+
+
+def _pid(server, model: str) -> int:
+    """The pid of the model's worker, once it is ready (a restarted one takes a moment)."""
+    return _worker(server, model).worker_pid(timeout=WAIT)
+
+
+def _net_serves(client: Client) -> None:
+    prog = program("out = model.layer2.output.save()\n", torch.ones(1, 5), model="net", bindings={"model": MODEL_NET})
+    outcome = client.run(spec(prog))
+    assert outcome.final.state == jobs_pb2.JOB_STATE_COMPLETED, outcome.final
+
+
+def _watch_until_log(client: Client, job_id: str):
+    """The job's events, read until its first log line (so it is running its program)."""
+    watch = (e for r in client.watch(job_id) for e in events_of(r))
+    while next(watch).WhichOneof("event") != "log":
+        pass
+    return watch
+
+
+def test_a_worker_killed_mid_job_fails_the_job_and_restarts(server, client):
+    _net_serves(client)
+    net_pid, pid = _pid(server, "net"), _pid(server, "tiny")
+    source = """
+    print("started")
+    while True:
+        pass
+    """
+    job_id = client.submit(spec(program(source, "hello"))).job_id
+    queued = client.submit(spec(QUICK)).job_id  # waits behind it, and runs on the restarted worker
+    watch = _watch_until_log(client, job_id)
+    os.kill(pid, signal.SIGKILL)
+    final = Outcome(list(watch)).final
+    assert final.state == jobs_pb2.JOB_STATE_ERROR, final
+    for words in ("worker process", "crashed", "SIGKILL", "running the program", "'started'"):
+        assert words in final.failure.message, final.failure.message
+    assert code_of(lambda: client.read_result(job_id))[0] == grpc.StatusCode.ABORTED
+    assert client.wait(queued).final.state == jobs_pb2.JOB_STATE_COMPLETED
+    assert _pid(server, "tiny") != pid and _pid(server, "net") == net_pid  # the other model never noticed
+    _net_serves(client)
+
+
+@pytest.mark.parametrize("how, signal_name", [(crashers.ABORT, "SIGABRT"), (crashers.SEGFAULT, "SIGSEGV")])
+def test_a_forward_that_crashes_the_process_fails_only_its_job(server, client, how, signal_name):
+    net_pid = _pid(server, "net")
+    x = torch.zeros(1, 4)
+    crash = program("out = model.output.save()\n", torch.full((1, 4), how), model="crasher",
+                    bindings={"model": MODEL_CRASHER})
+    fine = program("out = model.output.save()\n", x, model="crasher", bindings={"model": MODEL_CRASHER})
+    crashed, after = client.submit(spec(crash)).job_id, client.submit(spec(fine)).job_id
+    final = client.wait(crashed).final
+    assert final.state == jobs_pb2.JOB_STATE_ERROR and signal_name in final.failure.message, final
+    outcome = client.wait(after)
+    assert outcome.final.state == jobs_pb2.JOB_STATE_COMPLETED, outcome.final
+    chunks = client.read_result(after)
+    saved = values.from_value_map(jobs_pb2.JobResult.FromString(wire.join_chunks(chunks)).saved)
+    assert torch.equal(saved["out"], crashers.crasher()(x))  # the same weights after the restart
+    assert _pid(server, "net") == net_pid
+    assert_serving(client)
+
+
+SWALLOWED = """
+print("looping")
+while True:
+    try:
+        while True:
+            pass
+    except BaseException:
+        pass
+"""
+
+
+def test_a_loop_that_swallows_interrupts_is_killed_after_its_time_limit(server, client):
+    pid = _pid(server, "tiny")
+    job_id = client.submit(spec(program(SWALLOWED, "hello"), timeout={"nanos": 200_000_000})).job_id
+    final = client.wait(job_id).final
+    assert final.state == jobs_pb2.JOB_STATE_ERROR and "time limit" in final.failure.message, final
+    assert "did not stop" in final.failure.message and _pid(server, "tiny") != pid
+    assert code_of(lambda: client.read_result(job_id))[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_serving(client)
+
+
+def test_a_cancel_that_is_swallowed_kills_the_worker(server, client):
+    pid = _pid(server, "tiny")
+    job_id = client.submit(spec(program(SWALLOWED, "hello"))).job_id
+    watch = _watch_until_log(client, job_id)
+    client.cancel(job_id, "stop it")
+    final = Outcome(list(watch)).final
+    assert final.state == jobs_pb2.JOB_STATE_CANCELLED and "stop it" in final.message, final
+    assert _pid(server, "tiny") != pid
+    assert_serving(client)
+
+
+def test_a_job_over_the_memory_limit_is_stopped_and_the_worker_restarts(server, client):
+    pid = _pid(server, "tiny")
+    source = """
+    big = torch.ones(64, 1024, 1024)
+    print("allocated")
+    while True:
+        big = big + 0
+    """
+    job_id = client.submit(spec(program(source, "hello"))).job_id
+    final = client.wait(job_id).final
+    assert final.state == jobs_pb2.JOB_STATE_ERROR and "--job-memory" in final.failure.message, final
+    assert "200 MiB" in final.failure.message
+    assert code_of(lambda: client.read_result(job_id))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _pid(server, "tiny") != pid  # a fresh worker: back to its baseline
+    assert_serving(client)
