@@ -34,6 +34,22 @@ def _positive(kind):
     return convert
 
 
+_UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 1000, "MB": 10**6, "GB": 10**9}
+
+
+def _size(text: str) -> int:
+    """Bytes: a number with an optional unit (KiB, MiB, GiB, KB, MB, GB)."""
+    number = text.rstrip("KMGiBkmgb")
+    unit = text[len(number):].upper().replace("IB", "IB")
+    try:
+        value = int(float(number) * _UNITS[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected bytes like 4GiB or 512MiB, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tether", description="tether: run intervention code on models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="seconds to wait for a client's answer to a local() block (default 60)")
     serve.add_argument("--max-program-bytes", type=_positive(int), default=1 << 20,
                        help="largest program a job may send (its source and shipped functions), bytes (default 1 MiB)")
+    serve.add_argument("--job-memory", type=_size, default=None, metavar="BYTES",
+                       help="memory one job may allocate in its worker (e.g. 4GiB); past it the job fails with "
+                            "RESOURCE_EXHAUSTED and its worker restarts (default: half the machine's memory, "
+                            "at most 8 GiB)")
     serve.add_argument("--replicas", type=_positive(int), default=1,
                        help="workers per model, each with its own copy of the model in memory and running one "
                             "job at a time (default 1)")
@@ -97,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             queue_size=args.queue_size, job_timeout=args.job_timeout, max_result_bytes=args.max_result_bytes,
             result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
             max_program_bytes=args.max_program_bytes,
+            **({"job_memory": args.job_memory} if args.job_memory else {}),
         )
     except (OSError, ValueError) as error:
         print(f"tether: cannot start the server: {error}", file=sys.stderr)
