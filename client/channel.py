@@ -242,6 +242,7 @@ class Connection:
         self._pending: dict[Any, str] = {}  # guarded by _lock: call -> why it was cancelled ("" while live)
         self._pending_changed = threading.Condition(self._lock)  # notified when _pending gains or loses a call
         self._ready = False  # written by the loop thread (_watch_state): whether the channel is READY
+        self._was_ready = False  # written by the loop thread (_watch_state): whether it ever was (a server is there)
         self._watcher = self.loop.submit(self._watch_state())
 
     def _raw_result_methods(self) -> None:
@@ -262,15 +263,17 @@ class Connection:
     def unary(self, method: Any, request: Any, metadata: tuple, timeout: float | None = UNARY_TIMEOUT_S) -> Any:
         """Call a unary method (a stub attribute) and return its response; raises grpc.RpcError."""
 
-        async def call() -> Any:  # wait_for_ready: a server that is restarting gets until the deadline
-            return await method(request, metadata=metadata, timeout=timeout, wait_for_ready=True)
+        async def call() -> Any:
+            return await method(request, metadata=metadata, timeout=timeout)
 
+        self.wait_ready(CONNECT_WAIT_S if timeout is None else min(timeout, CONNECT_WAIT_S))
         return self.loop.call(call())
 
     def wait_ready(self, timeout: float = CONNECT_WAIT_S) -> None:
-        """Wait (at most `timeout`) for the channel to connect, when it is not connected: a server being restarted
-        is waited for; an unreachable one makes the call that follows fail as before, `timeout` later."""
-        if self._ready or threading.get_ident() == self.loop.ident:
+        """Before a call: if the server this channel reached is not connected now (it is restarting), wait for
+        it at most `timeout`; a call that follows fails as before if it is still away. A channel that never
+        connected (no server at that address) does not wait: its first call says so at once."""
+        if self._ready or not self._was_ready or threading.get_ident() == self.loop.ident:
             return
 
         async def ready() -> None:
@@ -347,6 +350,7 @@ class Connection:
         try:
             while True:
                 self._ready = state is grpc.ChannelConnectivity.READY
+                self._was_ready = self._was_ready or self._ready
                 await self.channel.wait_for_state_change(state)
                 new = self.channel.get_state(try_to_connect=False)
                 if state is grpc.ChannelConnectivity.READY and new is not grpc.ChannelConnectivity.READY:

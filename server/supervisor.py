@@ -137,14 +137,18 @@ class Replica:
             theirs.close()  # the child has its own copy; closing ours lets a dead child read as EOF
         self.conn = ours
         give_up = time.monotonic() + START_TIMEOUT
-        while not ours.poll(TICK * 4):
-            if self.queue.closed:
-                raise RuntimeError("the server stopped while the worker started")
-            if self.process is not None and not self.process.is_alive():
-                raise RuntimeError(f"its process {self._how_it_ended()} while it started (see the server's log)")
-            if time.monotonic() > give_up:
-                raise RuntimeError(f"it did not start within {START_TIMEOUT:g} s")
-        ready = ours.recv()
+        try:
+            while not ours.poll(TICK * 4):
+                if self.queue.closed:
+                    raise RuntimeError("the server stopped while the worker started")
+                if self.process is not None and not self.process.is_alive():
+                    raise RuntimeError(f"its process {self._how_it_ended()} while it started (see the server's log)")
+                if time.monotonic() > give_up:
+                    raise RuntimeError(f"it did not start within {START_TIMEOUT:g} s")
+            ready = ours.recv()
+        except BaseException:
+            self._kill()
+            raise
         assert isinstance(ready, wp.Ready), ready
         _log.debug("the worker of %s (pid %s) is ready after %.2f s", self.name, ready.pid,
                    time.monotonic() - give_up + START_TIMEOUT)
@@ -215,6 +219,8 @@ class Replica:
         """Replace a dead (or killed) worker; its queued jobs then run on the new one."""
         self._kill()
         self.conn.close()
+        if self.queue.closed:  # the server is stopping: no new worker
+            return
         self.restarts += 1
         started = time.monotonic()
         self._start()
@@ -240,6 +246,7 @@ class _JobRelay:
         self.cancel_sent = 0.0  # time.monotonic() when the cancel went to the worker
         self.last_log = ""
         self.baseline = 0
+        self.program: bytes | wp.Blob = b""
 
     def run(self) -> str:
         """Relay the job to its end; returns why the replica must retire ("" normally)."""
@@ -253,9 +260,10 @@ class _JobRelay:
                        code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
             return ""
         self.baseline = _anon_rss(pid) if pid else 0
+        self.program = wp.pack([self.entry.program])  # the worker unlinks it (a Blob) once it reads it
         try:
-            self.conn.send(wp.RunJob(job.id, wp.pack([self.entry.program]), self.limits.timeout,
-                                     self.limits.max_result_bytes, self.entry.link is not None))
+            self.conn.send(wp.RunJob(job.id, self.program, self.limits.timeout, self.limits.max_result_bytes,
+                                     self.entry.link is not None))
             return self._relay(pid)
         except (EOFError, OSError, BrokenPipeError):
             self._ended_with_worker(WorkerCrashed(self._crash_message(replica._how_it_ended())))
@@ -374,6 +382,8 @@ class _JobRelay:
         """The job's worker died or was killed: end the job, then start the worker again."""
         job = self.job
         self.replica._kill()  # (already dead: reaped, so its exit status is known)
+        if not self.running:
+            wp.discard(self.program)  # it may have died before reading the program
         if isinstance(error, JobCancelledError) or (job.cancel_requested and not isinstance(error, JobMemoryExceeded)):
             job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
                        code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
