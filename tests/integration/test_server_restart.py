@@ -91,3 +91,16 @@ def test_errors_about_a_job_the_old_server_accepted_name_it(first):
             assert job_id in str(info.value) and "RemoteBackend(job_id=" in str(info.value), str(info.value)
     finally:
         second.stop(grace=0)
+
+
+def test_a_model_kept_in_the_server_process_runs_in_a_worker_thread(monkeypatch):
+    """isolate=False (and models that cannot be sent to a process) run on a worker thread: same protocol."""
+    monkeypatch.setattr(CONFIG.APP, "DISPLAY", False)
+    net, rnet, x = NNsight(tiny.tiny_net()), NNsight(tiny.tiny_net()), torch.rand(1, 5)
+    with net.trace(x):
+        expected = net.layer1.output.save()
+    with start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0, isolate=False) as handle:
+        assert handle.wait_ready(timeout=WAIT) and handle.hub.queues["net"].replicas[0].process is None
+        with rnet.trace(x, remote=True, model_name="net", backend=handle.address):
+            out = rnet.layer1.output.save()
+    assert torch.equal(out, expected)
