@@ -251,6 +251,10 @@ class _JobRelay:
     def run(self) -> str:
         """Relay the job to its end; returns why the replica must retire ("" normally)."""
         job, replica = self.job, self.replica
+        if replica.process is not None and not replica.process.is_alive():  # it died while idle
+            _log.warning("the idle worker of %s %s", replica.name, replica._how_it_ended())
+            replica.restart()
+            self.conn = replica.conn
         pid = replica.process.pid if replica.process is not None else None
         where = f"on worker {replica.name}" + (f" (pid {pid})" if pid else "")
         if not job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, where, notify=False):

@@ -40,7 +40,6 @@ _LOCAL_ERRORS = ("LocalBlockFailed", "LocalCallFailed", "JobTimeout", "JobCancel
 
 def process_main(conn, name: str, model: Any, source: Callable[[], Any] | None, policy) -> None:
     """The worker process's entry point (multiprocessing target)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     serve(conn, name, model, source, policy)
 
 

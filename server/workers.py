@@ -23,6 +23,7 @@ from .errors import OutOfService, QueueFull
 from .failures import failure_of
 from .jobs import Job
 from .local_calls import LocalLink
+from .policy import DEFAULT_POLICY, Policy
 from .registry import HostedModel
 
 __all__ = ["Limits", "JobLimits", "ModelQueue", "Entry", "default_job_memory"]
@@ -97,7 +98,7 @@ class Entry:
 class ModelQueue:
     """One model's bounded FIFO of jobs and its replicas (each a worker process and its supervisor)."""
 
-    def __init__(self, hosted: HostedModel, limits: Limits, *, replicas: int = 1, policy=None):
+    def __init__(self, hosted: HostedModel, limits: Limits, *, replicas: int = 1, policy: Policy = DEFAULT_POLICY):
         self.hosted, self.limits = hosted, limits
         self._cond = threading.Condition()
         self._pending: collections.deque[Entry] = collections.deque()  # guarded by _cond

@@ -4,6 +4,8 @@ error about a job the old server accepted names the job and how to re-attach (bl
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 
 import pytest
@@ -104,3 +106,21 @@ def test_a_model_kept_in_the_server_process_runs_in_a_worker_thread(monkeypatch)
         with rnet.trace(x, remote=True, model_name="net", backend=handle.address):
             out = rnet.layer1.output.save()
     assert torch.equal(out, expected)
+
+
+def test_a_replica_whose_idle_worker_died_restarts_it_and_the_other_never_notices(monkeypatch):
+    monkeypatch.setattr(CONFIG.APP, "DISPLAY", False)
+    net, rnet, x = NNsight(tiny.tiny_net()), NNsight(tiny.tiny_net()), torch.rand(1, 5)
+    with net.trace(x):
+        expected = net.layer1.output.save()
+    with start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0, replicas=2) as handle:
+        assert handle.wait_ready(timeout=180)
+        first, second = handle.hub.queues["net"].replicas
+        dead, other = first.worker_pid(), second.worker_pid()
+        os.kill(dead, signal.SIGKILL)
+        first.process.join(WAIT)  # dead (as a worker the kernel's OOM killer took while idle)
+        for _ in range(4):  # whichever replica takes them, every job runs
+            with rnet.trace(x, remote=True, model_name="net", backend=handle.address):
+                out = rnet.layer1.output.save()
+            assert torch.equal(out, expected)
+        assert second.worker_pid() == other
