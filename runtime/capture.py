@@ -14,9 +14,9 @@ import linecache
 import textwrap
 import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
 from types import CodeType, FrameType
 
+from ..caching import bytes_lru_cache
 from .cpython import SkipBody, entered_with_item, restore_trace, skip_body
 from .errors import SourceUnavailableError
 
@@ -128,13 +128,13 @@ def compile_source(source, filename: str, mode: str = "exec") -> CodeType:
         return compile(source, filename, mode)
 
 
-@lru_cache(maxsize=256)
+@bytes_lru_cache()
 def _parse(text: str, filename: str) -> ast.Module:
     with _compile_lock:
         return ast.parse(text, filename)
 
 
-@lru_cache(maxsize=1024)
+@bytes_lru_cache()
 def _find_in(filename: str, text: str, line: int) -> Block:
     tree = _parse(text, filename)
     best = None

@@ -23,6 +23,8 @@ __all__ = [
     "PermissionDenied",
     "ModelLoading",
     "ModelExists",
+    "WorkerCrashed",
+    "JobMemoryExceeded",
 ]
 
 
@@ -118,3 +120,15 @@ class PermissionDenied(ServerError):
     """An admin call (AdminService) with a key that is not marked admin."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class WorkerCrashed(ServerError):
+    """The worker process running a job died (a crash, or killed because the job would not stop)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class JobMemoryExceeded(ServerError):
+    """A job allocated more memory than the server's per-job limit; its worker was restarted."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
