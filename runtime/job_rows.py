@@ -1,0 +1,121 @@
+"""One job's window of a cross-job batch: left-padded token rows, and views/edits restricted to its rows and columns.
+
+A job whose prompts are shorter than the batch's widest sits right-aligned: its window is its rows and the last
+columns of the prompt positions. Imports torch only; nothing of networks (see job_batch.py for the runner).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Window", "pad_rows", "narrow", "splice", "SharedValueError"]
+
+
+class SharedValueError(Exception):
+    """A job tried to replace a value the whole batch shares (not one of its own rows)."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where a job's values lie in a batch value: `rows` of dim 0, and from column `first_col` of dim 1
+    on tensors whose dim 1 is `width` (the padded prompt positions); `width` 0: no column window."""
+
+    rows: slice
+    first_col: int = 0
+    width: int = 0
+    last_col: int | None = None  # exclusive end of the columns (a generation's output: prompt + own steps)
+
+    def cols(self, t: torch.Tensor) -> slice | None:
+        if t.dim() < 2 or (self.first_col == 0 and self.last_col is None):
+            return None
+        if self.width and t.shape[1] != self.width:
+            return None
+        return slice(self.first_col, self.last_col)
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """Token rows padded on the left: (input_ids, attention_mask, position_ids), each (batch, width).
+
+    Positions count real tokens only (0 at each row's first real token), so a padded row gets the positions
+    it would have alone; the padding's own positions are 0 and masked out.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _map(value: Any, fn) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_map(v, fn) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map(v, fn) for v in value)
+    if isinstance(value, dict):
+        mapped = {k: _map(v, fn) for k, v in value.items()}
+        try:
+            return type(value)(**mapped)
+        except TypeError:
+            return type(value)(mapped)
+    return value
+
+
+def narrow(value: Any, window: Window, batch_size: int) -> Any:
+    """`value` restricted to the job's window (views: in-place edits reach the model, in the window only)."""
+
+    def view(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0 or t.shape[0] != batch_size:
+            return t
+        t = t[window.rows]
+        cols = window.cols(t)
+        return t if cols is None else t[:, cols]
+
+    return _map(value, view)
+
+
+def splice(full: Any, window: Window, new: Any, batch_size: int) -> Any:
+    """`full` with the job's window replaced by `new`; a value the batch shares cannot be replaced."""
+    if isinstance(full, torch.Tensor):
+        if full.dim() == 0 or full.shape[0] != batch_size:
+            raise SharedValueError(
+                f"this value (shape {tuple(full.shape)}) is shared by every job of the batch, not split by rows, "
+                "so one job cannot replace it. Edit your rows of a batched activation instead."
+            )
+        cols = window.cols(full)
+        target = full[window.rows] if cols is None else full[window.rows][:, cols]
+        new = torch.as_tensor(new, dtype=full.dtype, device=full.device)
+        try:
+            new = new.expand_as(target)
+        except RuntimeError:
+            raise SharedValueError(
+                f"a value of shape {tuple(new.shape)} cannot replace this job's part of shape {tuple(target.shape)}: "
+                "in a batched run a job keeps its values' shapes. Assign a tensor of the same shape."
+            ) from None
+        out = full.clone()
+        if cols is None:
+            out[window.rows] = new
+        else:
+            out[window.rows, cols] = new
+        return out
+    if isinstance(full, (tuple, list)) and isinstance(new, (tuple, list)) and len(full) == len(new):
+        items = [f if n is f else splice(f, window, n, batch_size) for f, n in zip(full, new)]
+        return type(full)(*items) if hasattr(full, "_fields") else type(full)(items)
+    if isinstance(full, dict) and isinstance(new, dict):
+        merged = {k: splice(v, window, new[k], batch_size) if k in new and new[k] is not v else v
+                  for k, v in full.items()}
+        try:
+            return type(full)(**merged)
+        except TypeError:
+            return type(full)(merged)
+    if new is full:
+        return full
+    raise SharedValueError(
+        f"a {type(full).__name__} shared by every job of the batch cannot be replaced by one job; edit the "
+        "tensors of your own rows instead."
+    )
