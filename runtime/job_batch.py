@@ -19,7 +19,15 @@ from greenlet import GreenletExit
 from . import ops
 from .capture import OPS_NAME, parse
 from .contexts import _trimmed, local_handler
-from .interleaver import EarlyStop, Interleaver, JobCancelled, Mediator, Request, cancel_scope, current_mediator
+from .interleaver import (
+    EarlyStop,
+    Interleaver,
+    JobCancelled,
+    Mediator,
+    Request,
+    cancel_scope,
+    current_mediator,
+)
 from .job_rows import SharedValueError, Window, narrow, pad_rows, splice
 from .program import Program, block_of, context_of, run_local_block
 from .saving import SaveScope, hand_back
