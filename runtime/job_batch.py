@@ -193,6 +193,11 @@ class _BatchInterleaver(Interleaver):
         self._on_close = on_close
         self._driving: Mediator | None = None  # the body being driven now (see _apply)
 
+    def running(self) -> int | None:
+        """The index of the job whose body runs now (None: the model runs); safe to call from any thread."""
+        mediator = self._driving
+        return None if mediator is None else mediator.job.index
+
     # ---- stops: a body's `.stop()` ends that job; the model stops only when no job is left -----------
     @property
     def _stop(self) -> bool:
@@ -361,11 +366,14 @@ def _eos_ids(model: Any, run_kwargs: dict) -> list[int]:
 
 
 def execute_batch(model: Any, jobs: list[BatchJob], *,
-                  on_done: Callable[[int, BatchOutcome], None] | None = None) -> list[BatchOutcome]:
+                  on_done: Callable[[int, BatchOutcome], None] | None = None,
+                  on_start: Callable[[Callable[[], int | None]], None] | None = None) -> list[BatchOutcome]:
     """Run `jobs` (equal `batch_key`s) on `model` as one batched run; each gets what `execute` alone gives.
 
     `on_done(index, outcome)` is called as soon as a job's outcome is final (a job whose generation ended
-    early, or that failed, need not wait for the batch). Outcomes come back in the jobs' order.
+    early, or that failed, need not wait for the batch). `on_start(running)` gets, before the model runs, a
+    function any thread may call: the index of the job whose body runs now (None while the model runs), so
+    a watchdog interrupts only a job that is itself stuck. Outcomes come back in the jobs' order.
     """
     states = [_Job(spec, i) for i, spec in enumerate(jobs)]
     outcomes: list[BatchOutcome | None] = [None] * len(jobs)
@@ -396,7 +404,7 @@ def execute_batch(model: Any, jobs: list[BatchJob], *,
             conclude(job)
     if live:
         with scope, local_handler(_local_of_current_job), cancel_scope(None):
-            _run_jobs(model, live, conclude)
+            _run_jobs(model, live, conclude, on_start)
     return outcomes
 
 
@@ -407,7 +415,7 @@ def _prepare_job(model: Any, job: _Job) -> None:
     if why:
         raise ValueError(f"This program cannot share a batched run: {why}. Run it with `execute`.")
     job.block = block_of(program, spec.filename)
-    job.tracer = context_of(spec.model or model, program, spec.log)
+    job.tracer = context_of(model if spec.model is None else spec.model, program, spec.log)
     job.tracer._block = job.block
     job.ns = {**spec.bindings, OPS_NAME: ops, "print": spec.log}
     if program.tracer_name:
@@ -415,7 +423,8 @@ def _prepare_job(model: Any, job: _Job) -> None:
     job.max_steps = job.tracer._max_iterations()
 
 
-def _run_jobs(model: Any, jobs: list[_Job], conclude: Callable[[_Job], None]) -> None:
+def _run_jobs(model: Any, jobs: list[_Job], conclude: Callable[[_Job], None],
+              on_start: Callable[[Callable[[], int | None]], None] | None) -> None:
     mode = jobs[0].tracer._mode
     run_kwargs = dict(jobs[0].tracer._run_kwargs)
     for job in jobs[1:]:
@@ -445,6 +454,8 @@ def _run_jobs(model: Any, jobs: list[_Job], conclude: Callable[[_Job], None]) ->
         job.mediator.job = job
     max_steps = max(job.max_steps for job in jobs)
     interleaver = _BatchInterleaver(model, jobs, batch_size, max_steps, width, conclude)
+    if on_start is not None:
+        on_start(interleaver.running)
     if mode == "generate":
         run_kwargs["max_new_tokens"] = max_steps
         run_kwargs["stopping_criteria"] = _criteria(_Steps(jobs, width, batch_size, _eos_ids(model, run_kwargs)))

@@ -57,6 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--replicas", type=_positive(int), default=1,
                        help="workers per model, each with its own copy of the model in memory and running one "
                             "job at a time (default 1)")
+    serve.add_argument("--max-batch", type=_positive(int), default=16,
+                       help="jobs for the same model that may share one batched forward pass or generation "
+                            "(default 16); 1 runs every job alone")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="milliseconds a worker waits for more compatible jobs to batch (default 5)")
+    serve.add_argument("--batch-tokens", type=_positive(int), default=8192,
+                       help="rows x positions one batched run may take (default 8192)")
     return parser.parse_args(argv)
 
 
@@ -83,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             sources={name: functools.partial(load_model, spec) for name, spec in args.model},
             queue_size=args.queue_size, job_timeout=args.job_timeout, max_result_bytes=args.max_result_bytes,
             result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
+            max_batch=args.max_batch, batch_wait=max(args.batch_wait_ms, 0.0) / 1000, batch_tokens=args.batch_tokens,
         )
     except (OSError, ValueError) as error:
         print(f"tether: cannot start the server: {error}", file=sys.stderr)

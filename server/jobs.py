@@ -211,6 +211,7 @@ class Job:
         queue_position: int = 0,
         code: grpc.StatusCode | None = None,
         notify: bool = True,
+        batch_size: int = 0,
     ) -> bool:
         """Move to `state` and log it; False (nothing changes) once the job is terminal or for a step back.
         notify=False: the caller logs another event at once, which wakes the watchers (see `event`)."""
@@ -218,7 +219,7 @@ class Job:
             if self.done or _ORDER.get(state, 9) < _ORDER.get(self.status.state, 0):
                 return False
             self.status = jobs_pb2.JobStatus(
-                state=state, message=message, failure=failure, queue_position=queue_position
+                state=state, message=message, failure=failure, queue_position=queue_position, batch_size=batch_size
             )
             self.update_time = _now()
             if state in TERMINAL:

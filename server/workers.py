@@ -20,6 +20,7 @@ from tether.runtime.program import execute
 from tether.v1 import jobs_pb2
 from tether.wire import CHUNK_SIZE
 
+from .batching import BatchPolicy, gather, run_batch
 from .errors import JobCancelledError, JobTimeout, OutOfService, QueueFull, ServerError
 from .failures import failure_of
 from .interrupts import Watchdog
@@ -45,6 +46,9 @@ class Limits:
     result_ttl: float = 600.0  # seconds a finished job's record and result are kept
     local_call_timeout: float = 60.0  # seconds to wait for the answer to one local() call
     chunk_size: int = CHUNK_SIZE  # bytes per result / local-value Chunk
+    max_batch: int = 16  # jobs one batched run may take (1: every job runs alone), see batching.py
+    batch_wait: float = 0.005  # seconds a worker waits for more compatible jobs once it took one
+    batch_tokens: int = 8192  # rows x positions one batched run may take
 
     def replace(self, **changes) -> Limits:
         return dataclasses.replace(self, **changes)
@@ -116,6 +120,7 @@ class ModelQueue:
         self._broken = ""  # guarded by _cond: why the model no longer runs jobs (see WeightWatch)
         self._running: set[Job] = set()  # guarded by _cond
         self._watchdog = Watchdog(f"tether-watchdog-{hosted.name}")  # stops jobs stuck in pure Python
+        self._batching = BatchPolicy(limits.max_batch, limits.batch_wait, limits.batch_tokens)
         self._threads = [
             threading.Thread(target=self._work, args=(hosted.replica(i),), name=f"tether-worker-{hosted.name}-{i}",
                              daemon=True)
@@ -209,18 +214,26 @@ class ModelQueue:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # ---- the workers --------------------------------------------------------------------------
-    def _take(self) -> _Entry | None:
+    def _take(self, replica) -> list[_Entry] | None:
+        """The next job, with the compatible ones waiting that may share its batched run (batching.py)."""
         with self._cond:
             self._cond.wait_for(lambda: self._pending or self._closed or self._broken)
             if self._closed or self._broken:
                 return None
             entry = self._pending.popleft()
             self._running.add(entry.job)
-            return entry
+            return gather(entry, self._pending, self._cond, replica, self._batching,
+                          lambda taken: self._running.add(taken.job))
 
     def _work(self, replica) -> None:
         watch = WeightWatch(replica._module, self.hosted.source)
-        while (entry := self._take()) is not None:
+        while (batch := self._take(replica)) is not None:
+            if len(batch) > 1:
+                self._run_batch(batch, replica, watch)
+                if watch.broken:
+                    self._retire(watch.broken)
+                continue
+            entry = batch[0]
             try:
                 # run() logs RUNNING (or the job's end) right after: watchers wake once for both
                 if entry.job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, f"on worker {threading.current_thread().name}",
@@ -232,6 +245,17 @@ class ModelQueue:
                     self._running.discard(entry.job)
             if watch.broken:  # weights a job wrote into could not be put back: serve nothing wrong
                 self._retire(watch.broken)
+
+    def _run_batch(self, batch: list[_Entry], replica, watch: WeightWatch) -> None:
+        """Compatible jobs as one batched run; each ends on its own, as if it had run alone."""
+        try:
+            run_batch(batch, replica, lambda entry: _Run(entry, replica, self.limits, watch, self._watchdog),
+                      JobLog, watch, self._watchdog)
+        finally:
+            for entry in batch:
+                entry.decoded.release()
+            with self._cond:
+                self._running.difference_update(entry.job for entry in batch)
 
 
 def _weights_changed(watch: WeightWatch, versions: list[int]) -> WeightsChanged | None:
