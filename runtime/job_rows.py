@@ -89,13 +89,13 @@ def splice(full: Any, window: Window, new: Any, batch_size: int) -> Any:
             )
         cols = window.cols(full)
         target = full[window.rows] if cols is None else full[window.rows][:, cols]
-        new = torch.as_tensor(new, dtype=full.dtype, device=full.device)
         try:
-            new = new.expand_as(target)
-        except RuntimeError:
+            new = torch.as_tensor(new, dtype=full.dtype, device=full.device).expand_as(target)
+        except (TypeError, ValueError, RuntimeError):
             raise SharedValueError(
-                f"a value of shape {tuple(new.shape)} cannot replace this job's part of shape {tuple(target.shape)}: "
-                "in a batched run a job keeps its values' shapes. Assign a tensor of the same shape."
+                f"a {type(new).__name__} of shape {tuple(getattr(new, 'shape', ()))} cannot replace this job's part "
+                f"of shape {tuple(target.shape)}: in a batched run a job keeps its values' shapes. Assign a tensor "
+                "of the same shape."
             ) from None
         out = full.clone()
         if cols is None:

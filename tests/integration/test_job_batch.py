@@ -235,3 +235,84 @@ def test_what_runs_alone():
     b = batch_key(model, prog("y = 2\n", "bb", kind="generate", max_new_tokens=9))
     c = batch_key(model, prog("y = 2\n", "bb", kind="generate", max_new_tokens=9, do_sample=True))
     assert a == b and a != c
+
+
+def test_open_step_loops_end_with_each_jobs_own_generation():
+    source = """
+    tokens = list().save()
+    for step in tracer.iter[:]:
+        tokens.append(model.lm_head.output[0, -1].argmax(dim=-1))
+    after = len(tokens)
+    """
+    programs = [prog(source, p, kind="generate", max_new_tokens=n) for p, n in zip(PROMPTS, (5, 2, 3))]
+    outcomes, _ = run_batch(programs)
+    for program, outcome in zip(programs, outcomes):
+        assert outcome.error is None, outcome.error
+        expected = solo(program)
+        assert outcome.values["after"] == expected["after"] == program.kwargs["max_new_tokens"]
+        same(outcome.values["tokens"], expected["tokens"])
+
+
+def test_a_job_that_reaches_eos_stops_receiving_steps():
+    model, tokenizer = tiny.tiny_gpt2()
+    ids = tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]
+    plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                           pad_token_id=0)
+    eos = int(plain[0, ids.shape[1] + 1])  # the token this prompt generates second: its end of sequence here
+    source = """
+    steps = list().save()
+    with tracer.all():
+        steps.append(model.lm_head.output[0, -1].argmax(dim=-1))
+    out = model.generator.output.save()
+    """
+    programs = [prog(source, p, kind="generate", max_new_tokens=6, eos_token_id=eos) for p in PROMPTS]
+    outcomes, _ = run_batch(programs)
+    for program, outcome in zip(programs, outcomes):
+        assert outcome.error is None, outcome.error
+        expected = solo(program)
+        same(outcome.values["out"], expected["out"])
+        assert len(outcome.values["steps"]) == len(expected["steps"])
+        same(outcome.values["steps"], expected["steps"])
+    assert outcomes[1].values["out"].shape[1] <= ids.shape[1] + 2
+
+
+def test_changing_the_shape_of_a_batched_value_fails_that_job_at_its_line():
+    programs = [prog("model.transformer.h[0].output = torch.zeros(7)\nx = 1\n", PROMPTS[0]),
+                prog("out = model.lm_head.output.save()\n", PROMPTS[1])]
+    outcomes, _ = run_batch(programs)
+    assert "cannot replace" in str(outcomes[0].error)
+    assert outcomes[0].error.__traceback__.tb_frame.f_code.co_filename == "job.py"
+    same(outcomes[1].values["out"], solo(programs[1])["out"])
+
+
+def test_jobs_of_several_rows_keep_their_rows():
+    rows = ["a b c", "c b a"]  # equal lengths: the job's own batch has no padding
+    assert len({len(lm().tokenizer(r)["input_ids"]) for r in rows}) == 1
+    programs = [prog("out = model.lm_head.output.save()\n", rows),
+                prog("model.transformer.h[0].output[0][:] = 0\nout = model.lm_head.output.save()\n", PROMPTS[0])]
+    outcomes, _ = run_batch(programs)
+    for program, outcome in zip(programs, outcomes):
+        same(outcome.values["out"], solo(program)["out"])
+
+
+@pytest.mark.slow
+def test_smollm2_batches_unequal_prompts_with_their_own_positions(smollm2):
+    """Rotary positions follow each row's real tokens: a batched job gets its solo logits and tokens (the
+    tolerance is float32 rounding of batched matrix products, not padding: a wrong position moves logits by ~1)."""
+    module, tokenizer = smollm2
+    model = LanguageModel(module, tokenizer=tokenizer)
+    prompts = ["The Eiffel Tower is in the city of", "Hi", "One two three four"]
+    source = """
+    steps = list().save()
+    with tracer.all():
+        steps.append(model.lm_head.output[0, -1])
+    out = model.generator.output.save()
+    """
+    for kind, extra in (("trace", {}), ("generate", {"max_new_tokens": 3})):
+        text = source if kind == "generate" else "logits = model.lm_head.output.save()\n"
+        programs = [prog(text, p, kind=kind, **extra) for p in prompts]
+        outcomes = execute_batch(model, [BatchJob(p, {"model": model}) for p in programs])
+        for program, outcome in zip(programs, outcomes):
+            expected = execute(model, program, {"model": model})
+            for name in expected:
+                same(outcome.values[name], expected[name], atol=2e-4)
