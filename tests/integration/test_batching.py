@@ -268,13 +268,24 @@ def _catch(fn, prompt, n):
         return error
 
 
-def test_max_batch_1_runs_every_job_alone(client_config, monkeypatch):
-    with start_server({"tiny": tiny.tiny_gpt2()}, host="127.0.0.1", port=0, max_batch=1) as alone:
-        monkeypatch.setattr(CONFIG.API, "_host", alone.address)
+@pytest.mark.parametrize(("max_batch", "sizes"), [(1, [0, 0, 0]), (2, [0, 2, 2])])
+def test_max_batch_bounds_the_batches(client_config, monkeypatch, max_batch, sizes):
+    """--max-batch 1 runs every job alone; --max-batch 2 takes two of the three waiting jobs together."""
+    with start_server({"tiny": tiny.tiny_gpt2()}, host="127.0.0.1", port=0, max_batch=max_batch) as other:
+        monkeypatch.setattr(CONFIG.API, "_host", other.address)
         backends = [RemoteBackend() for _ in range(3)]
         fns = [lambda b=b, p=p: zero_mlp(LanguageModel("tiny"), p, 3, backend=b) for b, p in zip(backends, PROMPTS)]
-        results = in_threads(alone, fns)
-        for backend, result, prompt in zip(backends, results, PROMPTS):
+        results = in_threads(other, fns)
+        for result, prompt in zip(results, PROMPTS):
             assert not isinstance(result, BaseException), result
             assert torch.equal(result["out"], _run_locally(zero_mlp, local_llm(), prompt, 3)["out"])
-            assert max(batch_sizes(alone, backend.last_job_id)) == 0
+        assert sorted(max(batch_sizes(other, b.last_job_id)) for b in backends) == sizes
+
+
+def test_the_batching_flags_of_tether_serve():
+    from tether.server.cli import parse_args
+
+    args = parse_args(["serve", "--model", "t=tiny"])
+    assert (args.max_batch, args.batch_wait_ms, args.batch_tokens) == (16, 5.0, 8192)
+    args = parse_args(["serve", "--model", "t=tiny", "--max-batch", "1", "--batch-wait-ms", "0"])
+    assert (args.max_batch, args.batch_wait_ms) == (1, 0.0)
