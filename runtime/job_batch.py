@@ -1,23 +1,18 @@
-"""Cross-job batching: several Programs run as one batched forward pass or generation, each job its own invoke.
-
-Each job keeps its own rows (and, for shorter prompts, its own columns), namespace, log, `local()` handler,
-cancel check and outcome: one job's error, stop, cancel or end of generation ends that job only, and its saved
-values are those of its solo run. Beside `program.execute`; imports nothing of networks, client or server.
-"""
+"""Cross-job batching: several Programs as one batched forward pass or generation, each job its own invoke
+with its own window, namespace, log, local() handler, cancel and outcome (its solo run's). Beside
+`program.execute`; imports nothing of networks, client or server."""
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import torch
 from greenlet import GreenletExit
 
 from . import ops
-from .capture import OPS_NAME, parse
+from .capture import OPS_NAME
 from .contexts import _trimmed, local_handler
 from .interleaver import (
     EarlyStop,
@@ -28,22 +23,12 @@ from .interleaver import (
     cancel_scope,
     current_mediator,
 )
+from .job_compat import batch_key, batch_tokens, batchable, is_language_model
 from .job_rows import SharedValueError, Window, narrow, pad_rows, splice
 from .program import Program, block_of, context_of, run_local_block
 from .saving import SaveScope, hand_back
 
 __all__ = ["BatchJob", "BatchOutcome", "batchable", "batch_key", "batch_tokens", "execute_batch"]
-
-# Attributes whose use means a job touches weights, gradients or the run's structure: it runs alone.
-_ALONE_ATTRS = frozenset({
-    "backward", "grad", "invoke", "weight", "bias", "parameters", "named_parameters", "buffers", "named_buffers",
-    "state_dict", "load_state_dict", "data", "requires_grad", "requires_grad_", "edit", "session", "scan",
-    "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook", "zero_grad",
-})
-# Generation options a batch cannot honour per job (it shares one generate() call), or that change its shape.
-_ALONE_GENERATE = ("max_length", "stopping_criteria", "streamer", "return_dict_in_generate", "num_return_sequences",
-                   "num_beams", "assistant_model", "prefix_allowed_tokens_fn", "logits_processor")
-
 
 @dataclass
 class BatchJob:
@@ -65,65 +50,6 @@ class BatchOutcome:
     values: dict[str, Any] | None = None
     error: BaseException | None = None
     batch_size: int = 1  # jobs that shared the run, this one included
-
-
-def batchable(program: Program) -> str:
-    """Why `program` must run alone ("" when it may share a batch)."""
-    if program.kind not in ("trace", "generate"):
-        return f"a {program.kind} runs alone"
-    if not program.args:
-        return "a trace without inputs (explicit invokes) runs alone"
-    used = _attributes(program.source)
-    touched = sorted(used & _ALONE_ATTRS)
-    if touched:
-        return f"it uses `.{touched[0]}` (weights, gradients or invokes), so it runs alone"
-    return ""
-
-
-@lru_cache(maxsize=256)
-def _attributes(source: str) -> frozenset[str]:
-    return frozenset(n.attr for n in ast.walk(parse(source)) if isinstance(n, ast.Attribute))
-
-
-def batch_key(model: Any, program: Program) -> tuple | None:
-    """Programs with equal keys may share one batched run on `model`; None: this one runs alone."""
-    if batchable(program):
-        return None
-    inputs, run = model._split_kwargs(program.kind, dict(program.kwargs))
-    if inputs:
-        return None  # keyword inputs of a plain module's forward: not batched along rows
-    if program.kind == "generate":
-        if "max_new_tokens" not in run or any(k in run for k in _ALONE_GENERATE):
-            return None
-    options = []
-    for name, value in sorted(run.items()):
-        if name == "max_new_tokens":
-            continue
-        try:
-            hash(value)
-        except TypeError:
-            return None
-        options.append((name, value))
-    shapes: tuple = ()
-    if not _is_language_model(model):
-        if not all(isinstance(a, torch.Tensor) and a.dim() > 0 for a in program.args):
-            return None
-        shapes = tuple((tuple(a.shape[1:]), a.dtype, a.device) for a in program.args)
-    return program.kind, tuple(options), shapes
-
-
-def batch_tokens(model: Any, program: Program) -> int:
-    """What a job adds to a batch, in tokens (rows x positions; plain modules: rows)."""
-    prepared = model._prepare(tuple(program.args), {})
-    if not _is_language_model(model):
-        return prepared.rows
-    width = max(len(r) for r in prepared.args[0])
-    steps = int(dict(program.kwargs).get("max_new_tokens", 0)) if program.kind == "generate" else 0
-    return prepared.rows * (width + steps)
-
-
-def _is_language_model(model: Any) -> bool:
-    return model._generator_key() is not None
 
 
 class _Refused(Exception):
@@ -434,7 +360,7 @@ def _run_jobs(model: Any, jobs: list[_Job], conclude: Callable[[_Job], None],
     model._dispatch()
     prepared = [job.tracer.invoker.inputs for job in jobs]
     width = 0
-    if _is_language_model(model):
+    if is_language_model(model):
         rows = [r for p in prepared for r in p.args[0]]
         ids, mask, positions = pad_rows(rows, model._pad_id(), _device(model))
         width, start = ids.shape[1], 0
@@ -485,17 +411,29 @@ def _local_of_current_job(block: Any, ns: dict) -> dict:
 
 
 def _own_copies(values: dict[str, Any]) -> dict[str, Any]:
-    """Saved tensors that are views into the batch's tensors, as tensors of their own (they would keep the
-    whole batch's activation alive)."""
-    copies: dict[int, Any] = {}
-    out = {}
-    for name, value in values.items():
-        if isinstance(value, torch.Tensor) and value._base is not None:
-            if id(value) not in copies:
-                copies[id(value)] = value.clone().as_subclass(type(value))
-            value = copies[id(value)]
-        out[name] = value
-    return out
+    """Saved tensors that are views into the batch's tensors (also inside lists, tuples and dicts), as tensors
+    of their own: a view would keep the whole batch's activation alive."""
+    memo: dict[int, Any] = {}
+
+    def own(value: Any, depth: int = 0) -> Any:
+        if id(value) in memo:
+            return memo[id(value)]
+        out = value
+        if isinstance(value, torch.Tensor):
+            if value._base is not None:
+                out = value.clone().as_subclass(type(value))
+        elif depth < 4 and type(value) in (list, tuple):
+            items = [own(v, depth + 1) for v in value]
+            if any(a is not b for a, b in zip(items, value)):
+                out = type(value)(items)
+        elif depth < 4 and type(value) is dict:
+            items = {k: own(v, depth + 1) for k, v in value.items()}
+            if any(items[k] is not value[k] for k in value):
+                out = items
+        memo[id(value)] = out
+        return out
+
+    return {name: own(value) for name, value in values.items()}
 
 
 def _accepts(module: torch.nn.Module, name: str) -> bool:

@@ -1,8 +1,5 @@
-"""One job's window of a cross-job batch: left-padded token rows, and views/edits restricted to its rows and columns.
-
-A job whose prompts are shorter than the batch's widest sits right-aligned: its window is its rows and the last
-columns of the prompt positions. Imports torch only; nothing of networks (see job_batch.py for the runner).
-"""
+"""One job's window of a cross-job batch: left-padded token rows with their positions, and views and edits
+restricted to the job's rows (and, for a shorter prompt, its last columns). Imports torch only."""
 
 from __future__ import annotations
 

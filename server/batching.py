@@ -1,9 +1,6 @@
-"""Cross-job batching on a worker: which waiting jobs share one batched run (the policy), and running them.
-
-A worker that took a job asks `gather` for the compatible jobs waiting for the same model (bounded wait, size
-and token budget), then `run_batch` runs them with `runtime.job_batch.execute_batch`, each job with its own
-limits, log, `local()` handler and end state. Imports the runtime and the server's job plumbing, never grpc.
-"""
+"""Cross-job batching on a worker: which waiting jobs share one batched run (`gather`: bounded wait, size and
+token budget) and running them (`run_batch`, on runtime.job_batch), each job ending on its own.
+Imports the runtime and the server's job plumbing, never grpc."""
 
 from __future__ import annotations
 
