@@ -24,7 +24,7 @@ from .interleaver import (
     current_mediator,
 )
 from .job_compat import batch_key, batch_tokens, batchable, is_language_model
-from .job_rows import SharedValueError, Window, narrow, pad_rows, splice
+from .job_rows import SharedValueError, Window, lend, pad_rows, splice, write_back
 from .program import Program, block_of, context_of, run_local_block
 from .saving import SaveScope, hand_back
 
@@ -118,6 +118,7 @@ class _BatchInterleaver(Interleaver):
         self._closing = False
         self._on_close = on_close
         self._driving: Mediator | None = None  # the body being driven now (see _apply)
+        self._lent: list = []  # copies handed to the body driven now, whose edits go back (job_rows.lend)
 
     def running(self) -> int | None:
         """The index of the job whose body runs now (None: the model runs); safe to call from any thread."""
@@ -147,6 +148,7 @@ class _BatchInterleaver(Interleaver):
                 except _Refused as refused:  # its set was refused: raise the error at the body's line
                     value, throw = None, refused.error
         finally:
+            write_back(self._lent)  # the body's turn ended: its in-place edits reach its rows now
             stopped = self._stop_asked
             self._driving, self._stop_asked = outer, asked
         if stopped:
@@ -167,6 +169,7 @@ class _BatchInterleaver(Interleaver):
             window = Window(window.rows, window.first_col, 0, end)
         elif req.iteration > 0 or not self.width:
             window = Window(window.rows)
+        write_back(self._lent)  # edits of values taken earlier in this turn come first
         full = slot.get(req.kind, None)
         if req.op == "set":
             try:
@@ -176,7 +179,7 @@ class _BatchInterleaver(Interleaver):
                     raise _Refused(error) from None
                 return _Refused(error)
             slot.set(req.kind, None, full)
-        value = narrow(full, window, self.batch_size)
+        value = lend(full, window, self.batch_size, self._lent)
         mediator.seen[(id(req.module), req.kind, req.iteration)] = value
         return value if req.op == "get" else None
 

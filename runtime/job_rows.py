@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Window", "pad_rows", "narrow", "splice", "SharedValueError"]
+__all__ = ["Window", "pad_rows", "lend", "write_back", "splice", "SharedValueError"]
 
 
 class SharedValueError(Exception):
@@ -63,17 +63,34 @@ def _map(value: Any, fn) -> Any:
     return value
 
 
-def narrow(value: Any, window: Window, batch_size: int) -> Any:
-    """`value` restricted to the job's window (views: in-place edits reach the model, in the window only)."""
+def lend(value: Any, window: Window, batch_size: int, lent: list) -> Any:
+    """The job's window of `value` as tensors of its own (no view reaches another job's rows or storage).
 
-    def view(t: torch.Tensor) -> torch.Tensor:
+    Each copy of a batched tensor is noted in `lent` as (copy, its version, the view it came from): an
+    in-place edit of the copy is written back into the job's window by `write_back`. Copies of values the
+    batch shares are the job's alone: its in-place edits of them do not reach the model.
+    """
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 0 or t.shape[0] != batch_size:
-            return t
-        t = t[window.rows]
-        cols = window.cols(t)
-        return t if cols is None else t[:, cols]
+            return t.clone()
+        view = t[window.rows]
+        cols = window.cols(view)
+        if cols is not None:
+            view = view[:, cols]
+        own = view.clone()
+        lent.append((own, own._version, view))
+        return own
 
-    return _map(value, view)
+    return _map(value, copy)
+
+
+def write_back(lent: list) -> None:
+    """Put the in-place edits of lent copies into the batch's tensors (their jobs' windows only)."""
+    for own, version, view in lent:
+        if own._version != version:
+            view.copy_(own)
+    lent.clear()
 
 
 def splice(full: Any, window: Window, new: Any, batch_size: int) -> Any:

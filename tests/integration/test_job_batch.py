@@ -316,3 +316,20 @@ def test_smollm2_batches_unequal_prompts_with_their_own_positions(smollm2):
             expected = execute(model, program, {"model": model})
             for name in expected:
                 same(outcome.values[name], expected[name], atol=2e-4)
+
+
+def test_a_job_holds_no_view_of_other_jobs_rows():
+    source = """
+    h = model.transformer.h[0].output
+    base = h._base
+    nbytes = h.untyped_storage().nbytes()
+    own = h.numel() * h.element_size()
+    h[:, 0] = 1.0
+    out = model.lm_head.output.save()
+    """
+    programs = [prog(source, p) for p in PROMPTS]
+    outcomes, _ = run_batch(programs)
+    for program, outcome in zip(programs, outcomes):
+        assert outcome.values["base"] is None
+        assert outcome.values["nbytes"] == outcome.values["own"]
+        same(outcome.values["out"], solo(program)["out"])  # its in-place edit reached its own rows
