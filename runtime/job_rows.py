@@ -8,11 +8,51 @@ from typing import Any
 
 import torch
 
-__all__ = ["Window", "pad_rows", "lend", "write_back", "splice", "SharedValueError"]
+from .errors import TetherError
+
+__all__ = ["Window", "pad_rows", "lend", "write_back", "splice", "SharedValueError", "Withheld"]
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, slice,
+          type(Ellipsis))
 
 
-class SharedValueError(Exception):
-    """A job tried to replace a value the whole batch shares (not one of its own rows)."""
+class SharedValueError(TetherError):
+    """A job tried to replace or use a value the whole batch shares (not one of its own rows)."""
+
+
+class Withheld:
+    """Stands, in a batched job, for an object the whole batch shares (e.g. a key/value cache): it holds every
+    job's rows, so using it raises. The job's own tensors and containers of them are never withheld."""
+
+    __slots__ = ("_kind",)
+
+    def __init__(self, kind: str):
+        object.__setattr__(self, "_kind", kind)
+
+    def _error(self) -> SharedValueError:
+        return SharedValueError(
+            f"this {self._kind} is shared by every job of a batched run (it holds their rows too), so a batched job "
+            "cannot use it. Use your rows' tensors instead, or run the job alone (e.g. on a server started with "
+            "--max-batch 1)."
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        raise self._error()
+
+    def __getitem__(self, key: Any) -> Any:
+        raise self._error()
+
+    def __iter__(self):
+        raise self._error()
+
+    def __len__(self) -> int:
+        raise self._error()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._error()
+
+    def __repr__(self) -> str:
+        return f"<{self._kind} shared by the batch>"
 
 
 @dataclass(frozen=True)
@@ -48,6 +88,7 @@ def pad_rows(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[
 
 
 def _map(value: Any, fn) -> Any:
+    """`value` with each tensor replaced by `fn(tensor)`, and each other object the batch shares withheld."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):
@@ -60,7 +101,9 @@ def _map(value: Any, fn) -> Any:
             return type(value)(**mapped)
         except TypeError:
             return type(value)(mapped)
-    return value
+    if isinstance(value, _PLAIN) or isinstance(value, Withheld):
+        return value
+    return Withheld(type(value).__name__)
 
 
 def lend(value: Any, window: Window, batch_size: int, lent: list) -> Any:
@@ -95,6 +138,8 @@ def write_back(lent: list) -> None:
 
 def splice(full: Any, window: Window, new: Any, batch_size: int) -> Any:
     """`full` with the job's window replaced by `new`; a value the batch shares cannot be replaced."""
+    if isinstance(new, Withheld):  # handed back as the job got it
+        return full
     if isinstance(full, torch.Tensor):
         if full.dim() == 0 or full.shape[0] != batch_size:
             raise SharedValueError(

@@ -333,3 +333,22 @@ def test_a_job_holds_no_view_of_other_jobs_rows():
         assert outcome.values["base"] is None
         assert outcome.values["nbytes"] == outcome.values["own"]
         same(outcome.values["out"], solo(program)["out"])  # its in-place edit reached its own rows
+
+
+def test_objects_the_batch_shares_are_withheld_from_a_job():
+    source = """
+    out = model.output
+    shared = [k for k in out.keys() if not isinstance(out[k], torch.Tensor)]
+    try:
+        out[shared[0]].get_seq_length()
+        message = ""
+    except tether.TetherError as error:
+        message = str(error)
+    logits = out.logits.save()
+    """
+    programs = [prog(source, p) for p in PROMPTS[:2]]
+    outcomes, _ = run_batch(programs)
+    for program, outcome in zip(programs, outcomes):
+        assert outcome.error is None, outcome.error
+        assert "shared by every job" in outcome.values["message"]  # the key/value cache holds every job's rows
+        same(outcome.values["logits"], solo(program)["logits"])
