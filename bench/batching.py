@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from bench import Options
-from bench._common import ROOT, busy_note, environment, load, log, median, ms, pct, quiet_client
+from bench._common import ROOT, busy_note, environment, host, load, log, median, ms, pct, quiet_client
 
 NAME = "batching"
 TITLE = "Cross-job batching: 16 concurrent clients, batching on vs --max-batch 1 (separate server processes)"
@@ -78,9 +78,9 @@ class _Server:
             self.proc.kill()
 
 
-def _clients(address: str, job, n: int, budget_s: float) -> dict:
+def _clients(job, n: int, budget_s: float) -> dict:
     """n threads, each with its own remote model, running blocking jobs back to back until the budget."""
-    models = [_remote_model(address) for _ in range(n)]
+    models = [_remote_model() for _ in range(n)]
     cap = max(2, JOB_CAP // n)
     latencies: list[list[float]] = [[] for _ in range(n)]
     finished = [0.0] * n
@@ -116,15 +116,11 @@ def _clients(address: str, job, n: int, budget_s: float) -> dict:
             "p50_ms": median(flat), "p99_ms": pct(flat, 99)}
 
 
-def _remote_model(address: str) -> Any:
-    from tether import CONFIG, LanguageModel
+def _remote_model() -> Any:
+    """The served model, as a client sees it (its spec from the server CONFIG.API.HOST names)."""
+    from tether import LanguageModel
 
-    saved = CONFIG.API._host
-    CONFIG.API.HOST = address
-    try:
-        return LanguageModel("m")
-    finally:
-        CONFIG.API._host = saved
+    return LanguageModel("m")
 
 
 def run(options: Options | None = None) -> dict:
@@ -137,26 +133,22 @@ def run(options: Options | None = None) -> dict:
     try:
         addresses = {name: server.wait() for name, server in servers.items()}
         log(NAME, f"serving {spec}: {addresses}")
-        from tether import CONFIG
-
         with quiet_client():
             for address in addresses.values():  # first jobs load weights and warm caches: not timed
-                warm = _remote_model(address)
-                for job in CASES.values():
-                    for prompt in PROMPTS[:WARMUP_JOBS]:
-                        job(warm, prompt)
-            for case, job in CASES.items():
-                for n in CLIENTS:
-                    for name in ("alone", "batching"):  # side by side, one at a time (the other server idles)
-                        saved = CONFIG.API._host
-                        CONFIG.API.HOST = addresses[name]
-                        try:
-                            row = _clients(addresses[name], job, n, BUDGET_S * scale)
-                        finally:
-                            CONFIG.API._host = saved
-                        data.setdefault(case, {}).setdefault(str(n), {})[name] = row
-                        log(NAME, f"{case}, {n} clients, {name}: {row['jobs']} jobs, {row['jobs_per_s']:.2f} jobs/s, "
-                                  f"p50 {row['p50_ms']:.1f} ms")
+                with host(address):
+                    warm = _remote_model()
+                    for job in CASES.values():
+                        for prompt in PROMPTS[:WARMUP_JOBS]:
+                            job(warm, prompt)
+            runs = [(case, job, n) for case, job in CASES.items() for n in CLIENTS]
+            for i, (case, job, n) in enumerate(runs):
+                # side by side, one at a time (the other server idles), in alternating order
+                for name in ("alone", "batching") if i % 2 == 0 else ("batching", "alone"):
+                    with host(addresses[name]):
+                        row = _clients(job, n, BUDGET_S * scale)
+                    data.setdefault(case, {}).setdefault(str(n), {})[name] = row
+                    log(NAME, f"{case}, {n} clients, {name}: {row['jobs']} jobs, {row['jobs_per_s']:.2f} jobs/s, "
+                              f"p50 {row['p50_ms']:.1f} ms")
     finally:
         for server in servers.values():
             server.stop()
