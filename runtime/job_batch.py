@@ -323,10 +323,10 @@ def execute_batch(model: Any, jobs: list[BatchJob], *,
         if on_done is not None:
             on_done(job.index, job.outcome)
 
-    live = []
+    live, texts = [], {}
     for job in states:
         try:
-            _prepare_job(model, job)
+            _prepare_job(model, job, texts)
             live.append(job)
         except BaseException as error:
             job.fail(error)
@@ -337,13 +337,20 @@ def execute_batch(model: Any, jobs: list[BatchJob], *,
     return outcomes
 
 
-def _prepare_job(model: Any, job: _Job) -> None:
+def _prepare_job(model: Any, job: _Job, texts: dict[str, tuple]) -> None:
+    """The job's block, tracer and namespace; `texts` maps the file names taken so far to their programs' text
+    (nested blocks are found by file and line, so two different texts must not share a name)."""
     spec = job.spec
     program = spec.program
     why = batchable(program)
     if why:
         raise ValueError(f"This program cannot share a batched run: {why}. Run it with `execute`.")
-    job.block = block_of(program, spec.filename)
+    filename = spec.filename or program.filename
+    text = (program.first_line, program.source)
+    if texts.setdefault(filename, text) != text:
+        filename = f"{filename} (job {job.index + 1})"
+        texts[filename] = text
+    job.block = block_of(program, filename)
     job.tracer = context_of(model if spec.model is None else spec.model, program, spec.log)
     job.tracer._block = job.block
     job.ns = {**spec.bindings, OPS_NAME: ops, "print": spec.log}

@@ -352,3 +352,21 @@ def test_objects_the_batch_shares_are_withheld_from_a_job():
         assert outcome.error is None, outcome.error
         assert "shared by every job" in outcome.values["message"]  # the key/value cache holds every job's rows
         same(outcome.values["logits"], solo(program)["logits"])
+
+
+def test_a_generation_stopped_by_its_body_ends_alone():
+    stopping = """
+    tokens = list().save()
+    with tracer.all():
+        tokens.append(model.lm_head.output[0, -1].argmax(dim=-1))
+        if len(tokens) == 2:
+            tracer.stop()
+    """
+    plain = "with tracer.all():\n    t = model.lm_head.output[0, -1].save()\nout = model.generator.output.save()\n"
+    programs = [prog(stopping, PROMPTS[0], kind="generate", max_new_tokens=5),
+                prog(plain, PROMPTS[1], kind="generate", max_new_tokens=5)]
+    outcomes, _ = run_batch(programs)
+    expected = solo(programs[0])
+    assert len(outcomes[0].values["tokens"]) == len(expected["tokens"]) == 2
+    same(outcomes[0].values["tokens"], expected["tokens"])
+    same(outcomes[1].values["out"], solo(programs[1])["out"])
