@@ -272,6 +272,7 @@ def _catch(fn, prompt, n):
 def test_max_batch_bounds_the_batches(client_config, monkeypatch, max_batch, sizes):
     """--max-batch 1 runs every job alone; --max-batch 2 takes two of the three waiting jobs together."""
     with start_server({"tiny": tiny.tiny_gpt2()}, host="127.0.0.1", port=0, max_batch=max_batch) as other:
+        assert other.wait_ready(timeout=180), "the server's workers did not start"
         monkeypatch.setattr(CONFIG.API, "_host", other.address)
         backends = [RemoteBackend() for _ in range(3)]
         fns = [lambda b=b, p=p: zero_mlp(LanguageModel("tiny"), p, 3, backend=b) for b, p in zip(backends, PROMPTS)]
