@@ -52,11 +52,12 @@ CASES = {"generate": generate_job, "trace": trace_job}
 
 
 class _Server:
-    """`tether serve` in its own process (it sets torch's threads as a deployed server does)."""
+    """`tether serve` in its own process, as deployed: its replica runs in its own worker process (batches are
+    gathered by the front door and run there); `--port 0`, so two never compete for the default port."""
 
     def __init__(self, spec: str, *extra: str):
-        args = [sys.executable, "-m", "tether.server.cli", "serve", "--model", f"m={spec}", "--queue-size", "64",
-                "--result-ttl", "5", *extra]
+        args = [sys.executable, "-m", "tether.server.cli", "serve", "--port", "0", "--model", f"m={spec}",
+                "--queue-size", "64", "--result-ttl", "5", *extra]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.address = ""
 
