@@ -445,9 +445,11 @@ class _JobRelay:
         return live
 
     def _crash_message(self, track: _Track, how: str) -> str:
+        others = ("other jobs were not affected" if len(self.tracks) == 1 else
+                  f"the other jobs of its batch of {len(self.tracks)} ended with it, other jobs were not affected")
         return (f"the worker process running this job crashed ({how}) while {track.doing()}. The server restarted "
-                "the worker; other jobs were not affected. If the program caused it (a C extension, an enormous "
-                "allocation...), change it; otherwise submit the job again.")
+                f"the worker; {others}. If the program caused it (a C extension, an enormous allocation...), change "
+                "it; otherwise submit the job again.")
 
     def _ended_with_worker(self, error: Any, culprit: _Track | None) -> None:
         """The worker died or was killed: end every job it still ran, then start the worker again. `error` is
