@@ -297,6 +297,7 @@ class _JobRelay:
         self.tracks: dict[str, _Track] = {}  # job id -> its track, for the jobs sent to the worker
         self.retire = ""
         self.baseline = 0
+        self.checked = 0.0  # time.monotonic() of the last look at the jobs' clocks and the worker's memory
 
     def run(self) -> str:
         """Relay the jobs to their ends; returns why the replica must retire ("" normally)."""
@@ -333,6 +334,8 @@ class _JobRelay:
 
     def _relay(self, pid: int | None) -> str:
         wake = self.replica._wake_in
+        while wake.poll():  # wakes for jobs that have ended since
+            wake.recv_bytes()
         waitables = [self.conn, wake] + ([self.replica.process.sentinel] if pid else [])
         while self._live():
             ready = multiprocessing.connection.wait(waitables, TICK)
@@ -417,8 +420,9 @@ class _JobRelay:
         worker with, if a job must be stopped."""
         now = time.monotonic()
         live = self._forward_cancels()
-        if pid is None:
-            return None  # a thread worker cannot be killed: its watchdog stops what it can
+        if pid is None or now - self.checked < TICK:
+            return None  # (a thread worker cannot be killed: its watchdog stops what it can)
+        self.checked = now
         for track in live:
             error = track.past_grace(now)
             if error is not None:
