@@ -56,7 +56,7 @@ def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy)
         while (job := inbox.next_job()) is not None:
             try:
                 if isinstance(job, wp.RunBatch):
-                    from .worker_batch import BatchRun
+                    from .worker_batch import BatchRun  # (worker_batch imports this module)
 
                     BatchRun(job, hosted, policy, conn, inbox, watch, watchdog).run()
                 else:
