@@ -39,14 +39,17 @@ TARGET = 0.5
 VARIANTS = [("outer", "no_grad"), ("outer", "autograd"), ("inner", "no_grad"), ("inner", "autograd")]
 
 ANCHOR_NOTE = (
-    "nnsight anchor (issue 11, item 23): the forward cases used to time nnsight on deep copies of the "
-    "model tether had wrapped and traced, with a second nnsight wrapper (LanguageModel) alive, inside "
-    "`warnings.catch_warnings()` with a `message=` filter, shuffled among ten other cases. nnsight 0.8.1 "
-    "issues no warning on the forward path and its Python call count per trace is the same either way, so "
-    "that setup changed no work, only what runs around it; it is replaced by the set-up below, which is "
-    "how users run nnsight: its own freshly built model, the only one it wraps, no warning filter, and "
-    "three cases per loop. The four ratios below are the item-23 numbers; the older per-width table keeps "
-    "its cases for context."
+    "nnsight anchor (issue 11, item 23): the per-width forward cases used to time nnsight on deep copies of the "
+    "model tether had wrapped and traced, next to a second nnsight wrapper (LanguageModel), inside "
+    "`warnings.catch_warnings()` with a `message=` filter, shuffled among ten cases. None of that changes the "
+    "work nnsight does: it issues no warning on this path (recorded with every filter off, autograd on and "
+    "off), its Python call count per 12-save trace is 6295 either way with the same garbage collections, and "
+    "callgrind counts 29.86M instructions per trace on its own fresh model alone, 29.81M inside the filters "
+    "and 29.84M on the deep copy beside the other wrappers (untraced: 27.52M vs 27.50M; plain 26.62M). So the "
+    "slower anchor seen there came from what ran around nnsight (ten shuffled cases on a shared machine), not "
+    "from extra work; item 23 now measures nnsight as users run it: its own freshly built model, the only one "
+    "it wraps while timed, no warning filter, three cases per loop. The per-width table keeps its cases for "
+    "context, with nnsight on fresh models and warnings filtered by category only."
 )
 
 
