@@ -10,7 +10,7 @@ nnsight is optional (`pip install nnsight==0.8.1`); it runs on its own freshly b
 weights), so whatever it installs on modules cannot slow the plain, raw-hook or tether cases, and nothing
 tether did to its model reaches nnsight's.
 
-Issue 11, item 23 (bench/save_variants.py, run first): the 12-save overhead over raw hooks, tether /
+Issue 11, item 23 (bench/_save_variants.py, run first): the 12-save overhead over raw hooks, tether /
 nnsight, with `outs` made before the block and inside it, with autograd on and under `torch.no_grad()`:
 four ratios, each target <= 0.5, measured as users run nnsight. What was wrong with the earlier anchor:
 nnsight ran on deep copies of the model tether had wrapped and traced, next to a second nnsight wrapper,
@@ -47,7 +47,7 @@ from tether.runtime.tiny import gpt2_config_model, train_tokenizer
 
 from . import Options
 from ._common import environment, load
-from .save_variants import run_variants
+from ._save_variants import run_variants
 
 __all__ = ["run", "main"]
 
@@ -571,7 +571,7 @@ _FORWARD_ORDER = ["plain", "untraced", "hooks", "empty", "saves", "edit"]
 
 def _targets(width: int, d: dict) -> list[dict]:
     """The issue's targets. The per-width 12-save ratio is reported for context: issue 11 item 23 judges it,
-    four ways, in bench/save_variants.py."""
+    four ways, in bench/_save_variants.py."""
     cases = d["cases"]
     out = []
     u = cases["tether_untraced"]
@@ -579,7 +579,7 @@ def _targets(width: int, d: dict) -> list[dict]:
                 "value": u["x_plain"], "limit": UNTRACED_TARGET, "ok": u["x_plain"] <= UNTRACED_TARGET,
                 "text": f"{_x(u['x_plain'])} (+/- {u['x_plain_ci']:.3f})"})
     t = cases["tether_saves"]
-    judged = False  # issue 11 item 23 judges this ratio (bench/save_variants.py); kept here for context
+    judged = False  # issue 11 item 23 judges this ratio (bench/_save_variants.py); kept here for context
     tether_text = f"tether {_ms(t['over_hooks_ms'])} +/- {_ms(t['over_hooks_ci_ms'])} ms ({_x(t['x_hooks'])} hooks)"
     if "nnsight_saves" in cases:
         n = cases["nnsight_saves"]
