@@ -639,7 +639,7 @@ def _method_notes() -> list[str]:
         "Raw hooks: 12 `register_forward_hook`s appending each block's output, registered and removed every run "
         "(tether and nnsight also install their hooks per trace).",
         "Every trace body is the same source for tether and nnsight (`save` = `tether.save` / `nnsight.save`); "
-        "nnsight runs on deep copies of the model. 'no interventions' bodies are a lone `pass`.",
+        "nnsight runs on its own freshly built models (same seed, same weights). 'no interventions' bodies are a lone `pass`.",
         f"Generation: LanguageModel.generate(ids, max_new_tokens={NEW_TOKENS}, min_new_tokens={NEW_TOKENS}, "
         "do_sample=False); the per-step case saves a list and appends transformer.h[-1].output inside "
         "`for _step in tracer.iter[:]` (nnsight ends that open loop with a warning, by design).",
