@@ -8,6 +8,7 @@ Only one side runs at a time, so no locks are needed. Imports torch and greenlet
 
 from __future__ import annotations
 
+import builtins
 import sys
 import threading
 from collections.abc import Callable
@@ -242,7 +243,10 @@ class Mediator:
     def _run(self, code) -> object:
         try:
             # as `exec(code, self.ns)`, but called as a function: Python runs it in the caller's C frame, so
-            # the body's greenlet has less C stack to copy at each switch
+            # the body's greenlet has less C stack to copy at each switch. exec() would add __builtins__ to a
+            # namespace without them (a copy made for a scan, a server's job namespace); a function does not
+            if "__builtins__" not in self.ns:
+                self.ns["__builtins__"] = builtins
             FunctionType(code, self.ns)()
         except GreenletExit:
             raise
