@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
+from tether.placement_options import Placement
 from tether.runtime.model import NNsight
 from tether.runtime.rename import declared as declared_aliases
 from tether.v1 import models_pb2, values_pb2
 from tether.values import to_value
 
 from .errors import NotFound
-from .placement import Placement, place
+from .placement import from_pretrained_kwargs, place
 
 __all__ = ["HostedModel", "Registry", "load_model", "wrap"]
 
@@ -61,7 +62,7 @@ def _load(spec: str, placement: Placement) -> Any:
         return factory()
     from tether.runtime.loading import load_model_dir
 
-    model, tokenizer = load_model_dir(spec, **placement.from_pretrained_kwargs())
+    model, tokenizer = load_model_dir(spec, **from_pretrained_kwargs(placement))
     return (model, tokenizer) if tokenizer is not None else model
 
 

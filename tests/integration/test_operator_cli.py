@@ -17,7 +17,7 @@ from test_server_cli import READY, START_TIMEOUT, _serve  # (pytest puts this di
 
 from tether import CONFIG, LanguageModel
 from tether.client.channel import close_all
-from tether.server.placement import Placement
+from tether.placement_options import Placement
 from tether.server.registry import load_model
 
 ROOT = Path(__file__).resolve().parents[2]

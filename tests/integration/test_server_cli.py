@@ -35,7 +35,7 @@ def _lines(stream, out: queue.Queue) -> None:
 
 
 def _serve(*args: str) -> tuple[subprocess.Popen, queue.Queue]:
-    proc = subprocess.Popen([sys.executable, "-m", "tether.server.cli", "serve", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "tether", "serve", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stdout, lines), daemon=True).start()
@@ -64,7 +64,7 @@ def test_tether_serve_prints_its_port_serves_and_stops():
 
 
 def test_tether_serve_reports_a_bad_model_spec():
-    proc = subprocess.run([sys.executable, "-m", "tether.server.cli", "serve", "--model", "x=no_such_module:build"],
+    proc = subprocess.run([sys.executable, "-m", "tether", "serve", "--model", "x=no_such_module:build"],
                           capture_output=True, text=True, cwd=ROOT, timeout=START_TIMEOUT)
     assert proc.returncode == 1 and proc.stdout == ""
     assert "cannot load model x=no_such_module:build" in proc.stderr and "module:function" in proc.stderr
