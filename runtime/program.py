@@ -1,6 +1,6 @@
 """Program: a captured block as plain data, and the Executor that runs one against a model.
 
-A client turns a context into a Program (source text, where it came from, inputs, local-block spans);
+A client turns a context into a Program (source text, where it came from, inputs);
 a server worker runs it with `execute`, which drives the same Tracer/Session code a local run uses.
 `local()` blocks go to the handler the caller installs. Nothing here touches a network.
 """
@@ -15,7 +15,8 @@ from functools import lru_cache
 from typing import Any
 
 from . import ops
-from .capture import OPS_NAME, Block, _assigned_names, _find_in, _local_blocks, parse, register_source
+from .body import assigned_names, loaded_names, local_blocks
+from .capture import OPS_NAME, Block, find_in_text, parse, register_source
 from .contexts import local_handler
 from .interleaver import cancel_scope
 from .saving import SaveScope, hand_back
@@ -36,7 +37,6 @@ class Program:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     tracer_name: str = ""  # the `as` name of the block, bound to the server-side tracer or session
-    local_blocks: list[tuple[int, int]] = field(default_factory=list)  # (first, last) body lines of local()
 
 
 def program_of(context: Any, kind: str) -> Program:
@@ -51,7 +51,6 @@ def program_of(context: Any, kind: str) -> Program:
         args=tuple(getattr(context, "_args", ())),
         kwargs={**getattr(context, "_kwargs", {}), **getattr(context, "_run_kwargs", {})},
         tracer_name=target.id if isinstance(target, ast.Name) else "",
-        local_blocks=list(block.local_blocks),
     )
 
 
@@ -91,10 +90,9 @@ def _block_of_text(filename: str, text: str, first_line: int, source: str) -> Bl
         last_line=last,
         node=node,
         source=source,
-        assigned=tuple(_assigned_names(module.body)),
-        loaded=frozenset(n.id for s in module.body for n in ast.walk(s)
-                         if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)),
-        local_blocks=_local_blocks(module.body),
+        assigned=tuple(assigned_names(module.body)),
+        loaded=loaded_names(module.body),
+        local_blocks=local_blocks(module.body),
     )
 
 
@@ -134,7 +132,7 @@ def _context(model: Any, program: Program, log: Callable[..., None]) -> Any:
 
 def local_block_at(filename: str, text: str, first_line: int) -> Block:
     """The `local()` block whose body starts at `first_line` in `text` (the user's source)."""
-    return _find_in(filename, text, first_line - 1)
+    return find_in_text(filename, text, first_line - 1)
 
 
 def run_local_block(block: Block, ns: dict) -> dict[str, Any]:
