@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from tether.runtime.interleaver import JobCancelled
+from tether.runtime.errors import RunStopped
 from tether.runtime.program import execute
 from tether.v1 import jobs_pb2
 from tether.wire import CHUNK_SIZE
 
-from .errors import JobCancelledError, JobTimeout, OutOfService, QueueFull, ServerError
+from .errors import JobCancelledError, JobTimeout, OutOfService, QueueFull, ServerError, WeightsChanged
 from .failures import failure_of
 from .interrupts import Watchdog
 from .job_state import JobState
@@ -29,7 +29,7 @@ from .local_calls import LocalCaller, LocalLink
 from .program_codec import DecodedProgram
 from .registry import HostedModel
 from .results import encode_result_pieces
-from .weights import WeightsChanged, WeightWatch
+from .weights import WeightWatch
 
 __all__ = ["Limits", "JobLimits", "ModelQueue", "JobLog"]
 
@@ -275,7 +275,7 @@ class _Run:
     def _check_stop(self, module, args) -> None:
         """A forward pre-hook on the model's root: stop at the next forward (generation step) when asked."""
         if self._stop_requested():
-            raise JobCancelled("The job was stopped before this forward pass.")
+            raise RunStopped("The job was stopped before this forward pass.")
 
     def run(self) -> None:
         job, decoded = self.job, self.decoded
@@ -318,7 +318,7 @@ class _Run:
             reason = job.cancel_reason or "cancelled by the client"
             job.finish(jobs_pb2.JOB_STATE_CANCELLED, reason, code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
             return
-        if isinstance(error, JobCancelled) or (time.monotonic() > self.deadline and not isinstance(error, ServerError)):
+        if isinstance(error, RunStopped) or (time.monotonic() > self.deadline and not isinstance(error, ServerError)):
             error = self.timed_out()  # the time limit stopped it at a module boundary
         code = error.code if isinstance(error, ServerError) else None
         _log.debug("job %s failed", job.id, exc_info=error)  # the full traceback, tether's frames included
