@@ -47,6 +47,16 @@ class Block:
     item: int | None = None  # which of the with statement's items is tether's (set when first entered)
     _code: dict = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, filename: str, node: ast.With, source: str, first_line: int | None = None) -> Block:
+        """The Block of with statement `node` (its body dedented: `source`), with the names it reads and
+        assigns and its local() blocks; `first_line` defaults to the first body statement's line."""
+        body = node.body
+        return cls(filename=filename, with_line=node.lineno,
+                   first_line=body[0].lineno if first_line is None else first_line,
+                   last_line=body[-1].end_lineno or body[-1].lineno, node=node, source=source,
+                   assigned=tuple(assigned_names(body)), loaded=loaded_names(body), local_blocks=local_blocks(body))
+
     @property
     def target(self) -> ast.expr | None:
         """The `as` target of tether's item of the with statement (None without one)."""
@@ -151,19 +161,8 @@ def find_in_text(filename: str, text: str, line: int) -> Block:
         )
     first = best.body[0].lineno
     last = best.body[-1].end_lineno or best.body[-1].lineno
-    body_lines = text.splitlines(keepends=True)[first - 1 : last]
-    source = textwrap.dedent("".join(body_lines))
-    return Block(
-        filename=filename,
-        with_line=best.lineno,
-        first_line=first,
-        last_line=last,
-        node=best,
-        source=source,
-        assigned=tuple(assigned_names(best.body)),
-        loaded=loaded_names(best.body),
-        local_blocks=local_blocks(best.body),
-    )
+    source = textwrap.dedent("".join(text.splitlines(keepends=True)[first - 1 : last]))
+    return Block.of(filename, best, source)
 
 
 def bind_target(block: Block, value: object, ns: dict) -> dict:

@@ -15,7 +15,6 @@ from functools import lru_cache
 from typing import Any
 
 from . import ops
-from .body import assigned_names, loaded_names, local_blocks
 from .capture import OPS_NAME, Block, find_in_text, parse, register_source
 from .contexts import local_handler
 from .interleaver import cancel_scope
@@ -80,20 +79,9 @@ def _block_of_text(filename: str, text: str, first_line: int, source: str) -> Bl
     module = parse(text, filename)
     if not module.body:
         module.body = [ast.Pass(lineno=first_line, col_offset=0)]
-    last = module.body[-1].end_lineno or module.body[-1].lineno
     node = ast.With(items=[ast.withitem(context_expr=ast.Constant(None))], body=module.body,
                     lineno=max(first_line - 1, 1), col_offset=0)
-    return Block(
-        filename=filename,
-        with_line=node.lineno,
-        first_line=first_line,
-        last_line=last,
-        node=node,
-        source=source,
-        assigned=tuple(assigned_names(module.body)),
-        loaded=loaded_names(module.body),
-        local_blocks=local_blocks(module.body),
-    )
+    return Block.of(filename, node, source, first_line=first_line)
 
 
 def execute(model: Any, program: Program, bindings: dict, *, filename: str | None = None,
