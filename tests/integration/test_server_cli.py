@@ -42,15 +42,20 @@ def _serve(*args: str) -> tuple[subprocess.Popen, queue.Queue]:
     return proc, lines
 
 
+def _port(proc: subprocess.Popen, lines: queue.Queue) -> str:
+    """The port `tether serve` printed in its ready line (its stderr, if it stopped first)."""
+    line = lines.get(timeout=START_TIMEOUT)
+    assert line is not None, proc.stderr.read()
+    match = READY.match(line.rstrip("\n"))
+    assert match, line
+    return match.group(1)
+
+
 def test_tether_serve_prints_its_port_serves_and_stops():
     proc, lines = _serve("--model", "tiny=tiny", "--model", "net=tether.runtime.tiny:tiny_net", "--port", "0",
                          "--queue-size", "4", "--job-timeout", "30")
     try:
-        line = lines.get(timeout=START_TIMEOUT)
-        assert line is not None, proc.stderr.read()
-        match = READY.match(line.rstrip("\n"))
-        assert match, line
-        with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{_port(proc, lines)}") as channel:
             listed = models_pb2_grpc.ModelServiceStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30)
         assert [(m.name, m.architecture) for m in listed.models] == [("net", "Sequential"),
                                                                        ("tiny", "GPT2LMHeadModel")]
