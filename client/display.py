@@ -31,7 +31,15 @@ _HTML_COLORS = {"COMPLETED": "#2e7d32", "ERROR": "#c62828", "CANCELLED": "#c6282
 _TERMINAL = TERMINAL_NAMES
 _RESET, _DIM, _BOLD = "\033[0m", "\033[2m", "\033[1m"
 _REFRESH_S = 0.1  # spinner frame time, seconds
+_NOTEBOOK_REFRESH_S = 0.5  # seconds between redraws of a notebook's status line
+_ORDER = ("SUBMITTING", "RECEIVED", "QUEUED", "DISPATCHED", "RUNNING", "DOWNLOADING")  # then a terminal state
 
+
+def _rank(state: str) -> int:
+    """Where `state` comes in a job's life; the line never moves to an earlier one."""
+    if state in _TERMINAL:
+        return len(_ORDER)
+    return _ORDER.index(state) if state in _ORDER else -1
 
 def _in_notebook() -> bool:
     shell = sys.modules.get("IPython")
@@ -65,6 +73,7 @@ class StatusDisplay:
         self._start = time.monotonic()
         self._state_start = self._start
         self._progress: tuple[int, int] | None = None  # (bytes received, total) while downloading
+        self._elapsed: float | None = None  # the job's own time, from the server's events, once it ended
         self._drawn = False  # a partial line is on the terminal
         self._paused = 0
         self._handle: Any = None  # IPython DisplayHandle
@@ -74,11 +83,17 @@ class StatusDisplay:
         self._thread: threading.Thread | None = None
 
     # ---- what the runner reports -----------------------------------------------------------------
-    def update(self, job_id: str = "", state: str = "", message: str = "") -> None:
-        """A new state (or a new message in the same state); no arguments just redraws."""
+    def update(self, job_id: str = "", state: str = "", message: str = "", *, elapsed: float | None = None) -> None:
+        """A new state (or a new message in the same state); no arguments just redraws. A state earlier than
+        the one shown is ignored (events replayed by a re-attach); `elapsed`: the job's time as the server
+        measured it (shown once it ended, so a job fetched later shows how long it really took)."""
         if not self.enabled:
             return
         with self._lock:
+            if state and _rank(state) < _rank(self._state):
+                state = ""
+            if elapsed is not None:
+                self._elapsed = elapsed
             changed = bool(state) and state != self._state
             if job_id:
                 self._job_id = job_id
@@ -98,7 +113,7 @@ class StatusDisplay:
             elif changed and (self.verbose or self._state in _TERMINAL):
                 self._stream.write(self._text(color=False) + "\n")
                 self._stream.flush()
-        if self._tty and self._state not in _TERMINAL:
+        if (self._tty or self._notebook) and self._state not in _TERMINAL:
             self._start_spinner()
 
     def progress(self, received: int, total: int) -> None:
@@ -145,25 +160,33 @@ class StatusDisplay:
                 self._write_line(final=False)
 
     def close(self) -> None:
-        """Stop the spinner and end the line (idempotent)."""
+        """Stop the spinner and end the line (idempotent). Closed while an exception propagates (the server
+        refused the job, the connection failed) before the job ended, the line says it did not run."""
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=1.0)
+        error = sys.exc_info()[1]
+        if self.enabled and error is not None and (self._drawn or self._handle is not None) \
+                and self._state not in _TERMINAL:
+            reason = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed: see the error below"
+            self.update(state="ERROR", message=f"not completed ({reason})")
         with self._lock:
             if self._tty and self._drawn:
                 self._stream.write("\n")
                 self._stream.flush()
                 self._drawn = False
+            if self._notebook and self._handle is not None and self._state not in _TERMINAL:
+                self._write_html(redraw=True)  # the last line stays: without a spinner, nothing moves now
 
     # ---- drawing (caller holds _lock) ------------------------------------------------------------
     def _text(self, *, color: bool) -> str:
         now = time.monotonic()
         state = self._state or "SUBMITTING"
-        spinner = "" if state in _TERMINAL else _SPINNER[int(now / _REFRESH_S) % len(_SPINNER)] + " "
+        spinner = "" if state in _TERMINAL or self._stop.is_set() else _SPINNER[int(now / _REFRESH_S) % len(_SPINNER)] + " "
         c, r, d, b = (_COLORS.get(state, ""), _RESET, _DIM, _BOLD) if color else ("", "", "", "")
         job = f" {d}[job {self._job_id}]{r}" if self._job_id else ""
-        elapsed = now - self._start
+        elapsed = self._elapsed if self._elapsed is not None and state in _TERMINAL else now - self._start
         parts = [f"{spinner}{b}tether{r}{job} {c}{state}{r} {d}{elapsed:.1f}s{r}"]
         if self._progress is not None:
             received, total = self._progress
@@ -184,17 +207,19 @@ class StatusDisplay:
         self._stream.flush()
         self._drawn = not final
 
-    def _write_html(self) -> None:
+    def _write_html(self, *, redraw: bool = False) -> None:
+        """Show the line as HTML: a new output per state when verbose, else one output updated in place
+        (`redraw`: always in place, the ticking clock)."""
         from IPython.display import HTML, display
 
         state = self._state or "SUBMITTING"
         color = _HTML_COLORS.get(state, "#1565c0")
         text = html.escape(self._text(color=False))
-        markup = f'<pre style="margin:0;color:{color}">{text}</pre>'
-        if self._handle is None or self.verbose:
-            self._handle = display(HTML(markup), display_id=True)
+        markup = HTML(f'<pre style="margin:0;color:{color}">{text}</pre>')
+        if self._handle is None or (self.verbose and not redraw):
+            self._handle = display(markup, display_id=True)
         else:
-            self._handle.update(HTML(markup))
+            self._handle.update(markup)
 
     # ---- spinner ---------------------------------------------------------------------------------
     def _start_spinner(self) -> None:
@@ -205,11 +230,16 @@ class StatusDisplay:
         self._thread.start()
 
     def _spin(self) -> None:
-        while not self._stop.wait(_REFRESH_S):
+        """Redraw the line (the spinner and the elapsed time) until the job ends; a notebook's HTML less often."""
+        refresh = _NOTEBOOK_REFRESH_S if self._notebook else _REFRESH_S
+        while not self._stop.wait(refresh):
             with self._lock:
                 if self._state in _TERMINAL:
                     return
-                if not self._paused:
+                if self._notebook:
+                    if self._handle is not None:
+                        self._write_html(redraw=True)
+                elif not self._paused:
                     self._write_line(final=False)
 
 

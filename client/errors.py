@@ -35,8 +35,10 @@ def _hint(code: grpc.StatusCode, host: str, details: str, models: list[str] | No
         return f"The server at {host} refused to run the program: {details}"
     if code is grpc.StatusCode.UNAVAILABLE:
         return (
-            f"Cannot reach a tether server at {host} ({details}). Is `tether serve` running there? Point the "
-            "client at it with `backend='host:port'`, `tether.CONFIG.API.HOST = 'host:port'` or TETHER_HOST."
+            f"No tether server answered at {host} ({details}). Start one with `tether serve --model NAME=SPEC` "
+            "(it listens on 127.0.0.1:8765, where clients look by default), or point the client at yours with "
+            "`backend='host:port'` on the trace, `host=` on the model, `tether.CONFIG.API.HOST = 'host:port'` or "
+            "TETHER_HOST. To run here instead, drop `remote=True`."
         )
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         return f"The server at {host} is at a limit: {details}. Try again later, or ask for less."

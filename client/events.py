@@ -23,7 +23,7 @@ from .errors import from_failure
 from .outside import merge_into
 from .wire import result_buffer, split_value_map
 
-__all__ = ["DecodedResult", "JobEvents", "PendingValue", "apply_result", "decode_result", "state_name", "resolvers",
+__all__ = ["AwaitedValue", "DecodedResult", "JobEvents", "PendingValue", "apply_result", "decode_result", "state_name", "resolvers",
            "PROGRESS_MIN_BYTES", "TERMINAL"]
 
 PROGRESS_MIN_BYTES = 8 << 20  # results at least this large get a progress bar
@@ -37,8 +37,21 @@ class PendingValue(StandIn):
     def _error(self) -> Exception:
         return TetherError(
             f"`{self._name}` is not available yet: {self._why}. Run the same block again with "
-            "`backend=tracer.backend` (and remote=True) to fetch it once the job is done, or call "
-            "`tracer.backend.result()` to wait for it."
+            "`remote=True, backend=tracer.backend` to fetch it (add `blocking=True` to wait for the job), or "
+            "call `tracer.backend.result()` to wait for it."
+        )
+
+
+class AwaitedValue(PendingValue):
+    """Stands for a name of an AsyncBackend's block until the job is awaited."""
+
+    __slots__ = ()
+
+    def _error(self) -> Exception:
+        return TetherError(
+            f"`{self._name}` is not available yet: {self._why}. Run the job with `values = await backend` "
+            f"(the backend= you passed): at module or notebook level that also fills `{self._name}`; inside "
+            f"a function read it from the returned dict, `values[{self._name!r}]`."
         )
 
 
@@ -57,6 +70,8 @@ class JobEvents:
         self.result_total = -1  # its size once the first chunk said so
         self._log = log
         self._debug = debug
+        self.state_times: dict[int, float] = {}  # state -> when the server entered it (epoch seconds)
+        self.waited = False  # the job was queued behind others
 
     @property
     def done(self) -> bool:
@@ -92,10 +107,17 @@ class JobEvents:
             print(f"tether: job {self.job_id} #{event.sequence} {kind}", file=sys.stderr)
         if kind == "status":
             self.state, self.status = event.status.state, event.status
+            self.state_times.setdefault(event.status.state, event.time.ToNanoseconds() / 1e9)
+            self.waited = self.waited or event.status.queue_position > 0
             message = event.status.message
             if event.status.state == jobs_pb2.JOB_STATE_QUEUED and event.status.queue_position:
                 message = message or f"position {event.status.queue_position} in the queue"
-            self.display.update(self.job_id, state_name(event.status.state), message)
+            if self.done:
+                message = " ".join(filter(None, (self._timing(), message)))
+            self.display.update(self.job_id, state_name(event.status.state), message, elapsed=self._elapsed())
+        elif kind == "progress":
+            total = f"/{event.progress.total_steps}" if event.progress.total_steps else ""
+            self.display.update(self.job_id, message=f"step {event.progress.step}{total}")
         elif kind == "log":
             if self._log is not None:
                 self.display.pause()
@@ -108,6 +130,22 @@ class JobEvents:
         elif kind == "local_call":
             return event.local_call
         return None
+
+    def _elapsed(self) -> float | None:
+        """Seconds from the server's first event to its last, once the job ended (a fetched job's real time)."""
+        times = self.state_times
+        if not self.done or not times:
+            return None
+        return times[self.state] - min(times.values())
+
+    def _timing(self) -> str:
+        """"(queued 3.1s, ran 5.2s)" for a job that waited behind others (or long); else ""."""
+        times = self.state_times
+        start, running = min(times.values(), default=None), times.get(jobs_pb2.JOB_STATE_RUNNING)
+        if start is None or running is None:
+            return ""
+        queued, ran = running - start, times[self.state] - running
+        return f"(queued {queued:.1f}s, ran {ran:.1f}s)" if self.waited or queued >= 0.05 else ""
 
     def add_result_chunk(self, chunk: jobs_pb2.Chunk) -> None:
         """Write one chunk into the result buffer (allocated once, at its full size, by the first chunk)."""
@@ -238,7 +276,7 @@ def apply_result(job: Job, data: bytes | bytearray | memoryview, ns: dict, *,
             ns.pop(name, None)  # the server kept nothing under this name: the hand-back says NotReached
 
 
-def mark_pending(job: Job, ns: dict, why: str) -> None:
+def mark_pending(job: Job, ns: dict, why: str, kind: type[PendingValue] = PendingValue) -> None:
     """Every name the body assigns stands for a value a non-blocking job has not delivered yet."""
     for name in job.assigned:
-        ns[name] = PendingValue(name, why)
+        ns[name] = kind(name, why)

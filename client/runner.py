@@ -53,7 +53,8 @@ class RemoteBackend:
     returns at once. Passing the same backend (`backend=tracer.backend`, with remote=True) to the same
     block again fetches that job instead of submitting a new one: its result when it is done (the names
     are filled and the backend forgets the job), its status otherwise. `RemoteBackend(job_id=...)`
-    picks up a job submitted elsewhere with the same API key.
+    picks up a job submitted elsewhere with the same API key. `api_key=` is sent with its calls (default
+    CONFIG.API.APIKEY); `verbose=True` keeps each job state on its own status line.
     """
 
     def __init__(self, host: str | None = None, *, api_key: str | None = None, blocking: bool = True,
@@ -66,6 +67,9 @@ class RemoteBackend:
         self.last_job_id: str | None = None  # the most recent job, kept after it is fetched
         self.state = ""  # its last known state name
         self._job: Job | None = None  # what was submitted, to read its result without a context
+        self._block: Any = None  # the block that submitted it (a capture.Block)
+        self._fetched: bytes | bytearray | memoryview | None = None  # its result, read by result() and not
+        # yet handed to a run of that block: running the block again fills its names from this, no new job
 
     def __repr__(self) -> str:
         return f"RemoteBackend(host={resolve_host(self.host)!r}, job_id={self.job_id!r}, state={self.state!r})"
@@ -79,7 +83,11 @@ class RemoteBackend:
         display = StatusDisplay(verbose=self.verbose)
         context.backend = self
         try:
-            if self.job_id is not None:
+            if self.job_id is None and self._fetched is not None and context.block is self._block:
+                data, self._fetched = self._fetched, None  # result() read it: hand it over, submit nothing
+                apply_result(job, data, ns)
+                context.job_id = self.last_job_id
+            elif self.job_id is not None:
                 context.job_id = self.job_id
                 self._fetch(conn, metadata, job, ns, display, wait=blocking)
             elif blocking:
@@ -88,13 +96,14 @@ class RemoteBackend:
                 events = run(conn, metadata, job, ns, display, context)
                 self.last_job_id, self.state = events.job_id, state_name(events.state)
             else:
-                self._submit(conn, metadata, job, ns, display)
+                self._submit(conn, metadata, job, ns, display, context)
                 context.job_id = self.job_id
         finally:
             display.close()
 
     # ---- non-blocking ---------------------------------------------------------------------------
-    def _submit(self, conn: Connection, metadata: tuple, job: Job, ns: dict, display: StatusDisplay) -> None:
+    def _submit(self, conn: Connection, metadata: tuple, job: Job, ns: dict, display: StatusDisplay,
+                context: Any) -> None:
         if job.has_local_blocks:
             raise TetherError(
                 "This body has `local()` blocks, which run on this machine while the job runs, so it needs a "
@@ -104,7 +113,7 @@ class RemoteBackend:
         response = _unary(conn, conn.jobs.SubmitJob, request, metadata)
         self.job_id = self.last_job_id = response.job_id
         self.state = state_name(response.state)
-        self._job = job
+        self._job, self._block, self._fetched = job, getattr(context, "block", None), None
         display.update(response.job_id, self.state, "submitted; fetch with backend=tracer.backend")
         mark_pending(job, ns, f"job {response.job_id} was submitted with blocking=False and is {self.state}")
 
@@ -136,7 +145,12 @@ class RemoteBackend:
         return self.state
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for the job that is out and return its values by name (saved values, and stand-ins)."""
+        """Wait for the job that is out (at most `timeout` seconds, then TimeoutError) and return its values
+        by name (saved values, and stand-ins).
+
+        Running the block that submitted it again with `backend=` afterwards fills its names from this
+        result; it submits no second job.
+        """
         job_id = self._require_job()
         conn, metadata = self._connect(None)
         display = StatusDisplay(verbose=self.verbose)
@@ -151,10 +165,11 @@ class RemoteBackend:
             _read_result(conn, metadata, events)
         finally:
             display.close()
+        self._fetched = events.result if self._block is not None else None
         return values_of(events.result, self._job)
 
     def cancel(self, reason: str = "cancelled by the client") -> str:
-        """Cancel the job that is out; returns its state afterwards."""
+        """Cancel the job that is out, telling the server `reason`; returns its state afterwards."""
         job_id = self._require_job()
         conn, metadata = self._connect(None)
         response = _unary(conn, conn.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason),

@@ -25,8 +25,9 @@ __all__ = ["load_remote_spec", "fetch_spec", "module_from_spec", "tokenizer_from
 SPEC_TIMEOUT_S = 10.0  # seconds to wait for GetModel
 
 
-def fetch_spec(name: str, host: str | None = None, api_key: str | None = None) -> models_pb2.ModelSpec | None:
-    """The server's ModelSpec of `name`, or None when no server answers at `host` (default CONFIG.API.HOST)."""
+def fetch_spec(name: str, host: str | None = None, api_key: str | None = None) -> models_pb2.ModelSpec | str:
+    """The server's ModelSpec of `name`, or a sentence saying why there is none: no server answers at
+    `host` (default CONFIG.API.HOST), or the server there hosts other models."""
     conn = connect(host)
     metadata = auth_metadata(resolve_api_key(api_key))
     try:
@@ -35,27 +36,25 @@ def fetch_spec(name: str, host: str | None = None, api_key: str | None = None) -
     except grpc.RpcError as error:
         code = error.code()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return None
+            return f"no tether server answered at {conn.host}"
         if code is grpc.StatusCode.NOT_FOUND:
             try:
                 listed = conn.unary(conn.models.ListModels, models_pb2.ListModelsRequest(), metadata, timeout=5.0)
                 hosted = ", ".join(m.name for m in listed.models) or "none"
             except grpc.RpcError:
                 hosted = "unknown"
-            raise TetherError(
-                f"No local model named {name!r}, and the tether server at {conn.host} does not host it "
-                f"(it hosts: {hosted}). tether never downloads weights: give a local directory or a hosted name."
-            ) from None
+            return f"the tether server at {conn.host} does not host it (it hosts: {hosted})"
         raise from_rpc_error(error, conn.host) from None
     return response.spec
 
 
-def load_remote_spec(name: str) -> tuple[torch.nn.Module, Any, dict[str, str]] | None:
-    """`(meta module, tokenizer or None, the aliases the server declares)` for a model hosted at
-    CONFIG.API.HOST; None if no server answers."""
-    spec = fetch_spec(name)
-    if spec is None:
-        return None
+def load_remote_spec(name: str, host: str | None = None, api_key: str | None = None
+                     ) -> tuple[torch.nn.Module, Any, dict[str, str]] | str:
+    """`(meta module, tokenizer or None, the aliases the server declares)` for a model hosted at `host`
+    (default CONFIG.API.HOST), or why not."""
+    spec = fetch_spec(name, host, api_key)
+    if isinstance(spec, str):
+        return spec
     return module_from_spec(spec), tokenizer_from_spec(spec), {a.alias_path: a.path for a in spec.aliases}
 
 

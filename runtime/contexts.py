@@ -62,6 +62,10 @@ class Context:
         set_handled_exception(exc.__context__)
         try:
             self._run_skipped(frame, entered)
+        except BaseException as error:
+            # IPython and pytest hide a frame with __tracebackhide__; _trimmed drops the frames below this one
+            __tracebackhide__ = True  # noqa: F841
+            raise _trimmed(error) from error.__cause__
         finally:
             set_handled_exception(exc)
         return True

@@ -6,16 +6,54 @@ trace the same attributes raise a clear error. Everything else falls through to 
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any, overload
 
 import torch
 
 from . import rename
-from .errors import NotInTraceError
+from .batch_index import warn_if_batch_index
+from .errors import NotInTraceError, TetherError
 from .interleaver import Mediator, Request, current_mediator
 from .steps import AllSteps, all_steps
 
-__all__ = ["Envoy"]
+__all__ = ["Envoy", "body_without_input", "noting_sets"]
+
+_body = threading.local()  # .without_input: a trace body with no input runs now, to collect its invokes
+
+
+@contextlib.contextmanager
+def noting_sets() -> Iterator[None]:
+    """Around a model run: an exception the model raises gets a note naming the body's `.output = ...`
+    lines, since a wrongly shaped value fails deep inside the model, far from the line that set it."""
+    before = getattr(_body, "sets", None)
+    _body.sets = []
+    try:
+        yield
+    except Exception as error:
+        if _body.sets and not isinstance(error, TetherError) and hasattr(error, "add_note"):  # 3.11+
+            lines = "; ".join(f"`{path} = ...` ({shape}) at {file}, line {line}"
+                              for path, file, line, shape in _body.sets[-3:])
+            error.add_note(f"tether: the model failed after the trace set {lines}. If the value's shape or type "
+                           "differs from what the module returns, the model fails later like this: check it.")
+        raise
+    finally:
+        _body.sets = before
+
+
+@contextlib.contextmanager
+def body_without_input() -> Iterator[None]:
+    """While a trace body with no input runs (only its `tracer.invoke` blocks see the model), module
+    values read outside those blocks get an error that says so."""
+    before = getattr(_body, "without_input", False)
+    _body.without_input = True
+    try:
+        yield
+    finally:
+        _body.without_input = before
 
 
 class Envoy:
@@ -44,6 +82,12 @@ class Envoy:
             if aliased is not None:
                 return aliased
         return getattr(module, name)
+
+    @overload
+    def __getitem__(self, index: int) -> Envoy: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Envoy]: ...
 
     def __getitem__(self, index: int | slice) -> Envoy | list[Envoy]:
         module = self._module
@@ -81,10 +125,15 @@ class Envoy:
             return rename.render(self)
         return repr(self._module)
 
+    def __dir__(self) -> list[str]:
+        """Children, tether's attributes and the module's own: what tab completion offers."""
+        return sorted(set(super().__dir__()) | set(dir(self._module)))
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._module(*args, **kwargs)
 
     def modules(self) -> list[Envoy]:
+        """This Envoy and every one below it, depth first (as `torch.nn.Module.modules`)."""
         return [self] + [e for child in self._direct_children() for e in child.modules()]
 
     def _direct_children(self) -> list[Envoy]:
@@ -93,6 +142,12 @@ class Envoy:
     # ---- values --------------------------------------------------------------------------------
     def _mediator(self, what: str) -> Mediator:
         mediator = current_mediator()
+        if mediator is None and getattr(_body, "without_input", False):
+            raise NotInTraceError(
+                f"`{self._path}.{what}` was used in a trace that has no input, so the model does not run "
+                f"there: give the input to the trace (`with model.trace(x):`) or use `{self._path}.{what}` "
+                "inside `with tracer.invoke(x):` blocks."
+            )
         if mediator is None:
             raise NotInTraceError(
                 f"`{self._path}.{what}` is only available inside a tracing context "
@@ -110,12 +165,19 @@ class Envoy:
             Request(module, kind, iteration, op, value, self._path))
 
     def _set(self, kind: str, value: Any) -> None:
+        caller = sys._getframe(2)  # the body line `module.output = value` (via __setattr__)
+        sets = getattr(_body, "sets", None)
+        if sets is not None:
+            shape = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            sets.append((f"{self._path}.{kind}", caller.f_code.co_filename, caller.f_lineno, shape))
         self._request(kind, "set", value)
 
     @property
     def output(self) -> Any:
         """This module's output at the body's current iteration (a view of the invoke's rows)."""
-        return self._request("output", "get")
+        value = self._request("output", "get")
+        warn_if_batch_index(value, self._path, sys._getframe(1))
+        return value
 
     @property
     def input(self) -> Any:

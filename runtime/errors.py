@@ -17,6 +17,8 @@ class to the root). None reaches a user: each is raised and caught by tether its
 - `tether.server.interrupts.Interrupted`: raised into a worker thread stuck outside any module boundary.
 - `tether.client.remote_exceptions._Marker`: raised once per user frame to build a remote traceback.
 - `tether.client.channel._Cancelled`: a call the client cancelled, as the `grpc.RpcError` grpc would raise.
+
+Warnings are not errors: tether's subclass `UserWarning` (`tether.runtime.batch_index.BatchIndexWarning`).
 """
 
 from __future__ import annotations

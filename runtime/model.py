@@ -7,13 +7,14 @@ at plain speed. Subclasses (LanguageModel) override how inputs are prepared, bat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
 from .batching import concat_inputs, to_device
 from .envoy import Envoy
 from .interleaver import HookPlan, parents_of
+from .model_options import OWN, remote_defaults, unexpected
 from .rename import declared as declared_aliases
 from .rename import resolve as resolve_aliases
 from .session import Edit, Session
@@ -49,11 +50,20 @@ class _Caches:
 class NNsight(Envoy):
     """The root Envoy of a wrapped model: `trace`, `scan`, `session`, `edit`."""
 
-    def __init__(self, module: torch.nn.Module | str, *, rename: dict | None = None, **_: Any):
+    def __init__(self, module: torch.nn.Module | str, *, rename: dict | None = None, api_key: str | None = None,
+                 backend: Any = None, host: str | None = None, **kwargs: Any):
+        """Wrap `module`, or describe the model a server hosts under the name `module` (a remote handle).
+        `rename=` ({path or class: alias}) adds module aliases; `host=`/`backend=` ("host:port") and
+        `api_key=` set where this model's remote traces go (each trace may still pass its own); any other
+        keyword is a TypeError."""
+        if kwargs:
+            raise unexpected(type(self).__name__, list(kwargs), ("rename", *OWN))
+        defaults = remote_defaults(type(self).__name__, api_key, backend, host)
         hosted, declared = None, None
         if isinstance(module, str):  # a model a server hosts: its module tree from the server's spec
-            hosted, (module, declared) = module, _hosted_skeleton(module)
+            hosted, (module, declared) = module, _hosted_skeleton(module, defaults)
         super().__init__(module, "model")
+        object.__setattr__(self, "_remote_defaults", defaults)
         object.__setattr__(self, "_edits", [])
         object.__setattr__(self, "_caches", _Caches())
         object.__setattr__(self, "_remote_name", hosted)  # the server's name for it; kept after dispatch
@@ -67,10 +77,28 @@ class NNsight(Envoy):
             object.__setattr__(self, "_aliases", resolve_aliases(self._module, rename, declared, reserved))
 
     # ---- contexts ------------------------------------------------------------------------------
+    @overload
+    def trace(self, *inputs: Any, trace: Literal[True] = True, **kwargs: Any) -> Tracer: ...
+
+    @overload
+    def trace(self, *inputs: Any, trace: Literal[False], **kwargs: Any) -> Any: ...
+
     def trace(self, *inputs: Any, trace: bool = True, **kwargs: Any) -> Any:
         """`with model.trace(x):` — run the model once on `x` with the body's interventions.
 
-        `trace=False` just runs the model and returns its output.
+        Keywords:
+            remote: run the block on a tether server (`tether serve`) instead of here.
+            backend: where: "host:port" (implies remote), or a `tether.client.RemoteBackend` /
+                `tether.client.aio.AsyncBackend`; default the model's `host=`, else `tether.CONFIG.API.HOST`.
+            blocking: False submits the job and returns at once (see `RemoteBackend.result`).
+            api_key: the key sent to the server; default the model's `api_key=`, else `CONFIG.API.APIKEY`.
+            model_name: the server's name for the model (default: the name it was loaded by).
+            verbose: keep every job state on its own status line.
+            scan: first run the block on fake tensors, to catch shape errors without running the model.
+            validate: like scan.
+            invoker_args: keyword arguments given to every invoke's inputs.
+            trace: False just runs the model on the inputs and returns its output.
+            Other keywords go to the model's inputs (and, for a LanguageModel, to the tokenizer or run).
         """
         tracer = self._tracer("trace", inputs, kwargs)
         if trace:
@@ -83,15 +111,28 @@ class NNsight(Envoy):
         return self._run("trace", *self._batch([self._prepare(inputs, tracer._kwargs)])[:2], tracer._run_kwargs)
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
-        """`with model.scan(x):` — shapes and dtypes of module values, computed on fake tensors."""
+        """`with model.scan(x):` — shapes and dtypes of module values, computed on fake tensors.
+
+        Takes the keywords of `trace` (remote, backend, blocking, api_key...).
+        """
         return self._tracer("scan", inputs, kwargs)
 
     def session(self, *, remote: bool = False, **options: Any) -> Session:
-        """`with model.session():` — several traces in order, sharing values (one job when remote)."""
-        return Session(self, remote=remote or "backend" in options, remote_options=options)
+        """`with model.session():` — several traces in order, sharing values (one job when remote).
+
+        Keywords:
+            remote: run the whole session as one job on a tether server.
+            options: the remote keywords of `trace` (backend, blocking, api_key, model_name, verbose).
+        """
+        return Session(self, remote=remote or "backend" in options,
+                       remote_options={**self._remote_defaults, **options})
 
     def edit(self, *, inplace: bool = False) -> Edit:
-        """`with model.edit() as edited:` — interventions that persist in every later trace."""
+        """`with model.edit() as edited:` — interventions that persist in every later trace.
+
+        Keywords:
+            inplace: True edits this model itself; False (default) returns an edited copy.
+        """
         return Edit(self, inplace=inplace)
 
     def clear_edits(self) -> None:
@@ -105,7 +146,7 @@ class NNsight(Envoy):
         return Tracer(self, inputs, input_kwargs, mode=mode, scan=options.get("scan", False),
                       validate=options.get("validate", False), invoker_args=options.get("invoker_args"),
                       remote=options.get("remote", False) or "backend" in remote_options,
-                      remote_options=remote_options, run_kwargs=run_kwargs)
+                      remote_options={**self._remote_defaults, **remote_options}, run_kwargs=run_kwargs)
 
     def _with_module(self, module: torch.nn.Module) -> NNsight:
         """This wrapper over another copy of its module (a server replica): its own caches, which name modules."""
@@ -171,15 +212,16 @@ class NNsight(Envoy):
         return self._module(*args, **kwargs)
 
 
-def _hosted_skeleton(name: str) -> tuple[torch.nn.Module, dict | None]:
+def _hosted_skeleton(name: str, remote: dict) -> tuple[torch.nn.Module, dict]:
     from .errors import TetherError
     from .remote import load_spec
 
-    loaded = load_spec(name)
-    if loaded is None:
-        raise TetherError(f"NNsight({name!r}): no tether server answers at the configured host to describe it; "
-                          "wrap a torch module, or point tether.CONFIG.API.HOST at a server that hosts it.")
-    return loaded[0], loaded[2]  # the module tree and the aliases the server declares
+    loaded = load_spec(name, host=remote.get("backend"), api_key=remote.get("api_key"))
+    if isinstance(loaded, str):
+        raise TetherError(f"NNsight({name!r}) describes a model a tether server hosts, but {loaded}. Wrap a torch "
+                          "module, or point at a server that hosts it (`host='host:port'`, "
+                          "tether.CONFIG.API.HOST or TETHER_HOST).")
+    return loaded[0], loaded[2] or {}  # the module tree and the aliases the server declares
 
 
 def device_of(module: torch.nn.Module) -> torch.device:

@@ -30,19 +30,23 @@ def run_remote(context: Any, ns: dict) -> None:
     _runner(context, ns)
 
 
-_spec_loader: Callable[[str], tuple[Any, Any, Any]] | None = None
+_spec_loader: Callable[..., tuple[Any, Any, Any] | str] | None = None
 
 
-def set_spec_loader(loader: Callable[[str], tuple[Any, Any, Any]]) -> None:
-    """Install the function that builds `(meta module, tokenizer, declared aliases)` for a model only a
-    server has."""
+def set_spec_loader(loader: Callable[..., tuple[Any, Any, Any] | str]) -> None:
+    """Install `loader(name, host=, api_key=)`: `(meta module, tokenizer, declared aliases)` for a model a
+    server hosts, or a sentence saying why not (no server answered at the address, or it hosts other
+    models)."""
     global _spec_loader
     _spec_loader = loader
 
 
-def load_spec(name: str) -> tuple[Any, Any, Any] | None:
-    """A model skeleton from the configured server, or None when no backend is installed."""
-    return None if _spec_loader is None else _spec_loader(name)
+def load_spec(name: str, host: str | None = None, api_key: str | None = None) -> tuple[Any, Any, Any] | str:
+    """A model skeleton and its declared aliases from the server at `host` (default CONFIG.API.HOST), or
+    why there is none."""
+    if _spec_loader is None:
+        return "no remote backend is installed (import `tether`, not only `tether.runtime`)"
+    return _spec_loader(name, host=host, api_key=api_key)
 
 
 _OUTPUT_SOURCE = "output = model.output.save()\n"

@@ -14,7 +14,8 @@ import torch
 
 from .errors import TetherError, UnsavedValueError, ValueNotReachedError
 
-__all__ = ["SaveScope", "current_scope", "save", "SavedTensor", "StandIn", "UnsavedValue", "NotReached", "hand_back"]
+__all__ = ["SaveScope", "current_scope", "save", "SavedTensor", "StandIn", "UnsavedValue", "NotReached",
+           "MissingGradient", "hand_back"]
 
 _state = threading.local()
 _patch_lock = threading.Lock()
@@ -125,12 +126,17 @@ class StandIn:
         raise NotImplementedError
 
     def __getattr__(self, item):
+        if item.startswith("_"):  # probes by IPython, debuggers, pickle: "no such attribute", not a failure
+            raise AttributeError(item)
         raise self._error()
 
-    def __repr__(self):
-        raise self._error()
+    def __repr__(self) -> str:
+        """Readable, never raising (a notebook cell ending in one, a debugger's variable view): what the
+        name stands for, and how to get its value."""
+        return f"<{type(self).__name__} {self._name!r}: {self._error()}>"
 
-    __str__ = __repr__
+    def __str__(self):
+        raise self._error()
 
     def __bool__(self):
         raise self._error()
@@ -196,6 +202,17 @@ class NotReached(StandIn):
         )
 
 
+class MissingGradient(StandIn):
+    """Stands for a gradient the trace asked for that no backward pass computed."""
+
+    def _error(self) -> Exception:
+        return ValueNotReachedError(
+            f"`{self._name}` is a gradient that no backward pass computed: `.grad` was asked for after "
+            "`backward()` ran (or backward never ran). Ask for it first, then run backward: "
+            f"`{self._name} = h.grad.save()` on one line, `loss.backward()` on a later one."
+        )
+
+
 def _holds_activations(value: Any, depth: int = 0) -> bool:
     if type(value) in _PLAIN_TYPES:
         return False
@@ -225,6 +242,8 @@ def hand_back(ns: dict, names: tuple[str, ...], scope: SaveScope, before: dict, 
             out[name] = value
         elif scope.is_saved(value):
             out[name] = finalize_saved(value)
+            if isinstance(out[name], StandIn) and out[name]._name != name:  # say the caller's name
+                out[name] = type(out[name])(name, out[name]._why)
         elif _holds_activations(value):
             out[name] = UnsavedValue(name)
         else:

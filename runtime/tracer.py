@@ -15,6 +15,7 @@ from typing import Any
 from .barrier import Barrier
 from .capture import Block
 from .contexts import Cond, Context, LocalBlock
+from .envoy import body_without_input, noting_sets
 from .errors import TetherError
 from .interleaver import Interleaver, Mediator, current_mediator
 from .saving import save
@@ -111,6 +112,7 @@ class Tracer(Context):
         return Barrier(n)
 
     def cond(self, condition: Any) -> Cond:
+        """`with tracer.cond(condition):` — run the block only where `condition` holds."""
         return Cond(condition)
 
     def all(self) -> AllSteps:
@@ -122,12 +124,19 @@ class Tracer(Context):
         body_mediator("tracer.next()").iteration += step
 
     def local(self) -> LocalBlock:
+        """`with tracer.local():` — the same as `tether.local()`: run the block on this machine."""
         return LocalBlock()
 
     def cache(self, modules: list | None = None, device: Any = "cpu", dtype: Any = None, detach: bool = True,
               include_output: bool = True, include_inputs: bool = False, non_blocking: bool = False) -> Any:
-        """Record the values of `modules` (Envoys or paths; all modules by default) during this run, moved to
-        `device` and cast to `dtype` as they are recorded; returns a saved `CacheView` (see cache.py)."""
+        """Record the values of `modules` (Envoys or paths; all modules by default) during this run; returns a
+        saved `CacheView` (see cache.py), read by path (`cache["model.transformer.h.0"].output`) or by
+        navigation (`cache.model.transformer.h[0].output`), a list per module across generation steps.
+
+        Keywords: `device` and `dtype` move and cast each value as it is recorded (on the server, for a
+        remote run, before download); `detach` records values without their autograd graph;
+        `include_output` / `include_inputs` pick what is recorded; `non_blocking` is passed to the device
+        move."""
         from .cache import start_cache
 
         view = start_cache(self._model, body_mediator("tracer.cache()"), modules, device=device, dtype=dtype, detach=detach,
@@ -153,7 +162,8 @@ class Tracer(Context):
             invokes = [self.invoker]
         else:
             self._invokes = []
-            exec(self._block.code(), ns)
+            with body_without_input():
+                exec(self._block.code(), ns)
             invokes = self._invokes
         try:
             if not invokes or self._stopped:
@@ -191,7 +201,8 @@ class Tracer(Context):
             mediators.append(mediator)
         interleaver = Interleaver(model._module, mediators, batch_size, self._max_iterations(), cancel=self._cancel,
                                   parents=model._parents(), plan=model._hook_plan(tuple(m.code for m in mediators)))
-        self._result = interleaver.run(lambda: model._run(self._mode, args, kwargs, self._run_kwargs))
+        with noting_sets():
+            self._result = interleaver.run(lambda: model._run(self._mode, args, kwargs, self._run_kwargs))
         if self._mode == "generate":
             interleaver.serve(model._generator_key(), "output", self._result)
         interleaver.finish()

@@ -14,10 +14,26 @@ import logging
 import signal
 import sys
 import threading
+from typing import Any
 
 from tether.placement_options import add_placement_options
 
 __all__ = ["add_command", "serve_models"]
+
+
+def _size(text: str) -> int:
+    from tether.sizes import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _module_name(text: str) -> str:
+    if not all(part.isidentifier() for part in text.split(".")):
+        raise argparse.ArgumentTypeError(f"expected a module name such as json or scipy.special, got {text!r}")
+    return text
 
 
 def _positive(kind):
@@ -35,15 +51,23 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="serve models over gRPC (JobService, ModelService, AdminService)")
     add_placement_options(serve, with_model=True)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=0, help="port; 0 (default) picks a free one")
+    serve.add_argument("--port", type=int, default=None,
+                       help="port; 0 picks a free one; default: the clients' default port (that of TETHER_HOST, "
+                            "else 8765) when it is free, else a free one")
     serve.add_argument("--api-keys", metavar="FILE",
                        help="file of accepted API keys, one per line (`KEY admin` for operators); without it only "
                             "loopback clients are served")
     serve.add_argument("--queue-size", type=_positive(int), default=16, help="jobs waiting per model (default 16)")
     serve.add_argument("--job-timeout", type=_positive(float), default=600.0,
                        help="seconds a job may run (default 600)")
-    serve.add_argument("--max-result-bytes", type=_positive(int), default=1 << 30,
-                       help="largest serialized result, bytes (default 1 GiB)")
+    serve.add_argument("--max-result-bytes", type=_positive(_size), default=1 << 30, metavar="SIZE",
+                       help="largest serialized result: bytes, or with a unit (1GiB, 512MiB; default 1GiB)")
+    serve.add_argument("--allow-module", action="append", default=[], metavar="NAME", type=_module_name,
+                       help="let programs import and call module NAME too (repeatable); the default allow-list "
+                            "is torch, math, operator, collections, itertools, functools, einops, numpy, tether")
+    serve.add_argument("--log-level", default="INFO", type=str.upper,
+                       choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                       help="server log on stderr; INFO (default) logs one line per finished job")
     serve.add_argument("--result-ttl", type=_positive(float), default=600.0,
                        help="seconds a finished job's result is kept (default 600)")
     serve.add_argument("--local-call-timeout", type=_positive(float), default=60.0,
@@ -54,14 +78,34 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(run=serve_models, check=_check)
 
 
+def default_port_start(start: Any) -> Any:
+    """Listen where clients look by default (the port of CONFIG.API.HOST: TETHER_HOST, the user config file,
+    else 8765) when that port is free, else on a free one; either way say so on stderr."""
+    from tether.config import CONFIG
+
+    port = int(CONFIG.API.HOST.rpartition(":")[2] or 8765)
+    try:
+        handle = start(port=port)
+    except OSError:
+        handle = start(port=0)
+        print(f"tether: port {port}, where clients look by default, is taken; point clients at this server "
+              f"with TETHER_HOST={handle.address} or tether.CONFIG.API.HOST = '{handle.address}'",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"tether: port {port} is where clients look by default: they need no host setting",
+              file=sys.stderr, flush=True)
+    return handle
+
+
 def _check(args: argparse.Namespace) -> str | None:
     return None if args.models else "give at least one --model NAME=SPEC"
 
 
 def serve_models(args: argparse.Namespace) -> int:
     """Run `tether serve` as parsed into `args`, until SIGINT or SIGTERM; its exit status."""
-    logging.basicConfig(level=logging.INFO, format="tether: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="tether: %(message)s", stream=sys.stderr)
     from .app import start_server
+    from .policy import DEFAULT_POLICY
     from .registry import load_model
 
     models = {}
@@ -76,14 +120,15 @@ def serve_models(args: argparse.Namespace) -> int:
         except Exception as error:
             print(f"tether: cannot load model {name}={spec}: {error}", file=sys.stderr)
             return 1
+    start = functools.partial(
+        start_server, models, args.host, api_keys=args.api_keys, replicas=args.replicas,
+        sources={m.name: functools.partial(load_model, m.spec, m.placement) for m in args.models},
+        placement=args.placement, queue_size=args.queue_size, job_timeout=args.job_timeout,
+        max_result_bytes=args.max_result_bytes, result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
+        policy=DEFAULT_POLICY.with_modules(args.allow_module),
+    )
     try:
-        handle = start_server(
-            models, args.host, args.port, api_keys=args.api_keys, replicas=args.replicas,
-            sources={m.name: functools.partial(load_model, m.spec, m.placement) for m in args.models},
-            placement=args.placement,
-            queue_size=args.queue_size, job_timeout=args.job_timeout, max_result_bytes=args.max_result_bytes,
-            result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
-        )
+        handle = start(port=args.port) if args.port is not None else default_port_start(start)
     except (OSError, ValueError) as error:
         print(f"tether: cannot start the server: {error}", file=sys.stderr)
         return 1

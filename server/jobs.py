@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import logging
 import threading
 import time
 import uuid
@@ -20,12 +21,14 @@ from google.protobuf import timestamp_pb2
 
 from tether.framing import as_more_events, chunk_length, chunk_parts, result_event_prefix
 from tether.protocol import TERMINAL, state_name
+from tether.sizes import format_bytes
 from tether.v1 import failure_pb2, jobs_pb2
 
 from .errors import NotFound
 
 __all__ = ["Job", "JobStore", "ResultBytes", "TERMINAL", "state_name"]
 
+_log = logging.getLogger("tether.server")
 _ORDER = {
     jobs_pb2.JOB_STATE_RECEIVED: 1,
     jobs_pb2.JOB_STATE_QUEUED: 2,
@@ -121,6 +124,7 @@ class Job:
         self._local_calls: dict[str, list[int]] = {}  # guarded by cond: call_id -> indexes of its events
         self.link = None  # set once, before the job is queued: its LocalLink (RunJob jobs only)
         self.on_end: Callable[[Job], None] | None = None  # set once by JobStore.add: learns the expiry time
+        self.state_times: dict[int, float] = {}  # guarded by cond: state -> time.monotonic() it was entered
         self.set_state(jobs_pb2.JOB_STATE_RECEIVED, "the server accepted and checked the program")
 
     # ---- writing ------------------------------------------------------------------------------
@@ -188,6 +192,7 @@ class Job:
                 state=state, message=message, failure=failure, queue_position=queue_position
             )
             self.update_time = _now()
+            self.state_times[state] = time.monotonic()
             if state in TERMINAL:
                 self.failure_code = code
             self.event(status=self.status, notify=notify)
@@ -207,7 +212,7 @@ class Job:
                 self._events.append(
                     _ResultChunk(len(self._events) + 1, stamp, offset, min(chunk_size, len(result) - offset))
                 )
-            self.set_state(jobs_pb2.JOB_STATE_COMPLETED, f"result of {len(result)} bytes")
+            self.set_state(jobs_pb2.JOB_STATE_COMPLETED, f"result of {format_bytes(len(result))}")
             self._retain(ttl)
 
     def finish(self, state: int, message: str, *, failure: failure_pb2.Failure | None = None,
@@ -218,6 +223,19 @@ class Job:
             if changed:
                 self._retain(ttl)
             return changed
+
+    def summary(self) -> str:
+        """The job's one line in the server log: id, model, key id, final state, queue and run time."""
+        with self.cond:
+            times, state = self.state_times, self.status.state
+            start = times.get(jobs_pb2.JOB_STATE_RECEIVED, 0.0)
+            running = times.get(jobs_pb2.JOB_STATE_RUNNING)
+            end = times.get(state, time.monotonic())
+            queued = (running if running is not None else end) - start
+            ran = end - running if running is not None else 0.0
+            detail = (self.status.message.splitlines() or [""])[0][:160]
+            return (f"job {self.id} model={self.model} key={self.owner} {state_name(state)} "
+                    f"queued={queued:.2f}s ran={ran:.2f}s{' (' + detail + ')' if detail else ''}")
 
     def _retain(self, ttl: float) -> None:
         self.expire_at = time.monotonic() + ttl
@@ -416,6 +434,7 @@ class JobStore:
             return job
 
     def _job_ended(self, job: Job) -> None:
+        _log.info("%s", job.summary())
         with self._lock:
             self._ended += 1
             heapq.heappush(self._expiring, (job.expire_at, self._ended, job))

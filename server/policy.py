@@ -7,10 +7,11 @@ tether.runtime.errors only. A guard against mistakes and casual abuse, not an OS
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,15 @@ class Policy:
         | {f"register_module_{kind}" for kind in ("full_backward_pre_hook", "backward_hook")}
     )
     pickle_allow: PickleAllowList = field(default=DEFAULT_ALLOW_LIST)
+
+    def with_modules(self, names: Iterable[str]) -> Policy:
+        """This policy with `names` (top-level or dotted modules) added to allowed_modules: what
+        `tether serve --allow-module NAME` does. Denied callables and attributes stay denied."""
+        extra = frozenset(n.strip() for n in names if n.strip())
+        bad = sorted(n for n in extra if not all(p.isidentifier() for p in n.split(".")))
+        if bad:
+            raise ValueError(f"not a module name: {', '.join(bad)} (give e.g. `--allow-module json`)")
+        return dataclasses.replace(self, allowed_modules=self.allowed_modules | extra)
 
     # ------------------------------------------------------------------------------------ programs
 

@@ -6,7 +6,6 @@ Imports torch, transformers (lazily), tether.runtime and tether.v1; nothing of g
 from __future__ import annotations
 
 import collections
-import importlib
 import os
 import tempfile
 import threading
@@ -29,41 +28,12 @@ from .placement import from_pretrained_kwargs, place
 __all__ = ["HostedModel", "Registry", "load_model", "wrap"]
 
 def load_model(spec: str, placement: Placement | None = None) -> Any:
-    """The object a `--model NAME=SPEC` names: a torch module or a `(model, tokenizer)` pair, in `placement`
-    (its device, dtype or device map; a directory or a cached id loads straight into it).
+    """The object a `--model NAME=SPEC` names (see tether.runtime.loading.load_named), in `placement` (its
+    device, dtype or device map; a directory or a cached id loads straight into it)."""
+    from tether.runtime.loading import load_named
 
-    SPEC: `tiny` (runtime.tiny.tiny_gpt2), `smollm2` (packaged SmolLM2-135M), an existing local directory,
-    `module:factory` (the factory is called with no arguments), or a Hugging Face id in the local cache.
-    """
     placement = placement or Placement()
-    return place(_load(spec, placement), placement)
-
-
-def _load(spec: str, placement: Placement) -> Any:
-    if spec == "tiny":
-        from tether.runtime.tiny import tiny_gpt2
-
-        return tiny_gpt2()
-    if spec == "smollm2":
-        from tether.runtime.loading import load_smollm2
-
-        return load_smollm2()
-    if not Path(spec).expanduser().exists() and ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory: Any = importlib.import_module(module_name)
-            for part in attr.split("."):
-                factory = getattr(factory, part)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(
-                f"cannot load model factory {spec!r}: {error}. Give `module:function` with the module "
-                "importable from the server's Python path (e.g. `mypkg.models:build`)."
-            ) from error
-        return factory()
-    from tether.runtime.loading import load_model_dir
-
-    model, tokenizer = load_model_dir(spec, **from_pretrained_kwargs(placement))
-    return (model, tokenizer) if tokenizer is not None else model
+    return place(load_named(spec, **from_pretrained_kwargs(placement)), placement)
 
 
 def wrap(obj: Any) -> NNsight:

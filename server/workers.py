@@ -106,6 +106,14 @@ class _Entry:
     link: LocalLink | None
 
 
+def _queued_message(waiting: int, running: int) -> str:
+    """What a queued job waits for: the jobs running now and those queued ahead of it."""
+    ahead = waiting + running
+    if not ahead:
+        return "waiting for a free worker"
+    return f"queued behind {ahead} job{'s' if ahead != 1 else ''} ({running} running, {waiting} waiting)"
+
+
 class ModelQueue:
     """One model's bounded FIFO of jobs and its worker threads."""
 
@@ -140,7 +148,8 @@ class ModelQueue:
                 )
             self._pending.append(_Entry(job, decoded, limits, link))
             position = len(self._pending) - 1
-            job.set_state(jobs_pb2.JOB_STATE_QUEUED, f"queued behind {position} jobs", queue_position=position)
+            job.set_state(jobs_pb2.JOB_STATE_QUEUED, _queued_message(position, len(self._running)),
+                          queue_position=position + len(self._running))
             self._cond.notify()
 
     @property
@@ -172,10 +181,11 @@ class ModelQueue:
             return len(self._pending)
 
     def position(self, job: Job) -> int:
+        """Jobs ahead of `job`: those waiting before it and those running (0 once it left the queue)."""
         with self._cond:
             for i, entry in enumerate(self._pending):
                 if entry.job is job:
-                    return i
+                    return i + len(self._running)
             return 0
 
     def withdraw(self, job: Job) -> bool:
@@ -262,6 +272,7 @@ class _Run:
         self.watch = watch  # the replica's parameters, to notice a job that wrote into them
         self.watchdog = watchdog
         self.deadline = 0.0
+        self.step = 0  # forward passes of the model so far (generation steps)
 
     def timed_out(self) -> JobTimeout:
         return JobTimeout(
@@ -273,9 +284,14 @@ class _Run:
         return self.job.cancel_requested or time.monotonic() > self.deadline
 
     def _check_stop(self, module, args) -> None:
-        """A forward pre-hook on the model's root: stop at the next forward (generation step) when asked."""
+        """A forward pre-hook on the model's root: stop at the next forward (generation step) when asked,
+        else report the step to the client (generation only: "step k/N")."""
         if self._stop_requested():
             raise RunStopped("The job was stopped before this forward pass.")
+        if self.decoded.program.kind == "generate":
+            self.step += 1
+            total = self.decoded.program.kwargs.get("max_new_tokens", 20)
+            self.job.event(progress=jobs_pb2.Progress(step=self.step, total_steps=total if isinstance(total, int) else 0))
 
     def run(self) -> None:
         job, decoded = self.job, self.decoded

@@ -67,10 +67,10 @@ def _run_remote(context, ns):
     return run_remote(context, ns)
 
 
-def _load_remote_spec(name):
+def _load_remote_spec(name, host=None, api_key=None):
     from tether.client.spec import load_remote_spec
 
-    return load_remote_spec(name)
+    return load_remote_spec(name, host=host, api_key=api_key)
 
 
 set_runner(_run_remote)

@@ -123,3 +123,15 @@ def test_load_model_dir_errors_are_actionable(tmp_path):
     (tmp_path / "w.gguf").write_bytes(b"GGUF")
     with pytest.raises(NotADirectoryError, match="gguf_file='w.gguf'"):
         loading.load_model_dir(tmp_path / "w.gguf")
+
+
+def test_the_first_smollm2_load_says_it_converts_once_and_where_it_caches(monkeypatch, tmp_path, capsys):
+    source = tmp_path / "package" / "smollm2.gguf"
+    source.parent.mkdir()
+    source.write_bytes(b"GGUF")  # not a model: the conversion fails right after announcing itself
+    monkeypatch.setattr(loading, "smollm2_gguf_path", lambda: source)
+    cache = tmp_path / "cache" / "smollm2-135m-instruct"
+    with pytest.raises(Exception):  # noqa: B017 (whatever transformers raises for a bogus GGUF)
+        loading.load_smollm2(cache)
+    err = capsys.readouterr().err
+    assert "converting SmolLM2 from smollm2.gguf once" in err and str(cache) in err and "TETHER_CACHE" in err

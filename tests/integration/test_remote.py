@@ -51,7 +51,7 @@ def test_language_model_from_the_server_spec_alone(rllm, llm, server):
 
 def test_unknown_local_name_without_a_server_says_so(monkeypatch):
     monkeypatch.setattr(CONFIG.API, "_host", "127.0.0.1:1")  # nothing listens on port 1
-    with pytest.raises(tether.TetherError, match="No local model named 'nowhere'"):
+    with pytest.raises(tether.TetherError, match="No model named 'nowhere' here.*127.0.0.1:1"):
         LanguageModel("nowhere")
 
 

@@ -121,7 +121,7 @@ class CancelRequest(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "sequence", "time", "status", "log", "result", "local_call")
+    __slots__ = ("job_id", "sequence", "time", "status", "log", "result", "local_call", "progress")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class JobEvent(_message.Message):
     LOG_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     LOCAL_CALL_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     sequence: int
     time: _timestamp_pb2.Timestamp
@@ -136,7 +137,16 @@ class JobEvent(_message.Message):
     log: LogLine
     result: Chunk
     local_call: LocalCall
-    def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[JobStatus, _Mapping]] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ..., result: _Optional[_Union[Chunk, _Mapping]] = ..., local_call: _Optional[_Union[LocalCall, _Mapping]] = ...) -> None: ...
+    progress: Progress
+    def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[JobStatus, _Mapping]] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ..., result: _Optional[_Union[Chunk, _Mapping]] = ..., local_call: _Optional[_Union[LocalCall, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("step", "total_steps")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ...) -> None: ...
 
 class RunJobRequest(_message.Message):
     __slots__ = ("job", "local_result", "cancel")
