@@ -72,3 +72,20 @@ def test_every_package_is_walked():
     assert {package for _, package, _ in MODULES} == set(PACKAGES.values())
     assert set(FACADE_MAY_IMPORT) <= {name for name, _, _ in MODULES}
     assert len(MODULES) > 40
+
+
+def _package_of(module: str) -> str:
+    """The package (of PACKAGES' values) a `tether...` module belongs to."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and ".".join(parts[:2]) in PACKAGES.values() else "tether"
+
+
+@pytest.mark.parametrize("name,package,path", MODULES, ids=[m[0] for m in MODULES])
+def test_no_private_name_is_imported_from_another_package(name, package, path):
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("tether."):
+            if _package_of(node.module) != package:
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}"
+                        for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, "\n".join(bad)
