@@ -104,14 +104,14 @@ STEPS = [
     ("server: JobService._start (decode the program, queue the job)", "tether.server.service", "JobService._start"),
     ("server:   decode_program", "tether.server.service", "decode_program"),
     ("server: Job.set_state (each publishes a status event)", "tether.server.jobs", "Job.set_state"),
-    ("server: _Run.run (the job on its worker)", "tether.server.workers", "_Run.run"),
-    ("server:   execute (runtime.program: the program, forward included)", "tether.server.workers", "execute"),
+    ("server: JobRun.run (the job on its worker)", "tether.server.worker_main", "JobRun.run"),
+    ("server:   execute (runtime.program: the program, forward included)", "tether.server.worker_main", "execute"),
     ("server:     block_of (parse the received body)", "tether.runtime.program", "block_of"),
     ("server:     _context (model.trace(...): tokenize, build the tracer)", "tether.runtime.program", "_context"),
     ("both:       Block.code (deepcopy + compile of the body)", "tether.runtime.capture", "Block.code"),
     ("both:       GPT2LMHeadModel.forward (hooks and interventions included)",
      "transformers.models.gpt2.modeling_gpt2", "GPT2LMHeadModel.forward"),
-    ("server:   encode_result", "tether.server.workers", "encode_result"),
+    ("server:   encode_result", "tether.server.worker_main", "encode_result_pieces"),
     ("server:   Job.complete (store the result, publish its chunks)", "tether.server.jobs", "Job.complete"),
 ]
 

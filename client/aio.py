@@ -10,6 +10,7 @@ while the job queues and runs. local() blocks run in the loop's thread when the 
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import Any
 
@@ -19,13 +20,13 @@ from tether.runtime.cpython import is_tether_frame
 from tether.runtime.errors import RemoteError, TetherError
 from tether.v1 import jobs_pb2, jobs_pb2_grpc
 
-from .channel import auth_metadata, channel_options, resolve_api_key, resolve_host
+from .channel import CONNECT_WAIT_S, auth_metadata, channel_options, resolve_api_key, resolve_host
 from .display import StatusDisplay
 from .encode import Job, build_job
 from .errors import from_rpc_error
 from .events import AwaitedValue, JobEvents, mark_pending, state_name
 from .local import LocalCalls
-from .runner import RemoteBackend, _debug, _logger, values_of
+from .runner import RemoteBackend, _debug, _logger, for_job, values_of
 from .wire import split_value_map
 
 __all__ = ["AsyncBackend", "fetch"]
@@ -74,6 +75,7 @@ class AsyncBackend:
         metadata = auth_metadata(resolve_api_key(self.api_key))
         try:
             async with grpc.aio.insecure_channel(host, options=channel_options()) as channel:
+                await _connected(channel)
                 stub = jobs_pb2_grpc.JobServiceStub(channel)
                 call = stub.RunJob(metadata=metadata)
                 try:
@@ -93,7 +95,7 @@ class AsyncBackend:
                     events.raise_if_failed()
                     await _read_result(stub, metadata, events)
                 except grpc.RpcError as error:
-                    raise from_rpc_error(error, host) from None
+                    raise for_job(from_rpc_error(error, host), self.job_id) from None
         finally:
             display.close()
         self.state = state_name(events.state)
@@ -130,6 +132,7 @@ async def fetch(job: str | RemoteBackend, *, host: str | None = None, api_key: s
     events = JobEvents(display, job_id=job_id, log=_logger(), debug=_debug())
     try:
         async with grpc.aio.insecure_channel(host, options=channel_options()) as channel:
+            await _connected(channel)
             stub = jobs_pb2_grpc.JobServiceStub(channel)
             try:
                 await _watch(stub, metadata, events, timeout=timeout)
@@ -138,7 +141,7 @@ async def fetch(job: str | RemoteBackend, *, host: str | None = None, api_key: s
                 events.raise_if_failed()
                 await _read_result(stub, metadata, events)
             except grpc.RpcError as error:
-                raise from_rpc_error(error, host) from None
+                raise for_job(from_rpc_error(error, host), job_id) from None
     finally:
         display.close()
     if backend is not None and backend.job_id == job_id:
@@ -155,6 +158,15 @@ def _module_namespace() -> dict | None:
     if frame is None or frame.f_locals is not frame.f_globals:
         return None
     return frame.f_globals
+
+
+async def _connected(channel: grpc.aio.Channel) -> None:
+    """Wait up to CONNECT_WAIT_S for the channel: a server being restarted is waited for, an unreachable one
+    fails the call that follows."""
+    try:
+        await asyncio.wait_for(channel.channel_ready(), CONNECT_WAIT_S)
+    except asyncio.TimeoutError:
+        pass
 
 
 async def _watch(stub: Any, metadata: tuple, events: JobEvents, *, timeout: float | None = None) -> None:

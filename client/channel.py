@@ -29,6 +29,9 @@ __all__ = ["Connection", "Stream", "connect", "resolve_host", "resolve_api_key",
 KEEPALIVE_MS = 300_000  # ping a silent connection every 5 min (the gRPC server default minimum interval)
 KEEPALIVE_TIMEOUT_MS = 20_000  # a ping unanswered this long means the server is gone
 UNARY_TIMEOUT_S = 30.0  # default deadline of unary calls, seconds
+CONNECT_WAIT_S = 10.0  # seconds a streaming call (no deadline of its own) waits for an unreachable server
+RECONNECT_BACKOFF_MS = (100, 500)  # first and longest wait between reconnect attempts: a restarted server is
+# used again within about half a second of coming back (gRPC's defaults grow to 120 s)
 
 
 def channel_options() -> list[tuple[str, Any]]:
@@ -38,6 +41,9 @@ def channel_options() -> list[tuple[str, Any]]:
         ("grpc.keepalive_time_ms", KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
     ]
 
 
@@ -235,6 +241,8 @@ class Connection:
         self._lock = threading.Lock()
         self._pending: dict[Any, str] = {}  # guarded by _lock: call -> why it was cancelled ("" while live)
         self._pending_changed = threading.Condition(self._lock)  # notified when _pending gains or loses a call
+        self._ready = False  # written by the loop thread (_watch_state): whether the channel is READY
+        self._was_ready = False  # written by the loop thread (_watch_state): whether it ever was (a server is there)
         self._watcher = self.loop.submit(self._watch_state())
 
     def _raw_result_methods(self) -> None:
@@ -258,16 +266,33 @@ class Connection:
         async def call() -> Any:
             return await method(request, metadata=metadata, timeout=timeout)
 
+        self.wait_ready(CONNECT_WAIT_S if timeout is None else min(timeout, CONNECT_WAIT_S))
         return self.loop.call(call())
+
+    def wait_ready(self, timeout: float = CONNECT_WAIT_S) -> None:
+        """Before a call: if the server this channel reached is not connected now (it is restarting), wait for
+        it at most `timeout`; a call that follows fails as before if it is still away. A channel that never
+        connected (no server at that address) does not wait: its first call says so at once."""
+        if self._ready or not self._was_ready or threading.get_ident() == self.loop.ident:
+            return
+
+        async def ready() -> None:
+            try:
+                await asyncio.wait_for(self.channel.channel_ready(), timeout)
+            except (asyncio.TimeoutError, RuntimeError):
+                pass
+
+        self.loop.call(ready())
 
     def stream(self, method: Any, request: Any = None, *, metadata: tuple = (), timeout: float | None = None,
                on_response: Callable[[Any], Any] | None = None, first: Any = None) -> Stream:
         """Start a streaming call: server streaming with `request`, bidirectional without (`first`: its
-        first message, written as the call starts).
+        first message, written as the call starts), once the channel is connected (see wait_ready).
 
         `on_response(response)`, if given, runs on the loop thread as each response arrives and returns
         what to hand to the reader (None: nothing), so routine events cost no thread switch.
         """
+        self.wait_ready(CONNECT_WAIT_S if timeout is None else min(timeout, CONNECT_WAIT_S))
         return Stream(self, method, request, metadata, timeout, on_response, first)
 
     @contextmanager
@@ -324,6 +349,8 @@ class Connection:
         state = self.channel.get_state(try_to_connect=False)
         try:
             while True:
+                self._ready = state is grpc.ChannelConnectivity.READY
+                self._was_ready = self._was_ready or self._ready
                 await self.channel.wait_for_state_change(state)
                 new = self.channel.get_state(try_to_connect=False)
                 if state is grpc.ChannelConnectivity.READY and new is not grpc.ChannelConnectivity.READY:

@@ -124,7 +124,8 @@ class RemoteBackend:
         if wait:
             _follow(conn, metadata, events)
         else:
-            info = _unary(conn, conn.jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id), metadata).job
+            info = _unary(conn, conn.jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id), metadata,
+                          job_id=job_id).job
             events.state, events.status = info.status.state, info.status
             display.update(job_id, state_name(info.status.state), info.status.message)
         self.state = state_name(events.state)
@@ -140,7 +141,7 @@ class RemoteBackend:
         """The state of the job that is out (QUEUED, RUNNING, COMPLETED...), asked of the server now."""
         job_id = self._require_job()
         conn, metadata = self._connect(None)
-        info = _unary(conn, conn.jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id), metadata).job
+        info = _unary(conn, conn.jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id), metadata, job_id=job_id).job
         self.state = state_name(info.status.state)
         return self.state
 
@@ -173,7 +174,7 @@ class RemoteBackend:
         job_id = self._require_job()
         conn, metadata = self._connect(None)
         response = _unary(conn, conn.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason),
-                          metadata)
+                          metadata, job_id=job_id)
         self.state = state_name(response.state)
         return self.state
 
@@ -223,12 +224,24 @@ def _error(conn: Connection, metadata: tuple, error: grpc.RpcError) -> RemoteErr
     return from_rpc_error(error, conn.host, models=models)
 
 
-def _unary(conn: Connection, method: Any, request: Any, metadata: tuple, wait: float = 0.0) -> Any:
-    """A unary call with UNARY_TIMEOUT_S (plus `wait` seconds) to answer; its failure as a RemoteError."""
+def _unary(conn: Connection, method: Any, request: Any, metadata: tuple, wait: float = 0.0,
+           job_id: str | None = None) -> Any:
+    """A unary call with UNARY_TIMEOUT_S (plus `wait` seconds) to answer; its failure as a RemoteError (naming
+    `job_id`, the job the call is about, if any)."""
     try:
         return conn.unary(method, request, metadata, timeout=UNARY_TIMEOUT_S + wait)
     except grpc.RpcError as error:
-        raise _error(conn, metadata, error) from None
+        raise for_job(_error(conn, metadata, error), job_id) from None
+
+
+def for_job(error: RemoteError, job_id: str | None) -> RemoteError:
+    """An error after the server accepted a job names the job and how to re-attach to it."""
+    if not job_id or "RemoteBackend(job_id=" in str(error):
+        return error
+    return RemoteError(
+        f"{error}\n(Job {job_id} was accepted by the server; while the server keeps it, re-attach with "
+        f"tether.client.RemoteBackend(job_id={job_id!r}) or `await tether.client.aio.fetch({job_id!r})`.)",
+        remote_type=error.remote_type, remote_traceback=error.remote_traceback, code=error.code)
 
 
 def _submit_and_wait(conn: Connection, metadata: tuple, job: Job, ns: dict, display: StatusDisplay,
@@ -319,7 +332,7 @@ def _run_job(conn: Connection, metadata: tuple, job: Job, ns: dict, display: Sta
                         call.send(message)
     except grpc.RpcError as error:
         if not events.job_id or error.code() not in _DROPPED:
-            raise _error(conn, metadata, error) from None
+            raise for_job(_error(conn, metadata, error), events.job_id) from None
         # the stream dropped after the job started: the job runs on, so pick up its events where we stopped
     except KeyboardInterrupt:
         call.send(jobs_pb2.RunJobRequest(cancel=jobs_pb2.CancelRequest(reason="interrupted by the user")))
@@ -364,7 +377,7 @@ def _follow(conn: Connection, metadata: tuple, events: JobEvents, *, timeout: fl
                 f"tether.client.RemoteBackend(job_id={events.job_id!r}).",
                 code=error.code().name,
             ) from None
-        raise _error(conn, metadata, error) from None
+        raise for_job(_error(conn, metadata, error), events.job_id) from None
 
 
 def _read_result(conn: Connection, metadata: tuple, events: JobEvents) -> None:
@@ -379,7 +392,7 @@ def _read_result(conn: Connection, metadata: tuple, events: JobEvents) -> None:
             for _ in call:
                 pass
     except grpc.RpcError as error:
-        raise _error(conn, metadata, error) from None
+        raise for_job(_error(conn, metadata, error), events.job_id) from None
     if not events.result_complete:
         raise RemoteError(f"job {events.job_id}: the result ended after {events.received} bytes "
                           f"of {events.result_total}.")

@@ -14,9 +14,9 @@ import linecache
 import textwrap
 import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
 from types import CodeType, FrameType
 
+from ..caching import bytes_lru_cache
 from .body import assigned_names, loaded_names, local_blocks
 from .cpython import SkipBody, entered_with_item, restore_trace, skip_body
 from .errors import SourceUnavailableError
@@ -139,13 +139,13 @@ def compile_source(source, filename: str, mode: str = "exec") -> CodeType:
         return compile(source, filename, mode)
 
 
-@lru_cache(maxsize=256)
+@bytes_lru_cache()
 def _parse(text: str, filename: str) -> ast.Module:
     with _compile_lock:
         return ast.parse(text, filename)
 
 
-@lru_cache(maxsize=1024)
+@bytes_lru_cache()
 def find_in_text(filename: str, text: str, line: int) -> Block:
     """The innermost `with` block of `text` whose `with` line range holds `line` (cached by value)."""
     tree = _parse(text, filename)

@@ -11,9 +11,9 @@ import ast
 import builtins
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
+from ..caching import bytes_lru_cache
 from . import ops
 from .capture import OPS_NAME, Block, find_in_text, parse, register_source
 from .contexts import local_handler
@@ -74,7 +74,7 @@ def block_of(program: Program, filename: str | None = None) -> Block:
     return _block_of_text(filename, text, program.first_line, program.source)
 
 
-@lru_cache(maxsize=256)
+@bytes_lru_cache()
 def _block_of_text(filename: str, text: str, first_line: int, source: str) -> Block:
     module = parse(text, filename)
     if not module.body:

@@ -7,6 +7,7 @@ both use it. Imports grpc, grpcio-health-checking, grpcio-reflection and the ser
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from typing import Any
@@ -17,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tether.placement_options import Placement
 from tether.protocol import MAX_MESSAGE_BYTES
-from tether.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, models_pb2, models_pb2_grpc
+from tether.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, models_pb2
 
 from .admin import AdminService
 from .auth import Authenticator, read_keys
@@ -25,7 +26,7 @@ from .deployments import DEFAULT_LOADING_WAIT, ModelTable
 from .jobs import JobStore
 from .policy import DEFAULT_POLICY, Policy
 from .registry import Registry
-from .service import Hub, JobService, ModelService, add_job_service
+from .service import Hub, JobService, ModelService, add_job_service, add_model_service
 from .workers import Limits
 
 __all__ = ["ServerHandle", "start_server", "MAX_MESSAGE_BYTES"]
@@ -63,6 +64,17 @@ class ServerHandle:
         self._job_service.close()
         for queue in list(self.hub.queues.values()):
             queue.join(timeout=grace)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until every replica's worker process is ready (or `timeout`); True if they all are. Jobs need
+        not wait for this (they queue), but the first worker of a process starts its forkserver (seconds)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for queue in self.hub.queues.values():
+            for replica in queue.replicas:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if replica.worker_pid(left) is None:
+                    return False
+        return True
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or `timeout`); True if it stopped."""
@@ -117,7 +129,7 @@ def start_server(
         auth=Authenticator(api_keys, admin_keys or ()),
     )
     hub.models = ModelTable(registry, hub.queues, server_limits, replicas=replicas, loading_wait=loading_wait,
-                            placement=placement)
+                            placement=placement, policy=policy)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=rpc_threads, thread_name_prefix="tether-rpc"),
         options=[
@@ -128,7 +140,7 @@ def start_server(
     )
     job_service = JobService(hub, max_streams=rpc_threads)
     add_job_service(job_service, server)  # the streaming RPCs send pre-serialized responses
-    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(hub), server)
+    add_model_service(ModelService(hub), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(hub), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

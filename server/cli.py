@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -72,6 +73,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                        help="seconds a finished job's result is kept (default 600)")
     serve.add_argument("--local-call-timeout", type=_positive(float), default=60.0,
                        help="seconds to wait for a client's answer to a local() block (default 60)")
+    serve.add_argument("--max-program-bytes", type=_positive(_size), default=1 << 20,
+                       help="largest program a job may send (its source and shipped functions), bytes (default 1 MiB)")
+    serve.add_argument("--job-memory", type=_size, default=None, metavar="BYTES",
+                       help="memory one job may allocate in its worker (e.g. 4GiB); past it the job fails with "
+                            "RESOURCE_EXHAUSTED and its worker restarts (default: half the machine's memory, "
+                            "at most 8 GiB)")
     serve.add_argument("--replicas", type=_positive(int), default=1,
                        help="workers per model, each with its own copy of the model in memory and running one "
                             "job at a time (default 1)")
@@ -95,6 +102,15 @@ def default_port_start(start: Any) -> Any:
         print(f"tether: port {port} is where clients look by default: they need no host setting",
               file=sys.stderr, flush=True)
     return handle
+
+
+def _ready_stream():
+    """Standard output for the ready line only: file descriptor 1 becomes stderr, so worker processes (which
+    inherit it) never write to stdout nor keep it open after the server exits."""
+    sys.stdout.flush()
+    ready = os.fdopen(os.dup(1), "w")  # not inheritable: only this process holds the real stdout
+    os.dup2(2, 1)
+    return ready
 
 
 def _check(args: argparse.Namespace) -> str | None:
@@ -125,8 +141,10 @@ def serve_models(args: argparse.Namespace) -> int:
         sources={m.name: functools.partial(load_model, m.spec, m.placement) for m in args.models},
         placement=args.placement, queue_size=args.queue_size, job_timeout=args.job_timeout,
         max_result_bytes=args.max_result_bytes, result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
-        policy=DEFAULT_POLICY.with_modules(args.allow_module),
+        policy=DEFAULT_POLICY.with_modules(args.allow_module), max_program_bytes=args.max_program_bytes,
+        **({"job_memory": args.job_memory} if args.job_memory else {}),
     )
+    ready = _ready_stream()
     try:
         handle = start(port=args.port) if args.port is not None else default_port_start(start)
     except (OSError, ValueError) as error:
@@ -135,7 +153,7 @@ def serve_models(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    print(f"tether: serving on {handle.address}", flush=True)
+    print(f"tether: serving on {handle.address}", file=ready, flush=True)
     if args.api_keys is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print("tether: no --api-keys: only clients on this machine are accepted", file=sys.stderr, flush=True)
     stop.wait()

@@ -19,7 +19,9 @@ from tether.v1 import models_pb2
 from tether.values import to_value
 
 from .errors import ModelExists, ModelLoading, NotFound, OutOfService, ServerError
+from .policy import DEFAULT_POLICY, Policy
 from .registry import HostedModel, Registry
+from .supervisor import payload_of, preload_for
 from .workers import Limits, ModelQueue
 
 __all__ = ["Deployment", "ModelTable", "LOADING", "READY", "FAILED", "DEFAULT_LOADING_WAIT"]
@@ -49,8 +51,9 @@ class ModelTable:
     job asks for, waiting a bounded time for a model that is still loading."""
 
     def __init__(self, registry: Registry, queues: dict[str, ModelQueue], limits: Limits, *, replicas: int = 1,
-                 loading_wait: float = DEFAULT_LOADING_WAIT, placement: Placement | None = None):
-        self._registry, self._queues, self._limits = registry, queues, limits
+                 loading_wait: float = DEFAULT_LOADING_WAIT, placement: Placement | None = None,
+                 policy: Policy = DEFAULT_POLICY):
+        self._registry, self._queues, self._limits, self._policy = registry, queues, limits, policy
         self.default_replicas, self.loading_wait = replicas, loading_wait
         self.default_placement = placement or Placement()  # what a deploy leaves unset (read-only)
         self._cond = threading.Condition()
@@ -60,6 +63,7 @@ class ModelTable:
     # ---- adding -----------------------------------------------------------------------------
     def start_hosted(self, *, replicas: int | None = None) -> None:
         """Start the queues of the models the registry was built with (READY at once)."""
+        preload_for([payload_of(hosted.model) for hosted in self._registry])  # before the first worker starts
         for hosted in self._registry:
             deployment = Deployment(hosted.name, type(hosted.module).__name__, replicas or self.default_replicas,
                                     Placement())
@@ -100,7 +104,7 @@ class ModelTable:
 
     def _ready(self, deployment: Deployment, hosted: HostedModel) -> None:
         """Start the model's replicas and publish it (unless it was evicted or the server closed meanwhile)."""
-        queue = ModelQueue(hosted, self._limits, replicas=deployment.replicas)
+        queue = ModelQueue(hosted, self._limits, replicas=deployment.replicas, policy=self._policy)
         with self._cond:
             current = self._deployments.get(deployment.name) is deployment and not self._closed
             if current:

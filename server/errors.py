@@ -27,6 +27,8 @@ __all__ = [
     "OutOfService",
     "WeightsChanged",
     "PolicyViolation",
+    "WorkerCrashed",
+    "JobMemoryExceeded",
 ]
 
 
@@ -138,3 +140,15 @@ class PolicyViolation(TetherError, ValueError):
         where = f"{filename}, line {line}" if filename else f"line {line}"
         super().__init__(f"{where}: {message}")
         self.message, self.line, self.filename = message, line, filename
+
+
+class WorkerCrashed(ServerError):
+    """The worker process running a job died (a crash, or killed because the job would not stop)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class JobMemoryExceeded(ServerError):
+    """A job allocated more memory than the server's per-job limit; its worker was restarted."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -1,7 +1,8 @@
 """The worker side of `local()` blocks: send a LocalCall up the job's RunJob stream, wait for the LocalResult.
 
-`LocalLink` is the job's client end (answers arrive there from the stream's reader thread); `LocalCaller`
-is the handler the Executor calls at each block. Calls are strictly sequential: one open call per job.
+`LocalLink` is the job's client end in the front door (answers arrive there from the stream's reader thread);
+`LocalCaller` is the handler the Executor calls at each block, in the worker, through a link with LocalLink's
+`call` (worker_main.WorkerLink relays it over the worker protocol). Calls are strictly sequential: one open call per job.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class LocalLink:
                     job.cond.wait(left)
             finally:
                 self._open, self._parts = None, []
+                job.forget_payload(call_id)  # answered or not, the log need not keep the values
 
 
 def _complete(parts: list[jobs_pb2.Chunk]) -> bool:
@@ -132,9 +134,9 @@ def is_data(value: Any, depth: int = 0) -> bool:
 class LocalCaller:
     """The Executor's handler for `local()` blocks in one job: `(block, ns) -> names the client assigned`."""
 
-    def __init__(self, job: Job, link: LocalLink | None, decoded: DecodedProgram, *, deadline: float,
-                 local_timeout: float, timed_out: Callable[[], BaseException]):
-        self._job, self._link, self._decoded = job, link, decoded
+    def __init__(self, link, decoded: DecodedProgram, *, deadline: float = 0.0, local_timeout: float = 0.0,
+                 timed_out: Callable[[], BaseException] | None = None):
+        self._link, self._decoded = link, decoded
         self._deadline, self._local_timeout, self._timed_out = deadline, local_timeout, timed_out
         self._calls = 0  # only the worker thread running the job touches this
 
@@ -150,11 +152,8 @@ class LocalCaller:
         codec = self._decoded.codec
         payload = encode_value_map(reads, default=codec.model_reference)  # pieces: tensors are views
         call_id = str(self._calls)
-        try:
-            answer = self._link.call(call_id, site.block_id, payload, self._deadline, self._local_timeout,
-                                     self._timed_out)
-        finally:  # answered or not, the log need not keep the values
-            self._job.forget_payload(call_id)
+        answer = self._link.call(call_id, site.block_id, payload, self._deadline, self._local_timeout,
+                                 self._timed_out)
         values = codec.decode_answer(answer)
         device = _gpu_of(reads)  # as in a local run on that GPU, what the block computed from it lands there
         return to_device(values, device) if device is not None else values

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import ast
 import builtins
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tether.caching import bytes_lru_cache
 from tether.protocol import CLIENT_MODULE, PROGRAM_KIND_NAMES
 from tether.runtime import ops
 from tether.runtime.body import assigned_names, body_span, loaded_names, local_withs
@@ -346,7 +346,7 @@ def _edit(edit: program_pb2.Edit, policy: Policy, codec: ValueCodec, decoded: De
     return _Edit(Program(kind="trace", source=source, filename=filename, first_line=first_line), name, namespace)
 
 
-@functools.lru_cache(maxsize=512)
+@bytes_lru_cache()
 def _defined_name(source: str) -> str | None:
     """The name a shipped source's one `def`/`class` statement binds; None if it is not exactly one."""
     body = parse(source).body
@@ -376,7 +376,7 @@ def _cut_local_blocks(source: str, filename: str, first_line: int,
     return cut, dict(sites)
 
 
-@functools.lru_cache(maxsize=512)
+@bytes_lru_cache()
 def _cut_cached(source: str, filename: str, first_line: int,
                 ids_items: tuple[tuple[int, str], ...]) -> tuple[str, tuple[tuple[int, LocalSite], ...]]:
     ids = dict(ids_items)  # cached by value: the same program sent again is cut once
@@ -422,7 +422,7 @@ def _check(policy: Policy, source: str, filename: str, first_line: int,
     return _check_cached(policy, source, filename, first_line, bound)
 
 
-@functools.lru_cache(maxsize=512)  # a client sending the same program again is checked once
+@bytes_lru_cache()  # a client sending the same program again is checked once
 def _check_cached(policy: Policy, source: str, filename: str, first_line: int,
                   bound: frozenset[tuple[str, str | None]]) -> frozenset[str]:
     tree = _parse(source, filename, first_line)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
@@ -55,6 +56,8 @@ def wrap(obj: Any) -> NNsight:
 
 
 def _is_causal_lm(module: torch.nn.Module) -> bool:
+    if "transformers" not in sys.modules:  # a Hugging Face model's class imported it (importing it costs seconds)
+        return False
     try:
         from transformers import GenerationMixin, PreTrainedModel
     except ImportError:

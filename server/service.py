@@ -23,6 +23,7 @@ from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from .auth import Authenticator
 from .errors import InvalidProgram, ServerError
 from .jobs import STATUS_LINGER, TERMINAL, Job, JobStore, state_name
+from .limits import Undecodable, check_program, deserializer
 from .local_calls import NO_STREAM, LocalLink
 from .policy import Policy
 from .program_codec import decode_program
@@ -32,7 +33,8 @@ from .workers import JobLimits, Limits, ModelQueue, seconds
 if TYPE_CHECKING:
     from .deployments import ModelTable
 
-__all__ = ["Hub", "JobService", "ModelService", "add_job_service", "cancel_job", "unary", "CANCEL_WAIT"]
+__all__ = ["Hub", "JobService", "ModelService", "add_job_service", "add_model_service", "cancel_job", "unary",
+           "CANCEL_WAIT"]
 
 _log = logging.getLogger("tether.server")
 CANCEL_WAIT = 10.0  # seconds CancelJob waits for a running job to stop before answering with its state
@@ -69,13 +71,17 @@ def _status(context: grpc.ServicerContext):
 
 def unary(identify: str = "identify"):
     """A unary RPC method `(self, request, context, owner)`: authenticated by `self._hub.auth.<identify>`,
-    its ServerErrors reported as their status codes."""
+    refused when its request could not be decoded (limits.deserializer), its ServerErrors reported as their
+    status codes."""
 
     def decorate(method):
         @functools.wraps(method)
         def wrapper(self, request, context):
             with _status(context):
-                return method(self, request, context, getattr(self._hub.auth, identify)(context))
+                owner = getattr(self._hub.auth, identify)(context)
+                if isinstance(request, Undecodable):
+                    raise request.refusal()
+                return method(self, request, context, owner)
 
         return wrapper
 
@@ -89,7 +95,10 @@ def _streaming(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
         with _status(context):
-            yield from method(self, request, context, self._hub.auth.identify(context))
+            owner = self._hub.auth.identify(context)
+            if isinstance(request, Undecodable):
+                raise request.refusal()
+            yield from method(self, request, context, owner)
 
     return wrapper
 
@@ -115,29 +124,26 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             return earlier, True
         if not spec.HasField("program"):
             raise InvalidProgram("the JobSpec has no program: set JobSpec.program.")
+        check_program(spec.program, hub.limits)  # sizes, positions, nesting: before any parsing or decoding
         hosted = hub.models.resolve(spec.program.model)
         job = Job(owner, hosted.name, spec.program.kind, spec.request_id)
-        decoded = decode_program(spec.program, hosted, hub.policy)
+        decoded = decode_program(spec.program, hosted, hub.policy)  # checked here: refused before it is queued
+        decoded.release()  # the worker decodes it again, in its own process
+        if not stream and decoded.has_local_blocks:
+            raise InvalidProgram(NO_STREAM)
+        if stream:
+            job.link = LocalLink(job)
+            job.link.attach()
+        published = hub.store.add(job)
+        if published is not job:  # the same request_id won a race
+            return published, True
         try:
-            if not stream and decoded.has_local_blocks:
-                raise InvalidProgram(NO_STREAM)
-            if stream:
-                job.link = LocalLink(job)
-                job.link.attach()
-            published = hub.store.add(job)
-            if published is not job:  # the same request_id won a race
-                decoded.release()
-                return published, True
-            try:
-                queue = hub.queues.get(hosted.name)
-                if queue is None:  # evicted since it was resolved
-                    hub.registry.get(hosted.name)  # raises NotFound
-                queue.submit(job, decoded, JobLimits.of(spec, hub.limits), job.link)
-            except ServerError:  # refused (queue full, model out of service): no record of a job that never runs
-                hub.store.remove(job)
-                raise
-        except BaseException:
-            decoded.release()
+            queue = hub.queues.get(hosted.name)
+            if queue is None:  # evicted since it was resolved
+                hub.registry.get(hosted.name)  # raises NotFound
+            queue.submit(job, spec.program.SerializeToString(), JobLimits.of(spec, hub.limits), job.link)
+        except ServerError:  # refused (queue full, model out of service): no record of a job that never runs
+            hub.store.remove(job)
             raise
         return job, False
 
@@ -166,6 +172,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             # with grpc.aio's "Internal error from Core" instead of the refusal's own status
             first = next(request_iterator, None)
             owner = self._hub.auth.identify(context)
+            if isinstance(first, Undecodable):
+                raise first.refusal()
             if first is None or first.WhichOneof("message") != "job":
                 raise InvalidProgram("the first RunJob message must set `job` (the JobSpec to run).")
             job, existing = self._start(first.job, owner, stream=True)
@@ -179,6 +187,9 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         """The client's later messages on a RunJob stream: local() answers and cancel requests."""
         try:
             for message in requests:
+                if isinstance(message, Undecodable):  # nothing the job can use: the stream stays open
+                    _log.warning("job %s: %s", job.id, message.refusal())
+                    continue
                 which = message.WhichOneof("message")
                 if which == "local_result":
                     job.link.deliver(message.local_result)
@@ -295,9 +306,26 @@ def add_job_service(servicer: JobService, server: grpc.Server) -> None:
         "CancelJob": (grpc.unary_unary_rpc_method_handler, jobs_pb2.CancelJobRequest, jobs_pb2.CancelJobResponse),
     }
     handlers = {
-        name: make(getattr(servicer, name), request_deserializer=request.FromString, response_serializer=_serialize)
+        name: make(getattr(servicer, name), request_deserializer=deserializer(request),
+                   response_serializer=_serialize)
         for name, (make, request, _) in rpcs.items()
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("tether.v1.JobService", handlers),))
+    _add_handlers(server, "tether.v1.JobService", handlers)
+
+
+def add_model_service(servicer: ModelService, server: grpc.Server) -> None:
+    """models_pb2_grpc.add_ModelServiceServicer_to_server, with requests that fail to decode refused as
+    INVALID_ARGUMENT (see limits.deserializer)."""
+    rpcs = {"ListModels": models_pb2.ListModelsRequest, "GetModel": models_pb2.GetModelRequest}
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=deserializer(request),
+                                                  response_serializer=_serialize)
+        for name, request in rpcs.items()
+    }
+    _add_handlers(server, "tether.v1.ModelService", handlers)
+
+
+def _add_handlers(server: grpc.Server, service: str, handlers: dict) -> None:
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     if hasattr(server, "add_registered_method_handlers"):
-        server.add_registered_method_handlers("tether.v1.JobService", handlers)
+        server.add_registered_method_handlers(service, handlers)

@@ -7,13 +7,13 @@ Imports the standard library, tether.v1 and the policy; parses with tether.runti
 from __future__ import annotations
 
 import ast
-import functools
 import re
 import string
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from tether.caching import bytes_lru_cache
 from tether.runtime.capture import parse
 from tether.v1 import program_pb2, values_pb2
 
@@ -131,7 +131,7 @@ def _reference_paths(value: values_pb2.Value) -> Iterable[str]:
             yield from _reference_paths(entry.value)
 
 
-@functools.lru_cache(maxsize=1024)
+@bytes_lru_cache()
 def _check_cached(
     policy: Policy,
     source: str,

@@ -7,11 +7,11 @@ the engine's caches (parsed blocks, compiled code) serve every job that sends th
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import linecache
 import threading
 
+from tether.caching import bytes_lru_cache
 from tether.runtime.capture import compile_source, register_source
 
 __all__ = ["hold", "release", "compiled"]
@@ -39,7 +39,7 @@ def release(name: str) -> None:
             linecache.cache.pop(name, None)
 
 
-@functools.lru_cache(maxsize=256)
+@bytes_lru_cache()
 def compiled(text: str, name: str):
     """The code object of a registered text (immutable, so shared by every job that runs it)."""
     return compile_source(text, name, "exec")

@@ -1,7 +1,7 @@
-"""Model queues and workers: a bounded queue per model, one named thread per replica running one job at a time.
+"""Model queues: a bounded queue per model, taken from by its replicas' supervisors (supervisor.py), and limits.
 
-A worker runs the Executor with the job's limits: its time (checked at module boundaries and while waiting
-for local() answers), its result size, cancellation, its log lines, and the job's local() handler.
+Each replica runs in its own worker process (worker_main.py), one job at a time; the queue holds jobs as the
+front door checked them (serialized programs), so no user code or model runs here.
 """
 
 from __future__ import annotations
@@ -9,31 +9,35 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 
 import grpc
 
-from tether.runtime.errors import RunStopped
-from tether.runtime.program import execute
 from tether.v1 import jobs_pb2
 from tether.wire import CHUNK_SIZE
 
-from .errors import JobCancelledError, JobTimeout, OutOfService, QueueFull, ServerError, WeightsChanged
+from .errors import OutOfService, QueueFull
 from .failures import failure_of
-from .interrupts import Watchdog
-from .job_state import JobState
 from .jobs import Job
-from .local_calls import LocalCaller, LocalLink
-from .program_codec import DecodedProgram
+from .local_calls import LocalLink
+from .policy import DEFAULT_POLICY, Policy
 from .registry import HostedModel
-from .results import encode_result_pieces
-from .weights import WeightWatch
 
-__all__ = ["Limits", "JobLimits", "ModelQueue", "JobLog"]
+__all__ = ["Limits", "JobLimits", "ModelQueue", "Entry", "default_job_memory"]
 
 _log = logging.getLogger("tether.server")
+
+
+def default_job_memory() -> int:
+    """Bytes a job may allocate by default: half this machine's memory, at most 8 GiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    return min(8 << 30, total // 2)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,11 @@ class Limits:
     result_ttl: float = 600.0  # seconds a finished job's record and result are kept
     local_call_timeout: float = 60.0  # seconds to wait for the answer to one local() call
     chunk_size: int = CHUNK_SIZE  # bytes per result / local-value Chunk
+    max_program_bytes: int = 1 << 20  # bytes of program text in one job (body and shipped functions)
+    max_value_depth: int = 32  # lists / tuples / dicts nested in one value of a program
+    max_values: int = 100_000  # values in one program (each element of a container counts; a tensor is one)
+    job_memory: int = dataclasses.field(default_factory=default_job_memory)  # bytes a job may allocate
+    isolate: bool = True  # each replica in its own worker process (False: a thread, for models that cannot move)
 
     def replace(self, **changes) -> Limits:
         return dataclasses.replace(self, **changes)
@@ -76,32 +85,12 @@ class JobLimits:
         )
 
 
-class JobLog:
-    """`print` for a job's program: complete lines become LOG events (a partial line waits for its end or
-    for flush=True). Only the job's worker thread calls it."""
-
-    def __init__(self, job: Job):
-        self._job = job
-        self._partial = ""
-
-    def __call__(self, *args, sep: str | None = " ", end: str | None = "\n", file=None, flush: bool = False) -> None:
-        text = self._partial + (" " if sep is None else sep).join(map(str, args)) + ("\n" if end is None else end)
-        *lines, self._partial = text.split("\n")
-        for line in lines:
-            self._job.event(log=jobs_pb2.LogLine(text=line))
-        if flush:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._partial:
-            self._job.event(log=jobs_pb2.LogLine(text=self._partial))
-            self._partial = ""
-
-
 @dataclass
-class _Entry:
+class Entry:
+    """A queued job: its record, its serialized (checked) Program, its limits and its RunJob streams."""
+
     job: Job
-    decoded: DecodedProgram
+    program: bytes
     limits: JobLimits
     link: LocalLink | None
 
@@ -115,26 +104,21 @@ def _queued_message(waiting: int, running: int) -> str:
 
 
 class ModelQueue:
-    """One model's bounded FIFO of jobs and its worker threads."""
+    """One model's bounded FIFO of jobs and its replicas (each a worker process and its supervisor)."""
 
-    def __init__(self, hosted: HostedModel, limits: Limits, *, replicas: int = 1):
+    def __init__(self, hosted: HostedModel, limits: Limits, *, replicas: int = 1, policy: Policy = DEFAULT_POLICY):
         self.hosted, self.limits = hosted, limits
         self._cond = threading.Condition()
-        self._pending: collections.deque[_Entry] = collections.deque()  # guarded by _cond
+        self._pending: collections.deque[Entry] = collections.deque()  # guarded by _cond
         self._closed = False  # guarded by _cond
         self._broken = ""  # guarded by _cond: why the model no longer runs jobs (see WeightWatch)
         self._running: set[Job] = set()  # guarded by _cond
-        self._watchdog = Watchdog(f"tether-watchdog-{hosted.name}")  # stops jobs stuck in pure Python
-        self._threads = [
-            threading.Thread(target=self._work, args=(hosted.replica(i),), name=f"tether-worker-{hosted.name}-{i}",
-                             daemon=True)
-            for i in range(replicas)
-        ]
-        for thread in self._threads:
-            thread.start()
+        from .supervisor import Replica  # (supervisor imports this module)
+
+        self._replicas = [Replica(self, i, policy) for i in range(replicas)]
 
     # ---- the queue ----------------------------------------------------------------------------
-    def submit(self, job: Job, decoded: DecodedProgram, limits: JobLimits, link: LocalLink | None) -> None:
+    def submit(self, job: Job, program: bytes, limits: JobLimits, link: LocalLink | None) -> None:
         """Queue `job` (QUEUED with its position); QueueFull when the model's queue has no room."""
         with self._cond:
             if self._broken:
@@ -146,11 +130,17 @@ class ModelQueue:
                     f"model {self.hosted.name!r} has {len(self._pending)} jobs waiting, its queue's limit "
                     f"(--queue-size {self.limits.queue_size}); retry later, or wait for your earlier jobs."
                 )
-            self._pending.append(_Entry(job, decoded, limits, link))
+            self._pending.append(Entry(job, program, limits, link))
             position = len(self._pending) - 1
             job.set_state(jobs_pb2.JOB_STATE_QUEUED, _queued_message(position, len(self._running)),
                           queue_position=position + len(self._running))
             self._cond.notify()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the server is stopping (supervisors stop starting workers)."""
+        with self._cond:
+            return self._closed
 
     @property
     def serving(self) -> bool:
@@ -162,7 +152,7 @@ class ModelQueue:
         return (f"model {self.hosted.name!r} is out of service: {self._broken}. The server's operator must "
                 "restart `tether serve`; other models on this server still run jobs.")
 
-    def _retire(self, reason: str) -> None:
+    def retire(self, reason: str) -> None:
         """Stop running jobs on this model for good: those waiting fail with the reason, workers end."""
         with self._cond:
             self._broken = reason
@@ -170,10 +160,9 @@ class ModelQueue:
             self._cond.notify_all()
             message = self._out_of_service()
         for entry in pending:
-            failure = failure_of(OutOfService(message), entry.decoded.user_files)
+            failure = failure_of(OutOfService(message), {})
             entry.job.finish(jobs_pb2.JOB_STATE_ERROR, message, failure=failure, code=OutOfService.code,
                              ttl=self.limits.result_ttl)
-            entry.decoded.release()
 
     @property
     def depth(self) -> int:
@@ -194,7 +183,6 @@ class ModelQueue:
             for entry in self._pending:
                 if entry.job is job:
                     self._pending.remove(entry)
-                    entry.decoded.release()
                     return True
             return False
 
@@ -205,7 +193,7 @@ class ModelQueue:
 
     def close(self, reason: str = "the server is shutting down") -> int:
         """Stop taking jobs, cancel those waiting and running (with `reason`); workers end after their current
-        job. Returns how many jobs were cancelled."""
+        job (or are killed once it is past the grace for stopping). Returns how many jobs were cancelled."""
         with self._cond:
             self._closed = True
             pending, self._pending = list(self._pending), collections.deque()
@@ -215,18 +203,21 @@ class ModelQueue:
             entry.job.request_cancel(reason)
             entry.job.finish(jobs_pb2.JOB_STATE_CANCELLED, reason, code=grpc.StatusCode.CANCELLED,
                              ttl=self.limits.result_ttl)
-            entry.decoded.release()
-        stopped = sum(job.request_cancel(reason) for job in running)  # (False for one that just ended)
-        self._watchdog.close()
-        return len(pending) + stopped
+        return len(pending) + sum(job.request_cancel(reason) for job in running)  # (False: one that just ended)
 
     def join(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        for replica in self._replicas:
+            replica.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    # ---- the workers --------------------------------------------------------------------------
-    def _take(self) -> _Entry | None:
+    @property
+    def replicas(self) -> list:
+        """The replicas' supervisors (supervisor.Replica): their worker processes, for operators and tests."""
+        return list(self._replicas)
+
+    # ---- for the replicas' supervisors ----------------------------------------------------------
+    def take(self) -> Entry | None:
+        """The next job for a replica (blocks); None once the queue is closed or the model retired."""
         with self._cond:
             self._cond.wait_for(lambda: self._pending or self._closed or self._broken)
             if self._closed or self._broken:
@@ -235,108 +226,7 @@ class ModelQueue:
             self._running.add(entry.job)
             return entry
 
-    def _work(self, replica) -> None:
-        watch = WeightWatch(replica._module, self.hosted.source)
-        served = JobState.of(replica._module)
-        while (entry := self._take()) is not None:
-            try:
-                # run() logs RUNNING (or the job's end) right after: watchers wake once for both
-                if entry.job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, f"on worker {threading.current_thread().name}",
-                                       notify=False):
-                    _Run(entry, replica, self.limits, watch, self._watchdog).run()
-            finally:
-                served.reset()  # no job sees what an earlier one left on the model (.grad, modes)
-                entry.decoded.release()
-                with self._cond:
-                    self._running.discard(entry.job)
-            if watch.broken:  # weights a job wrote into could not be put back: serve nothing wrong
-                self._retire(watch.broken)
+    def done(self, entry: Entry) -> None:
+        with self._cond:
+            self._running.discard(entry.job)
 
-
-def _weights_changed(watch: WeightWatch, versions: list[int]) -> WeightsChanged | None:
-    """The error to report instead of a failed job's own when it had also written into the weights."""
-    try:
-        watch.check(versions)
-    except WeightsChanged as changed:
-        _log.warning("%s", changed)
-        return changed
-    return None
-
-
-class _Run:
-    """One job on one worker: the Executor call with limits, then the job's end state."""
-
-    def __init__(self, entry: _Entry, replica, limits: Limits, watch: WeightWatch, watchdog: Watchdog):
-        self.job, self.decoded, self.limits, self.link = entry.job, entry.decoded, entry.limits, entry.link
-        self.replica, self.ttl, self.chunk_size = replica, limits.result_ttl, limits.chunk_size
-        self.watch = watch  # the replica's parameters, to notice a job that wrote into them
-        self.watchdog = watchdog
-        self.deadline = 0.0
-        self.step = 0  # forward passes of the model so far (generation steps)
-
-    def timed_out(self) -> JobTimeout:
-        return JobTimeout(
-            f"the job ran longer than its time limit of {self.limits.timeout:g} s and was stopped at a module "
-            "boundary. Ask for a longer JobSpec.timeout (the server's --job-timeout caps it), or do less per job."
-        )
-
-    def _stop_requested(self) -> bool:
-        return self.job.cancel_requested or time.monotonic() > self.deadline
-
-    def _check_stop(self, module, args) -> None:
-        """A forward pre-hook on the model's root: stop at the next forward (generation step) when asked,
-        else report the step to the client (generation only: "step k/N")."""
-        if self._stop_requested():
-            raise RunStopped("The job was stopped before this forward pass.")
-        if self.decoded.program.kind == "generate":
-            self.step += 1
-            total = self.decoded.program.kwargs.get("max_new_tokens", 20)
-            self.job.event(progress=jobs_pb2.Progress(step=self.step, total_steps=total if isinstance(total, int) else 0))
-
-    def run(self) -> None:
-        job, decoded = self.job, self.decoded
-        if job.cancel_requested:
-            self._end(JobCancelledError(job.cancel_reason or ""))
-            return
-        self.deadline = time.monotonic() + self.limits.timeout
-        if not job.set_state(jobs_pb2.JOB_STATE_RUNNING):
-            return
-        log = JobLog(job)
-        handler = LocalCaller(job, self.link, decoded, deadline=self.deadline,
-                              local_timeout=self.limits.local_call_timeout, timed_out=self.timed_out)
-        hook = self.replica._module.register_forward_pre_hook(self._check_stop)
-        watch = self.watch
-        versions = watch.snapshot()
-        try:
-            root = decoded.bind(self.replica)
-            decoded.define_functions(log)
-            values = self.watchdog.call(self._stop_requested, lambda: execute(
-                root, decoded.program, decoded.bindings, filename=decoded.body_filename, local=handler, log=log,
-                cancel=self._stop_requested))
-            watch.check(versions)
-            values = decoded.with_outside_changes(values, log)
-            log.flush()
-            result = encode_result_pieces(values, decoded.codec.encode, self.limits.max_result_bytes, log)
-            log.flush()
-        except BaseException as error:  # the worker survives anything a program does (SystemExit included)
-            log.flush()
-            if not isinstance(error, WeightsChanged):  # (check() already put the weights back: never twice)
-                error = _weights_changed(watch, versions) or error
-            self._end(error)
-            return
-        finally:
-            hook.remove()
-        job.complete(result, self.chunk_size, self.ttl)
-
-    def _end(self, error: BaseException) -> None:
-        job = self.job
-        if job.cancel_requested:
-            reason = job.cancel_reason or "cancelled by the client"
-            job.finish(jobs_pb2.JOB_STATE_CANCELLED, reason, code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
-            return
-        if isinstance(error, RunStopped) or (time.monotonic() > self.deadline and not isinstance(error, ServerError)):
-            error = self.timed_out()  # the time limit stopped it at a module boundary
-        code = error.code if isinstance(error, ServerError) else None
-        _log.debug("job %s failed", job.id, exc_info=error)  # the full traceback, tether's frames included
-        failure = failure_of(error, self.decoded.user_files)
-        job.finish(jobs_pb2.JOB_STATE_ERROR, failure.message, failure=failure, code=code, ttl=self.ttl)

@@ -17,6 +17,7 @@ def server(request):
     `served()` returns, with its SERVER_OPTIONS; stopped (and the client's channels closed) after it."""
     handle = start_server(request.module.served(), host="127.0.0.1", port=0,
                           **getattr(request.module, "SERVER_OPTIONS", {}))
+    assert handle.wait_ready(timeout=180), "the server's workers did not start"  # the first starts the forkserver
     yield handle
     handle.stop(grace=0)
     close_all()

@@ -3,6 +3,10 @@ changed weights: they are restored from the model's source, or the model stops s
 
 from __future__ import annotations
 
+import functools
+import tempfile
+from pathlib import Path
+
 import grpc
 import pytest
 import torch
@@ -18,15 +22,21 @@ def served() -> dict:
     return {"tiny": tiny.tiny_gpt2(), "fixed": tiny.tiny_gpt2()}
 
 
-LOADS = []  # one entry per time the server loaded "tiny" again
+LOADS = Path(tempfile.mkdtemp(prefix="tether-loads-")) / "loads"  # a line per time the server loaded "tiny" again
 
 
-def _load_tiny():
-    LOADS.append(1)
+def _load_tiny(loads: Path):
+    """The source of "tiny": it runs in the model's worker process, so it counts its loads in a file."""
+    with loads.open("a") as file:
+        file.write("loaded\n")
     return tiny.tiny_gpt2()
 
 
-SERVER_OPTIONS = {"sources": {"tiny": _load_tiny}}  # "fixed" was given as an object only
+SERVER_OPTIONS = {"sources": {"tiny": functools.partial(_load_tiny, LOADS)}}  # "fixed" was given as an object only
+
+
+def _loads() -> int:
+    return len(LOADS.read_text().splitlines()) if LOADS.exists() else 0
 
 pytestmark = pytest.mark.usefixtures("client_config")  # every test talks to this module's server
 
@@ -52,7 +62,7 @@ def test_weights_a_job_wrote_into_are_restored_before_the_next_job(llm):
     with llm.trace(PROMPT):
         expected = llm.lm_head.output.save()
     error = _write_weights(remote)
-    assert "put them back" in str(error) and len(LOADS) == 1  # loaded again once, for this job
+    assert "put them back" in str(error) and _loads() == 1  # loaded again once, for this job
     assert torch.equal(_logits(remote), expected)  # the original weights, not doubled ones
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 
 import grpc
@@ -16,7 +17,8 @@ from tether.server.failures import failure_of
 from tether.server.jobs import Job, JobStore
 from tether.server.policy import DEFAULT_POLICY
 from tether.server.results import encode_result
-from tether.server.workers import JobLimits, JobLog, Limits
+from tether.server.worker_main import JobLog
+from tether.server.workers import JobLimits, Limits
 from tether.v1 import jobs_pb2, values_pb2
 from tether.values import from_value, to_value
 from tether.wire import join_chunks
@@ -280,8 +282,8 @@ def test_job_limits_never_exceed_the_servers():
 
 
 def test_job_log_is_line_buffered_like_print():
-    job = Job("owner", "tiny", 1)
-    log = JobLog(job)
+    ours, theirs = multiprocessing.Pipe()
+    log = JobLog("job-1", theirs)
     log("a", 1, sep="-")
     log("partial", end="")
     log(" rest")
@@ -289,9 +291,12 @@ def test_job_log_is_line_buffered_like_print():
     log("flushed", end="", flush=True)
     log("tail", end="")
     log.flush()
-    events, _ = job.wait_events(0, lambda: True)
-    assert [e.log.text for e in events if e.WhichOneof("event") == "log"] == [
-        "a-1", "partial rest", "x", "y", "flushed", "tail"]
+    lines = []
+    while ours.poll():
+        message = ours.recv()
+        assert message.job_id == "job-1"
+        lines.append(message.text)
+    assert lines == ["a-1", "partial rest", "x", "y", "flushed", "tail"]
 
 
 # ---------------------------------------------------------------------------------------- failures, results

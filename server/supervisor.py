@@ -1,0 +1,403 @@
+"""A replica's supervisor: starts its worker process, relays one job at a time over the worker protocol, and
+restarts the worker when it dies or has to be killed (a job past its grace after a time limit or cancel, or
+over its memory limit). Imports multiprocessing, the job records and the protocol; never runs user code.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import grpc
+import torch.multiprocessing  # noqa: F401  (registers torch's reductions: tensors go as shared memory)
+
+from tether.v1 import failure_pb2, jobs_pb2
+
+from . import worker_protocol as wp
+from .errors import (
+    JobCancelledError,
+    JobMemoryExceeded,
+    JobTimeout,
+    LocalBlockFailed,
+    LocalCallFailed,
+    WorkerCrashed,
+)
+from .failures import failure_of
+from .interrupts import GRACE
+from .jobs import ResultBytes
+from .local_calls import NO_STREAM
+from .workers import Entry, ModelQueue
+
+__all__ = ["Replica", "KILL_GRACE", "START_TIMEOUT", "preload_for"]
+
+_log = logging.getLogger("tether.server")
+KILL_GRACE = GRACE + 2.0  # seconds a job past its time limit, or cancelled, may run before its worker is killed
+START_TIMEOUT = 300.0  # seconds a worker may take to receive its replica and report Ready
+TICK = 0.05  # seconds between checks of a running job's time and memory (messages wake the relay at once)
+_context_lock = threading.Lock()
+_preload = {"tether.server.worker_main"}  # guarded by _context_lock: what the forkserver imports once
+_context: Any = None  # guarded by _context_lock: the 'forkserver' multiprocessing context, made once
+
+
+def preload_for(models: list[Any]) -> None:
+    """Have the forkserver (started once, by the first worker) import what unpickling these models needs
+    (torch, transformers...) and tether's worker, so each worker process forks warm."""
+    with _context_lock:
+        for payload in models:
+            _preload.update(_class_modules(payload))
+
+
+def _mp_context():
+    """The 'forkserver' context: workers fork from a clean single-threaded server process, never from this
+    threaded gRPC process."""
+    global _context
+    with _context_lock:
+        if _context is None:
+            _context = multiprocessing.get_context("forkserver")
+            main = getattr(sys.modules.get("__main__"), "__spec__", None)
+            if main is not None and main.parent:  # `python -m pkg.mod`: each worker imports pkg.mod again
+                _preload.add(main.parent)
+            _context.set_forkserver_preload(sorted(_preload))
+        return _context
+
+
+def _class_modules(payload: Any) -> set[str]:
+    """Modules that unpickling `payload` (a module, or (module, tokenizer)) imports."""
+    module, tokenizer = payload if isinstance(payload, tuple) else (payload, None)
+    names = {type(m).__module__ for m in module.modules()}
+    if tokenizer is not None:
+        names.add(type(tokenizer).__module__)
+    return {n for n in names if n != "__main__" and not n.startswith("__mp_main__")}
+
+
+def payload_of(model: Any) -> Any:
+    """What a worker receives of a replica (an NNsight): its torch module, with its tokenizer if it has one."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return (model._module, tokenizer) if tokenizer is not None else model._module
+
+
+def _anon_rss(pid: int) -> int:
+    """Bytes of private (anonymous) memory the process has: what a job allocates, not the shared weights."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class Replica:
+    """One model replica: its worker (a process, or a thread where the model cannot move) and the named thread
+    that relays its jobs. Fields are touched only by that thread, except `process` (read by tests, operators)."""
+
+    def __init__(self, queue: ModelQueue, index: int, policy):
+        self.queue, self.index, self.policy = queue, index, policy
+        hosted = queue.hosted
+        self._payload = payload_of(hosted.replica(index))
+        self.name = f"{hosted.name}-{index}"
+        self.process: Any = None  # the worker process (None: not started, or a thread worker)
+        self.conn: Any = None  # the front door's end of the worker's pipe
+        self.restarts = 0  # how often the worker was started again after dying or being killed
+        self._ready = threading.Condition()
+        self._pid: int | None = None  # guarded by _ready: the pid of the worker that said Ready (None: none now)
+        self._thread = threading.Thread(target=self._work, name=f"tether-replica-{self.name}", daemon=True)
+        self._thread.start()
+
+    # ---- the worker ---------------------------------------------------------------------------
+    def _start(self) -> None:
+        """Start the worker and wait for Ready. The weights go as shared memory: a restart maps them again."""
+        hosted, limits = self.queue.hosted, self.queue.limits
+        with self._ready:
+            self._pid = None
+        ours, theirs = multiprocessing.Pipe(duplex=True)
+        args = (theirs, hosted.name, self._payload, hosted.source, self.policy)
+        self.process = None
+        if limits.isolate:
+            context = _mp_context()
+            process = context.Process(target=_process_main, args=args, name=f"tether-worker-{self.name}",
+                                      daemon=True)
+            try:
+                process.start()
+                self.process = process
+            except Exception as error:  # the model (or its source) cannot be sent to a process
+                _log.warning("model %s runs in the server process, without isolation: %s", hosted.name, error)
+        if self.process is None:
+            from .worker_main import serve
+
+            threading.Thread(target=serve, args=args, name=f"tether-worker-{self.name}", daemon=True).start()
+        if self.process is not None:
+            theirs.close()  # the child has its own copy; closing ours lets a dead child read as EOF
+        self.conn = ours
+        give_up = time.monotonic() + START_TIMEOUT
+        try:
+            while not ours.poll(TICK * 4):
+                if self.queue.closed:
+                    raise RuntimeError("the server stopped while the worker started")
+                if self.process is not None and not self.process.is_alive():
+                    raise RuntimeError(f"its process {self._how_it_ended()} while it started (see the server's log)")
+                if time.monotonic() > give_up:
+                    raise RuntimeError(f"it did not start within {START_TIMEOUT:g} s")
+            ready = ours.recv()
+        except BaseException:
+            self._kill()
+            raise
+        assert isinstance(ready, wp.Ready), ready
+        _log.debug("the worker of %s (pid %s) is ready after %.2f s", self.name, ready.pid,
+                   time.monotonic() - give_up + START_TIMEOUT)
+        with self._ready:
+            self._pid = ready.pid
+            self._ready.notify_all()
+
+    def worker_pid(self, timeout: float | None = None) -> int | None:
+        """The pid of the worker once it is ready (waits up to `timeout`; None if none is ready by then)."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._pid is not None, timeout)
+            return self._pid
+
+    def _kill(self) -> None:
+        with self._ready:
+            self._pid = None
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+        if self.process is not None:
+            self.process.join(5.0)
+
+    def _how_it_ended(self) -> str:
+        if self.process is None:
+            return "its thread stopped"
+        self.process.join(1.0)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            try:
+                return f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with status {code}"
+
+    def join(self, timeout: float | None) -> None:
+        """Wait for the relay thread (it ends once the queue is closed); kill a worker still running after."""
+        self._thread.join(timeout)
+        self._kill()
+
+    # ---- the relay ----------------------------------------------------------------------------
+    def _work(self) -> None:
+        try:
+            self._start()
+        except Exception as error:
+            if not self.queue.closed:
+                _log.error("cannot start the worker of %s: %s", self.name, error)
+                self.queue.retire(f"its worker could not start: {error}")
+            self._kill()
+            return
+        try:
+            while (entry := self.queue.take()) is not None:
+                try:
+                    retire = _JobRelay(self, entry).run()
+                finally:
+                    self.queue.done(entry)
+                if retire:
+                    self.queue.retire(retire)
+                    break
+        finally:
+            try:
+                self.conn.send(wp.Stop())
+            except (OSError, ValueError):
+                pass
+            if self.process is not None:
+                self.process.join(2.0)
+            self._kill()
+
+    def restart(self) -> None:
+        """Replace a dead (or killed) worker; its queued jobs then run on the new one."""
+        self._kill()
+        self.conn.close()
+        if self.queue.closed:  # the server is stopping: no new worker
+            return
+        self.restarts += 1
+        started = time.monotonic()
+        self._start()
+        _log.info("restarted the worker of %s in %.2f s", self.name, time.monotonic() - started)
+
+
+def _process_main(*args) -> None:
+    from .worker_main import process_main
+
+    process_main(*args)
+
+
+class _JobRelay:
+    """One job on a replica: sends it, relays what the worker says, enforces time (with a grace) and memory."""
+
+    def __init__(self, replica: Replica, entry: Entry):
+        self.replica, self.entry, self.job, self.limits = replica, entry, entry.job, entry.limits
+        self.ttl, self.chunk_size = replica.queue.limits.result_ttl, replica.queue.limits.chunk_size
+        self.conn = replica.conn
+        self.started = time.monotonic()
+        self.deadline = self.started + self.limits.timeout
+        self.running = False
+        self.cancel_sent = 0.0  # time.monotonic() when the cancel went to the worker
+        self.last_log = ""
+        self.baseline = 0
+        self.program: bytes | wp.Blob = b""
+
+    def run(self) -> str:
+        """Relay the job to its end; returns why the replica must retire ("" normally)."""
+        job, replica = self.job, self.replica
+        if replica.process is not None and not replica.process.is_alive():  # it died while idle
+            _log.warning("the idle worker of %s %s", replica.name, replica._how_it_ended())
+            replica.restart()
+            self.conn = replica.conn
+        pid = replica.process.pid if replica.process is not None else None
+        where = f"on worker {replica.name}" + (f" (pid {pid})" if pid else "")
+        if not job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, where, notify=False):
+            return ""
+        if job.cancel_requested:
+            job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
+                       code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
+            return ""
+        self.baseline = _anon_rss(pid) if pid else 0
+        self.program = wp.pack([self.entry.program])  # the worker unlinks it (a Blob) once it reads it
+        try:
+            self.conn.send(wp.RunJob(job.id, self.program, self.limits.timeout, self.limits.max_result_bytes,
+                                     self.entry.link is not None))
+            return self._relay(pid)
+        except (EOFError, OSError, BrokenPipeError):
+            self._ended_with_worker(WorkerCrashed(self._crash_message(replica._how_it_ended())))
+            return ""
+
+    def _relay(self, pid: int | None) -> str:
+        waitables = [self.conn] + ([self.replica.process.sentinel] if pid else [])
+        while True:
+            ready = multiprocessing.connection.wait(waitables, TICK)
+            if self.conn in ready:
+                try:
+                    message = self.conn.recv()
+                except (EOFError, OSError):
+                    message = None
+                if message is None:
+                    self._ended_with_worker(WorkerCrashed(self._crash_message(self.replica._how_it_ended())))
+                    return ""
+                ended = self._handle(message)
+                if ended is not None:
+                    return ended
+                continue
+            if pid and self.replica.process.sentinel in ready and not self.conn.poll():
+                self._ended_with_worker(WorkerCrashed(self._crash_message(self.replica._how_it_ended())))
+                return ""
+            killed = self._check(pid)
+            if killed is not None:
+                self.replica._kill()
+                self._ended_with_worker(killed)
+                return ""
+
+    def _handle(self, message) -> str | None:
+        """Apply one worker message to the job; the retire reason ("" or why) once the job has ended."""
+        job = self.job
+        if isinstance(message, wp.Running):
+            self.running, self.started = True, time.monotonic()
+            self.deadline = self.started + self.limits.timeout
+            job.set_state(jobs_pb2.JOB_STATE_RUNNING)
+        elif isinstance(message, wp.Log):
+            self.last_log = message.text
+            job.event(log=jobs_pb2.LogLine(text=message.text))
+        elif isinstance(message, wp.Progress):
+            job.event(progress=jobs_pb2.Progress(step=message.step, total_steps=message.total))
+        elif isinstance(message, wp.LocalCall):
+            self._local(message)
+        elif isinstance(message, wp.Done):
+            job.complete(ResultBytes([wp.unpack(message.result)]), self.chunk_size, self.ttl)
+            return message.retire
+        elif isinstance(message, wp.Failed):
+            if message.cancelled or job.cancel_requested:
+                job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
+                           code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
+            else:
+                failure = failure_pb2.Failure.FromString(message.failure)
+                code = grpc.StatusCode[message.code] if message.code else None
+                job.finish(jobs_pb2.JOB_STATE_ERROR, failure.message, failure=failure, code=code, ttl=self.ttl)
+            return message.retire
+        return None
+
+    def _local(self, call: wp.LocalCall) -> None:
+        """A local() call: up the job's RunJob stream, and its answer (or why there is none) back."""
+        link = self.entry.link
+        try:
+            if link is None:
+                raise LocalCallFailed(NO_STREAM)
+            data = link.call(call.call_id, call.block_id, [wp.unpack(call.payload)], self.deadline,
+                             self.limits.local_call_timeout, self._timed_out)
+            answer = wp.LocalAnswer(call.call_id, wp.pack([data]))
+        except (LocalBlockFailed, LocalCallFailed, JobTimeout, JobCancelledError) as error:
+            failure = error.failure.SerializeToString() if isinstance(error, LocalBlockFailed) else b""
+            answer = wp.LocalAnswer(call.call_id, error=type(error).__name__, message=str(error), failure=failure)
+        self.conn.send(answer)
+
+    def _timed_out(self) -> JobTimeout:
+        return JobTimeout(
+            f"the job ran longer than its time limit of {self.limits.timeout:g} s and was stopped. Ask for a "
+            "longer JobSpec.timeout (the server's --job-timeout caps it), or do less per job."
+        )
+
+    def _check(self, pid: int | None) -> Exception | None:
+        """Between messages: forward a cancel; the error to kill the worker with, if the job must be stopped."""
+        job, now = self.job, time.monotonic()
+        if job.cancel_requested and not self.cancel_sent:
+            self.cancel_sent = now
+            self.conn.send(wp.Cancel(job.id, job.cancel_reason or "cancelled by the client"))
+        if pid is None:
+            return None  # a thread worker cannot be killed: its watchdog stops what it can
+        stop_at = min(self.deadline, self.cancel_sent) if self.cancel_sent else self.deadline
+        if now > stop_at + KILL_GRACE:
+            if self.cancel_sent:
+                return JobCancelledError(job.cancel_reason or "cancelled by the client")
+            return JobTimeout(
+                f"the job ran past its time limit of {self.limits.timeout:g} s and did not stop within "
+                f"{KILL_GRACE:g} s after it (a loop that swallows interrupts, or one long torch call), so its "
+                "worker was stopped and restarted. Ask for a longer JobSpec.timeout, or do less per job."
+            )
+        limit = self.replica.queue.limits.job_memory
+        used = _anon_rss(pid) - self.baseline
+        if used > limit:
+            return JobMemoryExceeded(
+                f"the job allocated {used / 2**20:.0f} MiB, more than the server's per-job memory limit of "
+                f"{limit / 2**20:.0f} MiB (--job-memory), so its worker was stopped and restarted. Use smaller "
+                "inputs or batches, or save less."
+            )
+        return None
+
+    def _crash_message(self, how: str) -> str:
+        return (f"the worker process running this job crashed ({how}) while {self._doing()}. The server restarted "
+                "the worker; other jobs were not affected. If the program caused it (a C extension, an enormous "
+                "allocation...), change it; otherwise submit the job again.")
+
+    def _doing(self) -> str:
+        if not self.running:
+            return "preparing the job (decoding its program)"
+        doing = f"running the program ({time.monotonic() - self.started:.1f} s in"
+        return doing + (f"; its last printed line: {self.last_log!r})" if self.last_log else ")")
+
+    def _ended_with_worker(self, error: Exception) -> None:
+        """The job's worker died or was killed: end the job, then start the worker again."""
+        job = self.job
+        self.replica._kill()  # (already dead: reaped, so its exit status is known)
+        if not self.running:
+            wp.discard(self.program)  # it may have died before reading the program
+        if isinstance(error, JobCancelledError) or (job.cancel_requested and not isinstance(error, JobMemoryExceeded)):
+            job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
+                       code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
+        else:
+            failure = failure_of(error, {})
+            job.finish(jobs_pb2.JOB_STATE_ERROR, failure.message, failure=failure, code=error.code, ttl=self.ttl)
+        _log.warning("job %s on %s: %s", job.id, self.replica.name, error)
+        try:
+            self.replica.restart()
+        except Exception as failed:
+            self.replica.queue.retire(f"its worker could not be restarted: {failed}")

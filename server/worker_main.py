@@ -1,0 +1,269 @@
+"""A worker: one model replica serving jobs over the worker protocol; the one place a job is executed (`JobRun`).
+
+Runs in its own process (workers.py starts it with multiprocessing 'forkserver'), or as a thread where the
+model cannot be sent to a process. Imports torch, tether.runtime and the server's job-side modules; never grpc's
+server, the job store or the front door.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tether.runtime.errors import RunStopped
+from tether.runtime.program import execute
+from tether.v1 import failure_pb2, program_pb2
+
+from . import errors
+from . import worker_protocol as wp
+from .errors import JobCancelledError, JobTimeout, ServerError, WeightsChanged
+from .failures import failure_of
+from .interrupts import Watchdog
+from .job_state import JobState
+from .local_calls import LocalCaller
+from .program_codec import DecodedProgram, decode_program
+from .registry import HostedModel, wrap
+from .results import encode_result_pieces
+from .weights import WeightWatch
+
+__all__ = ["serve", "process_main", "without_fake_data", "JobRun"]
+
+_log = logging.getLogger("tether.server")
+_LOCAL_ERRORS = ("LocalBlockFailed", "LocalCallFailed", "JobTimeout", "JobCancelledError")
+
+
+def process_main(conn, name: str, model: Any, source: Callable[[], Any] | None, policy) -> None:
+    """The worker process's entry point (multiprocessing target)."""
+    serve(conn, name, model, source, policy)
+
+
+def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy) -> None:
+    """Serve jobs on `model` (a torch module or (module, tokenizer)) until Stop or the connection closes."""
+    hosted = HostedModel(name, wrap(model), source)
+    inbox = _Inbox(conn)
+    watch = WeightWatch(hosted.module, source)
+    served = JobState.of(hosted.module)
+    watchdog = Watchdog(f"tether-watchdog-{name}")
+    conn.send(wp.Ready(os.getpid()))
+    try:
+        while (job := inbox.next_job()) is not None:
+            try:
+                JobRun(job, hosted, policy, conn, inbox, watch, watchdog).run()
+            finally:
+                served.reset()  # no job sees what an earlier one left on the model (.grad, modes)
+            if watch.broken:  # (Done / Failed said so): serve nothing wrong
+                return
+    finally:
+        watchdog.close()
+
+
+class _Inbox:
+    """The front door's messages, read by one named thread: jobs queue up; cancels and local() answers go to the
+    job that runs."""
+
+    def __init__(self, conn):
+        self._conn = conn
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # RunJob, or None to end
+        self.answers: queue.SimpleQueue = queue.SimpleQueue()  # LocalAnswer, or None when the front door left
+        self.cancel: dict[str, str] = {}  # job id -> reason; written by the reader thread only
+        threading.Thread(target=self._read, name="tether-worker-inbox", daemon=True).start()
+
+    def next_job(self) -> wp.RunJob | None:
+        return self._jobs.get()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = self._conn.recv()
+                if isinstance(message, wp.RunJob):
+                    self._jobs.put(message)
+                elif isinstance(message, wp.LocalAnswer):
+                    self.answers.put(message)
+                elif isinstance(message, wp.Cancel):
+                    self.cancel[message.job_id] = message.reason
+                elif isinstance(message, wp.Stop):
+                    break
+        except (EOFError, OSError):
+            pass
+        self._jobs.put(None)
+        self.answers.put(None)
+
+
+class WorkerLink:
+    """The worker's end of a job's local() calls (LocalLink.call's signature): the call goes to the front door,
+    which sends it up the RunJob stream and enforces the time limits; its answer, or error, comes back."""
+
+    def __init__(self, job_id: str, conn, inbox: _Inbox):
+        self._job_id, self._conn, self._inbox = job_id, conn, inbox
+
+    def call(self, call_id: str, block_id: str, payload: list, deadline: float, local_timeout: float,
+             timed_out) -> bytes | memoryview:
+        self._conn.send(wp.LocalCall(self._job_id, call_id, block_id, wp.pack(payload)))
+        while True:
+            answer = self._inbox.answers.get()
+            if answer is None:
+                raise JobCancelledError(f"the server stopped while the local() block {block_id} ran")
+            if answer.call_id == call_id:
+                break
+            wp.discard(answer.data)  # an answer to an earlier call that had already ended
+        if answer.error in _LOCAL_ERRORS:
+            cls = getattr(errors, answer.error)
+            if answer.error == "LocalBlockFailed":
+                raise cls(answer.message, failure_pb2.Failure.FromString(answer.failure))
+            raise cls(answer.message)
+        return wp.unpack(answer.data)
+
+
+class JobLog:
+    """`print` for a job's program: complete lines go to the front door as Log messages (a partial line waits
+    for its end or for flush=True). Only the thread running the job calls it."""
+
+    def __init__(self, job_id: str, conn):
+        self._job_id, self._conn = job_id, conn
+        self._partial = ""
+
+    def __call__(self, *args, sep: str | None = " ", end: str | None = "\n", file=None, flush: bool = False) -> None:
+        text = self._partial + (" " if sep is None else sep).join(map(str, args)) + ("\n" if end is None else end)
+        *lines, self._partial = text.split("\n")
+        for line in lines:
+            self._conn.send(wp.Log(self._job_id, line))
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._partial:
+            self._conn.send(wp.Log(self._job_id, self._partial))
+            self._partial = ""
+
+
+def without_fake_data(values: dict) -> dict:
+    """A scan's saved tensors are fake (shapes and dtypes, no memory): they go back as meta tensors of the same
+    shape and dtype, never read (a fake tensor's data pointer is not memory)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def strip(value):
+        if isinstance(value, FakeTensor):
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta",
+                                       requires_grad=value.requires_grad)
+        if type(value) in (list, tuple):
+            return type(value)(strip(v) for v in value)
+        if type(value) is dict:
+            return {k: strip(v) for k, v in value.items()}
+        return value
+
+    return {name: strip(value) for name, value in values.items()}
+
+
+def _weights_changed(watch: WeightWatch, versions: list[int]) -> WeightsChanged | None:
+    """The error to report instead of a failed job's own when it had also written into the weights."""
+    try:
+        watch.check(versions)
+    except WeightsChanged as changed:
+        _log.warning("%s", changed)
+        return changed
+    return None
+
+
+class JobRun:
+    """One job on this worker: decode, run the Executor within its limits, encode the result, report the end."""
+
+    def __init__(self, job: wp.RunJob, hosted: HostedModel, policy, conn, inbox: _Inbox, watch: WeightWatch,
+                 watchdog: Watchdog):
+        self.job, self.hosted, self.policy, self.conn, self.inbox = job, hosted, policy, conn, inbox
+        self.watch = watch  # the replica's parameters, to notice a job that wrote into them
+        self.watchdog = watchdog
+        self.deadline = 0.0
+        self.user_files: dict[str, str] = {}
+        self.step, self.total_steps = 0, 0  # forward passes so far (generation steps), and how many are asked
+
+    @property
+    def cancelled(self) -> bool:
+        return self.job.job_id in self.inbox.cancel
+
+    def timed_out(self) -> JobTimeout:
+        return JobTimeout(
+            f"the job ran longer than its time limit of {self.job.timeout:g} s and was stopped at a module "
+            "boundary. Ask for a longer JobSpec.timeout (the server's --job-timeout caps it), or do less per job."
+        )
+
+    def _stop_requested(self) -> bool:
+        return self.cancelled or time.monotonic() > self.deadline
+
+    def _check_stop(self, module, args) -> None:
+        """A forward pre-hook on the model's root: stop at the next forward (generation step) when asked,
+        else report the step to the client (generation only: "step k/N")."""
+        if self._stop_requested():
+            raise RunStopped("The job was stopped before this forward pass.")
+        if self.total_steps:
+            self.step += 1
+            self.conn.send(wp.Progress(self.job.job_id, self.step, max(self.total_steps, 0)))
+
+    def run(self) -> None:
+        job = self.job
+        decoded: DecodedProgram | None = None
+        try:
+            decoded = decode_program(program_pb2.Program.FromString(wp.unpack(job.program)), self.hosted,
+                                     self.policy)
+            self.user_files = dict(decoded.user_files)
+            if self.cancelled:
+                raise JobCancelledError(self.inbox.cancel[job.job_id])
+            self._execute(decoded)
+        except BaseException as error:  # the worker survives anything a program does (SystemExit included)
+            self._end(error)
+        finally:
+            if decoded is not None:
+                decoded.release()
+            self.inbox.cancel.pop(job.job_id, None)
+
+    def _execute(self, decoded: DecodedProgram) -> None:
+        job, watch = self.job, self.watch
+        self.deadline = time.monotonic() + job.timeout
+        if decoded.program.kind == "generate":
+            total = decoded.program.kwargs.get("max_new_tokens", 20)
+            self.total_steps = total if isinstance(total, int) and total > 0 else -1  # -1: steps of unknown total
+        self.conn.send(wp.Running(job.job_id))
+        log = JobLog(job.job_id, self.conn)
+        link = WorkerLink(job.job_id, self.conn, self.inbox) if job.has_stream else None
+        handler = LocalCaller(link, decoded, deadline=self.deadline)
+        replica = self.hosted.model
+        hook = replica._module.register_forward_pre_hook(self._check_stop)
+        versions = watch.snapshot()
+        try:
+            root = decoded.bind(replica)
+            decoded.define_functions(log)
+            values = self.watchdog.call(self._stop_requested, lambda: execute(
+                root, decoded.program, decoded.bindings, filename=decoded.body_filename, local=handler, log=log,
+                cancel=self._stop_requested))
+            watch.check(versions)
+            values = decoded.with_outside_changes(values, log)
+            log.flush()
+            result = encode_result_pieces(without_fake_data(values), decoded.codec.encode, job.max_result_bytes, log)
+            log.flush()
+        except BaseException as error:
+            log.flush()
+            if not isinstance(error, WeightsChanged):  # (check() already put the weights back: never twice)
+                error = _weights_changed(watch, versions) or error
+            self._end(error)
+            return
+        finally:
+            hook.remove()
+        self.conn.send(wp.Done(job.job_id, wp.pack(result), self.watch.broken))
+
+    def _end(self, error: BaseException) -> None:
+        if self.cancelled:
+            self.conn.send(wp.Failed(self.job.job_id, b"", "CANCELLED", True, self.watch.broken))
+            return
+        if isinstance(error, RunStopped) or (self.deadline and time.monotonic() > self.deadline
+                                               and not isinstance(error, ServerError)):
+            error = self.timed_out()  # the time limit stopped it at a module boundary
+        code = error.code.name if isinstance(error, ServerError) else ""
+        _log.debug("job %s failed", self.job.job_id, exc_info=error)  # the full traceback, tether's frames included
+        failure = failure_of(error, self.user_files)
+        self.conn.send(wp.Failed(self.job.job_id, failure.SerializeToString(), code, False, self.watch.broken))

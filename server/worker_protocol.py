@@ -1,0 +1,181 @@
+"""The worker protocol: the one seam between the front door and a worker (one model replica, in its own process).
+
+Front door -> worker: `RunJob`, `LocalAnswer`, `Cancel`, `Stop`. Worker -> front door: `Ready`, `Running`,
+`Log`, `LocalCall`, `Done`, `Failed`. Messages are small picklable dataclasses sent over any
+`Connection`-like pair (send/recv/poll: a multiprocessing Pipe here; an actor's queue under Ray); bulky bytes
+(programs with inputs, results, local() values) travel as `Blob`s, in shared memory above SHM_THRESHOLD so
+they cross without going through the pipe. Imports the standard library only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+from dataclasses import dataclass
+
+__all__ = [
+    "Blob", "pack", "unpack", "SHM_THRESHOLD",
+    "RunJob", "LocalAnswer", "Cancel", "Stop",
+    "Ready", "Running", "Log", "LocalCall", "Done", "Failed", "discard",
+]
+
+SHM_THRESHOLD = 1 << 20  # bytes: below this, bytes go through the pipe (one copy); above, through shared memory
+_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+_names = itertools.count()
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Bytes in shared memory: a file in /dev/shm the receiver maps and unlinks (so it is freed with the map)."""
+
+    path: str
+    size: int
+
+
+def pack(pieces: list) -> bytes | Blob:
+    """Bytes-like pieces as one thing to send: bytes when small, a Blob (one copy into shared memory) when large."""
+    size = sum(len(p) for p in pieces)
+    if size < SHM_THRESHOLD or _SHM_DIR is None:
+        return b"".join(pieces)
+    path = os.path.join(_SHM_DIR, f"tether-{os.getpid()}-{next(_names)}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as out:
+            offset = 0
+            for piece in pieces:
+                n = len(piece)
+                out[offset:offset + n] = piece
+                offset += n
+    finally:
+        os.close(fd)
+    return Blob(path, size)
+
+
+def unpack(data: bytes | Blob) -> bytes | memoryview:
+    """What `pack` sent: the bytes, or a read-only view of the shared memory (mapped, then unlinked: it lives as
+    long as the view)."""
+    if not isinstance(data, Blob):
+        return data
+    if data.size == 0:
+        os.unlink(data.path)
+        return b""
+    fd = os.open(data.path, os.O_RDONLY)
+    try:
+        mapped = mmap.mmap(fd, data.size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+        os.unlink(data.path)
+    return memoryview(mapped)
+
+
+def discard(data: bytes | Blob | None) -> None:
+    """Free a Blob that will never be unpacked (its job ended first)."""
+    if isinstance(data, Blob):
+        try:
+            os.unlink(data.path)
+        except FileNotFoundError:
+            pass
+
+
+# ---- front door -> worker ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunJob:
+    """Run one job: its serialized Program (checked by the front door already) and its limits."""
+
+    job_id: str
+    program: bytes | Blob
+    timeout: float  # seconds from Running to the deadline
+    max_result_bytes: int
+    has_stream: bool  # whether local() calls can be answered (a RunJob stream)
+
+
+@dataclass(frozen=True)
+class LocalAnswer:
+    """The answer to a LocalCall: the serialized ValueMap of the block's writes, or an error to raise there.
+
+    error: the name of a server error class (LocalBlockFailed, LocalCallFailed, JobTimeout, JobCancelledError),
+    with its message and (LocalBlockFailed) the client's serialized Failure."""
+
+    call_id: str
+    data: bytes | Blob = b""
+    error: str = ""
+    message: str = ""
+    failure: bytes = b""
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop the running job at its next module boundary (the worker's watchdog interrupts it after a grace)."""
+
+    job_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End the worker once its current job is done."""
+
+
+# ---- worker -> front door ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ready:
+    """The worker has its replica and takes jobs."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Running:
+    """The job's program started."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Log:
+    """One line the job printed."""
+
+    job_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A generation job started forward pass `step` of `total` (0: unknown), for the client's "step k/N"."""
+
+    job_id: str
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class LocalCall:
+    """A local() block to run on the client: the serialized ValueMap of the names it reads."""
+
+    job_id: str
+    call_id: str
+    block_id: str
+    payload: bytes | Blob
+
+
+@dataclass(frozen=True)
+class Done:
+    """The job's serialized JobResult."""
+
+    job_id: str
+    result: bytes | Blob
+    retire: str = ""  # why the replica must run no more jobs (weights a job wrote into could not be put back)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job ended with an error: its serialized Failure, the gRPC status code's name, and whether it was
+    cancelled (then the front door reports CANCELLED with the cancel's reason)."""
+
+    job_id: str
+    failure: bytes
+    code: str
+    cancelled: bool
+    retire: str = ""  # as in Done

@@ -1,0 +1,68 @@
+"""A least-recently-used cache bounded by bytes: for caches keyed by program text (parsed trees, compiled code).
+
+A cache bounded by entries lets a few large programs stay resident; this one weighs each entry by the text in
+its key (what its parsed tree or code object scales with). Imports nothing of tether.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["bytes_lru_cache", "DEFAULT_CACHE_BYTES"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_CACHE_BYTES = 16 << 20  # bytes of key text per cache: ~16 programs of the 1 MiB limit, or thousands of small ones
+
+
+def _weight(args: tuple) -> int:
+    return 64 + sum(len(a) for a in args if isinstance(a, (str, bytes)))
+
+
+def bytes_lru_cache(max_bytes: int = DEFAULT_CACHE_BYTES) -> Callable[[F], F]:
+    """Like functools.lru_cache (hashable arguments), but bounded by the total length of the str and
+    bytes arguments of the cached calls; a single call heavier than `max_bytes` is computed and not kept."""
+
+    def decorate(fn: F) -> F:
+        lock = threading.Lock()
+        entries: collections.OrderedDict[tuple, tuple[Any, int]] = collections.OrderedDict()  # guarded by lock
+        total = [0]  # guarded by lock: the weights of `entries`
+
+        @functools.wraps(fn)
+        def cached(*args, **kwargs):
+            key = (*args, *sorted(kwargs.items())) if kwargs else args
+            with lock:
+                hit = entries.get(key)
+                if hit is not None:
+                    entries.move_to_end(key)
+                    return hit[0]
+            value = fn(*args, **kwargs)  # outside the lock: a slow call never blocks other keys
+            weight = _weight((*args, *kwargs.values()))
+            if weight > max_bytes:
+                return value
+            with lock:
+                if key not in entries:
+                    entries[key] = (value, weight)
+                    total[0] += weight
+                    while total[0] > max_bytes:
+                        _, (_, dropped) = entries.popitem(last=False)
+                        total[0] -= dropped
+            return value
+
+        def cache_clear() -> None:
+            with lock:
+                entries.clear()
+                total[0] = 0
+
+        def cache_bytes() -> int:
+            with lock:
+                return total[0]
+
+        cached.cache_clear = cache_clear  # type: ignore[attr-defined]
+        cached.cache_bytes = cache_bytes  # type: ignore[attr-defined]
+        return cached  # type: ignore[return-value]
+
+    return decorate
