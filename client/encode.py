@@ -33,14 +33,14 @@ from tether.values import to_value
 
 from .outside import as_namespace, is_plain_object
 
-__all__ = ["Job", "LocalSite", "build_job", "model_name_of", "CLIENT_MODULE"]
+__all__ = ["Job", "BlockSource", "build_job", "model_name_of", "CLIENT_MODULE"]
 
 _KINDS = PROGRAM_KINDS
 _HAS_PATH = "path" in values_pb2.ModelReference.DESCRIPTOR.fields_by_name
 
 
 @dataclass
-class LocalSite:
+class BlockSource:
     """Where one local() block's body is: the user's file, its text when the job was built, the line."""
 
     filename: str
@@ -56,7 +56,7 @@ class Job:
     model: Any  # the root NNsight the context belongs to
     model_name: str
     assigned: tuple[str, ...]  # names the body assigns: what the caller gets back
-    sites: dict[str, LocalSite] = field(default_factory=dict)  # block_id -> where its body is
+    sites: dict[str, BlockSource] = field(default_factory=dict)  # block_id -> where its body is
     remote_loads: frozenset[str] = frozenset()  # names remote code reads: local() blocks send back only these
     sent: dict[str, bytes] = field(default_factory=dict)  # binding name -> its serialized Value
 
@@ -126,11 +126,11 @@ def build_job(context: Any, ns: dict) -> Job:
     text = "".join(linecache.getlines(block.filename)) if locals_ else ""
     for local in locals_:
         msg.local_blocks.append(local)
-        job.sites[local.block_id] = LocalSite(block.filename, text, local.first_line)
+        job.sites[local.block_id] = BlockSource(block.filename, text, local.first_line)
     for fn, site in encoder.shipped():
         msg.functions.append(fn)
         for local in fn.local_blocks:
-            job.sites[local.block_id] = LocalSite(site.filename, site.text, local.first_line)
+            job.sites[local.block_id] = BlockSource(site.filename, site.text, local.first_line)
     job.spec.program.CopyFrom(msg)
     return job
 
@@ -243,10 +243,10 @@ class _Encoder:
 
     def __init__(self, model: Any, model_name: str):
         self._model, self._model_name = model, model_name
-        self._functions: list[tuple[program_pb2.FunctionSource, LocalSite]] = []  # in definition order
+        self._functions: list[tuple[program_pb2.FunctionSource, BlockSource]] = []  # in definition order
         self._by_name: dict[str, Any] = {}  # shipped (or being shipped) name -> the object
 
-    def shipped(self) -> list[tuple[program_pb2.FunctionSource, LocalSite]]:
+    def shipped(self) -> list[tuple[program_pb2.FunctionSource, BlockSource]]:
         return list(self._functions)
 
     def binding(self, name: str, value: Any) -> values_pb2.Value | None:
@@ -349,7 +349,7 @@ class _Encoder:
         tag = f"{filename}:"
         msg.local_blocks.extend(fn_body.local_blocks(fn_body.remote_stores, filename_tag=tag))
         text = "".join(linecache.getlines(filename))
-        site = LocalSite(filename, text, 0)
+        site = BlockSource(filename, text, 0)
         self._functions.append((msg, site))
 
 
