@@ -20,11 +20,11 @@ from greenlet import GreenletExit, getcurrent
 from greenlet import greenlet as Greenlet
 
 from . import batching
-from .errors import OutOfOrderError, TetherError
+from .errors import OutOfOrderError, RunStopped, TetherError
 from .skipping import SkipGate, SkipSlot
 
 __all__ = ["Request", "Mediator", "Interleaver", "HookPlan", "current_mediator", "current_interleaver", "EarlyStop",
-           "JobCancelled", "cancel_scope"]
+           "cancel_scope"]
 
 _limits = threading.local()
 
@@ -45,10 +45,6 @@ class cancel_scope:
 
 class EarlyStop(BaseException):
     """Unwinds the model's forward pass after `.stop()`; never reaches the user."""
-
-
-class JobCancelled(TetherError):
-    """The run was cancelled from outside (a server cancel request) at a module boundary."""
 
 
 class _Abort(BaseException):
@@ -558,7 +554,7 @@ class Interleaver:
         if self._stop:
             raise EarlyStop()
         if self._cancel is not None and self._cancel():
-            self._failure = JobCancelled("The job was cancelled while the model was running.")
+            self._failure = RunStopped("The job was cancelled while the model was running.")
             raise _Abort()
 
     def _apply(self, mediator: Mediator, req: Request, slot) -> Any:
