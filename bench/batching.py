@@ -56,7 +56,7 @@ class _Server:
     gathered by the front door and run there); `--port 0`, so two never compete for the default port."""
 
     def __init__(self, spec: str, *extra: str):
-        args = [sys.executable, "-m", "tether.server.cli", "serve", "--port", "0", "--model", f"m={spec}",
+        args = [sys.executable, "-m", "tether", "serve", "--port", "0", "--model", f"m={spec}",
                 "--queue-size", "64", "--result-ttl", "5", *extra]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.address = ""

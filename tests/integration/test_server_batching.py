@@ -284,7 +284,7 @@ def test_max_batch_bounds_the_batches(client_config, monkeypatch, max_batch, siz
 
 
 def test_the_batching_flags_of_tether_serve():
-    from tether.server.cli import parse_args
+    from tether.cli import parse_args
 
     args = parse_args(["serve", "--model", "t=tiny"])
     assert (args.max_batch, args.batch_wait_ms, args.batch_tokens) == (16, 5.0, 8192)
