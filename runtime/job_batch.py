@@ -14,10 +14,10 @@ from greenlet import GreenletExit
 from . import ops
 from .capture import OPS_NAME
 from .contexts import _trimmed, local_handler
+from .errors import RunStopped
 from .interleaver import (
     EarlyStop,
     Interleaver,
-    JobCancelled,
     Mediator,
     Request,
     cancel_scope,
@@ -214,7 +214,7 @@ class _BatchInterleaver(Interleaver):
         for job in self.jobs:
             cancel = job.spec.cancel
             if job.outcome is None and not job.ended and cancel is not None and cancel():
-                job.fail(JobCancelled("The job was cancelled while the model was running."))
+                job.fail(RunStopped("The job was cancelled while the model was running."))
                 job.mediator.pending = None
                 self._end(job.mediator)
 

@@ -8,16 +8,12 @@ from typing import Any
 
 import torch
 
-from .errors import TetherError
+from .errors import SharedValueError
 
 __all__ = ["Window", "pad_rows", "lend", "write_back", "splice", "SharedValueError", "Withheld"]
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, slice,
           type(Ellipsis))
-
-
-class SharedValueError(TetherError):
-    """A job tried to replace or use a value the whole batch shares (not one of its own rows)."""
 
 
 class Withheld:

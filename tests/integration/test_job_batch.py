@@ -14,8 +14,7 @@ import torch
 import tether
 from tether import LanguageModel, NNsight
 from tether.runtime import tiny
-from tether.runtime.errors import OutOfOrderError
-from tether.runtime.interleaver import JobCancelled
+from tether.runtime.errors import OutOfOrderError, RunStopped
 from tether.runtime.job_batch import BatchJob, batch_key, batchable, execute_batch
 from tether.runtime.program import Program, execute
 
@@ -150,7 +149,7 @@ def test_a_cancelled_job_among_others():
         return calls["n"] > 3
 
     outcomes, _ = run_batch(programs, cancel=[None, cancel_later, None])
-    assert isinstance(outcomes[1].error, JobCancelled)
+    assert isinstance(outcomes[1].error, RunStopped)
     for i in (0, 2):
         same(outcomes[i].values["out"], solo(programs[i])["out"])
 
