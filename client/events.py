@@ -112,6 +112,8 @@ class JobEvents:
             message = event.status.message
             if event.status.state == jobs_pb2.JOB_STATE_QUEUED and event.status.queue_position:
                 message = message or f"position {event.status.queue_position} in the queue"
+            if event.status.batch_size > 1 and self.display.verbose:  # shared a batched run with other jobs
+                message = " ".join(filter(None, (message, f"batched with {event.status.batch_size - 1} other jobs")))
             if self.done:
                 message = " ".join(filter(None, (self._timing(), message)))
             self.display.update(self.job_id, state_name(event.status.state), message, elapsed=self._elapsed())

@@ -12,6 +12,7 @@ class to the root). None reaches a user: each is raised and caught by tether its
 - `tether.runtime.cpython.SkipBody`: skips a `with` block's body in the caller (tether runs it itself).
 - `tether.runtime.interleaver.EarlyStop`: unwinds the model's forward pass after `.stop()`.
 - `tether.runtime.interleaver._Abort`: unwinds the forward pass after a body failed (its error follows).
+- `tether.runtime.job_batch._Refused`: carries a batched job's refused edit to its body, raised at its line.
 - `tether.runtime.session._ExitSession`: `session.exit()` ends the session body.
 - `tether.runtime.contexts.ExitLoop`: `iterator.exit()` leaves a `session.iter(...)` loop.
 - `tether.server.interrupts.Interrupted`: raised into a worker thread stuck outside any module boundary.
@@ -32,12 +33,14 @@ __all__ = [
     "ValueNotReachedError",
     "RemoteError",
     "RunStopped",
+    "SharedValueError",
     "CONTROL_FLOW",
 ]
 
 CONTROL_FLOW = (  # module.qualname of each exception outside the hierarchy (the docstring says why)
     "tether.runtime.cpython.SkipBody",
     "tether.runtime.interleaver.EarlyStop",
+    "tether.runtime.job_batch._Refused",
     "tether.runtime.interleaver._Abort",
     "tether.runtime.session._ExitSession",
     "tether.runtime.contexts.ExitLoop",
@@ -84,3 +87,7 @@ class RemoteError(TetherError):
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
         self.code = code
+
+
+class SharedValueError(TetherError):
+    """A batched job tried to replace or use a value the whole batch shares (not one of its own rows)."""

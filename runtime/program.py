@@ -20,7 +20,8 @@ from .contexts import local_handler
 from .interleaver import cancel_scope
 from .saving import SaveScope, hand_back
 
-__all__ = ["Program", "program_of", "block_of", "execute", "free_names", "local_block_at", "run_local_block"]
+__all__ = ["Program", "program_of", "block_of", "context_of", "execute", "free_names", "local_block_at",
+           "run_local_block"]
 
 KINDS = ("trace", "generate", "session", "scan")
 
@@ -93,7 +94,7 @@ def execute(model: Any, program: Program, bindings: dict, *, filename: str | Non
     `saving` (callers on a wire send their kind, not the object). `print` in the body goes to `log`.
     """
     block = block_of(program, filename)
-    context = _context(model, program, log)
+    context = context_of(model, program, log)
     context._block = block
     ns = {**bindings, OPS_NAME: ops, "print": log}
     if program.tracer_name:
@@ -104,7 +105,8 @@ def execute(model: Any, program: Program, bindings: dict, *, filename: str | Non
     return hand_back(ns, block.assigned, scope, bindings, why=context._why_unreached())
 
 
-def _context(model: Any, program: Program, log: Callable[..., None]) -> Any:
+def context_of(model: Any, program: Program, log: Callable[..., None]) -> Any:
+    """The Tracer (or Session) `program` runs in on `model`, not yet run; `print` in its body goes to `log`."""
     if program.kind == "session":
         context = model.session()
     elif program.kind in ("trace", "generate", "scan"):

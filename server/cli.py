@@ -82,6 +82,13 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--replicas", type=_positive(int), default=1,
                        help="workers per model, each with its own copy of the model in memory and running one "
                             "job at a time (default 1)")
+    serve.add_argument("--max-batch", type=_positive(int), default=16,
+                       help="jobs for the same model that may share one batched forward pass or generation "
+                            "(default 16); 1 runs every job alone")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="milliseconds a worker waits for more compatible jobs to batch (default 5)")
+    serve.add_argument("--batch-tokens", type=_positive(int), default=8192,
+                       help="rows x positions one batched run may take (default 8192)")
     serve.set_defaults(run=serve_models, check=_check)
 
 
@@ -143,6 +150,7 @@ def serve_models(args: argparse.Namespace) -> int:
         max_result_bytes=args.max_result_bytes, result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
         policy=DEFAULT_POLICY.with_modules(args.allow_module), max_program_bytes=args.max_program_bytes,
         **({"job_memory": args.job_memory} if args.job_memory else {}),
+        max_batch=args.max_batch, batch_wait=max(args.batch_wait_ms, 0.0) / 1000, batch_tokens=args.batch_tokens,
     )
     ready = _ready_stream()
     try:

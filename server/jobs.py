@@ -124,6 +124,7 @@ class Job:
         self._local_calls: dict[str, list[int]] = {}  # guarded by cond: call_id -> indexes of its events
         self.link = None  # set once, before the job is queued: its LocalLink (RunJob jobs only)
         self.on_end: Callable[[Job], None] | None = None  # set once by JobStore.add: learns the expiry time
+        self.on_cancel: Callable[[], None] | None = None  # set by the supervisor running it: wakes its relay
         self.state_times: dict[int, float] = {}  # guarded by cond: state -> time.monotonic() it was entered
         self.set_state(jobs_pb2.JOB_STATE_RECEIVED, "the server accepted and checked the program")
 
@@ -182,6 +183,7 @@ class Job:
         queue_position: int = 0,
         code: grpc.StatusCode | None = None,
         notify: bool = True,
+        batch_size: int = 0,
     ) -> bool:
         """Move to `state` and log it; False (nothing changes) once the job is terminal or for a step back.
         notify=False: the caller logs another event at once, which wakes the watchers (see `event`)."""
@@ -189,7 +191,7 @@ class Job:
             if self.done or _ORDER.get(state, 9) < _ORDER.get(self.status.state, 0):
                 return False
             self.status = jobs_pb2.JobStatus(
-                state=state, message=message, failure=failure, queue_position=queue_position
+                state=state, message=message, failure=failure, queue_position=queue_position, batch_size=batch_size
             )
             self.update_time = _now()
             self.state_times[state] = time.monotonic()
@@ -252,7 +254,10 @@ class Job:
             if self.cancel_reason is None:
                 self.cancel_reason = reason or "cancelled by the client"
             self.cond.notify_all()
-            return True
+            wake = self.on_cancel
+        if wake is not None:
+            wake()  # the relay forwards the cancel to the worker now, not at its next idle tick
+        return True
 
     @property
     def cancel_requested(self) -> bool:

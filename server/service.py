@@ -21,6 +21,7 @@ from tether.framing import read_result_frame, submit_job_response
 from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 
 from .auth import Authenticator
+from .batching import batch_info
 from .errors import InvalidProgram, ServerError
 from .jobs import STATUS_LINGER, TERMINAL, Job, JobStore, state_name
 from .limits import Undecodable, check_program, deserializer
@@ -128,6 +129,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         hosted = hub.models.resolve(spec.program.model)
         job = Job(owner, hosted.name, spec.program.kind, spec.request_id)
         decoded = decode_program(spec.program, hosted, hub.policy)  # checked here: refused before it is queued
+        batch = batch_info(hosted.model, decoded.program) if hub.limits.max_batch > 1 else (None, 0)
         decoded.release()  # the worker decodes it again, in its own process
         if not stream and decoded.has_local_blocks:
             raise InvalidProgram(NO_STREAM)
@@ -141,7 +143,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             queue = hub.queues.get(hosted.name)
             if queue is None:  # evicted since it was resolved
                 hub.registry.get(hosted.name)  # raises NotFound
-            queue.submit(job, spec.program.SerializeToString(), JobLimits.of(spec, hub.limits), job.link)
+            queue.submit(job, spec.program.SerializeToString(), JobLimits.of(spec, hub.limits), job.link, batch)
         except ServerError:  # refused (queue full, model out of service): no record of a job that never runs
             hub.store.remove(job)
             raise

@@ -1,6 +1,7 @@
-"""A replica's supervisor: starts its worker process, relays one job at a time over the worker protocol, and
+"""A replica's supervisor: starts its worker process, relays one job (or one batch of compatible jobs) at a time
+over the worker protocol, and
 restarts the worker when it dies or has to be killed (a job past its grace after a time limit or cancel, or
-over its memory limit). Imports multiprocessing, the job records and the protocol; never runs user code.
+over its memory limit: a kill ends every job of its batch). Imports multiprocessing, the job records and the protocol; never runs user code.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class Replica:
         self.conn: Any = None  # the front door's end of the worker's pipe
         self.restarts = 0  # how often the worker was started again after dying or being killed
         self._ready = threading.Condition()
+        self._wake_in, self._wake_out = multiprocessing.Pipe(duplex=False)  # a cancel wakes the relay at once
         self._pid: int | None = None  # guarded by _ready: the pid of the worker that said Ready (None: none now)
         self._thread = threading.Thread(target=self._work, name=f"tether-replica-{self.name}", daemon=True)
         self._thread.start()
@@ -198,11 +200,11 @@ class Replica:
             self._kill()
             return
         try:
-            while (entry := self.queue.take()) is not None:
+            while (entries := self.queue.take()) is not None:
                 try:
-                    retire = _JobRelay(self, entry).run()
+                    retire = _JobRelay(self, entries).run()
                 finally:
-                    self.queue.done(entry)
+                    self.queue.done(entries)
                 if retire:
                     self.queue.retire(retire)
                     break
@@ -214,6 +216,13 @@ class Replica:
             if self.process is not None:
                 self.process.join(2.0)
             self._kill()
+
+    def wake(self) -> None:
+        """Have the relay look at its jobs now (a cancel was requested): called from any thread."""
+        try:
+            self._wake_out.send_bytes(b"!")
+        except (OSError, ValueError):
+            pass
 
     def restart(self) -> None:
         """Replace a dead (or killed) worker; its queued jobs then run on the new one."""
@@ -233,92 +242,157 @@ def _process_main(*args) -> None:
     process_main(*args)
 
 
-class _JobRelay:
-    """One job on a replica: sends it, relays what the worker says, enforces time (with a grace) and memory."""
+class _Track:
+    """One job of what a replica runs now: its entry, its clock (from its Running), cancel and last line."""
 
-    def __init__(self, replica: Replica, entry: Entry):
-        self.replica, self.entry, self.job, self.limits = replica, entry, entry.job, entry.limits
-        self.ttl, self.chunk_size = replica.queue.limits.result_ttl, replica.queue.limits.chunk_size
-        self.conn = replica.conn
+    def __init__(self, entry: Entry):
+        self.entry, self.job, self.limits = entry, entry.job, entry.limits
         self.started = time.monotonic()
         self.deadline = self.started + self.limits.timeout
         self.running = False
+        self.ended = False
         self.cancel_sent = 0.0  # time.monotonic() when the cancel went to the worker
         self.last_log = ""
-        self.baseline = 0
         self.program: bytes | wp.Blob = b""
 
+    def message(self) -> wp.RunJob:
+        self.program = wp.pack([self.entry.program])  # the worker unlinks it (a Blob) once it reads it
+        return wp.RunJob(self.job.id, self.program, self.limits.timeout, self.limits.max_result_bytes,
+                         self.entry.link is not None)
+
+    def timed_out(self) -> JobTimeout:
+        return JobTimeout(
+            f"the job ran longer than its time limit of {self.limits.timeout:g} s and was stopped. Ask for a "
+            "longer JobSpec.timeout (the server's --job-timeout caps it), or do less per job."
+        )
+
+    def past_grace(self, now: float) -> Exception | None:
+        """The error to kill the worker with when this job runs past its grace after its limit or cancel."""
+        stop_at = min(self.deadline, self.cancel_sent) if self.cancel_sent else self.deadline
+        if now <= stop_at + KILL_GRACE:
+            return None
+        if self.cancel_sent:
+            return JobCancelledError(self.job.cancel_reason or "cancelled by the client")
+        return JobTimeout(
+            f"the job ran past its time limit of {self.limits.timeout:g} s and did not stop within "
+            f"{KILL_GRACE:g} s after it (a loop that swallows interrupts, or one long torch call), so its "
+            "worker was stopped and restarted. Ask for a longer JobSpec.timeout, or do less per job."
+        )
+
+    def doing(self) -> str:
+        if not self.running:
+            return "preparing the job (decoding its program)"
+        doing = f"running the program ({time.monotonic() - self.started:.1f} s in"
+        return doing + (f"; its last printed line: {self.last_log!r})" if self.last_log else ")")
+
+
+class _JobRelay:
+    """What a replica runs now (one job, or a batch of compatible jobs in one RunBatch): sends it, relays what
+    the worker says to each job, enforces each job's time (with a grace) and the worker's memory."""
+
+    def __init__(self, replica: Replica, entries: list[Entry]):
+        self.replica, self.entries = replica, entries
+        self.ttl, self.chunk_size = replica.queue.limits.result_ttl, replica.queue.limits.chunk_size
+        self.conn = replica.conn
+        self.tracks: dict[str, _Track] = {}  # job id -> its track, for the jobs sent to the worker
+        self.retire = ""
+        self.baseline = 0
+        self.checked = 0.0  # time.monotonic() of the last look at the jobs' clocks and the worker's memory
+
     def run(self) -> str:
-        """Relay the job to its end; returns why the replica must retire ("" normally)."""
-        job, replica = self.job, self.replica
+        """Relay the jobs to their ends; returns why the replica must retire ("" normally)."""
+        replica = self.replica
         if replica.process is not None and not replica.process.is_alive():  # it died while idle
             _log.warning("the idle worker of %s %s", replica.name, replica._how_it_ended())
             replica.restart()
             self.conn = replica.conn
         pid = replica.process.pid if replica.process is not None else None
         where = f"on worker {replica.name}" + (f" (pid {pid})" if pid else "")
-        if not job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, where, notify=False):
-            return ""
-        if job.cancel_requested:
-            job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
-                       code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
+        for entry in self.entries:
+            job = entry.job
+            if not job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, where, notify=False):
+                continue
+            if job.cancel_requested:
+                job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
+                           code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
+                continue
+            self.tracks[job.id] = _Track(entry)
+            job.on_cancel = replica.wake
+        if not self.tracks:
             return ""
         self.baseline = _anon_rss(pid) if pid else 0
-        self.program = wp.pack([self.entry.program])  # the worker unlinks it (a Blob) once it reads it
+        runs = [track.message() for track in self.tracks.values()]
         try:
-            self.conn.send(wp.RunJob(job.id, self.program, self.limits.timeout, self.limits.max_result_bytes,
-                                     self.entry.link is not None))
+            self.conn.send(runs[0] if len(runs) == 1 else wp.RunBatch(tuple(runs)))
             return self._relay(pid)
         except (EOFError, OSError, BrokenPipeError):
-            self._ended_with_worker(WorkerCrashed(self._crash_message(replica._how_it_ended())))
+            self._ended_with_worker(WorkerCrashed, None)
             return ""
 
+    def _live(self) -> list[_Track]:
+        return [track for track in self.tracks.values() if not track.ended]
+
     def _relay(self, pid: int | None) -> str:
-        waitables = [self.conn] + ([self.replica.process.sentinel] if pid else [])
-        checked = time.monotonic()
-        while True:
+        wake = self.replica._wake_in
+        while wake.poll():  # wakes for jobs that have ended since
+            wake.recv_bytes()
+        waitables = [self.conn, wake] + ([self.replica.process.sentinel] if pid else [])
+        while self._live():
             ready = multiprocessing.connection.wait(waitables, TICK)
+            if wake in ready:
+                while wake.poll():
+                    wake.recv_bytes()
+                self._forward_cancels()
             if self.conn in ready:
                 try:
                     message = self.conn.recv()
                 except (EOFError, OSError):
                     message = None
                 if message is None:
-                    self._ended_with_worker(WorkerCrashed(self._crash_message(self.replica._how_it_ended())))
+                    self._ended_with_worker(WorkerCrashed, None)
                     return ""
-                ended = self._handle(message)
-                if ended is not None:
-                    return ended
-                if time.monotonic() - checked < TICK:
-                    continue  # a job that sends messages all the time is still checked every TICK (below)
-            checked = time.monotonic()
-            if pid and self.replica.process.sentinel in ready and not self.conn.poll():
-                self._ended_with_worker(WorkerCrashed(self._crash_message(self.replica._how_it_ended())))
+                self._handle(message)
+                if not self._live():
+                    break
+            elif pid and self.replica.process.sentinel in ready and not self.conn.poll():
+                self._ended_with_worker(WorkerCrashed, None)
                 return ""
-            killed = self._check(pid)
+            killed = self._check(pid)  # (after messages too: a job that logs all the time is still timed)
             if killed is not None:
                 self.replica._kill()
-                self._ended_with_worker(killed)
+                self._ended_with_worker(*killed)
                 return ""
+        return self.retire
 
-    def _handle(self, message) -> str | None:
-        """Apply one worker message to the job; the retire reason ("" or why) once the job has ended."""
-        job = self.job
+    def _handle(self, message) -> None:
+        """Apply one worker message to its job."""
+        track = self.tracks.get(getattr(message, "job_id", ""))
+        if track is None or track.ended:
+            return
+        job = track.job
         if isinstance(message, wp.Running):
-            self.running, self.started = True, time.monotonic()
-            self.deadline = self.started + self.limits.timeout
-            job.set_state(jobs_pb2.JOB_STATE_RUNNING)
+            track.running, track.started = True, time.monotonic()
+            track.deadline = track.started + track.limits.timeout
+            job.set_state(jobs_pb2.JOB_STATE_RUNNING, batch_size=message.batch_size if message.batch_size > 1 else 0)
         elif isinstance(message, wp.Log):
-            self.last_log = message.text
+            track.last_log = message.text
             job.event(log=jobs_pb2.LogLine(text=message.text))
         elif isinstance(message, wp.Progress):
             job.event(progress=jobs_pb2.Progress(step=message.step, total_steps=message.total))
         elif isinstance(message, wp.LocalCall):
-            self._local(message)
+            self._local(track, message)
         elif isinstance(message, wp.Done):
-            job.complete(ResultBytes([wp.unpack(message.result)]), self.chunk_size, self.ttl)
-            return message.retire
+            track.ended = True
+            self.retire = self.retire or message.retire
+            if job.cancel_requested:  # cancelled (an evict, a client) while its last step ran: it ends CANCELLED
+                wp.discard(message.result)
+                job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
+                           code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
+            else:
+                job.complete(ResultBytes([wp.unpack(message.result)]), self.chunk_size, self.ttl)
         elif isinstance(message, wp.Failed):
+            track.ended = True
+            self.retire = self.retire or message.retire
             if message.cancelled or job.cancel_requested:
                 job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
                            code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
@@ -326,80 +400,88 @@ class _JobRelay:
                 failure = failure_pb2.Failure.FromString(message.failure)
                 code = grpc.StatusCode[message.code] if message.code else None
                 job.finish(jobs_pb2.JOB_STATE_ERROR, failure.message, failure=failure, code=code, ttl=self.ttl)
-            return message.retire
-        return None
 
-    def _local(self, call: wp.LocalCall) -> None:
+    def _local(self, track: _Track, call: wp.LocalCall) -> None:
         """A local() call: up the job's RunJob stream, and its answer (or why there is none) back."""
-        link = self.entry.link
+        link = track.entry.link
         try:
             if link is None:
                 raise LocalCallFailed(NO_STREAM)
-            data = link.call(call.call_id, call.block_id, [wp.unpack(call.payload)], self.deadline,
-                             self.limits.local_call_timeout, self._timed_out)
+            data = link.call(call.call_id, call.block_id, [wp.unpack(call.payload)], track.deadline,
+                             track.limits.local_call_timeout, track.timed_out)
             answer = wp.LocalAnswer(call.call_id, wp.pack([data]))
         except (LocalBlockFailed, LocalCallFailed, JobTimeout, JobCancelledError) as error:
             failure = error.failure.SerializeToString() if isinstance(error, LocalBlockFailed) else b""
             answer = wp.LocalAnswer(call.call_id, error=type(error).__name__, message=str(error), failure=failure)
         self.conn.send(answer)
 
-    def _timed_out(self) -> JobTimeout:
-        return JobTimeout(
-            f"the job ran longer than its time limit of {self.limits.timeout:g} s and was stopped. Ask for a "
-            "longer JobSpec.timeout (the server's --job-timeout caps it), or do less per job."
-        )
-
-    def _check(self, pid: int | None) -> Exception | None:
-        """Between messages: forward a cancel; the error to kill the worker with, if the job must be stopped."""
-        job, now = self.job, time.monotonic()
-        if job.cancel_requested and not self.cancel_sent:
-            self.cancel_sent = now
-            self.conn.send(wp.Cancel(job.id, job.cancel_reason or "cancelled by the client"))
-        if pid is None:
-            return None  # a thread worker cannot be killed: its watchdog stops what it can
-        stop_at = min(self.deadline, self.cancel_sent) if self.cancel_sent else self.deadline
-        if now > stop_at + KILL_GRACE:
-            if self.cancel_sent:
-                return JobCancelledError(job.cancel_reason or "cancelled by the client")
-            return JobTimeout(
-                f"the job ran past its time limit of {self.limits.timeout:g} s and did not stop within "
-                f"{KILL_GRACE:g} s after it (a loop that swallows interrupts, or one long torch call), so its "
-                "worker was stopped and restarted. Ask for a longer JobSpec.timeout, or do less per job."
-            )
+    def _check(self, pid: int | None) -> tuple[Any, _Track | None] | None:
+        """Between messages: forward cancels; (the error, the job that caused it: None for all) to kill the
+        worker with, if a job must be stopped."""
+        now = time.monotonic()
+        live = self._forward_cancels()
+        if pid is None or now - self.checked < TICK:
+            return None  # (a thread worker cannot be killed: its watchdog stops what it can)
+        self.checked = now
+        for track in live:
+            error = track.past_grace(now)
+            if error is not None:
+                return error, track
         limit = self.replica.queue.limits.job_memory
         used = _anon_rss(pid) - self.baseline
         if used > limit:
+            jobs = "the job" if len(self.tracks) == 1 else f"the batch of {len(self.tracks)} jobs this job ran in"
             return JobMemoryExceeded(
-                f"the job allocated {used / 2**20:.0f} MiB, more than the server's per-job memory limit of "
+                f"{jobs} allocated {used / 2**20:.0f} MiB, more than the server's per-job memory limit of "
                 f"{limit / 2**20:.0f} MiB (--job-memory), so its worker was stopped and restarted. Use smaller "
                 "inputs or batches, or save less."
-            )
+            ), None
         return None
 
-    def _crash_message(self, how: str) -> str:
-        return (f"the worker process running this job crashed ({how}) while {self._doing()}. The server restarted "
-                "the worker; other jobs were not affected. If the program caused it (a C extension, an enormous "
-                "allocation...), change it; otherwise submit the job again.")
+    def _forward_cancels(self) -> list[_Track]:
+        """Send the worker a Cancel for each live job asked to stop since; returns the live jobs."""
+        live = self._live()
+        for track in live:
+            job = track.job
+            if job.cancel_requested and not track.cancel_sent:
+                track.cancel_sent = time.monotonic()
+                self.conn.send(wp.Cancel(job.id, job.cancel_reason or "cancelled by the client"))
+        return live
 
-    def _doing(self) -> str:
-        if not self.running:
-            return "preparing the job (decoding its program)"
-        doing = f"running the program ({time.monotonic() - self.started:.1f} s in"
-        return doing + (f"; its last printed line: {self.last_log!r})" if self.last_log else ")")
+    def _crash_message(self, track: _Track, how: str) -> str:
+        others = ("other jobs were not affected" if len(self.tracks) == 1 else
+                  f"the other jobs of its batch of {len(self.tracks)} ended with it, other jobs were not affected")
+        return (f"the worker process running this job crashed ({how}) while {track.doing()}. The server restarted "
+                f"the worker; {others}. If the program caused it (a C extension, an enormous allocation...), change "
+                "it; otherwise submit the job again.")
 
-    def _ended_with_worker(self, error: Exception) -> None:
-        """The job's worker died or was killed: end the job, then start the worker again."""
-        job = self.job
+    def _ended_with_worker(self, error: Any, culprit: _Track | None) -> None:
+        """The worker died or was killed: end every job it still ran, then start the worker again. `error` is
+        the exception (or WorkerCrashed, the class: each job gets its own crash message); `culprit` the job
+        whose kill it was (the other jobs of its batch end with WorkerCrashed naming it)."""
         self.replica._kill()  # (already dead: reaped, so its exit status is known)
-        if not self.running:
-            wp.discard(self.program)  # it may have died before reading the program
-        if isinstance(error, JobCancelledError) or (job.cancel_requested and not isinstance(error, JobMemoryExceeded)):
-            job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
-                       code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
-        else:
-            failure = failure_of(error, {})
-            job.finish(jobs_pb2.JOB_STATE_ERROR, failure.message, failure=failure, code=error.code, ttl=self.ttl)
-        _log.warning("job %s on %s: %s", job.id, self.replica.name, error)
+        how = self.replica._how_it_ended() if error is WorkerCrashed else ""
+        for track in self._live():
+            track.ended = True
+            job = track.job
+            if not track.running:
+                wp.discard(track.program)  # it may have died before reading the program
+            if error is WorkerCrashed:
+                own: Exception = WorkerCrashed(self._crash_message(track, how))
+            elif culprit is not None and track is not culprit:
+                own = WorkerCrashed(
+                    f"this job shared a batched run with job {culprit.job.id}, which did not stop after its "
+                    f"{'cancel' if culprit.cancel_sent else 'time limit'}, so the batch's worker was stopped and "
+                    "restarted. Submit this job again.")
+            else:
+                own = error
+            if isinstance(own, JobCancelledError) or (job.cancel_requested and not isinstance(own, JobMemoryExceeded)):
+                job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
+                           code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
+            else:
+                failure = failure_of(own, {})
+                job.finish(jobs_pb2.JOB_STATE_ERROR, failure.message, failure=failure, code=own.code, ttl=self.ttl)
+            _log.warning("job %s on %s: %s", job.id, self.replica.name, own)
         try:
             self.replica.restart()
         except Exception as failed:

@@ -55,7 +55,12 @@ def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy)
     try:
         while (job := inbox.next_job()) is not None:
             try:
-                JobRun(job, hosted, policy, conn, inbox, watch, watchdog).run()
+                if isinstance(job, wp.RunBatch):
+                    from .worker_batch import BatchRun  # (worker_batch imports this module)
+
+                    BatchRun(job, hosted, policy, conn, inbox, watch, watchdog).run()
+                else:
+                    JobRun(job, hosted, policy, conn, inbox, watch, watchdog).run()
             finally:
                 served.reset()  # no job sees what an earlier one left on the model (.grad, modes)
             if watch.broken:  # (Done / Failed said so): serve nothing wrong
@@ -70,19 +75,19 @@ class _Inbox:
 
     def __init__(self, conn):
         self._conn = conn
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # RunJob, or None to end
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # RunJob or RunBatch, or None to end
         self.answers: queue.SimpleQueue = queue.SimpleQueue()  # LocalAnswer, or None when the front door left
         self.cancel: dict[str, str] = {}  # job id -> reason; written by the reader thread only
         threading.Thread(target=self._read, name="tether-worker-inbox", daemon=True).start()
 
-    def next_job(self) -> wp.RunJob | None:
+    def next_job(self) -> wp.RunJob | wp.RunBatch | None:
         return self._jobs.get()
 
     def _read(self) -> None:
         try:
             while True:
                 message = self._conn.recv()
-                if isinstance(message, wp.RunJob):
+                if isinstance(message, (wp.RunJob, wp.RunBatch)):
                     self._jobs.put(message)
                 elif isinstance(message, wp.LocalAnswer):
                     self.answers.put(message)
@@ -201,37 +206,64 @@ class JobRun:
         else report the step to the client (generation only: "step k/N")."""
         if self._stop_requested():
             raise RunStopped("The job was stopped before this forward pass.")
+        self.tick()
+
+    def tick(self) -> None:
+        """A forward pass started: report the step to the client (generation only: "step k/N")."""
         if self.total_steps:
             self.step += 1
             self.conn.send(wp.Progress(self.job.job_id, self.step, max(self.total_steps, 0)))
 
     def run(self) -> None:
-        job = self.job
         decoded: DecodedProgram | None = None
         try:
-            decoded = decode_program(program_pb2.Program.FromString(wp.unpack(job.program)), self.hosted,
-                                     self.policy)
-            self.user_files = dict(decoded.user_files)
-            if self.cancelled:
-                raise JobCancelledError(self.inbox.cancel[job.job_id])
+            decoded = self.decode()
             self._execute(decoded)
         except BaseException as error:  # the worker survives anything a program does (SystemExit included)
             self._end(error)
         finally:
-            if decoded is not None:
-                decoded.release()
-            self.inbox.cancel.pop(job.job_id, None)
+            self.release(decoded)
 
-    def _execute(self, decoded: DecodedProgram) -> None:
-        job, watch = self.job, self.watch
+    def decode(self) -> DecodedProgram:
+        """The job's program, decoded for this replica (JobCancelledError: cancelled while it waited)."""
+        job = self.job
+        decoded = decode_program(program_pb2.Program.FromString(wp.unpack(job.program)), self.hosted, self.policy)
+        self.user_files = dict(decoded.user_files)
+        if self.cancelled:
+            decoded.release()
+            raise JobCancelledError(self.inbox.cancel[job.job_id])
+        return decoded
+
+    def release(self, decoded: DecodedProgram | None) -> None:
+        if decoded is not None:
+            decoded.release()
+        self.inbox.cancel.pop(self.job.job_id, None)
+
+    def start(self, decoded: DecodedProgram, batch_size: int = 1) -> tuple[JobLog, LocalCaller]:
+        """The job starts running (its deadline from now): Running, and its log and local() handler."""
+        job = self.job
         self.deadline = time.monotonic() + job.timeout
         if decoded.program.kind == "generate":
             total = decoded.program.kwargs.get("max_new_tokens", 20)
             self.total_steps = total if isinstance(total, int) and total > 0 else -1  # -1: steps of unknown total
-        self.conn.send(wp.Running(job.job_id))
-        log = JobLog(job.job_id, self.conn)
+        self.conn.send(wp.Running(job.job_id, batch_size))
         link = WorkerLink(job.job_id, self.conn, self.inbox) if job.has_stream else None
-        handler = LocalCaller(link, decoded, deadline=self.deadline)
+        return JobLog(job.job_id, self.conn), LocalCaller(link, decoded, deadline=self.deadline)
+
+    def encode(self, decoded: DecodedProgram, values: dict, log: JobLog) -> list:
+        """The job's values (with what it changed outside) as result pieces within its size limit."""
+        values = decoded.with_outside_changes(values, log)
+        log.flush()
+        result = encode_result_pieces(without_fake_data(values), decoded.codec.encode, self.job.max_result_bytes, log)
+        log.flush()
+        return result
+
+    def done(self, result: list) -> None:
+        self.conn.send(wp.Done(self.job.job_id, wp.pack(result), self.watch.broken))
+
+    def _execute(self, decoded: DecodedProgram) -> None:
+        watch = self.watch
+        log, handler = self.start(decoded)
         replica = self.hosted.model
         hook = replica._module.register_forward_pre_hook(self._check_stop)
         versions = watch.snapshot()
@@ -242,10 +274,7 @@ class JobRun:
                 root, decoded.program, decoded.bindings, filename=decoded.body_filename, local=handler, log=log,
                 cancel=self._stop_requested))
             watch.check(versions)
-            values = decoded.with_outside_changes(values, log)
-            log.flush()
-            result = encode_result_pieces(without_fake_data(values), decoded.codec.encode, job.max_result_bytes, log)
-            log.flush()
+            result = self.encode(decoded, values, log)
         except BaseException as error:
             log.flush()
             if not isinstance(error, WeightsChanged):  # (check() already put the weights back: never twice)
@@ -254,7 +283,7 @@ class JobRun:
             return
         finally:
             hook.remove()
-        self.conn.send(wp.Done(job.job_id, wp.pack(result), self.watch.broken))
+        self.done(result)
 
     def _end(self, error: BaseException) -> None:
         if self.cancelled:

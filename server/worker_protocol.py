@@ -1,6 +1,6 @@
 """The worker protocol: the one seam between the front door and a worker (one model replica, in its own process).
 
-Front door -> worker: `RunJob`, `LocalAnswer`, `Cancel`, `Stop`. Worker -> front door: `Ready`, `Running`,
+Front door -> worker: `RunJob`, `RunBatch`, `LocalAnswer`, `Cancel`, `Stop`. Worker -> front door: `Ready`, `Running`,
 `Log`, `LocalCall`, `Done`, `Failed`. Messages are small picklable dataclasses sent over any
 `Connection`-like pair (send/recv/poll: a multiprocessing Pipe here; an actor's queue under Ray); bulky bytes
 (programs with inputs, results, local() values) travel as `Blob`s, in shared memory above SHM_THRESHOLD so
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Blob", "pack", "unpack", "SHM_THRESHOLD",
-    "RunJob", "LocalAnswer", "Cancel", "Stop",
+    "RunJob", "RunBatch", "LocalAnswer", "Cancel", "Stop",
     "Ready", "Running", "Log", "LocalCall", "Done", "Failed", "discard",
 ]
 
@@ -92,6 +92,13 @@ class RunJob:
 
 
 @dataclass(frozen=True)
+class RunBatch:
+    """Run compatible jobs (equal batch keys) as one batched run; each reports on its own, by its job id."""
+
+    jobs: tuple[RunJob, ...]
+
+
+@dataclass(frozen=True)
 class LocalAnswer:
     """The answer to a LocalCall: the serialized ValueMap of the block's writes, or an error to raise there.
 
@@ -128,9 +135,10 @@ class Ready:
 
 @dataclass(frozen=True)
 class Running:
-    """The job's program started."""
+    """The job's program started (`batch_size`: jobs sharing its batched run, itself included)."""
 
     job_id: str
+    batch_size: int = 1
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import grpc
 from tether.v1 import jobs_pb2
 from tether.wire import CHUNK_SIZE
 
+from .batching import BatchPolicy, gather
 from .errors import OutOfService, QueueFull
 from .failures import failure_of
 from .jobs import Job
@@ -55,6 +56,9 @@ class Limits:
     max_values: int = 100_000  # values in one program (each element of a container counts; a tensor is one)
     job_memory: int = dataclasses.field(default_factory=default_job_memory)  # bytes a job may allocate
     isolate: bool = True  # each replica in its own worker process (False: a thread, for models that cannot move)
+    max_batch: int = 16  # jobs one batched run may take (1: every job runs alone), see batching.py
+    batch_wait: float = 0.005  # seconds a supervisor waits for more compatible jobs once it took one
+    batch_tokens: int = 8192  # rows x positions one batched run may take
 
     def replace(self, **changes) -> Limits:
         return dataclasses.replace(self, **changes)
@@ -87,12 +91,15 @@ class JobLimits:
 
 @dataclass
 class Entry:
-    """A queued job: its record, its serialized (checked) Program, its limits and its RunJob streams."""
+    """A queued job: its record, its serialized (checked) Program, its limits and its RunJob streams; which
+    jobs it may share a batched run with (`batch_key`, None: it runs alone) and what it adds to one (`tokens`)."""
 
     job: Job
     program: bytes
     limits: JobLimits
     link: LocalLink | None
+    batch_key: tuple | None = None
+    tokens: int = 0
 
 
 def _queued_message(waiting: int, running: int) -> str:
@@ -113,13 +120,16 @@ class ModelQueue:
         self._closed = False  # guarded by _cond
         self._broken = ""  # guarded by _cond: why the model no longer runs jobs (see WeightWatch)
         self._running: set[Job] = set()  # guarded by _cond
+        self._batching = BatchPolicy(limits.max_batch, limits.batch_wait, limits.batch_tokens)
         from .supervisor import Replica  # (supervisor imports this module)
 
         self._replicas = [Replica(self, i, policy) for i in range(replicas)]
 
     # ---- the queue ----------------------------------------------------------------------------
-    def submit(self, job: Job, program: bytes, limits: JobLimits, link: LocalLink | None) -> None:
-        """Queue `job` (QUEUED with its position); QueueFull when the model's queue has no room."""
+    def submit(self, job: Job, program: bytes, limits: JobLimits, link: LocalLink | None,
+               batch: tuple[tuple | None, int] = (None, 0)) -> None:
+        """Queue `job` (QUEUED with its position); QueueFull when the model's queue has no room. `batch`: its
+        batch key and tokens (batching.batch_info)."""
         with self._cond:
             if self._broken:
                 raise OutOfService(self._out_of_service())
@@ -130,7 +140,7 @@ class ModelQueue:
                     f"model {self.hosted.name!r} has {len(self._pending)} jobs waiting, its queue's limit "
                     f"(--queue-size {self.limits.queue_size}); retry later, or wait for your earlier jobs."
                 )
-            self._pending.append(Entry(job, program, limits, link))
+            self._pending.append(Entry(job, program, limits, link, *batch))
             position = len(self._pending) - 1
             job.set_state(jobs_pb2.JOB_STATE_QUEUED, _queued_message(position, len(self._running)),
                           queue_position=position + len(self._running))
@@ -216,17 +226,18 @@ class ModelQueue:
         return list(self._replicas)
 
     # ---- for the replicas' supervisors ----------------------------------------------------------
-    def take(self) -> Entry | None:
-        """The next job for a replica (blocks); None once the queue is closed or the model retired."""
+    def take(self) -> list[Entry] | None:
+        """The next job for a replica, with the compatible ones waiting that may share its batched run
+        (batching.gather; blocks); None once the queue is closed or the model retired."""
         with self._cond:
             self._cond.wait_for(lambda: self._pending or self._closed or self._broken)
             if self._closed or self._broken:
                 return None
             entry = self._pending.popleft()
             self._running.add(entry.job)
-            return entry
+            return gather(entry, self._pending, self._cond, self._batching, lambda taken: self._running.add(taken.job))
 
-    def done(self, entry: Entry) -> None:
+    def done(self, entries: list[Entry]) -> None:
         with self._cond:
-            self._running.discard(entry.job)
+            self._running.difference_update(entry.job for entry in entries)
 

@@ -20,7 +20,9 @@ from tether.framing import varint
 from tether.runtime import tiny
 from tether.v1 import jobs_pb2, program_pb2, values_pb2
 
-SERVER_OPTIONS = {"max_program_bytes": 4096, "job_memory": 200 << 20}
+# max_batch 1: each job here runs alone, so a job queued behind a crash runs on the restarted worker (a batch
+# shares its worker: see test_server_batching_workers)
+SERVER_OPTIONS = {"max_program_bytes": 4096, "job_memory": 200 << 20, "max_batch": 1}
 MODEL_NET = values_pb2.Value(model_reference=values_pb2.ModelReference(name="net"))
 MODEL_CRASHER = values_pb2.Value(model_reference=values_pb2.ModelReference(name="crasher"))
 

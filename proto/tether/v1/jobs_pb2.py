@@ -29,7 +29,7 @@ from tether.v1 import program_pb2 as tether_dot_v1_dot_program__pb2
 from tether.v1 import values_pb2 as tether_dot_v1_dot_values__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tether/v1/jobs.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tether/v1/failure.proto\x1a\x17tether/v1/program.proto\x1a\x16tether/v1/values.proto\"\xbf\x01\n\x07JobSpec\x12#\n\x07program\x18\x01 \x01(\x0b\x32\x12.tether.v1.Program\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12local_call_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10max_result_bytes\x18\x05 \x01(\x03\"9\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\xb9\x01\n\tJobResult\x12.\n\x05saved\x18\x01 \x03(\x0b\x32\x1f.tether.v1.JobResult.SavedEntry\x12\x0f\n\x07unsaved\x18\x02 \x03(\t\x12\x11\n\tunreached\x18\x03 \x03(\t\x12\x18\n\x10unreached_reason\x18\x04 \x01(\t\x1a>\n\nSavedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value:\x02\x38\x01\"}\n\tJobStatus\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.tether.v1.JobState\x12\x0f\n\x07message\x18\x02 \x01(\t\x12#\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x12.tether.v1.Failure\x12\x16\n\x0equeue_position\x18\x04 \x01(\x05\"\x17\n\x07LogLine\x12\x0c\n\x04text\x18\x01 \x01(\t\"P\n\tLocalCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x10\n\x08\x62lock_id\x18\x02 \x01(\t\x12 \n\x06values\x18\x03 \x01(\x0b\x32\x10.tether.v1.Chunk\"t\n\x0bLocalResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\"\n\x06values\x18\x02 \x01(\x0b\x32\x10.tether.v1.ChunkH\x00\x12%\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x12.tether.v1.FailureH\x00\x42\t\n\x07outcome\"\x1f\n\rCancelRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xa3\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06status\x18\x04 \x01(\x0b\x32\x14.tether.v1.JobStatusH\x00\x12!\n\x03log\x18\x05 \x01(\x0b\x32\x12.tether.v1.LogLineH\x00\x12\"\n\x06result\x18\x06 \x01(\x0b\x32\x10.tether.v1.ChunkH\x00\x12*\n\nlocal_call\x18\x07 \x01(\x0b\x32\x14.tether.v1.LocalCallH\x00\x12\'\n\x08progress\x18\x08 \x01(\x0b\x32\x13.tether.v1.ProgressH\x00\x42\x07\n\x05\x65vent\"-\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\"\x99\x01\n\rRunJobRequest\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x12.tether.v1.JobSpecH\x00\x12.\n\x0clocal_result\x18\x02 \x01(\x0b\x32\x16.tether.v1.LocalResultH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.tether.v1.CancelRequestH\x00\x42\t\n\x07message\"^\n\x0eRunJobResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.tether.v1.JobEvent\x12(\n\x0bmore_events\x18\x02 \x03(\x0b\x32\x13.tether.v1.JobEvent\"\\\n\x10SubmitJobRequest\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.tether.v1.JobSpec\x12\'\n\x04wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x86\x01\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.tether.v1.JobState\x12\x10\n\x08\x65xisting\x18\x03 \x01(\x08\x12+\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x1b.tether.v1.WatchJobResponse\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xba\x02\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.tether.v1.ProgramKind\x12$\n\x06status\x18\x04 \x01(\x0b\x32\x14.tether.v1.JobStatus\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rlast_sequence\x18\x07 \x01(\x03\x12\x13\n\x0bresult_size\x18\x08 \x01(\x03\x12\x36\n\x12result_expire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.tether.v1.JobInfo\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"`\n\x10WatchJobResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.tether.v1.JobEvent\x12(\n\x0bmore_events\x18\x02 \x03(\x0b\x32\x13.tether.v1.JobEvent\"3\n\x11ReadResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"5\n\x12ReadResultResponse\x12\x1f\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x10.tether.v1.Chunk\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"7\n\x11\x43\x61ncelJobResponse\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.tether.v1.JobState*\xcb\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATE_RECEIVED\x10\x01\x12\x14\n\x10JOB_STATE_QUEUED\x10\x02\x12\x18\n\x14JOB_STATE_DISPATCHED\x10\x03\x12\x15\n\x11JOB_STATE_RUNNING\x10\x04\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x05\x12\x13\n\x0fJOB_STATE_ERROR\x10\x06\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x07\x32\xb2\x03\n\nJobService\x12\x41\n\x06RunJob\x12\x18.tether.v1.RunJobRequest\x1a\x19.tether.v1.RunJobResponse(\x01\x30\x01\x12\x46\n\tSubmitJob\x12\x1b.tether.v1.SubmitJobRequest\x1a\x1c.tether.v1.SubmitJobResponse\x12=\n\x06GetJob\x12\x18.tether.v1.GetJobRequest\x1a\x19.tether.v1.GetJobResponse\x12\x45\n\x08WatchJob\x12\x1a.tether.v1.WatchJobRequest\x1a\x1b.tether.v1.WatchJobResponse0\x01\x12K\n\nReadResult\x12\x1c.tether.v1.ReadResultRequest\x1a\x1d.tether.v1.ReadResultResponse0\x01\x12\x46\n\tCancelJob\x12\x1b.tether.v1.CancelJobRequest\x1a\x1c.tether.v1.CancelJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tether/v1/jobs.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tether/v1/failure.proto\x1a\x17tether/v1/program.proto\x1a\x16tether/v1/values.proto\"\xbf\x01\n\x07JobSpec\x12#\n\x07program\x18\x01 \x01(\x0b\x32\x12.tether.v1.Program\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12local_call_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10max_result_bytes\x18\x05 \x01(\x03\"9\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\xb9\x01\n\tJobResult\x12.\n\x05saved\x18\x01 \x03(\x0b\x32\x1f.tether.v1.JobResult.SavedEntry\x12\x0f\n\x07unsaved\x18\x02 \x03(\t\x12\x11\n\tunreached\x18\x03 \x03(\t\x12\x18\n\x10unreached_reason\x18\x04 \x01(\t\x1a>\n\nSavedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value:\x02\x38\x01\"\x91\x01\n\tJobStatus\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.tether.v1.JobState\x12\x0f\n\x07message\x18\x02 \x01(\t\x12#\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x12.tether.v1.Failure\x12\x16\n\x0equeue_position\x18\x04 \x01(\x05\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\"\x17\n\x07LogLine\x12\x0c\n\x04text\x18\x01 \x01(\t\"P\n\tLocalCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x10\n\x08\x62lock_id\x18\x02 \x01(\t\x12 \n\x06values\x18\x03 \x01(\x0b\x32\x10.tether.v1.Chunk\"t\n\x0bLocalResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\"\n\x06values\x18\x02 \x01(\x0b\x32\x10.tether.v1.ChunkH\x00\x12%\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x12.tether.v1.FailureH\x00\x42\t\n\x07outcome\"\x1f\n\rCancelRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xa3\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06status\x18\x04 \x01(\x0b\x32\x14.tether.v1.JobStatusH\x00\x12!\n\x03log\x18\x05 \x01(\x0b\x32\x12.tether.v1.LogLineH\x00\x12\"\n\x06result\x18\x06 \x01(\x0b\x32\x10.tether.v1.ChunkH\x00\x12*\n\nlocal_call\x18\x07 \x01(\x0b\x32\x14.tether.v1.LocalCallH\x00\x12\'\n\x08progress\x18\x08 \x01(\x0b\x32\x13.tether.v1.ProgressH\x00\x42\x07\n\x05\x65vent\"-\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\"\x99\x01\n\rRunJobRequest\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x12.tether.v1.JobSpecH\x00\x12.\n\x0clocal_result\x18\x02 \x01(\x0b\x32\x16.tether.v1.LocalResultH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.tether.v1.CancelRequestH\x00\x42\t\n\x07message\"^\n\x0eRunJobResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.tether.v1.JobEvent\x12(\n\x0bmore_events\x18\x02 \x03(\x0b\x32\x13.tether.v1.JobEvent\"\\\n\x10SubmitJobRequest\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.tether.v1.JobSpec\x12\'\n\x04wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x86\x01\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.tether.v1.JobState\x12\x10\n\x08\x65xisting\x18\x03 \x01(\x08\x12+\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x1b.tether.v1.WatchJobResponse\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xba\x02\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.tether.v1.ProgramKind\x12$\n\x06status\x18\x04 \x01(\x0b\x32\x14.tether.v1.JobStatus\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rlast_sequence\x18\x07 \x01(\x03\x12\x13\n\x0bresult_size\x18\x08 \x01(\x03\x12\x36\n\x12result_expire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.tether.v1.JobInfo\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"`\n\x10WatchJobResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.tether.v1.JobEvent\x12(\n\x0bmore_events\x18\x02 \x03(\x0b\x32\x13.tether.v1.JobEvent\"3\n\x11ReadResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"5\n\x12ReadResultResponse\x12\x1f\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x10.tether.v1.Chunk\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"7\n\x11\x43\x61ncelJobResponse\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.tether.v1.JobState*\xcb\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATE_RECEIVED\x10\x01\x12\x14\n\x10JOB_STATE_QUEUED\x10\x02\x12\x18\n\x14JOB_STATE_DISPATCHED\x10\x03\x12\x15\n\x11JOB_STATE_RUNNING\x10\x04\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x05\x12\x13\n\x0fJOB_STATE_ERROR\x10\x06\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x07\x32\xb2\x03\n\nJobService\x12\x41\n\x06RunJob\x12\x18.tether.v1.RunJobRequest\x1a\x19.tether.v1.RunJobResponse(\x01\x30\x01\x12\x46\n\tSubmitJob\x12\x1b.tether.v1.SubmitJobRequest\x1a\x1c.tether.v1.SubmitJobResponse\x12=\n\x06GetJob\x12\x18.tether.v1.GetJobRequest\x1a\x19.tether.v1.GetJobResponse\x12\x45\n\x08WatchJob\x12\x1a.tether.v1.WatchJobRequest\x1a\x1b.tether.v1.WatchJobResponse0\x01\x12K\n\nReadResult\x12\x1c.tether.v1.ReadResultRequest\x1a\x1d.tether.v1.ReadResultResponse0\x01\x12\x46\n\tCancelJob\x12\x1b.tether.v1.CancelJobRequest\x1a\x1c.tether.v1.CancelJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBRESULT_SAVEDENTRY']._loaded_options = None
   _globals['_JOBRESULT_SAVEDENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2600
-  _globals['_JOBSTATE']._serialized_end=2803
+  _globals['_JOBSTATE']._serialized_start=2621
+  _globals['_JOBSTATE']._serialized_end=2824
   _globals['_JOBSPEC']._serialized_start=175
   _globals['_JOBSPEC']._serialized_end=366
   _globals['_CHUNK']._serialized_start=368
@@ -48,46 +48,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBRESULT']._serialized_end=613
   _globals['_JOBRESULT_SAVEDENTRY']._serialized_start=551
   _globals['_JOBRESULT_SAVEDENTRY']._serialized_end=613
-  _globals['_JOBSTATUS']._serialized_start=615
-  _globals['_JOBSTATUS']._serialized_end=740
-  _globals['_LOGLINE']._serialized_start=742
-  _globals['_LOGLINE']._serialized_end=765
-  _globals['_LOCALCALL']._serialized_start=767
-  _globals['_LOCALCALL']._serialized_end=847
-  _globals['_LOCALRESULT']._serialized_start=849
-  _globals['_LOCALRESULT']._serialized_end=965
-  _globals['_CANCELREQUEST']._serialized_start=967
-  _globals['_CANCELREQUEST']._serialized_end=998
-  _globals['_JOBEVENT']._serialized_start=1001
-  _globals['_JOBEVENT']._serialized_end=1292
-  _globals['_PROGRESS']._serialized_start=1294
-  _globals['_PROGRESS']._serialized_end=1339
-  _globals['_RUNJOBREQUEST']._serialized_start=1342
-  _globals['_RUNJOBREQUEST']._serialized_end=1495
-  _globals['_RUNJOBRESPONSE']._serialized_start=1497
-  _globals['_RUNJOBRESPONSE']._serialized_end=1591
-  _globals['_SUBMITJOBREQUEST']._serialized_start=1593
-  _globals['_SUBMITJOBREQUEST']._serialized_end=1685
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=1688
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=1822
-  _globals['_GETJOBREQUEST']._serialized_start=1824
-  _globals['_GETJOBREQUEST']._serialized_end=1855
-  _globals['_JOBINFO']._serialized_start=1858
-  _globals['_JOBINFO']._serialized_end=2172
-  _globals['_GETJOBRESPONSE']._serialized_start=2174
-  _globals['_GETJOBRESPONSE']._serialized_end=2223
-  _globals['_WATCHJOBREQUEST']._serialized_start=2225
-  _globals['_WATCHJOBREQUEST']._serialized_end=2282
-  _globals['_WATCHJOBRESPONSE']._serialized_start=2284
-  _globals['_WATCHJOBRESPONSE']._serialized_end=2380
-  _globals['_READRESULTREQUEST']._serialized_start=2382
-  _globals['_READRESULTREQUEST']._serialized_end=2433
-  _globals['_READRESULTRESPONSE']._serialized_start=2435
-  _globals['_READRESULTRESPONSE']._serialized_end=2488
-  _globals['_CANCELJOBREQUEST']._serialized_start=2490
-  _globals['_CANCELJOBREQUEST']._serialized_end=2540
-  _globals['_CANCELJOBRESPONSE']._serialized_start=2542
-  _globals['_CANCELJOBRESPONSE']._serialized_end=2597
-  _globals['_JOBSERVICE']._serialized_start=2806
-  _globals['_JOBSERVICE']._serialized_end=3240
+  _globals['_JOBSTATUS']._serialized_start=616
+  _globals['_JOBSTATUS']._serialized_end=761
+  _globals['_LOGLINE']._serialized_start=763
+  _globals['_LOGLINE']._serialized_end=786
+  _globals['_LOCALCALL']._serialized_start=788
+  _globals['_LOCALCALL']._serialized_end=868
+  _globals['_LOCALRESULT']._serialized_start=870
+  _globals['_LOCALRESULT']._serialized_end=986
+  _globals['_CANCELREQUEST']._serialized_start=988
+  _globals['_CANCELREQUEST']._serialized_end=1019
+  _globals['_JOBEVENT']._serialized_start=1022
+  _globals['_JOBEVENT']._serialized_end=1313
+  _globals['_PROGRESS']._serialized_start=1315
+  _globals['_PROGRESS']._serialized_end=1360
+  _globals['_RUNJOBREQUEST']._serialized_start=1363
+  _globals['_RUNJOBREQUEST']._serialized_end=1516
+  _globals['_RUNJOBRESPONSE']._serialized_start=1518
+  _globals['_RUNJOBRESPONSE']._serialized_end=1612
+  _globals['_SUBMITJOBREQUEST']._serialized_start=1614
+  _globals['_SUBMITJOBREQUEST']._serialized_end=1706
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=1709
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=1843
+  _globals['_GETJOBREQUEST']._serialized_start=1845
+  _globals['_GETJOBREQUEST']._serialized_end=1876
+  _globals['_JOBINFO']._serialized_start=1879
+  _globals['_JOBINFO']._serialized_end=2193
+  _globals['_GETJOBRESPONSE']._serialized_start=2195
+  _globals['_GETJOBRESPONSE']._serialized_end=2244
+  _globals['_WATCHJOBREQUEST']._serialized_start=2246
+  _globals['_WATCHJOBREQUEST']._serialized_end=2303
+  _globals['_WATCHJOBRESPONSE']._serialized_start=2305
+  _globals['_WATCHJOBRESPONSE']._serialized_end=2401
+  _globals['_READRESULTREQUEST']._serialized_start=2403
+  _globals['_READRESULTREQUEST']._serialized_end=2454
+  _globals['_READRESULTRESPONSE']._serialized_start=2456
+  _globals['_READRESULTRESPONSE']._serialized_end=2509
+  _globals['_CANCELJOBREQUEST']._serialized_start=2511
+  _globals['_CANCELJOBREQUEST']._serialized_end=2561
+  _globals['_CANCELJOBRESPONSE']._serialized_start=2563
+  _globals['_CANCELJOBRESPONSE']._serialized_end=2618
+  _globals['_JOBSERVICE']._serialized_start=2827
+  _globals['_JOBSERVICE']._serialized_end=3261
 # @@protoc_insertion_point(module_scope)

@@ -77,16 +77,18 @@ class JobResult(_message.Message):
     def __init__(self, saved: _Optional[_Mapping[str, _values_pb2.Value]] = ..., unsaved: _Optional[_Iterable[str]] = ..., unreached: _Optional[_Iterable[str]] = ..., unreached_reason: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("state", "message", "failure", "queue_position")
+    __slots__ = ("state", "message", "failure", "queue_position", "batch_size")
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     state: JobState
     message: str
     failure: _failure_pb2.Failure
     queue_position: int
-    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., failure: _Optional[_Union[_failure_pb2.Failure, _Mapping]] = ..., queue_position: _Optional[int] = ...) -> None: ...
+    batch_size: int
+    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., failure: _Optional[_Union[_failure_pb2.Failure, _Mapping]] = ..., queue_position: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class LogLine(_message.Message):
     __slots__ = ("text",)

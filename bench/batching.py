@@ -1,0 +1,201 @@
+"""Cross-job batching: jobs/s and per-job latency with batching on (the default) against `--max-batch 1`.
+
+Two `tether serve` processes host the same model side by side, one batching and one not; 1, 4 and 16 client
+threads each run blocking jobs back to back: a 16-token generation with a per-step save, and a single traced
+forward with one save. `TETHER_BENCH_BATCHING_MODEL=tiny` swaps SmolLM2 for the tiny GPT-2 (a smoke run).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from bench import Options
+from bench._common import ROOT, busy_note, environment, host, load, log, median, ms, pct, quiet_client
+
+NAME = "batching"
+TITLE = "Cross-job batching: 16 concurrent clients, batching on vs --max-batch 1 (separate server processes)"
+CLIENTS = (1, 4, 16)
+NEW_TOKENS = 16
+BUDGET_S = 20.0  # per case, client count and server
+JOB_CAP = 400  # jobs per case, client count and server
+GENERATE_TARGET = 4.0  # jobs/s with batching over without, 16 clients, generation
+BATCH_WAIT_MS = 5.0
+WARMUP_JOBS = 3  # per case and server, before timing
+PROMPTS = ["The Eiffel Tower is", "Once upon a time, in a small village by the sea,", "Water boils at",
+           "The three primary colours are red,", "In 1969 the first people to walk on the Moon",
+           "A good cup of tea needs", "Photosynthesis turns light into", "The capital of Japan is"]
+
+
+def generate_job(lm: Any, prompt: str) -> None:
+    """A 16-token generation that saves the last position's logits at every step."""
+    with lm.generate(prompt, max_new_tokens=NEW_TOKENS, remote=True) as tracer:
+        steps = list().save()
+        with tracer.all():
+            steps.append(lm.lm_head.output[0, -1])
+        out = lm.generator.output.save()
+    assert len(steps) == NEW_TOKENS and out.shape[1] > NEW_TOKENS
+
+
+def trace_job(lm: Any, prompt: str) -> None:
+    """One traced forward of a short prompt, with one save."""
+    with lm.trace(prompt, remote=True):
+        logits = lm.lm_head.output[:, -1].save()
+    assert logits.dim() == 2
+
+
+CASES = {"generate": generate_job, "trace": trace_job}
+
+
+class _Server:
+    """`tether serve` in its own process, as deployed: its replica runs in its own worker process (batches are
+    gathered by the front door and run there); `--port 0`, so two never compete for the default port."""
+
+    def __init__(self, spec: str, *extra: str):
+        args = [sys.executable, "-m", "tether", "serve", "--port", "0", "--model", f"m={spec}",
+                "--queue-size", "64", "--result-ttl", "5", *extra]
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.address = ""
+
+    def wait(self, timeout: float = 300.0) -> str:
+        line = [""]
+        reader = threading.Thread(target=lambda: line.__setitem__(0, self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not line[0].startswith("tether: serving on "):
+            raise RuntimeError(f"tether serve did not report its address (got {line[0]!r})")
+        self.address = line[0].split("serving on ", 1)[1].strip()
+        return self.address
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _clients(job, n: int, budget_s: float) -> dict:
+    """n threads, each with its own remote model, running blocking jobs back to back until the budget."""
+    models = [_remote_model() for _ in range(n)]
+    cap = max(2, JOB_CAP // n)
+    latencies: list[list[float]] = [[] for _ in range(n)]
+    finished = [0.0] * n
+    errors: list[BaseException] = []
+    start = threading.Barrier(n + 1)
+    deadline = [0.0]
+
+    def client(i: int) -> None:
+        try:
+            start.wait()
+            while time.perf_counter() < deadline[0] and len(latencies[i]) < cap:
+                t = time.perf_counter()
+                job(models[i], PROMPTS[(i + len(latencies[i])) % len(PROMPTS)])
+                latencies[i].append((time.perf_counter() - t) * 1e3)
+        except BaseException as error:  # reported below
+            errors.append(error)
+        finally:
+            finished[i] = time.perf_counter()
+
+    threads = [threading.Thread(target=client, args=(i,), name=f"bench-client-{i}") for i in range(n)]
+    for thread in threads:
+        thread.start()
+    deadline[0] = time.perf_counter() + budget_s
+    t0 = time.perf_counter()
+    start.wait()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    flat = [x for per in latencies for x in per]
+    elapsed = max(finished) - t0
+    return {"clients": n, "jobs": len(flat), "seconds": elapsed, "jobs_per_s": len(flat) / elapsed,
+            "p50_ms": median(flat), "p99_ms": pct(flat, 99)}
+
+
+def _remote_model() -> Any:
+    """The served model, as a client sees it (its spec from the server CONFIG.API.HOST names)."""
+    from tether import LanguageModel
+
+    return LanguageModel("m")
+
+
+def run(options: Options | None = None) -> dict:
+    options = options or Options()
+    scale = options.budget_scale
+    spec = os.environ.get("TETHER_BENCH_BATCHING_MODEL", "smollm2")
+    started, load_at_start = time.perf_counter(), load()
+    servers = {"batching": _Server(spec, "--batch-wait-ms", str(BATCH_WAIT_MS)), "alone": _Server(spec, "--max-batch", "1")}
+    data: dict[str, Any] = {}
+    try:
+        addresses = {name: server.wait() for name, server in servers.items()}
+        log(NAME, f"serving {spec}: {addresses}")
+        with quiet_client():
+            for address in addresses.values():  # first jobs load weights and warm caches: not timed
+                with host(address):
+                    warm = _remote_model()
+                    for job in CASES.values():
+                        for prompt in PROMPTS[:WARMUP_JOBS]:
+                            job(warm, prompt)
+            runs = [(case, job, n) for case, job in CASES.items() for n in CLIENTS]
+            for i, (case, job, n) in enumerate(runs):
+                # side by side, one at a time (the other server idles), in alternating order
+                for name in ("alone", "batching") if i % 2 == 0 else ("batching", "alone"):
+                    with host(addresses[name]):
+                        row = _clients(job, n, BUDGET_S * scale)
+                    data.setdefault(case, {}).setdefault(str(n), {})[name] = row
+                    log(NAME, f"{case}, {n} clients, {name}: {row['jobs']} jobs, {row['jobs_per_s']:.2f} jobs/s, "
+                              f"p50 {row['p50_ms']:.1f} ms")
+    finally:
+        for server in servers.values():
+            server.stop()
+    env = environment(load_at_start)
+    return {
+        "name": NAME,
+        "title": TITLE,
+        "environment": env,
+        "settings": {"model": spec, "clients": list(CLIENTS), "new_tokens": NEW_TOKENS, "budget_scale": scale,
+                     "batch_wait_ms": BATCH_WAIT_MS, "servers": "tether serve processes, default torch threads"},
+        "tables": _tables(data),
+        "targets": _targets(data),
+        "notes": busy_note(env),
+        "data": data,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _tables(data: dict) -> list[dict]:
+    tables = []
+    for case, by_n in data.items():
+        rows = []
+        for n, pair in by_n.items():
+            on, off = pair["batching"], pair["alone"]
+            rows.append([n, f"{off['jobs_per_s']:.2f}", f"{on['jobs_per_s']:.2f}",
+                         f"{on['jobs_per_s'] / off['jobs_per_s']:.2f}x", ms(off["p50_ms"]), ms(on["p50_ms"]),
+                         ms(off["p99_ms"]), ms(on["p99_ms"])])
+        tables.append({"title": f"{case}: jobs/s and per-job latency (ms)",
+                       "columns": ["clients", "jobs/s alone", "jobs/s batched", "ratio", "p50 alone", "p50 batched",
+                                   "p99 alone", "p99 batched"], "rows": rows})
+    return tables
+
+
+def _targets(data: dict) -> list[dict]:
+    targets = []
+    generate = data.get("generate", {}).get("16")
+    if generate:
+        ratio = generate["batching"]["jobs_per_s"] / generate["alone"]["jobs_per_s"]
+        targets.append({"name": "generate_16_clients", "text": f"16-client generation: {ratio:.2f}x the jobs/s of "
+                        f"--max-batch 1 (target >= {GENERATE_TARGET:g}x)", "ok": ratio >= GENERATE_TARGET,
+                        "limit": GENERATE_TARGET, "value": ratio})
+    for case, by_n in data.items():
+        lone = by_n.get("1")
+        if lone:
+            added = lone["batching"]["p50_ms"] - lone["alone"]["p50_ms"]
+            targets.append({"name": f"{case}_lone_job", "text": f"{case}, one client: batching adds {added:.1f} ms "
+                            f"to the median job (limit: the batch wait, {BATCH_WAIT_MS:g} ms)",
+                            "ok": added <= BATCH_WAIT_MS, "limit": BATCH_WAIT_MS, "value": added})
+    return targets
