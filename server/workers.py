@@ -55,6 +55,7 @@ class Limits:
     max_values: int = 100_000  # values in one program (each element of a container counts; a tensor is one)
     job_memory: int = dataclasses.field(default_factory=default_job_memory)  # bytes a job may allocate
     isolate: bool = True  # each replica in its own worker process (False: a thread, for models that cannot move)
+    ray: str = ""  # a Ray cluster's address (auto, host:port, local): each replica's worker is an actor there
 
     def replace(self, **changes) -> Limits:
         return dataclasses.replace(self, **changes)
@@ -115,6 +116,8 @@ class ModelQueue:
         self._running: set[Job] = set()  # guarded by _cond
         from .supervisor import Replica  # (supervisor imports this module)
 
+        if limits.ray:
+            from .ray_workers import RayReplica as Replica
         self._replicas = [Replica(self, i, policy) for i in range(replicas)]
 
     # ---- the queue ----------------------------------------------------------------------------
