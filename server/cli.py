@@ -84,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--replicas", type=_positive(int), default=1,
                        help="workers per model, each with its own copy of the model in memory and running one "
                             "job at a time (default 1)")
+    serve.add_argument("--ray", metavar="ADDRESS", default=None,
+                       help="run each replica as an actor on a Ray cluster: `auto` (the one `ray start` started "
+                            "on this machine), HOST:PORT (its head), or `local` (a private Ray instance); needs "
+                            "`pip install tether[cluster]`")
     operator_cli.add_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "serve" and not args.models:
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         max_result_bytes=args.max_result_bytes, result_ttl=args.result_ttl, local_call_timeout=args.local_call_timeout,
         policy=DEFAULT_POLICY.with_modules(args.allow_module), max_program_bytes=args.max_program_bytes,
         **({"job_memory": args.job_memory} if args.job_memory else {}),
+        **({"ray": args.ray} if args.ray else {}),
     )
     ready = _ready_stream()
     try:

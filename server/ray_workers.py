@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -301,8 +302,9 @@ class RayReplica(Replica):
             self._pid = None
         if self._stored_payload is None:
             self._stored_payload = ray.put(self._payload)
+        name = f"tether/{self.name}/{uuid.uuid4().hex[:12]}"  # listed by `ray list actors` (and for tests)
         actor = _actor_class().options(num_cpus=1, num_gpus=_gpus_of(self._payload),
-                                       name=None).remote(hosted.name, self._stored_payload, hosted.source,
+                                       name=name).remote(hosted.name, self._stored_payload, hosted.source,
                                                          self.policy)
         conn = ActorConnection(actor, self.name)
         self.conn = conn

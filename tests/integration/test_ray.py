@@ -14,7 +14,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray's ad
 
 import pytest
 import torch
+from test_operator_cli import _tether
 from test_server import QUICK, Client, Outcome, events_of, program, spec
+from test_server_cli import READY, START_TIMEOUT, _serve
 
 from tether import CONFIG, LanguageModel
 from tether.client.channel import close_all
@@ -129,3 +131,43 @@ def test_an_actor_that_dies_fails_its_job_and_queued_jobs_run_once(on_ray):
         assert replicas[1].restarts == 0 and replicas[1].worker_pid(10) == pids[1]
     finally:
         client.close()
+
+
+def _actors(prefix: str) -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+
+
+def test_the_readme_walkthrough_serve_deploy_models_and_a_remote_job(cluster, monkeypatch, tmp_path):
+    """`tether serve --ray ADDRESS --model tiny=tiny` -> `tether deploy net=...` -> `tether models` -> a job from
+    this (another) process: each replica an actor on the cluster, the job equal to a local run."""
+    proc, lines = _serve("--ray", cluster.address, "--model", "tiny=tiny", "--port", "0")
+    try:
+        line = lines.get(timeout=START_TIMEOUT)
+        assert line is not None, proc.stderr.read()
+        match = READY.match(line.rstrip("\n"))
+        assert match, line
+        address = f"127.0.0.1:{match.group(1)}"
+        done = _tether("deploy", "--host", address, "net=tether.runtime.tiny:tiny_net")
+        assert done.returncode == 0, done.stderr
+        done = _tether("models", "--host", address)
+        assert done.returncode == 0, done.stderr
+        rows = [row.split()[:3] for row in done.stdout.splitlines()[1:]]
+        assert rows == [["net", "ready", "1"], ["tiny", "ready", "1"]], done.stdout
+        assert len(_actors("tether/tiny-0/")) == len(_actors("tether/net-0/")) == 1  # ready: its actor runs
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+        monkeypatch.setattr(CONFIG.API, "_host", address)
+        monkeypatch.setattr(CONFIG.API, "_api_key", None)
+        model, tok = tiny.tiny_gpt2()
+        local, remote = LanguageModel(model, tokenizer=tok), LanguageModel("tiny")
+        with local.trace(PROMPT):
+            expected = local.lm_head.output.save()
+        with remote.trace(PROMPT, remote=True):
+            got = remote.lm_head.output.save()
+        assert torch.equal(got, expected)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        close_all()
