@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -33,12 +34,11 @@ _connect_lock = threading.Lock()
 
 
 def connect(address: str) -> None:
-    """Join the Ray cluster at `address` once per process: `auto` (the one `ray start` started on this machine),
-    `host:port`, or `local` (a private Ray instance for this server). A loopback address stays on loopback
-    (Ray would otherwise swap it for the machine's network address)."""
-    host = address.rpartition(":")[0].strip("[]") if ":" in address else address
-    if host in _LOOPBACK or address == "local":
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    """Join the Ray cluster at `address` once per process: `auto` (RAY_ADDRESS, else the one `ray start` started
+    on this machine), `host:port`, or `local` (a private Ray instance for this server, on loopback). A loopback
+    address stays on loopback (Ray would otherwise swap it for the machine's network address)."""
+    if _host_of(_resolved(address)) in _LOOPBACK:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # (read when ray is first imported)
     import ray
 
     with _connect_lock:
@@ -48,6 +48,26 @@ def connect(address: str) -> None:
             ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
         else:
             ray.init(address=address)
+
+
+def _resolved(address: str) -> str:
+    """What Ray will dial for `address` (`auto`: RAY_ADDRESS, else the address file `ray start` wrote)."""
+    if address == "local":
+        return "127.0.0.1"
+    if address != "auto":
+        return address
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        with open(os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")) as file:
+            return file.read().strip()
+    except OSError:
+        return ""
+
+
+def _host_of(address: str) -> str:
+    address = address.removeprefix("ray://")
+    return address.rpartition(":")[0].strip("[]") if address.count(":") >= 1 else address
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,8 +279,7 @@ def _why(error: BaseException) -> str:
 
 
 class _ActorProcess:
-    """What the supervisor reads of a worker process, for an actor: pid (when on this machine, for its memory),
-    is_alive, sentinel, kill, join."""
+    """What the supervisor reads of a worker process, for an actor: pid, is_alive, sentinel, kill, join."""
 
     def __init__(self, actor: Any, conn: ActorConnection, pid: int | None):
         self.actor, self.conn, self.pid = actor, conn, pid
@@ -291,6 +310,7 @@ class RayReplica(Replica):
 
     def __init__(self, queue, index: int, policy):
         self._stored_payload: Any = None  # the replica's model in the object store, put once (restarts reuse it)
+        self._here = False  # whether the actor runs on this machine (its memory is then read from /proc)
         connect(queue.limits.ray)
         super().__init__(queue, index, policy)
 
@@ -302,7 +322,8 @@ class RayReplica(Replica):
             self._pid = None
         if self._stored_payload is None:
             self._stored_payload = ray.put(self._payload)
-        name = f"tether/{self.name}/{uuid.uuid4().hex[:12]}"  # listed by `ray list actors` (and for tests)
+        # listed by `ray list actors`: the front door (pid@host), the replica, and this start of it
+        name = f"tether/{os.getpid()}@{socket.gethostname()}/{self.name}/{uuid.uuid4().hex[:8]}"
         actor = _actor_class().options(num_cpus=1, num_gpus=_gpus_of(self._payload),
                                        name=name).remote(hosted.name, self._stored_payload, hosted.source,
                                                          self.policy)
@@ -323,11 +344,16 @@ class RayReplica(Replica):
             self._kill()
             raise
         assert isinstance(ready, wp.Ready), ready
-        same_machine = ray.util.get_node_ip_address() == _actor_node_ip(actor)
-        self.process.pid = ready.pid if same_machine else None
+        self._here = ray.util.get_node_ip_address() == _actor_node_ip(actor)
+        self.process.pid = ready.pid
         with self._ready:
             self._pid = ready.pid
             self._ready.notify_all()
+
+    def private_memory(self, pid: int) -> int:
+        """An actor on this machine is measured like a worker process; one on another node is left to Ray's
+        memory monitor (it kills the actor: the job then fails as crashed)."""
+        return super().private_memory(pid) if self._here else 0
 
     def _kill(self) -> None:
         with self._ready:

@@ -182,6 +182,10 @@ class Replica:
                 return f"killed by signal {-code}"
         return f"exited with status {code}"
 
+    def private_memory(self, pid: int) -> int:
+        """Bytes of private memory the worker has (what its job allocated; the memory limit is checked on it)."""
+        return _anon_rss(pid)
+
     def join(self, timeout: float | None) -> None:
         """Wait for the relay thread (it ends once the queue is closed); kill a worker still running after."""
         self._thread.join(timeout)
@@ -263,7 +267,7 @@ class _JobRelay:
             job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
                        code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
             return ""
-        self.baseline = _anon_rss(pid) if pid else 0
+        self.baseline = replica.private_memory(pid) if pid else 0
         self.program = wp.pack([self.entry.program])  # the worker unlinks it (a Blob) once it reads it
         try:
             self.conn.send(wp.RunJob(job.id, self.program, self.limits.timeout, self.limits.max_result_bytes,
@@ -364,7 +368,7 @@ class _JobRelay:
                 "worker was stopped and restarted. Ask for a longer JobSpec.timeout, or do less per job."
             )
         limit = self.replica.queue.limits.job_memory
-        used = _anon_rss(pid) - self.baseline
+        used = self.replica.private_memory(pid) - self.baseline
         if used > limit:
             return JobMemoryExceeded(
                 f"the job allocated {used / 2**20:.0f} MiB, more than the server's per-job memory limit of "
