@@ -39,7 +39,10 @@ def connect(address: str) -> None:
     address stays on loopback (Ray would otherwise swap it for the machine's network address)."""
     if _host_of(_resolved(address)) in _LOOPBACK:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # (read when ray is first imported)
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--ray needs Ray on this machine: pip install 'tether[cluster]'") from None
 
     with _connect_lock:
         if ray.is_initialized():
@@ -78,26 +81,38 @@ class _Stored:
     size: int
 
 
-def _outgoing(message: Any) -> Any:
-    """`message` with each Blob (or large bytes) field moved into the object store."""
+def _outgoing(value: Any) -> Any:
+    """`value` (a message) with each Blob, or large bytes, moved into the object store; also inside lists,
+    tuples and nested messages (a batch's programs)."""
     import ray
 
-    changes = {}
-    for field in dataclasses.fields(message):
-        value = getattr(message, field.name)
-        if isinstance(value, wp.Blob) or (isinstance(value, bytes) and len(value) >= wp.SHM_THRESHOLD):
-            data = bytes(wp.unpack(value))
-            changes[field.name] = _Stored(ray.put(data), len(data))
-    return dataclasses.replace(message, **changes) if changes else message
+    if isinstance(value, wp.Blob) or (isinstance(value, bytes) and len(value) >= wp.SHM_THRESHOLD):
+        data = bytes(wp.unpack(value))
+        return _Stored(ray.put(data), len(data))
+    return _mapped(value, _outgoing)
 
 
-def _incoming(message: Any) -> Any:
-    """`message` with its stored fields back as bytes."""
+def _incoming(value: Any) -> Any:
+    """`value` with its stored bytes back as bytes."""
     import ray
 
-    changes = {f.name: ray.get(getattr(message, f.name).ref) for f in dataclasses.fields(message)
-               if isinstance(getattr(message, f.name), _Stored)}
-    return dataclasses.replace(message, **changes) if changes else message
+    if isinstance(value, _Stored):
+        return ray.get(value.ref)
+    return _mapped(value, _incoming)
+
+
+def _mapped(value: Any, convert) -> Any:
+    if type(value) in (list, tuple):
+        return type(value)(convert(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {}
+        for field in dataclasses.fields(value):
+            old = getattr(value, field.name)
+            new = convert(old)
+            if new is not old:
+                changes[field.name] = new
+        return dataclasses.replace(value, **changes) if changes else value
+    return value
 
 
 class _ActorSide:
@@ -202,10 +217,21 @@ class ActorConnection:
         self._read_fd, self._write_fd = os.pipe()
         self._dead_read, self._dead_write = os.pipe()
         self.death = ""  # guarded by _cond: why the actor (or its worker loop) ended; "" while it runs
-        self._closed = False
+        self._closed = False  # guarded by _cond: close() was called (the supervisor is done with it)
+        self._pumping = True  # guarded by _cond: the pump thread may still write to the pipes
         threading.Thread(target=self._pump, name=f"tether-ray-pump-{name}", daemon=True).start()
 
     def _pump(self) -> None:
+        try:
+            self._pump_messages()
+        finally:
+            with self._cond:
+                self._pumping = False
+                release = self._closed
+            if release:
+                self._close_pipes()
+
+    def _pump_messages(self) -> None:
         import ray
         from ray.exceptions import RayActorError
 
@@ -260,10 +286,26 @@ class ActorConnection:
                 raise EOFError(self.death)
             message = self._messages.popleft()
         os.read(self._read_fd, 1)
-        return _incoming(message)
+        try:
+            return _incoming(message)
+        except Exception as error:  # its bytes were lost with the actor (their owner) before we read them
+            raise EOFError(f"its Ray actor's message was lost ({type(error).__name__}: {_first_line(error)})") \
+                from error
 
     def close(self) -> None:
-        self._closed = True
+        """The supervisor is done with this connection: its pipes are closed once the pump has stopped."""
+        with self._cond:
+            self._closed = True
+            release = not self._pumping
+        if release:
+            self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for fd in (self._read_fd, self._write_fd, self._dead_read, self._dead_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _first_line(error: BaseException) -> str:
