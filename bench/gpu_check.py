@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import tether  # noqa: E402
 from tether import CONFIG, LanguageModel  # noqa: E402
-from tether.server.placement import Placement  # noqa: E402
+from tether.placement_options import Placement  # noqa: E402
 from tether.server.registry import load_model  # noqa: E402
 
 PROMPT = "The Eiffel Tower is in the city of"

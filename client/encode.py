@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.protocol import CLIENT_MODULE, PROGRAM_KINDS
+from tether.runtime.body import body_span, loaded_names, split_local, stored_names, written_names
 from tether.runtime.capture import parse
 from tether.runtime.compat import is_traced_function
 from tether.runtime.contexts import Context
@@ -32,14 +33,14 @@ from tether.values import to_value
 
 from .outside import as_namespace, is_plain_object
 
-__all__ = ["Job", "LocalSite", "build_job", "model_name_of", "CLIENT_MODULE"]
+__all__ = ["Job", "BlockSource", "build_job", "model_name_of", "CLIENT_MODULE"]
 
 _KINDS = PROGRAM_KINDS
 _HAS_PATH = "path" in values_pb2.ModelReference.DESCRIPTOR.fields_by_name
 
 
 @dataclass
-class LocalSite:
+class BlockSource:
     """Where one local() block's body is: the user's file, its text when the job was built, the line."""
 
     filename: str
@@ -55,7 +56,7 @@ class Job:
     model: Any  # the root NNsight the context belongs to
     model_name: str
     assigned: tuple[str, ...]  # names the body assigns: what the caller gets back
-    sites: dict[str, LocalSite] = field(default_factory=dict)  # block_id -> where its body is
+    sites: dict[str, BlockSource] = field(default_factory=dict)  # block_id -> where its body is
     remote_loads: frozenset[str] = frozenset()  # names remote code reads: local() blocks send back only these
     sent: dict[str, bytes] = field(default_factory=dict)  # binding name -> its serialized Value
 
@@ -125,11 +126,11 @@ def build_job(context: Any, ns: dict) -> Job:
     text = "".join(linecache.getlines(block.filename)) if locals_ else ""
     for local in locals_:
         msg.local_blocks.append(local)
-        job.sites[local.block_id] = LocalSite(block.filename, text, local.first_line)
+        job.sites[local.block_id] = BlockSource(block.filename, text, local.first_line)
     for fn, site in encoder.shipped():
         msg.functions.append(fn)
         for local in fn.local_blocks:
-            job.sites[local.block_id] = LocalSite(site.filename, site.text, local.first_line)
+            job.sites[local.block_id] = BlockSource(site.filename, site.text, local.first_line)
     job.spec.program.CopyFrom(msg)
     return job
 
@@ -184,67 +185,22 @@ def _trace_options(context: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- the body
 
 
-def _is_local_with(node: ast.AST) -> bool:
-    if not isinstance(node, (ast.With, ast.AsyncWith)):
-        return False
-    for item in node.items:
-        expr = item.context_expr
-        if isinstance(expr, ast.Call):
-            func = expr.func
-            if (isinstance(func, ast.Attribute) and func.attr == "local") or (
-                isinstance(func, ast.Name) and func.id == "local"
-            ):
-                return True
-    return False
-
-
-def _stored(node: ast.AST, *, args: bool = True) -> list[str]:
-    if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
-        return [node.id]
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return [node.name]
-    if isinstance(node, (ast.Import, ast.ImportFrom)):
-        return [(a.asname or a.name).split(".")[0] for a in node.names]
-    if args and isinstance(node, ast.arg):
-        return [node.arg]
-    return []
-
-
 class _Body:
-    """The names a body (or a shipped function) reads and writes outside and inside its local() blocks."""
+    """A body's (or a shipped function's) local() blocks as LocalBlock messages, and what the code outside
+    them reads and binds (runtime.body.split_local)."""
 
     def __init__(self, stmts: list[ast.stmt], line_offset: int = 0):
         self.offset = line_offset
-        self.remote_loads: set[str] = set()
-        self.remote_stores: set[str] = set()
-        self.locals: list[ast.With] = []
-        stack: list[ast.AST] = list(stmts)
-        while stack:
-            node = stack.pop()
-            if _is_local_with(node):
-                self.locals.append(node)
-                for item in node.items:  # `with tracer.local():` reads the tracer remotely
-                    stack.append(item.context_expr)
-                continue
-            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
-                self.remote_loads.add(node.id)
-            self.remote_stores.update(_stored(node))
-            stack.extend(ast.iter_child_nodes(node))
+        names = split_local(stmts)
+        self.remote_loads, self.remote_stores, self.locals = names.remote_loads, names.remote_stores, names.locals
 
     def local_blocks(self, remote_assigned: set[str], filename_tag: str = "") -> list[program_pb2.LocalBlock]:
         blocks = []
         for node in sorted(self.locals, key=lambda n: n.lineno):
-            first = node.body[0].lineno + self.offset
-            last = (node.body[-1].end_lineno or node.body[-1].lineno) + self.offset
-            loads = {n.id for s in node.body for n in ast.walk(s)
-                     if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-            writes: dict[str, None] = {}
-            for s in node.body:
-                for n in ast.walk(s):
-                    writes.update(dict.fromkeys(_stored(n, args=False)))
+            first, last = (line + self.offset for line in body_span(node))
             blocks.append(program_pb2.LocalBlock(
                 block_id=f"{filename_tag}{first}", first_line=first, last_line=last,
-                reads=sorted(loads & remote_assigned), writes=list(writes),
+                reads=sorted(loaded_names(node.body) & remote_assigned), writes=written_names(node.body),
             ))
         return blocks
 
@@ -287,10 +243,10 @@ class _Encoder:
 
     def __init__(self, model: Any, model_name: str):
         self._model, self._model_name = model, model_name
-        self._functions: list[tuple[program_pb2.FunctionSource, LocalSite]] = []  # in definition order
+        self._functions: list[tuple[program_pb2.FunctionSource, BlockSource]] = []  # in definition order
         self._by_name: dict[str, Any] = {}  # shipped (or being shipped) name -> the object
 
-    def shipped(self) -> list[tuple[program_pb2.FunctionSource, LocalSite]]:
+    def shipped(self) -> list[tuple[program_pb2.FunctionSource, BlockSource]]:
         return list(self._functions)
 
     def binding(self, name: str, value: Any) -> values_pb2.Value | None:
@@ -378,8 +334,7 @@ class _Encoder:
             local_names = local_names | _method_locals(node)
         fn_body = _Body([node], line_offset=first_line - 1)
         msg = program_pb2.FunctionSource(name=name, source=source, filename=filename, first_line=first_line)
-        loads = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-        for free in sorted(loads - {node.name}):
+        for free in sorted(loaded_names([node]) - {node.name}):
             if free in closure:
                 value = closure[free]
             elif free in local_names or free not in scope:
@@ -394,7 +349,7 @@ class _Encoder:
         tag = f"{filename}:"
         msg.local_blocks.extend(fn_body.local_blocks(fn_body.remote_stores, filename_tag=tag))
         text = "".join(linecache.getlines(filename))
-        site = LocalSite(filename, text, 0)
+        site = BlockSource(filename, text, 0)
         self._functions.append((msg, site))
 
 
@@ -408,7 +363,7 @@ def _method_locals(node: ast.ClassDef) -> set[str]:
                 if isinstance(n, ast.Global):
                     declared.update(n.names)
                 elif n is not fn or isinstance(n, ast.Lambda):
-                    names.update(_stored(n))
+                    names.update(stored_names(n))
             names.update(a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg))
     return names - declared
 

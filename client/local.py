@@ -18,7 +18,7 @@ from tether.v1 import jobs_pb2, values_pb2
 from tether.wire import decode_value_map, split_chunks
 
 from .display import StatusDisplay
-from .encode import Job, LocalSite, _Encoder
+from .encode import BlockSource, Job, _Encoder
 from .errors import local_failure, user_frames
 from .events import resolvers
 from .wire import result_buffer
@@ -94,7 +94,7 @@ class LocalCalls:
             base = next(iter(self._job.sites.values()), None)
             if base is None or not line.isdigit():
                 raise KeyError(f"the server asked for local() block {block_id!r}, which this job does not have")
-            site = LocalSite(filename or base.filename, base.text, int(line))
+            site = BlockSource(filename or base.filename, base.text, int(line))
         return local_block_at(site.filename, site.text, site.first_line)
 
     def _encode(self, written: dict[str, Any]) -> bytes:

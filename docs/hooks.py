@@ -30,7 +30,7 @@ MARKER = "<!-- tether serve --help -->"
 def on_page_markdown(markdown: str, **_) -> str:
     if MARKER not in markdown:
         return markdown
-    from tether.server.cli import parse_args
+    from tether.cli import parse_args
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):

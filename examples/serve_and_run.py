@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
         raise SystemExit(__doc__)
     split = argv.index("--")
     serve_args, client = argv[:split], argv[split + 1:]
-    server = subprocess.Popen([sys.executable, "-m", "tether.server.cli", "serve", "--host", "127.0.0.1",
+    server = subprocess.Popen([sys.executable, "-m", "tether", "serve", "--host", "127.0.0.1",
                                "--port", "0", *serve_args], stdout=subprocess.PIPE, text=True, bufsize=1)
     try:
         address = _wait_for_address(server)

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from types import CodeType, FrameType
 
 from ..caching import bytes_lru_cache
+from .body import assigned_names, loaded_names, local_blocks
 from .cpython import SkipBody, entered_with_item, restore_trace, skip_body
 from .errors import SourceUnavailableError
 
-__all__ = ["parse", "compile_source", "Block", "SkipBody", "find_block", "skip_body", "restore_trace", "bind_target", "register_source",
-           "OPS_NAME"]
+__all__ = ["parse", "compile_source", "Block", "SkipBody", "find_block", "find_in_text", "skip_body",
+           "restore_trace", "bind_target", "register_source", "OPS_NAME"]
 
 OPS_NAME = "__tether__"
 
@@ -42,9 +43,19 @@ class Block:
     source: str  # the body, dedented
     assigned: tuple[str, ...]  # names the body binds, outside nested function scopes
     loaded: frozenset[str]  # names the body reads
-    local_blocks: list[tuple[int, int]] = field(default_factory=list)  # (first, last) of nested local() bodies
+    local_blocks: list[tuple[int, int]] = field(default_factory=list)  # body.local_blocks: (first, last) lines
     item: int | None = None  # which of the with statement's items is tether's (set when first entered)
     _code: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, filename: str, node: ast.With, source: str, first_line: int | None = None) -> Block:
+        """The Block of with statement `node` (its body dedented: `source`), with the names it reads and
+        assigns and its local() blocks; `first_line` defaults to the first body statement's line."""
+        body = node.body
+        return cls(filename=filename, with_line=node.lineno,
+                   first_line=body[0].lineno if first_line is None else first_line,
+                   last_line=body[-1].end_lineno or body[-1].lineno, node=node, source=source,
+                   assigned=tuple(assigned_names(body)), loaded=loaded_names(body), local_blocks=local_blocks(body))
 
     @property
     def target(self) -> ast.expr | None:
@@ -104,7 +115,7 @@ def find_block(frame: FrameType) -> Block:
             "Run the code from a file or a notebook cell (not `python -c` or an interactive prompt "
             "without source), so its body can be executed."
         )
-    block = _find_in(filename, "".join(lines), line)
+    block = find_in_text(filename, "".join(lines), line)
     if block.item is None:
         block.item = entered_with_item(frame, block.node)
     if len(_recent) > 1024:
@@ -135,7 +146,8 @@ def _parse(text: str, filename: str) -> ast.Module:
 
 
 @bytes_lru_cache()
-def _find_in(filename: str, text: str, line: int) -> Block:
+def find_in_text(filename: str, text: str, line: int) -> Block:
+    """The innermost `with` block of `text` whose `with` line range holds `line` (cached by value)."""
     tree = _parse(text, filename)
     best = None
     for node in ast.walk(tree):
@@ -149,20 +161,8 @@ def _find_in(filename: str, text: str, line: int) -> Block:
         )
     first = best.body[0].lineno
     last = best.body[-1].end_lineno or best.body[-1].lineno
-    body_lines = text.splitlines(keepends=True)[first - 1 : last]
-    source = textwrap.dedent("".join(body_lines))
-    return Block(
-        filename=filename,
-        with_line=best.lineno,
-        first_line=first,
-        last_line=last,
-        node=best,
-        source=source,
-        assigned=tuple(_assigned_names(best.body)),
-        loaded=frozenset(n.id for s in best.body for n in ast.walk(s) if isinstance(n, ast.Name)
-                         and isinstance(n.ctx, ast.Load)),
-        local_blocks=_local_blocks(best.body),
-    )
+    source = textwrap.dedent("".join(text.splitlines(keepends=True)[first - 1 : last]))
+    return Block.of(filename, best, source)
 
 
 def bind_target(block: Block, value: object, ns: dict) -> dict:
@@ -235,49 +235,3 @@ class _RouteTetherCalls(ast.NodeTransformer):
                 item.optional_vars = self.visit(item.optional_vars)
         node.body = [self.visit(s) for s in node.body]
         return node
-
-
-def _assigned_names(body: list[ast.stmt]) -> list[str]:
-    names: dict[str, None] = {}
-
-    class Collector(ast.NodeVisitor):
-        def visit_Name(self, node: ast.Name) -> None:
-            if isinstance(node.ctx, ast.Store):
-                names[node.id] = None
-
-        def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
-            names[node.name] = None
-
-        visit_AsyncFunctionDef = visit_FunctionDef
-
-        def visit_ClassDef(self, node: ast.ClassDef) -> None:
-            names[node.name] = None
-
-        def visit_Lambda(self, node: ast.Lambda) -> None:
-            return None
-
-        def visit_ListComp(self, node: ast.AST) -> None:
-            return None
-
-        visit_SetComp = visit_DictComp = visit_GeneratorExp = visit_ListComp
-
-        def visit_Import(self, node: ast.Import) -> None:
-            for alias in node.names:
-                names[(alias.asname or alias.name).split(".")[0]] = None
-
-        visit_ImportFrom = visit_Import
-
-    for stmt in body:
-        Collector().visit(stmt)
-    return list(names)
-
-
-def _local_blocks(body: list[ast.stmt]) -> list[tuple[int, int]]:
-    spans = []
-    for node in ast.walk(ast.Module(body=body, type_ignores=[])):
-        if isinstance(node, ast.With):
-            for item in node.items:
-                expr = item.context_expr
-                if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr == "local":
-                    spans.append((node.body[0].lineno, node.body[-1].end_lineno or node.body[-1].lineno))
-    return spans

@@ -1,6 +1,24 @@
-"""tether's one exception hierarchy: each message says what happened, the likely cause and the fix.
+"""tether's one exception hierarchy, rooted at `TetherError`: each message says what happened, the likely
+cause and the fix. Imports nothing from tether.
 
-Imports nothing from tether; every other module (runtime, client, server) raises these.
+Every exception class tether defines subclasses `TetherError`, in one module per layer: the engine's here,
+the server's in server/errors.py (`ServerError` and its subclasses, each with its gRPC status code, and
+`PolicyViolation`), the shared layer's one in tether/safe_pickle.py (`UnsafePickleError`). The client
+defines none: what a server reports arrives as `RemoteError` (client/errors.py builds it).
+
+The only exceptions outside the hierarchy are these, listed in `CONTROL_FLOW` (a test holds every other
+class to the root). None reaches a user: each is raised and caught by tether itself.
+
+- `tether.runtime.cpython.SkipBody`: skips a `with` block's body in the caller (tether runs it itself).
+- `tether.runtime.interleaver.EarlyStop`: unwinds the model's forward pass after `.stop()`.
+- `tether.runtime.interleaver._Abort`: unwinds the forward pass after a body failed (its error follows).
+- `tether.runtime.session._ExitSession`: `session.exit()` ends the session body.
+- `tether.runtime.contexts.ExitLoop`: `iterator.exit()` leaves a `session.iter(...)` loop.
+- `tether.server.interrupts.Interrupted`: raised into a worker thread stuck outside any module boundary.
+- `tether.client.remote_exceptions._Marker`: raised once per user frame to build a remote traceback.
+- `tether.client.channel._Cancelled`: a call the client cancelled, as the `grpc.RpcError` grpc would raise.
+
+Warnings are not errors: tether's subclass `UserWarning` (`tether.runtime.batch_index.BatchIndexWarning`).
 """
 
 from __future__ import annotations
@@ -13,7 +31,20 @@ __all__ = [
     "UnsavedValueError",
     "ValueNotReachedError",
     "RemoteError",
+    "RunStopped",
+    "CONTROL_FLOW",
 ]
+
+CONTROL_FLOW = (  # module.qualname of each exception outside the hierarchy (the docstring says why)
+    "tether.runtime.cpython.SkipBody",
+    "tether.runtime.interleaver.EarlyStop",
+    "tether.runtime.interleaver._Abort",
+    "tether.runtime.session._ExitSession",
+    "tether.runtime.contexts.ExitLoop",
+    "tether.server.interrupts.Interrupted",
+    "tether.client.remote_exceptions._Marker",
+    "tether.client.channel._Cancelled",
+)
 
 
 class TetherError(Exception):
@@ -38,6 +69,11 @@ class UnsavedValueError(TetherError, ValueError):
 
 class ValueNotReachedError(TetherError, ValueError):
     """A saved value never received its data: the trace stopped early or the model never got there."""
+
+
+class RunStopped(TetherError):
+    """A run was stopped from outside at a module boundary (its cancel check said so: a server's cancel
+    request or time limit)."""
 
 
 class RemoteError(TetherError):

@@ -1,6 +1,6 @@
 """Program: a captured block as plain data, and the Executor that runs one against a model.
 
-A client turns a context into a Program (source text, where it came from, inputs, local-block spans);
+A client turns a context into a Program (source text, where it came from, inputs);
 a server worker runs it with `execute`, which drives the same Tracer/Session code a local run uses.
 `local()` blocks go to the handler the caller installs. Nothing here touches a network.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from ..caching import bytes_lru_cache
 from . import ops
-from .capture import OPS_NAME, Block, _assigned_names, _find_in, _local_blocks, parse, register_source
+from .capture import OPS_NAME, Block, find_in_text, parse, register_source
 from .contexts import local_handler
 from .interleaver import cancel_scope
 from .saving import SaveScope, hand_back
@@ -36,7 +36,6 @@ class Program:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     tracer_name: str = ""  # the `as` name of the block, bound to the server-side tracer or session
-    local_blocks: list[tuple[int, int]] = field(default_factory=list)  # (first, last) body lines of local()
 
 
 def program_of(context: Any, kind: str) -> Program:
@@ -51,7 +50,6 @@ def program_of(context: Any, kind: str) -> Program:
         args=tuple(getattr(context, "_args", ())),
         kwargs={**getattr(context, "_kwargs", {}), **getattr(context, "_run_kwargs", {})},
         tracer_name=target.id if isinstance(target, ast.Name) else "",
-        local_blocks=list(block.local_blocks),
     )
 
 
@@ -81,21 +79,9 @@ def _block_of_text(filename: str, text: str, first_line: int, source: str) -> Bl
     module = parse(text, filename)
     if not module.body:
         module.body = [ast.Pass(lineno=first_line, col_offset=0)]
-    last = module.body[-1].end_lineno or module.body[-1].lineno
     node = ast.With(items=[ast.withitem(context_expr=ast.Constant(None))], body=module.body,
                     lineno=max(first_line - 1, 1), col_offset=0)
-    return Block(
-        filename=filename,
-        with_line=node.lineno,
-        first_line=first_line,
-        last_line=last,
-        node=node,
-        source=source,
-        assigned=tuple(_assigned_names(module.body)),
-        loaded=frozenset(n.id for s in module.body for n in ast.walk(s)
-                         if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)),
-        local_blocks=_local_blocks(module.body),
-    )
+    return Block.of(filename, node, source, first_line=first_line)
 
 
 def execute(model: Any, program: Program, bindings: dict, *, filename: str | None = None,
@@ -134,7 +120,7 @@ def _context(model: Any, program: Program, log: Callable[..., None]) -> Any:
 
 def local_block_at(filename: str, text: str, first_line: int) -> Block:
     """The `local()` block whose body starts at `first_line` in `text` (the user's source)."""
-    return _find_in(filename, text, first_line - 1)
+    return find_in_text(filename, text, first_line - 1)
 
 
 def run_local_block(block: Block, ns: dict) -> dict[str, Any]:

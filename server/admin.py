@@ -12,12 +12,13 @@ import logging
 import grpc
 import torch
 
+from tether.placement_options import Placement
 from tether.tensor_codec import TORCH_DTYPES
 from tether.v1 import admin_pb2, admin_pb2_grpc, values_pb2
 
 from .errors import NotFound, ServerError
 from .jobs import TERMINAL
-from .placement import Placement, resolve_device
+from .placement import resolve_device
 from .registry import load_model
 from .service import CANCEL_WAIT, Hub, cancel_job, unary
 from .workers import seconds

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tether.placement_options import Placement
 from tether.protocol import MAX_MESSAGE_BYTES
 from tether.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, models_pb2
 
@@ -23,7 +24,6 @@ from .admin import AdminService
 from .auth import Authenticator, read_keys
 from .deployments import DEFAULT_LOADING_WAIT, ModelTable
 from .jobs import JobStore
-from .placement import Placement
 from .policy import DEFAULT_POLICY, Policy
 from .registry import Registry
 from .service import Hub, JobService, ModelService, add_job_service, add_model_service

@@ -1,5 +1,6 @@
-"""The `tether` command: `tether serve --model NAME=SPEC ...` loads models, serves them, stops on a signal;
-the operator's commands against a running server (models, deploy, evict, jobs, cancel) are operator_cli's.
+"""`tether serve --model NAME=SPEC ...`: its options, then loading the models, serving them, stopping on a
+signal. The `tether` command itself (tether/cli.py) registers this subcommand beside the client's operator
+commands; this module imports nothing of the client.
 
 When ready it prints exactly one line to stdout, `tether: serving on HOST:PORT` (the real port), so scripts
 and tests can wait for it; everything else goes to stderr.
@@ -16,10 +17,9 @@ import sys
 import threading
 from typing import Any
 
-from . import operator_cli
-from .placement import add_placement_options
+from tether.placement_options import add_placement_options
 
-__all__ = ["main", "parse_args"]
+__all__ = ["add_command", "serve_models"]
 
 
 def _size(text: str) -> int:
@@ -47,10 +47,8 @@ def _positive(kind):
     return convert
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tether", description="tether: run intervention code on models.")
-    parser.add_argument("--version", action="version", version=f"tether {operator_cli.version()}")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Add `serve` to the `tether` command's subcommands."""
     serve = commands.add_parser("serve", help="serve models over gRPC (JobService, ModelService, AdminService)")
     add_placement_options(serve, with_model=True)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
@@ -88,11 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="run each replica as an actor on a Ray cluster: `auto` (the one `ray start` started "
                             "on this machine), HOST:PORT (its head), or `local` (a private Ray instance); needs "
                             "`pip install tether[cluster]`")
-    operator_cli.add_commands(commands)
-    args = parser.parse_args(argv)
-    if args.command == "serve" and not args.models:
-        serve.error("give at least one --model NAME=SPEC")
-    return args
+    serve.set_defaults(run=serve_models, check=_check)
 
 
 def default_port_start(start: Any) -> Any:
@@ -123,10 +117,12 @@ def _ready_stream():
     return ready
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.command != "serve":
-        return operator_cli.run(args)
+def _check(args: argparse.Namespace) -> str | None:
+    return None if args.models else "give at least one --model NAME=SPEC"
+
+
+def serve_models(args: argparse.Namespace) -> int:
+    """Run `tether serve` as parsed into `args`, until SIGINT or SIGTERM; its exit status."""
     logging.basicConfig(level=getattr(logging, args.log_level), format="tether: %(message)s", stream=sys.stderr)
     from .app import start_server
     from .policy import DEFAULT_POLICY
@@ -169,7 +165,3 @@ def main(argv: list[str] | None = None) -> int:
     print("tether: stopping", file=sys.stderr, flush=True)
     handle.stop(grace=2.0)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,11 +14,11 @@ from typing import Any
 
 import grpc
 
+from tether.placement_options import Placement
 from tether.v1 import models_pb2
 from tether.values import to_value
 
 from .errors import ModelExists, ModelLoading, NotFound, OutOfService, ServerError
-from .placement import Placement
 from .policy import DEFAULT_POLICY, Policy
 from .registry import HostedModel, Registry
 from .supervisor import payload_of, preload_for

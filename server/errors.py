@@ -1,6 +1,7 @@
 """The server's errors: each carries the gRPC status code it is reported with, and an actionable message.
 
-Part of tether's one hierarchy (subclasses of tether.runtime.errors.TetherError); imports grpc and that only.
+Part of tether's one hierarchy (subclasses of tether.runtime.errors.TetherError, whose docstring lists the
+control-flow exceptions outside it); imports grpc and that only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ __all__ = [
     "PermissionDenied",
     "ModelLoading",
     "ModelExists",
+    "OutOfService",
+    "WeightsChanged",
+    "PolicyViolation",
     "WorkerCrashed",
     "JobMemoryExceeded",
 ]
@@ -120,6 +124,22 @@ class PermissionDenied(ServerError):
     """An admin call (AdminService) with a key that is not marked admin."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class WeightsChanged(ServerError):
+    """A job wrote into the hosted model's parameters."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class PolicyViolation(TetherError, ValueError):
+    """A program uses something the server's policy refuses; the server answers INVALID_ARGUMENT (as an
+    InvalidProgram naming the user's line)."""
+
+    def __init__(self, message: str, line: int, *, filename: str = ""):
+        where = f"{filename}, line {line}" if filename else f"line {line}"
+        super().__init__(f"{where}: {message}")
+        self.message, self.line, self.filename = message, line, filename
 
 
 class WorkerCrashed(ServerError):

@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.runtime.errors import TetherError
 from tether.safe_pickle import DEFAULT_ALLOW_LIST, PickleAllowList, safe_loads
 from tether.v1 import values_pb2
 
-__all__ = ["ALLOW_HINT", "CLASS_DUNDERS", "DATA_LOADERS", "DEFAULT_POLICY", "MOVE_HINT", "Policy", "PolicyViolation"]
+from .errors import PolicyViolation
+
+__all__ = ["ALLOW_HINT", "CLASS_DUNDERS", "DATA_LOADERS", "DEFAULT_POLICY", "MOVE_HINT", "Policy"]
 
 _DATA_DATASETS = ("Dataset", "IterableDataset", "TensorDataset", "StackDataset", "ConcatDataset", "ChainDataset",
                   "Subset", "random_split")
@@ -31,15 +32,6 @@ CLASS_DUNDERS = frozenset({"__init__", "__call__", "__len__", "__getitem__", "__
 
 MOVE_HINT = "move it into a `with tether.local():` block to run it on your own machine"
 ALLOW_HINT = f"{MOVE_HINT}, or ask the server operator to allow it"
-
-
-class PolicyViolation(TetherError, ValueError):
-    """A program uses something the server's policy refuses; the server answers INVALID_ARGUMENT."""
-
-    def __init__(self, message: str, line: int, *, filename: str = ""):
-        where = f"{filename}, line {line}" if filename else f"line {line}"
-        super().__init__(f"{where}: {message}")
-        self.message, self.line, self.filename = message, line, filename
 
 
 @dataclass(frozen=True)

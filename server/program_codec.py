@@ -15,7 +15,8 @@ from typing import Any
 from tether.caching import bytes_lru_cache
 from tether.protocol import CLIENT_MODULE, PROGRAM_KIND_NAMES
 from tether.runtime import ops
-from tether.runtime.capture import OPS_NAME, _assigned_names, parse
+from tether.runtime.body import assigned_names, body_span, loaded_names, local_withs
+from tether.runtime.capture import OPS_NAME, parse
 from tether.runtime.envoy import Envoy
 from tether.runtime.errors import TetherError
 from tether.runtime.program import Program, block_of
@@ -285,7 +286,6 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
             args=tuple(codec.decode(v, f"argument {i + 1}") for i, v in enumerate(program.args)),
             kwargs={k: codec.decode(v, f"keyword argument `{k}`") for k, v in program.kwargs.items()},
             tracer_name=program.tracer_name,
-            local_blocks=[],
         ),
         body_filename=body_file,
         bindings={},
@@ -365,19 +365,6 @@ def _parse(source: str, filename: str, first_line: int) -> ast.Module:
         raise InvalidProgram(f"{filename}, line {error.lineno}: cannot parse the program: {error.msg}") from None
 
 
-def _is_local(item: ast.withitem) -> bool:
-    expr = item.context_expr
-    return (
-        isinstance(expr, ast.Call)
-        and not expr.args
-        and not expr.keywords
-        and (
-            (isinstance(expr.func, ast.Attribute) and expr.func.attr == "local")
-            or (isinstance(expr.func, ast.Name) and expr.func.id == "local")
-        )
-    )
-
-
 def _cut_local_blocks(source: str, filename: str, first_line: int,
                       ids: Mapping[int, str]) -> tuple[str, dict[int, LocalSite]]:
     """`source` with the body of every (outermost) `with ...local():` replaced by `pass`, line numbers kept.
@@ -398,16 +385,12 @@ def _cut_cached(source: str, filename: str, first_line: int,
     lines = source.splitlines(keepends=True)
     sites: dict[int, LocalSite] = {}
     cut_until = 0  # last user line already cut (nested blocks go with their outer block)
-    for node in sorted(
-        (n for n in ast.walk(tree) if isinstance(n, (ast.With, ast.AsyncWith)) and any(map(_is_local, n.items))),
-        key=lambda n: n.lineno,
-    ):
-        first, last = node.body[0].lineno, node.body[-1].end_lineno or node.body[-1].lineno
+    for node in local_withs(tree.body):
+        first, last = body_span(node)
         if first <= cut_until:
             continue
         cut_until = last
-        reads = sorted({n.id for s in node.body for n in ast.walk(s) if isinstance(n, ast.Name)
-                        and isinstance(n.ctx, ast.Load)})
+        reads = sorted(loaded_names(node.body))
         sites[first] = LocalSite(ids.get(first, str(first)), filename, first, tuple(reads))
         head = lines[first - 1 - offset]
         col = len(head.encode()[: node.body[0].col_offset].decode(errors="ignore"))
@@ -424,7 +407,7 @@ def _stand_in(node: ast.With | ast.AsyncWith, head: str, col: int) -> str:
     skips a local() body at its first line and asks the client)."""
     if not head[:col].strip() == "" or node.body[0].lineno == node.lineno:
         return "pass"
-    names = [n for n in _assigned_names(node.body) if not n.startswith("_") and not hasattr(builtins, n)]
+    names = [n for n in assigned_names(node.body) if not n.startswith("_") and not hasattr(builtins, n)]
     return " = ".join([*names, "None"]) if names else "pass"
 
 

@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
+from tether.placement_options import Placement
 from tether.runtime.model import NNsight
 from tether.runtime.rename import declared as declared_aliases
 from tether.v1 import models_pb2, values_pb2
 from tether.values import to_value
 
 from .errors import NotFound
-from .placement import Placement, place
+from .placement import from_pretrained_kwargs, place
 
 __all__ = ["HostedModel", "Registry", "load_model", "wrap"]
 
@@ -33,7 +34,7 @@ def load_model(spec: str, placement: Placement | None = None) -> Any:
     from tether.runtime.loading import load_named
 
     placement = placement or Placement()
-    return place(load_named(spec, **placement.from_pretrained_kwargs()), placement)
+    return place(load_named(spec, **from_pretrained_kwargs(placement)), placement)
 
 
 def wrap(obj: Any) -> NNsight:

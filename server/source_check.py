@@ -17,6 +17,7 @@ from tether.caching import bytes_lru_cache
 from tether.runtime.capture import parse
 from tether.v1 import program_pb2, values_pb2
 
+from .errors import PolicyViolation
 from .policy import (
     ALLOW_HINT,
     CLASS_DUNDERS,
@@ -24,7 +25,6 @@ from .policy import (
     DEFAULT_POLICY,
     MOVE_HINT,
     Policy,
-    PolicyViolation,
 )
 
 __all__ = ["check_function_source", "check_program", "check_program_source", "check_source"]

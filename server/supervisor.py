@@ -279,6 +279,7 @@ class _JobRelay:
 
     def _relay(self, pid: int | None) -> str:
         waitables = [self.conn] + ([self.replica.process.sentinel] if pid else [])
+        checked = time.monotonic()
         while True:
             ready = multiprocessing.connection.wait(waitables, TICK)
             if self.conn in ready:
@@ -292,7 +293,9 @@ class _JobRelay:
                 ended = self._handle(message)
                 if ended is not None:
                     return ended
-                continue
+                if time.monotonic() - checked < TICK:
+                    continue  # a job that sends messages all the time is still checked every TICK (below)
+            checked = time.monotonic()
             if pid and self.replica.process.sentinel in ready and not self.conn.poll():
                 self._ended_with_worker(WorkerCrashed(self._crash_message(self.replica._how_it_ended())))
                 return ""

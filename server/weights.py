@@ -8,20 +8,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 import torch
 
-from .errors import ServerError
+from .errors import WeightsChanged
 
-__all__ = ["WeightWatch", "WeightsChanged"]
+__all__ = ["WeightWatch"]
 
 _log = logging.getLogger("tether.server")
-
-
-class WeightsChanged(ServerError):
-    """A job wrote into the hosted model's parameters."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class WeightWatch:

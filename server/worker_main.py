@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from tether.runtime.interleaver import JobCancelled
+from tether.runtime.errors import RunStopped
 from tether.runtime.program import execute
 from tether.v1 import failure_pb2, program_pb2
 
 from . import errors
 from . import worker_protocol as wp
-from .errors import JobCancelledError, JobTimeout, ServerError
+from .errors import JobCancelledError, JobTimeout, ServerError, WeightsChanged
 from .failures import failure_of
 from .interrupts import Watchdog
 from .job_state import JobState
@@ -31,7 +31,7 @@ from .local_calls import LocalCaller
 from .program_codec import DecodedProgram, decode_program
 from .registry import HostedModel, wrap
 from .results import encode_result_pieces
-from .weights import WeightsChanged, WeightWatch
+from .weights import WeightWatch
 
 __all__ = ["serve", "process_main", "without_fake_data", "JobRun"]
 
@@ -200,7 +200,7 @@ class JobRun:
         """A forward pre-hook on the model's root: stop at the next forward (generation step) when asked,
         else report the step to the client (generation only: "step k/N")."""
         if self._stop_requested():
-            raise JobCancelled("The job was stopped before this forward pass.")
+            raise RunStopped("The job was stopped before this forward pass.")
         if self.total_steps:
             self.step += 1
             self.conn.send(wp.Progress(self.job.job_id, self.step, max(self.total_steps, 0)))
@@ -260,7 +260,7 @@ class JobRun:
         if self.cancelled:
             self.conn.send(wp.Failed(self.job.job_id, b"", "CANCELLED", True, self.watch.broken))
             return
-        if isinstance(error, JobCancelled) or (self.deadline and time.monotonic() > self.deadline
+        if isinstance(error, RunStopped) or (self.deadline and time.monotonic() > self.deadline
                                                and not isinstance(error, ServerError)):
             error = self.timed_out()  # the time limit stopped it at a module boundary
         code = error.code.name if isinstance(error, ServerError) else ""

@@ -1,8 +1,8 @@
-"""`python -m tether ...`: the `tether` command (tether.server.cli), for environments without its script."""
+"""`python -m tether ...`: the `tether` command (tether/cli.py), for environments without its script."""
 
 import sys
 
-from tether.server.cli import main
+from tether.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -248,7 +248,7 @@ def test_queued_behind_counts_the_running_job_and_the_end_says_how_long_it_queue
 
 
 def test_allow_module_extends_the_servers_allow_list(no_server):
-    from tether.server.cli import parse_args
+    from tether.cli import parse_args
     from tether.server.policy import DEFAULT_POLICY
 
     args = parse_args(["serve", "--model", "net=tiny", "--allow-module", "json"])

@@ -16,9 +16,9 @@ import torch
 from test_server import QUICK, WAIT, Client, Outcome, assert_serving, code_of, events_of, program, spec
 
 from tether import values, wire
+from tether.framing import varint
 from tether.runtime import tiny
 from tether.v1 import jobs_pb2, program_pb2, values_pb2
-from tether.framing import varint
 
 SERVER_OPTIONS = {"max_program_bytes": 4096, "job_memory": 200 << 20}
 MODEL_NET = values_pb2.Value(model_reference=values_pb2.ModelReference(name="net"))

@@ -12,10 +12,10 @@ import torch
 from tether import LanguageModel, NNsight, RemoteError
 from tether.client import RemoteBackend
 from tether.client.admin import Admin
+from tether.placement_options import Placement
 from tether.runtime import tiny
 from tether.server.app import start_server
 from tether.server.auth import read_keys
-from tether.server.placement import Placement
 from tether.server.registry import load_model
 from tether.v1 import jobs_pb2, models_pb2, values_pb2
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_server_cli import READY, START_TIMEOUT, _serve  # (pytest puts this directory on sys.path)
+from test_server_cli import _port, _serve  # (pytest puts this directory on sys.path)
 
 from tether import CONFIG, LanguageModel
 from tether.client.channel import close_all
-from tether.server.placement import Placement
+from tether.placement_options import Placement
 from tether.server.registry import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,11 +39,7 @@ def served():
     proc, lines = _serve("--dtype", "bfloat16", "--model", "tiny=tiny", "--model", "net=tether.runtime.tiny:tiny_net",
                          "--dtype", "float32", "--port", "0")
     try:
-        line = lines.get(timeout=START_TIMEOUT)
-        assert line is not None, proc.stderr.read()
-        match = READY.match(line.rstrip("\n"))
-        assert match, line
-        yield f"127.0.0.1:{match.group(1)}"
+        yield f"127.0.0.1:{_port(proc, lines)}"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tether import LanguageModel
+from tether.placement_options import Placement
 from tether.runtime import tiny
-from tether.server.placement import Placement
 from tether.server.registry import load_model
 
 PROMPT = "The quick brown fox"

@@ -35,22 +35,27 @@ def _lines(stream, out: queue.Queue) -> None:
 
 
 def _serve(*args: str) -> tuple[subprocess.Popen, queue.Queue]:
-    proc = subprocess.Popen([sys.executable, "-m", "tether.server.cli", "serve", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "tether", "serve", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stdout, lines), daemon=True).start()
     return proc, lines
 
 
+def _port(proc: subprocess.Popen, lines: queue.Queue) -> str:
+    """The port `tether serve` printed in its ready line (its stderr, if it stopped first)."""
+    line = lines.get(timeout=START_TIMEOUT)
+    assert line is not None, proc.stderr.read()
+    match = READY.match(line.rstrip("\n"))
+    assert match, line
+    return match.group(1)
+
+
 def test_tether_serve_prints_its_port_serves_and_stops():
     proc, lines = _serve("--model", "tiny=tiny", "--model", "net=tether.runtime.tiny:tiny_net", "--port", "0",
                          "--queue-size", "4", "--job-timeout", "30")
     try:
-        line = lines.get(timeout=START_TIMEOUT)
-        assert line is not None, proc.stderr.read()
-        match = READY.match(line.rstrip("\n"))
-        assert match, line
-        with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{_port(proc, lines)}") as channel:
             listed = models_pb2_grpc.ModelServiceStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=30)
         assert [(m.name, m.architecture) for m in listed.models] == [("net", "Sequential"),
                                                                        ("tiny", "GPT2LMHeadModel")]
@@ -64,7 +69,7 @@ def test_tether_serve_prints_its_port_serves_and_stops():
 
 
 def test_tether_serve_reports_a_bad_model_spec():
-    proc = subprocess.run([sys.executable, "-m", "tether.server.cli", "serve", "--model", "x=no_such_module:build"],
+    proc = subprocess.run([sys.executable, "-m", "tether", "serve", "--model", "x=no_such_module:build"],
                           capture_output=True, text=True, cwd=ROOT, timeout=START_TIMEOUT)
     assert proc.returncode == 1 and proc.stdout == ""
     assert "cannot load model x=no_such_module:build" in proc.stderr and "module:function" in proc.stderr

@@ -150,7 +150,7 @@ def test_shared_ctypes_prototypes_are_left_alone():
 
 def test_tether_frames_are_told_by_module_name():
     with pytest.raises(SourceUnavailableError) as info:
-        capture._find_in("<no with here>", "x = 1\n", 1)
+        capture.find_in_text("<no with here>", "x = 1\n", 1)
     frames = [f for f, _ in traceback.walk_tb(info.value.__traceback__)]
     assert not cpython.is_tether_frame(frames[0])  # this test
     assert cpython.is_tether_frame(frames[-1])  # capture.py

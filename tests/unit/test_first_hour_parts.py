@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import tether
+from tether.cli import parse_args
 from tether.client.events import AwaitedValue, PendingValue
 from tether.runtime import tiny
 from tether.runtime.saving import NotReached, UnsavedValue
-from tether.server.cli import parse_args
 from tether.sizes import format_bytes, parse_bytes
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,12 @@ FORBIDDEN = {
     "tether.server": ("tether.client",),
     "tether": ("tether.client", "tether.server", *TRANSPORT),  # shared modules; the facade is checked apart
 }
-FACADE_MAY_IMPORT = ("tether.client",)  # `tether/__init__.py` (LanguageModel, CONFIG) wires the client in
+# the facade modules, and what each may import beyond its package's rule: nothing else wires the sides together
+FACADE_MAY_IMPORT = {
+    "tether": ("tether.client",),  # `tether/__init__.py` (LanguageModel, CONFIG) wires the client in
+    "tether.cli": ("tether.client", "tether.server"),  # the `tether` command: `serve` and the operator's commands
+    "tether.__main__": ("tether.client", "tether.server"),  # `python -m tether`
+}
 
 
 def _modules():
@@ -57,8 +62,7 @@ MODULES = list(_modules())
 @pytest.mark.parametrize("name,package,path", MODULES, ids=[m[0] for m in MODULES])
 def test_imports_respect_the_layers(name, package, path):
     forbidden = FORBIDDEN[package]
-    if name == "tether":
-        forbidden = tuple(p for p in forbidden if p not in FACADE_MAY_IMPORT)
+    forbidden = tuple(p for p in forbidden if p not in FACADE_MAY_IMPORT.get(name, ()))
     bad = [f"{path.relative_to(ROOT)}:{line} imports {module}" for line, module in _imports(path, package)
            if any(_within(module, p) for p in forbidden)]
     assert not bad, "\n".join(bad)
@@ -66,4 +70,22 @@ def test_imports_respect_the_layers(name, package, path):
 
 def test_every_package_is_walked():
     assert {package for _, package, _ in MODULES} == set(PACKAGES.values())
+    assert set(FACADE_MAY_IMPORT) <= {name for name, _, _ in MODULES}
     assert len(MODULES) > 40
+
+
+def _package_of(module: str) -> str:
+    """The package (of PACKAGES' values) a `tether...` module belongs to."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and ".".join(parts[:2]) in PACKAGES.values() else "tether"
+
+
+@pytest.mark.parametrize("name,package,path", MODULES, ids=[m[0] for m in MODULES])
+def test_no_private_name_is_imported_from_another_package(name, package, path):
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("tether."):
+            if _package_of(node.module) != package:
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}"
+                        for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, "\n".join(bad)

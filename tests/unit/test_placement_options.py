@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from tether import tensor_codec
+from tether.cli import parse_args
+from tether.placement_options import Placement
 from tether.runtime.loading import parse_dtype
-from tether.server.cli import parse_args
-from tether.server.placement import Placement, resolve_device
+from tether.server.placement import resolve_device
 
 
 def test_options_after_a_model_apply_to_it_and_before_any_model_to_all():

@@ -12,7 +12,8 @@ import torch
 
 from tether import values
 from tether.safe_pickle import UnsafePickleError
-from tether.server.policy import DEFAULT_POLICY, Policy, PolicyViolation
+from tether.server.errors import PolicyViolation
+from tether.server.policy import DEFAULT_POLICY, Policy
 from tether.server.source_check import (
     check_function_source,
     check_program,

@@ -1,7 +1,9 @@
 """The operator's `tether` commands against a running server: models, deploy, evict, jobs, cancel.
 
-Each parses its options, calls tether.client.admin.Admin, and prints a table (or JSON with --json) to
-stdout; errors go to stderr with exit status 1. Imports the client's Admin and the server's placement.
+Each parses its options, calls Admin (client/admin.py), and prints a table (or JSON with --json) to
+stdout; errors go to stderr with exit status 1. The `tether` command (tether/cli.py) registers them beside
+the server's `serve`; this module imports nothing of the server (the placement options are shared, in
+tether/placement_options.py).
 """
 
 from __future__ import annotations
@@ -12,24 +14,12 @@ import sys
 import time
 from typing import Any
 
+from tether.placement_options import Placement, add_placement_options, model_arg
 from tether.v1 import jobs_pb2, models_pb2, values_pb2
 
-from .placement import Placement, add_placement_options, model_arg
-
-__all__ = ["add_commands", "run", "version"]
+__all__ = ["add_commands", "run"]
 
 DEPLOY_WAIT = 600.0  # s: how long `tether deploy` waits for the model to load, by default
-
-
-def version() -> str:
-    """The installed tether's version."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
-    try:
-        return installed("tether")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -59,6 +49,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _connection(cancel)
     cancel.add_argument("job_id", help="the job's id (`tether jobs` lists them)")
     cancel.add_argument("--reason", default="", help="why, for the job's status message")
+    for parser in (models, deploy, evict, jobs, cancel):
+        parser.set_defaults(run=run)
 
 
 def _connection(parser: argparse.ArgumentParser, *, json_output: bool = False) -> None:
@@ -71,8 +63,9 @@ def _connection(parser: argparse.ArgumentParser, *, json_output: bool = False) -
 
 def run(args: argparse.Namespace) -> int:
     """Run one operator command; its exit status."""
-    from tether.client.admin import Admin
     from tether.runtime.errors import RemoteError
+
+    from .admin import Admin
 
     try:
         with Admin(args.host, args.api_key) as admin:
