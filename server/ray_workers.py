@@ -47,10 +47,27 @@ def connect(address: str) -> None:
     with _connect_lock:
         if ray.is_initialized():
             return
+        if address != "local":
+            _check_reachable(address, _resolved(address))
         if address == "local":
             ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
         else:
             ray.init(address=address)
+
+
+def _check_reachable(address: str, resolved: str) -> None:
+    """Fail at once, with the fix, where no Ray head answers (Ray itself would retry for minutes)."""
+    if resolved.startswith("ray://"):
+        return
+    if not resolved:
+        raise ConnectionError(f"--ray {address}: no Ray cluster found on this machine (no RAY_ADDRESS, nothing "
+                              "started by `ray start --head`); start one, or give its head's HOST:PORT")
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except (OSError, ValueError) as error:
+        raise ConnectionError(f"--ray {address}: no Ray head answers at {resolved} ({error}); start one with "
+                              "`ray start --head`, or give the HOST:PORT of a running one") from None
 
 
 def _resolved(address: str) -> str:

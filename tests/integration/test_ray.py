@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray's addresses on loopback
 
@@ -173,3 +174,18 @@ def test_the_readme_walkthrough_serve_deploy_models_and_a_remote_job(cluster, mo
             proc.kill()
             proc.wait()
         close_all()
+
+
+def test_an_address_where_no_ray_head_answers_fails_at_once_with_the_fix():
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc, lines = _serve("--ray", f"127.0.0.1:{port}", "--model", "tiny=tiny", "--port", "0")
+    try:
+        assert proc.wait(timeout=START_TIMEOUT) == 1
+        error = proc.stderr.read()
+        assert f"no Ray head answers at 127.0.0.1:{port}" in error and "ray start --head" in error, error
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
