@@ -168,7 +168,6 @@ class ReplicaActor:
         from .worker_main import serve
 
         self._side = _ActorSide()
-        self._ended = threading.Event()
 
         def run() -> None:
             try:
@@ -176,7 +175,6 @@ class ReplicaActor:
             except BaseException:
                 _log.exception("the worker of %s failed", name)
             finally:
-                self._ended.set()
                 self._side.outbox.put(None)
 
         threading.Thread(target=run, name=f"tether-worker-{name}", daemon=True).start()
@@ -185,9 +183,9 @@ class ReplicaActor:
         """A message from the front door (`seq` orders them: the actor runs calls on several threads)."""
         self._side.deliver(seq, message)
 
-    def take(self, timeout: float) -> list | None:
-        """The worker's messages: waits up to `timeout` for the first, then takes all that are ready; None once
-        the worker loop has ended."""
+    def take(self, timeout: float) -> list:
+        """The worker's messages: waits up to `timeout` for the first, then takes all that are ready; the last
+        is None once the worker loop has ended."""
         out = self._side.outbox
         try:
             first = out.get(timeout=timeout)
