@@ -89,6 +89,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                        help="milliseconds a worker waits for more compatible jobs to batch (default 5)")
     serve.add_argument("--batch-tokens", type=_positive(int), default=8192,
                        help="rows x positions one batched run may take (default 8192)")
+    serve.add_argument("--ray", metavar="ADDRESS", default=None,
+                       help="run each replica as an actor on a Ray cluster: `auto` (the one `ray start` started "
+                            "on this machine), HOST:PORT (its head), or `local` (a private Ray instance); needs "
+                            "`pip install tether[cluster]`")
     serve.set_defaults(run=serve_models, check=_check)
 
 
@@ -151,6 +155,7 @@ def serve_models(args: argparse.Namespace) -> int:
         policy=DEFAULT_POLICY.with_modules(args.allow_module), max_program_bytes=args.max_program_bytes,
         **({"job_memory": args.job_memory} if args.job_memory else {}),
         max_batch=args.max_batch, batch_wait=max(args.batch_wait_ms, 0.0) / 1000, batch_tokens=args.batch_tokens,
+        **({"ray": args.ray} if args.ray else {}),
     )
     ready = _ready_stream()
     try:

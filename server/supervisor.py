@@ -184,6 +184,10 @@ class Replica:
                 return f"killed by signal {-code}"
         return f"exited with status {code}"
 
+    def private_memory(self, pid: int) -> int:
+        """Bytes of private memory the worker has (what its job allocated; the memory limit is checked on it)."""
+        return _anon_rss(pid)
+
     def join(self, timeout: float | None) -> None:
         """Wait for the relay thread (it ends once the queue is closed); kill a worker still running after."""
         self._thread.join(timeout)
@@ -320,7 +324,7 @@ class _JobRelay:
             job.on_cancel = replica.wake
         if not self.tracks:
             return ""
-        self.baseline = _anon_rss(pid) if pid else 0
+        self.baseline = self.replica.private_memory(pid) if pid else 0
         runs = [track.message() for track in self.tracks.values()]
         try:
             self.conn.send(runs[0] if len(runs) == 1 else wp.RunBatch(tuple(runs)))
@@ -428,7 +432,7 @@ class _JobRelay:
             if error is not None:
                 return error, track
         limit = self.replica.queue.limits.job_memory
-        used = _anon_rss(pid) - self.baseline
+        used = self.replica.private_memory(pid) - self.baseline
         if used > limit:
             jobs = "the job" if len(self.tracks) == 1 else f"the batch of {len(self.tracks)} jobs this job ran in"
             return JobMemoryExceeded(

@@ -59,6 +59,7 @@ class Limits:
     max_batch: int = 16  # jobs one batched run may take (1: every job runs alone), see batching.py
     batch_wait: float = 0.005  # seconds a supervisor waits for more compatible jobs once it took one
     batch_tokens: int = 8192  # rows x positions one batched run may take
+    ray: str = ""  # a Ray cluster's address (auto, host:port, local): each replica's worker is an actor there
 
     def replace(self, **changes) -> Limits:
         return dataclasses.replace(self, **changes)
@@ -123,6 +124,8 @@ class ModelQueue:
         self._batching = BatchPolicy(limits.max_batch, limits.batch_wait, limits.batch_tokens)
         from .supervisor import Replica  # (supervisor imports this module)
 
+        if limits.ray:
+            from .ray_workers import RayReplica as Replica
         self._replicas = [Replica(self, i, policy) for i in range(replicas)]
 
     # ---- the queue ----------------------------------------------------------------------------
