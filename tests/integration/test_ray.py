@@ -52,8 +52,9 @@ def _start(**options):
 
 @pytest.fixture(scope="module")
 def on_ray(cluster):
-    """A front door whose replicas (two) are actors on the cluster."""
-    handle = _start(ray=cluster.address, replicas=2)
+    """A front door whose replicas (two) are actors on the cluster, each running one job at a time (the crash
+    test places one looping job on each replica: batching would put them in one run)."""
+    handle = _start(ray=cluster.address, replicas=2, max_batch=1)
     yield handle
     handle.stop(grace=0)
     close_all()
