@@ -317,6 +317,69 @@ def test_a_dropped_connection_fails_every_pending_call_at_once(x):
     assert max(failed_at.values()) - cut_at < WAIT_S / 2  # failed by the cut, not by waiting out their time
 
 
+def test_a_stopped_server_fails_an_asyncio_jobs_pending_calls_at_once(x):
+    """asyncio jobs run on the same shared connection as blocking ones: while a blocking job holds the only
+    worker, an awaited job and an awaited fetch wait behind it; when the server stops, all three fail
+    together with the same clear error, long before their own deadlines."""
+    import asyncio
+
+    from tether.client import aio
+
+    net = NNsight(tiny.tiny_net())
+    handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0)
+    entered, release = threading.Event(), threading.Event()
+    errors: dict[str, BaseException] = {}
+    failed_at: dict[str, float] = {}
+
+    def holder() -> None:
+        try:
+            with net.trace(x, remote=True, model_name="net", backend=handle.address):
+                net.layer1.output.save()
+                with tether.local():
+                    entered.set()
+                    release.wait(WAIT_S)
+        except Exception as error:
+            errors["holder"] = error
+
+    async def waiting(name: str, awaitable) -> None:
+        try:
+            await awaitable
+        except Exception as error:
+            errors[name], failed_at[name] = error, time.monotonic()
+
+    async def awaiting() -> None:
+        awaited = aio.AsyncBackend(handle.address)
+        with net.trace(x, remote=True, model_name="net", backend=awaited):
+            net.output.save()
+        submitted = RemoteBackend(handle.address, blocking=False)
+        with net.trace(x, remote=True, model_name="net", backend=submitted):
+            net.layer1.output.save()
+        await asyncio.gather(waiting("awaited", awaited.run()),
+                             waiting("fetched", aio.fetch(submitted, timeout=WAIT_S)))
+
+    conn = connect(handle.address)
+    threads = [threading.Thread(target=holder, name="holder"),
+               threading.Thread(target=lambda: asyncio.run(awaiting()), name="asyncio-caller")]
+    try:
+        threads[0].start()
+        assert entered.wait(WAIT_S)
+        threads[1].start()
+        assert conn.wait_pending(3, WAIT_S)  # the holder's RunJob and the two asyncio jobs' WatchJobs
+        stopped_at = time.monotonic()
+        handle.stop(grace=0)
+        threads[1].join(WAIT_S)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(WAIT_S)
+        handle.stop(grace=0)
+        close_all()
+    assert sorted(errors) == ["awaited", "fetched", "holder"]
+    for error in errors.values():
+        assert isinstance(error, tether.RemoteError) and "Lost" in str(error), str(error)
+    assert max(failed_at.values()) - stopped_at < WAIT_S / 2  # failed by the stop, not by their own time
+
+
 def test_a_client_that_goes_away_mid_call_fails_its_job_and_frees_the_worker(x):
     net = NNsight(tiny.tiny_net())
     handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0)
