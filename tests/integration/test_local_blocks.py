@@ -380,6 +380,47 @@ def test_a_stopped_server_fails_an_asyncio_jobs_pending_calls_at_once(x):
     assert max(failed_at.values()) - stopped_at < WAIT_S / 2  # failed by the stop, not by their own time
 
 
+def test_cancelling_the_task_that_awaits_a_job_cancels_the_job(x):
+    """What Ctrl-C does to a blocking job, cancelling the asyncio task does to an awaited one."""
+    import asyncio
+
+    from tether.client import aio
+
+    net = NNsight(tiny.tiny_net())
+    handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0)
+    entered, release = threading.Event(), threading.Event()
+
+    def holder() -> None:  # holds the only worker, so the awaited job waits in the queue
+        with net.trace(x, remote=True, model_name="net", backend=handle.address):
+            net.layer1.output.save()
+            with tether.local():
+                entered.set()
+                release.wait(WAIT_S)
+
+    async def cancelled() -> str:
+        awaited = aio.AsyncBackend(handle.address)
+        with net.trace(x, remote=True, model_name="net", backend=awaited):
+            net.output.save()
+        task = asyncio.ensure_future(awaited.run())
+        assert await asyncio.to_thread(connect(handle.address).wait_pending, 2, WAIT_S)  # it is followed
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return awaited.job_id
+
+    thread = threading.Thread(target=holder, name="holder")
+    try:
+        thread.start()
+        assert entered.wait(WAIT_S)
+        job_id = asyncio.run(cancelled())
+        assert RemoteBackend(handle.address, job_id=job_id).status() == "CANCELLED"
+    finally:
+        release.set()
+        thread.join(WAIT_S)
+        handle.stop(grace=0)
+        close_all()
+
+
 def test_a_client_that_goes_away_mid_call_fails_its_job_and_frees_the_worker(x):
     net = NNsight(tiny.tiny_net())
     handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0)
