@@ -125,13 +125,18 @@ _END = object()
 
 
 class Stream:
-    """One streaming call, run on the loop thread and read (and for RunJob written) from the caller's."""
+    """One streaming call, run on the loop thread and read (and for RunJob written) from the caller's: by
+    blocking (`next`, iteration) or, given `wake_loop` (the caller's asyncio loop), by awaiting (`next_async`)."""
+
+    END = _END  # what next() returns once the call ended
 
     def __init__(self, conn: Connection, method: Any, request: Any, metadata: tuple, timeout: float | None,
-                 on_response: Callable[[Any], Any] | None = None, first: Any = None):
+                 on_response: Callable[[Any], Any] | None = None, first: Any = None,
+                 wake_loop: asyncio.AbstractEventLoop | None = None):
         self._loop = conn.loop
         self._on_response = on_response  # runs on the loop thread: what to hand the reader (None: nothing)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # responses, then _END or the RpcError
+        self._inbox: queue.SimpleQueue = (queue.SimpleQueue() if wake_loop is None else _Inbox(wake_loop))
+        # responses, then _END or the RpcError
         self._outbox: asyncio.Queue | None = None  # loop thread only: messages to write; None ends
         self._writer: asyncio.Future | None = None  # loop thread only: writes the outbox, from the first send()
         self._call: Any = None  # loop thread only
@@ -215,14 +220,47 @@ class Stream:
         if self._call is not None:
             self._call.cancel()
 
+    def next(self) -> Any:
+        """The next item (blocking the caller's thread), or END; the call's failure raises."""
+        return _item(self._inbox.get())
+
+    async def next_async(self) -> Any:
+        """The next item, awaited in the `wake_loop` the stream was made with, or END; its failure raises."""
+        return _item(await self._inbox.get_async())
+
     def __iter__(self) -> Iterator[Any]:
-        while True:
-            item = self._inbox.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
+        while (item := self.next()) is not _END:
             yield item
+
+
+def _item(item: Any) -> Any:
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+class _Inbox(queue.SimpleQueue):
+    """A stream's responses, put by the loop thread; awaitable in the caller's asyncio loop when it has one."""
+
+    def __init__(self, wake_loop: asyncio.AbstractEventLoop):
+        super().__init__()
+        self._wake_loop = wake_loop
+        self._wake = asyncio.Event()  # set (in wake_loop) after each put
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item)
+        try:
+            self._wake_loop.call_soon_threadsafe(self._wake.set)
+        except RuntimeError:  # the caller's loop was closed: nobody awaits this stream any more
+            pass
+
+    async def get_async(self) -> Any:
+        while True:
+            self._wake.clear()
+            try:
+                return self.get_nowait()
+            except queue.Empty:
+                await self._wake.wait()
 
 
 # ------------------------------------------------------------------------------------------ connections
@@ -273,16 +311,19 @@ class Connection:
         """Before a call: if the server this channel reached is not connected now (it is restarting), wait for
         it at most `timeout`; a call that follows fails as before if it is still away. A channel that never
         connected (no server at that address) does not wait: its first call says so at once."""
-        if self._ready or not self._was_ready or threading.get_ident() == self.loop.ident:
-            return
+        if self.needs_wait() and threading.get_ident() != self.loop.ident:
+            self.loop.call(self.ready(timeout))
 
-        async def ready() -> None:
-            try:
-                await asyncio.wait_for(self.channel.channel_ready(), timeout)
-            except (asyncio.TimeoutError, RuntimeError):
-                pass
+    def needs_wait(self) -> bool:
+        """Whether a call should wait for the channel first: the server it reached is away now."""
+        return not self._ready and self._was_ready
 
-        self.loop.call(ready())
+    async def ready(self, timeout: float) -> None:
+        """On the loop thread: wait at most `timeout` for the channel to be connected."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout)
+        except (asyncio.TimeoutError, RuntimeError):
+            pass
 
     def stream(self, method: Any, request: Any = None, *, metadata: tuple = (), timeout: float | None = None,
                on_response: Callable[[Any], Any] | None = None, first: Any = None) -> Stream:

@@ -63,9 +63,12 @@ class Context:
         try:
             self._run_skipped(frame, entered)
         except BaseException as error:
-            # IPython and pytest hide a frame with __tracebackhide__; _trimmed drops the frames below this one
+            # IPython and pytest hide a frame with __tracebackhide__; _trimmed drops the frames below this one.
+            # Plain Python shows this frame: an exception leaving a Python function always gets an entry for
+            # it, and __exit__ is the function the `with` statement calls (runtime/README.md, "Tracebacks"),
+            # so the line below is written to read as what it is in a printed traceback.
             __tracebackhide__ = True  # noqa: F841
-            raise _trimmed(error) from error.__cause__
+            raise _trimmed(error) from error.__cause__  # tether ran the `with` block's body; its error follows
         finally:
             set_handled_exception(exc)
         return True

@@ -317,6 +317,120 @@ def test_a_dropped_connection_fails_every_pending_call_at_once(x):
     assert max(failed_at.values()) - cut_at < WAIT_S / 2  # failed by the cut, not by waiting out their time
 
 
+@pytest.mark.parametrize("ending", ["network cut", "server stopped"])
+def test_a_lost_connection_fails_an_asyncio_jobs_pending_calls_at_once(x, ending):
+    """asyncio jobs run on the same shared connection as blocking ones: while a blocking job holds the only
+    worker, an awaited job and an awaited fetch wait behind it. When the network fails, all three fail
+    together with the same clear error, long before their own deadlines; when the server stops, they fail
+    as promptly (each with the lost connection, or with the job's cancellation if the server sent it first)."""
+    import asyncio
+
+    from tether.client import aio
+
+    net = NNsight(tiny.tiny_net())
+    handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0)
+    relay = _Relay(("127.0.0.1", handle.port))
+    address = relay.address if ending == "network cut" else handle.address
+    entered, release = threading.Event(), threading.Event()
+    errors: dict[str, BaseException] = {}
+    failed_at: dict[str, float] = {}
+
+    def holder() -> None:
+        try:
+            with net.trace(x, remote=True, model_name="net", backend=address):
+                net.layer1.output.save()
+                with tether.local():
+                    entered.set()
+                    release.wait(WAIT_S)
+        except Exception as error:
+            errors["holder"] = error
+
+    async def waiting(name: str, awaitable) -> None:
+        try:
+            await awaitable
+        except Exception as error:
+            errors[name], failed_at[name] = error, time.monotonic()
+
+    async def awaiting() -> None:
+        awaited = aio.AsyncBackend(address)
+        with net.trace(x, remote=True, model_name="net", backend=awaited):
+            net.output.save()
+        submitted = RemoteBackend(address, blocking=False)
+        with net.trace(x, remote=True, model_name="net", backend=submitted):
+            net.layer1.output.save()
+        await asyncio.gather(waiting("awaited", awaited.run()),
+                             waiting("fetched", aio.fetch(submitted, timeout=WAIT_S)))
+
+    conn = connect(address)
+    threads = [threading.Thread(target=holder, name="holder"),
+               threading.Thread(target=lambda: asyncio.run(awaiting()), name="asyncio-caller")]
+    try:
+        threads[0].start()
+        assert entered.wait(WAIT_S)
+        threads[1].start()
+        assert conn.wait_pending(3, WAIT_S)  # the holder's RunJob and the two asyncio jobs' WatchJobs
+        stopped_at = time.monotonic()
+        if ending == "network cut":
+            relay.cut()
+        else:
+            handle.stop(grace=0)
+        threads[1].join(WAIT_S)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(WAIT_S)
+        relay.cut()
+        handle.stop(grace=0)
+        close_all()
+    assert sorted(errors) == ["awaited", "fetched", "holder"]
+    for error in errors.values():
+        assert isinstance(error, tether.RemoteError), error
+        lost = "Lost" in str(error) and address in str(error)
+        assert lost or (ending == "server stopped" and "shutting down" in str(error)), str(error)
+    assert max(failed_at.values()) - stopped_at < WAIT_S / 2  # failed by the stop, not by their own time
+
+
+def test_cancelling_the_task_that_awaits_a_job_cancels_the_job(x):
+    """What Ctrl-C does to a blocking job, cancelling the asyncio task does to an awaited one."""
+    import asyncio
+
+    from tether.client import aio
+
+    net = NNsight(tiny.tiny_net())
+    handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0)
+    entered, release = threading.Event(), threading.Event()
+
+    def holder() -> None:  # holds the only worker, so the awaited job waits in the queue
+        with net.trace(x, remote=True, model_name="net", backend=handle.address):
+            net.layer1.output.save()
+            with tether.local():
+                entered.set()
+                release.wait(WAIT_S)
+
+    async def cancelled() -> str:
+        awaited = aio.AsyncBackend(handle.address)
+        with net.trace(x, remote=True, model_name="net", backend=awaited):
+            net.output.save()
+        task = asyncio.ensure_future(awaited.run())
+        assert await asyncio.to_thread(connect(handle.address).wait_pending, 2, WAIT_S)  # it is followed
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return awaited.job_id
+
+    thread = threading.Thread(target=holder, name="holder")
+    try:
+        thread.start()
+        assert entered.wait(WAIT_S)
+        job_id = asyncio.run(cancelled())
+        assert RemoteBackend(handle.address, job_id=job_id).status() == "CANCELLED"
+    finally:
+        release.set()
+        thread.join(WAIT_S)
+        handle.stop(grace=0)
+        close_all()
+
+
 def test_a_client_that_goes_away_mid_call_fails_its_job_and_frees_the_worker(x):
     net = NNsight(tiny.tiny_net())
     handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0)

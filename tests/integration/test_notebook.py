@@ -50,6 +50,12 @@ server.stop(grace=0)""",
 ]  # the kernel keeps `llm` after the server stops: the completion requests below use it
 
 
+TRUST_TETHER = """\
+%config IPCompleter.use_jedi = False
+%config IPCompleter.policy_overrides = {"allowed_getattr_external": {"tether", ("pandas", "DataFrame"), ("pandas", "Series")}, "allowed_getitem_external": {"tether", ("numpy", "ndarray"), ("numpy", "void")}}
+print(f"evaluation = {get_ipython().Completer.evaluation!r}")"""  # the opt-in docs/reference/tracing.md gives
+
+
 class _Recording(nbclient.NotebookClient):
     """Keeps every message the kernel sends for a cell (display updates included)."""
 
@@ -84,10 +90,12 @@ def test_a_notebook_shows_a_live_status_line_and_readable_pending_values(tmp_pat
         complete = functools.partial(_complete, client)
         assert "transformer" in complete("llm.trans")  # Jupyter's completion (jedi) sees the children
         assert {"output", "input", "next"} <= set(complete("llm.transformer.h[0]."))
-        nb.cells.append(nbformat.v4.new_code_cell("%config IPCompleter.evaluation = 'unsafe'\n"
-                                                  "%config IPCompleter.use_jedi = False"))
+        assert "mlp" not in " ".join(complete("llm.transformer.h[0].ml"))  # the defaults stop at an index
+        nb.cells.append(nbformat.v4.new_code_cell(TRUST_TETHER))
         client.execute_cell(nb.cells[-1], len(nb.cells) - 1)
-        assert ".mlp" in complete("llm.transformer.h[0].ml")  # past an index, with evaluation on (docs)
+        assert "evaluation = 'limited'" in " ".join(_texts(nb.cells[-1].outputs, "text/plain"))
+        assert ".mlp" in complete("llm.transformer.h[0].ml")  # past an index, trusting tether's types (docs)
+        assert ".c_fc" in complete("llm.transformer.h[-1].mlp.c_")
     generation = nb.cells[1].outputs
     assert "24" in _texts(generation, "text/plain")  # tokens generated
     html = [m["content"]["data"]["text/html"] for i, m in client.messages

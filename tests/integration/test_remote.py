@@ -15,7 +15,7 @@ import torch
 
 import tether
 from tether import CONFIG, LanguageModel, NNsight
-from tether.client import RemoteBackend, aio, channel, runner
+from tether.client import RemoteBackend, aio, channel, driver
 from tether.runtime import tiny
 from tether.server.app import start_server
 from tether.v1 import jobs_pb2, jobs_pb2_grpc
@@ -79,7 +79,7 @@ def test_get(llm, rllm):
 
 def test_a_job_that_outlasts_the_submit_wait_is_followed_to_its_end(llm, rllm, monkeypatch, capsys):
     """A blocking job without local() blocks is one waiting SubmitJob; past the wait, WatchJob follows it."""
-    monkeypatch.setattr(runner, "SUBMIT_WAIT_S", 0.0)  # the server answers before the job ends
+    monkeypatch.setattr(driver, "SUBMIT_WAIT_S", 0.0)  # the server answers before the job ends
     with llm.trace(PROMPT):
         logits = llm.lm_head.output.save()
     with rllm.trace(PROMPT, remote=True) as tracer:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -152,6 +154,23 @@ def test_a_wrongly_shaped_set_names_the_users_line_and_only_one_tether_frame_sho
     own = [str(ROOT / d) for d in ("runtime", "client", "server", "tether")]
     frames = [f.filename for f in traceback.extract_tb(info.value.__traceback__)]
     assert sum(any(f.startswith(d) for d in own) for f in frames) == 1  # the `with` statement's __exit__
+
+
+def test_plain_python_shows_the_users_line_last_and_one_self_explaining_tether_frame(tmp_path):
+    """Outside IPython and pytest nothing hides `__exit__`'s frame (runtime/README.md, "Tracebacks"): the
+    traceback goes from the `with` line through that one frame, whose line says so, to the failing line."""
+    script = tmp_path / "user.py"
+    script.write_text("import torch\nimport tether\nfrom tether.runtime import tiny\n"
+                      "net = tether.NNsight(tiny.tiny_net())\n"
+                      "with net.trace(torch.rand(1, 5)):\n"
+                      "    h = net.layer1.output\n"
+                      "    y = h[100]\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n    (.*)', done.stderr)
+    assert [(Path(f).name, int(n)) for f, n, _ in frames if f == str(script)] == [("user.py", 5), ("user.py", 7)]
+    tether_lines = [line for f, _, line in frames if f != str(script)]
+    assert len(tether_lines) == 1 and "the `with` block's body; its error follows" in tether_lines[0]
+    assert frames[-1][2] == "y = h[100]" and done.stderr.rstrip().splitlines()[-1].startswith("IndexError")
 
 
 # ---- 11. the transformers-5 `.output[0]` trap --------------------------------------------------------
