@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import grpc
+import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's reductions: tensors go as shared memory)
 
 from tether.v1 import failure_pb2, jobs_pb2
@@ -124,8 +125,8 @@ class Replica:
         self.process = None
         if limits.isolate:
             context = _mp_context()
-            process = context.Process(target=_process_main, args=args, name=f"tether-worker-{self.name}",
-                                      daemon=True)
+            process = context.Process(target=_process_main, args=(torch.get_num_threads(), *args),
+                                      name=f"tether-worker-{self.name}", daemon=True)
             try:
                 process.start()
                 self.process = process
@@ -240,7 +241,11 @@ class Replica:
         _log.info("restarted the worker of %s in %.2f s", self.name, time.monotonic() - started)
 
 
-def _process_main(*args) -> None:
+def _process_main(threads: int, *args) -> None:
+    """The worker process: torch's intra-op threads as the server has them (the forkserver's default may
+    differ), since a reduction split over another number of threads rounds differently: a job's values must
+    equal the same code run where the server was started."""
+    torch.set_num_threads(threads)
     from .worker_main import process_main
 
     process_main(*args)
