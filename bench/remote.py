@@ -291,9 +291,9 @@ class _Recorder:
                                     "lz4": head.compression == tv.values_pb2.COMPRESSION_LZ4})
             return head, data
 
-        def tensor_from(data_type, shape, compression, data):
+        def tensor_from(data_type, shape, compression, data, requires_grad=False):
             start = time.perf_counter()
-            out = from_(data_type, shape, compression, data)
+            out = from_(data_type, shape, compression, data, requires_grad)
             if out.numel() * out.element_size() >= 1 << 20:
                 self.events.append({"op": "decode", "s": time.perf_counter() - start})
             return out

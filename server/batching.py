@@ -44,8 +44,10 @@ def gather(first: Any, pending: Any, cond: threading.Condition, policy: BatchPol
     """`first` and the waiting entries (with `batch_key` and `tokens`) that may share its run, taken out of
     `pending` (call with `cond` held).
 
-    Waits up to `policy.wait` for more to arrive, unless the batch is full; `taken(entry)` is called for each
-    entry taken, at once (so a shutdown sees it running).
+    Waits up to `policy.wait` for more to arrive, unless the batch is full or `first` found no company: a
+    lone job (one client's sequential jobs) never waits, while under load the jobs that queued during the
+    previous run are there already; `taken(entry)` is called for each entry taken, at once (so a shutdown
+    sees it running).
     """
     key = first.batch_key
     if not policy.enabled or key is None:
@@ -63,7 +65,7 @@ def gather(first: Any, pending: Any, cond: threading.Condition, policy: BatchPol
             batch.append(entry)
             tokens += entry.tokens
         left = deadline - time.monotonic()
-        if left <= 0 or len(batch) >= policy.max_batch:
+        if left <= 0 or len(batch) >= policy.max_batch or len(batch) == 1:
             break
         cond.wait(left)
     if pending:
