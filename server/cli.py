@@ -86,7 +86,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                        help="jobs for the same model that may share one batched forward pass or generation "
                             "(default 16); 1 runs every job alone")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0,
-                       help="milliseconds a worker waits for more compatible jobs to batch (default 5)")
+                       help="milliseconds a batch that already holds several jobs waits for more compatible ones "
+                            "(default 5); a lone job never waits")
     serve.add_argument("--batch-tokens", type=_positive(int), default=8192,
                        help="rows x positions one batched run may take (default 8192)")
     serve.add_argument("--ray", metavar="ADDRESS", default=None,
