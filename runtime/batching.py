@@ -10,35 +10,41 @@ from typing import Any
 
 import torch
 
-__all__ = ["Slot", "narrow", "splice", "concat_inputs", "record_views", "left_padded_positions", "to_device"]
+__all__ = ["Slot", "narrow", "splice", "concat_inputs", "record_views", "left_padded_positions", "to_device",
+           "map_tensors"]
 
 
-def _map(value: Any, fn) -> Any:
+def map_tensors(value: Any, fn, other=None) -> Any:
+    """`value` with each tensor replaced by `fn(tensor)` through tuples, lists, dicts and ModelOutputs; any
+    other object is kept, or replaced by `other(obj)` when given."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_map(v, fn) for v in value))
+        return type(value)(*(map_tensors(v, fn, other) for v in value))
     if isinstance(value, (tuple, list)):
-        return type(value)(_map(v, fn) for v in value)
+        return type(value)(map_tensors(v, fn, other) for v in value)
     if isinstance(value, dict):
-        mapped = {k: _map(v, fn) for k, v in value.items()}
+        mapped = {k: map_tensors(v, fn, other) for k, v in value.items()}
         try:
             return type(value)(**mapped)
         except TypeError:
             return type(value)(mapped)
-    return value
+    return value if other is None else other(value)
+
+
+
 
 
 def to_device(value: Any, device: torch.device) -> Any:
     """`value` with every tensor in it on `device` (inputs follow the model to its GPU); others as they are."""
-    return _map(value, lambda t: t if t.device == device else t.to(device))
+    return map_tensors(value, lambda t: t if t.device == device else t.to(device))
 
 
 def narrow(value: Any, rows: slice | None, batch_size: int) -> Any:
     """`value` restricted to `rows` of the batch (views, so in-place edits reach the model)."""
     if rows is None:
         return value
-    return _map(value, lambda t: t[rows] if t.dim() > 0 and t.shape[0] == batch_size else t)
+    return map_tensors(value, lambda t: t[rows] if t.dim() > 0 and t.shape[0] == batch_size else t)
 
 
 def splice(full: Any, rows: slice | None, new: Any, batch_size: int) -> Any:

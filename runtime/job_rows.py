@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .batching import map_tensors
 from .errors import SharedValueError
 
 __all__ = ["Window", "pad_rows", "lend", "write_back", "splice", "SharedValueError", "Withheld"]
@@ -83,23 +84,16 @@ def pad_rows(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[
     return ids.to(device), mask.to(device), positions.to(device)
 
 
-def _map(value: Any, fn) -> Any:
-    """`value` with each tensor replaced by `fn(tensor)`, and each other object the batch shares withheld."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_map(v, fn) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map(v, fn) for v in value)
-    if isinstance(value, dict):
-        mapped = {k: _map(v, fn) for k, v in value.items()}
-        try:
-            return type(value)(**mapped)
-        except TypeError:
-            return type(value)(mapped)
+def _withheld(value: Any) -> Any:
+    """A non-tensor object the batch shares (a key/value cache...) is withheld from a job; plain values pass."""
     if isinstance(value, _PLAIN) or isinstance(value, Withheld):
         return value
     return Withheld(type(value).__name__)
+
+
+def _map(value: Any, fn) -> Any:
+    """`value` with each tensor replaced by `fn(tensor)`, and each other object the batch shares withheld."""
+    return map_tensors(value, fn, _withheld)
 
 
 def lend(value: Any, window: Window, batch_size: int, lent: list) -> Any:
