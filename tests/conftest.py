@@ -15,7 +15,8 @@ from tether.runtime import tiny
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "slow: loads a real model (SmolLM2, ~3 s cached, ~30 s first time); deselect: -m 'not slow'",
+        "slow: loads a real model (SmolLM2, ~3 s cached, ~30 s first time) or starts a Ray cluster; deselect: "
+        "-m 'not slow'",
     )
 
 
