@@ -32,13 +32,17 @@ PROMPT = "The Eiffel Tower is in the city of"
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A Ray head on 127.0.0.1 (4 logical CPUs, no dashboard, a small object store), this process connected."""
+    """Two Ray nodes on 127.0.0.1 (a head with 2 logical CPUs and a worker node with 2; no dashboard, small
+    object stores), this process connected: replicas may land on either node."""
     from ray.cluster_utils import Cluster
 
     head = Cluster(initialize_head=True, head_node_args={
-        "node_ip_address": "127.0.0.1", "num_cpus": 4, "include_dashboard": False,
+        "node_ip_address": "127.0.0.1", "num_cpus": 2, "include_dashboard": False,
         "object_store_memory": 100 << 20})
+    head.add_node(node_ip_address="127.0.0.1", num_cpus=2, object_store_memory=100 << 20)
     ray.init(address=head.address, log_to_driver=False)
+    head.wait_for_nodes()
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     yield head
     ray.shutdown()
     head.shutdown()
