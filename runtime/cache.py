@@ -156,7 +156,7 @@ def _transformer(device: Any, dtype: Any, detach: bool, non_blocking: bool):
         return t
 
     def transform(value: Any) -> Any:
-        return batching._map(value, move)
+        return batching.map_tensors(value, move)
 
     return transform
 
