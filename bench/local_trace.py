@@ -47,6 +47,7 @@ from tether.runtime.tiny import gpt2_config_model, train_tokenizer
 
 from . import Options
 from ._common import environment, load
+from ._save_variants import raw_hooks as raw_hooks_saves
 from ._save_variants import run_variants
 
 __all__ = ["run", "main"]
@@ -80,22 +81,6 @@ def plain_forward(model, ids):
 
 def wrapped_untraced(wrapped, ids):
     return wrapped(ids)
-
-
-def raw_hooks_saves(model, ids):
-    """The floor: the 12 block outputs collected by plain forward hooks, registered and removed each run."""
-    outs = []
-
-    def keep(module, args, output):
-        outs.append(output)
-
-    handles = [block.register_forward_hook(keep) for block in model.transformer.h]
-    try:
-        model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outs
 
 
 def trace_empty(wrapped, ids, save):

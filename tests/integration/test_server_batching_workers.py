@@ -12,6 +12,7 @@ import signal
 
 import pytest
 import torch
+from test_isolation import SWALLOWED
 from test_server import QUICK_SOURCE, WAIT, Client, assert_serving, local_run, program, spec, value_map
 from test_server_batching import held_worker, until
 
@@ -23,15 +24,6 @@ LOOP = """
 print("started")
 while True:
     pass
-"""
-SWALLOWED = """
-print("looping")
-while True:
-    try:
-        while True:
-            pass
-    except BaseException:
-        pass
 """
 
 pytestmark = pytest.mark.usefixtures("client_config")
