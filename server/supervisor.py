@@ -61,9 +61,6 @@ def _mp_context():
     global _context
     with _context_lock:
         if _context is None:
-            # Weights go to workers as shared memory named by file, not one file descriptor per tensor: a
-            # model of more than ~250 tensors (SmolLM2 has 272) exceeds what one message can pass as fds
-            torch.multiprocessing.set_sharing_strategy("file_system")
             _context = multiprocessing.get_context("forkserver")
             main = getattr(sys.modules.get("__main__"), "__spec__", None)
             if main is not None and main.parent:  # `python -m pkg.mod`: each worker imports pkg.mod again

@@ -27,17 +27,8 @@ MODEL_NET = values_pb2.Value(model_reference=values_pb2.ModelReference(name="net
 MODEL_CRASHER = values_pb2.Value(model_reference=values_pb2.ModelReference(name="crasher"))
 
 
-def _many_tensors() -> torch.nn.Module:
-    """More tensors (600) than one message can pass as file descriptors (~250): SmolLM2 has 272."""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(300)))
-
-
-MANY = _many_tensors()
-
-
 def served() -> dict:
-    return {"tiny": tiny.tiny_gpt2(), "net": tiny.tiny_net(), "crasher": crashers.crasher(), "many": MANY}
+    return {"tiny": tiny.tiny_gpt2(), "net": tiny.tiny_net(), "crasher": crashers.crasher()}
 
 
 @pytest.fixture
@@ -272,13 +263,3 @@ def test_a_job_over_the_memory_limit_is_stopped_and_the_worker_restarts(server, 
     assert code_of(lambda: client.read_result(job_id))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert _pid(server, "tiny") != pid  # a fresh worker: back to its baseline
     assert_serving(client)
-
-
-def test_a_model_of_many_tensors_still_runs_in_its_own_process(server, client):
-    assert _pid(server, "many") != os.getpid() and _worker(server, "many").process is not None
-    x = torch.ones(1, 4)
-    model = values_pb2.Value(model_reference=values_pb2.ModelReference(name="many"))
-    outcome = client.run(spec(program("out = model.output.save()\n", x, model="many", bindings={"model": model})))
-    assert outcome.final.state == jobs_pb2.JOB_STATE_COMPLETED, outcome.final
-    with torch.no_grad():
-        assert torch.equal(outcome.saved()["out"], MANY(x))
