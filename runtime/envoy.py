@@ -20,7 +20,7 @@ from .errors import NotInTraceError, TetherError
 from .interleaver import Mediator, Request, current_mediator
 from .steps import AllSteps, all_steps
 
-__all__ = ["Envoy", "body_without_input", "noting_sets"]
+__all__ = ["Envoy", "EnvoySequence", "body_without_input", "noting_sets"]
 
 _body = threading.local()  # .without_input: a trace body with no input runs now, to collect its invokes
 
@@ -56,6 +56,9 @@ def body_without_input() -> Iterator[None]:
         _body.without_input = before
 
 
+_OWN_SLOTS = frozenset({"_module", "_path", "_root", "_children"})
+
+
 class Envoy:
     """Wraps one torch module; children are reached by attribute, ModuleLists by index or slice."""
 
@@ -69,10 +72,13 @@ class Envoy:
     def _child(self, key: str, module: Any) -> Envoy:
         children = self._children
         if key not in children or children[key]._module is not module:
-            children[key] = Envoy(module, f"{self._path}.{key}", self._root)
+            kind = EnvoySequence if isinstance(module, _INDEXED) else Envoy
+            children[key] = kind(module, f"{self._path}.{key}", self._root)
         return children[key]
 
     def __getattr__(self, name: str) -> Any:
+        if name in _OWN_SLOTS:  # an Envoy made without __init__ (copy, pickle, an inspector): no module yet
+            raise AttributeError(name)
         module = self._module
         submodules = module.__dict__.get("_modules", {})
         if name in submodules:
@@ -127,7 +133,8 @@ class Envoy:
 
     def __dir__(self) -> list[str]:
         """Children, tether's attributes and the module's own: what tab completion offers."""
-        return sorted(set(super().__dir__()) | set(dir(self._module)))
+        module = self.__dict__.get("_module")
+        return sorted(set(super().__dir__()) | (set(dir(module)) if module is not None else set()))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._module(*args, **kwargs)
@@ -226,3 +233,14 @@ class Envoy:
 
         return SourceView.of(self)
 
+
+_INDEXED = (torch.nn.ModuleList, torch.nn.Sequential)
+
+# The Envoy of a ModuleList or Sequential (`llm.model.layers`). It is made with `type()`, not a class
+# statement, on purpose: jedi (the completer IPython and Jupyter use by default) infers `layers[0]` from a
+# class's source code when it can find it, which only says "an Envoy"; for a class without a statement it
+# indexes the live object, so `llm.model.layers[0].mlp.<Tab>` completes the block's real children.
+EnvoySequence = type("EnvoySequence", (Envoy,), {
+    "__doc__": "An Envoy of a ModuleList or Sequential: its blocks by index, so completion sees them.",
+    "__module__": __name__,
+})

@@ -90,11 +90,12 @@ def test_a_notebook_shows_a_live_status_line_and_readable_pending_values(tmp_pat
         complete = functools.partial(_complete, client)
         assert "transformer" in complete("llm.trans")  # Jupyter's completion (jedi) sees the children
         assert {"output", "input", "next"} <= set(complete("llm.transformer.h[0]."))
-        assert "mlp" not in " ".join(complete("llm.transformer.h[0].ml"))  # the defaults stop at an index
+        assert "mlp" in " ".join(complete("llm.transformer.h[0].ml"))  # past an index, with the defaults
+        assert "c_fc" in " ".join(complete("llm.transformer.h[-1].mlp.c_"))
         nb.cells.append(nbformat.v4.new_code_cell(TRUST_TETHER))
         client.execute_cell(nb.cells[-1], len(nb.cells) - 1)
         assert "evaluation = 'limited'" in " ".join(_texts(nb.cells[-1].outputs, "text/plain"))
-        assert ".mlp" in complete("llm.transformer.h[0].ml")  # past an index, trusting tether's types (docs)
+        assert ".mlp" in complete("llm.transformer.h[0].ml")  # IPython's own evaluator, trusting tether's types (docs)
         assert ".c_fc" in complete("llm.transformer.h[-1].mlp.c_")
     generation = nb.cells[1].outputs
     assert "24" in _texts(generation, "text/plain")  # tokens generated

@@ -65,8 +65,10 @@ def test_jedi_completes_submodules_of_a_live_model():
     names = lambda code: {c.name for c in jedi.Interpreter(code, [{"llm": llm}]).complete()}  # noqa: E731
     assert "transformer" in names("llm.trans")
     assert {"h", "wte"} <= names("llm.transformer.")
-    indexed = names("llm.transformer.h[0].")  # jedi does not run __getitem__: the annotations say Envoy
-    assert {"output", "input", "next"} <= indexed and "append" not in indexed
+    indexed = names("llm.transformer.h[0].")  # jedi indexes the live ModuleList: the block's own children
+    assert {"output", "input", "next", "mlp", "attn", "ln_1"} <= indexed and "append" not in indexed
+    assert {"c_fc", "c_proj"} <= names("llm.transformer.h[-1].mlp.c_")
+    assert "mlp" in names("llm.transformer.h[1].ml")
 
 
 def test_the_package_is_typed():
