@@ -13,7 +13,7 @@ from tether.runtime import tiny
 PROMPT = "The quick brown fox"
 OTHER = "Hello"
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(120, func_only=True)
 
 
 def served() -> dict:

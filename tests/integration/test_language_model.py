@@ -15,7 +15,7 @@ from tether import LanguageModel
 PROMPT = "The Eiffel Tower is in the city of"
 OTHER = "The Vatican is in the city of"
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(60, func_only=True)
 
 
 @pytest.fixture

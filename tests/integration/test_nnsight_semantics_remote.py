@@ -14,7 +14,7 @@ from tether.runtime import tiny
 LONG = "The Eiffel Tower is in the city of"
 SHORT = "hello"
 
-pytestmark = [pytest.mark.usefixtures("client_config"), pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.usefixtures("client_config"), pytest.mark.timeout(60, func_only=True)]
 
 
 def served() -> dict:

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import tether
 from tether import LanguageModel
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(120, func_only=True)
 
 IDS = [[3, 17, 42, 7, 99, 12]]
 HEAD_DIM = 8

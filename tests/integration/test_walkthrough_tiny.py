@@ -15,7 +15,7 @@ import torch
 import tether as nnsight
 from tether import NNsight
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(60, func_only=True)
 
 
 def test_walkthrough_cells_in_order(capsys):  # noqa: PLR0915 - one cell after another, like the notebook
