@@ -492,7 +492,7 @@ class _JobRelay(BatchRelay):
         self.replica._kill()  # (already dead: reaped, so its exit status is known)
         how = self.replica._how_it_ended() if error is WorkerCrashed else ""
         running = sum(not t.left for t in self._live())
-        for track in self._live():
+        for track in reversed(self._live()):  # (re-runs go first in the queue, in the batch's order)
             track.ended = True
             job = track.job
             if not track.running:
