@@ -442,7 +442,7 @@ class _JobRelay(BatchRelay):
             answer = wp.LocalAnswer(call.call_id, error=type(error).__name__, message=str(error), failure=failure)
         finally:
             self.resumed = time.monotonic()
-            if hold is not None:
+            if hold is not None and not track.left:
                 track.sent.held += self.resumed - asked
         self.conn.send(answer)
 

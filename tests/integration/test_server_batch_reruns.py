@@ -23,7 +23,7 @@ from tether.runtime import tiny
 from tether.server.reruns import Sent
 from tether.v1 import jobs_pb2, program_pb2, values_pb2
 
-SERVER_OPTIONS = {"local_call_timeout": 30.0, "batch_local_wait": 0.3}
+SERVER_OPTIONS = {"local_call_timeout": 30.0, "batch_local_wait": 0.3, "job_memory": 200 << 20}
 CRASHER = values_pb2.Value(model_reference=values_pb2.ModelReference(name="crasher"))
 SCALED = """
 print("before")
@@ -187,6 +187,29 @@ def test_a_worker_killed_mid_batch_runs_its_jobs_again_alone(server, client):
     outcome = client.wait(ids[1])
     assert outcome.final.state == jobs_pb2.JOB_STATE_CANCELLED, outcome.final
     assert outcome.logs == ["started"]
+    assert_serving(client)
+
+
+def test_a_batch_over_the_memory_limit_runs_its_jobs_again_alone(server, client):
+    """Over the limit no job is to blame yet: each runs alone, and only the one that is over it alone fails."""
+    quick = 'print("hi")\nout = model.lm_head.output.save()\n'
+    big = """
+    logits = model.lm_head.output.save()
+    big = torch.ones(64, 1024, 1024)
+    while True:
+        big = big + 0
+    """
+    with held_worker(server) as queue:
+        ids = [client.submit(spec(program(source, "hello"))).job_id for source in (quick, big)]
+        until(lambda: queue.depth == 2)
+    outcome = client.wait(ids[0])
+    assert outcome.final.state == jobs_pb2.JOB_STATE_COMPLETED, outcome.final
+    assert outcome.logs == ["hi"]
+    again = [e.status.message for e in _kinds(outcome, "status") if e.status.message.startswith("running again")]
+    assert len(again) == 1 and "--job-memory" in again[0], again
+    _close(value_map(client.read_result(ids[0]))["out"], local_run(quick, "hello")["out"])
+    final = client.wait(ids[1]).final
+    assert final.state == jobs_pb2.JOB_STATE_ERROR and "the job allocated" in final.failure.message, final
     assert_serving(client)
 
 
