@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 
 import crashers
 import pytest
 import torch
 from test_isolation import SWALLOWED, _watch_until_log
 from test_server import WAIT, Client, Outcome, assert_serving, local_run, program, spec, value_map
-from test_server_batching import held_worker, until
+from test_server_batching import held_worker, in_threads, local_llm, trace_job, until
 
+import tether
+from tether import LanguageModel
 from tether.runtime import tiny
 from tether.server.reruns import Sent
 from tether.v1 import jobs_pb2, program_pb2, values_pb2
@@ -115,6 +118,39 @@ def test_a_local_block_that_keeps_its_batch_waiting_moves_its_job_out(server, cl
     expected = local_run(SCALED, prompts[0])
     _close(outcome.saved()["logits"], expected["logits"])
     assert_serving(client)
+
+
+def test_a_block_that_waits_for_the_other_jobs_of_its_batch_gets_its_solo_result(server):
+    """Through the real client: the block returns only once the other jobs of its batch have ended, which they
+    can only do by not waiting for it."""
+    others_done = threading.Event()
+    ended: list = []
+
+    def waiting(llm, remote=True):
+        with llm.trace("The quick brown fox", remote=remote) if remote else llm.trace("The quick brown fox"):
+            h = llm.transformer.h[0].mlp.output
+            with tether.local():
+                if not others_done.wait(30):
+                    raise TimeoutError("the other jobs did not end while this block ran")
+                scale = float(h.detach().abs().mean()) + 1.0
+            llm.transformer.h[0].mlp.output = h * scale
+            logits = llm.lm_head.output.save()
+        return {"logits": logits}
+
+    def other(job):
+        result = job(LanguageModel("tiny"))
+        ended.append(result)
+        if len(ended) == 2:
+            others_done.set()
+        return result
+
+    jobs = [trace_job(2.0, "Hi"), trace_job(0.5, "a b c")]
+    results = in_threads(server, [lambda: waiting(LanguageModel("tiny"))] + [lambda j=j: other(j) for j in jobs])
+    for result, expected in zip(results, [waiting(local_llm(), remote=False)] + [j(local_llm(), remote=False)
+                                                                                  for j in jobs]):
+        assert not isinstance(result, BaseException), result
+        for name in expected:
+            _close(result[name], expected[name])
 
 
 def test_the_others_of_a_job_that_ignores_its_cancel_run_again_alone(server, client):
