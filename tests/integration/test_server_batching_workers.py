@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_server import QUICK_SOURCE, WAIT, Client, assert_serving, local_run, program, spec, value_map
+from test_server import QUICK_SOURCE, Client, assert_serving, local_run, program, spec, value_map
 from test_server_batching import held_worker, until
 
 from tether.runtime import tiny
@@ -33,10 +33,6 @@ def client(server):
     c = Client(server.address)
     yield c
     c.close()
-
-
-def _pid(server) -> int:
-    return server.hub.queues["tiny"].replicas[0].worker_pid(timeout=WAIT)
 
 
 def _batched(server, client: Client, sources: list[str]) -> list[str]:
