@@ -200,6 +200,8 @@ class ModelQueue:
             for entry in self._pending:
                 if entry.job is job:
                     self._pending.remove(entry)
+                    if entry.rerun is not None:  # (a job queued again counts as running until it ends)
+                        self._running.discard(job)
                     return True
             return False
 
