@@ -36,7 +36,6 @@ class StillOpen(Exception):
     the block) and the job leaves its batch; its re-run alone gets the answer (LocalLink.call, same call_id)."""
 
 
-
 class LocalLink:
     """The RunJob streams of one job, as its worker sees them. All fields are guarded by `job.cond`."""
 
@@ -97,11 +96,11 @@ class LocalLink:
         with job.cond:
             if self._kept is not None and call_id in self._kept:
                 return self._replay(call_id, block_id)
-            if self._open != (call_id, block_id):
+            if self._open is not None and self._open != (call_id, block_id):  # (a re-run's call: the first
+                raise _diverged(block_id, self._open[1])  # run left one open, and the client may answer it)
+            if self._open is None:
                 if self._closed is not None:
                     raise LocalCallFailed(f"cannot run the local() block {block_id}: {self._closed}")
-                if self._open is not None:  # a re-run went another way than its first run: the old call is moot
-                    job.forget_payload(self._open[0])
                 self._open, self._parts, self._failure = (call_id, block_id), [], None
                 self._answer_by = time.monotonic() + local_timeout
                 for offset, data, total in split_pieces(payload):
@@ -153,14 +152,18 @@ class LocalLink:
     def _replay(self, call_id: str, block_id: str) -> bytes | bytearray:
         kept_block, answer = self._kept[call_id]
         if kept_block != block_id:
-            raise LocalCallFailed(
-                f"this job runs again alone (see its status) and its re-run reached the local() block {block_id} "
-                f"where its first run had reached the block {kept_block}, so the client's earlier answers do not "
-                "apply and the server does not ask it again. Submit the job again."
-            )
+            raise _diverged(block_id, kept_block)
         if isinstance(answer, (bytes, bytearray)):
             return answer
         raise _block_failed(block_id, answer)
+
+
+def _diverged(block_id: str, first_block: str) -> LocalCallFailed:
+    return LocalCallFailed(
+        f"this job runs again alone (see its status) and its re-run reached the local() block {block_id} where "
+        f"its first run had reached the block {first_block}, so the client's earlier answers do not apply and the "
+        "server does not ask it again. Submit the job again."
+    )
 
 
 def _block_failed(block_id: str, failure: Any) -> LocalBlockFailed:

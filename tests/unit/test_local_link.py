@@ -85,3 +85,13 @@ def test_a_job_run_alone_keeps_nothing():
     with pytest.raises(StillOpen):  # not kept: a job that ran alone is never run again, so this is a new call
         _call(link, "1", hold=0.0)
     assert _asked(job) == ["1", "1"] and link.replayable
+
+
+def test_a_rerun_that_reaches_another_block_at_the_open_call_fails():
+    job, link = _link()
+    link.keep()
+    with pytest.raises(StillOpen):
+        _call(link, "1", block_id="first", hold=0.0)
+    with pytest.raises(LocalCallFailed, match="reached the local\\(\\) block second where its first run had"):
+        _call(link, "1", block_id="second")
+    assert _asked(job) == ["1"]
