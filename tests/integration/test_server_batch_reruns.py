@@ -21,12 +21,14 @@ from test_server import WAIT, Client, Outcome, assert_serving, local_run, progra
 from test_server_batching import held_worker, in_threads, local_llm, trace_job, until
 
 import tether
-from tether import LanguageModel
+from tether import CONFIG, LanguageModel
 from tether.runtime import tiny
+from tether.server.app import start_server
 from tether.server.reruns import Sent
 from tether.v1 import jobs_pb2, program_pb2, values_pb2
 
-SERVER_OPTIONS = {"local_call_timeout": 30.0, "batch_local_wait": 0.3, "job_memory": 200 << 20}
+SERVER_OPTIONS = {"local_call_timeout": 30.0, "batch_local_wait": 30.0, "job_memory": 200 << 20}
+LEAVE_AFTER = 0.3  # seconds of --batch-local-wait on the server of the tests where a job leaves its batch
 CRASHER = values_pb2.Value(model_reference=values_pb2.ModelReference(name="crasher"))
 SCALED = """
 print("before")
@@ -53,6 +55,24 @@ def client(server):
     c = Client(server.address)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="module")
+def leaving_server():
+    """A second server whose batched jobs leave their batch after LEAVE_AFTER s in local() blocks (the module's
+    own server allows 30 s, so the other tests' prompt answers never make a job leave on a busy machine)."""
+    handle = start_server({"tiny": tiny.tiny_gpt2()}, host="127.0.0.1", port=0, local_call_timeout=30.0,
+                          batch_local_wait=LEAVE_AFTER)
+    assert handle.wait_ready(timeout=180), "the server's workers did not start"
+    yield handle
+    handle.stop(grace=0)
+
+
+@pytest.fixture
+def leaving(leaving_server, monkeypatch):
+    """The leaving server, with the client pointed at it."""
+    monkeypatch.setattr(CONFIG.API, "_host", leaving_server.address)
+    return leaving_server
 
 
 def _pid(server, model: str = "tiny") -> int:
@@ -91,9 +111,10 @@ def _held(server, client: Client, model: str):
         assert holder.finish().final.state == jobs_pb2.JOB_STATE_COMPLETED
 
 
-def test_a_local_block_that_keeps_its_batch_waiting_moves_its_job_out(server, client):
+def test_a_local_block_that_keeps_its_batch_waiting_moves_its_job_out(leaving):
     """The others finish while the slow block's client has not answered; its job then runs alone, is asked
     nothing twice and prints nothing twice."""
+    server, client = leaving, Client(leaving.address)
     prompts = ["The quick brown fox", "Hi", "a b c"]
     with held_worker(server) as queue:
         slow = client.stream(spec(program(SCALED, prompts[0], local_blocks=[SCALED_BLOCK])))
@@ -118,9 +139,10 @@ def test_a_local_block_that_keeps_its_batch_waiting_moves_its_job_out(server, cl
     expected = local_run(SCALED, prompts[0])
     _close(outcome.saved()["logits"], expected["logits"])
     assert_serving(client)
+    client.close()
 
 
-def test_a_block_that_waits_for_the_other_jobs_of_its_batch_gets_its_solo_result(server):
+def test_a_block_that_waits_for_the_other_jobs_of_its_batch_gets_its_solo_result(leaving):
     """Through the real client: the block returns only once the other jobs of its batch have ended, which they
     can only do by not waiting for it."""
     others_done = threading.Event()
@@ -145,7 +167,7 @@ def test_a_block_that_waits_for_the_other_jobs_of_its_batch_gets_its_solo_result
         return result
 
     jobs = [trace_job(2.0, "Hi"), trace_job(0.5, "a b c")]
-    results = in_threads(server, [lambda: waiting(LanguageModel("tiny"))] + [lambda j=j: other(j) for j in jobs])
+    results = in_threads(leaving, [lambda: waiting(LanguageModel("tiny"))] + [lambda j=j: other(j) for j in jobs])
     for result, expected in zip(results, [waiting(local_llm(), remote=False)] + [j(local_llm(), remote=False)
                                                                                   for j in jobs]):
         assert not isinstance(result, BaseException), result
