@@ -98,14 +98,14 @@ def _ran_in_batch(server, ids: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _held(server, client: Client, model: str):
-    """Hold `model`'s only worker in a local() block (a job of its own) until the `with` block ends."""
+def _held_crasher(server, client: Client):
+    """Hold the crasher model's only worker in a local() block (a job of its own) until the `with` block ends."""
     x = torch.zeros(1, 4)
     source = "h = model.output\nwith tether.local():\n    z = 1\nout = model.output.save()\n"
-    holder = client.stream(spec(program(source, x, model=model, bindings={"model": CRASHER})))
+    holder = client.stream(spec(program(source, x, model="crasher", bindings={"model": CRASHER})))
     call = holder.until(lambda e: e.WhichOneof("event") == "local_call").local_call
     try:
-        yield server.hub.queues[model]
+        yield server.hub.queues["crasher"]
     finally:
         holder.answer(call, {"z": 1})
         assert holder.finish().final.state == jobs_pb2.JOB_STATE_COMPLETED
@@ -206,7 +206,7 @@ def test_a_crash_in_a_batch_fails_only_the_job_that_crashes_it(server, client):
     xs[1] = torch.full((1, 4), crashers.SEGFAULT)
     source = "out = model.output.save()\n"
     pid = _pid(server, "crasher")
-    with _held(server, client, "crasher") as queue:
+    with _held_crasher(server, client) as queue:
         ids = [client.submit(spec(program(source, x, model="crasher", bindings={"model": CRASHER}))).job_id
                for x in xs]
         until(lambda: queue.depth == 3)
