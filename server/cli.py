@@ -90,6 +90,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                             "(default 5); a lone job never waits")
     serve.add_argument("--batch-tokens", type=_positive(int), default=8192,
                        help="rows x positions one batched run may take (default 8192)")
+    serve.add_argument("--batch-local-wait", type=float, default=1.0,
+                       help="seconds a batched job's local() blocks may keep the other jobs of its batch waiting, "
+                            "in all (default 1); past that it leaves the batch and runs again alone")
     serve.add_argument("--ray", metavar="ADDRESS", default=None,
                        help="run each replica as an actor on a Ray cluster: `auto` (the one `ray start` started "
                             "on this machine), HOST:PORT (its head), or `local` (a private Ray instance); needs "
@@ -156,6 +159,7 @@ def serve_models(args: argparse.Namespace) -> int:
         policy=DEFAULT_POLICY.with_modules(args.allow_module), max_program_bytes=args.max_program_bytes,
         **({"job_memory": args.job_memory} if args.job_memory else {}),
         max_batch=args.max_batch, batch_wait=max(args.batch_wait_ms, 0.0) / 1000, batch_tokens=args.batch_tokens,
+        batch_local_wait=max(args.batch_local_wait, 0.0),
         **({"ray": args.ray} if args.ray else {}),
     )
     ready = _ready_stream()

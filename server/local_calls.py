@@ -21,13 +21,19 @@ from tether.wire import encode_value_map, join_chunks, split_pieces
 from .errors import JobCancelledError, JobTimeout, LocalBlockFailed, LocalCallFailed
 from .jobs import Job
 from .program_codec import DecodedProgram, LocalSite
+from .reruns import KEEP_BYTES
 
-__all__ = ["LocalLink", "LocalCaller", "is_data"]
+__all__ = ["LocalLink", "LocalCaller", "StillOpen", "is_data"]
 
 NO_STREAM = (
     "local() blocks need the blocking RunJob stream: this job was submitted without one (SubmitJob), so "
     "the server cannot ask the client to run the block. Run it with blocking=True (RunJob)."
 )
+
+
+class StillOpen(Exception):
+    """A batched job's local() call was not answered within its hold: the call stays open (its client still runs
+    the block) and the job leaves its batch; its re-run alone gets the answer (LocalLink.call, same call_id)."""
 
 
 class LocalLink:
@@ -37,9 +43,13 @@ class LocalLink:
         self._job = job
         self._streams = 0  # open RunJob streams attached to the job
         self._closed: str | None = None  # why no stream can answer any more
-        self._open: str | None = None  # call_id of the call waiting for its answer
+        self._open: tuple[str, str] | None = None  # (call_id, block_id) of the call waiting for its answer
+        self._answer_by = 0.0  # time.monotonic() by which the open call must be answered (local_call_timeout)
         self._parts: list[jobs_pb2.Chunk] = []  # chunks of the open call's answer so far
         self._failure = None  # the open call's Failure, if the block raised on the client
+        self._kept: dict[str, tuple[str, Any]] | None = None  # call_id -> (block_id, answer or Failure): see keep
+        self._kept_bytes = 0
+        self.replayable = True  # False once the kept answers grew past KEEP_BYTES (they were dropped)
 
     def attach(self) -> None:
         """A RunJob stream of this job opened (the first, or a re-attach with the same request_id)."""
@@ -55,10 +65,16 @@ class LocalLink:
                 self._closed = reason
                 self._job.cond.notify_all()
 
+    def keep(self) -> None:
+        """The job runs in a batch: keep the answers from now on, so that a re-run alone replays them."""
+        with self._job.cond:
+            if self._kept is None:
+                self._kept = {}
+
     def deliver(self, answer: jobs_pb2.LocalResult) -> None:
         """An answer (or one chunk of it) from the client; answers to calls not open are dropped."""
         with self._job.cond:
-            if answer.call_id != self._open:
+            if self._open is None or answer.call_id != self._open[0]:
                 return
             if answer.WhichOneof("outcome") == "failure":
                 self._failure = answer.failure
@@ -67,47 +83,91 @@ class LocalLink:
             self._job.cond.notify_all()
 
     def call(self, call_id: str, block_id: str, payload: list, deadline: float,
-             local_timeout: float, timed_out: Callable[[], BaseException]) -> bytearray:
+             local_timeout: float, timed_out: Callable[[], BaseException], hold: float | None = None) -> bytearray:
         """Send one LocalCall (payload: serialized ValueMap pieces, see tether.wire.encode_value_map) and
         wait for its answer: the serialized ValueMap of the block's writes.
 
+        A call a re-run makes again is not sent again: a kept answer is replayed, an open call is waited for.
+        `hold`: seconds after which an unanswered call raises StillOpen and stays open (a batched job).
         Raises LocalBlockFailed (the block raised on the client), LocalCallFailed (no stream left),
         JobTimeout (no answer in time, or the job's own limit came first) or JobCancelledError.
         """
         job = self._job
         with job.cond:
-            if self._closed is not None:
-                raise LocalCallFailed(f"cannot run the local() block {block_id}: {self._closed}")
-            self._open, self._parts, self._failure = call_id, [], None
-            for offset, data, total in split_pieces(payload):
-                job.local_call(call_id, block_id, offset, data, total)
-            answer_by = min(deadline, time.monotonic() + local_timeout)
+            if self._kept is not None and call_id in self._kept:
+                return self._replay(call_id, block_id)
+            if self._open is not None and self._open != (call_id, block_id):  # (a re-run's call: the first
+                raise _diverged(block_id, self._open[1])  # run left one open, and the client may answer it)
+            if self._open is None:
+                if self._closed is not None:
+                    raise LocalCallFailed(f"cannot run the local() block {block_id}: {self._closed}")
+                self._open, self._parts, self._failure = (call_id, block_id), [], None
+                self._answer_by = time.monotonic() + local_timeout
+                for offset, data, total in split_pieces(payload):
+                    job.local_call(call_id, block_id, offset, data, total)
+            answer_by = min(deadline, self._answer_by)
+            held_until = None if hold is None else time.monotonic() + hold
+            still_open = False
             try:
                 while True:
                     if self._failure is not None:
-                        raise LocalBlockFailed(
-                            f"the local() block {block_id} raised on the client: {self._failure.message}",
-                            self._failure,
-                        )
+                        self._keep_answer(call_id, block_id, self._failure, 0)
+                        raise _block_failed(block_id, self._failure)
                     if self._parts and _complete(self._parts):
-                        return join_chunks(self._parts)
+                        data = join_chunks(self._parts)
+                        self._keep_answer(call_id, block_id, data, len(data))
+                        return data
                     if job.cancel_requested:
                         raise JobCancelledError(f"cancelled while waiting for local() block {block_id}")
                     if self._closed is not None:
                         raise LocalCallFailed(
                             f"the client stopped before answering the local() block {block_id}: {self._closed}"
                         )
-                    left = answer_by - time.monotonic()
+                    now = time.monotonic()
+                    if held_until is not None and now >= held_until and now < answer_by:
+                        still_open = True
+                        raise StillOpen(block_id)
+                    left = answer_by - now
                     if left <= 0:
                         raise timed_out() if answer_by >= deadline else JobTimeout(
                             f"the client did not answer the local() block {block_id} within {local_timeout:g} s "
                             "(the job's local_call_timeout), so the job was stopped: the client may have been "
                             "disconnected or stuck in the block. Raise local_call_timeout for slow blocks."
                         )
-                    job.cond.wait(left)
+                    job.cond.wait(left if held_until is None else min(left, held_until - now))
             finally:
-                self._open, self._parts = None, []
-                job.forget_payload(call_id)  # answered or not, the log need not keep the values
+                if not still_open:
+                    self._open, self._parts = None, []
+                    job.forget_payload(call_id)  # answered or not, the log need not keep the values
+
+    def _keep_answer(self, call_id: str, block_id: str, answer: Any, size: int) -> None:
+        if self._kept is None:  # the job runs alone: it is never run again
+            return
+        self._kept_bytes += size
+        if self._kept_bytes > KEEP_BYTES:
+            self._kept, self.replayable = {}, False
+            return
+        self._kept[call_id] = (block_id, answer)
+
+    def _replay(self, call_id: str, block_id: str) -> bytes | bytearray:
+        kept_block, answer = self._kept[call_id]
+        if kept_block != block_id:
+            raise _diverged(block_id, kept_block)
+        if isinstance(answer, (bytes, bytearray)):
+            return answer
+        raise _block_failed(block_id, answer)
+
+
+def _diverged(block_id: str, first_block: str) -> LocalCallFailed:
+    return LocalCallFailed(
+        f"this job runs again alone (see its status) and its re-run reached the local() block {block_id} where "
+        f"its first run had reached the block {first_block}, so the client's earlier answers do not apply and the "
+        "server does not ask it again. Submit the job again."
+    )
+
+
+def _block_failed(block_id: str, failure: Any) -> LocalBlockFailed:
+    return LocalBlockFailed(f"the local() block {block_id} raised on the client: {failure.message}", failure)
 
 
 def _complete(parts: list[jobs_pb2.Chunk]) -> bool:

@@ -1,7 +1,7 @@
 """A replica's supervisor: starts its worker process, relays one job (or one batch of compatible jobs) at a time
 over the worker protocol, and
 restarts the worker when it dies or has to be killed (a job past its grace after a time limit or cancel, or
-over its memory limit: a kill ends every job of its batch). Imports multiprocessing, the job records and the protocol; never runs user code.
+over its memory limit; the other jobs of its batch run again alone, reruns.py). Imports multiprocessing, the job records and the protocol; never runs user code.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from .errors import (
 from .failures import failure_of
 from .interrupts import GRACE
 from .jobs import ResultBytes
-from .local_calls import NO_STREAM
+from .local_calls import NO_STREAM, StillOpen
+from .reruns import BatchRelay, Sent
 from .workers import Entry, ModelQueue
 
 __all__ = ["Replica", "KILL_GRACE", "START_TIMEOUT", "preload_for"]
@@ -263,6 +264,9 @@ class _Track:
         self.cancel_sent = 0.0  # time.monotonic() when the cancel went to the worker
         self.last_log = ""
         self.program: bytes | wp.Blob = b""
+        self.sent = entry.rerun or Sent()  # what its client got from earlier runs (reruns.py)
+        self.sent.begin()
+        self.left = False  # it left its batch (runs again alone): this run only waits for the worker to drop it
 
     def message(self) -> wp.RunJob:
         self.program = wp.pack([self.entry.program])  # the worker unlinks it (a Blob) once it reads it
@@ -275,9 +279,11 @@ class _Track:
             "longer JobSpec.timeout (the server's --job-timeout caps it), or do less per job."
         )
 
-    def past_grace(self, now: float) -> Exception | None:
-        """The error to kill the worker with when this job runs past its grace after its limit or cancel."""
+    def past_grace(self, now: float, resumed: float = 0.0) -> Exception | None:
+        """The error to kill the worker with when this job runs past its grace after its limit or cancel (or
+        after `resumed`: a worker waiting for a local() answer could not stop)."""
         stop_at = min(self.deadline, self.cancel_sent) if self.cancel_sent else self.deadline
+        stop_at = max(stop_at, resumed)
         if now <= stop_at + KILL_GRACE:
             return None
         if self.cancel_sent:
@@ -295,7 +301,7 @@ class _Track:
         return doing + (f"; its last printed line: {self.last_log!r})" if self.last_log else ")")
 
 
-class _JobRelay:
+class _JobRelay(BatchRelay):
     """What a replica runs now (one job, or a batch of compatible jobs in one RunBatch): sends it, relays what
     the worker says to each job, enforces each job's time (with a grace) and the worker's memory."""
 
@@ -307,6 +313,7 @@ class _JobRelay:
         self.retire = ""
         self.baseline = 0
         self.checked = 0.0  # time.monotonic() of the last look at the jobs' clocks and the worker's memory
+        self.resumed = 0.0  # time.monotonic() when the worker last got a local() answer
 
     def run(self) -> str:
         """Relay the jobs to their ends; returns why the replica must retire ("" normally)."""
@@ -319,7 +326,8 @@ class _JobRelay:
         where = f"on worker {replica.name}" + (f" (pid {pid})" if pid else "")
         for entry in self.entries:
             job = entry.job
-            if not job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, where, notify=False):
+            if not job.set_state(jobs_pb2.JOB_STATE_DISPATCHED, where, notify=False) and (
+                    entry.rerun is None or job.done):  # (a re-run is RUNNING already)
                 continue
             if job.cancel_requested:
                 job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
@@ -329,6 +337,7 @@ class _JobRelay:
             job.on_cancel = replica.wake
         if not self.tracks:
             return ""
+        self._keep_answers()
         self.baseline = self.replica.private_memory(pid) if pid else 0
         runs = [track.message() for track in self.tracks.values()]
         try:
@@ -376,18 +385,23 @@ class _JobRelay:
     def _handle(self, message) -> None:
         """Apply one worker message to its job."""
         track = self.tracks.get(getattr(message, "job_id", ""))
-        if track is None or track.ended:
+        if track is None or track.ended or track.left:
+            self._dropped(track, message)
             return
         job = track.job
         if isinstance(message, wp.Running):
             track.running, track.started = True, time.monotonic()
             track.deadline = track.started + track.limits.timeout
-            job.set_state(jobs_pb2.JOB_STATE_RUNNING, batch_size=message.batch_size if message.batch_size > 1 else 0)
+            again = f"running again, alone: {track.sent.why}" if track.sent.why else ""
+            job.set_state(jobs_pb2.JOB_STATE_RUNNING, again,
+                          batch_size=message.batch_size if message.batch_size > 1 else 0)
         elif isinstance(message, wp.Log):
             track.last_log = message.text
-            job.event(log=jobs_pb2.LogLine(text=message.text))
+            if track.sent.line():
+                job.event(log=jobs_pb2.LogLine(text=message.text))
         elif isinstance(message, wp.Progress):
-            job.event(progress=jobs_pb2.Progress(step=message.step, total_steps=message.total))
+            if track.sent.progress(message.step):
+                job.event(progress=jobs_pb2.Progress(step=message.step, total_steps=message.total))
         elif isinstance(message, wp.LocalCall):
             self._local(track, message)
         elif isinstance(message, wp.Done):
@@ -411,17 +425,25 @@ class _JobRelay:
                 job.finish(jobs_pb2.JOB_STATE_ERROR, failure.message, failure=failure, code=code, ttl=self.ttl)
 
     def _local(self, track: _Track, call: wp.LocalCall) -> None:
-        """A local() call: up the job's RunJob stream, and its answer (or why there is none) back."""
-        link = track.entry.link
+        """A local() call: up the job's RunJob stream, and its answer (or why there is none) back. A batched job
+        may hold its batch for --batch-local-wait in all; past that it leaves the batch (`_leave`)."""
+        link, hold = track.entry.link, self._hold(track)
+        asked = time.monotonic()
         try:
             if link is None:
                 raise LocalCallFailed(NO_STREAM)
             data = link.call(call.call_id, call.block_id, [wp.unpack(call.payload)], track.deadline,
-                             track.limits.local_call_timeout, track.timed_out)
+                             track.limits.local_call_timeout, track.timed_out, hold=hold)
             answer = wp.LocalAnswer(call.call_id, wp.pack([data]))
+        except StillOpen:
+            answer = self._leave(track, call)
         except (LocalBlockFailed, LocalCallFailed, JobTimeout, JobCancelledError) as error:
             failure = error.failure.SerializeToString() if isinstance(error, LocalBlockFailed) else b""
             answer = wp.LocalAnswer(call.call_id, error=type(error).__name__, message=str(error), failure=failure)
+        finally:
+            self.resumed = time.monotonic()
+            if hold is not None and not track.left:
+                track.sent.held += self.resumed - asked
         self.conn.send(answer)
 
     def _check(self, pid: int | None) -> tuple[Any, _Track | None] | None:
@@ -433,7 +455,7 @@ class _JobRelay:
             return None  # (a thread worker cannot be killed: its watchdog stops what it can)
         self.checked = now
         for track in live:
-            error = track.past_grace(now)
+            error = track.past_grace(now, self.resumed)
             if error is not None:
                 return error, track
         limit = self.replica.queue.limits.job_memory
@@ -458,25 +480,28 @@ class _JobRelay:
         return live
 
     def _crash_message(self, track: _Track, how: str) -> str:
-        others = ("other jobs were not affected" if len(self.tracks) == 1 else
-                  f"the other jobs of its batch of {len(self.tracks)} ended with it, other jobs were not affected")
-        return (f"the worker process running this job crashed ({how}) while {track.doing()}. The server restarted "
-                f"the worker; {others}. If the program caused it (a C extension, an enormous allocation...), change "
-                "it; otherwise submit the job again.")
+        again = f" It ran alone because {track.sent.why}." if track.sent.why else ""
+        return (f"the worker process running this job crashed ({how}) while {track.doing()}.{again} The server "
+                "restarted the worker; other jobs were not affected. If the program caused it (a C extension, an "
+                "enormous allocation...), change it; otherwise submit the job again.")
 
     def _ended_with_worker(self, error: Any, culprit: _Track | None) -> None:
-        """The worker died or was killed: end every job it still ran, then start the worker again. `error` is
-        the exception (or WorkerCrashed, the class: each job gets its own crash message); `culprit` the job
-        whose kill it was (the other jobs of its batch end with WorkerCrashed naming it)."""
+        """The worker died or was killed: end every job it still ran (the others of a batch run again alone:
+        `_again`), then start the worker again. `error` is the exception (or WorkerCrashed, the class: each job
+        gets its own crash message); `culprit` the job whose kill it was."""
         self.replica._kill()  # (already dead: reaped, so its exit status is known)
         how = self.replica._how_it_ended() if error is WorkerCrashed else ""
-        for track in self._live():
+        running = sum(not t.left for t in self._live())
+        for track in reversed(self._live()):  # (re-runs go first in the queue, in the batch's order)
             track.ended = True
             job = track.job
             if not track.running:
                 wp.discard(track.program)  # it may have died before reading the program
+            if track.left or self._again(track, error, culprit, how, running):
+                continue  # it runs again alone (reruns.py)
+            own: Exception
             if error is WorkerCrashed:
-                own: Exception = WorkerCrashed(self._crash_message(track, how))
+                own = WorkerCrashed(self._crash_message(track, how))
             elif culprit is not None and track is not culprit:
                 own = WorkerCrashed(
                     f"this job shared a batched run with job {culprit.job.id}, which did not stop after its "

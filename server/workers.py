@@ -26,6 +26,7 @@ from .jobs import Job
 from .local_calls import LocalLink
 from .policy import DEFAULT_POLICY, Policy
 from .registry import HostedModel
+from .reruns import Sent
 
 __all__ = ["Limits", "JobLimits", "ModelQueue", "Entry", "default_job_memory"]
 
@@ -59,6 +60,7 @@ class Limits:
     max_batch: int = 16  # jobs one batched run may take (1: every job runs alone), see batching.py
     batch_wait: float = 0.005  # seconds a supervisor waits for more compatible jobs once it took one
     batch_tokens: int = 8192  # rows x positions one batched run may take
+    batch_local_wait: float = 1.0  # seconds a batched job's local() blocks may keep its batch waiting, in all
     ray: str = ""  # a Ray cluster's address (auto, host:port, local): each replica's worker is an actor there
 
     def replace(self, **changes) -> Limits:
@@ -101,6 +103,8 @@ class Entry:
     link: LocalLink | None
     batch_key: tuple | None = None
     tokens: int = 0
+    rerun: Sent | None = None  # a job of a batch queued again to run alone: what its client got already
+    requeued: bool = False  # this entry was queued again (as a new Entry): its job is still running
 
 
 def _queued_message(waiting: int, running: int) -> str:
@@ -196,6 +200,8 @@ class ModelQueue:
             for entry in self._pending:
                 if entry.job is job:
                     self._pending.remove(entry)
+                    if entry.rerun is not None:  # (a job queued again counts as running until it ends)
+                        self._running.discard(job)
                     return True
             return False
 
@@ -242,5 +248,16 @@ class ModelQueue:
 
     def done(self, entries: list[Entry]) -> None:
         with self._cond:
-            self._running.difference_update(entry.job for entry in entries)
+            self._running.difference_update(entry.job for entry in entries if not entry.requeued)
+
+    def requeue(self, entry: Entry, sent: Sent) -> bool:
+        """Queue a running job of a batch again, first, to run alone (reruns.py); False once the queue is closed.
+        Its job stays RUNNING (and counted as running) until its re-run ends."""
+        with self._cond:
+            if self._closed or self._broken:
+                return False
+            entry.requeued = True
+            self._pending.appendleft(dataclasses.replace(entry, batch_key=None, tokens=0, rerun=sent, requeued=False))
+            self._cond.notify()
+            return True
 

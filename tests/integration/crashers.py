@@ -1,7 +1,7 @@
 """A test-only model whose forward crashes the worker process on request (never hosted outside the tests).
 
-Input x[0, 0] picks: 1 aborts (SIGABRT, as a C extension's assert would), 2 reads address 0 (SIGSEGV);
-anything else runs a Linear layer.
+Each row's x[i, 0] picks: 1 aborts (SIGABRT, as a C extension's assert would), 2 reads address 0 (SIGSEGV);
+anything else runs a Linear layer. So one job's row crashes a batched run it shares with others.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ class Crasher(torch.nn.Module):
         self.layer = torch.nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        how = float(x[0, 0])
-        if how == ABORT:
+        hows = set(x[:, 0].tolist())
+        if ABORT in hows:
             os.abort()
-        if how == SEGFAULT:
+        if SEGFAULT in hows:
             ctypes.string_at(0)
         return self.layer(x)
 

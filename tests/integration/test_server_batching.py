@@ -287,6 +287,7 @@ def test_the_batching_flags_of_tether_serve():
     from tether.cli import parse_args
 
     args = parse_args(["serve", "--model", "t=tiny"])
-    assert (args.max_batch, args.batch_wait_ms, args.batch_tokens) == (16, 5.0, 8192)
-    args = parse_args(["serve", "--model", "t=tiny", "--max-batch", "1", "--batch-wait-ms", "0"])
-    assert (args.max_batch, args.batch_wait_ms) == (1, 0.0)
+    assert (args.max_batch, args.batch_wait_ms, args.batch_tokens, args.batch_local_wait) == (16, 5.0, 8192, 1.0)
+    args = parse_args(["serve", "--model", "t=tiny", "--max-batch", "1", "--batch-wait-ms", "0",
+                       "--batch-local-wait", "2.5"])
+    assert (args.max_batch, args.batch_wait_ms, args.batch_local_wait) == (1, 0.0, 2.5)

@@ -1,0 +1,97 @@
+"""The front door's LocalLink for a job that runs again alone: a call not answered within its hold stays open
+and is waited for by the re-run, never sent twice; kept answers are replayed; a re-run that goes another way
+fails, saying so. No model, no network."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tether.server import local_calls
+from tether.server.errors import LocalCallFailed
+from tether.server.jobs import Job
+from tether.server.local_calls import LocalLink, StillOpen
+from tether.v1 import jobs_pb2
+
+LONG = 30.0  # seconds: no test waits that long; the bounds under test are short holds
+
+
+def _link() -> tuple[Job, LocalLink]:
+    job = Job("owner", "tiny", 1)
+    link = LocalLink(job)
+    link.attach()
+    return job, link
+
+
+def _asked(job: Job) -> list[str]:
+    """The call ids of the job's local_call events (what its client was asked)."""
+    events, _ = job.wait_events(0, lambda: True, timeout=0, limit=1000)
+    return [e.local_call.call_id for e in events if e.WhichOneof("event") == "local_call"]
+
+
+def _answer(link: LocalLink, call_id: str, data: bytes) -> None:
+    chunk = jobs_pb2.Chunk(offset=0, data=data, total_size=len(data))
+    link.deliver(jobs_pb2.LocalResult(call_id=call_id, values=chunk))
+
+
+def _call(link: LocalLink, call_id: str, block_id: str = "b", hold: float | None = None):
+    return link.call(call_id, block_id, [b"payload"], time.monotonic() + LONG, LONG, TimeoutError, hold=hold)
+
+
+def test_a_call_past_its_hold_stays_open_and_its_rerun_gets_the_answer_without_asking_again():
+    job, link = _link()
+    link.keep()
+    started = time.monotonic()
+    with pytest.raises(StillOpen):
+        _call(link, "1", hold=0.05)
+    assert time.monotonic() - started < LONG / 2
+    _answer(link, "1", b"late answer")  # the client answers while the job waits in the queue
+    assert _call(link, "1") == b"late answer"
+    assert _asked(job) == ["1"]
+
+
+def test_kept_answers_are_replayed_and_a_rerun_that_goes_elsewhere_fails():
+    job, link = _link()
+    link.keep()
+    _answer(link, "1", b"early")  # dropped: no call is open yet
+    with pytest.raises(StillOpen):
+        _call(link, "1", hold=0.0)
+    _answer(link, "1", b"one")
+    assert _call(link, "1") == b"one"
+    assert _call(link, "1") == b"one"  # the re-run's first call: replayed
+    with pytest.raises(LocalCallFailed, match="reached the local\\(\\) block other where its first run had"):
+        _call(link, "1", block_id="other")
+    assert _asked(job) == ["1"]
+
+
+def test_answers_past_the_bound_are_dropped_and_the_job_is_no_longer_replayable(monkeypatch):
+    monkeypatch.setattr(local_calls, "KEEP_BYTES", 4)
+    job, link = _link()
+    link.keep()
+    with pytest.raises(StillOpen):
+        _call(link, "1", hold=0.0)
+    _answer(link, "1", b"too large")
+    assert _call(link, "1") == b"too large"
+    assert not link.replayable
+
+
+def test_a_job_run_alone_keeps_nothing():
+    job, link = _link()
+    with pytest.raises(StillOpen):
+        _call(link, "1", hold=0.0)
+    _answer(link, "1", b"x")
+    assert _call(link, "1") == b"x"
+    with pytest.raises(StillOpen):  # not kept: a job that ran alone is never run again, so this is a new call
+        _call(link, "1", hold=0.0)
+    assert _asked(job) == ["1", "1"] and link.replayable
+
+
+def test_a_rerun_that_reaches_another_block_at_the_open_call_fails():
+    job, link = _link()
+    link.keep()
+    with pytest.raises(StillOpen):
+        _call(link, "1", block_id="first", hold=0.0)
+    with pytest.raises(LocalCallFailed, match="reached the local\\(\\) block second where its first run had"):
+        _call(link, "1", block_id="second")
+    assert _asked(job) == ["1"]
