@@ -377,11 +377,13 @@ class RayReplica(Replica):
         hosted = self.queue.hosted
         with self._ready:
             self._pid = None
-        if self._stored_payload is None:
-            self._stored_payload = ray.put(self._payload)
-        # listed by `ray list actors`: the front door (pid@host), the replica, and this start of it
+        if self._stored_payload is None:  # (a model the cluster holds is in the object store already)
+            shipped = isinstance(self._payload, ray.ObjectRef)
+            self._stored_payload = self._payload if shipped else ray.put(self._payload)
+        gpus = getattr(hosted, "gpus", None)
+        # listed by `ray list actors`: who started it (pid@host), the replica, and this start of it
         name = f"tether/{os.getpid()}@{socket.gethostname()}/{self.name}/{uuid.uuid4().hex[:8]}"
-        actor = _actor_class().options(num_cpus=1, num_gpus=_gpus_of(self._payload),
+        actor = _actor_class().options(num_cpus=1, num_gpus=_gpus_of(self._payload) if gpus is None else gpus,
                                        name=name).remote(hosted.name, self._stored_payload, hosted.source,
                                                          self.policy)
         conn = ActorConnection(actor, self.name)

@@ -27,7 +27,7 @@ from .local_calls import LocalLink
 from .policy import DEFAULT_POLICY, Policy
 from .registry import HostedModel
 
-__all__ = ["Limits", "JobLimits", "ModelQueue", "Entry", "default_job_memory"]
+__all__ = ["Limits", "JobLimits", "ModelQueue", "Entry", "default_job_memory", "stop_job"]
 
 _log = logging.getLogger("tether.server")
 
@@ -60,6 +60,7 @@ class Limits:
     batch_wait: float = 0.005  # seconds a supervisor waits for more compatible jobs once it took one
     batch_tokens: int = 8192  # rows x positions one batched run may take
     ray: str = ""  # a Ray cluster's address (auto, host:port, local): each replica's worker is an actor there
+    ray_namespace: str = "tether"  # front doors on one cluster with the same namespace share models and jobs
 
     def replace(self, **changes) -> Limits:
         return dataclasses.replace(self, **changes)
@@ -244,3 +245,13 @@ class ModelQueue:
         with self._cond:
             self._running.difference_update(entry.job for entry in entries)
 
+
+
+def stop_job(job: Job, queue: ModelQueue | None, reason: str) -> bool:
+    """Ask `job` to stop: one still in `queue` ends CANCELLED at once, a running one at its next module boundary.
+    False if it had ended already."""
+    asked = job.request_cancel(reason)
+    if asked and queue is not None and queue.withdraw(job):
+        job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or reason, code=grpc.StatusCode.CANCELLED,
+                   ttl=queue.limits.result_ttl)
+    return asked
