@@ -6,6 +6,7 @@ with ray_workers.RayReplica). Imports ray lazily and the server's job and queue 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -61,13 +62,13 @@ def _meta(job: Job) -> JobMeta:
 def _refusals(method):
     """Answer a ServerError as a Refused (Ray would wrap the exception; the front door raises it again)."""
 
+    @functools.wraps(method)  # (Ray reads the method's signature)
     def answer(*args, **kwargs):
         try:
             return method(*args, **kwargs)
         except ServerError as error:
             return Refused(type(error).__name__, str(error), error.code.name)
 
-    answer.__name__, answer.__doc__ = method.__name__, method.__doc__
     return answer
 
 
@@ -117,13 +118,16 @@ class ClusterCore:
 
     # ---- models -------------------------------------------------------------------------------
     @_refusals
-    def host(self, name: str, payload: list, source: Any, replicas: int, info: bytes, gpus: int) -> int:
-        """Host a model whose payload is `payload[0]` (an object owned by this actor); its generation."""
+    def host(self, name: str, payload: Any, source: Any, replicas: int, info: bytes, gpus: int) -> int:
+        """Host a model (`payload`: a ray_workers.PickledModel, put in the object store by this actor, so it
+        outlives the front door that sent it); its generation."""
+        import ray
+
         with self._lock:
             if name in self._models:
                 raise ModelExists(f"the cluster already hosts a model named {name!r}; evict it first "
                                   f"(`tether evict {name}`) or choose another name")
-            stored = StoredModel(name, payload[0], source, info, gpus, next(self._generations))
+            stored = StoredModel(name, ray.put(payload), source, info, gpus, next(self._generations))
             self._models[name] = (stored, ModelQueue(stored, self._limits, replicas=replicas, policy=self._policy))
         _log.info("hosting %s (%d replica%s)", name, replicas, "" if replicas == 1 else "s")
         return stored.generation

@@ -18,6 +18,7 @@ from .cluster import CORE_NAME, WAIT_SLICE, JobMeta, Refused, core_of
 from .deployments import FAILED, READY, Deployment, ModelTable
 from .errors import ModelExists, NotFound, ServerError
 from .jobs import TERMINAL, new_job_id, unknown_job
+from .ray_workers import PickledModel, gpus_of
 from .registry import HostedModel
 from .supervisor import payload_of
 from .workers import JobLimits, Limits
@@ -37,9 +38,12 @@ class Core:
 
     def __call__(self, method: str, *args: Any, wait: float = 0.0) -> Any:
         import ray
+        from ray.exceptions import RayTaskError
 
         try:
             answer = ray.get(getattr(self.handle, method).remote(*args), timeout=wait + CALL_TIMEOUT)
+        except RayTaskError as error:  # a bug: the core answers refusals as data
+            raise ServerError(f"the cluster's job store failed in {method}: {error.cause!r}") from None
         except Exception as error:  # the actor died, the cluster went away, or it did not answer in time
             raise ServerError(
                 f"the cluster's job store (the Ray actor {CORE_NAME!r} in namespace {self.namespace!r}) did not "
@@ -242,16 +246,11 @@ class ClusterModels(ModelTable):
     def _start_queue(self, deployment: Deployment, hosted: HostedModel) -> ClusterQueue | None:
         """Host the model this door loaded on the cluster (or serve the cluster's, if it hosts one by that name:
         a front door restarted with its --model)."""
-        import ray
-
-        from .ray_workers import _gpus_of
-
         name, payload = deployment.name, payload_of(hosted.model)
         try:
-            try:
-                ref = ray.put(payload, _owner=self._core.handle)  # the core owns it: it outlives this door
-                generation = self._core("host", name, [ref], hosted.source, deployment.replicas,
-                                        hosted.info().SerializeToString(), _gpus_of(payload))
+            try:  # (as bytes: the core puts them in the object store, owned by it, never loading the model)
+                generation = self._core("host", name, PickledModel.of(payload), hosted.source, deployment.replicas,
+                                        hosted.info().SerializeToString(), gpus_of(payload))
             except ModelExists:
                 _, _, generation = self._core("model", name)
                 _log.warning("the cluster already hosts a model named %s: this front door serves the cluster's",
@@ -278,7 +277,7 @@ class ClusterModels(ModelTable):
             if found is None or info is None:
                 return
             refs, source, generation = found
-            hosted = self._registry.add(name, ray.get(refs[0]), source)
+            hosted = self._registry.add(name, ray.get(refs[0]).load(), source)
             deployment = Deployment(name, "hosted by the cluster", info.replicas, self.default_placement,
                                     state=READY, hosted=hosted)
             deployment.queue = ClusterQueue(self._core, name, generation, info.replicas, self._forget)
