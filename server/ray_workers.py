@@ -402,8 +402,8 @@ class RayReplica(Replica):
             shipped = isinstance(self._payload, ray.ObjectRef)
             self._stored_payload = self._payload if shipped else ray.put(self._payload)
         gpus = getattr(hosted, "gpus", None)
-        # listed by `ray list actors`: who started it (pid@host), the replica, and this start of it
-        name = f"tether/{os.getpid()}@{socket.gethostname()}/{self.name}/{uuid.uuid4().hex[:8]}"
+        # listed by `ray list actors`: the front doors' namespace, the replica, and this start of it
+        name = f"tether/{self.queue.limits.ray_namespace}/{self.name}/{uuid.uuid4().hex[:8]}"
         actor = _actor_class().options(num_cpus=1, num_gpus=gpus_of(self._payload) if gpus is None else gpus,
                                        name=name).remote(hosted.name, self._stored_payload, hosted.source,
                                                          self.policy)
