@@ -27,6 +27,7 @@ _log = logging.getLogger("tether.server")
 CORE_NAME = "core"  # the core's actor name, in its namespace (`ray list actors` shows it)
 MAX_CALLS = 256  # calls the core serves at once (front doors' watchers each hold one for up to WAIT_SLICE)
 WAIT_SLICE = 1.0  # s: the longest one call waits for a job's events (a watcher that left is seen within this)
+EVICT_WAIT = 10.0  # s: an evict waits this long for the model's replicas to stop (their actors killed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +156,10 @@ class ClusterCore:
             entry = self._models.pop(name, None)
         if entry is None:
             raise NotFound(f"the cluster hosts no model named {name!r}; `tether models` lists those it hosts")
-        return entry[1].close(reason or f"the model {name!r} was evicted by the server's operator")
+        cancelled = entry[1].close(reason or f"the model {name!r} was evicted by the server's operator")
+        entry[1].join(EVICT_WAIT)  # its actors are killed before the operator's command returns
+        _log.info("evicted %s", name)
+        return cancelled
 
     def worker_pid(self, name: str, index: int, timeout: float) -> int | None:
         """The pid of replica `index`'s actor once it is ready (None: none by then, or no such replica)."""
@@ -205,10 +209,6 @@ class ClusterCore:
         except ServerError:
             self._store.remove(job)
             raise
-
-    def find_request(self, owner: str, request_id: str) -> JobMeta | None:
-        job = self._store.find_request(owner, request_id)
-        return None if job is None else _meta(job)
 
     def find(self, job_id: str) -> JobMeta | None:
         job = self._store.find(job_id)

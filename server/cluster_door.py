@@ -101,10 +101,16 @@ class RemoteJob:
         self.request_id = meta.request_id
         self.cond = threading.Condition()  # (notified by the servicers; waits on the core are WAIT_SLICE at most)
         self.link = RemoteLink(core, self.id) if meta.stream else None
+        self._ended = 0  # the terminal state once a call saw it (it never changes again)
 
     @property
     def state(self) -> int:
-        return self._core("state", self.id)
+        return self._ended or self._seen(self._core("state", self.id))
+
+    def _seen(self, state: int) -> int:
+        if state in TERMINAL:
+            self._ended = state
+        return state
 
     @property
     def done(self) -> bool:
@@ -136,7 +142,9 @@ class RemoteJob:
                 return frames, count, finished
 
     def frames_when_done(self, stop, timeout: float, max_bytes: int) -> list[bytes] | None:
-        return self._core("frames_when_done", self.id, timeout, max_bytes, wait=timeout)[0]
+        frames, state = self._core("frames_when_done", self.id, timeout, max_bytes, wait=timeout)
+        self._seen(state)
+        return frames
 
 
 class ClusterJobs:
@@ -149,10 +157,9 @@ class ClusterJobs:
         return RemoteJob(self._core, JobMeta(new_job_id(), owner, model, kind, request_id, stream))
 
     def find_request(self, owner: str, request_id: str) -> RemoteJob | None:
-        if not request_id:
-            return None
-        meta = self._core("find_request", owner, request_id)
-        return None if meta is None else RemoteJob(self._core, meta)
+        """None: `add` finds the job an earlier request made (the core publishes the first one only), so a new
+        job costs no call for this."""
+        return None
 
     def add(self, job: RemoteJob) -> RemoteJob:
         meta = self._core("publish", job.meta)
