@@ -224,28 +224,32 @@ DOORS = "doors"  # the namespace of the two front doors below (their core and ac
 LOOPING = program('print("started")\nwhile True:\n    pass\n', "hello")
 
 
-def _door(cluster, doors: dict, name: str, *args: str) -> str:
-    """Start `tether serve --ray ADDRESS` (in the DOORS namespace) as door `name`; its address."""
+def _door(cluster, doors: dict, *args: str) -> str:
+    """Start door A, `tether serve --ray ADDRESS` (in the DOORS namespace), as a process; its address."""
     proc, lines = _serve("--ray", cluster.address, "--ray-namespace", DOORS, "--port", "0", *args)
-    doors[name] = proc
-    doors[f"{name}_address"] = address = f"127.0.0.1:{_port(proc, lines)}"
+    doors["a"] = proc
+    doors["a_address"] = address = f"127.0.0.1:{_port(proc, lines)}"
     return address
 
 
 @pytest.fixture(scope="module")
 def doors(cluster):
-    """Two front doors as processes: A hosts tiny (one replica running one job at a time), B joins with no
-    --model. Each is stopped after (by the pid it has), then the cluster's part of them."""
+    """Two front doors: A, a process, hosts tiny (one replica running one job at a time); B, in this process,
+    joins with no model (as `tether serve --ray ADDRESS` does; the walkthrough runs that command). Both are
+    stopped after (A by its pid), then the cluster's part of them."""
     started: dict = {}
+    door_b = None
     try:
-        _door(cluster, started, "a", "--model", "tiny=tiny", "--max-batch", "1")
-        _door(cluster, started, "b")
+        _door(cluster, started, "--model", "tiny=tiny", "--max-batch", "1")
+        door_b = start_server({}, host="127.0.0.1", port=0, ray=cluster.address, ray_namespace=DOORS)
+        started["b_address"] = door_b.address
         yield started
     finally:
-        for proc in [v for v in started.values() if not isinstance(v, str)]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        if door_b is not None:
+            door_b.stop(grace=0)
+        if "a" in started and started["a"].poll() is None:
+            started["a"].kill()
+            started["a"].wait()
         shut_down(DOORS)
         close_all()
 
@@ -287,6 +291,8 @@ def test_a_job_submitted_through_one_door_is_watched_and_cancelled_through_the_o
     try:
         job_id = via_a.submit(spec(LOOPING)).job_id
         seen, rest, _ = _until_log(via_b, job_id)
+        listed = _tether("jobs", "--host", doors["b_address"])  # everyone's jobs, through either door
+        assert listed.returncode == 0 and job_id in listed.stdout, listed.stdout + listed.stderr
         assert via_b.cancel(job_id) == jobs_pb2.JOB_STATE_CANCELLED
         assert Outcome(seen + list(rest)).final.state == jobs_pb2.JOB_STATE_CANCELLED
         assert via_a.wait(job_id).final.state == jobs_pb2.JOB_STATE_CANCELLED
@@ -311,9 +317,14 @@ def test_jobs_outlive_the_door_they_were_submitted_to(cluster, doors):
         assert via_b.wait(queued).final.state == jobs_pb2.JOB_STATE_COMPLETED
         expected = local_run(QUICK_SOURCE, "hello")["out"]
         assert torch.equal(value_map(via_b.read_result(queued))["out"], expected)
-        via_a = Client(_door(cluster, doors, "a", "--model", "tiny=tiny", "--max-batch", "1"))  # as before
+        via_a = Client(_door(cluster, doors, "--model", "tiny=tiny", "--max-batch", "1"))  # as before
         assert torch.equal(value_map(via_a.read_result(queued))["out"], expected)
         assert via_a.wait(running).final.state == jobs_pb2.JOB_STATE_CANCELLED
+        done = _tether("evict", "--host", doors["b_address"], "tiny")  # the cluster's tiny, through door B
+        assert done.returncode == 0, done.stderr
+        assert _actors(f"tether/{DOORS}/") == []  # its actor was killed
+        done = _tether("models", "--host", doors["a_address"])
+        assert done.returncode == 0 and done.stdout.splitlines()[1:] == [], done.stdout
     finally:
         via_a.close()
         via_b.close()
