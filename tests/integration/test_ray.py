@@ -11,13 +11,25 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import uuid
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray's addresses on loopback
 
 import pytest
 import torch
 from test_operator_cli import _tether
-from test_server import QUICK, QUICK_SOURCE, Client, Outcome, events_of, local_run, program, spec, value_map
+from test_server import (
+    LOCAL,
+    QUICK,
+    QUICK_SOURCE,
+    Client,
+    Outcome,
+    events_of,
+    local_run,
+    program,
+    spec,
+    value_map,
+)
 from test_server_cli import READY, START_TIMEOUT, _port, _serve
 
 from tether import CONFIG, LanguageModel
@@ -299,6 +311,25 @@ def test_a_job_submitted_through_one_door_is_watched_and_cancelled_through_the_o
     finally:
         via_a.close()
         via_b.close()
+
+
+def test_a_run_job_stream_re_attached_through_the_other_door_answers_the_local_call(doors):
+    """A RunJob through door A waits for its local() answer; the client re-attaches through door B (RunJob,
+    the same request_id), is replayed the call and answers it there; the job ends as a local run does."""
+    via_a, via_b = Client(doors["a_address"]), Client(doors["b_address"])
+    job = spec(program(LOCAL, "hello world"), request_id=str(uuid.uuid4()))
+    first = via_a.stream(job)
+    try:
+        asked = first.until(lambda e: e.WhichOneof("event") == "local_call")
+        outcome = via_b.stream(job).finish(lambda block_id, reads: {"scale": reads["h"].abs().mean().item() + 1.0})
+    finally:
+        first.close()
+        via_a.close()
+        via_b.close()
+    assert {e.job_id for e in outcome.events} == {asked.job_id}  # the same job: re-attached, not submitted again
+    assert outcome.final.state == jobs_pb2.JOB_STATE_COMPLETED, outcome.final
+    local = local_run(LOCAL, "hello world")
+    assert torch.equal(outcome.saved()["logits"], local["logits"].as_subclass(torch.Tensor))
 
 
 def test_jobs_outlive_the_door_they_were_submitted_to(cluster, doors):
