@@ -114,6 +114,8 @@ def start_server(
     sources: name -> a function that loads that model again; with one, weights a job wrote into are restored
     (see weights.py); without, such a job takes the model out of service until a restart.
     limits: fields of `Limits` (queue_size, job_timeout, max_result_bytes, result_ttl, local_call_timeout).
+    With `ray=ADDRESS` the server is one of the front doors of that cluster (`ray_namespace`, default
+    "tether"): `models` are hosted there, and it serves every model and job the cluster has (cluster.py).
     """
     if isinstance(api_keys, (str, os.PathLike)):
         admin_keys = read_keys(api_keys, role="admin") if admin_keys is None else admin_keys

@@ -185,7 +185,8 @@ class ClusterCore:
             entry = self._models.get(name)
         if entry is None:
             return None
-        if generation and entry[0].generation != generation:
+        if generation and entry[0].generation != generation:  # (UNAVAILABLE: the client submits it once more,
+            # and the door, having dropped its copy, reads the model anew)
             raise ServerError(f"the model {name!r} was deployed again since this front door read it; retry the job",
                               code=grpc.StatusCode.UNAVAILABLE)
         return entry[1]

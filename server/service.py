@@ -49,7 +49,7 @@ class Hub:
 
     registry: Registry
     queues: dict[str, ModelQueue]
-    store: JobStore
+    store: JobStore  # (a cluster's front door: cluster_door.ClusterJobs, the same methods)
     policy: Policy
     limits: Limits
     auth: Authenticator
