@@ -259,10 +259,12 @@ class ClusterModels(ModelTable):
                 generation = self._core("host", name, PickledModel.of(payload), hosted.source, deployment.replicas,
                                         hosted.info().SerializeToString(), gpus_of(payload))
             except ModelExists:
-                _, _, generation = self._core("model", name)
+                found, info = self._core("model", name), self._core_info(name)
+                if found is None or info is None:
+                    raise ServerError("it was evicted from the cluster while this front door hosted it") from None
+                generation, deployment.replicas = found[2], info.replicas
                 _log.warning("the cluster already hosts a model named %s: this front door serves the cluster's",
                              name)
-                deployment.replicas = self._core_info(name).replicas
         except ServerError as error:
             self._set(deployment, FAILED, f"the cluster cannot host it: {error}")
             return None
@@ -284,7 +286,15 @@ class ClusterModels(ModelTable):
             if found is None or info is None:
                 return
             refs, source, generation = found
-            hosted = self._registry.add(name, ray.get(refs[0]).load(), source)
+            try:
+                copy = ray.get(refs[0]).load()
+            except Exception as error:
+                raise ServerError(
+                    f"this front door cannot load its copy of model {name!r} (it checks programs with it): "
+                    f"{type(error).__name__}: {error}. A model on a GPU needs front doors on machines with that "
+                    "GPU; or send the job through the front door that deployed it.",
+                    code=grpc.StatusCode.FAILED_PRECONDITION) from None
+            hosted = self._registry.add(name, copy, source)
             deployment = Deployment(name, "hosted by the cluster", info.replicas, self.default_placement,
                                     state=READY, hosted=hosted)
             deployment.queue = ClusterQueue(self._core, name, generation, info.replicas, self._forget)
