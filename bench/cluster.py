@@ -106,6 +106,8 @@ def run(options: Options | None = None) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
+    from tether.server.cluster import shut_down
+
     options = options or Options()
     scale = options.budget_scale
     torch.set_num_threads(1)
@@ -142,6 +144,7 @@ def run(options: Options | None = None) -> dict:
             data["replicas_1"] = _throughput(on_ray.address, THROUGHPUT_BUDGET_S * scale)
             on_ray.stop(grace=0)
             servers.remove(on_ray)
+            shut_down("tether")  # the cluster's part of it (its core, its replica), so `two` hosts tiny anew
             two = start_server({"tiny": tiny_gpt2()}, queue_size=64, result_ttl=5.0, ray=head.address, replicas=2)
             servers.append(two)
             assert two.wait_ready(timeout=180), "the 2-replica server's workers did not start"

@@ -100,9 +100,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             raise NotFound(f"no job {request.job_id!r} on this server (`tether jobs` lists them; a job that "
                            "ended is kept for the server's --result-ttl)")
         cancel_job(self._hub, job, request.reason or f"stopped by the server's operator ({owner})")
-        with job.cond:
-            job.cond.wait_for(lambda: job.done, CANCEL_WAIT)
-            return admin_pb2.StopJobResponse(state=job.state)
+        return admin_pb2.StopJobResponse(state=job.wait_done(CANCEL_WAIT))
 
 
 

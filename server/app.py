@@ -114,12 +114,16 @@ def start_server(
     sources: name -> a function that loads that model again; with one, weights a job wrote into are restored
     (see weights.py); without, such a job takes the model out of service until a restart.
     limits: fields of `Limits` (queue_size, job_timeout, max_result_bytes, result_ttl, local_call_timeout).
+    With `ray=ADDRESS` the server is one of the front doors of that cluster (`ray_namespace`, default
+    "tether"): `models` are hosted there, and it serves every model and job the cluster has (cluster.py).
     """
     if isinstance(api_keys, (str, os.PathLike)):
         admin_keys = read_keys(api_keys, role="admin") if admin_keys is None else admin_keys
         api_keys = read_keys(api_keys)
-    registry = Registry(models, sources)
     server_limits = Limits(**limits)
+    if not models and not server_limits.ray:
+        raise ValueError("a server needs at least one model: --model NAME=SPEC")
+    registry = Registry(models, sources)
     hub = Hub(
         registry=registry,
         queues={},
@@ -128,8 +132,15 @@ def start_server(
         limits=server_limits,
         auth=Authenticator(api_keys, admin_keys or ()),
     )
-    hub.models = ModelTable(registry, hub.queues, server_limits, replicas=replicas, loading_wait=loading_wait,
-                            placement=placement, policy=policy)
+    table = dict(registry=registry, queues=hub.queues, limits=server_limits, replicas=replicas,
+                 loading_wait=loading_wait, placement=placement, policy=policy)
+    if server_limits.ray:  # one of the cluster's front doors: jobs and models are the cluster's (cluster.py)
+        from .cluster_door import ClusterJobs, ClusterModels, connect_core
+
+        core = connect_core(server_limits, policy)
+        hub.store, hub.models = ClusterJobs(core), ClusterModels(core, **table)
+    else:
+        hub.models = ModelTable(**table)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=rpc_threads, thread_name_prefix="tether-rpc"),
         options=[

@@ -96,7 +96,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--ray", metavar="ADDRESS", default=None,
                        help="run each replica as an actor on a Ray cluster: `auto` (the one `ray start` started "
                             "on this machine), HOST:PORT (its head), or `local` (a private Ray instance); needs "
-                            "`pip install tether[cluster]`")
+                            "`pip install tether[cluster]`); without --model, join the cluster's other front "
+                            "doors: serve the models it hosts")
+    serve.add_argument("--ray-namespace", metavar="NAME", default="tether",
+                       help="with --ray: the front doors that share models and jobs (default tether)")
     serve.set_defaults(run=serve_models, check=_check)
 
 
@@ -129,7 +132,9 @@ def _ready_stream():
 
 
 def _check(args: argparse.Namespace) -> str | None:
-    return None if args.models else "give at least one --model NAME=SPEC"
+    if args.models or args.ray:
+        return None
+    return "give at least one --model NAME=SPEC (or --ray ADDRESS to serve the models a Ray cluster hosts)"
 
 
 def serve_models(args: argparse.Namespace) -> int:
@@ -160,7 +165,7 @@ def serve_models(args: argparse.Namespace) -> int:
         **({"job_memory": args.job_memory} if args.job_memory else {}),
         max_batch=args.max_batch, batch_wait=max(args.batch_wait_ms, 0.0) / 1000, batch_tokens=args.batch_tokens,
         batch_local_wait=max(args.batch_local_wait, 0.0),
-        **({"ray": args.ray} if args.ray else {}),
+        **({"ray": args.ray, "ray_namespace": args.ray_namespace} if args.ray else {}),
     )
     ready = _ready_stream()
     try:

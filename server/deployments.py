@@ -102,9 +102,16 @@ class ModelTable:
         self._ready(deployment, hosted)
         _log.info("%s is ready", deployment.name)
 
+    def _start_queue(self, deployment: Deployment, hosted: HostedModel) -> ModelQueue | None:
+        """The model's queue, its replicas started (None: they could not be, and the deployment says why)."""
+        return ModelQueue(hosted, self._limits, replicas=deployment.replicas, policy=self._policy)
+
     def _ready(self, deployment: Deployment, hosted: HostedModel) -> None:
         """Start the model's replicas and publish it (unless it was evicted or the server closed meanwhile)."""
-        queue = ModelQueue(hosted, self._limits, replicas=deployment.replicas, policy=self._policy)
+        queue = self._start_queue(deployment, hosted)
+        if queue is None:
+            self._registry.remove(deployment.name, hosted)
+            return
         with self._cond:
             current = self._deployments.get(deployment.name) is deployment and not self._closed
             if current:

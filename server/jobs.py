@@ -26,7 +26,7 @@ from tether.v1 import failure_pb2, jobs_pb2
 
 from .errors import NotFound
 
-__all__ = ["Job", "JobStore", "ResultBytes", "TERMINAL", "state_name"]
+__all__ = ["Job", "JobStore", "ResultBytes", "TERMINAL", "state_name", "new_job_id", "unknown_job"]
 
 _log = logging.getLogger("tether.server")
 _ORDER = {
@@ -40,6 +40,18 @@ _ORDER = {
 BATCH_BYTES = 1 << 20  # an event stream message holds at most about this much payload (see wait_frames)
 SMALL_EVENT = 64 << 10  # events smaller than this may ride along with a full message
 STATUS_LINGER = 0.05  # s: a status change waits this long for the next event, to share its message
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def unknown_job(job_id: str) -> NotFound:
+    """The error for a job id that no record answers to (or that belongs to another API key)."""
+    return NotFound(
+        f"no job {job_id!r}: it never existed here, belongs to another API key, or ended long "
+        "enough ago that its record and result were discarded (see the server's --result-ttl)."
+    )
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -104,8 +116,8 @@ class _ResultChunk:
 class Job:
     """One job. Every mutable field is guarded by `cond`; waiters use `cond` to hear of new events."""
 
-    def __init__(self, owner: str, model: str, kind: int, request_id: str = ""):
-        self.id = uuid.uuid4().hex[:16]
+    def __init__(self, owner: str, model: str, kind: int, request_id: str = "", job_id: str = ""):
+        self.id = job_id or new_job_id()
         self.owner, self.model, self.kind, self.request_id = owner, model, kind, request_id
         self.create_time = _now()
         self.cond = threading.Condition()
@@ -263,6 +275,17 @@ class Job:
     def cancel_requested(self) -> bool:
         return self.cancel_reason is not None  # a single read: no lock needed
 
+    def wait_done(self, timeout: float) -> int:
+        """Wait up to `timeout` s for the job to end; its state then."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.done, timeout)
+            return self.status.state
+
+    def outcome(self) -> tuple[int, str, grpc.StatusCode | None, ResultBytes | None]:
+        """(state, its message, the status code of an ERROR/CANCELLED, the result once COMPLETED), read together."""
+        with self.cond:
+            return self.status.state, self.status.message, self.failure_code, self.result
+
     # ---- reading ------------------------------------------------------------------------------
     @property
     def last_sequence(self) -> int:
@@ -417,6 +440,16 @@ class JobStore:
         self._expiring: list[tuple[float, int, Job]] = []  # guarded by _lock: a heap of (expire_at, n, job)
         self._ended = 0  # guarded by _lock: tie-breaker for the heap
 
+    def create(self, owner: str, model: str, kind: int, request_id: str, stream: bool, job_id: str = "") -> Job:
+        """A new job (not yet published: see `add`); with `stream`, its RunJob stream attached as its LocalLink."""
+        job = Job(owner, model, kind, request_id, job_id)
+        if stream:
+            from .local_calls import LocalLink  # (local_calls imports this module)
+
+            job.link = LocalLink(job)
+            job.link.attach()
+        return job
+
     def find_request(self, owner: str, request_id: str) -> Job | None:
         """The job an earlier request with this id (from this owner) created, if it is still known."""
         if not request_id:
@@ -454,10 +487,7 @@ class JobStore:
             self._sweep()
             job = self._jobs.get(job_id)
         if job is None or job.owner != owner:
-            raise NotFound(
-                f"no job {job_id!r}: it never existed here, belongs to another API key, or ended long "
-                "enough ago that its record and result were discarded (see the server's --result-ttl)."
-            )
+            raise unknown_job(job_id)
         return job
 
     def find(self, job_id: str) -> Job | None:

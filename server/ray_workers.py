@@ -25,7 +25,7 @@ from typing import Any
 from . import worker_protocol as wp
 from .supervisor import Replica
 
-__all__ = ["connect", "RayReplica", "ReplicaActor", "ActorConnection"]
+__all__ = ["connect", "RayReplica", "ReplicaActor", "ActorConnection", "PickledModel", "gpus_of"]
 
 _log = logging.getLogger("tether.server")
 TAKE_WAIT = 0.5  # seconds one poll of an actor's outbox waits for a message (a dead actor is seen within this)
@@ -132,6 +132,25 @@ def _mapped(value: Any, convert) -> Any:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class PickledModel:
+    """A replica's payload as bytes (Ray's cloudpickle): what the cluster's core keeps of a model in the object
+    store without ever loading it (it may need GPUs, or memory, that the core does not have)."""
+
+    data: bytes
+
+    @classmethod
+    def of(cls, payload: Any) -> PickledModel:
+        from ray import cloudpickle
+
+        return cls(cloudpickle.dumps(payload))
+
+    def load(self) -> Any:
+        import pickle
+
+        return pickle.loads(self.data)
+
+
 class _ActorSide:
     """The worker's end inside the actor: what `serve` sends goes to the actor's outbox; what the front door
     put arrives in order through `recv`."""
@@ -167,6 +186,8 @@ class ReplicaActor:
     def __init__(self, name: str, payload: Any, source: Any, policy: Any):
         from .worker_main import serve
 
+        if isinstance(payload, PickledModel):
+            payload = payload.load()
         self._side = _ActorSide()
 
         def run() -> None:
@@ -377,11 +398,13 @@ class RayReplica(Replica):
         hosted = self.queue.hosted
         with self._ready:
             self._pid = None
-        if self._stored_payload is None:
-            self._stored_payload = ray.put(self._payload)
-        # listed by `ray list actors`: the front door (pid@host), the replica, and this start of it
-        name = f"tether/{os.getpid()}@{socket.gethostname()}/{self.name}/{uuid.uuid4().hex[:8]}"
-        actor = _actor_class().options(num_cpus=1, num_gpus=_gpus_of(self._payload),
+        if self._stored_payload is None:  # (a model the cluster holds is in the object store already)
+            shipped = isinstance(self._payload, ray.ObjectRef)
+            self._stored_payload = self._payload if shipped else ray.put(self._payload)
+        gpus = getattr(hosted, "gpus", None)
+        # listed by `ray list actors`: the front doors' namespace, the replica, and this start of it
+        name = f"tether/{self.queue.limits.ray_namespace}/{self.name}/{uuid.uuid4().hex[:8]}"
+        actor = _actor_class().options(num_cpus=1, num_gpus=gpus_of(self._payload) if gpus is None else gpus,
                                        name=name).remote(hosted.name, self._stored_payload, hosted.source,
                                                          self.policy)
         conn = ActorConnection(actor, self.name)
@@ -442,7 +465,7 @@ def _start_timeout() -> float:
     return START_TIMEOUT
 
 
-def _gpus_of(payload: Any) -> int:
+def gpus_of(payload: Any) -> int:
     """GPUs the actor asks Ray for: the CUDA devices the model's parameters are on (its device options)."""
     module = payload[0] if isinstance(payload, tuple) else payload
     return len({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})

@@ -165,8 +165,6 @@ class Registry:
         self._lock = threading.Lock()
         # guarded by _lock (replaced, never changed in place: readers take the dict and use it unlocked)
         self._models = {name: HostedModel(name, wrap(obj), sources.get(name)) for name, obj in models.items()}
-        if not self._models:
-            raise ValueError("a server needs at least one model: --model NAME=SPEC")
 
     def add(self, name: str, obj: Any, source: Callable[[], Any] | None = None) -> HostedModel:
         """Host `obj` (a module, `(model, tokenizer)` or NNsight) as `name`; ValueError if the name is taken."""

@@ -25,11 +25,11 @@ from .batching import batch_info
 from .errors import InvalidProgram, ServerError
 from .jobs import STATUS_LINGER, TERMINAL, Job, JobStore, state_name
 from .limits import Undecodable, check_program, deserializer
-from .local_calls import NO_STREAM, LocalLink
+from .local_calls import NO_STREAM
 from .policy import Policy
 from .program_codec import decode_program
 from .registry import Registry
-from .workers import JobLimits, Limits, ModelQueue, seconds
+from .workers import JobLimits, Limits, ModelQueue, seconds, stop_job
 
 if TYPE_CHECKING:
     from .deployments import ModelTable
@@ -49,7 +49,7 @@ class Hub:
 
     registry: Registry
     queues: dict[str, ModelQueue]
-    store: JobStore
+    store: JobStore  # (a cluster's front door: cluster_door.ClusterJobs, the same methods)
     policy: Policy
     limits: Limits
     auth: Authenticator
@@ -127,15 +127,12 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             raise InvalidProgram("the JobSpec has no program: set JobSpec.program.")
         check_program(spec.program, hub.limits)  # sizes, positions, nesting: before any parsing or decoding
         hosted = hub.models.resolve(spec.program.model)
-        job = Job(owner, hosted.name, spec.program.kind, spec.request_id)
         decoded = decode_program(spec.program, hosted, hub.policy)  # checked here: refused before it is queued
         batch = batch_info(hosted.model, decoded.program) if hub.limits.max_batch > 1 else (None, 0)
         decoded.release()  # the worker decodes it again, in its own process
         if not stream and decoded.has_local_blocks:
             raise InvalidProgram(NO_STREAM)
-        if stream:
-            job.link = LocalLink(job)
-            job.link.attach()
+        job = hub.store.create(owner, hosted.name, spec.program.kind, spec.request_id, stream)
         published = hub.store.add(job)
         if published is not job:  # the same request_id won a race
             return published, True
@@ -227,8 +224,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     @_streaming
     def ReadResult(self, request, context, owner):
         job = self._hub.store.get(request.job_id, owner)
-        with job.cond:
-            state, message, code, result = job.state, job.status.message, job.failure_code, job.result
+        state, message, code, result = job.outcome()
         if state in TERMINAL and state != jobs_pb2.JOB_STATE_COMPLETED:
             raise ServerError(f"job {job.id} ended in {state_name(state)} and has no result: {message}",
                               code=code or grpc.StatusCode.FAILED_PRECONDITION)
@@ -247,17 +243,12 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     def CancelJob(self, request, context, owner):
         job = self._hub.store.get(request.job_id, owner)
         self._cancel(job, request.reason or "cancelled by the client")
-        with job.cond:
-            job.cond.wait_for(lambda: job.done, CANCEL_WAIT)
-            return jobs_pb2.CancelJobResponse(state=job.state)
+        return jobs_pb2.CancelJobResponse(state=job.wait_done(CANCEL_WAIT))
 
 
 def cancel_job(hub: Hub, job: Job, reason: str) -> None:
     """Ask `job` to stop: one still queued ends CANCELLED at once, a running one at its next module boundary."""
-    queue = hub.queues.get(job.model)
-    if job.request_cancel(reason) and queue is not None and queue.withdraw(job):
-        job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or reason, code=grpc.StatusCode.CANCELLED,
-                   ttl=hub.limits.result_ttl)
+    stop_job(job, hub.queues.get(job.model), reason)
 
 
 def _rpc_end(job: Job, context: grpc.ServicerContext) -> threading.Event | None:

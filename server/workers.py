@@ -28,7 +28,7 @@ from .policy import DEFAULT_POLICY, Policy
 from .registry import HostedModel
 from .reruns import Sent
 
-__all__ = ["Limits", "JobLimits", "ModelQueue", "Entry", "default_job_memory"]
+__all__ = ["Limits", "JobLimits", "ModelQueue", "Entry", "default_job_memory", "stop_job"]
 
 _log = logging.getLogger("tether.server")
 
@@ -62,6 +62,7 @@ class Limits:
     batch_tokens: int = 8192  # rows x positions one batched run may take
     batch_local_wait: float = 1.0  # seconds a batched job's local() blocks may keep its batch waiting, in all
     ray: str = ""  # a Ray cluster's address (auto, host:port, local): each replica's worker is an actor there
+    ray_namespace: str = "tether"  # front doors on one cluster with the same namespace share models and jobs
 
     def replace(self, **changes) -> Limits:
         return dataclasses.replace(self, **changes)
@@ -261,3 +262,13 @@ class ModelQueue:
             self._cond.notify()
             return True
 
+
+
+def stop_job(job: Job, queue: ModelQueue | None, reason: str) -> bool:
+    """Ask `job` to stop: one still in `queue` ends CANCELLED at once, a running one at its next module boundary.
+    False if it had ended already."""
+    asked = job.request_cancel(reason)
+    if asked and queue is not None and queue.withdraw(job):
+        job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or reason, code=grpc.StatusCode.CANCELLED,
+                   ttl=queue.limits.result_ttl)
+    return asked

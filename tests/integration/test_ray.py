@@ -1,6 +1,7 @@
 """Replicas as Ray actors (`tether serve --ray`) on a real Ray cluster that this module starts on loopback
 (`ray.cluster_utils.Cluster`, head bound to 127.0.0.1) and stops after: the same client code gives the same
-bits against the embedded server, the cluster and a local run; an actor that dies fails only its job.
+bits against the embedded server, the cluster and a local run; an actor that dies fails only its job; two
+front doors serve the same models and jobs, and a job outlives the door it was submitted to.
 
 Slow (a Ray head takes ~10 s to start on a busy machine): deselect with -m 'not slow'.
 """
@@ -10,19 +11,33 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import uuid
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray's addresses on loopback
 
 import pytest
 import torch
 from test_operator_cli import _tether
-from test_server import QUICK, Client, Outcome, events_of, program, spec
-from test_server_cli import READY, START_TIMEOUT, _serve
+from test_server import (
+    LOCAL,
+    QUICK,
+    QUICK_SOURCE,
+    Client,
+    Outcome,
+    events_of,
+    local_run,
+    program,
+    spec,
+    value_map,
+)
+from test_server_cli import READY, START_TIMEOUT, _port, _serve
 
 from tether import CONFIG, LanguageModel
+from tether.client import RemoteBackend
 from tether.client.channel import close_all
 from tether.runtime import tiny
 from tether.server.app import start_server
+from tether.server.cluster import shut_down
 from tether.v1 import jobs_pb2
 
 ray = pytest.importorskip("ray")
@@ -58,9 +73,10 @@ def _start(**options):
 def on_ray(cluster):
     """A front door whose replicas (two) are actors on the cluster, each running one job at a time (the crash
     test places one looping job on each replica: batching would put them in one run)."""
-    handle = _start(ray=cluster.address, replicas=2, max_batch=1)
+    handle = _start(ray=cluster.address, ray_namespace="on-ray", replicas=2, max_batch=1)
     yield handle
     handle.stop(grace=0)
+    shut_down("on-ray")  # the cluster's part: its core and replica actors
     close_all()
 
 
@@ -143,11 +159,19 @@ def _actors(prefix: str) -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
 
 
+def _stop(door) -> None:
+    """Stop a `tether serve` the way an operator does (SIGTERM); it exits cleanly."""
+    door.send_signal(signal.SIGTERM)
+    assert door.wait(timeout=60) == 0, door.stderr.read()
+
+
 def test_the_readme_walkthrough_serve_deploy_models_and_a_remote_job(cluster, monkeypatch, tmp_path):
     """`tether serve --ray auto --model tiny=tiny` -> `tether deploy net=...` -> `tether models` -> a job from
-    this (another) process: each replica an actor on the cluster, the job equal to a local run."""
+    this (another) process -> a second front door (`tether serve --ray auto`, no --model) with the same models:
+    each replica an actor on the cluster, the jobs equal to a local run."""
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)  # what `ray start` leaves for `auto` to find
     proc, lines = _serve("--ray", "auto", "--model", "tiny=tiny", "--port", "0")
+    started = [proc]
     try:
         line = lines.get(timeout=START_TIMEOUT)
         assert line is not None, proc.stderr.read()
@@ -160,8 +184,7 @@ def test_the_readme_walkthrough_serve_deploy_models_and_a_remote_job(cluster, mo
         assert done.returncode == 0, done.stderr
         rows = [row.split()[:3] for row in done.stdout.splitlines()[1:]]
         assert rows == [["net", "ready", "1"], ["tiny", "ready", "1"]], done.stdout
-        ours = f"tether/{proc.pid}@"  # the actors of this front door
-        assert sorted(n.split("/")[2] for n in _actors(ours)) == ["net-0", "tiny-0"]
+        assert sorted(n.split("/")[2] for n in _actors("tether/tether/")) == ["net-0", "tiny-0"]  # (namespace)
         monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
         monkeypatch.setattr(CONFIG.API, "_host", address)
         monkeypatch.setattr(CONFIG.API, "_api_key", None)
@@ -172,12 +195,24 @@ def test_the_readme_walkthrough_serve_deploy_models_and_a_remote_job(cluster, mo
         with remote.trace(PROMPT, remote=True):
             got = remote.lm_head.output.save()
         assert torch.equal(got, expected)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        second, lines = _serve("--ray", "auto", "--port", "0")  # a second front door: no --model
+        started.append(second)
+        other = f"127.0.0.1:{_port(second, lines)}"
+        done = _tether("models", "--host", other)
+        assert done.returncode == 0, done.stderr
+        assert [row.split()[:3] for row in done.stdout.splitlines()[1:]] == rows, done.stdout
+        monkeypatch.setattr(CONFIG.API, "_host", other)
+        with remote.trace(PROMPT, remote=True):
+            got = remote.lm_head.output.save()
+        assert torch.equal(got, expected)
+        for door in started:
+            _stop(door)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for door in started:
+            if door.poll() is None:
+                door.kill()
+                door.wait()
+        shut_down("tether")
         close_all()
 
 
@@ -194,3 +229,133 @@ def test_an_address_where_no_ray_head_answers_fails_at_once_with_the_fix():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- several front doors ------------------------------------------------------------------------------
+DOORS = "doors"  # the namespace of the two front doors below (their core and actors)
+LOOPING = program('print("started")\nwhile True:\n    pass\n', "hello")
+
+
+def _door(cluster, doors: dict, *args: str) -> str:
+    """Start door A, `tether serve --ray ADDRESS` (in the DOORS namespace), as a process; its address."""
+    proc, lines = _serve("--ray", cluster.address, "--ray-namespace", DOORS, "--port", "0", *args)
+    doors["a"] = proc
+    doors["a_address"] = address = f"127.0.0.1:{_port(proc, lines)}"
+    return address
+
+
+@pytest.fixture(scope="module")
+def doors(cluster):
+    """Two front doors: A, a process, hosts tiny (one replica running one job at a time); B, in this process,
+    joins with no model (as `tether serve --ray ADDRESS` does; the walkthrough runs that command). Both are
+    stopped after (A by its pid), then the cluster's part of them."""
+    started: dict = {}
+    door_b = None
+    try:
+        _door(cluster, started, "--model", "tiny=tiny", "--max-batch", "1")
+        door_b = start_server({}, host="127.0.0.1", port=0, ray=cluster.address, ray_namespace=DOORS)
+        started["b_address"] = door_b.address
+        yield started
+    finally:
+        if door_b is not None:
+            door_b.stop(grace=0)
+        if "a" in started and started["a"].poll() is None:
+            started["a"].kill()
+            started["a"].wait()
+        shut_down(DOORS)
+        close_all()
+
+
+def test_a_second_door_serves_the_clusters_models_and_the_jobs_submitted_through_the_first(
+        doors, monkeypatch, tmp_path):
+    a, b = doors["a_address"], doors["b_address"]
+    for address in (a, b):
+        done = _tether("models", "--host", address)
+        assert done.returncode == 0, done.stderr
+        assert [row.split()[:3] for row in done.stdout.splitlines()[1:]] == [["tiny", "ready", "1"]], done.stdout
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setattr(CONFIG.API, "_api_key", None)
+    model, tok = tiny.tiny_gpt2()
+    local = LanguageModel(model, tokenizer=tok)
+    with local.trace(PROMPT):
+        expected = local.lm_head.output.save()
+    monkeypatch.setattr(CONFIG.API, "_host", a)
+    remote = LanguageModel("tiny")
+    submitted = []
+    for _ in range(2):
+        with remote.trace(PROMPT, remote=True, blocking=False) as tracer:
+            out = remote.lm_head.output.save()
+        submitted.append(tracer.job_id)
+    monkeypatch.setattr(CONFIG.API, "_host", b)  # the only change: the rest goes through door B
+    assert torch.equal(RemoteBackend(job_id=submitted[0]).result(timeout=120)["out"], expected)
+    with remote.trace(PROMPT, remote=True, backend=RemoteBackend(job_id=submitted[1])):  # re-attached
+        out = remote.lm_head.output.save()
+    assert torch.equal(out, expected)
+    logits, big = _run(local, remote=False)
+    for address in (a, b):  # local() blocks answered through either door; a result over 1 MiB
+        monkeypatch.setattr(CONFIG.API, "_host", address)
+        r_logits, r_big = _run(LanguageModel("tiny"), remote=True)
+        assert torch.equal(r_logits, logits) and torch.equal(r_big, big), address
+
+
+def test_a_job_submitted_through_one_door_is_watched_and_cancelled_through_the_other(doors):
+    via_a, via_b = Client(doors["a_address"]), Client(doors["b_address"])
+    try:
+        job_id = via_a.submit(spec(LOOPING)).job_id
+        seen, rest, _ = _until_log(via_b, job_id)
+        listed = _tether("jobs", "--host", doors["b_address"])  # everyone's jobs, through either door
+        assert listed.returncode == 0 and job_id in listed.stdout, listed.stdout + listed.stderr
+        assert via_b.cancel(job_id) == jobs_pb2.JOB_STATE_CANCELLED
+        assert Outcome(seen + list(rest)).final.state == jobs_pb2.JOB_STATE_CANCELLED
+        assert via_a.wait(job_id).final.state == jobs_pb2.JOB_STATE_CANCELLED
+    finally:
+        via_a.close()
+        via_b.close()
+
+
+def test_a_run_job_stream_re_attached_through_the_other_door_answers_the_local_call(doors):
+    """A RunJob through door A waits for its local() answer; the client re-attaches through door B (RunJob,
+    the same request_id), is replayed the call and answers it there; the job ends as a local run does."""
+    via_a, via_b = Client(doors["a_address"]), Client(doors["b_address"])
+    job = spec(program(LOCAL, "hello world"), request_id=str(uuid.uuid4()))
+    first = via_a.stream(job)
+    try:
+        asked = first.until(lambda e: e.WhichOneof("event") == "local_call")
+        outcome = via_b.stream(job).finish(lambda block_id, reads: {"scale": reads["h"].abs().mean().item() + 1.0})
+    finally:
+        first.close()
+        via_a.close()
+        via_b.close()
+    assert {e.job_id for e in outcome.events} == {asked.job_id}  # the same job: re-attached, not submitted again
+    assert outcome.final.state == jobs_pb2.JOB_STATE_COMPLETED, outcome.final
+    local = local_run(LOCAL, "hello world")
+    assert torch.equal(outcome.saved()["logits"], local["logits"].as_subclass(torch.Tensor))
+
+
+def test_jobs_outlive_the_door_they_were_submitted_to(cluster, doors):
+    """Door A stops while one of its jobs runs and another waits behind it; door B serves both (cancels the
+    first, reads the second's result), and door A started again reads it too."""
+    via_a, via_b = Client(doors["a_address"]), Client(doors["b_address"])
+    try:
+        running = via_a.submit(spec(LOOPING)).job_id
+        queued = via_a.submit(spec(QUICK)).job_id  # (one replica, one job at a time: it waits)
+        _until_log(via_a, running)
+        via_a.close()
+        _stop(doors["a"])
+        assert via_b.get(running).status.state == jobs_pb2.JOB_STATE_RUNNING
+        assert via_b.get(queued).status.state == jobs_pb2.JOB_STATE_QUEUED
+        via_b.cancel(running)
+        assert via_b.wait(queued).final.state == jobs_pb2.JOB_STATE_COMPLETED
+        expected = local_run(QUICK_SOURCE, "hello")["out"]
+        assert torch.equal(value_map(via_b.read_result(queued))["out"], expected)
+        via_a = Client(_door(cluster, doors, "--model", "tiny=tiny", "--max-batch", "1"))  # as before
+        assert torch.equal(value_map(via_a.read_result(queued))["out"], expected)
+        assert via_a.wait(running).final.state == jobs_pb2.JOB_STATE_CANCELLED
+        done = _tether("evict", "--host", doors["b_address"], "tiny")  # the cluster's tiny, through door B
+        assert done.returncode == 0, done.stderr
+        assert _actors(f"tether/{DOORS}/") == []  # its actor was killed
+        done = _tether("models", "--host", doors["a_address"])
+        assert done.returncode == 0 and done.stdout.splitlines()[1:] == [], done.stdout
+    finally:
+        via_a.close()
+        via_b.close()

@@ -39,6 +39,11 @@ def test_serve_needs_a_model_and_a_known_dtype(capsys):
     assert "unknown dtype 'int8'" in capsys.readouterr().err
 
 
+def test_a_front_door_of_a_cluster_needs_no_model():
+    args = parse_args(["serve", "--ray", "auto", "--ray-namespace", "lab"])  # it serves what the cluster hosts
+    assert (args.models, args.ray, args.ray_namespace) == ([], "auto", "lab")
+
+
 @pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
                                          ("fp32", torch.float32), (torch.bfloat16, torch.bfloat16),
                                          (None, None), ("auto", "auto")])

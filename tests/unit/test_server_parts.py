@@ -339,3 +339,14 @@ def test_results_name_stand_ins_and_leave_out_what_a_client_cannot_load():
 def test_limits_defaults_are_sane():
     limits = Limits()
     assert limits.chunk_size <= 1 << 20 and limits.queue_size > 0 and limits.local_call_timeout < limits.job_timeout
+
+
+def test_a_refusal_from_the_clusters_core_is_raised_as_the_error_it_was():
+    from tether.server.cluster import Refused
+    from tether.server.errors import QueueFull, ServerError
+
+    error = Refused("QueueFull", "model 'tiny' has 16 jobs waiting", "RESOURCE_EXHAUSTED").error()
+    assert type(error) is QueueFull and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert str(error) == "model 'tiny' has 16 jobs waiting"
+    error = Refused("Exception", "not one of ours", "INTERNAL").error()  # only the server's own error classes
+    assert type(error) is ServerError and error.code == grpc.StatusCode.INTERNAL

@@ -1,0 +1,323 @@
+"""What the front doors of one cluster share under `--ray`: `ClusterCore`, a detached named Ray actor (one per
+namespace) holding every job record (jobs.JobStore) and every model's queue and replicas (workers.ModelQueue
+with ray_workers.RayReplica). Imports ray lazily and the server's job and queue modules; nothing of grpc servicers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import threading
+from typing import Any
+
+import grpc
+
+from tether.v1 import jobs_pb2, models_pb2
+
+from . import errors
+from .errors import ModelExists, NotFound, ServerError
+from .jobs import Job, JobStore, unknown_job
+from .workers import JobLimits, Limits, ModelQueue, stop_job
+
+__all__ = ["ClusterCore", "JobMeta", "Refused", "core_of", "shut_down", "CORE_NAME", "WAIT_SLICE"]
+
+_log = logging.getLogger("tether.server")
+CORE_NAME = "core"  # the core's actor name, in its namespace (`ray list actors` shows it)
+MAX_CALLS = 256  # calls the core serves at once (front doors' watchers each hold one for up to WAIT_SLICE)
+WAIT_SLICE = 1.0  # s: the longest one call waits for a job's events (a watcher that left is seen within this)
+EVICT_WAIT = 10.0  # s: an evict waits this long for the model's replicas to stop (their actors killed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """A ServerError as the core answers it (never raised across Ray): its class name, message and code."""
+
+    kind: str
+    message: str
+    code: str
+
+    def error(self) -> ServerError:
+        cls = getattr(errors, self.kind, None)
+        cls = cls if isinstance(cls, type) and issubclass(cls, ServerError) else ServerError
+        return cls(self.message, code=grpc.StatusCode[self.code])
+
+
+@dataclasses.dataclass(frozen=True)
+class JobMeta:
+    """What a front door keeps of a job it serves: the record itself stays in the core."""
+
+    job_id: str
+    owner: str
+    model: str
+    kind: int
+    request_id: str
+    stream: bool  # whether it has a RunJob stream (local() calls go up it)
+
+
+def _meta(job: Job) -> JobMeta:
+    return JobMeta(job.id, job.owner, job.model, job.kind, job.request_id, job.link is not None)
+
+
+def _refusals(method):
+    """Answer a ServerError as a Refused (Ray would wrap the exception; the front door raises it again)."""
+
+    @functools.wraps(method)  # (Ray reads the method's signature)
+    def answer(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except ServerError as error:
+            return Refused(type(error).__name__, str(error), error.code.name)
+
+    return answer
+
+
+class _Shipped:
+    """A model's root as the core holds it: its payload stays in the object store, never loaded here (so the
+    core needs neither the memory nor the GPUs of the models; `supervisor.payload_of` gives the reference)."""
+
+    tokenizer = None
+
+    def __init__(self, ref: Any):
+        self._module = ref
+
+
+class StoredModel:
+    """A model the cluster hosts, as its queue and replicas see it (HostedModel's name, source and replica)."""
+
+    def __init__(self, name: str, ref: Any, source: Any, info: bytes, gpus: int, generation: int):
+        self.name, self.source, self.gpus, self.generation = name, source, gpus, generation
+        self.ref = ref
+        self.model = _Shipped(ref)
+        self._info = models_pb2.ModelInfo.FromString(info)
+
+    def replica(self, index: int) -> _Shipped:
+        return self.model  # (each actor gets its own copy from the object store)
+
+    def info(self, queue: ModelQueue) -> models_pb2.ModelInfo:
+        info = models_pb2.ModelInfo()
+        info.CopyFrom(self._info)
+        serving = queue.serving
+        info.queue_depth, info.ready, info.replicas = queue.depth, serving, len(queue.replicas)
+        info.state = models_pb2.MODEL_STATE_READY if serving else models_pb2.MODEL_STATE_FAILED
+        info.state_message = "" if serving else queue.status_message()
+        return info
+
+
+class ClusterCore:
+    """The cluster's jobs and models. Every method is a Ray actor call from a front door (several run at once,
+    on the actor's threads); answers are plain data, and ServerErrors come back as `Refused`."""
+
+    def __init__(self, limits: Limits, policy: Any):
+        self._limits, self._policy = limits, policy
+        self._store = JobStore()
+        self._lock = threading.Lock()
+        self._models: dict[str, tuple[StoredModel, ModelQueue]] = {}  # guarded by _lock
+        self._generations = itertools.count(1)  # guarded by _lock
+        logging.basicConfig(level=logging.INFO, format="tether core: %(message)s")
+
+    # ---- models -------------------------------------------------------------------------------
+    @_refusals
+    def host(self, name: str, payload: Any, source: Any, replicas: int, info: bytes, gpus: int) -> int:
+        """Host a model (`payload`: a ray_workers.PickledModel, put in the object store by this actor, so it
+        outlives the front door that sent it); its generation."""
+        import ray
+
+        with self._lock:
+            if name in self._models:
+                raise ModelExists(f"the cluster already hosts a model named {name!r}; evict it first "
+                                  f"(`tether evict {name}`) or choose another name")
+            stored = StoredModel(name, ray.put(payload), source, info, gpus, next(self._generations))
+            self._models[name] = (stored, ModelQueue(stored, self._limits, replicas=replicas, policy=self._policy))
+        _log.info("hosting %s (%d replica%s)", name, replicas, "" if replicas == 1 else "s")
+        return stored.generation
+
+    def model(self, name: str) -> tuple[list, Any, int] | None:
+        """([its payload's reference], its source, its generation), or None if the cluster does not host it."""
+        with self._lock:
+            entry = self._models.get(name)
+        return None if entry is None else ([entry[0].ref], entry[0].source, entry[0].generation)
+
+    def infos(self) -> list[bytes]:
+        with self._lock:
+            entries = [self._models[name] for name in sorted(self._models)]
+        return [stored.info(queue).SerializeToString() for stored, queue in entries]
+
+    def model_info(self, name: str) -> bytes | None:
+        with self._lock:
+            entry = self._models.get(name)
+        return None if entry is None else entry[0].info(entry[1]).SerializeToString()
+
+    @_refusals
+    def evict(self, name: str, reason: str) -> int:
+        """Stop hosting `name`: its queued jobs end CANCELLED, running ones stop, its actors are killed."""
+        with self._lock:
+            entry = self._models.pop(name, None)
+        if entry is None:
+            raise NotFound(f"the cluster hosts no model named {name!r}; `tether models` lists those it hosts")
+        cancelled = entry[1].close(reason or f"the model {name!r} was evicted by the server's operator")
+        entry[1].join(EVICT_WAIT)  # its actors are killed before the operator's command returns
+        _log.info("evicted %s", name)
+        return cancelled
+
+    def worker_pid(self, name: str, index: int, timeout: float) -> int | None:
+        """The pid of replica `index`'s actor once it is ready (None: none by then, or no such replica)."""
+        queue = self._queue(name)
+        replicas = queue.replicas if queue is not None else []
+        return replicas[index].worker_pid(min(timeout, WAIT_SLICE)) if index < len(replicas) else None
+
+    def restarts(self, name: str, index: int) -> int:
+        queue = self._queue(name)
+        return queue.replicas[index].restarts if queue is not None else 0
+
+    def shut_down(self, timeout: float = 5.0) -> int:
+        """Stop every model (their jobs are cancelled, their actors killed); how many jobs were cancelled."""
+        with self._lock:
+            entries, self._models = list(self._models.values()), {}
+        cancelled = sum(queue.close("the cluster's models were shut down") for _, queue in entries)
+        for _, queue in entries:
+            queue.join(timeout)
+        return cancelled
+
+    def _queue(self, name: str, generation: int = 0) -> ModelQueue | None:
+        with self._lock:
+            entry = self._models.get(name)
+        if entry is None:
+            return None
+        if generation and entry[0].generation != generation:  # (UNAVAILABLE: the client submits it once more,
+            # and the door, having dropped its copy, reads the model anew)
+            raise ServerError(f"the model {name!r} was deployed again since this front door read it; retry the job",
+                              code=grpc.StatusCode.UNAVAILABLE)
+        return entry[1]
+
+    # ---- jobs ---------------------------------------------------------------------------------
+    def publish(self, meta: JobMeta) -> JobMeta:
+        """Create and publish the job `meta` describes; an earlier job with its request id wins (returned)."""
+        job = self._store.create(meta.owner, meta.model, meta.kind, meta.request_id, meta.stream, meta.job_id)
+        return _meta(self._store.add(job))
+
+    @_refusals
+    def submit(self, job_id: str, program: bytes, limits: JobLimits, batch: tuple, generation: int) -> None:
+        """Queue a published job (refused: the record is dropped, as for a job that never runs)."""
+        job = self._job(job_id)
+        try:
+            queue = self._queue(job.model, generation)
+            if queue is None:
+                raise NotFound(f"the cluster hosts no model named {job.model!r} (it was evicted); "
+                               "`tether models` lists those it hosts")
+            queue.submit(job, program, limits, job.link, batch)
+        except ServerError:
+            self._store.remove(job)
+            raise
+
+    def find(self, job_id: str) -> JobMeta | None:
+        job = self._store.find(job_id)
+        return None if job is None else _meta(job)
+
+    def jobs(self) -> list[JobMeta]:
+        return [_meta(job) for job in self._store.jobs()]
+
+    def state(self, job_id: str) -> int:
+        job = self._store.find(job_id)
+        return job.state if job is not None else jobs_pb2.JOB_STATE_UNSPECIFIED
+
+    @_refusals
+    def info(self, job_id: str) -> bytes:
+        job = self._job(job_id)
+        queue = self._queue(job.model)
+        return job.info(queue.position(job) if queue is not None else 0).SerializeToString()
+
+    @_refusals
+    def outcome(self, job_id: str) -> tuple[int, str, str, int]:
+        """(state, message, status code name or "", result size or -1)."""
+        state, message, code, result = self._job(job_id).outcome()
+        return state, message, code.name if code is not None else "", len(result) if result is not None else -1
+
+    @_refusals
+    def read(self, job_id: str, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset + size) of the job's result."""
+        result = self._job(job_id).outcome()[3]
+        return b"".join(result.views(offset, size)) if result is not None else b""
+
+    @_refusals
+    def wait_frames(self, job_id: str, after: int, limit: int, linger: float, timeout: float) -> tuple:
+        """Job.wait_frames, waiting at most `timeout` (WAIT_SLICE at most)."""
+        return self._job(job_id).wait_frames(after, _never, min(timeout, WAIT_SLICE), limit, linger)
+
+    @_refusals
+    def frames_when_done(self, job_id: str, timeout: float, max_bytes: int) -> tuple[list[bytes] | None, int]:
+        """Job.frames_when_done, and the job's state after it."""
+        job = self._job(job_id)
+        return job.frames_when_done(_never, timeout, max_bytes), job.state
+
+    def cancel(self, job_id: str, reason: str) -> bool:
+        job = self._store.find(job_id)
+        return job is not None and stop_job(job, self._queue(job.model), reason)
+
+    @_refusals
+    def wait_done(self, job_id: str, timeout: float) -> int:
+        return self._job(job_id).wait_done(min(timeout, WAIT_SLICE * 10))
+
+    def attach(self, job_id: str) -> None:
+        job = self._store.find(job_id)
+        if job is not None and job.link is not None:
+            job.link.attach()
+
+    def detach(self, job_id: str, reason: str) -> None:
+        job = self._store.find(job_id)
+        if job is not None and job.link is not None:
+            job.link.detach(reason)
+
+    def deliver(self, job_id: str, answer: bytes) -> None:
+        job = self._store.find(job_id)
+        if job is not None and job.link is not None:
+            job.link.deliver(jobs_pb2.LocalResult.FromString(answer))
+
+    def _job(self, job_id: str) -> Job:
+        job = self._store.find(job_id)
+        if job is None:
+            raise unknown_job(job_id)
+        return job
+
+
+def _never() -> bool:
+    return False
+
+
+_core_cls: Any = None
+
+
+def _core_class():
+    global _core_cls
+    if _core_cls is None:
+        import ray
+
+        _core_cls = ray.remote(max_concurrency=MAX_CALLS, max_restarts=0)(ClusterCore)
+    return _core_cls
+
+
+def core_of(limits: Limits, policy: Any) -> Any:
+    """The handle of the core of `limits.ray_namespace` on the cluster at `limits.ray`, started (detached: it
+    outlives the front door that started it) with these limits and policy if it does not run yet."""
+    from .ray_workers import connect
+
+    connect(limits.ray)
+    return _core_class().options(name=CORE_NAME, namespace=limits.ray_namespace, lifetime="detached",
+                                 get_if_exists=True, num_cpus=0).remote(limits, policy)
+
+
+def shut_down(namespace: str = "tether", timeout: float = 30.0) -> bool:
+    """Stop the core of `namespace` on the cluster this process is connected to (`ray.init`): its models'
+    jobs are cancelled, its actors killed, its job records lost. False if none runs."""
+    import ray
+
+    try:
+        core = ray.get_actor(CORE_NAME, namespace=namespace)
+    except ValueError:
+        return False
+    try:
+        ray.get(core.shut_down.remote(), timeout=timeout)
+    finally:
+        ray.kill(core, no_restart=True)
+    return True
