@@ -22,12 +22,12 @@ from tether.runtime.body import body_span, loaded_names, split_local, stored_nam
 from tether.runtime.capture import parse
 from tether.runtime.compat import is_traced_function
 from tether.runtime.contexts import Context
-from tether.runtime.envoy import Envoy
+from tether.runtime.envoy import Envoy, module_of, path_of, root_of
 from tether.runtime.errors import TetherError
+from tether.runtime.model import hosted_name, persistent_edits
 from tether.runtime.program import free_names, program_of
 from tether.runtime.rename import declared as declared_aliases
-from tether.runtime.saving import StandIn
-from tether.runtime.session import Session
+from tether.runtime.saving import StandIn, error_of
 from tether.v1 import jobs_pb2, program_pb2, values_pb2
 from tether.values import to_value
 
@@ -66,7 +66,7 @@ class Job:
 
 
 def model_name_of(model: Any, options: dict) -> str:
-    name = options.get("model_name") or getattr(model, "_remote_name", None) or getattr(model, "_source", None)
+    name = options.get("model_name") or hosted_name(model)
     if not name:
         raise TetherError(
             "tether does not know which hosted model this is: pass `model_name='...'` (the server's name "
@@ -78,12 +78,11 @@ def model_name_of(model: Any, options: dict) -> str:
 
 def build_job(context: Any, ns: dict) -> Job:
     """The job for a captured (entered and skipped) Tracer or Session, with the caller's names `ns`."""
-    options = context._remote_options
-    model = context._model
+    request = context.remote_request()
+    options, model, kind = request.options, request.model, request.kind
     model_name = model_name_of(model, options)
-    kind = "session" if isinstance(context, Session) else context._mode
     program = program_of(context, kind)
-    program.kwargs.update(_trace_options(context))
+    program.kwargs.update(request.trace_options)  # the server's `model.trace(...)` takes them as the caller's did
     block = context.block
     body = _body_of(block)
     encoder = _Encoder(model, model_name)
@@ -96,7 +95,7 @@ def build_job(context: Any, ns: dict) -> Job:
         model=model_name,
         tracer_name=program.tracer_name,
     )
-    for edit_block, edit_ns in getattr(model, "_edits", ()):
+    for edit_block, edit_ns in persistent_edits(model):
         msg.edits.append(_edit(encoder, edit_block, edit_ns))
     msg.args.extend(encoder.value(a) for a in program.args)
     for key, value in program.kwargs.items():
@@ -165,21 +164,6 @@ def _check_plain_object(name: str, obj: Any, block: Any) -> None:
                 f"{type(obj).__qualname__}, which stays here: a remote job gets `{name}`'s attributes only. "
                 f"Read or set attributes of `{name}` in the body, or use it inside `with tether.local():`."
             )
-
-
-def _trace_options(context: Any) -> dict[str, Any]:
-    """The trace options a local run obeys (scan, validate, invoker_args), as keywords of the entry point:
-    the server's `model.trace(...)` takes them as the caller's did."""
-    if isinstance(context, Session) or context._mode == "scan":
-        return {}
-    options: dict[str, Any] = {}
-    if context._scan:
-        options["scan"] = True
-    if context._validate:
-        options["validate"] = True
-    if context._invoker_args:
-        options["invoker_args"] = dict(context._invoker_args)
-    return options
 
 
 # ---------------------------------------------------------------------------------------------- the body
@@ -267,7 +251,7 @@ class _Encoder:
         if isinstance(obj, Envoy):
             return values_pb2.Value(model_reference=self._model_reference(obj))
         if isinstance(obj, StandIn):
-            raise obj._error()
+            raise error_of(obj)
         if isinstance(obj, Context):
             raise TetherError("A tracing context cannot be sent to the server inside another value.")
         if is_plain_object(obj, _is_library):
@@ -280,24 +264,24 @@ class _Encoder:
         return None
 
     def _model_reference(self, envoy: Envoy) -> values_pb2.ModelReference:
-        root = envoy._root
-        if root is self._model or getattr(root, "_module", None) is getattr(self._model, "_module", None):
+        root = root_of(envoy)
+        if root is self._model or (isinstance(self._model, Envoy) and module_of(root) is module_of(self._model)):
             name = self._model_name
         else:
-            name = getattr(root, "_remote_name", None) or getattr(root, "_source", None)
+            name = hosted_name(root)
             if not name:
                 raise TetherError(
                     "The body uses a second model that the server cannot name: load it by its hosted name "
                     "(`LanguageModel('NAME')`) to use it in a remote job."
                 )
-        prefix = root._path + "."
-        path = envoy._path[len(prefix):] if envoy._path.startswith(prefix) else ""
+        prefix, full = path_of(root) + ".", path_of(envoy)
+        path = full[len(prefix):] if full.startswith(prefix) else ""
         if not path:
             aliases = [values_pb2.ModuleAlias(alias_path=a, path=p) for a, p in declared_aliases(root).items()]
             return values_pb2.ModelReference(name=name, aliases=aliases)  # `rename=` given here, bound there
         if not _HAS_PATH:
             raise TetherError(
-                f"`{envoy._path}` is a submodule bound from outside the body; this server protocol can only "
+                f"`{full}` is a submodule bound from outside the body; this server protocol can only "
                 "send whole models. Write the full path (`model.…`) inside the body instead."
             )
         return values_pb2.ModelReference(name=name, path=path)

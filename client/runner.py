@@ -24,7 +24,7 @@ __all__ = ["RemoteBackend", "run_remote", "values_of"]
 
 def run_remote(context: Any, ns: dict) -> None:
     """The engine's seam: run `context` remotely with the caller's names `ns`, and fill `ns` with results."""
-    options = context._remote_options
+    options = context.remote_request().options
     backend = options.get("backend")
     if backend is None or isinstance(backend, str):
         backend = RemoteBackend(backend, api_key=options.get("api_key"), blocking=options.get("blocking", True),

@@ -10,6 +10,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import ops
@@ -24,10 +25,20 @@ from .cpython import (
 )
 from .saving import SaveScope, hand_back
 
-__all__ = ["Context", "Cond", "Iterator", "LocalBlock", "local", "local_handler", "ExitLoop"]
+__all__ = ["Context", "RemoteRequest", "Cond", "Iterator", "LocalBlock", "local", "local_handler", "ExitLoop"]
 
 class ExitLoop(BaseException):
     """Raised by `iterator.exit()` to leave a `session.iter(...)` loop."""
+
+
+@dataclass(frozen=True)
+class RemoteRequest:
+    """What a captured block asks of a remote run, as the client reads it (never the block's own fields)."""
+
+    model: Any  # the model (handle) the block was opened on
+    kind: str  # "trace", "generate", "scan" or "session"
+    options: dict  # the remote options given at the entry point: backend, api_key, blocking, model_name...
+    trace_options: dict = field(default_factory=dict)  # scan/validate/invoker_args as entry-point keywords
 
 
 class Context:

@@ -20,7 +20,7 @@ from .errors import NotInTraceError, TetherError
 from .interleaver import Mediator, Request, current_mediator
 from .steps import AllSteps, all_steps
 
-__all__ = ["Envoy", "EnvoySequence", "body_without_input", "noting_sets"]
+__all__ = ["Envoy", "EnvoySequence", "module_of", "path_of", "root_of", "body_without_input", "noting_sets"]
 
 _body = threading.local()  # .without_input: a trace body with no input runs now, to collect its invokes
 
@@ -244,3 +244,18 @@ EnvoySequence = type("EnvoySequence", (Envoy,), {
     "__doc__": "An Envoy of a ModuleList or Sequential: its blocks by index, so completion sees them.",
     "__module__": __name__,
 })
+
+
+def module_of(envoy: Envoy) -> Any:
+    """The torch module an Envoy wraps (for client and server code: no attribute of it can shadow this)."""
+    return envoy.__dict__["_module"]
+
+
+def path_of(envoy: Envoy) -> str:
+    """An Envoy's dotted path from its root, the root included (`model.transformer.h.0`)."""
+    return envoy.__dict__["_path"]
+
+
+def root_of(envoy: Envoy) -> Envoy:
+    """The wrapped model an Envoy belongs to."""
+    return envoy.__dict__["_root"]

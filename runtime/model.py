@@ -20,7 +20,7 @@ from .rename import resolve as resolve_aliases
 from .session import Edit, Session
 from .tracer import Tracer
 
-__all__ = ["NNsight", "Prepared", "device_of"]
+__all__ = ["NNsight", "Prepared", "device_of", "hosted_name", "persistent_edits"]
 
 _REMOTE_OPTIONS = ("backend", "blocking", "api_key", "model_name", "verbose")
 _MAX_PLANS = 64  # hook plans kept per model (one per distinct set of trace bodies)
@@ -229,3 +229,16 @@ def device_of(module: torch.nn.Module) -> torch.device:
     for param in module.parameters():
         return param.device
     return torch.device("cpu")
+
+
+def hosted_name(model: Any) -> str | None:
+    """The name a server hosts `model` under: the name it was opened by (`LanguageModel("smollm2")`), kept
+    after it was loaded here; None for a model built from a local module."""
+    own = getattr(model, "__dict__", {})
+    return own.get("_remote_name") or own.get("_source")
+
+
+def persistent_edits(model: Any) -> list:
+    """The `(block, names)` of each `model.edit()` still in force, oldest first: every job of `model` runs
+    them first (a remote job carries them, as its server's copy never keeps them)."""
+    return getattr(model, "__dict__", {}).get("_edits", [])

@@ -14,7 +14,7 @@ import torch
 
 from .errors import TetherError, UnsavedValueError, ValueNotReachedError
 
-__all__ = ["SaveScope", "current_scope", "save", "SavedTensor", "StandIn", "UnsavedValue", "NotReached",
+__all__ = ["SaveScope", "current_scope", "save", "SavedTensor", "StandIn", "error_of", "UnsavedValue", "NotReached",
            "MissingGradient", "hand_back"]
 
 _state = threading.local()
@@ -179,6 +179,11 @@ for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", 
             "lt", "le", "gt", "ge", "radd", "rsub", "rmul", "rtruediv", "rmatmul", "neg", "abs", "float", "int",
             "index"):
     setattr(StandIn, f"__{_op}__", _raising_binary(f"__{_op}__"))
+
+
+def error_of(stand_in: StandIn) -> Exception:
+    """The error a use of `stand_in` raises (the client raises it before sending one to a server)."""
+    return stand_in._error()
 
 
 class UnsavedValue(StandIn):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .contexts import Cond, Context, ExitLoop, Iterator, LocalBlock
+from .contexts import Cond, Context, ExitLoop, Iterator, LocalBlock, RemoteRequest
 
 __all__ = ["Session", "Edit"]
 
@@ -29,6 +29,10 @@ class Session(Context):
         self._remote = remote
         self._remote_options = remote_options or {}
         self.log = log
+
+    def remote_request(self) -> RemoteRequest:
+        """What this session asks of a remote run (the client's encoder reads this)."""
+        return RemoteRequest(self._model, "session", self._remote_options)
 
     def _execute(self, ns: dict) -> None:
         if self._remote:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .barrier import Barrier
 from .capture import Block
-from .contexts import Cond, Context, LocalBlock
+from .contexts import Cond, Context, LocalBlock, RemoteRequest
 from .envoy import body_without_input, noting_sets
 from .errors import TetherError
 from .interleaver import Interleaver, Mediator, current_mediator
@@ -78,6 +78,15 @@ class Tracer(Context):
         self._result: Any = None
         if args or kwargs:
             self.invoker = Invoker(self, args, {**kwargs, **self._invoker_args})
+
+    def remote_request(self) -> RemoteRequest:
+        """What this block asks of a remote run (the client's encoder reads this)."""
+        trace_options: dict[str, Any] = {}
+        if self._mode != "scan":
+            trace_options.update({"scan": True} if self._scan else {})
+            trace_options.update({"validate": True} if self._validate else {})
+            trace_options.update({"invoker_args": dict(self._invoker_args)} if self._invoker_args else {})
+        return RemoteRequest(self._model, self._mode, self._remote_options, trace_options)
 
     # ---- the user's API inside the body ---------------------------------------------------------
     @property

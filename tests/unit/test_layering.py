@@ -89,3 +89,34 @@ def test_no_private_name_is_imported_from_another_package(name, package, path):
                 bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}"
                         for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, "\n".join(bad)
+
+
+def _runtime_private_names() -> set[str]:
+    """The private attributes runtime objects keep (`self._x = ...`, `object.__setattr__(self, "_x", ...)`)."""
+    names = set()
+    for path in (ROOT / "runtime").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                    and isinstance(node.value, ast.Name) and node.value.id == "self":
+                names.add(node.attr)
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "__setattr__" \
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+                names.add(node.args[1].value)
+    return {n for n in names if isinstance(n, str) and n.startswith("_") and not n.startswith("__")}
+
+
+@pytest.mark.parametrize("folder", ["client"])
+def test_client_code_reads_no_private_runtime_attribute(folder):
+    """The client uses the runtime's public seams (e.g. `Tracer.remote_request()`, `envoy.path_of`), never the
+    fields behind them, so the engine can change its insides without breaking remote runs."""
+    private = _runtime_private_names()
+    found = []
+    for path in sorted((ROOT / folder).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in private \
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append(f"{path.name}:{node.lineno} .{node.attr}")
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" \
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in private:
+                found.append(f"{path.name}:{node.lineno} getattr(..., {node.args[1].value!r})")
+    assert not found, found
