@@ -141,6 +141,11 @@ def start_server(
         hub.store, hub.models = ClusterJobs(core), ClusterModels(core, **table)
     else:
         hub.models = ModelTable(**table)
+    return _listen(hub, host, port, rpc_threads, max_message_bytes)
+
+
+def _listen(hub: Hub, host: str, port: int, rpc_threads: int, max_message_bytes: int) -> ServerHandle:
+    """The gRPC server over `hub`: its services, health and reflection, bound to `host:port` and started."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=rpc_threads, thread_name_prefix="tether-rpc"),
         options=[

@@ -50,6 +50,9 @@ def to_value(
     otherwise the object is pickled with cloudpickle (its tensors stay neutral) if allow_pickle, or a
     TypeError names it. Subclasses of neutral types (namedtuple, OrderedDict, IntEnum) are pickled to keep
     their type, or sent as their base type when allow_pickle is False. Tensors are detached copies.
+
+    Long on purpose: one chain of exact-type checks, most common first, runs for every item of every value
+    sent; a dispatch through helpers would add a call per item to the hot path.
     """
     tp = type(obj)
     if obj is None:
@@ -233,6 +236,9 @@ def from_value(
     tether.safe_pickle's default allow-list. resolve_reference(Reference) and resolve_model(ModelReference)
     turn references into objects; without one such a value raises ValueError (a client passes
     import_reference, a server its policy's checked resolver).
+
+    Long on purpose, as to_value: one branch per kind of the Value oneof, read in one place against the
+    proto, on the path of every item received.
     """
     kind = msg.WhichOneof("kind")
 
