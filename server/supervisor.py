@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 import torch
-import torch.multiprocessing  # noqa: F401  (registers torch's reductions: tensors go as shared memory)
+import torch.multiprocessing  # noqa: F401  (registers torch's reductions: CUDA tensors go as IPC handles)
 
 from tether.v1 import failure_pb2, jobs_pb2
 
@@ -34,6 +34,7 @@ from .failures import failure_of
 from .interrupts import GRACE
 from .jobs import ResultBytes
 from .local_calls import NO_STREAM
+from .shared_weights import pack
 from .workers import Entry, ModelQueue
 
 __all__ = ["Replica", "KILL_GRACE", "START_TIMEOUT", "preload_for"]
@@ -104,6 +105,7 @@ class Replica:
         self.queue, self.index, self.policy = queue, index, policy
         hosted = queue.hosted
         self._payload = payload_of(hosted.replica(index))
+        self._sent: Any = None  # what a worker process receives of the replica (see _sendable), made once
         self.name = f"{hosted.name}-{index}"
         self.process: Any = None  # the worker process (None: not started, or a thread worker)
         self.conn: Any = None  # the front door's end of the worker's pipe
@@ -116,7 +118,7 @@ class Replica:
 
     # ---- the worker ---------------------------------------------------------------------------
     def _start(self) -> None:
-        """Start the worker and wait for Ready. The weights go as shared memory: a restart maps them again."""
+        """Start the worker and wait for Ready. The weights go as one sealed memfd: a restart maps them again."""
         hosted, limits = self.queue.hosted, self.queue.limits
         with self._ready:
             self._pid = None
@@ -124,14 +126,17 @@ class Replica:
         args = (theirs, hosted.name, self._payload, hosted.source, self.policy)
         self.process = None
         if limits.isolate:
-            context = _mp_context()
-            process = context.Process(target=_process_main, args=(torch.get_num_threads(), *args),
-                                      name=f"tether-worker-{self.name}", daemon=True)
             try:
+                process = _mp_context().Process(
+                    target=_process_main, args=(torch.get_num_threads(), theirs, hosted.name, self._sendable(),
+                                                hosted.source, self.policy),
+                    name=f"tether-worker-{self.name}", daemon=True)
                 process.start()
                 self.process = process
             except Exception as error:  # the model (or its source) cannot be sent to a process
-                _log.warning("model %s runs in the server process, without isolation: %s", hosted.name, error)
+                _log.warning("model %s runs in the server process, WITHOUT ISOLATION (a job that crashes or "
+                             "wedges it stops the whole server): it cannot be sent to a worker process: %s",
+                             hosted.name, error)
         if self.process is None:
             from .worker_main import serve
 
@@ -158,6 +163,18 @@ class Replica:
         with self._ready:
             self._pid = ready.pid
             self._ready.notify_all()
+
+    def _sendable(self) -> Any:
+        """What the worker process receives of the replica: its weights packed once into one sealed memfd (one
+        file descriptor whatever the tensor count; a restart maps the same pages), with the rest pickled."""
+        if self._sent is None:
+            started = time.monotonic()
+            packed = pack(self._payload, self.name)
+            if packed is not None:
+                _log.debug("the weights of %s: %.0f MiB in one memfd (%.2f s)", self.name, packed.size / 2**20,
+                           time.monotonic() - started)
+            self._sent = packed or self._payload
+        return self._sent
 
     def worker_pid(self, timeout: float | None = None) -> int | None:
         """The pid of the worker once it is ready (waits up to `timeout`; None if none is ready by then)."""
