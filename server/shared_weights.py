@@ -34,7 +34,7 @@ import torch
 __all__ = ["Packed", "pack"]
 
 _ALIGN = 64  # bytes: each storage starts on a cache line (and at least at its dtype's alignment)
-_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_MEMFD = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")  # Linux; elsewhere torch's own sharing
 
 
 def _untyped(obj: Any) -> torch.UntypedStorage | None:
@@ -157,10 +157,12 @@ def _write(fd: int, storage: torch.UntypedStorage, offset: int) -> None:
 
 def pack(payload: Any, name: str) -> Packed | None:
     """Move the payload's CPU storages into one sealed memfd, in place (the payload's tensors then read the
-    memfd's pages); None when it has none (a model on a GPU goes as torch's IPC handles). Raises what
-    pickling the payload raises (a model that cannot be sent to a process)."""
+    memfd's pages); None when it has none (a model on a GPU goes as torch's IPC handles) or the OS has no
+    memfd. Raises what pickling the payload raises (a model that cannot be sent to a process)."""
     walk = _Walk()
     walk.dump(payload)
+    if not _MEMFD:
+        return None
     storages = list(walk.found.values())
     offsets, size = [], 0
     for storage in storages:
@@ -176,7 +178,8 @@ def pack(payload: Any, name: str) -> Packed | None:
         for storage, offset in zip(storages, offsets):
             _write(fd, storage, offset)  # (then read through the map: its pages are the memfd's until written)
             storage._swap_data_ptr_(_view(mapped, offset, storage.nbytes()))  # the old bytes go with the view
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)  # no process can write the shared pages from now on
+        seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)  # no process can write the shared pages from now on
     except BaseException:
         os.close(fd)
         raise
