@@ -21,11 +21,10 @@ from tether.v1 import jobs_pb2, values_pb2
 SERVER_OPTIONS = {"max_batch": 1, "sources": {"many": shipped_models.many_tensors}}
 MANY = values_pb2.Value(model_reference=values_pb2.ModelReference(name="many"))
 IDS = torch.tensor([[1, 5, 7, 30, 2]])
-SERVED = shipped_models.many_tensors()  # the front door's object: its storages are re-pointed at the memfd
 
 
 def served() -> dict:
-    return {"many": SERVED}
+    return {"many": shipped_models.many_tensors()}
 
 
 @pytest.fixture
@@ -87,14 +86,14 @@ while True:
 
 
 def test_a_model_of_600_tensors_runs_in_its_own_process_bit_equal_to_local(server, client):
-    replica = _replica(server)
+    replica, front = _replica(server), server.hub.queues["many"].hosted.module  # the front door's own module
     pid = replica.worker_pid(timeout=WAIT)
     assert replica.process is not None and replica.process.is_alive() and pid not in (None, os.getpid())
-    assert len(list(SERVED.parameters())) + len(list(SERVED.buffers())) >= 600
+    assert len(list(front.parameters())) + len(list(front.buffers())) >= 600
     assert len(os.listdir(f"/proc/{pid}/fd")) < 64  # not a descriptor per tensor
     with open("/proc/self/maps") as maps:  # the front door's own tensors are the memfd's pages: no second copy
         regions = [line.split()[0].split("-") for line in maps if "memfd:tether-weights-many-0" in line]
-    address = SERVED.layers[299].weight.data_ptr()
+    address = front.layers[299].weight.data_ptr()
     assert any(int(start, 16) <= address < int(end, 16) for start, end in regions)
     _assert_remote_equals_local(server)
 
