@@ -135,6 +135,21 @@ def test_a_write_into_the_weights_is_put_back_before_the_next_job(server, client
     _assert_remote_equals_local(server)
 
 
+def test_every_replica_has_the_weights_as_served(monkeypatch):
+    """Replica 1 is a deep copy of replica 0, made while replica 0's worker starts: the copy must never read a
+    storage while it moves into shared memory (it once read freed memory: values like 1e32 in a layer)."""
+    monkeypatch.setattr(CONFIG.APP, "DISPLAY", False)
+    reference = shipped_models.many_tensors().state_dict()
+    with start_server({"many": shipped_models.many_tensors()}, host="127.0.0.1", port=0, replicas=2,
+                      max_batch=1) as handle:
+        assert handle.wait_ready(timeout=WAIT)
+        for replica in handle.hub.queues["many"].replicas:
+            assert replica.process is not None
+            served = replica._payload.state_dict()
+            assert all(torch.equal(served[name], value) for name, value in reference.items()), replica.name
+        _assert_remote_equals_local(handle)
+
+
 def test_a_model_that_cannot_be_pickled_is_served_from_a_thread_with_a_loud_warning(caplog, monkeypatch):
     monkeypatch.setattr(CONFIG.APP, "DISPLAY", False)
     x, locked = torch.ones(1, 4), shipped_models.Unpicklable()
