@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 import torch
-import torch.multiprocessing  # noqa: F401  (registers torch's reductions: tensors go as shared memory)
+import torch.multiprocessing  # noqa: F401  (registers torch's reductions: CUDA tensors go as IPC handles)
 
 from tether.v1 import failure_pb2, jobs_pb2
 
@@ -35,6 +35,7 @@ from .interrupts import GRACE
 from .jobs import ResultBytes
 from .local_calls import NO_STREAM, StillOpen
 from .reruns import BatchRelay, Sent
+from .shared_weights import pack
 from .workers import Entry, ModelQueue
 
 __all__ = ["Replica", "KILL_GRACE", "START_TIMEOUT", "preload_for"]
@@ -106,6 +107,16 @@ class Replica:
         hosted = queue.hosted
         self._payload = payload_of(hosted.replica(index))
         self.name = f"{hosted.name}-{index}"
+        # what a worker process receives of the replica, packed here, before any thread: the next replica's
+        # deep copy (or the caller's own use of the module once start_server returned) never reads a storage
+        # while it moves; or why the model cannot be sent to a process
+        self._sent: Any = None
+        self._unsendable = ""
+        if queue.limits.isolate and not queue.limits.ray:
+            try:
+                self._sent = self._pack()
+            except Exception as error:
+                self._unsendable = f"{type(error).__name__}: {error}"
         self.process: Any = None  # the worker process (None: not started, or a thread worker)
         self.conn: Any = None  # the front door's end of the worker's pipe
         self.restarts = 0  # how often the worker was started again after dying or being killed
@@ -117,7 +128,7 @@ class Replica:
 
     # ---- the worker ---------------------------------------------------------------------------
     def _start(self) -> None:
-        """Start the worker and wait for Ready. The weights go as shared memory: a restart maps them again."""
+        """Start the worker and wait for Ready. The weights go as one sealed memfd: a restart maps them again."""
         hosted, limits = self.queue.hosted, self.queue.limits
         with self._ready:
             self._pid = None
@@ -125,14 +136,21 @@ class Replica:
         args = (theirs, hosted.name, self._payload, hosted.source, self.policy)
         self.process = None
         if limits.isolate:
-            context = _mp_context()
-            process = context.Process(target=_process_main, args=(torch.get_num_threads(), *args),
-                                      name=f"tether-worker-{self.name}", daemon=True)
-            try:
-                process.start()
-                self.process = process
-            except Exception as error:  # the model (or its source) cannot be sent to a process
-                _log.warning("model %s runs in the server process, without isolation: %s", hosted.name, error)
+            unsendable = self._unsendable
+            if not unsendable:
+                process = _mp_context().Process(
+                    target=_process_main, args=(torch.get_num_threads(), theirs, hosted.name, self._sent,
+                                                hosted.source, self.policy),
+                    name=f"tether-worker-{self.name}", daemon=True)
+                try:
+                    process.start()
+                    self.process = process
+                except Exception as error:  # its source (or policy) cannot be sent to a process
+                    unsendable = f"{type(error).__name__}: {error}"
+            if unsendable:
+                _log.warning("model %s runs in the server process, WITHOUT ISOLATION (a job that crashes or "
+                             "wedges it stops the whole server): it cannot be sent to a worker process: %s",
+                             hosted.name, unsendable)
         if self.process is None:
             from .worker_main import serve
 
@@ -159,6 +177,17 @@ class Replica:
         with self._ready:
             self._pid = ready.pid
             self._ready.notify_all()
+
+    def _pack(self) -> Any:
+        """The replica's weights packed into one sealed memfd (one file descriptor whatever the tensor count;
+        every start maps the same pages), the rest pickled at each start; raises if it cannot be pickled."""
+        started = time.monotonic()
+        packed = pack(self._payload, self.name)
+        if packed is None:  # no CPU tensors (a model on a GPU: its tensors go as torch's IPC handles)
+            return self._payload
+        _log.debug("the weights of %s: %.0f MiB in one memfd (%.2f s)", self.name, packed.size / 2**20,
+                   time.monotonic() - started)
+        return packed
 
     def worker_pid(self, timeout: float | None = None) -> int | None:
         """The pid of the worker once it is ready (waits up to `timeout`; None if none is ready by then)."""
