@@ -20,7 +20,7 @@ from .rename import resolve as resolve_aliases
 from .session import Edit, Session
 from .tracer import Tracer
 
-__all__ = ["NNsight", "Prepared", "device_of", "hosted_name", "persistent_edits"]
+__all__ = ["NNsight", "Prepared", "device_of", "hosted_name", "job_copy", "over_module", "persistent_edits"]
 
 _REMOTE_OPTIONS = ("backend", "blocking", "api_key", "model_name", "verbose")
 _MAX_PLANS = 64  # hook plans kept per model (one per distinct set of trace bodies)
@@ -242,3 +242,17 @@ def persistent_edits(model: Any) -> list:
     """The `(block, names)` of each `model.edit()` still in force, oldest first: every job of `model` runs
     them first (a remote job carries them, as its server's copy never keeps them)."""
     return getattr(model, "__dict__", {}).get("_edits", [])
+
+
+def job_copy(model: NNsight, aliases: dict[str, str] | None = None) -> NNsight:
+    """`model` for one job of a server: the same module, its own edits and aliases (`aliases`: those the job's
+    client bound), so nothing a job adds stays on the hosted model."""
+    copy = model._edited_copy()
+    if aliases:
+        copy._rename(None, aliases)
+    return copy
+
+
+def over_module(model: NNsight, module: torch.nn.Module) -> NNsight:
+    """`model`'s wrapper over another copy of its module (a server replica), with its own caches."""
+    return model._with_module(module)

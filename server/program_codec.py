@@ -17,8 +17,9 @@ from tether.protocol import CLIENT_MODULE, PROGRAM_KIND_NAMES
 from tether.runtime import ops
 from tether.runtime.body import assigned_names, body_span, loaded_names, local_withs
 from tether.runtime.capture import OPS_NAME, parse
-from tether.runtime.envoy import Envoy
+from tether.runtime.envoy import Envoy, path_of
 from tether.runtime.errors import TetherError
+from tether.runtime.model import job_copy, persistent_edits
 from tether.runtime.program import Program, block_of
 from tether.runtime.rename import resolve as resolve_aliases
 from tether.v1 import program_pb2, values_pb2
@@ -154,7 +155,7 @@ class ValueCodec:
     def model_reference(self, obj: Any) -> values_pb2.Value | None:
         """A `default` for tether.values: Envoys (the model, its submodules) go as ModelReferences."""
         if isinstance(obj, Envoy):
-            path = obj._path.partition(".")[2]  # Envoy paths start with "model" for the root
+            path = path_of(obj).partition(".")[2]  # Envoy paths start with "model" for the root
             return values_pb2.Value(model_reference=values_pb2.ModelReference(name=self.hosted.name, path=path))
         return None
 
@@ -223,9 +224,7 @@ class DecodedProgram:
         """Give the job its own root on `replica` (the NNsight its worker runs): model references become its
         Envoys, and its edits stay its own. Returns that root."""
         codec = self.codec
-        codec.root = replica._edited_copy()
-        if codec.aliases:
-            codec.root._rename(None, codec.aliases)  # this job's own root: the hosted model keeps its names
+        codec.root = job_copy(replica, codec.aliases)  # this job's own root: the hosted model keeps its names
         self.program.args = codec.resolve(self.program.args)
         self.program.kwargs = codec.resolve(self.program.kwargs)
         self.bindings.update({k: codec.resolve(v) for k, v in self.bindings.items()})
@@ -235,7 +234,7 @@ class DecodedProgram:
         for edit in self.edits:  # on this job's root only: the hosted model never changes
             edit.namespace.update({k: codec.resolve(v) for k, v in edit.namespace.items()})
             edit.namespace[OPS_NAME] = ops
-            codec.root._edits.append((block_of(edit.program, edit.filename), edit.namespace))
+            persistent_edits(codec.root).append((block_of(edit.program, edit.filename), edit.namespace))
         return codec.root
 
     def define_functions(self, log: Callable[..., None]) -> None:

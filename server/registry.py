@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from tether.placement_options import Placement
-from tether.runtime.model import NNsight
+from tether.runtime.envoy import module_of
+from tether.runtime.model import NNsight, over_module
 from tether.runtime.rename import declared as declared_aliases
 from tether.v1 import models_pb2, values_pb2
 from tether.values import to_value
@@ -78,14 +79,14 @@ class HostedModel:
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.model._module
+        return module_of(self.model)
 
     def replica(self, index: int) -> NNsight:
         """The model a worker runs: replica 0 is the model itself, others are deep copies (own weights and
         own hooks, so workers never share a module)."""
         if index == 0:
             return self.model
-        return self.model._with_module(deepcopy(self.module))
+        return over_module(self.model, deepcopy(self.module))
 
     def info(self, queue_depth: int = 0, ready: bool = True) -> models_pb2.ModelInfo:
         """The model's summary (architecture, parameter count, dtype, device, queue depth, readiness)."""

@@ -19,6 +19,7 @@ import grpc
 import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's reductions: CUDA tensors go as IPC handles)
 
+from tether.runtime.envoy import module_of
 from tether.v1 import failure_pb2, jobs_pb2
 
 from . import worker_protocol as wp
@@ -83,7 +84,8 @@ def _class_modules(payload: Any) -> set[str]:
 def payload_of(model: Any) -> Any:
     """What a worker receives of a replica (an NNsight): its torch module, with its tokenizer if it has one."""
     tokenizer = getattr(model, "tokenizer", None)
-    return (model._module, tokenizer) if tokenizer is not None else model._module
+    module = module_of(model)
+    return (module, tokenizer) if tokenizer is not None else module
 
 
 def _anon_rss(pid: int) -> int:

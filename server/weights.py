@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from tether.runtime.envoy import Envoy, module_of
+
 from .errors import WeightsChanged
 
 __all__ = ["WeightWatch"]
@@ -70,7 +72,7 @@ def _module_of(obj: Any) -> torch.nn.Module:
     """The torch module of what a model source returns: a module, a `(model, tokenizer)` pair or an NNsight."""
     if isinstance(obj, tuple):
         obj = obj[0]
-    module = getattr(obj, "_module", obj)
+    module = module_of(obj) if isinstance(obj, Envoy) else obj
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"the model's source returned {type(obj).__name__}, not a torch module")
     return module

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tether.runtime.envoy import module_of
 from tether.runtime.job_batch import BatchJob, BatchOutcome, execute_batch
 
 from . import worker_protocol as wp
@@ -96,7 +97,7 @@ class BatchRun:
                 if not member.done:
                     member.run.tick()
 
-        hook = model._module.register_forward_pre_hook(progress)
+        hook = module_of(model).register_forward_pre_hook(progress)
         try:
             self.watchdog.call(stop_requested, lambda: execute_batch(
                 model, [m.spec for m in members], on_done=finish, on_start=running.append))

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tether.runtime.envoy import module_of
 from tether.runtime.errors import RunStopped
 from tether.runtime.program import execute
 from tether.v1 import failure_pb2, program_pb2
@@ -265,7 +266,7 @@ class JobRun:
         watch = self.watch
         log, handler = self.start(decoded)
         replica = self.hosted.model
-        hook = replica._module.register_forward_pre_hook(self._check_stop)
+        hook = module_of(replica).register_forward_pre_hook(self._check_stop)
         versions = watch.snapshot()
         try:
             root = decoded.bind(replica)

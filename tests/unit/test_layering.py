@@ -105,8 +105,8 @@ def _runtime_private_names() -> set[str]:
     return {n for n in names if isinstance(n, str) and n.startswith("_") and not n.startswith("__")}
 
 
-@pytest.mark.parametrize("folder", ["client"])
-def test_client_code_reads_no_private_runtime_attribute(folder):
+@pytest.mark.parametrize("folder", ["client", "server"])
+def test_client_and_server_code_read_no_private_runtime_attribute(folder):
     """The client uses the runtime's public seams (e.g. `Tracer.remote_request()`, `envoy.path_of`), never the
     fields behind them, so the engine can change its insides without breaking remote runs."""
     private = _runtime_private_names()
