@@ -22,8 +22,7 @@ import time
 
 import torch
 
-from tether import LanguageModel
-from tether.runtime import tiny
+from tether import LanguageModel, tiny
 from tether.server.app import start_server
 
 from ._common import ROOT, host, quiet_client, side_of, thread_group

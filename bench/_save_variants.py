@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import tether
-from tether.runtime.tiny import gpt2_config_model
+from tether.tiny import gpt2_config_model
 
 __all__ = ["run_variants", "trace_saves_outer", "trace_saves_inner", "ANCHOR_NOTE"]
 

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from tether.runtime import tiny
+from tether import tiny
 from tether.server.app import start_server
 
 

@@ -31,8 +31,8 @@ import torch
 
 from tether import LanguageModel
 from tether.client.channel import close_all
-from tether.runtime.tiny import tiny_gpt2
 from tether.server.app import start_server
+from tether.tiny import tiny_gpt2
 
 from . import Options
 from ._common import busy_note, environment, load, log, median, ms, paired, pct, quiet_client

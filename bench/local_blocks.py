@@ -32,8 +32,8 @@ import torch
 
 from tether import LanguageModel
 from tether.client.channel import close_all
-from tether.runtime.tiny import tiny_gpt2
 from tether.server.app import start_server
+from tether.tiny import tiny_gpt2
 
 from . import Options
 from ._common import (

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 import tether
-from tether.runtime.tiny import gpt2_config_model, train_tokenizer
+from tether.tiny import gpt2_config_model, train_tokenizer
 
 from . import Options
 from ._common import environment, load

@@ -42,9 +42,9 @@ import torch
 import tether.tensor_codec as tv
 from tether import LanguageModel
 from tether.client.channel import close_all
-from tether.runtime.tiny import gpt2_config_model, tiny_gpt2, train_tokenizer
 from tether.server.app import start_server
 from tether.server.workers import Limits
+from tether.tiny import gpt2_config_model, tiny_gpt2, train_tokenizer
 
 from . import Options
 from ._common import (

@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2
 
+from tether.loading import parse_dtype
 from tether.runtime.errors import RemoteError
-from tether.runtime.loading import parse_dtype
 from tether.tensor_codec import DTYPES
 from tether.v1 import admin_pb2, admin_pb2_grpc, models_pb2, models_pb2_grpc
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 import tether
-from tether.runtime.loading import load_smollm2
+from tether.loading import load_smollm2
 
 PROMPT = "The Eiffel Tower is in the city of"
 

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
 
     server = None
     if args.serve:
-        from tether.runtime.loading import load_smollm2
+        from tether.loading import load_smollm2
         from tether.server.app import start_server
 
         server = start_server({args.model: load_smollm2()}, host="127.0.0.1", port=0)

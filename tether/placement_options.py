@@ -3,7 +3,7 @@ and the per-model CLI options that build it (`--model NAME=SPEC` with `--device/
 it, or before any `--model` for all). Shared by `tether serve` (server) and `tether deploy` (client).
 
 Applying a placement to a loaded model is the server's (server/placement.py). Imports torch and
-tether.runtime.loading (dtype names); nothing of the client, the server or grpc.
+tether.loading (dtype names); nothing of the client, the server or grpc.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tether.runtime.loading import parse_dtype
+from tether.loading import parse_dtype
 
 __all__ = ["DEVICES", "Placement", "ModelArg", "model_arg", "add_placement_options"]
 

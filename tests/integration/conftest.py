@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tether import CONFIG, LanguageModel
+from tether import CONFIG, LanguageModel, tiny
 from tether.client.channel import close_all
-from tether.runtime import tiny
 from tether.server.app import start_server
 
 

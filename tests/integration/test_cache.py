@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import tether
-from tether import LanguageModel
-from tether.runtime import tiny
+from tether import LanguageModel, tiny
 
 PROMPT = "The quick brown fox"
 OTHER = "Hello"

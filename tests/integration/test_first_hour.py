@@ -19,9 +19,8 @@ import pytest
 import torch
 
 import tether
-from tether import CONFIG, LanguageModel, NNsight
+from tether import CONFIG, LanguageModel, NNsight, tiny
 from tether.client.channel import close_all
-from tether.runtime import tiny
 from tether.server.app import start_server
 from tether.server.cli import default_port_start
 from tether.v1 import jobs_pb2
@@ -113,7 +112,7 @@ def test_spec_names_load_locally_when_no_server_hosts_them(no_server):
     assert not any(p.device.type == "meta" for p in local._module.parameters())
     model, tok = tiny.tiny_gpt2()
     assert torch.equal(_ids(local), _ids(LanguageModel(model, tokenizer=tok)))
-    net = LanguageModel("tether.runtime.tiny:tiny_gpt2")  # module:factory, as `tether serve` takes it
+    net = LanguageModel("tether.tiny:tiny_gpt2")  # module:factory, as `tether serve` takes it
     assert torch.equal(_ids(net), _ids(local))
 
 

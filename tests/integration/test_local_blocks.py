@@ -15,10 +15,9 @@ import pytest
 import torch
 
 import tether
-from tether import LanguageModel, NNsight
+from tether import LanguageModel, NNsight, tiny
 from tether.client import RemoteBackend
 from tether.client.channel import close_all, connect
-from tether.runtime import tiny
 from tether.server.app import start_server
 
 PROMPT = "The quick brown fox"

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import tether
-from tether import LanguageModel
-from tether.runtime import tiny
+from tether import LanguageModel, tiny
 
 LONG = "The Eiffel Tower is in the city of"
 SHORT = "hello"

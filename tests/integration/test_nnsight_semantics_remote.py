@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tether.runtime import tiny
+from tether import tiny
 
 LONG = "The Eiffel Tower is in the city of"
 SHORT = "hello"

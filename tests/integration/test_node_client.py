@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tether import LanguageModel
-from tether.runtime import tiny
+from tether import LanguageModel, tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "node_client" / "run_job.js"

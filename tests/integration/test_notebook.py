@@ -22,7 +22,7 @@ CELLS = [
     """\
 import tether
 from tether import CONFIG, LanguageModel
-from tether.runtime import tiny
+from tether import tiny
 from tether.server.app import start_server
 server = start_server({"tiny": tiny.tiny_gpt2()}, "127.0.0.1", 0)
 CONFIG.API.HOST = server.address

@@ -9,11 +9,10 @@ import threading
 import pytest
 import torch
 
-from tether import LanguageModel, NNsight, RemoteError
+from tether import LanguageModel, NNsight, RemoteError, tiny
 from tether.client import RemoteBackend
 from tether.client.admin import Admin
 from tether.placement_options import Placement
-from tether.runtime import tiny
 from tether.server.app import start_server
 from tether.server.auth import read_keys
 from tether.server.registry import load_model

@@ -36,7 +36,7 @@ def _tether(*args: str, module: bool = True) -> subprocess.CompletedProcess:
 def served():
     """`tether serve --dtype bfloat16 --model tiny=tiny --model net=...:tiny_net --dtype float32`: the first
     --dtype (before any --model) is every model's default, the second applies to `net` only."""
-    proc, lines = _serve("--dtype", "bfloat16", "--model", "tiny=tiny", "--model", "net=tether.runtime.tiny:tiny_net",
+    proc, lines = _serve("--dtype", "bfloat16", "--model", "tiny=tiny", "--model", "net=tether.tiny:tiny_net",
                          "--dtype", "float32", "--port", "0")
     try:
         yield f"127.0.0.1:{_port(proc, lines)}"
@@ -76,7 +76,7 @@ def _logits(llm: LanguageModel, **options) -> torch.Tensor:
 
 
 def test_deploy_jobs_cancel_and_evict(served):
-    done = _tether("deploy", "--host", served, "small=tether.runtime.tiny:tiny_net", "--replicas", "2",
+    done = _tether("deploy", "--host", served, "small=tether.tiny:tiny_net", "--replicas", "2",
                    "--dtype", "float16", module=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "small: ready (2 replicas, cpu, float16)"

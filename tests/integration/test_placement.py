@@ -8,9 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tether import LanguageModel
+from tether import LanguageModel, tiny
 from tether.placement_options import Placement
-from tether.runtime import tiny
 from tether.server.registry import load_model
 
 PROMPT = "The quick brown fox"

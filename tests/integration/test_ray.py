@@ -32,10 +32,9 @@ from test_server import (
 )
 from test_server_cli import READY, START_TIMEOUT, _port, _serve
 
-from tether import CONFIG, LanguageModel
+from tether import CONFIG, LanguageModel, tiny
 from tether.client import RemoteBackend
 from tether.client.channel import close_all
-from tether.runtime import tiny
 from tether.server.app import start_server
 from tether.server.cluster import shut_down
 from tether.v1 import jobs_pb2
@@ -178,7 +177,7 @@ def test_the_readme_walkthrough_serve_deploy_models_and_a_remote_job(cluster, mo
         match = READY.match(line.rstrip("\n"))
         assert match, line
         address = f"127.0.0.1:{match.group(1)}"
-        done = _tether("deploy", "--host", address, "net=tether.runtime.tiny:tiny_net")
+        done = _tether("deploy", "--host", address, "net=tether.tiny:tiny_net")
         assert done.returncode == 0, done.stderr
         done = _tether("models", "--host", address)
         assert done.returncode == 0, done.stderr

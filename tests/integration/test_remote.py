@@ -14,9 +14,8 @@ import pytest
 import torch
 
 import tether
-from tether import CONFIG, LanguageModel, NNsight
+from tether import CONFIG, LanguageModel, NNsight, tiny
 from tether.client import RemoteBackend, aio, channel, driver
-from tether.runtime import tiny
 from tether.server.app import start_server
 from tether.v1 import jobs_pb2, jobs_pb2_grpc
 

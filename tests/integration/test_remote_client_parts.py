@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
+from tether import tiny
 from tether.client.display import StatusDisplay
 from tether.client.spec import module_from_spec
 from tether.config import DEFAULT_HOST, Config, config_path
-from tether.runtime import tiny
 from tether.v1 import models_pb2
 
 

@@ -14,8 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import tether
-from tether import LanguageModel, NNsight
-from tether.runtime import tiny
+from tether import LanguageModel, NNsight, tiny
 from tether.server.app import start_server
 from tether.tensor_codec import _leaf_requiring_grad
 

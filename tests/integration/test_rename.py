@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import tether
-from tether import LanguageModel, NNsight
-from tether.runtime import tiny
+from tether import LanguageModel, NNsight, tiny
 
 PROMPT = "The quick brown fox"
 RENAME = {"transformer.h": "layers", "attn": ["attention", "self_attn"], "mlp": "ff"}

@@ -24,8 +24,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import tether
-from tether import values, wire
-from tether.runtime import tiny
+from tether import tiny, values, wire
 from tether.runtime.language_model import LanguageModel
 from tether.runtime.program import Program, execute
 from tether.server.app import start_server

@@ -21,8 +21,7 @@ from test_server import WAIT, Client, Outcome, assert_serving, local_run, progra
 from test_server_batching import held_worker, in_threads, local_llm, trace_job, until
 
 import tether
-from tether import CONFIG, LanguageModel
-from tether.runtime import tiny
+from tether import CONFIG, LanguageModel, tiny
 from tether.server.app import start_server
 from tether.server.reruns import Sent
 from tether.v1 import jobs_pb2, program_pb2, values_pb2

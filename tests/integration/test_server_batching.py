@@ -16,9 +16,8 @@ import pytest
 import torch
 
 import tether
-from tether import CONFIG, LanguageModel
+from tether import CONFIG, LanguageModel, tiny
 from tether.client import RemoteBackend
-from tether.runtime import tiny
 from tether.server.app import start_server
 from tether.server.auth import LOOPBACK_OWNER
 from tether.v1 import jobs_pb2, jobs_pb2_grpc

@@ -11,7 +11,7 @@ import torch
 from test_server import QUICK_SOURCE, Client, assert_serving, local_run, program, spec, value_map
 from test_server_batching import held_worker, until
 
-from tether.runtime import tiny
+from tether import tiny
 from tether.v1 import jobs_pb2
 
 SERVER_OPTIONS = {"local_call_timeout": 30.0}

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tether.runtime import tiny
+from tether import tiny
 from tether.server.app import start_server
 from tether.v1 import models_pb2, models_pb2_grpc
 
@@ -52,7 +52,7 @@ def _port(proc: subprocess.Popen, lines: queue.Queue) -> str:
 
 
 def test_tether_serve_prints_its_port_serves_and_stops():
-    proc, lines = _serve("--model", "tiny=tiny", "--model", "net=tether.runtime.tiny:tiny_net", "--port", "0",
+    proc, lines = _serve("--model", "tiny=tiny", "--model", "net=tether.tiny:tiny_net", "--port", "0",
                          "--queue-size", "4", "--job-timeout", "30")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{_port(proc, lines)}") as channel:

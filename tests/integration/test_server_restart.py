@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import tether
-from tether import CONFIG, NNsight
+from tether import CONFIG, NNsight, tiny
 from tether.client import RemoteBackend, aio
 from tether.client.channel import close_all
-from tether.runtime import tiny
 from tether.server.app import start_server
 
 WAIT = 60.0  # seconds: the longest a test waits for a server or a call

@@ -11,8 +11,7 @@ import grpc
 import pytest
 import torch
 
-from tether import CONFIG, LanguageModel, RemoteError
-from tether.runtime import tiny
+from tether import CONFIG, LanguageModel, RemoteError, tiny
 from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc, program_pb2
 
 PROMPT = "hello"

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import tether
-from tether import LanguageModel, NNsight
-from tether.runtime import tiny
+from tether import LanguageModel, NNsight, tiny
 
 THIS_FILE = os.path.abspath(__file__)
 RUNTIME_DIR = os.path.dirname(os.path.abspath(tether.runtime.__file__)) + os.sep

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import tether
+from tether import tiny
 from tether.cli import parse_args
 from tether.client.events import AwaitedValue, PendingValue
-from tether.runtime import tiny
 from tether.runtime.saving import NotReached, UnsavedValue
 from tether.sizes import format_bytes, parse_bytes
 
@@ -162,7 +162,7 @@ def test_plain_python_shows_the_users_line_last_and_one_self_explaining_tether_f
     """Outside IPython and pytest nothing hides `__exit__`'s frame (runtime/README.md, "Tracebacks"): the
     traceback goes from the `with` line through that one frame, whose line says so, to the failing line."""
     script = tmp_path / "user.py"
-    script.write_text("import torch\nimport tether\nfrom tether.runtime import tiny\n"
+    script.write_text("import torch\nimport tether\nfrom tether import tiny\n"
                       "net = tether.NNsight(tiny.tiny_net())\n"
                       "with net.trace(torch.rand(1, 5)):\n"
                       "    h = net.layer1.output\n"

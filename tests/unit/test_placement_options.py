@@ -8,8 +8,8 @@ import torch
 
 from tether import tensor_codec
 from tether.cli import parse_args
+from tether.loading import parse_dtype
 from tether.placement_options import Placement
-from tether.runtime.loading import parse_dtype
 from tether.server.placement import resolve_device
 
 

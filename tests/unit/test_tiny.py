@@ -1,11 +1,11 @@
-"""Unit tests of tether.runtime.tiny: in-process tokenizer and seeded random-weight models (no downloads)."""
+"""Unit tests of tether.tiny: in-process tokenizer and seeded random-weight models (no downloads)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tether.runtime import tiny
+from tether import tiny
 
 SENTENCES = [
     "The Eiffel Tower is in the city of Paris",

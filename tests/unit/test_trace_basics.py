@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import tether
-from tether import NNsight
-from tether.runtime import tiny
+from tether import NNsight, tiny
 
 
 def _hooked(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple]]:

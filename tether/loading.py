@@ -168,14 +168,14 @@ def named_spec(spec: str) -> bool:
 def load_named(spec: str, **pretrained_kwargs: Any) -> Any:
     """The object a model SPEC names: a torch module or a `(model, tokenizer)` pair, loaded offline.
 
-    SPEC: `tiny` (runtime.tiny.tiny_gpt2), `smollm2` (packaged SmolLM2-135M), an existing local directory,
+    SPEC: `tiny` (tether.tiny.tiny_gpt2), `smollm2` (packaged SmolLM2-135M), an existing local directory,
     `module:factory` (the factory is called with no arguments), or a Hugging Face id in the local cache.
     `tether serve --model NAME=SPEC` and `LanguageModel(SPEC)` (with no server hosting it) both load here.
     `pretrained_kwargs` (dtype, device_map...) apply to a directory or a cached id, which load straight into
     them.
     """
     if spec == "tiny":
-        from tether.runtime.tiny import tiny_gpt2
+        from tether.tiny import tiny_gpt2
 
         return tiny_gpt2()
     if spec == "smollm2":
