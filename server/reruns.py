@@ -85,7 +85,7 @@ def why_memory(size: int) -> str:
 
 
 class BatchRelay:
-    """What supervisor._JobRelay does for the jobs of a batch that run again alone (its fields: `tracks`,
+    """What job_relay.JobRelay does for the jobs of a batch that run again alone (its fields: `tracks`,
     `replica`, `conn`; each track's `entry`, `job`, `sent`, `left`, `cancel_sent`). Only the relay thread calls it."""
 
     tracks: dict
