@@ -641,7 +641,16 @@ class Interleaver:
                     throw = self._unreachable(req)
                     continue
             if key not in self._demanded:
-                self._ensure_hook(req, key)
+                closure = self._closures.get(key)  # _ensure_hook's commonest case inlined: a cached closure
+                if closure is None:
+                    self._ensure_hook(req, key)
+                else:
+                    demanded = self._demanded
+                    for hook_key, module, group in closure:
+                        if hook_key not in demanded:
+                            demanded[hook_key] = (module, group)
+                            if hook_key not in self._handles:  # not planned: registered now
+                                self._register(module, group)
             mediator.pending = req
             return
 
