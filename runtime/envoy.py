@@ -182,7 +182,12 @@ class Envoy:
     @property
     def output(self) -> Any:
         """This module's output at the body's current iteration (a view of the invoke's rows)."""
-        value = self._request("output", "get")
+        mediator = current_mediator()  # _request("output", "get") inlined: the read every save makes
+        if mediator is None:
+            self._mediator("output")  # raises NotInTraceError
+        module, offsets = self._module, mediator.offsets
+        iteration = mediator.iteration if offsets is None else mediator.iteration + offsets.get(id(module), 0)
+        value = mediator.greenlet.parent.switch(Request(module, "output", iteration, "get", None, self._path))
         warn_if_batch_index(value, self._path, sys._getframe(1))
         return value
 

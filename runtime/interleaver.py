@@ -299,8 +299,12 @@ class Interleaver:
             self._handles[(id(self.root), "root")] = self.root.register_forward_pre_hook(self._root_pre_hook)
         try:
             if self._plan is not None:
+                handles, hook = self._handles, self._forward_hook
                 for module, group in self._plan.hooks:
-                    self._register(module, group)
+                    if group == "fwd":  # (most planned hooks: _register's first case, without a call each)
+                        handles[(id(module), "fwd")] = module.register_forward_hook(hook)
+                    else:
+                        self._register(module, group)
             self._start_ready()
             self._raise_failure()
             if not self._stop:
@@ -540,6 +544,11 @@ class Interleaver:
                 if (req is not None and req.module is module and req.group == group
                         and (iteration is None or req.iteration == iteration)):
                     mediator.pending = None
+                    if req.op == "get" and req.kind == "output" and mediator.rows is None:
+                        # _apply's commonest case (a whole output read), without a call per served value
+                        value = mediator.seen[(id(module), "output", req.iteration)] = slot.value
+                        self._drive(mediator, value)
+                        continue
                     if req.op == "stop_at":
                         self._stop = True  # the body waits there until finish() ends it
                         continue
@@ -632,7 +641,16 @@ class Interleaver:
                     throw = self._unreachable(req)
                     continue
             if key not in self._demanded:
-                self._ensure_hook(req, key)
+                closure = self._closures.get(key)  # _ensure_hook's commonest case inlined: a cached closure
+                if closure is None:
+                    self._ensure_hook(req, key)
+                else:
+                    demanded = self._demanded
+                    for hook_key, module, group in closure:
+                        if hook_key not in demanded:
+                            demanded[hook_key] = (module, group)
+                            if hook_key not in self._handles:  # not planned: registered now
+                                self._register(module, group)
             mediator.pending = req
             return
 

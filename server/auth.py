@@ -7,6 +7,7 @@ Imports grpc and the standard library only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -116,6 +117,7 @@ def _bearer(metadata) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)  # every RPC asks; a client's calls share its connection's peer string
 def is_loopback(peer: str) -> bool:
     """Whether a grpc peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:...") is this machine."""
     kind, _, rest = peer.partition(":")

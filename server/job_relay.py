@@ -127,6 +127,7 @@ class JobRelay(BatchRelay):
             return ""
         self._keep_answers()
         self.baseline = self.replica.private_memory(pid) if pid else 0
+        self.checked = time.monotonic()  # (the baseline is the first look: the next is due a TICK later)
         runs = [track.message() for track in self.tracks.values()]
         try:
             self.conn.send(runs[0] if len(runs) == 1 else wp.RunBatch(tuple(runs)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import sys
 import threading
@@ -71,16 +72,23 @@ def payload_of(model: Any) -> Any:
     return (module, tokenizer) if tokenizer is not None else module
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 def _anon_rss(pid: int) -> int:
-    """Bytes of private (anonymous) memory the process has: what a job allocates, not the shared weights."""
+    """Bytes of private (anonymous) memory the process has: what a job allocates, not the shared weights.
+
+    /proc/PID/statm's resident minus shared pages is status's RssAnon (shared = file + shmem pages), ~5x
+    cheaper to read than status (read before every job)."""
     try:
-        with open(f"/proc/{pid}/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
+        fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY)
+        try:
+            fields = os.read(fd, 256).split()
+        finally:
+            os.close(fd)
+        return (int(fields[1]) - int(fields[2])) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class Replica:
