@@ -191,8 +191,8 @@ async def run_job(io: Waiting, metadata: tuple, job: Job, ns: dict, events: JobE
     """Run a job on one RunJob stream, answer its local() calls (in the caller's thread, in `ns`'s copy) and
     read its result into `events`; returns the local() calls' state (what they kept), if any came.
 
-    `on_job_id` is called as soon as the server names the job (local() blocks can read it). One function
-    of ~65 lines: the stream's callback, its reader and the Ctrl-C path share the job's state.
+    `on_job_id` is called as soon as the server names the job (local() blocks can read it). Long on purpose:
+    the stream's callback, its reader and the Ctrl-C path share the job's state as closures.
     """
     conn = io.conn
     local: LocalCalls | None = None  # made when the first local() call arrives (most jobs have none)

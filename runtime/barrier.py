@@ -6,7 +6,7 @@ The interleaver holds the bodies that wait at one (see Interleaver._drive). Impo
 from __future__ import annotations
 
 from .errors import NotInTraceError
-from .interleaver import Request, current_mediator
+from .mediator import Request, current_mediator
 
 __all__ = ["Barrier"]
 

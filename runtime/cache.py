@@ -12,7 +12,8 @@ import torch
 
 from . import batching, rename
 from .errors import TetherError
-from .interleaver import Mediator, current_interleaver
+from .interleaver import current_interleaver
+from .mediator import Mediator
 
 __all__ = ["CacheView", "start_cache"]
 

@@ -27,7 +27,7 @@ def trace(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def stop() -> None:
     """Stop the model after the module running now (like `tracer.stop()`); outside a body, nothing."""
-    from .interleaver import current_mediator
+    from .mediator import current_mediator
 
     mediator = current_mediator()
     if mediator is not None:

@@ -17,7 +17,7 @@ import torch
 from . import rename
 from .batch_index import warn_if_batch_index
 from .errors import NotInTraceError, TetherError
-from .interleaver import Mediator, Request, current_mediator
+from .mediator import Mediator, Request, current_mediator
 from .steps import AllSteps, all_steps
 
 __all__ = ["Envoy", "EnvoySequence", "module_of", "path_of", "root_of", "body_without_input", "noting_sets"]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .errors import TetherError
-from .interleaver import current_mediator
+from .mediator import current_mediator
 
 __all__ = ["Deferred", "GradState", "grad_of", "set_grad", "backward_block"]
 

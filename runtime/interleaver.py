@@ -8,23 +8,21 @@ Only one side runs at a time, so no locks are needed. Imports torch and greenlet
 
 from __future__ import annotations
 
-import builtins
-import sys
 import threading
 from collections.abc import Callable
-from types import FunctionType
 from typing import Any
 
 import torch
 from greenlet import GreenletExit, getcurrent
-from greenlet import greenlet as Greenlet
 
 from . import batching
 from .errors import OutOfOrderError, RunStopped, TetherError
+from .hook_plan import HookPlan, parents_of
+from .mediator import DONE, ENDED, Failed, Mediator, Request, body_greenlet, release_body
+from .observing import Observing
 from .skipping import SkipGate, SkipSlot
 
-__all__ = ["Request", "Mediator", "Interleaver", "HookPlan", "current_mediator", "current_interleaver", "EarlyStop",
-           "cancel_scope"]
+__all__ = ["Interleaver", "current_interleaver", "EarlyStop", "cancel_scope"]
 
 _limits = threading.local()
 
@@ -51,110 +49,7 @@ class _Abort(BaseException):
     """Unwinds the forward pass after a body failed; the body's own exception is re-raised after."""
 
 
-# Which hook serves a request of each kind: the forward hook, the pre-hook, the skip gate (skipping.py), or
-# none (`stop`, `barrier`: the driver acts on them at once).
-_GROUPS = {"output": "fwd", "input": "pre", "inputs": "pre", "skip": "skip", "control": "control"}
-
-
-class Request:
-    """What a body asks the model side for: a module's value at one iteration, to read or replace."""
-
-    __slots__ = ("module", "kind", "iteration", "op", "value", "path", "group")
-
-    def __init__(self, module: Any, kind: str, iteration: int, op: str, value: Any = None, path: str = ""):
-        self.module = module  # a torch module, or a pseudo-module such as the generator
-        self.kind = kind  # "output" | "input" | "inputs" | "skip" | "control"
-        self.iteration = iteration
-        self.op = op  # "get" | "set" | "stop" (after the module running now) | "stop_at" (after this one) | "barrier"
-        self.value = value
-        self.path = path  # e.g. "model.layer1", for messages
-        self.group = _GROUPS[kind]  # which hook serves it
-
-    @property
-    def label(self) -> str:
-        return f"`{self.path}.{self.kind}`" if self.path else f"`{self.kind}`"
-
-
-_DONE = object()
-_ENDED = object()  # what a body greenlet hands its driver when the body returned or raised
-
-
-class _Failed:
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
-
-
-class HookPlan:
-    """Which hooks the same bodies asked for the last time they ran on this model.
-
-    The next run registers them before the forward pass, in one tight loop, instead of one at a time
-    between layers (where each registration costs several times more). A planned hook whose module no
-    body asks for this time does nothing, exactly as if it were absent, and is dropped from the plan.
-    `closures` remembers, per requested hook, the hooks it needs with it (its ancestors', see _ensure_hook).
-    """
-
-    __slots__ = ("hooks", "closures", "single_pass")
-
-    def __init__(self) -> None:
-        self.hooks: list[tuple[torch.nn.Module, str]] = []  # (module, "fwd" | "pre"), in request order
-        self.closures: dict[tuple[int, str], tuple] = {}  # hook key -> ((key, module, group), ...)
-        self.single_pass = True  # whether the closures are for one forward pass (the root is not hooked)
-
-
-def parents_of(root: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """id(module) -> its parent, for every module under `root`."""
-    return {id(child): module for module in root.modules() for child in module._modules.values()
-            if child is not None}
-
-
-class _BodyGreenlet(Greenlet):
-    """Runs bodies one after another: a finished body leaves it idle in its thread's pool for the next.
-
-    Starting a fresh greenlet and letting it die costs ~10x a switch, and every trace starts one body per
-    invoke; a body that is killed (GreenletExit) ends its greenlet instead of returning it.
-    """
-
-    mediator: Mediator | None = None
-
-    def __init__(self) -> None:
-        super().__init__(run=_run_bodies)
-
-
-def _run_bodies(task: tuple[Mediator, Any]) -> None:
-    while True:
-        _run_task(task)
-        task = None  # an idle greenlet holds nothing of the body it ran
-        task = getcurrent().parent.switch(_ENDED)
-
-
-def _run_task(task: tuple[Mediator, Any]) -> None:
-    mediator, code = task
-    mediator.outcome = mediator._run(code)
-
-
-_idle = threading.local()  # .greenlets: this thread's finished body greenlets, ready for another body
-_MAX_IDLE = 8
-
-
-def _body_greenlet(driver: Greenlet) -> _BodyGreenlet:
-    idle = getattr(_idle, "greenlets", None)
-    body = idle.pop() if idle else _BodyGreenlet()
-    body.parent = driver
-    return body
-
-
-def _release(body: _BodyGreenlet) -> None:
-    body.mediator = None
-    idle = getattr(_idle, "greenlets", None)
-    if idle is None:
-        idle = _idle.greenlets = []
-    if len(idle) < _MAX_IDLE:
-        idle.append(body)
 
 
 def current_interleaver() -> Interleaver | None:
@@ -162,96 +57,7 @@ def current_interleaver() -> Interleaver | None:
     return getattr(_limits, "running", None)
 
 
-def current_mediator() -> Mediator | None:
-    """The mediator whose body is running right now, if any."""
-    body = getcurrent()
-    return body.mediator if type(body) is _BodyGreenlet else None
-
-
-class Mediator:
-    """One invoke: its compiled body, its namespace, its rows of the batch and its iteration cursor."""
-
-    __slots__ = ("block", "code", "ns", "rows", "iteration", "offsets", "limit", "all_tail", "after_loop", "views",
-                 "pending", "seen", "started", "outcome", "greenlet", "waits_for")
-
-    def __init__(self, block, code, ns: dict, rows: slice | None):
-        self.block = block
-        self.code = code
-        self.ns = ns
-        self.rows = rows
-        self.iteration = 0  # which call of each module the body's next access refers to
-        self.offsets: dict[int, int] | None = None  # id(module) -> calls its own `.next()` moved it past `iteration`
-        self.limit = 1  # how many steps the run may take (set by the Interleaver)
-        self.all_tail = None  # compiled statements to re-run at every later iteration (`.all()`)
-        self.after_loop = None  # compiled statements after an open `tracer.iter[:]` loop
-        self.views: dict[int, tuple[Any, Any, slice]] = {}  # id(row view) -> (view, full tensor, rows)
-        self.pending: Request | None = None
-        self.seen: dict[tuple[int, str, int], Any] = {}  # values already handed to this body, re-readable
-        self.started = False
-        self.outcome: object = None  # _DONE or _Failed, set when the body ends
-        self.greenlet: _BodyGreenlet | None = None  # while the body runs or waits; None once it ended
-        self.waits_for: dict[str, Any] = {}  # name -> its value before the run: start once an earlier invoke rebinds it
-
-    def at(self, step: int) -> None:
-        """Point every module at call `step` (a step loop, `.all()`): per-module `.next()` moves are dropped."""
-        self.iteration = step
-        self.offsets = None
-
-    def iteration_of(self, module: Any) -> int:
-        """Which call of `module` the body's next access refers to."""
-        offsets = self.offsets
-        return self.iteration if offsets is None else self.iteration + offsets.get(id(module), 0)
-
-    def advance(self, module: torch.nn.Module, step: int) -> None:
-        """`module.next()`: move `module` and the modules inside it (their calls are part of its call) on."""
-        offsets = self.offsets if self.offsets is not None else {}
-        for inner in module.modules():
-            offsets[id(inner)] = offsets.get(id(inner), 0) + step
-        self.offsets = offsets
-
-    def ready(self) -> bool:
-        """Whether every name this body takes from an earlier invoke has been set by it."""
-        return all(name in self.ns and self.ns[name] is not before for name, before in self.waits_for.items())
-
-    def request(self, req: Request) -> Any:
-        """Called from the body (the mediator `current_mediator()` gave): hand `req` over, wait for the answer."""
-        return self.greenlet.parent.switch(req)
-
-    def stop(self) -> None:
-        """Stop the model right after the module that is running now."""
-        self.request(Request(None, "control", self.iteration, "stop"))
-
-    def enable_all(self) -> None:
-        """Re-run the rest of the body at every later iteration (`.all()`)."""
-        self.all_tail = self._rest_after(sys._getframe(1), "`.all()`")
-
-    def open_loop_from(self, frame) -> None:
-        """An open-ended step loop (`tracer.iter[:]`) started here: if generation ends first, go on after it."""
-        self.after_loop = self._rest_after(frame, "`tracer.iter[...]`")
-
-    def _rest_after(self, frame, what: str):
-        while frame is not None and frame.f_code is not self.code:
-            frame = frame.f_back
-        if frame is None:
-            raise TetherError(f"{what} must be used directly in the trace body, not from a helper function.")
-        return self.block.code(start=self.block.top_level_index(frame.f_lineno) + 1)
-
-    def _run(self, code) -> object:
-        try:
-            # as `exec(code, self.ns)`, but called as a function: Python runs it in the caller's C frame, so
-            # the body's greenlet has less C stack to copy at each switch. exec() would add __builtins__ to a
-            # namespace without them (a copy made for a scan, a server's job namespace); a function does not
-            if "__builtins__" not in self.ns:
-                self.ns["__builtins__"] = builtins
-            FunctionType(code, self.ns)()
-        except GreenletExit:
-            raise
-        except BaseException as error:  # the body's own exception goes back to the user
-            return _Failed(error)
-        return _DONE
-
-
-class Interleaver:
+class Interleaver(Observing):
     """Drives mediators from hooks during one run of the model."""
 
     def __init__(self, root: torch.nn.Module, mediators: list[Mediator], batch_size: int, max_iterations: int = 1,
@@ -330,36 +136,6 @@ class Interleaver:
     def on_exit(self, undo: Callable[[], None]) -> None:
         """Call `undo()` when this run ends (after its hooks are removed), e.g. to restore a module's forward."""
         self.__dict__.setdefault("_on_exit", []).append(undo)
-
-    def observe(self, module: torch.nn.Module, group: str, observer: Callable[[Any], None]) -> None:
-        """Call `observer(value)` each time `module` runs in the model's pass, after the bodies' edits there:
-        group "fwd" gives its output, "pre" its `(args, kwargs)`. Hooks `module` now; it must not be running."""
-        key = (id(module), group)
-        observers = self.__dict__.setdefault("_observers", {})
-        if key not in observers:
-            observers[key] = []
-            old = self._handles.pop(key, None)
-            if old is not None:
-                old.remove()
-            if group == "fwd":
-                self._handles[key] = module.register_forward_hook(self._observed_forward_hook)
-            else:
-                self._handles[key] = module.register_forward_pre_hook(self._observed_pre_hook, with_kwargs=True)
-        observers[key].append(observer)
-
-    def _observed_forward_hook(self, module, args, output):
-        result = self._forward_hook(module, args, output)
-        if getcurrent() is self._driver:
-            for observer in self._observers[(id(module), "fwd")]:
-                observer(output if result is None else result)
-        return result
-
-    def _observed_pre_hook(self, module, args, kwargs):
-        result = self._pre_hook(module, args, kwargs)
-        if getcurrent() is self._driver:
-            for observer in self._observers[(id(module), "pre")]:
-                observer((args, kwargs) if result is None else result)
-        return result
 
     def serve_point(self, point: Any, group: str, value: Any) -> Any:
         """Serve the bodies waiting for `point`, a place inside a module's forward (a `.source` operation),
@@ -587,25 +363,26 @@ class Interleaver:
 
     def _start(self, mediator: Mediator, code) -> None:
         mediator.started = True
-        body = mediator.greenlet = _body_greenlet(self._driver)
+        body = mediator.greenlet = body_greenlet(self._driver)
         body.mediator = mediator
         self._drive(mediator, (mediator, code))
 
     def _drive(self, mediator: Mediator, value: Any = None, *, throw: BaseException | None = None) -> None:
-        """Switch into the body and answer what it asks until it waits for a hook that is not running."""
+        """Switch into the body and answer what it asks until it waits for a hook that is not running.
+        Long on purpose: every module value read runs through this loop; helpers would add calls to each."""
         while True:
             if throw is not None:
                 event, throw = mediator.greenlet.throw(throw), None
             else:
                 event = mediator.greenlet.switch(value)
             value = None
-            if type(event) is not Request:  # the body ended (_ENDED): its greenlet is free for another
+            if type(event) is not Request:  # the body ended (ENDED): its greenlet is free for another
                 outcome, mediator.outcome = mediator.outcome, None
-                if isinstance(outcome, _Failed):
+                if isinstance(outcome, Failed):
                     self._failure = outcome.error
                 body, mediator.greenlet = mediator.greenlet, None
-                if event is _ENDED:
-                    _release(body)
+                if event is ENDED:
+                    release_body(body)
                 return
             req = event
             if req.group == "control":
@@ -633,8 +410,8 @@ class Interleaver:
             key = (id(req.module), req.group)
             if req.iteration < self.iteration or key in self._fired:  # it ran: a value seen before, or too late
                 if req.op == "get":
-                    seen = mediator.seen.get((key[0], req.kind, req.iteration), _DONE)
-                    if seen is not _DONE:
+                    seen = mediator.seen.get((key[0], req.kind, req.iteration), DONE)
+                    if seen is not DONE:
                         value = seen
                         continue
                 if self._ran(req):

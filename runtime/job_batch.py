@@ -15,16 +15,10 @@ from . import ops
 from .capture import OPS_NAME
 from .contexts import _trimmed, local_handler
 from .errors import RunStopped
-from .interleaver import (
-    EarlyStop,
-    Interleaver,
-    Mediator,
-    Request,
-    cancel_scope,
-    current_mediator,
-)
+from .interleaver import EarlyStop, Interleaver, cancel_scope
 from .job_compat import batch_key, batch_tokens, batchable, is_language_model
 from .job_rows import SharedValueError, Window, lend, pad_rows, splice, write_back
+from .mediator import Mediator, Request, current_mediator
 from .program import Program, block_of, context_of, run_local_block
 from .saving import SaveScope, hand_back
 

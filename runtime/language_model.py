@@ -16,7 +16,7 @@ from tether.loading import adopt_weights, load_named, named_spec, parse_dtype
 
 from .batching import left_padded_positions
 from .errors import TetherError
-from .interleaver import Request, current_mediator
+from .mediator import Request, current_mediator
 from .model import NNsight, Prepared, device_of
 from .model_options import OWN, check_load_kwargs, remote_defaults, unexpected
 from .tracer import Tracer

@@ -13,7 +13,7 @@ import torch
 
 from .batching import concat_inputs, to_device
 from .envoy import Envoy
-from .interleaver import HookPlan, parents_of
+from .hook_plan import HookPlan, parents_of
 from .model_options import OWN, remote_defaults, unexpected
 from .rename import declared as declared_aliases
 from .rename import resolve as resolve_aliases

@@ -12,7 +12,7 @@ import torch
 
 from . import grads, saving
 from .errors import NotInTraceError
-from .interleaver import current_mediator
+from .mediator import current_mediator
 
 __all__ = ["save", "stop", "stop_at", "grad", "set_grad", "value", "backward"]
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from .errors import NotInTraceError, TetherError
-from .interleaver import Request, current_interleaver, current_mediator
+from .interleaver import current_interleaver
+from .mediator import Request, current_mediator
 
 __all__ = ["SourceView", "Operation"]
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 
 from .contexts import Context, Iterator
 from .errors import NotInTraceError, TetherError
-from .interleaver import Mediator, current_mediator
+from .mediator import Mediator, current_mediator
 
 __all__ = ["Steps", "StepRange", "AllSteps", "all_steps", "body_mediator"]
 

@@ -17,7 +17,8 @@ from .capture import Block
 from .contexts import Cond, Context, LocalBlock, RemoteRequest
 from .envoy import body_without_input, noting_sets
 from .errors import TetherError
-from .interleaver import Interleaver, Mediator, current_mediator
+from .interleaver import Interleaver
+from .mediator import Mediator, current_mediator
 from .saving import save
 from .steps import AllSteps, Steps, all_steps, body_mediator
 

@@ -25,9 +25,9 @@ from .errors import (
 )
 from .failures import failure_of
 from .interrupts import GRACE
-from .jobs import ResultBytes
 from .local_calls import NO_STREAM, StillOpen
 from .reruns import BatchRelay, Sent
+from .result_bytes import ResultBytes
 from .workers import Entry
 
 if TYPE_CHECKING:

@@ -6,27 +6,26 @@ job's condition variable (never polling); sequences start at 1 and increase by 1
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from tether.framing import as_more_events, chunk_length, chunk_parts, result_event_prefix
+from tether.framing import as_more_events
 from tether.protocol import TERMINAL, state_name
 from tether.sizes import format_bytes
 from tether.v1 import failure_pb2, jobs_pb2
 
 from .errors import NotFound
+from .result_bytes import ResultBytes, ResultChunk
 
-__all__ = ["Job", "JobStore", "ResultBytes", "TERMINAL", "state_name", "new_job_id", "unknown_job"]
+__all__ = ["Job", "JobStore", "TERMINAL", "state_name", "new_job_id", "unknown_job"]
 
 _log = logging.getLogger("tether.server")
 _ORDER = {
@@ -59,60 +58,6 @@ def _now() -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
-class ResultBytes:
-    """A serialized JobResult kept as the pieces it was encoded in (bytes, or memoryviews of tensors' memory):
-    chunks are cut from them directly, so the result is never joined into one buffer."""
-
-    def __init__(self, pieces: bytes | bytearray | memoryview | list):
-        if isinstance(pieces, (bytes, bytearray, memoryview)):
-            pieces = [pieces]
-        self.pieces = [memoryview(p).cast("B") for p in pieces if len(p)]
-        self.starts, size = [], 0
-        for piece in self.pieces:
-            self.starts.append(size)
-            size += len(piece)
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def views(self, offset: int, size: int) -> list[memoryview]:
-        """Memoryviews covering bytes [offset, offset + size) (no copy)."""
-        out, end = [], min(offset + size, self.size)
-        i = max(0, bisect.bisect_right(self.starts, offset) - 1)
-        while offset < end and i < len(self.pieces):
-            piece, start = self.pieces[i], self.starts[i]
-            take = piece[offset - start : end - start]
-            out.append(take)
-            offset += len(take)
-            i += 1
-        return out
-
-    def tobytes(self) -> bytes:
-        return b"".join(self.pieces)
-
-
-@dataclass(frozen=True)
-class _ResultChunk:
-    """A result-chunk event, kept as a position in Job.result (the bytes are not stored twice)."""
-
-    sequence: int
-    time: timestamp_pb2.Timestamp
-    offset: int
-    size: int
-
-    def parts(self, job_id: str, result: ResultBytes, more: bool = False) -> list[bytes | memoryview]:
-        """Its serialized RunJobResponse (the event as `event`; `more`: as one of more_events), as pieces:
-        the data stays views of the result's pieces until the message is joined (its one copy)."""
-        head = jobs_pb2.JobEvent(job_id=job_id, sequence=self.sequence, time=self.time).SerializeToString()
-        prefix = result_event_prefix(head, chunk_length(self.offset, self.size, result.size), more=more)
-        return chunk_parts(prefix, self.offset, result.views(self.offset, self.size), result.size)
-
-    def frame(self, job_id: str, result: ResultBytes) -> bytes:
-        """Its serialized RunJobResponse, built straight from the result's pieces (one copy of the data)."""
-        return b"".join(self.parts(job_id, result))
-
-
 class Job:
     """One job. Every mutable field is guarded by `cond`; waiters use `cond` to hear of new events."""
 
@@ -132,7 +77,7 @@ class Job:
         # replaces them), so readers may serialize them outside the lock.
         # Events are kept inside their RunJobResponse (the same bytes as a WatchJobResponse): serialized once
         # per send, with no copy into a response message.
-        self._events: list[jobs_pb2.RunJobResponse | _ResultChunk] = []
+        self._events: list[jobs_pb2.RunJobResponse | ResultChunk] = []
         self._local_calls: dict[str, list[int]] = {}  # guarded by cond: call_id -> indexes of its events
         self.link = None  # set once, before the job is queued: its LocalLink (RunJob jobs only)
         self.on_end: Callable[[Job], None] | None = None  # set once by JobStore.add: learns the expiry time
@@ -224,7 +169,7 @@ class Job:
             self.result = result
             for offset in range(0, max(len(result), 1), chunk_size):
                 self._events.append(
-                    _ResultChunk(len(self._events) + 1, stamp, offset, min(chunk_size, len(result) - offset))
+                    ResultChunk(len(self._events) + 1, stamp, offset, min(chunk_size, len(result) - offset))
                 )
             self.set_state(jobs_pb2.JOB_STATE_COMPLETED, f"result of {format_bytes(len(result))}")
             self._retain(ttl)
@@ -344,7 +289,7 @@ class Job:
         parts: list[bytes | memoryview] = []
         size = large = 0  # bytes of events in `parts`, all and large ones
         for entry in entries:
-            if isinstance(entry, _ResultChunk):
+            if isinstance(entry, ResultChunk):
                 more = entry.parts(self.id, result, more=bool(parts))
                 length = entry.size
             else:
@@ -354,7 +299,7 @@ class Job:
             big = length >= SMALL_EVENT
             if parts and (big and large + length > BATCH_BYTES or size + length > BATCH_BYTES + SMALL_EVENT):
                 frames.append(b"".join(parts))  # full: this event starts the next message
-                more = entry.parts(self.id, result) if isinstance(entry, _ResultChunk) else [serialized]
+                more = entry.parts(self.id, result) if isinstance(entry, ResultChunk) else [serialized]
                 parts, size, large = [], 0, 0
             parts.extend(more)
             size += length
@@ -383,9 +328,9 @@ class Job:
                 return None
         return frames
 
-    def _materialize(self, entry: jobs_pb2.RunJobResponse | _ResultChunk,
+    def _materialize(self, entry: jobs_pb2.RunJobResponse | ResultChunk,
                      result: ResultBytes | None) -> jobs_pb2.JobEvent:
-        if not isinstance(entry, _ResultChunk):
+        if not isinstance(entry, ResultChunk):
             return entry.event
         chunk = jobs_pb2.Chunk(
             offset=entry.offset,

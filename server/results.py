@@ -35,7 +35,7 @@ def encode_result(values: Mapping[str, Any], encode: Callable[[Any], values_pb2.
 def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], values_pb2.Value], limit: int,
                          log: Callable[..., None] = print) -> list[bytes | memoryview]:
     """The serialized JobResult of `values` (what `execute` returned) as pieces that concatenate into it
-    (jobs.ResultBytes cuts chunks from them); ResultTooLarge above `limit` bytes.
+    (result_bytes.ResultBytes cuts chunks from them); ResultTooLarge above `limit` bytes.
 
     A value a client could not load (a pickle naming globals outside tether's default allow-list, such as a
     torch.Generator, or a function the program defined) is left out, with a line in the job's log.
