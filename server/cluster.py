@@ -192,24 +192,16 @@ class ClusterCore:
         return entry[1]
 
     # ---- jobs ---------------------------------------------------------------------------------
-    def publish(self, meta: JobMeta) -> JobMeta:
-        """Create and publish the job `meta` describes; an earlier job with its request id wins (returned)."""
-        job = self._store.create(meta.owner, meta.model, meta.kind, meta.request_id, meta.stream, meta.job_id)
-        return _meta(self._store.add(job))
-
     @_refusals
-    def submit(self, job_id: str, program: bytes, limits: JobLimits, batch: tuple, generation: int) -> None:
-        """Queue a published job (refused: the record is dropped, as for a job that never runs)."""
-        job = self._job(job_id)
-        try:
-            queue = self._queue(job.model, generation)
-            if queue is None:
-                raise NotFound(f"the cluster hosts no model named {job.model!r} (it was evicted); "
-                               "`tether models` lists those it hosts")
-            queue.submit(job, program, limits, job.link, batch)
-        except ServerError:
-            self._store.remove(job)
-            raise
+    def start(self, meta: JobMeta, program: bytes, limits: JobLimits, batch: tuple, generation: int) -> JobMeta:
+        """Create, publish and queue the job `meta` describes, in one call from its door; an earlier job with its
+        request id wins (its meta is returned, nothing is queued). Refused: no record is kept."""
+        job = self._store.create(meta.owner, meta.model, meta.kind, meta.request_id, meta.stream, meta.job_id)
+        queue = self._queue(job.model, generation)
+        if queue is None:
+            raise NotFound(f"the cluster hosts no model named {job.model!r} (it was evicted); "
+                           "`tether models` lists those it hosts")
+        return _meta(self._store.start(job, queue, program, limits, batch))
 
     def find(self, job_id: str) -> JobMeta | None:
         job = self._store.find(job_id)

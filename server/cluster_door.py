@@ -157,16 +157,21 @@ class ClusterJobs:
         return RemoteJob(self._core, JobMeta(new_job_id(), owner, model, kind, request_id, stream))
 
     def find_request(self, owner: str, request_id: str) -> RemoteJob | None:
-        """None: `add` finds the job an earlier request made (the core publishes the first one only), so a new
+        """None: `start` finds the job an earlier request made (the core publishes the first one only), so a new
         job costs no call for this."""
         return None
 
-    def add(self, job: RemoteJob) -> RemoteJob:
-        meta = self._core("publish", job.meta)
+    def start(self, job: RemoteJob, queue: ClusterQueue, program: bytes, limits: JobLimits,
+              batch: tuple) -> RemoteJob:
+        """JobStore.start in one call on the core (it publishes and queues the job); the earlier job with its
+        request id if there is one."""
+        try:
+            meta = self._core("start", job.meta, program, limits, batch, queue.generation)
+        except ServerError as error:
+            if error.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                queue.gone()
+            raise
         return job if meta.job_id == job.id else RemoteJob(self._core, meta)
-
-    def remove(self, job: RemoteJob) -> None:
-        """(The core drops the record of a job it refused to queue itself.)"""
 
     def get(self, job_id: str, owner: str) -> RemoteJob:
         meta = self._core("find", job_id)
@@ -211,14 +216,9 @@ class ClusterQueue:
         self._core, self.name, self.generation, self._replicas = core, name, generation, replicas
         self._gone = gone  # called when the core no longer hosts this generation of the model
 
-    def submit(self, job: RemoteJob, program: bytes, limits: JobLimits, link: Any,
-               batch: tuple[tuple | None, int] = (None, 0)) -> None:
-        try:
-            self._core("submit", job.id, program, limits, batch, self.generation)
-        except ServerError as error:
-            if error.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
-                self._gone(self.name, self.generation)
-            raise
+    def gone(self) -> None:
+        """The core no longer hosts this generation of the model: the door drops its copy."""
+        self._gone(self.name, self.generation)
 
     def position(self, job: Any) -> int:
         return 0  # (RemoteJob.info has the core's)

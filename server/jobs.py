@@ -24,7 +24,7 @@ from tether.protocol import TERMINAL, state_name
 from tether.sizes import format_bytes
 from tether.v1 import failure_pb2, jobs_pb2
 
-from .errors import NotFound
+from .errors import NotFound, ServerError
 
 __all__ = ["Job", "JobStore", "ResultBytes", "TERMINAL", "state_name", "new_job_id", "unknown_job"]
 
@@ -470,6 +470,19 @@ class JobStore:
             self._jobs[job.id] = job
             job.on_end = self._job_ended
             return job
+
+    def start(self, job: Job, queue, program: bytes, limits, batch: tuple) -> Job:
+        """Publish `job` and put it in `queue` (a workers.ModelQueue); the job with its request id if one appeared
+        meanwhile (not queued again). Refused (queue full, model out of service): no record is kept."""
+        published = self.add(job)
+        if published is not job:
+            return published
+        try:
+            queue.submit(job, program, limits, job.link, batch)
+        except ServerError:
+            self.remove(job)
+            raise
+        return job
 
     def _job_ended(self, job: Job) -> None:
         _log.info("%s", job.summary())

@@ -132,19 +132,12 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         decoded.release()  # the worker decodes it again, in its own process
         if not stream and decoded.has_local_blocks:
             raise InvalidProgram(NO_STREAM)
+        queue = hub.queues.get(hosted.name)
+        if queue is None:  # evicted since it was resolved
+            hub.registry.get(hosted.name)  # raises NotFound
         job = hub.store.create(owner, hosted.name, spec.program.kind, spec.request_id, stream)
-        published = hub.store.add(job)
-        if published is not job:  # the same request_id won a race
-            return published, True
-        try:
-            queue = hub.queues.get(hosted.name)
-            if queue is None:  # evicted since it was resolved
-                hub.registry.get(hosted.name)  # raises NotFound
-            queue.submit(job, spec.program.SerializeToString(), JobLimits.of(spec, hub.limits), job.link, batch)
-        except ServerError:  # refused (queue full, model out of service): no record of a job that never runs
-            hub.store.remove(job)
-            raise
-        return job, False
+        started = hub.store.start(job, queue, spec.program.SerializeToString(), JobLimits.of(spec, hub.limits), batch)
+        return started, started is not job  # (another: the same request_id won a race)
 
     def _cancel(self, job: Job, reason: str) -> None:
         cancel_job(self._hub, job, reason)
