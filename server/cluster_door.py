@@ -63,13 +63,15 @@ def connect_core(limits: Limits, policy: Any) -> Core:
 class RemoteLink:
     """A job's RunJob streams as LocalLink's attach/detach/deliver, kept by the core's LocalLink."""
 
-    def __init__(self, core: Core, job_id: str):
-        self._core, self._job_id = core, job_id
+    def __init__(self, core: Core, job_id: str, ended):
+        self._core, self._job_id, self._ended = core, job_id, ended  # ended(): this door saw the job end
 
     def attach(self) -> None:
         self._core("attach", self._job_id)
 
     def detach(self, reason: str) -> None:
+        if self._ended():  # no local() call can come any more: the core need not hear of it (a call saved)
+            return
         try:
             self._core("detach", self._job_id, reason)
         except ServerError as error:
@@ -100,8 +102,9 @@ class RemoteJob:
         self.id, self.owner, self.model, self.kind = meta.job_id, meta.owner, meta.model, meta.kind
         self.request_id = meta.request_id
         self.cond = threading.Condition()  # (notified by the servicers; waits on the core are WAIT_SLICE at most)
-        self.link = RemoteLink(core, self.id) if meta.stream else None
+        self.link = RemoteLink(core, self.id, lambda: self._finished) if meta.stream else None
         self._ended = 0  # the terminal state once a call saw it (it never changes again)
+        self._finished = False  # a call saw it end and every event was read
 
     @property
     def state(self) -> int:
@@ -138,6 +141,7 @@ class RemoteJob:
         while True:
             left = WAIT_SLICE if deadline is None else max(0.0, min(WAIT_SLICE, deadline - time.monotonic()))
             frames, count, finished = self._core("wait_frames", self.id, after, limit, linger, left, wait=left)
+            self._finished = self._finished or finished
             if frames or finished or stop() or (deadline is not None and time.monotonic() >= deadline):
                 return frames, count, finished
 
