@@ -193,15 +193,22 @@ class ClusterCore:
 
     # ---- jobs ---------------------------------------------------------------------------------
     @_refusals
-    def start(self, meta: JobMeta, program: bytes, limits: JobLimits, batch: tuple, generation: int) -> JobMeta:
+    def start(self, meta: JobMeta, program: bytes, limits: JobLimits, batch: tuple, generation: int,
+              wait: tuple[float, int]) -> tuple[JobMeta, tuple | None]:
         """Create, publish and queue the job `meta` describes, in one call from its door; an earlier job with its
-        request id wins (its meta is returned, nothing is queued). Refused: no record is kept."""
+        request id wins (its meta is returned, nothing is queued). Refused: no record is kept. With `wait`
+        (seconds, max_bytes) the call then waits, as frames_when_done, for the job's end: (meta, (frames, state))
+        so a SubmitJob that waits costs its door one call; (meta, None) without."""
         job = self._store.create(meta.owner, meta.model, meta.kind, meta.request_id, meta.stream, meta.job_id)
         queue = self._queue(job.model, generation)
         if queue is None:
             raise NotFound(f"the cluster hosts no model named {job.model!r} (it was evicted); "
                            "`tether models` lists those it hosts")
-        return _meta(self._store.start(job, queue, program, limits, batch))
+        started = self._store.start(job, queue, program, limits, batch)
+        seconds, max_bytes = wait
+        if seconds <= 0 or started is not job:
+            return _meta(started), None
+        return _meta(job), (job.frames_when_done(_never, min(seconds, WAIT_SLICE * 10), max_bytes), job.state)
 
     def find(self, job_id: str) -> JobMeta | None:
         job = self._store.find(job_id)

@@ -105,6 +105,7 @@ class RemoteJob:
         self.link = RemoteLink(core, self.id, lambda: self._finished) if meta.stream else None
         self._ended = 0  # the terminal state once a call saw it (it never changes again)
         self._finished = False  # a call saw it end and every event was read
+        self.when_done: tuple | None = None  # (frames, state) the core's start answered after waiting for its end
 
     @property
     def state(self) -> int:
@@ -146,7 +147,9 @@ class RemoteJob:
                 return frames, count, finished
 
     def frames_when_done(self, stop, timeout: float, max_bytes: int) -> list[bytes] | None:
-        frames, state = self._core("frames_when_done", self.id, timeout, max_bytes, wait=timeout)
+        """Job.frames_when_done through the core (answered already, once, when its start waited for the end)."""
+        answered, self.when_done = self.when_done, None
+        frames, state = answered or self._core("frames_when_done", self.id, timeout, max_bytes, wait=timeout)
         self._seen(state)
         return frames
 
@@ -166,16 +169,20 @@ class ClusterJobs:
         return None
 
     def start(self, job: RemoteJob, queue: ClusterQueue, program: bytes, limits: JobLimits,
-              batch: tuple) -> RemoteJob:
-        """JobStore.start in one call on the core (it publishes and queues the job); the earlier job with its
+              batch: tuple, wait: tuple[float, int] = (0.0, 0)) -> RemoteJob:
+        """JobStore.start in one call on the core (it publishes and queues the job, and with `wait` also waits
+        for its end: the job's frames_when_done then answers without a call); the earlier job with its
         request id if there is one."""
         try:
-            meta = self._core("start", job.meta, program, limits, batch, queue.generation)
+            meta, done = self._core("start", job.meta, program, limits, batch, queue.generation, wait, wait=wait[0])
         except ServerError as error:
             if error.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
                 queue.gone()
             raise
-        return job if meta.job_id == job.id else RemoteJob(self._core, meta)
+        if meta.job_id != job.id:
+            return RemoteJob(self._core, meta)
+        job.when_done = done
+        return job
 
     def get(self, job_id: str, owner: str) -> RemoteJob:
         meta = self._core("find", job_id)

@@ -471,9 +471,12 @@ class JobStore:
             job.on_end = self._job_ended
             return job
 
-    def start(self, job: Job, queue, program: bytes, limits, batch: tuple) -> Job:
+    def start(self, job: Job, queue, program: bytes, limits, batch: tuple,
+              wait: tuple[float, int] = (0.0, 0)) -> Job:
         """Publish `job` and put it in `queue` (a workers.ModelQueue); the job with its request id if one appeared
-        meanwhile (not queued again). Refused (queue full, model out of service): no record is kept."""
+        meanwhile (not queued again). Refused (queue full, model out of service): no record is kept. `wait`:
+        (seconds, max_bytes) of the caller's frames_when_done next (a cluster's store waits in this call; here
+        that wait costs nothing, so it is the caller's)."""
         published = self.add(job)
         if published is not job:
             return published
