@@ -14,7 +14,7 @@ import grpc
 
 from tether.v1 import jobs_pb2, models_pb2
 
-from .cluster import CORE_NAME, WAIT_SLICE, JobMeta, Refused, core_of
+from .cluster import CORE_NAME, FIRST_EVENTS, WAIT_SLICE, JobMeta, Refused, core_of
 from .deployments import FAILED, READY, Deployment, ModelTable
 from .errors import ModelExists, NotFound, ServerError
 from .jobs import TERMINAL, new_job_id, unknown_job
@@ -106,6 +106,7 @@ class RemoteJob:
         self._ended = 0  # the terminal state once a call saw it (it never changes again)
         self._finished = False  # a call saw it end and every event was read
         self.when_done: tuple | None = None  # (frames, state) the core's start answered after waiting for its end
+        self.first_frames: tuple | None = None  # a RunJob's wait_frames from 0, answered by the core's start
 
     @property
     def state(self) -> int:
@@ -138,6 +139,10 @@ class RemoteJob:
     def wait_frames(self, after: int, stop, timeout: float | None = None, limit: int = 16,
                     linger: float = 0.0) -> tuple[list[bytes], int, bool]:
         """Job.wait_frames through the core, in waits of WAIT_SLICE at most (so `stop()` is seen)."""
+        answered, self.first_frames = self.first_frames, None
+        if answered is not None and after == 0 and limit == FIRST_EVENTS:
+            self._finished = self._finished or answered[2]
+            return answered
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = WAIT_SLICE if deadline is None else max(0.0, min(WAIT_SLICE, deadline - time.monotonic()))
@@ -181,7 +186,10 @@ class ClusterJobs:
             raise
         if meta.job_id != job.id:
             return RemoteJob(self._core, meta)
-        job.when_done = done
+        if job.link is not None:
+            job.first_frames = done
+        else:
+            job.when_done = done
         return job
 
     def get(self, job_id: str, owner: str) -> RemoteJob:
