@@ -18,15 +18,16 @@ from tether.v1 import jobs_pb2, models_pb2
 
 from . import errors
 from .errors import ModelExists, NotFound, ServerError
-from .jobs import Job, JobStore, unknown_job
+from .jobs import STATUS_LINGER, Job, JobStore, unknown_job
 from .workers import JobLimits, Limits, ModelQueue, stop_job
 
-__all__ = ["ClusterCore", "JobMeta", "Refused", "core_of", "shut_down", "CORE_NAME", "WAIT_SLICE"]
+__all__ = ["ClusterCore", "JobMeta", "Refused", "core_of", "shut_down", "CORE_NAME", "FIRST_EVENTS", "WAIT_SLICE"]
 
 _log = logging.getLogger("tether.server")
 CORE_NAME = "core"  # the core's actor name, in its namespace (`ray list actors` shows it)
 MAX_CALLS = 256  # calls the core serves at once (front doors' watchers each hold one for up to WAIT_SLICE)
 WAIT_SLICE = 1.0  # s: the longest one call waits for a job's events (a watcher that left is seen within this)
+FIRST_EVENTS = 16  # events a RunJob's start brings at most (the servicer's wait_frames limit)
 EVICT_WAIT = 10.0  # s: an evict waits this long for the model's replicas to stop (their actors killed)
 
 
@@ -192,24 +193,28 @@ class ClusterCore:
         return entry[1]
 
     # ---- jobs ---------------------------------------------------------------------------------
-    def publish(self, meta: JobMeta) -> JobMeta:
-        """Create and publish the job `meta` describes; an earlier job with its request id wins (returned)."""
-        job = self._store.create(meta.owner, meta.model, meta.kind, meta.request_id, meta.stream, meta.job_id)
-        return _meta(self._store.add(job))
-
     @_refusals
-    def submit(self, job_id: str, program: bytes, limits: JobLimits, batch: tuple, generation: int) -> None:
-        """Queue a published job (refused: the record is dropped, as for a job that never runs)."""
-        job = self._job(job_id)
-        try:
-            queue = self._queue(job.model, generation)
-            if queue is None:
-                raise NotFound(f"the cluster hosts no model named {job.model!r} (it was evicted); "
-                               "`tether models` lists those it hosts")
-            queue.submit(job, program, limits, job.link, batch)
-        except ServerError:
-            self._store.remove(job)
-            raise
+    def start(self, meta: JobMeta, program: bytes, limits: JobLimits, batch: tuple, generation: int,
+              wait: tuple[float, int]) -> tuple[JobMeta, tuple | None]:
+        """Create, publish and queue the job `meta` describes, in one call from its door; an earlier job with its
+        request id wins (its meta is returned, nothing is queued). Refused: no record is kept. With `wait`
+        (seconds, max_bytes) the call then waits, as frames_when_done, for the job's end: (meta, (frames, state))
+        so a SubmitJob that waits costs its door one call; (meta, None) without. A RunJob's answer brings its first
+        events (as wait_frames from 0), read by its door next."""
+        job = self._store.create(meta.owner, meta.model, meta.kind, meta.request_id, meta.stream, meta.job_id)
+        queue = self._queue(job.model, generation)
+        if queue is None:
+            raise NotFound(f"the cluster hosts no model named {job.model!r} (it was evicted); "
+                           "`tether models` lists those it hosts")
+        started = self._store.start(job, queue, program, limits, batch)
+        seconds, max_bytes = wait
+        if started is not job:
+            return _meta(started), None
+        if job.link is not None:  # a RunJob: its door reads its first events next (RemoteJob.wait_frames)
+            return _meta(job), job.wait_frames(0, _never, WAIT_SLICE, FIRST_EVENTS, STATUS_LINGER)
+        if seconds <= 0:
+            return _meta(job), None
+        return _meta(job), (job.frames_when_done(_never, min(seconds, WAIT_SLICE * 10), max_bytes), job.state)
 
     def find(self, job_id: str) -> JobMeta | None:
         job = self._store.find(job_id)

@@ -14,7 +14,7 @@ import grpc
 
 from tether.v1 import jobs_pb2, models_pb2
 
-from .cluster import CORE_NAME, WAIT_SLICE, JobMeta, Refused, core_of
+from .cluster import CORE_NAME, FIRST_EVENTS, WAIT_SLICE, JobMeta, Refused, core_of
 from .deployments import FAILED, READY, Deployment, ModelTable
 from .errors import ModelExists, NotFound, ServerError
 from .jobs import TERMINAL, new_job_id, unknown_job
@@ -63,13 +63,15 @@ def connect_core(limits: Limits, policy: Any) -> Core:
 class RemoteLink:
     """A job's RunJob streams as LocalLink's attach/detach/deliver, kept by the core's LocalLink."""
 
-    def __init__(self, core: Core, job_id: str):
-        self._core, self._job_id = core, job_id
+    def __init__(self, core: Core, job_id: str, ended):
+        self._core, self._job_id, self._ended = core, job_id, ended  # ended(): this door saw the job end
 
     def attach(self) -> None:
         self._core("attach", self._job_id)
 
     def detach(self, reason: str) -> None:
+        if self._ended():  # no local() call can come any more: the core need not hear of it (a call saved)
+            return
         try:
             self._core("detach", self._job_id, reason)
         except ServerError as error:
@@ -100,8 +102,11 @@ class RemoteJob:
         self.id, self.owner, self.model, self.kind = meta.job_id, meta.owner, meta.model, meta.kind
         self.request_id = meta.request_id
         self.cond = threading.Condition()  # (notified by the servicers; waits on the core are WAIT_SLICE at most)
-        self.link = RemoteLink(core, self.id) if meta.stream else None
+        self.link = RemoteLink(core, self.id, lambda: self._finished) if meta.stream else None
         self._ended = 0  # the terminal state once a call saw it (it never changes again)
+        self._finished = False  # a call saw it end and every event was read
+        self.when_done: tuple | None = None  # (frames, state) the core's start answered after waiting for its end
+        self.first_frames: tuple | None = None  # a RunJob's wait_frames from 0, answered by the core's start
 
     @property
     def state(self) -> int:
@@ -134,15 +139,22 @@ class RemoteJob:
     def wait_frames(self, after: int, stop, timeout: float | None = None, limit: int = 16,
                     linger: float = 0.0) -> tuple[list[bytes], int, bool]:
         """Job.wait_frames through the core, in waits of WAIT_SLICE at most (so `stop()` is seen)."""
+        answered, self.first_frames = self.first_frames, None
+        if answered is not None and after == 0 and limit == FIRST_EVENTS:
+            self._finished = self._finished or answered[2]
+            return answered
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = WAIT_SLICE if deadline is None else max(0.0, min(WAIT_SLICE, deadline - time.monotonic()))
             frames, count, finished = self._core("wait_frames", self.id, after, limit, linger, left, wait=left)
+            self._finished = self._finished or finished
             if frames or finished or stop() or (deadline is not None and time.monotonic() >= deadline):
                 return frames, count, finished
 
     def frames_when_done(self, stop, timeout: float, max_bytes: int) -> list[bytes] | None:
-        frames, state = self._core("frames_when_done", self.id, timeout, max_bytes, wait=timeout)
+        """Job.frames_when_done through the core (answered already, once, when its start waited for the end)."""
+        answered, self.when_done = self.when_done, None
+        frames, state = answered or self._core("frames_when_done", self.id, timeout, max_bytes, wait=timeout)
         self._seen(state)
         return frames
 
@@ -157,16 +169,28 @@ class ClusterJobs:
         return RemoteJob(self._core, JobMeta(new_job_id(), owner, model, kind, request_id, stream))
 
     def find_request(self, owner: str, request_id: str) -> RemoteJob | None:
-        """None: `add` finds the job an earlier request made (the core publishes the first one only), so a new
+        """None: `start` finds the job an earlier request made (the core publishes the first one only), so a new
         job costs no call for this."""
         return None
 
-    def add(self, job: RemoteJob) -> RemoteJob:
-        meta = self._core("publish", job.meta)
-        return job if meta.job_id == job.id else RemoteJob(self._core, meta)
-
-    def remove(self, job: RemoteJob) -> None:
-        """(The core drops the record of a job it refused to queue itself.)"""
+    def start(self, job: RemoteJob, queue: ClusterQueue, program: bytes, limits: JobLimits,
+              batch: tuple, wait: tuple[float, int] = (0.0, 0)) -> RemoteJob:
+        """JobStore.start in one call on the core (it publishes and queues the job, and with `wait` also waits
+        for its end: the job's frames_when_done then answers without a call); the earlier job with its
+        request id if there is one."""
+        try:
+            meta, done = self._core("start", job.meta, program, limits, batch, queue.generation, wait, wait=wait[0])
+        except ServerError as error:
+            if error.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                queue.gone()
+            raise
+        if meta.job_id != job.id:
+            return RemoteJob(self._core, meta)
+        if job.link is not None:
+            job.first_frames = done
+        else:
+            job.when_done = done
+        return job
 
     def get(self, job_id: str, owner: str) -> RemoteJob:
         meta = self._core("find", job_id)
@@ -211,14 +235,9 @@ class ClusterQueue:
         self._core, self.name, self.generation, self._replicas = core, name, generation, replicas
         self._gone = gone  # called when the core no longer hosts this generation of the model
 
-    def submit(self, job: RemoteJob, program: bytes, limits: JobLimits, link: Any,
-               batch: tuple[tuple | None, int] = (None, 0)) -> None:
-        try:
-            self._core("submit", job.id, program, limits, batch, self.generation)
-        except ServerError as error:
-            if error.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
-                self._gone(self.name, self.generation)
-            raise
+    def gone(self) -> None:
+        """The core no longer hosts this generation of the model: the door drops its copy."""
+        self._gone(self.name, self.generation)
 
     def position(self, job: Any) -> int:
         return 0  # (RemoteJob.info has the core's)

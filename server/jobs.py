@@ -22,7 +22,7 @@ from tether.protocol import TERMINAL, state_name
 from tether.sizes import format_bytes
 from tether.v1 import failure_pb2, jobs_pb2
 
-from .errors import NotFound
+from .errors import NotFound, ServerError
 from .result_bytes import ResultBytes, ResultChunk
 
 __all__ = ["Job", "JobStore", "TERMINAL", "state_name", "new_job_id", "unknown_job"]
@@ -415,6 +415,22 @@ class JobStore:
             self._jobs[job.id] = job
             job.on_end = self._job_ended
             return job
+
+    def start(self, job: Job, queue, program: bytes, limits, batch: tuple,
+              wait: tuple[float, int] = (0.0, 0)) -> Job:
+        """Publish `job` and put it in `queue` (a workers.ModelQueue); the job with its request id if one appeared
+        meanwhile (not queued again). Refused (queue full, model out of service): no record is kept. `wait`:
+        (seconds, max_bytes) of the caller's frames_when_done next (a cluster's store waits in this call; here
+        that wait costs nothing, so it is the caller's)."""
+        published = self.add(job)
+        if published is not job:
+            return published
+        try:
+            queue.submit(job, program, limits, job.link, batch)
+        except ServerError:
+            self.remove(job)
+            raise
+        return job
 
     def _job_ended(self, job: Job) -> None:
         _log.info("%s", job.summary())

@@ -29,6 +29,7 @@ __all__ = ["connect", "RayReplica", "ReplicaActor", "ActorConnection", "PickledM
 
 _log = logging.getLogger("tether.server")
 TAKE_WAIT = 0.5  # seconds one poll of an actor's outbox waits for a message (a dead actor is seen within this)
+PULLS = 2  # polls of an actor's outbox in flight at once: a message never waits for the next poll to arrive
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _connect_lock = threading.Lock()
 
@@ -156,13 +157,20 @@ class _ActorSide:
     put arrives in order through `recv`."""
 
     def __init__(self):
-        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # (sequence, message): PULLS takes read it at once
+        self._sent = itertools.count()  # guarded by _send_lock, with the outbox's order
+        self._send_lock = threading.Lock()
         self._inbox: dict[int, Any] = {}
         self._next = 0
         self._cond = threading.Condition()
 
     def send(self, message: Any) -> None:
-        self.outbox.put(_outgoing(message))
+        self.post(_outgoing(message))
+
+    def post(self, message: Any) -> None:
+        """Queue a message (None: the worker loop ended) with its sequence, so the front door reorders them."""
+        with self._send_lock:
+            self.outbox.put((next(self._sent), message))
 
     def deliver(self, seq: int, message: Any) -> None:
         with self._cond:
@@ -196,7 +204,7 @@ class ReplicaActor:
             except BaseException:
                 _log.exception("the worker of %s failed", name)
             finally:
-                self._side.outbox.put(None)
+                self._side.post(None)
 
         threading.Thread(target=run, name=f"tether-worker-{name}", daemon=True).start()
 
@@ -205,22 +213,19 @@ class ReplicaActor:
         self._side.deliver(seq, message)
 
     def take(self, timeout: float) -> list:
-        """The worker's messages: waits up to `timeout` for the first, then takes all that are ready; the last
-        is None once the worker loop has ended."""
+        """The worker's messages as (sequence, message): waits up to `timeout` for the first, then takes all that
+        are ready (a message None: the worker loop has ended). PULLS takes wait at once, so one may return while
+        the next is already waiting: the front door orders their messages by sequence."""
         out = self._side.outbox
         try:
-            first = out.get(timeout=timeout)
+            messages = [out.get(timeout=timeout)]
         except queue.Empty:
             return []
-        messages = [first]
         while True:
             try:
                 messages.append(out.get_nowait())
             except queue.Empty:
-                break
-        if None in messages:
-            return messages[:messages.index(None)] + [None]
-        return messages
+                return messages
 
     def node_ip(self) -> str:
         import ray
@@ -236,7 +241,7 @@ def _actor_class():
     if _actor_cls is None:
         import ray
 
-        _actor_cls = ray.remote(max_concurrency=4, max_restarts=0)(ReplicaActor)
+        _actor_cls = ray.remote(max_concurrency=PULLS + 2, max_restarts=0)(ReplicaActor)  # (+ puts)
     return _actor_cls
 
 
@@ -271,16 +276,24 @@ class ActorConnection:
         import ray
         from ray.exceptions import RayActorError
 
+        polls = [self._actor.take.remote(TAKE_WAIT) for _ in range(PULLS)]
+        held: dict[int, Any] = {}  # messages by sequence, until those before them arrived
+        expected = 0
         while not self._closed:
             try:
-                batch = ray.get(self._actor.take.remote(TAKE_WAIT))
+                ready, _ = ray.wait(polls, num_returns=1)
+                polls.remove(ready[0])
+                polls.append(self._actor.take.remote(TAKE_WAIT))  # (before reading: the actor is never unpolled)
+                held.update(ray.get(ready[0]))
             except RayActorError as error:
                 self._end(_why(error))
                 return
             except Exception as error:  # the cluster went away
                 self._end(f"its Ray actor could not be reached ({type(error).__name__}: {_first_line(error)})")
                 return
-            for message in batch:
+            while expected in held:
+                message = held.pop(expected)
+                expected += 1
                 if message is None:
                     self._end("its worker loop ended")
                     return

@@ -117,8 +117,9 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         self._readers.shutdown(wait=False)
 
     # ---- submitting ---------------------------------------------------------------------------
-    def _start(self, spec: jobs_pb2.JobSpec, owner: str, *, stream: bool) -> tuple[Job, bool]:
-        """Check, decode and queue a job; (job, existing) where existing means its request_id was seen."""
+    def _start(self, spec: jobs_pb2.JobSpec, owner: str, *, stream: bool, wait: float = 0.0) -> tuple[Job, bool]:
+        """Check, decode and queue a job; (job, existing) where existing means its request_id was seen. `wait`:
+        the caller then waits that long for the job's end (JobStore.start)."""
         hub = self._hub
         earlier = hub.store.find_request(owner, spec.request_id)
         if earlier is not None:
@@ -132,19 +133,13 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         decoded.release()  # the worker decodes it again, in its own process
         if not stream and decoded.has_local_blocks:
             raise InvalidProgram(NO_STREAM)
+        queue = hub.queues.get(hosted.name)
+        if queue is None:  # evicted since it was resolved
+            hub.registry.get(hosted.name)  # raises NotFound
         job = hub.store.create(owner, hosted.name, spec.program.kind, spec.request_id, stream)
-        published = hub.store.add(job)
-        if published is not job:  # the same request_id won a race
-            return published, True
-        try:
-            queue = hub.queues.get(hosted.name)
-            if queue is None:  # evicted since it was resolved
-                hub.registry.get(hosted.name)  # raises NotFound
-            queue.submit(job, spec.program.SerializeToString(), JobLimits.of(spec, hub.limits), job.link, batch)
-        except ServerError:  # refused (queue full, model out of service): no record of a job that never runs
-            hub.store.remove(job)
-            raise
-        return job, False
+        started = hub.store.start(job, queue, spec.program.SerializeToString(), JobLimits.of(spec, hub.limits), batch,
+                                  wait=(wait, INLINE_EVENTS_BYTES))
+        return started, started is not job  # (another: the same request_id won a race)
 
     def _cancel(self, job: Job, reason: str) -> None:
         cancel_job(self._hub, job, reason)
@@ -202,8 +197,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
     @_unary
     def SubmitJob(self, request, context, owner):
-        job, existing = self._start(request.job, owner, stream=False)
         wait = min(seconds(request.wait), MAX_SUBMIT_WAIT) if request.HasField("wait") else 0.0
+        job, existing = self._start(request.job, owner, stream=False, wait=wait)
         frames = None
         if wait > 0 and (gone := _rpc_end(job, context)) is not None:
             frames = job.frames_when_done(gone.is_set, wait, INLINE_EVENTS_BYTES)
