@@ -11,8 +11,7 @@ from typing import Any
 import torch
 
 from tether.placement_options import DEVICES, Placement
-from tether.runtime.envoy import module_of
-from tether.runtime.model import NNsight
+from tether.runtime.envoy import Envoy, module_of
 
 __all__ = ["from_pretrained_kwargs", "place", "resolve_device"]
 
@@ -50,10 +49,18 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def module_in(obj: Any) -> Any:
+    """The torch module inside what a model source returns (a module, a `(model, tokenizer)` pair or an
+    NNsight); `obj` itself when it holds none."""
+    if isinstance(obj, tuple):
+        obj = obj[0]
+    return module_of(obj) if isinstance(obj, Envoy) else obj
+
+
 def place(obj: Any, placement: Placement) -> Any:
     """`obj` (a torch module, a `(model, tokenizer)` pair or an NNsight) with its module in `placement`:
     cast to the dtype, then moved to the device, or spread over the GPUs for `device_map="auto"`."""
-    module = module_of(obj) if isinstance(obj, NNsight) else obj[0] if isinstance(obj, tuple) else obj
+    module = module_in(obj)
     if not isinstance(module, torch.nn.Module):
         return obj  # wrap() reports what it is
     if placement.dtype is not None:

@@ -10,9 +10,8 @@ from typing import Any
 
 import torch
 
-from tether.runtime.envoy import Envoy, module_of
-
 from .errors import WeightsChanged
+from .placement import module_in
 
 __all__ = ["WeightWatch"]
 
@@ -70,9 +69,7 @@ class WeightWatch:
 
 def _module_of(obj: Any) -> torch.nn.Module:
     """The torch module of what a model source returns: a module, a `(model, tokenizer)` pair or an NNsight."""
-    if isinstance(obj, tuple):
-        obj = obj[0]
-    module = module_of(obj) if isinstance(obj, Envoy) else obj
+    module = module_in(obj)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"the model's source returned {type(obj).__name__}, not a torch module")
     return module
