@@ -48,6 +48,44 @@ def pct(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def concurrent_clients(n: int, job: Callable[[int, int], Any], budget_s: float, cap: int) -> dict:
+    """n threads started together, client i running `job(i, k)` (its k-th job) back to back until the budget
+    or its cap of jobs is spent: jobs, jobs/s and per-job latency percentiles (ms)."""
+    latencies: list[list[float]] = [[] for _ in range(n)]
+    finished = [0.0] * n
+    errors: list[BaseException] = []
+    start = threading.Barrier(n + 1)
+    deadline = [0.0]
+
+    def client(i: int) -> None:
+        try:
+            start.wait()
+            while time.perf_counter() < deadline[0] and len(latencies[i]) < cap:
+                t = time.perf_counter_ns()
+                job(i, len(latencies[i]))
+                latencies[i].append((time.perf_counter_ns() - t) / 1e6)
+        except BaseException as error:  # reported below
+            errors.append(error)
+        finally:
+            finished[i] = time.perf_counter()
+
+    threads = [threading.Thread(target=client, args=(i,), name=f"bench-client-{i}") for i in range(n)]
+    for thread in threads:
+        thread.start()
+    gc.collect()
+    deadline[0] = time.perf_counter() + budget_s
+    t0 = time.perf_counter()
+    start.wait()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    elapsed = max(finished) - t0
+    flat = [x for per in latencies for x in per]
+    return {"clients": n, "jobs": len(flat), "seconds": elapsed, "jobs_per_s": len(flat) / elapsed,
+            "p50_ms": median(flat), "p99_ms": pct(flat, 99), "min_jobs_per_client": min(len(x) for x in latencies)}
+
+
 def paired(a: list[float], b: list[float]) -> list[float]:
     return [x - y for x, y in zip(a, b)]
 

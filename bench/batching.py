@@ -15,7 +15,17 @@ import time
 from typing import Any
 
 from bench import Options
-from bench._common import ROOT, busy_note, environment, host, load, log, median, ms, pct, quiet_client
+from bench._common import (
+    ROOT,
+    busy_note,
+    concurrent_clients,
+    environment,
+    host,
+    load,
+    log,
+    ms,
+    quiet_client,
+)
 
 NAME = "batching"
 TITLE = "Cross-job batching: 16 concurrent clients, batching on vs --max-batch 1 (separate server processes)"
@@ -82,39 +92,8 @@ class _Server:
 def _clients(job, n: int, budget_s: float) -> dict:
     """n threads, each with its own remote model, running blocking jobs back to back until the budget."""
     models = [_remote_model() for _ in range(n)]
-    cap = max(2, JOB_CAP // n)
-    latencies: list[list[float]] = [[] for _ in range(n)]
-    finished = [0.0] * n
-    errors: list[BaseException] = []
-    start = threading.Barrier(n + 1)
-    deadline = [0.0]
-
-    def client(i: int) -> None:
-        try:
-            start.wait()
-            while time.perf_counter() < deadline[0] and len(latencies[i]) < cap:
-                t = time.perf_counter()
-                job(models[i], PROMPTS[(i + len(latencies[i])) % len(PROMPTS)])
-                latencies[i].append((time.perf_counter() - t) * 1e3)
-        except BaseException as error:  # reported below
-            errors.append(error)
-        finally:
-            finished[i] = time.perf_counter()
-
-    threads = [threading.Thread(target=client, args=(i,), name=f"bench-client-{i}") for i in range(n)]
-    for thread in threads:
-        thread.start()
-    deadline[0] = time.perf_counter() + budget_s
-    t0 = time.perf_counter()
-    start.wait()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    flat = [x for per in latencies for x in per]
-    elapsed = max(finished) - t0
-    return {"clients": n, "jobs": len(flat), "seconds": elapsed, "jobs_per_s": len(flat) / elapsed,
-            "p50_ms": median(flat), "p99_ms": pct(flat, 99)}
+    return concurrent_clients(n, lambda i, k: job(models[i], PROMPTS[(i + k) % len(PROMPTS)]), budget_s,
+                              cap=max(2, JOB_CAP // n))
 
 
 def _remote_model() -> Any:

@@ -54,6 +54,7 @@ from ._common import (
     BareServer,
     bare_latencies,
     busy_note,
+    concurrent_clients,
     cpu_by_thread,
     cpu_table,
     environment,
@@ -231,40 +232,8 @@ def _concurrency(name: str, make_model, budget_s: float) -> dict:
 
 def _clients(n: int, models: list, budget_s: float) -> dict:
     """n threads, each running blocking remote jobs on its own model until the budget (or its cap) is spent."""
-    cap = max(3, CONCURRENCY_JOB_CAP // n)
-    latencies: list[list[float]] = [[] for _ in range(n)]
-    finished = [0.0] * n
-    errors: list[BaseException] = []
-    start = threading.Barrier(n + 1)
-    deadline = [0.0]
-
-    def client(i: int) -> None:
-        try:
-            start.wait()
-            while time.perf_counter() < deadline[0] and len(latencies[i]) < cap:
-                t = time.perf_counter_ns()
-                two_saves(models[i], remote=True)
-                latencies[i].append((time.perf_counter_ns() - t) / 1e6)
-        except BaseException as error:  # reported below
-            errors.append(error)
-        finally:
-            finished[i] = time.perf_counter()
-
-    threads = [threading.Thread(target=client, args=(i,), name=f"bench-client-{i}") for i in range(n)]
-    for thread in threads:
-        thread.start()
-    gc.collect()
-    deadline[0] = time.perf_counter() + budget_s
-    t0 = time.perf_counter()
-    start.wait()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    elapsed = max(finished) - t0
-    flat = [x for per in latencies for x in per]
-    return {"clients": n, "jobs": len(flat), "seconds": elapsed, "jobs_per_s": len(flat) / elapsed,
-            "p50_ms": median(flat), "p99_ms": pct(flat, 99), "min_jobs_per_client": min(len(x) for x in latencies)}
+    return concurrent_clients(n, lambda i, k: two_saves(models[i], remote=True), budget_s,
+                              cap=max(3, CONCURRENCY_JOB_CAP // n))
 
 
 # ---- 3. result throughput ------------------------------------------------------------------------------
