@@ -238,10 +238,11 @@ def hosted_name(model: Any) -> str | None:
     return own.get("_remote_name") or own.get("_source")
 
 
-def persistent_edits(model: Any) -> list:
+def persistent_edits(model: Any) -> list | tuple:
     """The `(block, names)` of each `model.edit()` still in force, oldest first: every job of `model` runs
-    them first (a remote job carries them, as its server's copy never keeps them)."""
-    return getattr(model, "__dict__", {}).get("_edits", [])
+    them first (a remote job carries them, as its server's copy never keeps them). The model's own list (a
+    server appends a job's edits to its job copy); `()` for an object that keeps none, so appending fails."""
+    return getattr(model, "__dict__", {}).get("_edits", ())
 
 
 def job_copy(model: NNsight, aliases: dict[str, str] | None = None) -> NNsight:
