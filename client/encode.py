@@ -94,6 +94,7 @@ def build_job(context: Any, ns: dict) -> Job:
         first_line=program.first_line,
         model=model_name,
         tracer_name=program.tracer_name,
+        enclosing_function=program.enclosing_function,
     )
     for edit_block, edit_ns in persistent_edits(model):
         msg.edits.append(_edit(encoder, edit_block, edit_ns))

@@ -9,6 +9,7 @@ traceback) by raising once from code compiled under that file name. Imports the 
 from __future__ import annotations
 
 import functools
+import linecache
 import sys
 import types
 from collections.abc import Iterable
@@ -61,15 +62,22 @@ class _Marker(Exception):
 
 
 def _frame_at(filename: str, line: int, function: str) -> types.TracebackType | None:
-    """A traceback entry whose frame runs at `line` of `filename`, in a code object named `function`."""
+    """A traceback entry whose frame runs at `line` of `filename`, in a code object named `function`.
+
+    The raise spans the columns of the user's line where it can (a name of underscores as long as needed), so
+    Python's traceback prints that line without carets under a stretch that means nothing."""
+    text = linecache.getline(filename, line)
+    indent = len(text) - len(text.lstrip()) if line > 1 else 0  # an indented line needs a block opened above it
+    marker = "_" * max(len(text.strip()) - len("raise "), 1)
+    above = "\n" * (line - 2) + "if 1:\n" if indent else "\n" * (line - 1)
     try:
-        code = compile("\n" * (line - 1) + "raise _Marker", filename, "exec")
+        code = compile(f"{above}{' ' * indent}raise {marker}", filename, "exec")
     except (SyntaxError, ValueError):
         return None
     if function.isidentifier() or function.startswith("<"):
         code = code.replace(co_name=function)
     try:
-        exec(code, {"_Marker": _Marker, "__name__": "__remote__"})  # not a tether module: kept in tracebacks
+        exec(code, {marker: _Marker, "__name__": "__remote__"})  # not a tether module: kept in tracebacks
     except _Marker:
         tb = sys.exc_info()[2]
         return tb.tb_next if tb is not None else None

@@ -45,6 +45,7 @@ class Block:
     loaded: frozenset[str]  # names the body reads
     local_blocks: list[tuple[int, int]] = field(default_factory=list)  # body.local_blocks: (first, last) lines
     item: int | None = None  # which of the with statement's items is tether's (set when first entered)
+    scope: str = "<module>"  # the function the `with` statement is in: the body's frames carry its name
     _code: dict = field(default_factory=dict)
 
     @classmethod
@@ -84,7 +85,11 @@ class Block:
             module = ast.Module(body=[_RouteTetherCalls().visit(copy.deepcopy(s)) for s in stmts], type_ignores=[])
             ast.fix_missing_locations(module)
             with _compile_lock:
-                self._code[key] = compile(module, self.filename, "exec")
+                code = compile(module, self.filename, "exec")
+            if self.scope != code.co_name:  # a traceback then reads `in work`, as if the body ran in place
+                code = code.replace(co_name=self.scope, **({"co_qualname": self.scope}
+                                                            if hasattr(code, "co_qualname") else {}))
+            self._code[key] = code
         return self._code[key]
 
     def top_level_index(self, line: int) -> int:
@@ -118,6 +123,7 @@ def find_block(frame: FrameType) -> Block:
     block = find_in_text(filename, "".join(lines), line)
     if block.item is None:
         block.item = entered_with_item(frame, block.node)
+        block.scope = frame.f_code.co_name
     if len(_recent) > 1024:
         _recent.clear()
     _recent[(filename, line)] = (lines, block)

@@ -74,12 +74,16 @@ class Context:
         try:
             self._run_skipped(frame, entered)
         except BaseException as error:
-            # IPython and pytest hide a frame with __tracebackhide__; _trimmed drops the frames below this one.
-            # Plain Python shows this frame: an exception leaving a Python function always gets an entry for
-            # it, and __exit__ is the function the `with` statement calls (runtime/README.md, "Tracebacks"),
-            # so the line below is written to read as what it is in a printed traceback.
+            # _trimmed drops tether's frames below this one; the `finally` drops this frame's own entry, which
+            # the raise adds (runtime/README.md, "Tracebacks"). Python 3.10 keeps that entry, whose printed
+            # line below says what it is; IPython and pytest hide it there (__tracebackhide__).
             __tracebackhide__ = True  # noqa: F841
-            raise _trimmed(error) from error.__cause__  # tether ran the `with` block's body; its error follows
+            trimmed = _trimmed(error)
+            body_traceback = trimmed.__traceback__
+            try:
+                raise trimmed from error.__cause__  # tether ran the `with` block's body; its error follows
+            finally:
+                trimmed.__traceback__ = body_traceback
         finally:
             set_handled_exception(exc)
         return True

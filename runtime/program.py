@@ -37,6 +37,7 @@ class Program:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     tracer_name: str = ""  # the `as` name of the block, bound to the server-side tracer or session
+    enclosing_function: str = ""  # the function the `with` statement is in ("" at module level)
 
 
 def program_of(context: Any, kind: str) -> Program:
@@ -51,6 +52,7 @@ def program_of(context: Any, kind: str) -> Program:
         args=tuple(getattr(context, "_args", ())),
         kwargs={**getattr(context, "_kwargs", {}), **getattr(context, "_run_kwargs", {})},
         tracer_name=target.id if isinstance(target, ast.Name) else "",
+        enclosing_function="" if block.scope == "<module>" else block.scope,
     )
 
 
@@ -72,17 +74,20 @@ def block_of(program: Program, filename: str | None = None) -> Block:
     filename = filename or program.filename
     text = "\n" * (program.first_line - 1) + program.source
     register_source(filename, text)
-    return _block_of_text(filename, text, program.first_line, program.source)
+    scope = program.enclosing_function if program.enclosing_function.isidentifier() else "<module>"
+    return _block_of_text(filename, text, program.first_line, program.source, scope)
 
 
 @bytes_lru_cache()
-def _block_of_text(filename: str, text: str, first_line: int, source: str) -> Block:
+def _block_of_text(filename: str, text: str, first_line: int, source: str, scope: str) -> Block:
     module = parse(text, filename)
     if not module.body:
         module.body = [ast.Pass(lineno=first_line, col_offset=0)]
     node = ast.With(items=[ast.withitem(context_expr=ast.Constant(None))], body=module.body,
                     lineno=max(first_line - 1, 1), col_offset=0)
-    return Block.of(filename, node, source, first_line=first_line)
+    block = Block.of(filename, node, source, first_line=first_line)
+    block.scope = scope
+    return block
 
 
 def execute(model: Any, program: Program, bindings: dict, *, filename: str | None = None,

@@ -285,6 +285,7 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
             args=tuple(codec.decode(v, f"argument {i + 1}") for i, v in enumerate(program.args)),
             kwargs={k: codec.decode(v, f"keyword argument `{k}`") for k, v in program.kwargs.items()},
             tracer_name=program.tracer_name,
+            enclosing_function=program.enclosing_function,
         ),
         body_filename=body_file,
         bindings={},

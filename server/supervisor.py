@@ -157,10 +157,13 @@ class Replica:
                 if self.queue.closed:
                     raise RuntimeError("the server stopped while the worker started")
                 if self.process is not None and not self.process.is_alive():
-                    raise RuntimeError(f"its process {self._how_it_ended()} while it started (see the server's log)")
+                    raise RuntimeError(self._died_starting())
                 if time.monotonic() > give_up:
                     raise RuntimeError(f"it did not start within {START_TIMEOUT:g} s")
-            ready = ours.recv()
+            try:
+                ready = ours.recv()
+            except EOFError:  # the process ended between the poll and the read
+                raise RuntimeError(self._died_starting()) from None
         except BaseException:
             self._kill()
             raise
@@ -195,6 +198,16 @@ class Replica:
             self.process.kill()
         if self.process is not None:
             self.process.join(5.0)
+
+    def _died_starting(self) -> str:
+        """Why the worker is gone before Ready; a script that starts the server unguarded is the usual cause."""
+        why = f"its process {self._how_it_ended()} while it started (its error is in the server's log)"
+        main = sys.modules.get("__main__")
+        if getattr(main, "__file__", None) and getattr(main, "__spec__", None) is None:
+            why += (f". A server started from a script must be started under `if __name__ == \"__main__\":` in "
+                    f"{main.__file__}: each worker process imports that script first, as Python's "
+                    "multiprocessing does, and would otherwise run it again")
+        return why
 
     def _how_it_ended(self) -> str:
         if self.process is None:

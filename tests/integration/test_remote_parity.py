@@ -416,6 +416,28 @@ def test_a_remote_builtin_error_is_that_type_with_the_users_frame(net, rnet, x):
     assert "list index" not in str(info.value) and "index 99 is out of bounds" in str(info.value)
 
 
+def _failing_pick(model, x, remote):
+    with model.trace(x, remote=remote):
+        hidden = model.layer1.output
+        picked = hidden[0, 99]  # noqa: F841
+
+
+def test_a_body_error_inside_a_function_has_the_same_frames_locally_and_remotely(net, rnet, x):
+    """The body's frame is named after its function both ways, and the printed remote traceback shows the
+    user's line without carets under a stretch of it that means nothing."""
+    seen = []
+    for model, remote in ((net, False), (rnet, True)):
+        with pytest.raises(IndexError) as info:
+            _failing_pick(model, x, remote)
+        frames = traceback.extract_tb(info.value.__traceback__)
+        seen.append([(f.name, f.line) for f in frames if f.filename == __file__][-2:])
+        printed = "".join(traceback.format_exception(info.value))
+        after = printed.split("picked = hidden[0, 99]  # noqa: F841\n")[1]
+        assert not after.lstrip(" ").startswith("^"), printed
+    assert seen[0] == seen[1] == [("_failing_pick", "with model.trace(x, remote=remote):"),
+                                  ("_failing_pick", "picked = hidden[0, 99]  # noqa: F841")]
+
+
 def test_a_remote_key_error_is_caught_by_its_own_except(rllm):
     try:
         with rllm.trace(PROMPT, remote=True):

@@ -146,7 +146,7 @@ def test_grad_asked_after_backward_names_the_variable_and_the_order():
     assert torch.equal(g, hidden.grad)
 
 
-def test_a_wrongly_shaped_set_names_the_users_line_and_only_one_tether_frame_shows():
+def test_a_wrongly_shaped_set_names_the_users_line_and_no_tether_frame_shows():
     net = tether.NNsight(tiny.tiny_net())
     with pytest.raises(RuntimeError) as info:
         with net.trace(torch.rand(1, 5)):
@@ -155,24 +155,26 @@ def test_a_wrongly_shaped_set_names_the_users_line_and_only_one_tether_frame_sho
     assert "`model.layer1.output = ...` (shape (3, 7))" in notes and f"{__file__}, line" in notes
     own = [str(ROOT / d) for d in ("runtime", "client", "server", "tether")]
     frames = [f.filename for f in traceback.extract_tb(info.value.__traceback__)]
-    assert sum(any(f.startswith(d) for d in own) for f in frames) == 1  # the `with` statement's __exit__
+    assert not [f for f in frames if any(f.startswith(d) for d in own)]
+    assert frames[0] == __file__  # the `with` line, then the model's frames: the error's own traceback
 
 
-def test_plain_python_shows_the_users_line_last_and_one_self_explaining_tether_frame(tmp_path):
-    """Outside IPython and pytest nothing hides `__exit__`'s frame (runtime/README.md, "Tracebacks"): the
-    traceback goes from the `with` line through that one frame, whose line says so, to the failing line."""
+def test_plain_python_shows_the_with_line_then_the_users_failing_line_and_no_tether_frame(tmp_path):
+    """Plain Python (no IPython or pytest to hide frames): the traceback of a body's error is the `with` line
+    and then the failing line, as if the body had run in place (runtime/README.md, "Tracebacks")."""
     script = tmp_path / "user.py"
     script.write_text("import torch\nimport tether\nfrom tether import tiny\n"
                       "net = tether.NNsight(tiny.tiny_net())\n"
-                      "with net.trace(torch.rand(1, 5)):\n"
-                      "    h = net.layer1.output\n"
-                      "    y = h[100]\n")
+                      "def work():\n"
+                      "    with net.trace(torch.rand(1, 5)):\n"
+                      "        h = net.layer1.output\n"
+                      "        y = h[100]\n"
+                      "work()\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n    (.*)', done.stderr)
-    assert [(Path(f).name, int(n)) for f, n, _ in frames if f == str(script)] == [("user.py", 5), ("user.py", 7)]
-    tether_lines = [line for f, _, line in frames if f != str(script)]
-    assert len(tether_lines) == 1 and "the `with` block's body; its error follows" in tether_lines[0]
-    assert frames[-1][2] == "y = h[100]" and done.stderr.rstrip().splitlines()[-1].startswith("IndexError")
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n    (.*)', done.stderr)
+    assert [(Path(f).name, int(n), name) for f, n, name, _ in frames] == [
+        ("user.py", 9, "<module>"), ("user.py", 6, "work"), ("user.py", 8, "work")]
+    assert frames[-1][3] == "y = h[100]" and done.stderr.rstrip().splitlines()[-1].startswith("IndexError")
 
 
 # ---- 11. the transformers-5 `.output[0]` trap --------------------------------------------------------

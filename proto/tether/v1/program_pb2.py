@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tether.v1 import values_pb2 as tether_dot_v1_dot_values__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tether/v1/program.proto\x12\ttether.v1\x1a\x16tether/v1/values.proto\"d\n\nLocalBlock\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x12\n\nfirst_line\x18\x02 \x01(\x05\x12\x11\n\tlast_line\x18\x03 \x01(\x05\x12\r\n\x05reads\x18\x04 \x03(\t\x12\x0e\n\x06writes\x18\x05 \x03(\t\"\xff\x01\n\x0e\x46unctionSource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x12\n\nfirst_line\x18\x04 \x01(\x05\x12\x39\n\x08\x62indings\x18\x05 \x03(\x0b\x32\'.tether.v1.FunctionSource.BindingsEntry\x12+\n\x0clocal_blocks\x18\x06 \x03(\x0b\x32\x15.tether.v1.LocalBlock\x1a\x41\n\rBindingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value:\x02\x38\x01\"\xf5\x04\n\x07Program\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.tether.v1.ProgramKind\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x12\n\nfirst_line\x18\x04 \x01(\x05\x12\r\n\x05model\x18\x05 \x01(\t\x12\x1e\n\x04\x61rgs\x18\x06 \x03(\x0b\x32\x10.tether.v1.Value\x12.\n\x06kwargs\x18\x07 \x03(\x0b\x32\x1e.tether.v1.Program.KwargsEntry\x12\x13\n\x0btracer_name\x18\x08 \x01(\t\x12\x32\n\x08\x62indings\x18\t \x03(\x0b\x32 .tether.v1.Program.BindingsEntry\x12,\n\tfunctions\x18\n \x03(\x0b\x32\x19.tether.v1.FunctionSource\x12+\n\x0clocal_blocks\x18\x0b \x03(\x0b\x32\x15.tether.v1.LocalBlock\x12\x1e\n\x05\x65\x64its\x18\x0c \x03(\x0b\x32\x0f.tether.v1.Edit\x12\x35\n\nbound_args\x18\r \x03(\x0b\x32!.tether.v1.Program.BoundArgsEntry\x1a?\n\x0bKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value:\x02\x38\x01\x1a\x41\n\rBindingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value:\x02\x38\x01\x1a\x30\n\x0e\x42oundArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xb0\x01\n\x04\x45\x64it\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x12\n\nfirst_line\x18\x03 \x01(\x05\x12/\n\x08\x62indings\x18\x04 \x03(\x0b\x32\x1d.tether.v1.Edit.BindingsEntry\x1a\x41\n\rBindingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value:\x02\x38\x01*\x8f\x01\n\x0bProgramKind\x12\x1c\n\x18PROGRAM_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12PROGRAM_KIND_TRACE\x10\x01\x12\x19\n\x15PROGRAM_KIND_GENERATE\x10\x02\x12\x18\n\x14PROGRAM_KIND_SESSION\x10\x03\x12\x15\n\x11PROGRAM_KIND_SCAN\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tether/v1/program.proto\x12\ttether.v1\x1a\x16tether/v1/values.proto\"d\n\nLocalBlock\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x12\n\nfirst_line\x18\x02 \x01(\x05\x12\x11\n\tlast_line\x18\x03 \x01(\x05\x12\r\n\x05reads\x18\x04 \x03(\t\x12\x0e\n\x06writes\x18\x05 \x03(\t\"\xff\x01\n\x0e\x46unctionSource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x12\n\nfirst_line\x18\x04 \x01(\x05\x12\x39\n\x08\x62indings\x18\x05 \x03(\x0b\x32\'.tether.v1.FunctionSource.BindingsEntry\x12+\n\x0clocal_blocks\x18\x06 \x03(\x0b\x32\x15.tether.v1.LocalBlock\x1a\x41\n\rBindingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value:\x02\x38\x01\"\x91\x05\n\x07Program\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.tether.v1.ProgramKind\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x12\n\nfirst_line\x18\x04 \x01(\x05\x12\r\n\x05model\x18\x05 \x01(\t\x12\x1e\n\x04\x61rgs\x18\x06 \x03(\x0b\x32\x10.tether.v1.Value\x12.\n\x06kwargs\x18\x07 \x03(\x0b\x32\x1e.tether.v1.Program.KwargsEntry\x12\x13\n\x0btracer_name\x18\x08 \x01(\t\x12\x32\n\x08\x62indings\x18\t \x03(\x0b\x32 .tether.v1.Program.BindingsEntry\x12,\n\tfunctions\x18\n \x03(\x0b\x32\x19.tether.v1.FunctionSource\x12+\n\x0clocal_blocks\x18\x0b \x03(\x0b\x32\x15.tether.v1.LocalBlock\x12\x1e\n\x05\x65\x64its\x18\x0c \x03(\x0b\x32\x0f.tether.v1.Edit\x12\x35\n\nbound_args\x18\r \x03(\x0b\x32!.tether.v1.Program.BoundArgsEntry\x12\x1a\n\x12\x65nclosing_function\x18\x0e \x01(\t\x1a?\n\x0bKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value:\x02\x38\x01\x1a\x41\n\rBindingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value:\x02\x38\x01\x1a\x30\n\x0e\x42oundArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xb0\x01\n\x04\x45\x64it\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x12\n\nfirst_line\x18\x03 \x01(\x05\x12/\n\x08\x62indings\x18\x04 \x03(\x0b\x32\x1d.tether.v1.Edit.BindingsEntry\x1a\x41\n\rBindingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.tether.v1.Value:\x02\x38\x01*\x8f\x01\n\x0bProgramKind\x12\x1c\n\x18PROGRAM_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12PROGRAM_KIND_TRACE\x10\x01\x12\x19\n\x15PROGRAM_KIND_GENERATE\x10\x02\x12\x18\n\x14PROGRAM_KIND_SESSION\x10\x03\x12\x15\n\x11PROGRAM_KIND_SCAN\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,8 +42,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROGRAM_BOUNDARGSENTRY']._serialized_options = b'8\001'
   _globals['_EDIT_BINDINGSENTRY']._loaded_options = None
   _globals['_EDIT_BINDINGSENTRY']._serialized_options = b'8\001'
-  _globals['_PROGRAMKIND']._serialized_start=1234
-  _globals['_PROGRAMKIND']._serialized_end=1377
+  _globals['_PROGRAMKIND']._serialized_start=1262
+  _globals['_PROGRAMKIND']._serialized_end=1405
   _globals['_LOCALBLOCK']._serialized_start=62
   _globals['_LOCALBLOCK']._serialized_end=162
   _globals['_FUNCTIONSOURCE']._serialized_start=165
@@ -51,15 +51,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FUNCTIONSOURCE_BINDINGSENTRY']._serialized_start=355
   _globals['_FUNCTIONSOURCE_BINDINGSENTRY']._serialized_end=420
   _globals['_PROGRAM']._serialized_start=423
-  _globals['_PROGRAM']._serialized_end=1052
-  _globals['_PROGRAM_KWARGSENTRY']._serialized_start=872
-  _globals['_PROGRAM_KWARGSENTRY']._serialized_end=935
+  _globals['_PROGRAM']._serialized_end=1080
+  _globals['_PROGRAM_KWARGSENTRY']._serialized_start=900
+  _globals['_PROGRAM_KWARGSENTRY']._serialized_end=963
   _globals['_PROGRAM_BINDINGSENTRY']._serialized_start=355
   _globals['_PROGRAM_BINDINGSENTRY']._serialized_end=420
-  _globals['_PROGRAM_BOUNDARGSENTRY']._serialized_start=1004
-  _globals['_PROGRAM_BOUNDARGSENTRY']._serialized_end=1052
-  _globals['_EDIT']._serialized_start=1055
-  _globals['_EDIT']._serialized_end=1231
+  _globals['_PROGRAM_BOUNDARGSENTRY']._serialized_start=1032
+  _globals['_PROGRAM_BOUNDARGSENTRY']._serialized_end=1080
+  _globals['_EDIT']._serialized_start=1083
+  _globals['_EDIT']._serialized_end=1259
   _globals['_EDIT_BINDINGSENTRY']._serialized_start=355
   _globals['_EDIT_BINDINGSENTRY']._serialized_end=420
 # @@protoc_insertion_point(module_scope)

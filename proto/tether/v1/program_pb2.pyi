@@ -59,7 +59,7 @@ class FunctionSource(_message.Message):
     def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., bindings: _Optional[_Mapping[str, _values_pb2.Value]] = ..., local_blocks: _Optional[_Iterable[_Union[LocalBlock, _Mapping]]] = ...) -> None: ...
 
 class Program(_message.Message):
-    __slots__ = ("kind", "source", "filename", "first_line", "model", "args", "kwargs", "tracer_name", "bindings", "functions", "local_blocks", "edits", "bound_args")
+    __slots__ = ("kind", "source", "filename", "first_line", "model", "args", "kwargs", "tracer_name", "bindings", "functions", "local_blocks", "edits", "bound_args", "enclosing_function")
     class KwargsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class Program(_message.Message):
     LOCAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     EDITS_FIELD_NUMBER: _ClassVar[int]
     BOUND_ARGS_FIELD_NUMBER: _ClassVar[int]
+    ENCLOSING_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     kind: ProgramKind
     source: str
     filename: str
@@ -107,7 +108,8 @@ class Program(_message.Message):
     local_blocks: _containers.RepeatedCompositeFieldContainer[LocalBlock]
     edits: _containers.RepeatedCompositeFieldContainer[Edit]
     bound_args: _containers.ScalarMap[str, int]
-    def __init__(self, kind: _Optional[_Union[ProgramKind, str]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., model: _Optional[str] = ..., args: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, _values_pb2.Value]] = ..., tracer_name: _Optional[str] = ..., bindings: _Optional[_Mapping[str, _values_pb2.Value]] = ..., functions: _Optional[_Iterable[_Union[FunctionSource, _Mapping]]] = ..., local_blocks: _Optional[_Iterable[_Union[LocalBlock, _Mapping]]] = ..., edits: _Optional[_Iterable[_Union[Edit, _Mapping]]] = ..., bound_args: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    enclosing_function: str
+    def __init__(self, kind: _Optional[_Union[ProgramKind, str]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., model: _Optional[str] = ..., args: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, _values_pb2.Value]] = ..., tracer_name: _Optional[str] = ..., bindings: _Optional[_Mapping[str, _values_pb2.Value]] = ..., functions: _Optional[_Iterable[_Union[FunctionSource, _Mapping]]] = ..., local_blocks: _Optional[_Iterable[_Union[LocalBlock, _Mapping]]] = ..., edits: _Optional[_Iterable[_Union[Edit, _Mapping]]] = ..., bound_args: _Optional[_Mapping[str, int]] = ..., enclosing_function: _Optional[str] = ...) -> None: ...
 
 class Edit(_message.Message):
     __slots__ = ("source", "filename", "first_line", "bindings")
