@@ -277,11 +277,31 @@ class Replica:
         _log.info("restarted the worker of %s in %.2f s", self.name, time.monotonic() - started)
 
 
+# torch's float unary ops that call MKL's vector math (aten/src/ATen/cpu/vml.h), each on float32 and float64
+_VECTOR_MATH = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin",
+                "sqrt", "tan", "tanh", "trunc")
+
+
+def warm_vector_math() -> None:
+    """Call each of torch's MKL vector-math ops once, on one thread, before any job runs.
+
+    A fresh process's first call of such an op on a tensor of more than 2048 elements runs as parallel
+    chunks, and MKL's lazy set-up is not safe against two threads making their first call at once: now and
+    then (more often under load) one chunk comes back computed by a less exact kernel (tanh off by ~5e-5
+    relative), so a GPT-2 GELU in a fresh worker's first job differed from the same code run locally. Small
+    tensors run on the calling thread only, so this set-up happens once, alone."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((16,), 0.5, dtype=dtype)
+        for name in _VECTOR_MATH:
+            getattr(torch, name)(x)
+
+
 def _process_main(threads: int, *args) -> None:
     """The worker process: torch's intra-op threads as the server has them (the forkserver's default may
     differ), since a reduction split over another number of threads rounds differently: a job's values must
-    equal the same code run where the server was started."""
+    equal the same code run where the server was started; and torch's vector math set up before any job."""
     torch.set_num_threads(threads)
+    warm_vector_math()
     from .worker_main import process_main
 
     process_main(*args)
