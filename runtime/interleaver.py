@@ -233,10 +233,11 @@ class Interleaver(Observing):
         return False
 
     def _forward_hook(self, module, args, output):
-        if getcurrent() is not self._driver or (id(module), "fwd") not in self._demanded:
+        key = (id(module), "fwd")
+        if key not in self._demanded or getcurrent() is not self._driver:
             return None  # (a planned hook no body asked for this time)
         slot = batching.Slot(output, self.batch_size)
-        self._serve(module, "fwd", slot)
+        self._serve(module, "fwd", slot, key)
         return slot.value if slot.changed else None
 
     def _pre_hook(self, module, args, kwargs=None):
@@ -306,7 +307,8 @@ class Interleaver(Observing):
         return self._parent_map
 
     # ---- serving -------------------------------------------------------------------------------
-    def _serve(self, module, group: str, slot, *, any_iteration: bool = False) -> None:
+    def _serve(self, module, group: str, slot, key: tuple | None = None, *, any_iteration: bool = False) -> None:
+        """Hand `slot` to every body waiting for `module`'s `group` value (`key`: their hook key, when known)."""
         previous = self._serving
         iteration = None if any_iteration else self.iteration
         self._serving = (module, group, slot, iteration)
@@ -318,7 +320,7 @@ class Interleaver(Observing):
                     mediator.pending = None
                     if req.op == "get" and req.kind == "output" and mediator.rows is None:
                         # _apply's commonest case (a whole output read), without a call per served value
-                        value = mediator.seen[(id(module), "output", req.iteration)] = slot.value
+                        value = mediator.seen[req.seen_key] = slot.value
                         self._drive(mediator, value)
                         continue
                     if req.op == "stop_at":
@@ -329,7 +331,7 @@ class Interleaver(Observing):
                 self._start_ready()
         finally:
             self._serving = previous
-        self._fired[(id(module), group)] = self.iteration
+        self._fired[(id(module), group) if key is None else key] = self.iteration
         if self._failure is not None:
             raise _Abort()
         if self._stop:
@@ -343,7 +345,7 @@ class Interleaver(Observing):
         if req.op == "set":
             slot.set(req.kind, rows, req.value)
         value = slot.value if rows is None and req.kind == "output" else slot.get(req.kind, rows)
-        mediator.seen[(id(req.module), req.kind, req.iteration)] = value
+        mediator.seen[req.seen_key] = value
         if rows is not None:
             batching.record_views(value, slot.get(req.kind, None), rows, mediator.views)
         return value if req.op == "get" else None
@@ -400,13 +402,13 @@ class Interleaver(Observing):
                 continue
             if req.op == "stop_at":
                 req.value = serving[0] if serving is not None else None  # the module whose values came later
-                if (id(req.module), req.kind, req.iteration) in mediator.seen or self._ran(req):
+                if req.seen_key in mediator.seen or self._ran(req):
                     self._stop_retroactively(mediator, req)
                     return
-            key = (id(req.module), req.group)
+            key = req.hook_key
             if req.iteration < self.iteration or key in self._fired:  # it ran: a value seen before, or too late
                 if req.op == "get":
-                    seen = mediator.seen.get((key[0], req.kind, req.iteration), DONE)
+                    seen = mediator.seen.get(req.seen_key, DONE)
                     if seen is not DONE:
                         value = seen
                         continue
@@ -444,7 +446,7 @@ class Interleaver(Observing):
 
     def _ran(self, req: Request) -> bool:
         """Whether the module `req` asks for has already run at `req`'s iteration."""
-        fired = self._fired.get((id(req.module), req.group))
+        fired = self._fired.get(req.hook_key)
         return ((req.iteration < self.iteration or (fired is not None and fired >= req.iteration))
                 and isinstance(req.module, torch.nn.Module))
 
