@@ -240,9 +240,7 @@ class LaneConnection(_Link):
             why = f"its Ray actor could not be reached ({type(error).__name__}: {_first_line(error)})"
         try:
             self._end(why)
-            with self._cond:
-                if not self._closed:
-                    hang_up(self._conn)  # (the relay reads it: only the supervisor's close closes it)
+            hang_up(self._conn)
         finally:
             self._watched()
 
@@ -266,9 +264,9 @@ class LaneConnection(_Link):
             raise EOFError(self.wait_death(DEATH_WAIT) or "its lane closed") from None
 
     def _closed_by_supervisor(self) -> None:
-        with self._cond:
-            hang_up(self._conn)
-            self._conn.close()
+        """Shut the lane down; its descriptor is closed with the Connection object (a relay thread may still be
+        reading it: a number closed under a reader could be reused by another file)."""
+        hang_up(self._conn)
 
 
 class ActorConnection(_Link):
