@@ -1,17 +1,19 @@
 """Replicas on a Ray cluster (`tether serve --ray`, issue 13): jobs/s with 1 and 2 replicas, the latency Ray
 adds to a job over the embedded server (local worker processes), and a local() round trip through Ray.
 
-A Ray head on 127.0.0.1 (4 logical CPUs, no dashboard) is started by this benchmark and stopped after; two
-in-process servers: embedded (worker processes) hosting the tiny GPT-2, and a front door of the Ray cluster
+A Ray head on 127.0.0.1 (5 logical CPUs, no dashboard) is started by this benchmark and stopped after; three
+in-process servers: embedded (worker processes) hosting the tiny GPT-2; a front door of the Ray cluster
 hosting the tiny GPT-2 (1 replica), `wide1` (a wider random GPT-2 whose forward pass dominates a job, 1 replica)
-and `wide2` (the same model, 2 replicas). Each actor asks Ray for 1 CPU, so Ray sets its torch threads to 1;
+and `wide2` (the same model, 2 replicas); and a front door in another namespace without lanes (Ray actor calls
+carry every message, as where no lane can be opened) hosting the tiny GPT-2. Each actor asks Ray for 1 CPU, so Ray sets its torch threads to 1;
 the client runs in this process, one torch thread. Both servers run every job alone (max_batch 1): the
 throughput compares replicas, not cross-job batching, and the latency pairs compare the same path.
 
-1. latency: the same job (one save, tiny model) on the embedded server and on Ray, interleaved in a fresh
-   random order each repetition; what Ray adds is the distribution of per-repetition (paired) differences.
-2. local() round trip: a job with one local() block minus the same job without, paired, through Ray and
-   through the embedded server.
+1. latency: the same job (one save, tiny model) on the embedded server and on Ray (with and without lanes),
+   interleaved in a fresh random order each repetition; what Ray adds is the distribution of per-repetition
+   (paired) differences.
+2. local() round trip: a job with one local() block minus the same job without, paired, through Ray (with and
+   without lanes) and through the embedded server.
 3. jobs/s: CLIENTS client threads running blocking remote traces on `wide1` and on `wide2`, in alternating
    windows (ROUNDS of each, in a fresh random order per round, so a change of the machine's load hits both);
    the second replica only helps on a machine with a core to spare for it.
@@ -60,6 +62,7 @@ LATENCY_BUDGET_S = 20.0
 THROUGHPUT_BUDGET_S = 20.0  # both models together
 ROUNDS = 5  # throughput windows per model
 CLIENTS = 4
+NO_LANES = "bench-no-lanes"  # the namespace of the door whose messages all go by Ray calls
 WIDE = {"n_layer": 12, "n_embd": 384, "n_head": 8}  # one forward of PROMPT: ~25 ms of CPU on one thread here
 
 
@@ -135,7 +138,7 @@ def run(options: Options | None = None) -> dict:
     forward_ms = _forward_ms()
     log(NAME, f"one forward of the wide model: {forward_ms:.1f} ms of CPU; starting a Ray head on 127.0.0.1 ...")
     head = Cluster(initialize_head=True, head_node_args={
-        "node_ip_address": "127.0.0.1", "num_cpus": 4, "include_dashboard": False, "object_store_memory": 100 << 20})
+        "node_ip_address": "127.0.0.1", "num_cpus": 5, "include_dashboard": False, "object_store_memory": 100 << 20})
     servers: list = []
     data: dict[str, Any] = {"wide_forward_ms": forward_ms}
     try:
@@ -146,6 +149,9 @@ def run(options: Options | None = None) -> dict:
         servers.append(embedded)
         on_ray = start_server({"tiny": tiny_gpt2(), "wide1": wide_gpt2()}, ray=head.address, **limits)
         servers.append(on_ray)
+        calls_only = start_server({"tiny": tiny_gpt2()}, ray=head.address, ray_namespace=NO_LANES, ray_lanes=False,
+                                  **limits)
+        servers.append(calls_only)
         Admin(on_ray.address).deploy("wide2", "bench.cluster:wide_gpt2",
                                      replicas=2, wait=180)
         for server in servers:
@@ -153,10 +159,12 @@ def run(options: Options | None = None) -> dict:
         with quiet_client():
             local_model = LanguageModel("tiny", host=embedded.address)
             ray_model = LanguageModel("tiny", host=on_ray.address)
+            calls_model = LanguageModel("tiny", host=calls_only.address)
             log(NAME, "latency and local() round trips ...")
             times, _ = interleaved({
                 "embedded": lambda: _job(local_model), "ray": lambda: _job(ray_model),
                 "embedded_block": lambda: _block_job(local_model), "ray_block": lambda: _block_job(ray_model),
+                "calls": lambda: _job(calls_model), "calls_block": lambda: _block_job(calls_model),
             }, LATENCY_BUDGET_S * scale, min_reps=3, max_reps=1 << 30, seed=random.randrange(1 << 30))
             added = paired(times["ray"], times["embedded"])
             data["latency"] = {
@@ -164,6 +172,8 @@ def run(options: Options | None = None) -> dict:
                 "added_p50_ms": median(added), "added_p90_ms": pct(added, 90), "n": len(added),
                 "local_ray_p50_ms": median(paired(times["ray_block"], times["ray"])),
                 "local_embedded_p50_ms": median(paired(times["embedded_block"], times["embedded"])),
+                "added_calls_p50_ms": median(paired(times["calls"], times["embedded"])),
+                "local_calls_p50_ms": median(paired(times["calls_block"], times["calls"])),
             }
             log(NAME, "jobs/s with 1 and 2 replicas ...")
             data["throughput"] = _throughput(on_ray, ["wide1", "wide2"], THROUGHPUT_BUDGET_S * scale)
@@ -171,7 +181,8 @@ def run(options: Options | None = None) -> dict:
         close_all()
         for server in servers:
             server.stop(grace=0)
-        shut_down("tether")  # the cluster's part (its core and replica actors)
+        for namespace in ("tether", NO_LANES):
+            shut_down(namespace)  # the cluster's part (its cores and replica actors)
         ray.shutdown()
         head.shutdown()
     return _result(data, scale, load_at_start, started)
@@ -187,13 +198,16 @@ def _result(data: dict[str, Any], scale: float, load_at_start: float | None, sta
         "environment": env,
         "settings": {"prompt": PROMPT, "budget_scale": scale, "clients": CLIENTS, "torch_threads_per_replica": 1,
                      "wide_model": WIDE, "max_batch": 1, "rounds": ROUNDS,
-                     "cluster": "Ray head on 127.0.0.1, 4 logical CPUs; servers in-process"},
+                     "cluster": "Ray head on 127.0.0.1, 5 logical CPUs; servers in-process"},
         "tables": [
             {"title": "Latency (ms)", "columns": ["what", "p50", "p90", "n"], "rows": [
                 ["job on the embedded server", ms(lat["embedded_p50_ms"]), "", str(lat["n"])],
                 ["job through Ray (1 replica)", ms(lat["ray_p50_ms"]), "", str(lat["n"])],
                 ["added by Ray (paired)", ms(lat["added_p50_ms"]), ms(lat["added_p90_ms"]), str(lat["n"])],
+                ["added by Ray without lanes (paired)", ms(lat["added_calls_p50_ms"]), "", str(lat["n"])],
                 ["one local() round trip through Ray (paired)", ms(lat["local_ray_p50_ms"]), "", str(lat["n"])],
+                ["one local() round trip through Ray without lanes (paired)", ms(lat["local_calls_p50_ms"]), "",
+                 str(lat["n"])],
                 ["one local() round trip, embedded (paired)", ms(lat["local_embedded_p50_ms"]), "", str(lat["n"])],
             ]},
             {"title": f"Throughput ({CLIENTS} client threads; one forward: {data['wide_forward_ms']:.1f} ms of CPU)",
