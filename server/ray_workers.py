@@ -1,11 +1,10 @@
 """Replicas on a Ray cluster (`tether serve --ray ADDRESS`): each replica's worker runs as a Ray actor hosting
-the same job loop as a local worker process (`worker_main.serve`), and the front door's supervisor
-(`supervisor.Replica`) relays it through a connection with the Pipe's send/recv/poll/fileno, so its relay,
-time limits, cancels and crash handling are the ones local workers get.
-
-Bulky bytes (`worker_protocol.Blob`s: programs with inputs, results, local() values) cross as objects in Ray's
-object store (one `ray.put` of the bytes), never inside a message. Imports ray (lazily), the protocol and the
-supervisor; never grpc's server nor the job store.
+the same job loop as a local worker process (`worker_main.serve`), and the replica's supervisor
+(`supervisor.Replica`, in the cluster's core) relays it through a connection with the Pipe's
+send/recv/poll/fileno (actor_links.py: a lane, else Ray calls), so its relay, time limits, cancels and crash
+handling are the ones local workers get. Here: joining the cluster, the actor, and its start and end.
+Imports ray (lazily), the protocol, actor_links, lanes and the supervisor; never grpc's server nor the job
+store.
 """
 
 from __future__ import annotations
