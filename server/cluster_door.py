@@ -16,9 +16,9 @@ from tether.v1 import jobs_pb2, models_pb2
 
 from .cluster import CORE_NAME, FIRST_EVENTS, LANE_CALLS, WAIT_SLICE, JobMeta, Refused, core_of
 from .deployments import FAILED, READY, Deployment, ModelTable
-from .errors import ModelExists, NotFound, ServerError
+from .errors import CallFailed, LaneBroken, LaneUnavailable, ModelExists, NotFound, ServerError
 from .jobs import TERMINAL, new_job_id, unknown_job
-from .lanes import CallFailed, Calls, LaneBroken, LaneUnavailable
+from .lanes import Calls
 from .ray_workers import PickledModel, gpus_of
 from .registry import HostedModel
 from .supervisor import payload_of

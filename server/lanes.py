@@ -10,7 +10,8 @@ mixed in so a proof cannot be reflected back); nothing else is read from an unpr
 can be opened (no route between the nodes, a firewall) the callers fall back to Ray calls.
 
 `Listener` and `dial` open lanes; `Calls` and `serve_calls` carry method calls on an object across them (a
-front door's calls on the core). Imports the standard library only (and ray lazily, for the node address).
+front door's calls on the core). Imports the standard library and the server's errors (and ray lazily, for the
+node address).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["Listener", "dial", "new_token", "hang_up", "Calls", "serve_calls", "LaneUnavailable", "LaneBroken",
-           "CallFailed"]
+from .errors import CallFailed, LaneBroken, LaneUnavailable
+
+__all__ = ["Listener", "dial", "new_token", "hang_up", "Calls", "serve_calls"]
 
 _log = logging.getLogger("tether.server")
 DIAL_TIMEOUT = 5.0  # s: connecting to a listener (a node that cannot be reached is then served by Ray calls)
@@ -140,19 +142,6 @@ def hang_up(conn: Connection) -> None:
 
 
 # ---- calls across a lane --------------------------------------------------------------------------------
-
-
-class LaneUnavailable(Exception):
-    """Nothing of the call reached the other end (no lane could be opened, or its arguments do not pickle):
-    it may be made another way."""
-
-
-class LaneBroken(Exception):
-    """The lane failed once the call was sent: whether it ran is unknown."""
-
-
-class CallFailed(Exception):
-    """The method raised on the other end (its repr is the message)."""
 
 
 @dataclass(frozen=True)

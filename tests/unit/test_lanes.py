@@ -10,17 +10,8 @@ import threading
 
 import pytest
 
-from tether.server.lanes import (
-    CallFailed,
-    Calls,
-    LaneBroken,
-    LaneUnavailable,
-    Listener,
-    dial,
-    hang_up,
-    new_token,
-    serve_calls,
-)
+from tether.server.errors import CallFailed, LaneBroken, LaneUnavailable
+from tether.server.lanes import Calls, Listener, dial, hang_up, new_token, serve_calls
 
 
 class _Target:
