@@ -173,6 +173,7 @@ class Job:
                 )
             self.set_state(jobs_pb2.JOB_STATE_COMPLETED, f"result of {format_bytes(len(result))}")
             self._retain(ttl)
+        self._ended()
 
     def finish(self, state: int, message: str, *, failure: failure_pb2.Failure | None = None,
                code: grpc.StatusCode | None = None, ttl: float) -> bool:
@@ -181,7 +182,9 @@ class Job:
             changed = self.set_state(state, message, failure=failure, code=code)
             if changed:
                 self._retain(ttl)
-            return changed
+        if changed:
+            self._ended()
+        return changed
 
     def summary(self) -> str:
         """The job's one line in the server log: id, model, key id, final state, queue and run time."""
@@ -200,6 +203,10 @@ class Job:
         self.expire_at = time.monotonic() + ttl
         self.expire_time = timestamp_pb2.Timestamp()
         self.expire_time.FromNanoseconds(time.time_ns() + int(ttl * 1e9))
+
+    def _ended(self) -> None:
+        """Tell the store the job ended (its log line, its expiry), after `cond` is released: the watchers that
+        the end woke read it meanwhile."""
         if self.on_end is not None:
             self.on_end(self)
 
