@@ -153,7 +153,7 @@ class Replica:
         if self.process is not None:
             theirs.close()  # the child has its own copy; closing ours lets a dead child read as EOF
             answers_in.close()
-        self.conn, self.answers = ours, wp.AnswerPipe(answers_out)
+        self.conn, self.answers = wp.plain_pickle(ours), wp.AnswerPipe(answers_out)
         give_up = time.monotonic() + START_TIMEOUT
         try:
             while not ours.poll(TICK * 4):

@@ -48,6 +48,7 @@ def process_main(conn, name: str, model: Any, source: Callable[[], Any] | None, 
 def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy, answers=None) -> None:
     """Serve jobs on `model` (a torch module or (module, tokenizer)) until Stop or the connection closes.
     `answers`: the read end of the answer pipe (worker_protocol.AnswerPipe), if the front door has one."""
+    conn = wp.plain_pickle(conn)
     hosted = HostedModel(name, wrap(model), source)
     inbox = _Inbox(conn, answers)
     watch = WeightWatch(hosted.module, source)
