@@ -40,15 +40,17 @@ _log = logging.getLogger("tether.server")
 _LOCAL_ERRORS = ("LocalBlockFailed", "LocalCallFailed", "JobTimeout", "JobCancelledError")
 
 
-def process_main(conn, name: str, model: Any, source: Callable[[], Any] | None, policy) -> None:
+def process_main(conn, name: str, model: Any, source: Callable[[], Any] | None, policy, answers=None) -> None:
     """The worker process's entry point (multiprocessing target)."""
-    serve(conn, name, model, source, policy)
+    serve(conn, name, model, source, policy, answers)
 
 
-def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy) -> None:
-    """Serve jobs on `model` (a torch module or (module, tokenizer)) until Stop or the connection closes."""
+def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy, answers=None) -> None:
+    """Serve jobs on `model` (a torch module or (module, tokenizer)) until Stop or the connection closes.
+    `answers`: the read end of the answer pipe (worker_protocol.AnswerPipe), if the front door has one."""
+    conn = wp.plain_pickle(conn)
     hosted = HostedModel(name, wrap(model), source)
-    inbox = _Inbox(conn)
+    inbox = _Inbox(conn, answers)
     watch = WeightWatch(hosted.module, source)
     served = JobState.of(hosted.module)
     watchdog = Watchdog(f"tether-watchdog-{name}")
@@ -72,10 +74,11 @@ def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy)
 
 class _Inbox:
     """The front door's messages, read by one named thread: jobs queue up; cancels and local() answers go to the
-    job that runs."""
+    job that runs (answers on their own pipe, when there is one, are read by the job's thread itself)."""
 
-    def __init__(self, conn):
+    def __init__(self, conn, answers=None):
         self._conn = conn
+        self._answer_pipe = answers
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # RunJob or RunBatch, or None to end
         self.answers: queue.SimpleQueue = queue.SimpleQueue()  # LocalAnswer, or None when the front door left
         self.cancel: dict[str, str] = {}  # job id -> reason; written by the reader thread only
@@ -83,6 +86,15 @@ class _Inbox:
 
     def next_job(self) -> wp.RunJob | wp.RunBatch | None:
         return self._jobs.get()
+
+    def next_answer(self) -> wp.LocalAnswer | None:
+        """The next LocalAnswer (None: the front door left), read in the job's thread from the answer pipe."""
+        if self._answer_pipe is None:
+            return self.answers.get()
+        try:
+            return self._answer_pipe.recv()
+        except (EOFError, OSError):
+            return None
 
     def _read(self) -> None:
         try:
@@ -113,7 +125,7 @@ class WorkerLink:
              timed_out) -> bytes | memoryview:
         self._conn.send(wp.LocalCall(self._job_id, call_id, block_id, wp.pack(payload)))
         while True:
-            answer = self._inbox.answers.get()
+            answer = self._inbox.next_answer()
             if answer is None:
                 raise JobCancelledError(f"the server stopped while the local() block {block_id} ran")
             if answer.call_id == call_id:
