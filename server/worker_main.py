@@ -31,6 +31,7 @@ from .job_state import JobState
 from .local_calls import LocalCaller
 from .program_codec import DecodedProgram, decode_program
 from .registry import HostedModel, wrap
+from .result_areas import WorkerAreas
 from .results import encode_result_pieces
 from .weights import WeightWatch
 
@@ -41,14 +42,16 @@ _LOCAL_ERRORS = ("LocalBlockFailed", "LocalCallFailed", "JobTimeout", "JobCancel
 
 
 def process_main(conn, name: str, model: Any, source: Callable[[], Any] | None, policy) -> None:
-    """The worker process's entry point (multiprocessing target)."""
-    serve(conn, name, model, source, policy)
+    """The worker process's entry point (multiprocessing target): large results leave through result areas."""
+    serve(conn, name, model, source, policy, WorkerAreas())
 
 
-def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy) -> None:
-    """Serve jobs on `model` (a torch module or (module, tokenizer)) until Stop or the connection closes."""
+def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy,
+          areas: WorkerAreas | None = None) -> None:
+    """Serve jobs on `model` (a torch module or (module, tokenizer)) until Stop or the connection closes.
+    `areas`: where large results go (a worker process's own); without, each goes as a Blob."""
     hosted = HostedModel(name, wrap(model), source)
-    inbox = _Inbox(conn)
+    inbox = _Inbox(conn, areas)
     watch = WeightWatch(hosted.module, source)
     served = JobState.of(hosted.module)
     watchdog = Watchdog(f"tether-watchdog-{name}")
@@ -72,10 +75,11 @@ def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy)
 
 class _Inbox:
     """The front door's messages, read by one named thread: jobs queue up; cancels and local() answers go to the
-    job that runs."""
+    job that runs; result areas handed back go to `areas`."""
 
-    def __init__(self, conn):
+    def __init__(self, conn, areas: WorkerAreas | None = None):
         self._conn = conn
+        self.areas = areas
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # RunJob or RunBatch, or None to end
         self.answers: queue.SimpleQueue = queue.SimpleQueue()  # LocalAnswer, or None when the front door left
         self.cancel: dict[str, str] = {}  # job id -> reason; written by the reader thread only
@@ -94,6 +98,8 @@ class _Inbox:
                     self.answers.put(message)
                 elif isinstance(message, wp.Cancel):
                     self.cancel[message.job_id] = message.reason
+                elif isinstance(message, wp.Reclaim) and self.areas is not None:
+                    self.areas.reclaim(message)
                 elif isinstance(message, wp.Stop):
                     break
         except (EOFError, OSError):
@@ -260,7 +266,9 @@ class JobRun:
         return result
 
     def done(self, result: list) -> None:
-        self.conn.send(wp.Done(self.job.job_id, wp.pack(result), self.watch.broken))
+        areas = self.inbox.areas
+        data = areas.pack(result) if areas is not None else wp.pack(result)
+        self.conn.send(wp.Done(self.job.job_id, data, self.watch.broken))
 
     def _execute(self, decoded: DecodedProgram) -> None:
         watch = self.watch
