@@ -1,12 +1,13 @@
 """The worker protocol: the one seam between the front door and a worker (one model replica, in its own process).
 
-Front door -> worker: `RunJob`, `RunBatch`, `LocalAnswer`, `Cancel`, `Stop`. Worker -> front door: `Ready`, `Running`,
-`Log`, `LocalCall`, `Done`, `Failed`. Messages are small picklable dataclasses sent over any
+Front door -> worker: `RunJob`, `RunBatch`, `LocalAnswer`, `Cancel`, `Reclaim`, `Stop`. Worker -> front door:
+`Ready`, `Running`, `Log`, `LocalCall`, `Done`, `Failed`. Messages are small picklable dataclasses sent over any
 `Connection`-like pair (send/recv/poll: a multiprocessing Pipe here; an actor's queue under Ray). A worker process
 also has an answer pipe (`AnswerPipe`): LocalAnswers go on it straight to the job thread that waits for them,
 from whichever front-door thread has the answer first; without one (Ray) they go with the rest. Bulky bytes
 (programs with inputs, results, local() values) travel as `Blob`s, in shared memory above SHM_THRESHOLD so
-they cross without going through the pipe. Imports the standard library only.
+they cross without going through the pipe; a worker process's large results go in its reusable result areas
+(`Area`, result_areas.py). Imports the standard library only.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 __all__ = [
-    "Blob", "pack", "unpack", "SHM_THRESHOLD",
-    "RunJob", "RunBatch", "LocalAnswer", "Cancel", "Stop",
+    "Blob", "Area", "pack", "unpack", "SHM_THRESHOLD",
+    "RunJob", "RunBatch", "LocalAnswer", "Cancel", "Stop", "Reclaim",
     "Ready", "Running", "Log", "LocalCall", "Done", "Failed", "discard", "AnswerPipe", "plain_pickle",
 ]
 
@@ -35,6 +36,16 @@ class Blob:
     """Bytes in shared memory: a file in /dev/shm the receiver maps and unlinks (so it is freed with the map)."""
 
     path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Area:
+    """A result at the start of one of the worker's reusable result areas (result_areas.py): a /dev/shm file of
+    `capacity` bytes, its first `size` bytes the result; the front door reads it until it sends a Reclaim."""
+
+    path: str
+    capacity: int
     size: int
 
 
@@ -168,6 +179,14 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Reclaim:
+    """Result areas the front door no longer reads (sent before a job): write them again, or close them."""
+
+    reuse: tuple[str, ...]
+    drop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Stop:
     """End the worker once its current job is done."""
 
@@ -220,7 +239,7 @@ class Done:
     """The job's serialized JobResult."""
 
     job_id: str
-    result: bytes | Blob
+    result: bytes | Blob | Area
     retire: str = ""  # why the replica must run no more jobs (weights a job wrote into could not be put back)
 
 
