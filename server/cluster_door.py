@@ -186,8 +186,9 @@ class RemoteJob:
         return self._core("cancel", self.id, reason)
 
     def wait_frames(self, after: int, stop, timeout: float | None = None, limit: int = 16,
-                    linger: float = 0.0) -> tuple[list[bytes], int, bool]:
-        """Job.wait_frames through the core, in waits of WAIT_SLICE at most (so `stop()` is seen)."""
+                    linger: float = 0.0, lazy: bool = False) -> tuple[list[bytes], int, bool]:
+        """Job.wait_frames through the core, in waits of WAIT_SLICE at most (so `stop()` is seen); its frames
+        come joined (`lazy` or not: they crossed from the core as bytes)."""
         answered, self.first_frames = self.first_frames, None
         if answered is not None and after == 0 and limit == FIRST_EVENTS:
             self._finished = self._finished or answered[2]
