@@ -218,10 +218,11 @@ def serve_calls(conn: Connection, target: Any, methods: frozenset[str]) -> None:
         except Exception as error:
             answer = _Raised(repr(error))
         try:
-            try:
-                conn.send(answer)
-            except (pickle.PicklingError, TypeError, AttributeError) as error:
-                conn.send(_Raised(f"its answer does not pickle: {error!r}"))
+            data = pickle.dumps(answer, pickle.HIGHEST_PROTOCOL)  # (plain pickle: what `Connection.recv` reads)
+        except Exception as error:
+            data = pickle.dumps(_Raised(f"its answer does not pickle: {error!r}"))
+        try:
+            conn.send_bytes(data)
         except OSError:
             break
     conn.close()
