@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import pickle
 import queue
 import threading
 from collections import deque
@@ -22,7 +23,7 @@ from typing import Any
 from . import worker_protocol as wp
 from .lanes import hang_up
 
-__all__ = ["ActorConnection", "LaneConnection", "ActorSide", "LaneSide", "TAKE_WAIT", "PULLS", "why_dead"]
+__all__ = ["ActorConnection", "LaneConnection", "ActorSide", "LaneSide", "Answers", "TAKE_WAIT", "PULLS", "why_dead"]
 
 TAKE_WAIT = 0.5  # seconds one poll of an actor's outbox waits for a message (a dead actor is seen within this)
 PULLS = 2  # polls of an actor's outbox in flight at once: a message never waits for the next poll to arrive
@@ -62,6 +63,12 @@ def _inline(value: Any) -> Any:
     if isinstance(value, wp.Blob):
         return bytes(wp.unpack(value))
     return _mapped(value, _inline)
+
+
+def _pickled(message: Any) -> bytes:
+    """A message as it crosses a lane: its Blobs inline, in plain pickle (what `Connection.recv` reads; the
+    ForkingPickler of `Connection.send` costs more and its reducers are for what no message holds)."""
+    return pickle.dumps(_inline(message), pickle.HIGHEST_PROTOCOL)
 
 
 def _mapped(value: Any, convert) -> Any:
@@ -141,9 +148,9 @@ class LaneSide:
         self._send_lock = threading.Lock()
 
     def send(self, message: Any) -> None:
-        message = _inline(message)
+        data = _pickled(message)
         with self._send_lock:
-            self._conn.send(message)
+            self._conn.send_bytes(data)
 
     def recv(self) -> Any:
         return self._conn.recv()
@@ -154,6 +161,25 @@ class LaneSide:
 
 
 # ---- the supervisor's end ----------------------------------------------------------------------------------
+
+
+class Answers:
+    """A replica's answer path (`Replica.answers`, as worker_protocol.AnswerPipe): a local() answer goes from the
+    thread that has it (the one serving a door's `deliver`) straight onto the connection to the actor, without a
+    hand-off to the relay thread; the actor's inbox passes it to the job that waits."""
+
+    def __init__(self, conn: Any):
+        self._conn = conn
+
+    def send(self, answer: wp.LocalAnswer) -> None:
+        """Send an answer; an actor that is gone is noticed by the relay (its connection's end)."""
+        try:
+            self._conn.send(answer)
+        except (OSError, EOFError, ValueError):
+            wp.discard(answer.data)
+
+    def close(self) -> None:
+        """(The connection is the supervisor's to close.)"""
 
 
 class _Link:
@@ -250,9 +276,9 @@ class LaneConnection(_Link):
     def send(self, message: Any) -> None:
         if self.death or self._closed:
             raise BrokenPipeError(self.death or "the connection is closed")
-        message = _inline(message)
+        data = _pickled(message)
         with self._send_lock:
-            self._conn.send(message)
+            self._conn.send_bytes(data)
 
     def poll(self, timeout: float | None = 0.0) -> bool:
         return self._conn.poll(timeout)

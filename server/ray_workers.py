@@ -19,7 +19,7 @@ import uuid
 from typing import Any
 
 from . import worker_protocol as wp
-from .actor_links import PULLS, ActorConnection, ActorSide, LaneConnection, LaneSide, why_dead
+from .actor_links import PULLS, ActorConnection, ActorSide, Answers, LaneConnection, LaneSide, why_dead
 from .lanes import Listener, dial, new_token
 from .supervisor import Replica
 
@@ -244,6 +244,7 @@ class RayReplica(Replica):
         try:
             conn, node = self._connect(actor, token, give_up)
             self.conn = self.process.conn = conn
+            self.answers = Answers(conn)
             while not conn.poll(0.2) and not conn.death:
                 self._starting(give_up)
             try:
