@@ -27,7 +27,6 @@ from .failures import failure_of
 from .interrupts import GRACE
 from .local_calls import NO_STREAM, StillOpen
 from .reruns import BatchRelay, Sent
-from .result_bytes import ResultBytes
 from .workers import Entry
 
 if TYPE_CHECKING:
@@ -138,6 +137,9 @@ class JobRelay(BatchRelay):
         self.checked = time.monotonic()  # (the baseline is the first look: the next is due a TICK later)
         runs = [track.message() for track in self.tracks.values()]
         try:
+            reclaim = self.replica.areas.reclaim()  # (before the job: the worker may write them again for it)
+            if reclaim is not None:
+                self.send_direct(reclaim)
             self.send_direct(runs[0] if len(runs) == 1 else wp.RunBatch(tuple(runs)))
             return self._relay(pid)
         except (EOFError, OSError, BrokenPipeError):
@@ -205,11 +207,11 @@ class JobRelay(BatchRelay):
             track.ended = True
             self.retire = self.retire or message.retire
             if job.cancel_requested:  # cancelled (an evict, a client) while its last step ran: it ends CANCELLED
-                wp.discard(message.result)
+                self.replica.areas.discard(message.result)
                 job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
                            code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
             else:
-                job.complete(ResultBytes([wp.unpack(message.result)]), self.chunk_size, self.ttl)
+                job.complete(self.replica.areas.result(message.result), self.chunk_size, self.ttl)
         elif isinstance(message, wp.Failed):
             track.ended = True
             self.retire = self.retire or message.retire
@@ -246,8 +248,9 @@ class JobRelay(BatchRelay):
         if answer is not None:
             self.send_direct(answer)
 
-    def send_direct(self, message: wp.LocalAnswer | wp.RunJob | wp.RunBatch) -> None:
-        """Send the worker's job thread a LocalAnswer or its job(s): on its direct pipe if it has one."""
+    def send_direct(self, message: wp.LocalAnswer | wp.RunJob | wp.RunBatch | wp.Reclaim) -> None:
+        """Send the worker's job thread a LocalAnswer, or its job(s) and the Reclaim before them: on its direct pipe
+        if it has one."""
         pipe = self.replica.direct
         if pipe is None:
             self.conn.send(message)

@@ -23,7 +23,7 @@ from tether.sizes import format_bytes
 from tether.v1 import failure_pb2, jobs_pb2
 
 from .errors import NotFound, ServerError
-from .result_bytes import ResultBytes, ResultChunk
+from .result_bytes import Frame, ResultBytes, ResultChunk
 
 __all__ = ["Job", "JobStore", "TERMINAL", "state_name", "new_job_id", "unknown_job"]
 
@@ -277,10 +277,11 @@ class Job:
 
     def wait_frames(
         self, after: int, stop: Callable[[], bool], timeout: float | None = None, limit: int = 16,
-        linger: float = 0.0,
-    ) -> tuple[list[bytes], bool]:
+        linger: float = 0.0, lazy: bool = False,
+    ) -> tuple[list[bytes] | list[Frame], int, bool]:
         """As wait_events, but as serialized RunJobResponses / WatchJobResponses (the same bytes), built
-        outside the lock: result chunks straight from the result's pieces, one copy each.
+        outside the lock: result chunks straight from the result's pieces, one copy each (`lazy`: not yet,
+        as Frames, each joined as it is sent).
 
         Events ready together share a message (the first as `event`, the rest as `more_events`): its large
         events (SMALL_EVENT bytes or more, e.g. result chunks) hold at most BATCH_BYTES together, and small
@@ -296,8 +297,8 @@ class Job:
             entries = self._events[after : after + limit]
             finished = self.done and after + len(entries) == len(self._events)
             result = self.result
-        frames: list[bytes] = []
-        parts: list[bytes | memoryview] = []
+        frames: list[Frame] = []
+        parts = Frame([], result)
         size = large = 0  # bytes of events in `parts`, all and large ones
         for entry in entries:
             if isinstance(entry, ResultChunk):
@@ -309,15 +310,15 @@ class Job:
                 length = len(serialized)
             big = length >= SMALL_EVENT
             if parts and (big and large + length > BATCH_BYTES or size + length > BATCH_BYTES + SMALL_EVENT):
-                frames.append(b"".join(parts))  # full: this event starts the next message
+                frames.append(parts)  # full: this event starts the next message
                 more = entry.parts(self.id, result) if isinstance(entry, ResultChunk) else [serialized]
-                parts, size, large = [], 0, 0
+                parts, size, large = Frame([], result), 0, 0
             parts.extend(more)
             size += length
             large += length if big else 0
         if parts:
-            frames.append(b"".join(parts))
-        return frames, len(entries), finished
+            frames.append(parts)
+        return (frames if lazy else [b"".join(frame) for frame in frames]), len(entries), finished
 
     def frames_when_done(self, stop: Callable[[], bool], timeout: float, max_bytes: int) -> list[bytes] | None:
         """Every event of the job, framed as wait_frames frames them, once it ended within `timeout`.

@@ -124,12 +124,7 @@ class LocalLink:
             if self._open is not None and self._open != (call_id, block_id):  # (a re-run's call: the first
                 raise _diverged(block_id, self._open[1])  # run left one open, and the client may answer it)
             if self._open is None:
-                if self._closed is not None:
-                    raise LocalCallFailed(f"cannot run the local() block {block_id}: {self._closed}")
-                self._open, self._parts, self._failure, self._answered = (call_id, block_id), [], None, False
-                self._answer_by = time.monotonic() + local_timeout
-                for offset, data, total in split_pieces(payload):
-                    job.local_call(call_id, block_id, offset, data, total)
+                self._send_call(call_id, block_id, payload, local_timeout)
             answer_by = min(deadline, self._answer_by)
             held_until = None if hold is None else time.monotonic() + hold
             still_open = False
@@ -162,6 +157,15 @@ class LocalLink:
                 if not still_open:
                     self._open, self._parts, self._answered = None, [], False
                     job.forget_payload(call_id)  # answered or not, the log need not keep the values
+
+    def _send_call(self, call_id: str, block_id: str, payload: list, local_timeout: float) -> None:
+        """Open the call and send it to the client (the caller holds the job's condition)."""
+        if self._closed is not None:
+            raise LocalCallFailed(f"cannot run the local() block {block_id}: {self._closed}")
+        self._open, self._parts, self._failure, self._answered = (call_id, block_id), [], None, False
+        self._answer_by = time.monotonic() + local_timeout
+        for offset, data, total in split_pieces(payload):
+            self._job.local_call(call_id, block_id, offset, data, total)
 
     def _keep_answer(self, call_id: str, block_id: str, answer: Any, size: int) -> None:
         if self._kept is None:  # the job runs alone: it is never run again

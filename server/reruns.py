@@ -136,7 +136,7 @@ class BatchRelay:
         elif isinstance(message, (wp.Done, wp.Failed)) and track is not None:
             track.ended = True
             if isinstance(message, wp.Done):
-                wp.discard(message.result)
+                self.replica.areas.discard(message.result)
 
     def _again(self, track: Any, error: Any, culprit: Any | None, how: str, running: int) -> bool:
         """A job of a batch the worker still ran when it died or was killed (`running` of them) runs again alone

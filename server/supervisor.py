@@ -22,6 +22,7 @@ from tether.runtime.envoy import module_of
 
 from . import worker_protocol as wp
 from .job_relay import KILL_GRACE, TICK, JobRelay
+from .result_areas import DoorAreas
 from .shared_weights import pack
 from .workers import ModelQueue
 
@@ -113,6 +114,7 @@ class Replica:
         self.process: Any = None  # the worker process (None: not started, or a thread worker)
         self.conn: Any = None  # the front door's end of the worker's pipe
         self.direct: wp.DirectPipe | None = None  # the front door's end of its direct pipe (None: all goes on conn)
+        self.areas = DoorAreas()  # the result areas of the worker process (a new one with each start)
         self.restarts = 0  # how often the worker was started again after dying or being killed
         self._ready = threading.Condition()
         self._wake_in, self._wake_out = multiprocessing.Pipe(duplex=False)  # a cancel wakes the relay at once
@@ -140,6 +142,7 @@ class Replica:
                 try:
                     process.start()
                     self.process = process
+                    self.areas = DoorAreas(process.pid)
                 except Exception as error:  # its source (or policy) cannot be sent to a process
                     unsendable = f"{type(error).__name__}: {error}"
             if unsendable:
@@ -201,6 +204,7 @@ class Replica:
             self.process.kill()
         if self.process is not None:
             self.process.join(5.0)
+            self.areas.close()  # (the files of a result it was writing as it died)
 
     def _died_starting(self) -> str:
         """Why the worker is gone before Ready; a script that starts the server unguarded is the usual cause."""

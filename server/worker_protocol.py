@@ -1,13 +1,14 @@
 """The worker protocol: the one seam between the front door and a worker (one model replica, in its own process).
 
-Front door -> worker: `RunJob`, `RunBatch`, `LocalAnswer`, `Cancel`, `Stop`. Worker -> front door: `Ready`, `Running`,
-`Log`, `LocalCall`, `Done`, `Failed`. Messages are small picklable dataclasses sent over any
+Front door -> worker: `RunJob`, `RunBatch`, `LocalAnswer`, `Cancel`, `Reclaim`, `Stop`. Worker -> front door:
+`Ready`, `Running`, `Log`, `LocalCall`, `Done`, `Failed`. Messages are small picklable dataclasses sent over any
 `Connection`-like pair (send/recv/poll: a multiprocessing Pipe here; an actor's queue under Ray). A worker process
 also has a direct pipe (`DirectPipe`) that its job thread reads itself, without its inbox thread: RunJob, RunBatch
 and Stop while it is idle, LocalAnswers while its job waits for one (sent by whichever front-door thread has the
 answer first); without one (Ray) they go with the rest. Bulky bytes
 (programs with inputs, results, local() values) travel as `Blob`s, in shared memory above SHM_THRESHOLD so
-they cross without going through the pipe. Imports the standard library only.
+they cross without going through the pipe; a worker process's large results go in its reusable result areas
+(`Area`, result_areas.py). Imports the standard library only.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 __all__ = [
-    "Blob", "pack", "unpack", "SHM_THRESHOLD",
-    "RunJob", "RunBatch", "LocalAnswer", "Cancel", "Stop",
+    "Blob", "Area", "pack", "unpack", "SHM_THRESHOLD",
+    "RunJob", "RunBatch", "LocalAnswer", "Cancel", "Stop", "Reclaim",
     "Ready", "Running", "Log", "LocalCall", "Done", "Failed", "discard", "DirectPipe", "plain_pickle",
 ]
 
@@ -36,6 +37,16 @@ class Blob:
     """Bytes in shared memory: a file in /dev/shm the receiver maps and unlinks (so it is freed with the map)."""
 
     path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Area:
+    """A result at the start of one of the worker's reusable result areas (result_areas.py): a /dev/shm file of
+    `capacity` bytes, its first `size` bytes the result; the front door reads it until it sends a Reclaim."""
+
+    path: str
+    capacity: int
     size: int
 
 
@@ -140,15 +151,15 @@ def plain_pickle(conn):
 
 
 class DirectPipe:
-    """The front door's end of a worker's direct pipe (read by the worker's job thread). The relay thread (jobs,
-    Stop, answers) and a RunJob stream's reader (the client's answer, without a hand-off to the relay) both write
-    to it, one message at a time."""
+    """The front door's end of a worker's direct pipe (read by the worker's job thread). The relay thread (jobs and
+    their Reclaims, Stop, answers) and a RunJob stream's reader (the client's answer, without a hand-off to the
+    relay) both write to it, one message at a time."""
 
     def __init__(self, conn):
         self._conn = conn
         self._lock = threading.Lock()
 
-    def send(self, message: RunJob | RunBatch | LocalAnswer | Stop) -> None:
+    def send(self, message: RunJob | RunBatch | Reclaim | LocalAnswer | Stop) -> None:
         """Send a message; a worker that is gone is noticed by the relay (its pipe's end, its process)."""
         with self._lock:
             try:
@@ -168,6 +179,14 @@ class Cancel:
 
     job_id: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Reclaim:
+    """Result areas the front door no longer reads (sent before a job): write them again, or close them."""
+
+    reuse: tuple[str, ...]
+    drop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -223,7 +242,7 @@ class Done:
     """The job's serialized JobResult."""
 
     job_id: str
-    result: bytes | Blob
+    result: bytes | Blob | Area
     retire: str = ""  # why the replica must run no more jobs (weights a job wrote into could not be put back)
 
 

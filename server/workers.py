@@ -63,6 +63,7 @@ class Limits:
     batch_local_wait: float = 1.0  # seconds a batched job's local() blocks may keep its batch waiting, in all
     ray: str = ""  # a Ray cluster's address (auto, host:port, local): each replica's worker is an actor there
     ray_namespace: str = "tether"  # front doors on one cluster with the same namespace share models and jobs
+    ray_lanes: bool = True  # a job's messages over sockets between the cluster's processes (lanes.py), not Ray calls
 
     def replace(self, **changes) -> Limits:
         return dataclasses.replace(self, **changes)

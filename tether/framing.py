@@ -25,8 +25,13 @@ _WIRE_TYPES = {
 }
 
 
+_ONE_BYTE = [bytes([n]) for n in range(0x80)]  # varints below 128 are one byte: taken from here, not built
+
+
 def varint(n: int) -> bytes:
     """`n` as a protobuf varint (for messages framed by hand)."""
+    if 0 <= n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -42,6 +47,8 @@ def int64(n: int) -> int:
 
 def read_varint(view: memoryview, pos: int) -> tuple[int, int]:
     """The varint at `pos` of `view`, and the position after it."""
+    if pos < len(view) and view[pos] < 0x80:  # one byte: most tags, field numbers and small lengths
+        return view[pos], pos + 1
     result = shift = 0
     while True:
         if pos >= len(view) or shift > 63:

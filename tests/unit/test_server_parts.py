@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import collections
+import gc
 import multiprocessing
 import pickle
 import threading
+import weakref
 from types import SimpleNamespace
 
 import grpc
@@ -23,6 +25,7 @@ from tether.server.errors import InvalidProgram, NotFound, ResultTooLarge, Unaut
 from tether.server.failures import failure_of
 from tether.server.jobs import Job, JobStore
 from tether.server.policy import DEFAULT_POLICY
+from tether.server.result_bytes import ResultBytes
 from tether.server.results import encode_result
 from tether.server.worker_main import JobLog
 from tether.server.workers import JobLimits, Limits
@@ -143,6 +146,24 @@ def test_events_ready_together_share_a_message_of_at_most_about_one_mib():
     assert [e.WhichOneof("event") for e in events] == ["status"] * 2 + ["result"] * 3 + ["status"]
     assert b"".join(bytes(e.result.data) for e in events[2:5]) == data
 
+
+
+def test_lazy_frames_are_the_same_bytes_and_hold_their_result_until_sent():
+    job = Job("owner", "tiny", 1)
+    mib = 1 << 20
+    result = ResultBytes([bytes(range(256)) * (5 * mib // 2 // 256)])
+    job.complete(result, chunk_size=mib, ttl=60)
+    released = []
+    weakref.finalize(result, released.append, True)
+    lazy, count, finished = job.wait_frames(0, lambda: False, lazy=True)
+    assert (count, finished) == job.wait_frames(0, lambda: False)[1:]
+    assert [b"".join(f) for f in lazy] == job.wait_frames(0, lambda: False)[0]  # joined as they are sent
+    del job, result
+    gc.collect()
+    assert not released  # a frame still to send keeps the result's memory from being handed back
+    del lazy
+    gc.collect()
+    assert released
 
 class _Probe:
     """A `stop` callback that never stops, counting its calls: the reader calls it each time it wakes."""
