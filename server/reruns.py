@@ -91,7 +91,7 @@ class BatchRelay:
     tracks: dict
     replica: Any
     conn: Any
-    send_direct: Any  # sends a LocalAnswer to the worker
+    send_direct: Any  # sends a LocalAnswer to the worker's job thread
 
     def _keep_answers(self) -> None:
         """Jobs of a batch keep their local() answers: a re-run alone replays them instead of asking again."""
@@ -132,7 +132,7 @@ class BatchRelay:
         """A message of a job this run no longer relays (it ended, or left its batch)."""
         if isinstance(message, wp.LocalCall):  # (its body caught the cancel and went on): never leave it waiting
             self.send_direct(wp.LocalAnswer(message.call_id, error="JobCancelledError",
-                                       message="the job no longer runs in this batch"))
+                                            message="the job no longer runs in this batch"))
         elif isinstance(message, (wp.Done, wp.Failed)) and track is not None:
             track.ended = True
             if isinstance(message, wp.Done):
