@@ -139,8 +139,8 @@ class JobRelay(BatchRelay):
         try:
             reclaim = self.replica.areas.reclaim()  # (before the job: the worker may write them again for it)
             if reclaim is not None:
-                self.conn.send(reclaim)
-            self.conn.send(runs[0] if len(runs) == 1 else wp.RunBatch(tuple(runs)))
+                self.send_direct(reclaim)
+            self.send_direct(runs[0] if len(runs) == 1 else wp.RunBatch(tuple(runs)))
             return self._relay(pid)
         except (EOFError, OSError, BrokenPipeError):
             self._ended_with_worker(WorkerCrashed, None)
@@ -228,7 +228,7 @@ class JobRelay(BatchRelay):
         may hold its batch for --batch-local-wait in all; past that it leaves the batch (`_leave`)."""
         link, hold = track.entry.link, self._hold(track)
         asked = time.monotonic()
-        pipe = self.replica.answers
+        pipe = self.replica.direct
         direct = None if pipe is None else lambda outcome: pipe.send(_answer(call.call_id, outcome))
         answer: wp.LocalAnswer | None
         try:
@@ -246,15 +246,16 @@ class JobRelay(BatchRelay):
             if hold is not None and not track.left:
                 track.sent.held += self.resumed - asked
         if answer is not None:
-            self.answer(answer)
+            self.send_direct(answer)
 
-    def answer(self, answer: wp.LocalAnswer) -> None:
-        """Send a LocalAnswer to the worker: on its answer pipe if it has one."""
-        pipe = self.replica.answers
+    def send_direct(self, message: wp.LocalAnswer | wp.RunJob | wp.RunBatch | wp.Reclaim) -> None:
+        """Send the worker's job thread a LocalAnswer, or its job(s) and the Reclaim before them: on its direct pipe
+        if it has one."""
+        pipe = self.replica.direct
         if pipe is None:
-            self.conn.send(answer)
+            self.conn.send(message)
         else:
-            pipe.send(answer)
+            pipe.send(message)
 
     def _check(self, pid: int | None) -> tuple[Any, Track | None] | None:
         """Between messages: forward cancels; (the error, the job that caused it: None for all) to kill the

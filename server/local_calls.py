@@ -150,11 +150,7 @@ class LocalLink:
                         raise StillOpen(block_id)
                     left = answer_by - now
                     if left <= 0:
-                        raise timed_out() if answer_by >= deadline else JobTimeout(
-                            f"the client did not answer the local() block {block_id} within {local_timeout:g} s "
-                            "(the job's local_call_timeout), so the job was stopped: the client may have been "
-                            "disconnected or stuck in the block. Raise local_call_timeout for slow blocks."
-                        )
+                        raise timed_out() if answer_by >= deadline else _unanswered(block_id, local_timeout)
                     job.cond.wait(left if held_until is None else min(left, held_until - now))
             finally:
                 self._direct = None
@@ -187,6 +183,14 @@ class LocalLink:
         if isinstance(answer, (bytes, bytearray)):
             return answer
         raise _block_failed(block_id, answer)
+
+
+def _unanswered(block_id: str, local_timeout: float) -> JobTimeout:
+    return JobTimeout(
+        f"the client did not answer the local() block {block_id} within {local_timeout:g} s (the job's "
+        "local_call_timeout), so the job was stopped: the client may have been disconnected or stuck in the "
+        "block. Raise local_call_timeout for slow blocks."
+    )
 
 
 def _diverged(block_id: str, first_block: str) -> LocalCallFailed:

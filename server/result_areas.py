@@ -30,7 +30,7 @@ def _leftovers(pid: int) -> list[str]:
 
 class WorkerAreas:
     """The worker's result areas: each large result is copied into a free one (or a new one) and sent as a
-    `wp.Area`; the area stays the front door's until a `wp.Reclaim` hands it back (on the job pipe, before the next
+    `wp.Area`; the area stays the front door's until a `wp.Reclaim` hands it back (on the pipe of its jobs, before the next
     job, so the worker never writes into an area the front door still reads). Small results go as bytes.
 
     Areas stay mapped here, already faulted: a later job's program could reach them only through raw memory

@@ -113,7 +113,7 @@ class Replica:
                 self._unsendable = f"{type(error).__name__}: {error}"
         self.process: Any = None  # the worker process (None: not started, or a thread worker)
         self.conn: Any = None  # the front door's end of the worker's pipe
-        self.answers: wp.AnswerPipe | None = None  # the front door's end of its answer pipe (None: answers go on conn)
+        self.direct: wp.DirectPipe | None = None  # the front door's end of its direct pipe (None: all goes on conn)
         self.areas = DoorAreas()  # the result areas of the worker process (a new one with each start)
         self.restarts = 0  # how often the worker was started again after dying or being killed
         self._ready = threading.Condition()
@@ -129,15 +129,15 @@ class Replica:
         with self._ready:
             self._pid = None
         ours, theirs = multiprocessing.Pipe(duplex=True)
-        answers_in, answers_out = multiprocessing.Pipe(duplex=False)
-        args = (theirs, hosted.name, self._payload, hosted.source, self.policy, answers_in)
+        direct_in, direct_out = multiprocessing.Pipe(duplex=False)
+        args = (theirs, hosted.name, self._payload, hosted.source, self.policy, direct_in)
         self.process = None
         if limits.isolate:
             unsendable = self._unsendable
             if not unsendable:
                 process = _mp_context().Process(
                     target=_process_main, args=(torch.get_num_threads(), theirs, hosted.name, self._sent,
-                                                hosted.source, self.policy, answers_in),
+                                                hosted.source, self.policy, direct_in),
                     name=f"tether-worker-{self.name}", daemon=True)
                 try:
                     process.start()
@@ -155,8 +155,8 @@ class Replica:
             threading.Thread(target=serve, args=args, name=f"tether-worker-{self.name}", daemon=True).start()
         if self.process is not None:
             theirs.close()  # the child has its own copy; closing ours lets a dead child read as EOF
-            answers_in.close()
-        self.conn, self.answers = wp.plain_pickle(ours), wp.AnswerPipe(answers_out)
+            direct_in.close()
+        self.conn, self.direct = wp.plain_pickle(ours), wp.DirectPipe(direct_out)
         give_up = time.monotonic() + START_TIMEOUT
         try:
             while not ours.poll(TICK * 4):
@@ -261,11 +261,13 @@ class Replica:
                 self.conn.send(wp.Stop())
             except (OSError, ValueError):
                 pass
+            if self.direct is not None:
+                self.direct.send(wp.Stop())  # (the job thread waits for its next job there)
             if self.process is not None:
                 self.process.join(2.0)
             self._kill()
-            if self.answers is not None:
-                self.answers.close()
+            if self.direct is not None:
+                self.direct.close()
 
     def wake(self) -> None:
         """Have the relay look at its jobs now (a cancel was requested): called from any thread."""
@@ -278,8 +280,8 @@ class Replica:
         """Replace a dead (or killed) worker; its queued jobs then run on the new one."""
         self._kill()
         self.conn.close()
-        if self.answers is not None:
-            self.answers.close()
+        if self.direct is not None:
+            self.direct.close()
         if self.queue.closed:  # the server is stopping: no new worker
             return
         self.restarts += 1

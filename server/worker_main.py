@@ -41,19 +41,19 @@ _log = logging.getLogger("tether.server")
 _LOCAL_ERRORS = ("LocalBlockFailed", "LocalCallFailed", "JobTimeout", "JobCancelledError")
 
 
-def process_main(conn, name: str, model: Any, source: Callable[[], Any] | None, policy, answers=None) -> None:
+def process_main(conn, name: str, model: Any, source: Callable[[], Any] | None, policy, direct=None) -> None:
     """The worker process's entry point (multiprocessing target): large results leave through result areas."""
-    serve(conn, name, model, source, policy, answers, WorkerAreas())
+    serve(conn, name, model, source, policy, direct, WorkerAreas())
 
 
-def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy, answers=None,
+def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy, direct=None,
           areas: WorkerAreas | None = None) -> None:
     """Serve jobs on `model` (a torch module or (module, tokenizer)) until Stop or the connection closes.
-    `answers`: the read end of the answer pipe (worker_protocol.AnswerPipe), if the front door has one.
+    `direct`: the read end of the direct pipe (worker_protocol.DirectPipe), if the front door has one.
     `areas`: where large results go (a worker process's own); without, each goes as a Blob."""
     conn = wp.plain_pickle(conn)
     hosted = HostedModel(name, wrap(model), source)
-    inbox = _Inbox(conn, answers, areas)
+    inbox = _Inbox(conn, direct, areas)
     watch = WeightWatch(hosted.module, source)
     served = JobState.of(hosted.module)
     watchdog = Watchdog(f"tether-watchdog-{name}")
@@ -77,12 +77,12 @@ def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy,
 
 class _Inbox:
     """The front door's messages, read by one named thread: jobs queue up; cancels and local() answers go to the
-    job that runs (answers on their own pipe, when there is one, are read by the job's thread itself); result
-    areas handed back go to `areas`."""
+    job that runs; result areas handed back go to `areas`. With a direct pipe, jobs, the Reclaims before them and
+    answers come on it instead, read by the job's thread itself."""
 
-    def __init__(self, conn, answers=None, areas: WorkerAreas | None = None):
+    def __init__(self, conn, direct=None, areas: WorkerAreas | None = None):
         self._conn = conn
-        self._answer_pipe = answers
+        self._direct = direct
         self.areas = areas
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # RunJob or RunBatch, or None to end
         self.answers: queue.SimpleQueue = queue.SimpleQueue()  # LocalAnswer, or None when the front door left
@@ -90,14 +90,27 @@ class _Inbox:
         threading.Thread(target=self._read, name="tether-worker-inbox", daemon=True).start()
 
     def next_job(self) -> wp.RunJob | wp.RunBatch | None:
-        return self._jobs.get()
+        """The next job (None: Stop, or the front door left)."""
+        if self._direct is None:
+            return self._jobs.get()
+        while isinstance(message := self._direct_message(), (wp.LocalAnswer, wp.Reclaim)):
+            if isinstance(message, wp.Reclaim):
+                if self.areas is not None:
+                    self.areas.reclaim(message)
+            else:
+                wp.discard(message.data)  # an answer to a call whose job had already ended
+        return message if isinstance(message, (wp.RunJob, wp.RunBatch)) else None
 
     def next_answer(self) -> wp.LocalAnswer | None:
-        """The next LocalAnswer (None: the front door left), read in the job's thread from the answer pipe."""
-        if self._answer_pipe is None:
+        """The next LocalAnswer (None: the front door left)."""
+        if self._direct is None:
             return self.answers.get()
+        message = self._direct_message()
+        return message if isinstance(message, wp.LocalAnswer) else None
+
+    def _direct_message(self) -> Any:
         try:
-            return self._answer_pipe.recv()
+            return self._direct.recv()
         except (EOFError, OSError):
             return None
 

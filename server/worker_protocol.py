@@ -3,8 +3,9 @@
 Front door -> worker: `RunJob`, `RunBatch`, `LocalAnswer`, `Cancel`, `Reclaim`, `Stop`. Worker -> front door:
 `Ready`, `Running`, `Log`, `LocalCall`, `Done`, `Failed`. Messages are small picklable dataclasses sent over any
 `Connection`-like pair (send/recv/poll: a multiprocessing Pipe here; an actor's queue under Ray). A worker process
-also has an answer pipe (`AnswerPipe`): LocalAnswers go on it straight to the job thread that waits for them,
-from whichever front-door thread has the answer first; without one (Ray) they go with the rest. Bulky bytes
+also has a direct pipe (`DirectPipe`) that its job thread reads itself, without its inbox thread: RunJob, RunBatch
+and Stop while it is idle, LocalAnswers while its job waits for one (sent by whichever front-door thread has the
+answer first); without one (Ray) they go with the rest. Bulky bytes
 (programs with inputs, results, local() values) travel as `Blob`s, in shared memory above SHM_THRESHOLD so
 they cross without going through the pipe; a worker process's large results go in its reusable result areas
 (`Area`, result_areas.py). Imports the standard library only.
@@ -23,7 +24,7 @@ from multiprocessing.connection import Connection
 __all__ = [
     "Blob", "Area", "pack", "unpack", "SHM_THRESHOLD",
     "RunJob", "RunBatch", "LocalAnswer", "Cancel", "Stop", "Reclaim",
-    "Ready", "Running", "Log", "LocalCall", "Done", "Failed", "discard", "AnswerPipe", "plain_pickle",
+    "Ready", "Running", "Log", "LocalCall", "Done", "Failed", "discard", "DirectPipe", "plain_pickle",
 ]
 
 SHM_THRESHOLD = 1 << 20  # bytes: below this, bytes go through the pipe (one copy); above, through shared memory
@@ -149,21 +150,23 @@ def plain_pickle(conn):
     return _PlainPickle(conn) if isinstance(conn, Connection) else conn
 
 
-class AnswerPipe:
-    """The front door's end of a worker's answer pipe. The relay thread and a RunJob stream's reader (the client's
-    answer, without a hand-off to the relay) both write to it, one message at a time."""
+class DirectPipe:
+    """The front door's end of a worker's direct pipe (read by the worker's job thread). The relay thread (jobs and
+    their Reclaims, Stop, answers) and a RunJob stream's reader (the client's answer, without a hand-off to the
+    relay) both write to it, one message at a time."""
 
     def __init__(self, conn):
         self._conn = conn
         self._lock = threading.Lock()
 
-    def send(self, answer: LocalAnswer) -> None:
-        """Send an answer; a worker that is gone is noticed by the relay (its pipe's end, its process)."""
+    def send(self, message: RunJob | RunBatch | Reclaim | LocalAnswer | Stop) -> None:
+        """Send a message; a worker that is gone is noticed by the relay (its pipe's end, its process)."""
         with self._lock:
             try:
-                self._conn.send_bytes(pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))  # (see _PlainPickle)
+                self._conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))  # (see _PlainPickle)
             except (OSError, ValueError):
-                discard(answer.data)
+                if isinstance(message, LocalAnswer):
+                    discard(message.data)
 
     def close(self) -> None:
         with self._lock:
