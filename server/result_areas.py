@@ -88,6 +88,8 @@ class WorkerAreas:
         with self._lock:
             self._free += [path for path in message.reuse if path in self._mapped]
             for path in message.drop:
+                if path in self._free:
+                    self._free.remove(path)
                 mapped = self._mapped.pop(path, None)
                 if mapped is not None:
                     mapped.close()
@@ -145,16 +147,18 @@ class DoorAreas:
             self._released.append(path)
 
     def reclaim(self) -> wp.Reclaim | None:
-        """The areas to hand back before the next job (up to KEEP_IDLE free ones in all; the worker closes the
-        rest, and so do we), or None when there are none."""
+        """The areas to hand back before the next job, or None when there are none: the worker keeps the
+        KEEP_IDLE largest free ones (those it had and these), so a large result finds one; it closes the rest,
+        and so do we. (Between jobs the worker writes no area: closing one it had free is safe.)"""
         with self._lock:
             if not self._released:
                 return None
-            reuse, drop = [], []
-            for path in self._released:
-                (reuse if len(self._free) + len(reuse) < KEEP_IDLE else drop).append(path)
+            free = [*self._free, *self._released]
+            keep = set(sorted(free, key=lambda path: len(self._mapped[path]), reverse=True)[:KEEP_IDLE])
+            reuse = [path for path in self._released if path in keep]
+            drop = [path for path in free if path not in keep]
             self._released.clear()
-            self._free.update(reuse)
+            self._free = keep
             for path in drop:
                 del self._mapped[path]  # unmapped once no view of it is left
             return wp.Reclaim(tuple(reuse), tuple(drop))
