@@ -88,6 +88,14 @@ class Track:
         return doing + (f"; its last printed line: {self.last_log!r})" if self.last_log else ")")
 
 
+def _answer(call_id: str, outcome: bytes | bytearray | Exception) -> wp.LocalAnswer:
+    """The LocalAnswer for a local() call's outcome: the answer's bytes, or the error to raise in the worker."""
+    if not isinstance(outcome, Exception):
+        return wp.LocalAnswer(call_id, wp.pack([outcome]))
+    failure = outcome.failure.SerializeToString() if isinstance(outcome, LocalBlockFailed) else b""
+    return wp.LocalAnswer(call_id, error=type(outcome).__name__, message=str(outcome), failure=failure)
+
+
 class JobRelay(BatchRelay):
     """What a replica runs now (one job, or a batch of compatible jobs in one RunBatch): sends it, relays what
     the worker says to each job, enforces each job's time (with a grace) and the worker's memory."""
@@ -220,22 +228,33 @@ class JobRelay(BatchRelay):
         may hold its batch for --batch-local-wait in all; past that it leaves the batch (`_leave`)."""
         link, hold = track.entry.link, self._hold(track)
         asked = time.monotonic()
+        pipe = self.replica.answers
+        direct = None if pipe is None else lambda outcome: pipe.send(_answer(call.call_id, outcome))
+        answer: wp.LocalAnswer | None
         try:
             if link is None:
                 raise LocalCallFailed(NO_STREAM)
             data = link.call(call.call_id, call.block_id, [wp.unpack(call.payload)], track.deadline,
-                             track.limits.local_call_timeout, track.timed_out, hold=hold)
-            answer = wp.LocalAnswer(call.call_id, wp.pack([data]))
+                             track.limits.local_call_timeout, track.timed_out, hold=hold, direct=direct)
+            answer = None if data is None else _answer(call.call_id, data)  # (None: it went to the worker directly)
         except StillOpen:
             answer = self._leave(track, call)
         except (LocalBlockFailed, LocalCallFailed, JobTimeout, JobCancelledError) as error:
-            failure = error.failure.SerializeToString() if isinstance(error, LocalBlockFailed) else b""
-            answer = wp.LocalAnswer(call.call_id, error=type(error).__name__, message=str(error), failure=failure)
+            answer = _answer(call.call_id, error)
         finally:
             self.resumed = time.monotonic()
             if hold is not None and not track.left:
                 track.sent.held += self.resumed - asked
-        self.conn.send(answer)
+        if answer is not None:
+            self.answer(answer)
+
+    def answer(self, answer: wp.LocalAnswer) -> None:
+        """Send a LocalAnswer to the worker: on its answer pipe if it has one."""
+        pipe = self.replica.answers
+        if pipe is None:
+            self.conn.send(answer)
+        else:
+            pipe.send(answer)
 
     def _check(self, pid: int | None) -> tuple[Any, Track | None] | None:
         """Between messages: forward cancels; (the error, the job that caused it: None for all) to kill the

@@ -86,11 +86,12 @@ def why_memory(size: int) -> str:
 
 class BatchRelay:
     """What job_relay.JobRelay does for the jobs of a batch that run again alone (its fields: `tracks`,
-    `replica`, `conn`; each track's `entry`, `job`, `sent`, `left`, `cancel_sent`). Only the relay thread calls it."""
+    `replica`, `conn`, `answer`; each track's `entry`, `job`, `sent`, `left`, `cancel_sent`). Only the relay thread calls it."""
 
     tracks: dict
     replica: Any
     conn: Any
+    answer: Any  # sends a LocalAnswer to the worker
 
     def _keep_answers(self) -> None:
         """Jobs of a batch keep their local() answers: a re-run alone replays them instead of asking again."""
@@ -130,8 +131,8 @@ class BatchRelay:
     def _dropped(self, track: Any | None, message: Any) -> None:
         """A message of a job this run no longer relays (it ended, or left its batch)."""
         if isinstance(message, wp.LocalCall):  # (its body caught the cancel and went on): never leave it waiting
-            self.conn.send(wp.LocalAnswer(message.call_id, error="JobCancelledError",
-                                          message="the job no longer runs in this batch"))
+            self.answer(wp.LocalAnswer(message.call_id, error="JobCancelledError",
+                                       message="the job no longer runs in this batch"))
         elif isinstance(message, (wp.Done, wp.Failed)) and track is not None:
             track.ended = True
             if isinstance(message, wp.Done):

@@ -113,6 +113,7 @@ class Replica:
                 self._unsendable = f"{type(error).__name__}: {error}"
         self.process: Any = None  # the worker process (None: not started, or a thread worker)
         self.conn: Any = None  # the front door's end of the worker's pipe
+        self.answers: wp.AnswerPipe | None = None  # the front door's end of its answer pipe (None: answers go on conn)
         self.areas = DoorAreas()  # the result areas of the worker process (a new one with each start)
         self.restarts = 0  # how often the worker was started again after dying or being killed
         self._ready = threading.Condition()
@@ -128,14 +129,15 @@ class Replica:
         with self._ready:
             self._pid = None
         ours, theirs = multiprocessing.Pipe(duplex=True)
-        args = (theirs, hosted.name, self._payload, hosted.source, self.policy)
+        answers_in, answers_out = multiprocessing.Pipe(duplex=False)
+        args = (theirs, hosted.name, self._payload, hosted.source, self.policy, answers_in)
         self.process = None
         if limits.isolate:
             unsendable = self._unsendable
             if not unsendable:
                 process = _mp_context().Process(
                     target=_process_main, args=(torch.get_num_threads(), theirs, hosted.name, self._sent,
-                                                hosted.source, self.policy),
+                                                hosted.source, self.policy, answers_in),
                     name=f"tether-worker-{self.name}", daemon=True)
                 try:
                     process.start()
@@ -153,7 +155,8 @@ class Replica:
             threading.Thread(target=serve, args=args, name=f"tether-worker-{self.name}", daemon=True).start()
         if self.process is not None:
             theirs.close()  # the child has its own copy; closing ours lets a dead child read as EOF
-        self.conn = ours
+            answers_in.close()
+        self.conn, self.answers = wp.plain_pickle(ours), wp.AnswerPipe(answers_out)
         give_up = time.monotonic() + START_TIMEOUT
         try:
             while not ours.poll(TICK * 4):
@@ -261,6 +264,8 @@ class Replica:
             if self.process is not None:
                 self.process.join(2.0)
             self._kill()
+            if self.answers is not None:
+                self.answers.close()
 
     def wake(self) -> None:
         """Have the relay look at its jobs now (a cancel was requested): called from any thread."""
@@ -273,6 +278,8 @@ class Replica:
         """Replace a dead (or killed) worker; its queued jobs then run on the new one."""
         self._kill()
         self.conn.close()
+        if self.answers is not None:
+            self.answers.close()
         if self.queue.closed:  # the server is stopping: no new worker
             return
         self.restarts += 1

@@ -41,17 +41,19 @@ _log = logging.getLogger("tether.server")
 _LOCAL_ERRORS = ("LocalBlockFailed", "LocalCallFailed", "JobTimeout", "JobCancelledError")
 
 
-def process_main(conn, name: str, model: Any, source: Callable[[], Any] | None, policy) -> None:
+def process_main(conn, name: str, model: Any, source: Callable[[], Any] | None, policy, answers=None) -> None:
     """The worker process's entry point (multiprocessing target): large results leave through result areas."""
-    serve(conn, name, model, source, policy, WorkerAreas())
+    serve(conn, name, model, source, policy, answers, WorkerAreas())
 
 
-def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy,
+def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy, answers=None,
           areas: WorkerAreas | None = None) -> None:
     """Serve jobs on `model` (a torch module or (module, tokenizer)) until Stop or the connection closes.
+    `answers`: the read end of the answer pipe (worker_protocol.AnswerPipe), if the front door has one.
     `areas`: where large results go (a worker process's own); without, each goes as a Blob."""
+    conn = wp.plain_pickle(conn)
     hosted = HostedModel(name, wrap(model), source)
-    inbox = _Inbox(conn, areas)
+    inbox = _Inbox(conn, answers, areas)
     watch = WeightWatch(hosted.module, source)
     served = JobState.of(hosted.module)
     watchdog = Watchdog(f"tether-watchdog-{name}")
@@ -75,10 +77,12 @@ def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy,
 
 class _Inbox:
     """The front door's messages, read by one named thread: jobs queue up; cancels and local() answers go to the
-    job that runs; result areas handed back go to `areas`."""
+    job that runs (answers on their own pipe, when there is one, are read by the job's thread itself); result
+    areas handed back go to `areas`."""
 
-    def __init__(self, conn, areas: WorkerAreas | None = None):
+    def __init__(self, conn, answers=None, areas: WorkerAreas | None = None):
         self._conn = conn
+        self._answer_pipe = answers
         self.areas = areas
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # RunJob or RunBatch, or None to end
         self.answers: queue.SimpleQueue = queue.SimpleQueue()  # LocalAnswer, or None when the front door left
@@ -87,6 +91,15 @@ class _Inbox:
 
     def next_job(self) -> wp.RunJob | wp.RunBatch | None:
         return self._jobs.get()
+
+    def next_answer(self) -> wp.LocalAnswer | None:
+        """The next LocalAnswer (None: the front door left), read in the job's thread from the answer pipe."""
+        if self._answer_pipe is None:
+            return self.answers.get()
+        try:
+            return self._answer_pipe.recv()
+        except (EOFError, OSError):
+            return None
 
     def _read(self) -> None:
         try:
@@ -119,7 +132,7 @@ class WorkerLink:
              timed_out) -> bytes | memoryview:
         self._conn.send(wp.LocalCall(self._job_id, call_id, block_id, wp.pack(payload)))
         while True:
-            answer = self._inbox.answers.get()
+            answer = self._inbox.next_answer()
             if answer is None:
                 raise JobCancelledError(f"the server stopped while the local() block {block_id} ran")
             if answer.call_id == call_id:
