@@ -1,6 +1,6 @@
-"""Large results leaving a worker process through reusable shared memory (result areas), on both sides of the pipe.
-Each area is a /dev/shm file the worker keeps mapped and the front door maps once, so a result's pages are faulted
-once per area, not per result. Imports the standard library, the worker protocol and result_bytes only.
+"""A worker process's large results through reusable shared memory (result areas), on both sides of the pipe:
+/dev/shm files the worker keeps mapped and the front door maps once, so pages fault once per area, not per
+result. Imports the standard library, grpc (status codes), the worker protocol, errors and result_bytes only.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import os
 import threading
 import weakref
 
+import grpc
+
 from . import worker_protocol as wp
+from .errors import ServerError
 from .result_bytes import ResultBytes
 
 __all__ = ["WorkerAreas", "DoorAreas", "KEEP_IDLE", "GRANULE"]
@@ -46,7 +49,13 @@ class WorkerAreas:
         size = sum(len(p) for p in pieces)
         if size < wp.SHM_THRESHOLD or _SHM_DIR is None:
             return b"".join(pieces)
-        path = self._take(size) or self._create(size)
+        try:
+            path = self._take(size) or self._create(size)
+        except OSError as error:
+            raise ServerError(
+                f"the server has no room in its shared memory (/dev/shm) for this job's result of {size} bytes "
+                f"({error.strerror}). Save less, or retry once other jobs' results have expired.",
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED) from None
         mapped = self._mapped[path]
         offset = 0
         for piece in pieces:
