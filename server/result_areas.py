@@ -23,6 +23,7 @@ __all__ = ["WorkerAreas", "DoorAreas", "KEEP_IDLE", "GRANULE"]
 KEEP_IDLE = 2  # free areas a worker keeps for the next results; the front door has it close any more
 GRANULE = 2 << 20  # bytes: an area's size is its first result's, rounded up to this (later results fit more often)
 _SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once (one call, not a fault per page)
 _names = itertools.count()
 
 
@@ -103,8 +104,6 @@ class WorkerAreas:
                 if mapped is not None:
                     mapped.close()
 
-
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault every page in at once (one call, not a fault per page)
 
 
 class DoorAreas:
