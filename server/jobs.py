@@ -301,19 +301,17 @@ class Job:
         parts = Frame([], result)
         size = large = 0  # bytes of events in `parts`, all and large ones
         for entry in entries:
-            if isinstance(entry, ResultChunk):
-                more = entry.parts(self.id, result, more=bool(parts))
-                length = entry.size
-            else:
-                serialized = entry.SerializeToString()  # the event as `event`
-                more = as_more_events(serialized) if parts else [serialized]
-                length = len(serialized)
+            chunk = isinstance(entry, ResultChunk)
+            serialized = b"" if chunk else entry.SerializeToString()  # the event as `event`
+            length = entry.size if chunk else len(serialized)
             big = length >= SMALL_EVENT
             if parts and (big and large + length > BATCH_BYTES or size + length > BATCH_BYTES + SMALL_EVENT):
                 frames.append(parts)  # full: this event starts the next message
-                more = entry.parts(self.id, result) if isinstance(entry, ResultChunk) else [serialized]
                 parts, size, large = Frame([], result), 0, 0
-            parts.extend(more)
+            if chunk:
+                parts.extend(entry.parts(self.id, result, more=bool(parts)))
+            else:
+                parts.extend(as_more_events(serialized) if parts else [serialized])
             size += length
             large += length if big else 0
         if parts:

@@ -1,6 +1,6 @@
-"""Large results leaving a worker process through reusable shared memory (result areas), on both sides of the pipe.
-Each area is a /dev/shm file the worker keeps mapped and the front door maps once, so a result's pages are faulted
-once per area, not per result. Imports the standard library, the worker protocol and result_bytes only.
+"""A worker process's large results through reusable shared memory (result areas), on both sides of the pipe:
+/dev/shm files the worker keeps mapped and the front door maps once, so pages fault once per area, not per
+result. Imports the standard library, grpc (status codes), the worker protocol, errors and result_bytes only.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import os
 import threading
 import weakref
 
+import grpc
+
 from . import worker_protocol as wp
+from .errors import ServerError
 from .result_bytes import ResultBytes
 
 __all__ = ["WorkerAreas", "DoorAreas", "KEEP_IDLE", "GRANULE"]
@@ -20,6 +23,7 @@ __all__ = ["WorkerAreas", "DoorAreas", "KEEP_IDLE", "GRANULE"]
 KEEP_IDLE = 2  # free areas a worker keeps for the next results; the front door has it close any more
 GRANULE = 2 << 20  # bytes: an area's size is its first result's, rounded up to this (later results fit more often)
 _SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once (one call, not a fault per page)
 _names = itertools.count()
 
 
@@ -46,7 +50,13 @@ class WorkerAreas:
         size = sum(len(p) for p in pieces)
         if size < wp.SHM_THRESHOLD or _SHM_DIR is None:
             return b"".join(pieces)
-        path = self._take(size) or self._create(size)
+        try:
+            path = self._take(size) or self._create(size)
+        except OSError as error:
+            raise ServerError(
+                f"the server has no room in its shared memory (/dev/shm) for this job's result of {size} bytes "
+                f"({error.strerror}). Save less, or retry once other jobs' results have expired.",
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED) from None
         mapped = self._mapped[path]
         offset = 0
         for piece in pieces:
@@ -88,12 +98,12 @@ class WorkerAreas:
         with self._lock:
             self._free += [path for path in message.reuse if path in self._mapped]
             for path in message.drop:
+                if path in self._free:
+                    self._free.remove(path)
                 mapped = self._mapped.pop(path, None)
                 if mapped is not None:
                     mapped.close()
 
-
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault every page in at once (one call, not a fault per page)
 
 
 class DoorAreas:
@@ -145,16 +155,18 @@ class DoorAreas:
             self._released.append(path)
 
     def reclaim(self) -> wp.Reclaim | None:
-        """The areas to hand back before the next job (up to KEEP_IDLE free ones in all; the worker closes the
-        rest, and so do we), or None when there are none."""
+        """The areas to hand back before the next job, or None when there are none: the worker keeps the
+        KEEP_IDLE largest free ones (those it had and these), so a large result finds one; it closes the rest,
+        and so do we. (Between jobs the worker writes no area: closing one it had free is safe.)"""
         with self._lock:
             if not self._released:
                 return None
-            reuse, drop = [], []
-            for path in self._released:
-                (reuse if len(self._free) + len(reuse) < KEEP_IDLE else drop).append(path)
+            free = [*self._free, *self._released]
+            keep = set(sorted(free, key=lambda path: len(self._mapped[path]), reverse=True)[:KEEP_IDLE])
+            reuse = [path for path in self._released if path in keep]
+            drop = [path for path in free if path not in keep]
             self._released.clear()
-            self._free.update(reuse)
+            self._free = keep
             for path in drop:
                 del self._mapped[path]  # unmapped once no view of it is left
             return wp.Reclaim(tuple(reuse), tuple(drop))

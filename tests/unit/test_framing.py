@@ -163,3 +163,12 @@ def test_a_large_result_assembled_in_its_buffer_decodes_in_place_aligned(name_le
     assert got.data_ptr() % ALIGN == 0
     start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
     assert start <= got.data_ptr() < start + len(buffer)  # the buffer's own memory: no copy
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, (1 << 14) - 1, 1 << 14, 1 << 20, (1 << 63) - 1, (1 << 64) - 1])
+def test_varint_and_its_size(n):
+    written = framing.varint(n)
+    assert framing.varint_size(n) == len(written)
+    assert framing.read_varint(memoryview(b"\x05" + written), 1) == (n, 1 + len(written))
+    if n:  # (protobuf leaves a zero out)
+        assert written == jobs_pb2.Chunk(total_size=n if n < 1 << 63 else n - (1 << 64)).SerializeToString()[1:]

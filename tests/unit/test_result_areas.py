@@ -97,3 +97,20 @@ def test_a_dead_workers_unread_files_are_removed():
         for path in left:
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def test_the_largest_free_areas_are_kept():
+    worker, door = WorkerAreas(), DoorAreas()
+    small = [worker.pack(_pieces(i)) for i in range(KEEP_IDLE)]
+    for area in small:
+        door.discard(area)
+    worker.reclaim(door.reclaim())  # the worker keeps these small ones
+    large = worker.pack(_pieces(5, 2 * GRANULE + 10))  # fits none of them: a new area
+    door.discard(large)
+    reclaim = door.reclaim()
+    assert reclaim.reuse == (large.path,)
+    assert len(reclaim.drop) == 1 and reclaim.drop[0] in {a.path for a in small}  # a small free one goes
+    worker.reclaim(reclaim)
+    again = worker.pack(_pieces(6, 2 * GRANULE))
+    assert again.path == large.path
+    door.discard(again)
