@@ -164,19 +164,21 @@ class LaneSide:
 
 
 class Answers:
-    """A replica's answer path (`Replica.answers`, as worker_protocol.AnswerPipe): a local() answer goes from the
+    """A replica's direct path (`Replica.direct`, as worker_protocol.DirectPipe): a local() answer goes from the
     thread that has it (the one serving a door's `deliver`) straight onto the connection to the actor, without a
-    hand-off to the relay thread; the actor's inbox passes it to the job that waits."""
+    hand-off to the relay thread; the actor's inbox passes it to the job that waits. Jobs, Reclaims and Stop sent
+    this way go on the same connection, in order."""
 
     def __init__(self, conn: Any):
         self._conn = conn
 
-    def send(self, answer: wp.LocalAnswer) -> None:
-        """Send an answer; an actor that is gone is noticed by the relay (its connection's end)."""
+    def send(self, message: wp.RunJob | wp.RunBatch | wp.Reclaim | wp.LocalAnswer | wp.Stop) -> None:
+        """Send a message; an actor that is gone is noticed by the relay (its connection's end)."""
         try:
-            self._conn.send(answer)
+            self._conn.send(message)
         except (OSError, EOFError, ValueError):
-            wp.discard(answer.data)
+            if isinstance(message, wp.LocalAnswer):
+                wp.discard(message.data)
 
     def close(self) -> None:
         """(The connection is the supervisor's to close.)"""

@@ -244,7 +244,7 @@ class RayReplica(Replica):
         try:
             conn, node = self._connect(actor, token, give_up)
             self.conn = self.process.conn = conn
-            self.answers = Answers(conn)
+            self.direct = Answers(conn)
             while not conn.poll(0.2) and not conn.death:
                 self._starting(give_up)
             try:
