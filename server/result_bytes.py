@@ -12,7 +12,7 @@ from google.protobuf import timestamp_pb2
 from tether.framing import chunk_length, chunk_parts, result_event_prefix
 from tether.v1 import jobs_pb2
 
-__all__ = ["ResultBytes", "ResultChunk"]
+__all__ = ["Frame", "ResultBytes", "ResultChunk"]
 
 
 class ResultBytes:
@@ -46,6 +46,19 @@ class ResultBytes:
 
     def tobytes(self) -> bytes:
         return b"".join(self.pieces)
+
+
+class Frame(list):
+    """A serialized response still in pieces (views of a result's memory, small bytes): joined, its data's one
+    copy, right before gRPC sends it (service.py's serializer), so a stream never copies ahead of what it
+    sends. It holds the result, whose memory (a worker's result area) is not handed back while a frame of it
+    waits."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, parts: list, result: ResultBytes | None):
+        super().__init__(parts)
+        self.result = result
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from tether.runtime.envoy import module_of
 
 from . import worker_protocol as wp
 from .job_relay import KILL_GRACE, TICK, JobRelay
+from .result_areas import DoorAreas
 from .shared_weights import pack
 from .workers import ModelQueue
 
@@ -112,6 +113,8 @@ class Replica:
                 self._unsendable = f"{type(error).__name__}: {error}"
         self.process: Any = None  # the worker process (None: not started, or a thread worker)
         self.conn: Any = None  # the front door's end of the worker's pipe
+        self.direct: wp.DirectPipe | None = None  # the front door's end of its direct pipe (None: all goes on conn)
+        self.areas = DoorAreas()  # the result areas of the worker process (a new one with each start)
         self.restarts = 0  # how often the worker was started again after dying or being killed
         self._ready = threading.Condition()
         self._wake_in, self._wake_out = multiprocessing.Pipe(duplex=False)  # a cancel wakes the relay at once
@@ -126,18 +129,20 @@ class Replica:
         with self._ready:
             self._pid = None
         ours, theirs = multiprocessing.Pipe(duplex=True)
-        args = (theirs, hosted.name, self._payload, hosted.source, self.policy)
+        direct_in, direct_out = multiprocessing.Pipe(duplex=False)
+        args = (theirs, hosted.name, self._payload, hosted.source, self.policy, direct_in)
         self.process = None
         if limits.isolate:
             unsendable = self._unsendable
             if not unsendable:
                 process = _mp_context().Process(
                     target=_process_main, args=(torch.get_num_threads(), theirs, hosted.name, self._sent,
-                                                hosted.source, self.policy),
+                                                hosted.source, self.policy, direct_in),
                     name=f"tether-worker-{self.name}", daemon=True)
                 try:
                     process.start()
                     self.process = process
+                    self.areas = DoorAreas(process.pid)
                 except Exception as error:  # its source (or policy) cannot be sent to a process
                     unsendable = f"{type(error).__name__}: {error}"
             if unsendable:
@@ -150,7 +155,8 @@ class Replica:
             threading.Thread(target=serve, args=args, name=f"tether-worker-{self.name}", daemon=True).start()
         if self.process is not None:
             theirs.close()  # the child has its own copy; closing ours lets a dead child read as EOF
-        self.conn = ours
+            direct_in.close()
+        self.conn, self.direct = wp.plain_pickle(ours), wp.DirectPipe(direct_out)
         give_up = time.monotonic() + START_TIMEOUT
         try:
             while not ours.poll(TICK * 4):
@@ -198,6 +204,7 @@ class Replica:
             self.process.kill()
         if self.process is not None:
             self.process.join(5.0)
+            self.areas.close()  # (the files of a result it was writing as it died)
 
     def _died_starting(self) -> str:
         """Why the worker is gone before Ready; a script that starts the server unguarded is the usual cause."""
@@ -254,9 +261,13 @@ class Replica:
                 self.conn.send(wp.Stop())
             except (OSError, ValueError):
                 pass
+            if self.direct is not None:
+                self.direct.send(wp.Stop())  # (the job thread waits for its next job there)
             if self.process is not None:
                 self.process.join(2.0)
             self._kill()
+            if self.direct is not None:
+                self.direct.close()
 
     def wake(self) -> None:
         """Have the relay look at its jobs now (a cancel was requested): called from any thread."""
@@ -269,6 +280,8 @@ class Replica:
         """Replace a dead (or killed) worker; its queued jobs then run on the new one."""
         self._kill()
         self.conn.close()
+        if self.direct is not None:
+            self.direct.close()
         if self.queue.closed:  # the server is stopping: no new worker
             return
         self.restarts += 1
