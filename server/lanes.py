@@ -23,7 +23,9 @@ import os
 import pickle
 import secrets
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -35,7 +37,7 @@ __all__ = ["Listener", "dial", "new_token", "hang_up", "Calls", "serve_calls"]
 
 _log = logging.getLogger("tether.server")
 DIAL_TIMEOUT = 5.0  # s: connecting to a listener (a node that cannot be reached is then served by Ray calls)
-PROOF_TIMEOUT = 10.0  # s: each end's proof of the token on a new lane
+PROOF_TIMEOUT = 10.0  # s: each end's whole proof of the token on a new lane
 IDLE_LANES = 64  # a caller's connections kept open for its next calls (one per call in flight)
 _NONCE = 32
 
@@ -51,24 +53,53 @@ def _node_address() -> str:
     return ray.util.get_node_ip_address()
 
 
-def _prove(conn: Connection, token: bytes, listening: bool) -> None:
-    """Both ends at once: send a nonce, answer the peer's with an HMAC, check the peer's answer to ours."""
+def _prove(sock: socket.socket, token: bytes, listening: bool) -> None:
+    """Both ends at once: send a nonce, answer the peer's with an HMAC, check the peer's answer to ours. On the
+    bare socket, all within PROOF_TIMEOUT (a peer that sends part of a message and stalls holds no thread past
+    it), in Connection's framing (a 4-byte length, then the bytes); messages of any other length are refused
+    unread."""
+    deadline = time.monotonic() + PROOF_TIMEOUT
     mine, theirs = (b"L", b"D") if listening else (b"D", b"L")
     nonce = os.urandom(_NONCE)
-    conn.send_bytes(nonce)
-    conn.send_bytes(hmac.new(token, mine + _read(conn, _NONCE), hashlib.sha256).digest())
+    _send(sock, nonce, deadline)
+    _send(sock, hmac.new(token, mine + _read(sock, _NONCE, deadline), hashlib.sha256).digest(), deadline)
     expected = hmac.new(token, theirs + nonce, hashlib.sha256).digest()
-    if not hmac.compare_digest(_read(conn, len(expected)), expected):
+    if not hmac.compare_digest(_read(sock, len(expected), deadline), expected):
         raise ConnectionError("the peer does not hold this lane's token")
 
 
-def _read(conn: Connection, size: int) -> bytes:
-    if not conn.poll(PROOF_TIMEOUT):
-        raise ConnectionError("the peer did not prove it holds the lane's token in time")
-    data = conn.recv_bytes(size)
-    if len(data) != size:
+def _send(sock: socket.socket, data: bytes, deadline: float) -> None:
+    sock.settimeout(_left(deadline))
+    sock.sendall(struct.pack("!i", len(data)) + data)
+
+
+def _read(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """One proof message of `size` bytes."""
+    (length,) = struct.unpack("!i", _exactly(sock, 4, deadline))
+    if length != size:
         raise ConnectionError("a malformed proof")
+    return _exactly(sock, size, deadline)
+
+
+def _exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < size:
+        sock.settimeout(_left(deadline))
+        try:
+            chunk = sock.recv(size - len(data))
+        except TimeoutError:
+            raise ConnectionError("the peer did not prove it holds the lane's token in time") from None
+        if not chunk:
+            raise ConnectionError("the peer closed the connection before its proof")
+        data += chunk
     return data
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ConnectionError("the peer did not prove it holds the lane's token in time")
+    return left
 
 
 def _stream(sock: socket.socket) -> Connection:
@@ -98,14 +129,13 @@ class Listener:
             threading.Thread(target=self._admit, args=(sock,), name=self._name, daemon=True).start()
 
     def _admit(self, sock: socket.socket) -> None:
-        conn = _stream(sock)
         try:
-            _prove(conn, self._token, listening=True)
-        except (OSError, EOFError, ConnectionError) as error:
+            _prove(sock, self._token, listening=True)
+        except (OSError, ConnectionError) as error:
             _log.warning("%s: refused a connection: %s", self._name, error)
-            conn.close()
+            sock.close()
             return
-        self._on_lane(conn)
+        self._on_lane(_stream(sock))
 
     def close(self) -> None:
         try:
@@ -117,13 +147,13 @@ class Listener:
 
 def dial(address: tuple[str, int], token: bytes) -> Connection:
     """A lane to the listener at `address` holding `token`; OSError (or ConnectionError) if none can be opened."""
-    conn = _stream(socket.create_connection(address, timeout=DIAL_TIMEOUT))
+    sock = socket.create_connection(address, timeout=DIAL_TIMEOUT)
     try:
-        _prove(conn, token, listening=False)
+        _prove(sock, token, listening=False)
     except BaseException:
-        conn.close()
+        sock.close()
         raise
-    return conn
+    return _stream(sock)
 
 
 def hang_up(conn: Connection) -> None:

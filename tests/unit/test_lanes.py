@@ -133,3 +133,21 @@ def test_hang_up_wakes_a_reader_on_either_end():
         theirs.close()
     finally:
         listener.close()
+
+
+def test_a_peer_that_stalls_inside_its_proof_is_cut_off(served, monkeypatch):
+    """A peer that sends part of a proof and then nothing holds no thread of the listener past the proof's
+    time limit (each unproven connection has its thread: they must not pile up)."""
+    import tether.server.lanes as lanes
+
+    _, listener, calls, _ = served
+    monkeypatch.setattr(lanes, "PROOF_TIMEOUT", 0.5)
+    raw = socket.create_connection(listener.address)
+    raw.sendall(b"\x00\x00")  # half a length header, then silence
+    raw.settimeout(30)
+    received = b""
+    while chunk := raw.recv(4096):  # the listener's nonce, then its end of the connection
+        received += chunk
+    raw.close()
+    assert len(received) == 4 + 32
+    assert calls("add", (1, 2), 5) == 3
