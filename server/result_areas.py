@@ -5,6 +5,7 @@ result. Imports the standard library, grpc (status codes), the worker protocol, 
 
 from __future__ import annotations
 
+import collections
 import glob
 import itertools
 import mmap
@@ -116,7 +117,8 @@ class DoorAreas:
         self._lock = threading.Lock()
         self._mapped: dict[str, mmap.mmap] = {}  # guarded by _lock: path -> our read-only map of the area
         self._free: set[str] = set()  # guarded by _lock: areas handed back to the worker and not written since
-        self._released: list[str] = []  # guarded by _lock: areas no result holds, not yet handed back
+        # areas no result holds, not yet handed back: appended without the lock (see _release), taken under it
+        self._released: collections.deque[str] = collections.deque()
 
     def result(self, data: bytes | wp.Blob | wp.Area) -> ResultBytes:
         """A Done's result as ResultBytes: a view of the area (handed back once the ResultBytes is gone)."""
@@ -150,22 +152,26 @@ class DoorAreas:
             self._mapped[area.path] = mapped
             return mapped
 
-    def _release(self, path: str) -> None:  # (any thread: whichever dropped the result last)
-        with self._lock:
-            self._released.append(path)
+    def _release(self, path: str) -> None:
+        """(Any thread: whichever dropped the result last, or the cyclic collector's, which runs wherever an
+        object is allocated: inside `reclaim` or `_map` too, with the lock held. So no lock here: the deque's
+        append is atomic.)"""
+        self._released.append(path)
 
     def reclaim(self) -> wp.Reclaim | None:
         """The areas to hand back before the next job, or None when there are none: the worker keeps the
         KEEP_IDLE largest free ones (those it had and these), so a large result finds one; it closes the rest,
         and so do we. (Between jobs the worker writes no area: closing one it had free is safe.)"""
         with self._lock:
-            if not self._released:
+            released = []
+            while self._released:  # (one that a collection inside this adds goes now or at the next reclaim)
+                released.append(self._released.popleft())
+            if not released:
                 return None
-            free = [*self._free, *self._released]
+            free = [*self._free, *released]
             keep = set(sorted(free, key=lambda path: len(self._mapped[path]), reverse=True)[:KEEP_IDLE])
-            reuse = [path for path in self._released if path in keep]
+            reuse = [path for path in released if path in keep]
             drop = [path for path in free if path not in keep]
-            self._released.clear()
             self._free = keep
             for path in drop:
                 del self._mapped[path]  # unmapped once no view of it is left
