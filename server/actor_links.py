@@ -222,8 +222,12 @@ class _Link:
         return self._dead_read
 
     def close(self) -> None:
-        """The supervisor is done with this connection: its pipes are closed once the watcher has stopped."""
+        """The supervisor is done with this connection: its pipes are closed once the watcher has stopped. Once:
+        the replica closes it as it kills the actor and again when joined or restarted (a second close of the
+        pipes' numbers would close the files other threads have opened since under them)."""
         with self._cond:
+            if self._closed:
+                return
             self._closed = True
             release = not self._watching
         self._closed_by_supervisor()
