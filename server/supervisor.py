@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -152,7 +153,8 @@ class Replica:
         if self.process is None:
             from .worker_main import serve
 
-            threading.Thread(target=serve, args=args, name=f"tether-worker-{self.name}", daemon=True).start()
+            threading.Thread(target=_serve_in_thread, args=(serve, args), name=f"tether-worker-{self.name}",
+                             daemon=True).start()
         if self.process is not None:
             theirs.close()  # the child has its own copy; closing ours lets a dead child read as EOF
             direct_in.close()
@@ -246,6 +248,7 @@ class Replica:
                 _log.error("cannot start the worker of %s: %s", self.name, error)
                 self.queue.retire(f"its worker could not start: {error}")
             self._kill()
+            self._hang_up()
             return
         try:
             while (entries := self.queue.take()) is not None:
@@ -266,8 +269,14 @@ class Replica:
             if self.process is not None:
                 self.process.join(2.0)
             self._kill()
-            if self.direct is not None:
-                self.direct.close()
+            self._hang_up()
+
+    def _hang_up(self) -> None:
+        """Close the front door's ends of the worker's pipes (the worker is gone, or stopping)."""
+        if self.conn is not None:
+            self.conn.close()
+        if self.direct is not None:
+            self.direct.close()
 
     def wake(self) -> None:
         """Have the relay look at its jobs now (a cancel was requested): called from any thread."""
@@ -279,15 +288,22 @@ class Replica:
     def restart(self) -> None:
         """Replace a dead (or killed) worker; its queued jobs then run on the new one."""
         self._kill()
-        self.conn.close()
-        if self.direct is not None:
-            self.direct.close()
+        self._hang_up()
         if self.queue.closed:  # the server is stopping: no new worker
             return
         self.restarts += 1
         started = time.monotonic()
         self._start()
         _log.info("restarted the worker of %s in %.2f s", self.name, time.monotonic() - started)
+
+
+def _serve_in_thread(serve: Callable[..., None], args: tuple) -> None:
+    """A worker kept in the server process: its end of the direct pipe (args[-1], read by this thread only) is
+    closed once it ends, as a worker process's is with the process."""
+    try:
+        serve(*args)
+    finally:
+        args[-1].close()
 
 
 def _process_main(threads: int, *args) -> None:
