@@ -1,6 +1,7 @@
 """The worker side of `local()` blocks: send a LocalCall up the job's RunJob stream, wait for the LocalResult.
 
-`LocalLink` is the job's client end in the front door (answers arrive there from the stream's reader thread);
+`LocalLink` is the job's client end in the front door (answers arrive there from the stream's reader thread,
+which sends a complete one straight on to the waiting worker when the relay gave it the worker's direct path);
 `LocalCaller` is the handler the Executor calls at each block, in the worker, through a link with LocalLink's
 `call` (worker_main.WorkerLink relays it over the worker protocol). Calls are strictly sequential: one open call per job.
 """

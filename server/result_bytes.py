@@ -1,5 +1,6 @@
 """A job's serialized result as the pieces it was encoded in, and the result-chunk events cut from them without
-joining it into one buffer (jobs.py keeps both in a job's record). Imports protobuf and tether's framing only.
+joining it into one buffer (jobs.py keeps both in a job's record); a Frame, a response still in those pieces,
+joined only as gRPC sends it. Imports protobuf and tether's framing only.
 """
 
 from __future__ import annotations
