@@ -51,14 +51,20 @@ class Area:
 
 
 def pack(pieces: list) -> bytes | Blob:
-    """Bytes-like pieces as one thing to send: bytes when small, a Blob (one copy into shared memory) when large."""
+    """Bytes-like pieces as one thing to send: bytes when small, a Blob (one copy into shared memory) when large.
+    The Blob's memory is allocated before it is written (fallocate): with /dev/shm full, writing into a file only
+    sized by ftruncate would kill the process (SIGBUS); then the pieces go as bytes, through the pipe."""
     size = sum(len(p) for p in pieces)
     if size < SHM_THRESHOLD or _SHM_DIR is None:
         return b"".join(pieces)
     path = os.path.join(_SHM_DIR, f"tether-{os.getpid()}-{next(_names)}")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, size)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError:
+            os.unlink(path)
+            return b"".join(pieces)
         with mmap.mmap(fd, size) as out:
             offset = 0
             for piece in pieces:
