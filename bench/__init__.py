@@ -18,3 +18,4 @@ class Options:
     budget_scale: float = 1.0  # multiplies each benchmark's timing budget; 0.1 for a smoke run
     profile: bool = False  # profile even when the targets are met
     skip_nnsight: bool = False  # do not compare against nnsight even if it is installed
+    parts: tuple[str, ...] = ()  # run only these parts of a benchmark (its docstring names them); () = all

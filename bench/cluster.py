@@ -1,17 +1,22 @@
 """Replicas on a Ray cluster (`tether serve --ray`, issue 13): jobs/s with 1 and 2 replicas, the latency Ray
 adds to a job over the embedded server (local worker processes), and a local() round trip through Ray.
 
-A Ray head on 127.0.0.1 (4 logical CPUs, no dashboard) is started by this benchmark and stopped after; three
-in-process servers host the same tiny GPT-2: embedded (1 replica, worker processes), Ray with 1 replica and
-Ray with 2 replicas (each actor asks Ray for 1 CPU, so Ray sets its torch threads to 1). The client runs in
-this process, one torch thread.
+A Ray head on 127.0.0.1 (5 logical CPUs, no dashboard) is started by this benchmark and stopped after; three
+in-process servers: embedded (worker processes) hosting the tiny GPT-2; a front door of the Ray cluster
+hosting the tiny GPT-2 (1 replica), `wide1` (a wider random GPT-2 whose forward pass dominates a job, 1 replica)
+and `wide2` (the same model, 2 replicas); and a front door in another namespace without lanes (Ray actor calls
+carry every message, as where no lane can be opened) hosting the tiny GPT-2. Each actor asks Ray for 1 CPU, so Ray sets its torch threads to 1;
+the client runs in this process, one torch thread. Both servers run every job alone (max_batch 1): the
+throughput compares replicas, not cross-job batching, and the latency pairs compare the same path.
 
-1. latency: the same job (one save) on the embedded server and on Ray (1 replica), interleaved in a fresh
-   random order each repetition; what Ray adds is the distribution of per-repetition (paired) differences.
-2. local() round trip: a job with one local() block minus the same job without, paired, through Ray and
-   through the embedded server.
-3. jobs/s: 4 client threads running blocking remote traces until the time budget is spent, on Ray with 1 and
-   with 2 replicas (the second replica only helps on a machine with a core to spare for it).
+1. latency: the same job (one save, tiny model) on the embedded server and on Ray (with and without lanes),
+   interleaved in a fresh random order each repetition; what Ray adds is the distribution of per-repetition
+   (paired) differences.
+2. local() round trip: a job with one local() block minus the same job without, paired, through Ray (with and
+   without lanes) and through the embedded server.
+3. jobs/s: CLIENTS client threads running blocking remote traces on `wide1` and on `wide2`, in alternating
+   windows (ROUNDS of each, in a fresh random order per round, so a change of the machine's load hits both);
+   the second replica only helps on a machine with a core to spare for it.
 
 Run it with `python -m bench.run --only cluster` or `python -m bench.cluster [--quick]`.
 """
@@ -21,7 +26,6 @@ from __future__ import annotations
 import os
 import random
 import sys
-import threading
 import time
 from typing import Any
 
@@ -30,19 +34,42 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the head stay
 import torch
 
 from tether import LanguageModel
+from tether.client import Admin
 from tether.client.channel import close_all
 from tether.server.app import start_server
 from tether.tiny import tiny_gpt2
 
 from . import Options
-from ._common import busy_note, environment, load, log, median, ms, paired, pct, quiet_client
+from ._common import (
+    busy_note,
+    concurrent_clients,
+    environment,
+    interleaved,
+    load,
+    log,
+    median,
+    ms,
+    paired,
+    pct,
+    processes_cpu,
+    quiet_client,
+)
 
 NAME = "cluster"
 TITLE = "Replicas as Ray actors: jobs/s, latency over the embedded server, local() through Ray"
 PROMPT = "The Eiffel Tower is in the city of"
 LATENCY_BUDGET_S = 20.0
-THROUGHPUT_BUDGET_S = 10.0
+THROUGHPUT_BUDGET_S = 20.0  # both models together
+ROUNDS = 5  # throughput windows per model
 CLIENTS = 4
+NO_LANES = "bench-no-lanes"  # the namespace of the door whose messages all go by Ray calls
+WIDE = {"n_layer": 12, "n_embd": 384, "n_head": 8}  # one forward of PROMPT: ~25 ms of CPU on one thread here
+
+
+def wide_gpt2() -> tuple:
+    """The forward-dominated model of the throughput runs (random weights from a config; `tether deploy`
+    loads it as `bench.cluster:wide_gpt2`)."""
+    return tiny_gpt2(**WIDE)
 
 
 def _job(model: LanguageModel) -> None:
@@ -59,47 +86,43 @@ def _block_job(model: LanguageModel) -> None:
         model.lm_head.output.save()
 
 
-def _timed(job, model) -> float:
-    started = time.perf_counter()
-    job(model)
-    return (time.perf_counter() - started) * 1e3
+def _forward_ms() -> float:
+    """The CPU time of one forward pass of the wide model on PROMPT in this process, one torch thread (median of
+    9; CPU, not wall time, which other work on a busy machine inflates)."""
+    model, tokenizer = wide_gpt2()
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    times = []
+    with torch.no_grad():
+        for _ in range(11):
+            started = time.thread_time()
+            model(**ids)
+            times.append((time.thread_time() - started) * 1e3)
+    return median(times[2:])
 
 
-def _interleaved(cases: dict[str, tuple], budget: float) -> dict[str, list[float]]:
-    """Each case's times (ms), one of each per repetition in a fresh random order, until the budget is spent."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for job, model in cases.values():  # warm up: first connections, specs, caches
-        job(model)
-    end = time.monotonic() + budget
-    while time.monotonic() < end or len(next(iter(times.values()))) < 3:
-        names = list(cases)
+def _throughput(server: Any, names: list[str], budget: float) -> dict[str, dict[str, Any]]:
+    """Jobs/s of CLIENTS threads (each with its own LanguageModel) per model, in ROUNDS alternating windows, and
+    the CPU its replica actors got meanwhile (in cores: on a busy machine it bounds what a replica adds)."""
+    models = {name: [LanguageModel(name, host=server.address) for _ in range(CLIENTS)] for name in names}
+    pids = {name: [r.worker_pid(60) for r in server.hub.queues[name].replicas] for name in names}
+    for clients in models.values():
+        for model in clients:
+            _job(model)
+    totals = {name: {"jobs": 0, "seconds": 0.0, "replica_cpu_s": 0.0} for name in names}
+    window = budget / (ROUNDS * len(names))
+    for _ in range(ROUNDS):
         random.shuffle(names)
         for name in names:
-            times[name].append(_timed(*cases[name]))
-    return times
-
-
-def _throughput(address: str, budget: float) -> dict[str, Any]:
-    """Jobs/s of CLIENTS threads, each with its own LanguageModel, running jobs until the budget is spent."""
-    models = [LanguageModel("tiny", host=address) for _ in range(CLIENTS)]
-    for model in models:
-        _job(model)
-    done = [0] * CLIENTS
-    end = time.monotonic() + budget
-
-    def client(i: int) -> None:
-        while time.monotonic() < end:
-            _job(models[i])
-            done[i] += 1
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    return {"jobs": sum(done), "seconds": seconds, "jobs_per_s": sum(done) / seconds}
+            clients = models[name]
+            cpu = processes_cpu(pids[name])
+            run = concurrent_clients(CLIENTS, lambda i, k, clients=clients: _job(clients[i]), window, cap=1 << 30)
+            totals[name]["replica_cpu_s"] += processes_cpu(pids[name]) - cpu
+            totals[name]["jobs"] += run["jobs"]
+            totals[name]["seconds"] += run["seconds"]
+    for total in totals.values():
+        total["jobs_per_s"] = total["jobs"] / total["seconds"]
+        total["replica_cores"] = total["replica_cpu_s"] / total["seconds"]
+    return totals
 
 
 def run(options: Options | None = None) -> dict:
@@ -112,73 +135,93 @@ def run(options: Options | None = None) -> dict:
     scale = options.budget_scale
     torch.set_num_threads(1)
     started, load_at_start = time.perf_counter(), load()
-    log(NAME, "starting a Ray head on 127.0.0.1 ...")
+    forward_ms = _forward_ms()
+    log(NAME, f"one forward of the wide model: {forward_ms:.1f} ms of CPU; starting a Ray head on 127.0.0.1 ...")
     head = Cluster(initialize_head=True, head_node_args={
-        "node_ip_address": "127.0.0.1", "num_cpus": 4, "include_dashboard": False, "object_store_memory": 100 << 20})
+        "node_ip_address": "127.0.0.1", "num_cpus": 5, "include_dashboard": False, "object_store_memory": 100 << 20})
     servers: list = []
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = {"wide_forward_ms": forward_ms}
     try:
         ray.init(address=head.address, log_to_driver=False)
         log(NAME, "starting the servers ...")
-        embedded = start_server({"tiny": tiny_gpt2()}, queue_size=64, result_ttl=5.0)
-        on_ray = start_server({"tiny": tiny_gpt2()}, queue_size=64, result_ttl=5.0, ray=head.address)
-        servers += [embedded, on_ray]
+        limits = {"queue_size": 64, "result_ttl": 5.0, "max_batch": 1}
+        embedded = start_server({"tiny": tiny_gpt2()}, **limits)
+        servers.append(embedded)
+        on_ray = start_server({"tiny": tiny_gpt2(), "wide1": wide_gpt2()}, ray=head.address, **limits)
+        servers.append(on_ray)
+        calls_only = start_server({"tiny": tiny_gpt2()}, ray=head.address, ray_namespace=NO_LANES, ray_lanes=False,
+                                  **limits)
+        servers.append(calls_only)
+        Admin(on_ray.address).deploy("wide2", "bench.cluster:wide_gpt2",
+                                     replicas=2, wait=180)
         for server in servers:
             assert server.wait_ready(timeout=180), "a server's workers did not start"
         with quiet_client():
             local_model = LanguageModel("tiny", host=embedded.address)
             ray_model = LanguageModel("tiny", host=on_ray.address)
+            calls_model = LanguageModel("tiny", host=calls_only.address)
             log(NAME, "latency and local() round trips ...")
-            times = _interleaved({
-                "embedded": (_job, local_model), "ray": (_job, ray_model),
-                "embedded_block": (_block_job, local_model), "ray_block": (_block_job, ray_model),
-            }, LATENCY_BUDGET_S * scale)
+            times, _ = interleaved({
+                "embedded": lambda: _job(local_model), "ray": lambda: _job(ray_model),
+                "embedded_block": lambda: _block_job(local_model), "ray_block": lambda: _block_job(ray_model),
+                "calls": lambda: _job(calls_model), "calls_block": lambda: _block_job(calls_model),
+            }, LATENCY_BUDGET_S * scale, min_reps=3, max_reps=1 << 30, seed=random.randrange(1 << 30))
             added = paired(times["ray"], times["embedded"])
             data["latency"] = {
                 "embedded_p50_ms": median(times["embedded"]), "ray_p50_ms": median(times["ray"]),
                 "added_p50_ms": median(added), "added_p90_ms": pct(added, 90), "n": len(added),
                 "local_ray_p50_ms": median(paired(times["ray_block"], times["ray"])),
                 "local_embedded_p50_ms": median(paired(times["embedded_block"], times["embedded"])),
+                "added_calls_p50_ms": median(paired(times["calls"], times["embedded"])),
+                "local_calls_p50_ms": median(paired(times["calls_block"], times["calls"])),
             }
-            log(NAME, "jobs/s with 1 replica ...")
-            data["replicas_1"] = _throughput(on_ray.address, THROUGHPUT_BUDGET_S * scale)
-            on_ray.stop(grace=0)
-            servers.remove(on_ray)
-            shut_down("tether")  # the cluster's part of it (its core, its replica), so `two` hosts tiny anew
-            two = start_server({"tiny": tiny_gpt2()}, queue_size=64, result_ttl=5.0, ray=head.address, replicas=2)
-            servers.append(two)
-            assert two.wait_ready(timeout=180), "the 2-replica server's workers did not start"
-            log(NAME, "jobs/s with 2 replicas ...")
-            data["replicas_2"] = _throughput(two.address, THROUGHPUT_BUDGET_S * scale)
+            log(NAME, "jobs/s with 1 and 2 replicas ...")
+            data["throughput"] = _throughput(on_ray, ["wide1", "wide2"], THROUGHPUT_BUDGET_S * scale)
     finally:
         close_all()
         for server in servers:
             server.stop(grace=0)
+        for namespace in ("tether", NO_LANES):
+            shut_down(namespace)  # the cluster's part (its cores and replica actors)
         ray.shutdown()
         head.shutdown()
+    return _result(data, scale, load_at_start, started)
+
+
+def _result(data: dict[str, Any], scale: float, load_at_start: float | None, started: float) -> dict:
     env = environment(load_at_start)
-    lat = data["latency"]
+    lat, put = data["latency"], data["throughput"]
+    speedup = put["wide2"]["jobs_per_s"] / put["wide1"]["jobs_per_s"]
     return {
         "name": NAME,
         "title": TITLE,
         "environment": env,
         "settings": {"prompt": PROMPT, "budget_scale": scale, "clients": CLIENTS, "torch_threads_per_replica": 1,
-                     "cluster": "Ray head on 127.0.0.1, 4 logical CPUs; servers in-process"},
+                     "wide_model": WIDE, "max_batch": 1, "rounds": ROUNDS,
+                     "cluster": "Ray head on 127.0.0.1, 5 logical CPUs; servers in-process"},
         "tables": [
             {"title": "Latency (ms)", "columns": ["what", "p50", "p90", "n"], "rows": [
                 ["job on the embedded server", ms(lat["embedded_p50_ms"]), "", str(lat["n"])],
                 ["job through Ray (1 replica)", ms(lat["ray_p50_ms"]), "", str(lat["n"])],
                 ["added by Ray (paired)", ms(lat["added_p50_ms"]), ms(lat["added_p90_ms"]), str(lat["n"])],
+                ["added by Ray without lanes (paired)", ms(lat["added_calls_p50_ms"]), "", str(lat["n"])],
                 ["one local() round trip through Ray (paired)", ms(lat["local_ray_p50_ms"]), "", str(lat["n"])],
+                ["one local() round trip through Ray without lanes (paired)", ms(lat["local_calls_p50_ms"]), "",
+                 str(lat["n"])],
                 ["one local() round trip, embedded (paired)", ms(lat["local_embedded_p50_ms"]), "", str(lat["n"])],
             ]},
-            {"title": f"Throughput ({CLIENTS} client threads)", "columns": ["replicas", "jobs", "jobs/s"], "rows": [
-                [str(n), str(data[f"replicas_{n}"]["jobs"]), f"{data[f'replicas_{n}']['jobs_per_s']:.1f}"]
-                for n in (1, 2)]},
+            {"title": f"Throughput ({CLIENTS} client threads; one forward: {data['wide_forward_ms']:.1f} ms of CPU)",
+             "columns": ["replicas", "jobs", "jobs/s", "vs 1 replica", "replicas' CPU (cores)"], "rows": [
+                 [str(n), str(put[f"wide{n}"]["jobs"]), f"{put[f'wide{n}']['jobs_per_s']:.1f}",
+                  f"{put[f'wide{n}']['jobs_per_s'] / put['wide1']['jobs_per_s']:.2f}x",
+                  f"{put[f'wide{n}']['replica_cores']:.2f}"] for n in (1, 2)]},
         ],
         "targets": [],
-        "notes": busy_note(env) + [f"The machine has {os.cpu_count()} CPUs; a second replica needs a free core "
-                                   "to add throughput."],
+        "notes": busy_note(env) + [
+            f"The machine has {os.cpu_count()} CPUs; a second replica needs a free core to add throughput "
+            f"(measured: {speedup:.2f}x). The replicas' CPU column is what their actor processes got during their "
+            "windows: where other work takes the cores (or the kernel's autogroup scheduling gives this session, "
+            "Ray's actors included, one share), two replicas get no more CPU than one, and cannot run faster."],
         "data": data,
         "seconds": time.perf_counter() - started,
     }

@@ -24,7 +24,8 @@ When the latency target is missed (or with `--profile`), the tiny remote job is 
 (/proc), wrapped timers around its steps, and cProfile of every thread of a fresh in-process server + client (in
 a child process); when the throughput target is missed, the 256 MiB job is profiled the same way.
 
-Run it with `python -m bench.run --only remote` or `python -m bench.remote [--quick] [--profile]`.
+Run it with `python -m bench.run --only remote` or `python -m bench.remote [--quick] [--profile]`; `--part
+throughput` runs section 3 (and its profile) alone, `--part jobs` the others.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ PROMPT = "The quick brown fox"
 BIG_SHAPE = (64, 1024, 1024)  # float32: 256 MiB
 BIG_BYTES = 4 * BIG_SHAPE[0] * BIG_SHAPE[1] * BIG_SHAPE[2]
 CLIENTS = (1, 8, 32)
+PARTS = ("jobs", "throughput")  # --part: jobs = sections 1, 2 and 4 (and their profile); throughput = section 3
 
 # seconds at budget_scale 1
 LATENCY_BUDGET_S = {"tiny": 10.0, "gpt2s": 10.0}
@@ -355,29 +357,34 @@ def run(options: Options | None = None) -> dict:
     started = time.perf_counter()
     load_at_start = load()
     notes: list[str] = []
-    child = _ChildServer()  # starts while the models are built
-    log(NAME, "building the models and starting the server ...")
+    parts = set(options.parts) or set(PARTS)
+    if parts - set(PARTS):
+        raise ValueError(f"remote has no part {', '.join(sorted(parts - set(PARTS)))}; its parts: {', '.join(PARTS)}")
     data: dict[str, Any] = {}
     with quiet_client():
-        _jobs(data, child, options, notes)  # no torch.no_grad(): the server runs jobs with autograd on
-        gc.collect()
-        log(NAME, "result throughput (256 MiB) ...")
-        with torch.no_grad():
-            data["throughput"] = _throughput(tiny_gpt2(), THROUGHPUT_BUDGET_S * scale)
-        missed = data["throughput"]["cases"]["randn_auto"]["of_bare"] < THROUGHPUT_TARGET
-        if options.profile or (missed and scale >= 0.5):  # not in a --quick smoke run unless asked
-            log(NAME, "profiling the 256 MiB result job ...")
-            try:
-                data["profile_big"] = profile_child("big_result", PROFILE_BIG_JOBS)
-            except Exception as error:
-                notes.append(f"The cProfile child (256 MiB result) failed: {error}")
+        if "jobs" in parts:
+            child = _ChildServer()  # starts while the models are built
+            log(NAME, "building the models and starting the server ...")
+            _jobs(data, child, options, notes)  # no torch.no_grad(): the server runs jobs with autograd on
+            gc.collect()
+        if "throughput" in parts:
+            log(NAME, "result throughput (256 MiB) ...")
+            with torch.no_grad():
+                data["throughput"] = _throughput(tiny_gpt2(), THROUGHPUT_BUDGET_S * scale)
+            missed = data["throughput"]["cases"]["randn_auto"]["of_bare"] < THROUGHPUT_TARGET
+            if options.profile or (missed and scale >= 0.5):  # not in a --quick smoke run unless asked
+                log(NAME, "profiling the 256 MiB result job ...")
+                try:
+                    data["profile_big"] = profile_child("big_result", PROFILE_BIG_JOBS)
+                except Exception as error:
+                    notes.append(f"The cProfile child (256 MiB result) failed: {error}")
     env = environment(load_at_start)
     return {
         "name": NAME,
         "title": TITLE,
         "environment": env,
         "settings": {"prompt": PROMPT, "clients": list(CLIENTS), "big_shape": list(BIG_SHAPE),
-                     "budget_scale": scale, "threads": 1, "server": "in-process, 127.0.0.1, replicas=1",
+                     "budget_scale": scale, "parts": sorted(parts), "threads": 1, "server": "in-process, 127.0.0.1, replicas=1",
                      "no_grad": False},
         "tables": _tables(data),
         "targets": _targets(data),
@@ -443,6 +450,20 @@ def _jobs(data: dict, child: _ChildServer, options: Options, notes: list[str]) -
 
 
 def _tables(d: dict) -> list[dict]:
+    tables = _job_tables(d) if "latency" in d else []
+    if "throughput" in d:
+        tables.append(_throughput_table(d["throughput"]))
+    if "bare" in d:
+        tables.append({
+            "title": "4. for scale: bare gRPC on loopback (64-byte messages)",
+            "columns": ["call", "p50 ms", "p99 ms", "n"],
+            "rows": [[BARE_LABELS[k], ms(v["p50_ms"]), ms(v["p99_ms"]), str(v["n"])] for k, v in d["bare"].items()],
+        })
+    return tables + _profile_tables(d)
+
+
+def _job_tables(d: dict) -> list[dict]:
+    """Sections 1 and 2."""
     labels = {"local": "local trace", "remote": "remote, in-process server",
               "remote_child": "remote, server in a child process"}
     rows = []
@@ -468,7 +489,10 @@ def _tables(d: dict) -> list[dict]:
         "columns": ["model", "clients", "jobs/s", "latency p50 ms", "p99 ms", "jobs", "seconds"],
         "rows": rows,
     })
-    tp = d["throughput"]
+    return tables
+
+
+def _throughput_table(tp: dict) -> dict:
     labels = {"randn_auto": "torch.randn, lz4 auto (default)", "randn_lz4": "torch.randn, lz4 forced on",
               "randn_off": "torch.randn, lz4 forced off", "zeros_auto": "torch.zeros, lz4 auto (default)"}
     rows = [["bare gRPC stream, 1 MiB byte chunks", "-", ms(BIG_BYTES / 2**20), "-", "-", ms(tp["bare_ms"]), "-",
@@ -479,18 +503,17 @@ def _tables(d: dict) -> list[dict]:
                      ms(c["job_ms"]),
                      ms(c["result_path_ms"]), f"{c['result_path_mb_s']:.0f}", f"{c['end_to_end_mb_s']:.0f}",
                      f"{100 * c['of_bare']:.0f}%"])
-    tables.append({
+    return {
         "title": (f"3. result throughput, one saved 256 MiB float32 activation ({tp['reps']} interleaved repetitions; "
                   "MB = 1e6 bytes)"),
         "columns": ["case", "sent as", "wire MiB", "server encode ms", "client decode ms", "job ms",
                     "result path ms", "result MB/s", "end-to-end MB/s", "of bare"],
         "rows": rows,
-    })
-    tables.append({
-        "title": "4. for scale: bare gRPC on loopback (64-byte messages)",
-        "columns": ["call", "p50 ms", "p99 ms", "n"],
-        "rows": [[BARE_LABELS[k], ms(v["p50_ms"]), ms(v["p99_ms"]), str(v["n"])] for k, v in d["bare"].items()],
-    })
+    }
+
+
+def _profile_tables(d: dict) -> list[dict]:
+    tables = []
     if "cpu_remote" in d:
         tables.append(cpu_table("CPU per job by thread: tiny remote job (client and server in this process)",
                                 d["cpu_remote"]))
@@ -513,6 +536,11 @@ def _tables(d: dict) -> list[dict]:
 
 
 def _targets(d: dict) -> list[dict]:
+    return (_job_targets(d) if "latency" in d else []) + (_throughput_targets(d["throughput"]) if "throughput" in d
+                                                           else [])
+
+
+def _job_targets(d: dict) -> list[dict]:
     tiny = d["latency"]["tiny"]["cases"]["remote"]
     out = [{
         "key": "added_latency", "name": "remote adds to a tiny-model job, p50 (in-process server)",
@@ -528,14 +556,17 @@ def _targets(d: dict) -> list[dict]:
     out.append({"key": "added_latency_768", "name": "remote adds to a 12 x 768 job, p50 (info)",
                 "value": g["added_p50_ms"], "limit": None, "ok": None,
                 "text": f"{ms(g['added_p50_ms'])} ms (p99 {ms(g['added_p99_ms'])} ms)"})
-    tp = d["throughput"]
+    return out
+
+
+def _throughput_targets(tp: dict) -> list[dict]:
     auto = tp["cases"]["randn_auto"]
-    out.append({
+    out = [{
         "key": "throughput", "name": "256 MiB result throughput / bare gRPC stream (default lz4 decision)",
         "value": auto["of_bare"], "limit": THROUGHPUT_TARGET, "ok": auto["of_bare"] >= THROUGHPUT_TARGET,
         "text": (f"{auto['result_path_mb_s']:.0f} / {tp['bare_mb_s']:.0f} MB/s = {100 * auto['of_bare']:.0f}% "
                  f"(target >= {100 * THROUGHPUT_TARGET:.0f}%)"),
-    })
+    }]
     for key, label in (("randn_lz4", "lz4 forced on"), ("randn_off", "lz4 forced off")):
         c = tp["cases"][key]
         out.append({"key": f"throughput_{key}", "name": f"the same, {label} (info)", "value": c["of_bare"],

@@ -1,5 +1,7 @@
 """Run every benchmark in bench/: `python -m bench.run [--quick] [--only NAME ...] [--profile] [--no-nnsight]`.
 
+`--part PART ...` runs only those parts of the benchmarks that have parts (remote: `jobs`, `throughput`).
+
 Each module of this package (other than this one and names starting with `_`) that defines
 `run(options) -> dict` is a benchmark. Its result is written to bench/results/<name>.json; all results go
 into bench/results/REPORT.md and their tables are printed. A result is a dict with:
@@ -93,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-scale", type=float, default=None, help="multiply every timing budget")
     parser.add_argument("--profile", action="store_true", help="profile even when the targets are met")
     parser.add_argument("--no-nnsight", action="store_true", help="skip the nnsight comparison")
+    parser.add_argument("--part", nargs="+", default=(), metavar="PART",
+                        help="run only these parts of the benchmarks that have them (e.g. remote: throughput)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     scale = args.budget_scale if args.budget_scale is not None else (0.1 if args.quick else 1.0)
-    options = Options(budget_scale=scale, profile=args.profile, skip_nnsight=args.no_nnsight)
+    options = Options(budget_scale=scale, profile=args.profile, skip_nnsight=args.no_nnsight, parts=tuple(args.part))
 
     names = discover()
     if args.only:

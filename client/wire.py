@@ -6,7 +6,7 @@ decode its tensors in place; this module finds names, raw Value bytes and the me
 
 from __future__ import annotations
 
-import ctypes
+import mmap
 from collections.abc import Callable
 from typing import Any
 
@@ -86,17 +86,21 @@ def result_buffer(total: int, first: bytes | bytearray | memoryview = b"") -> by
     """A writable buffer of `total` bytes to assemble a serialized ValueMap / JobResult in.
 
     `first` is the start of the message (its first chunk): if it shows where the first top-level tensor's
-    data lies, the buffer is placed so that data is ALIGN-aligned, so the tensor can use it in place.
-    """
+    data lies, the buffer is placed so that data is ALIGN-aligned, so the tensor can use it in place. A large
+    buffer is not zero-filled first (every byte of it is written by a chunk before it is read)."""
     if total < ALIGN_MIN_BYTES:
         return bytearray(total)  # small: a misaligned tensor is cheaply copied
     offset = _first_tensor_data(memoryview(first).cast("B")) if len(first) else -1
-    if offset < 0:
-        return bytearray(total)
-    storage = bytearray(total + ALIGN)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(storage))
-    shift = (-(address + offset)) % ALIGN
-    return memoryview(storage)[shift : shift + total]
+    storage = _uninitialized(total + ALIGN)
+    shift = (-offset) % ALIGN if offset >= 0 else 0  # (the storage starts at a page)
+    return storage[shift : shift + total]
+
+
+def _uninitialized(size: int) -> memoryview:
+    """`size` writable bytes of fresh anonymous memory: the kernel supplies each page as a chunk is first copied
+    into it; bytearray(size) would write zeros over all of it first (one more pass over the memory, with every
+    page faulted in ahead of the copies). Freed with the last view of it (the tensors decoded in place)."""
+    return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE))
 
 
 # ------------------------------------------------------------------- result chunks read off the wire as views

@@ -2,7 +2,7 @@
 
 `warn_if_batch_index(value, path, frame)` warns once per process when a body indexes `[0]` right after
 reading a module's tensor output whose batch size is 1. It reads the caller's bytecode (the instructions
-after the `.output` read) with `dis`: version-gated, read-only, cached per code position.
+after the `.output` read) with `dis`: version-gated, read-only, once per code object.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import dis
 import sys
 import types
 import warnings
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -26,12 +25,19 @@ class BatchIndexWarning(UserWarning):
 
 
 def warn_if_batch_index(value: Any, path: str, frame: types.FrameType) -> None:
-    """Warn (once) when `frame` is about to index `[0]` into `value`, a tensor output of batch size 1."""
-    if _warned or not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[0] != 1:
+    """Warn (once) when `frame` is about to index `[0]` into `value`, a tensor output of batch size 1.
+
+    Every `.output` read runs this: the common case is one dict lookup by the code object's id (checked
+    for identity) and an empty set, before the value is looked at."""
+    if _warned:
         return
-    if not _indexes_zero_next(frame.f_code, frame.f_lasti):
-        return
-    _warn(value, path, frame)
+    code = frame.f_code
+    known = _zero_indexing.get(id(code))
+    if known is None or known[0] is not code:
+        known = _remember(code)
+    if (known[1] and frame.f_lasti in known[1] and isinstance(value, torch.Tensor) and value.dim() >= 2
+            and value.shape[0] == 1):
+        _warn(value, path, frame)
 
 
 def _warn(value: torch.Tensor, path: str, frame: types.FrameType) -> None:
@@ -46,15 +52,31 @@ def _warn(value: torch.Tensor, path: str, frame: types.FrameType) -> None:
     )
 
 
-@lru_cache(maxsize=1024)
-def _indexes_zero_next(code: types.CodeType, lasti: int) -> bool:
-    """Whether the instructions after the one at `lasti` (reading `.output`) are `[0]` and nothing else."""
+_zero_indexing: dict[int, tuple[types.CodeType, frozenset[int]]] = {}  # id(code) -> (code, _offsets_before_zero)
+
+
+def _remember(code: types.CodeType) -> tuple[types.CodeType, frozenset[int]]:
+    if len(_zero_indexing) >= 1024:
+        _zero_indexing.clear()
+    known = _zero_indexing[id(code)] = (code, _offsets_before_zero(code))
+    return known
+
+
+def _offsets_before_zero(code: types.CodeType) -> frozenset[int]:
+    """The offsets of the instructions followed by `[0]` and nothing else (where an `.output` read there
+    would be indexed by 0 next)."""
     if sys.version_info < (3, 10) or sys.version_info >= (3, 15):  # bytecode checked on 3.10 to 3.14
-        return False
-    instructions = [i for i in dis.get_instructions(code) if i.offset > lasti][:2]
-    if len(instructions) < 2:
-        return False
-    const, subscript = instructions
-    zero = const.opname in ("LOAD_CONST", "LOAD_SMALL_INT") and const.argval == 0 and type(const.argval) is int
-    indexes = subscript.opname == "BINARY_SUBSCR" or (subscript.opname == "BINARY_OP" and "[" in subscript.argrepr)
-    return zero and indexes
+        return frozenset()
+    instructions = list(dis.get_instructions(code))
+    return frozenset(before.offset for before, const, subscript in zip(instructions, instructions[1:],
+                                                                        instructions[2:])
+                     if _is_zero(const) and _is_subscript(subscript))
+
+
+def _is_zero(instruction: dis.Instruction) -> bool:
+    return (instruction.opname in ("LOAD_CONST", "LOAD_SMALL_INT") and instruction.argval == 0
+            and type(instruction.argval) is int)
+
+
+def _is_subscript(instruction: dis.Instruction) -> bool:
+    return instruction.opname == "BINARY_SUBSCR" or (instruction.opname == "BINARY_OP" and "[" in instruction.argrepr)

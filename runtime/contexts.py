@@ -16,6 +16,7 @@ from typing import Any
 from . import ops
 from .capture import OPS_NAME, Block, bind_target, find_block
 from .cpython import (
+    HANDLED_RESTORED_AFTER_EXIT,
     SkipBody,
     is_tether_frame,
     restore_trace,
@@ -85,7 +86,8 @@ class Context:
             finally:
                 trimmed.__traceback__ = body_traceback
         finally:
-            set_handled_exception(exc)
+            if not HANDLED_RESTORED_AFTER_EXIT:
+                set_handled_exception(exc)
         return True
 
     def _run_skipped(self, frame: types.FrameType, entered: Any) -> None:

@@ -11,8 +11,8 @@ import dis
 import sys
 from types import FrameType
 
-__all__ = ["SkipBody", "skip_body", "restore_trace", "set_handled_exception", "write_frame_locals",
-           "entered_with_item", "is_tether_frame"]
+__all__ = ["SkipBody", "skip_body", "restore_trace", "set_handled_exception", "HANDLED_RESTORED_AFTER_EXIT",
+           "write_frame_locals", "entered_with_item", "is_tether_frame"]
 
 # Private prototypes bound to the interpreter's own symbols: `ctypes.pythonapi.X.argtypes = ...` would change
 # the one shared function object for every library in the process; these leave it as it was.
@@ -29,6 +29,12 @@ _locals_to_fast = None if _LOCALS_PROXY else ctypes.PYFUNCTYPE(None, ctypes.py_o
 
 # 3.12 runs `sys.settrace` on sys.monitoring (PEP 669), whose opcode events need re-arming (see skip_body).
 _REARM_OPCODE_EVENTS = sys.version_info[:2] == (3, 12)
+
+# 3.11 (zero-cost exceptions): a `with` statement's handler saves the exception being handled on the frame's
+# value stack (PUSH_EXC_INFO) and its POP_EXCEPT puts it back whether `__exit__` returns or raises (the raise
+# goes through the handler's cleanup, which pops too), so what `__exit__` leaves handled is overwritten: a
+# block that changed it need not set it back. 3.10 keeps setting it back, as it always has.
+HANDLED_RESTORED_AFTER_EXIT = sys.version_info >= (3, 11)
 
 # 3.11 (PEP 657) gives each instruction its source columns; 3.10 has line numbers only.
 _POSITIONS = sys.version_info >= (3, 11)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any, overload
 
 import torch
+from greenlet import getcurrent
 
 from . import rename
 from .batch_index import warn_if_batch_index
@@ -25,23 +26,25 @@ __all__ = ["Envoy", "EnvoySequence", "module_of", "path_of", "root_of", "body_wi
 _body = threading.local()  # .without_input: a trace body with no input runs now, to collect its invokes
 
 
-@contextlib.contextmanager
-def noting_sets() -> Iterator[None]:
+class noting_sets:
     """Around a model run: an exception the model raises gets a note naming the body's `.output = ...`
-    lines, since a wrongly shaped value fails deep inside the model, far from the line that set it."""
-    before = getattr(_body, "sets", None)
-    _body.sets = []
-    try:
-        yield
-    except Exception as error:
-        if _body.sets and not isinstance(error, TetherError) and hasattr(error, "add_note"):  # 3.11+
+    lines, since a wrongly shaped value fails deep inside the model, far from the line that set it.
+    (A class, not a generator context manager: every trace enters one, and this costs two calls, not five.)"""
+
+    __slots__ = ("_before",)
+
+    def __enter__(self) -> None:
+        self._before = getattr(_body, "sets", None)
+        _body.sets = []
+
+    def __exit__(self, exc_type, error, tb) -> None:
+        sets, _body.sets = _body.sets, self._before
+        if (sets and isinstance(error, Exception) and not isinstance(error, TetherError)
+                and hasattr(error, "add_note")):  # 3.11+
             lines = "; ".join(f"`{path} = ...` ({shape}) at {file}, line {line}"
-                              for path, file, line, shape in _body.sets[-3:])
+                              for path, file, line, shape in sets[-3:])
             error.add_note(f"tether: the model failed after the trace set {lines}. If the value's shape or type "
                            "differs from what the module returns, the model fails later like this: check it.")
-        raise
-    finally:
-        _body.sets = before
 
 
 @contextlib.contextmanager
@@ -181,13 +184,21 @@ class Envoy:
 
     @property
     def output(self) -> Any:
-        """This module's output at the body's current iteration (a view of the invoke's rows)."""
-        mediator = current_mediator()  # _request("output", "get") inlined: the read every save makes
+        """This module's output at the body's current iteration (a view of the invoke's rows).
+
+        `_request("output", "get")` inlined, as the read every save makes: the body's mediator without a call
+        (`current_mediator`'s body greenlets carry it; other greenlets have none), and the request, which a
+        read never changes, kept on the Envoy for the next trace."""
+        mediator = getattr(getcurrent(), "mediator", None)
         if mediator is None:
             self._mediator("output")  # raises NotInTraceError
         module, offsets = self._module, mediator.offsets
         iteration = mediator.iteration if offsets is None else mediator.iteration + offsets.get(id(module), 0)
-        value = mediator.greenlet.parent.switch(Request(module, "output", iteration, "get", None, self._path))
+        req = self.__dict__.get("_output_request")
+        if req is None or req.iteration != iteration or req.module is not module:
+            req = Request(module, "output", iteration, "get", None, self._path)
+            object.__setattr__(self, "_output_request", req)
+        value = mediator.greenlet.parent.switch(req)
         warn_if_batch_index(value, self._path, sys._getframe(1))
         return value
 

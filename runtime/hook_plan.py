@@ -15,7 +15,7 @@ class HookPlan:
     The next run registers them before the forward pass, in one tight loop, instead of one at a time
     between layers (where each registration costs several times more). A planned hook whose module no
     body asks for this time does nothing, exactly as if it were absent, and is dropped from the plan.
-    `closures` remembers, per requested hook, the hooks it needs with it (its ancestors', see _ensure_hook).
+    `closures` remembers, per requested hook, the hooks it needs with it (its ancestors', see Interleaver._closure).
     """
 
     __slots__ = ("hooks", "closures", "single_pass")

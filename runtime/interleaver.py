@@ -107,8 +107,8 @@ class Interleaver(Observing):
             if self._plan is not None:
                 handles, hook = self._handles, self._forward_hook
                 for module, group in self._plan.hooks:
-                    if group == "fwd":  # (most planned hooks: _register's first case, without a call each)
-                        handles[(id(module), "fwd")] = module.register_forward_hook(hook)
+                    if group == "fwd" and not module._forward_hooks:  # (most planned hooks: _register's first
+                        handles[(id(module), "fwd")] = module.register_forward_hook(hook)  # case, inlined)
                     else:
                         self._register(module, group)
             self._start_ready()
@@ -233,10 +233,11 @@ class Interleaver(Observing):
         return False
 
     def _forward_hook(self, module, args, output):
-        if getcurrent() is not self._driver or (id(module), "fwd") not in self._demanded:
+        key = (id(module), "fwd")
+        if key not in self._demanded or getcurrent() is not self._driver:
             return None  # (a planned hook no body asked for this time)
         slot = batching.Slot(output, self.batch_size)
-        self._serve(module, "fwd", slot)
+        self._serve(module, "fwd", slot, key)
         return slot.value if slot.changed else None
 
     def _pre_hook(self, module, args, kwargs=None):
@@ -247,25 +248,11 @@ class Interleaver(Observing):
         self._serve(module, "pre", slot)
         return slot.value if slot.changed else None
 
-    def _ensure_hook(self, req: Request, key: tuple[int, str]) -> None:
-        """Hook the requested module, and its ancestors' outputs while they have not started running.
-
-        PyTorch decides when a module is called whether to look for hooks at all, so a module that is
-        already running cannot be hooked; hooking a module's ancestors together with it means a later
-        request for an enclosing module (`block.mlp.output`, then `block.output`) is still served.
-        """
-        closure = self._closures.get(key)
-        if closure is None:
-            closure = self._closures[key] = self._closure(req.module, key)
-        demanded, handles = self._demanded, self._handles
-        for hook_key, module, group in closure:
-            if hook_key not in demanded:
-                demanded[hook_key] = (module, group)
-                if hook_key not in handles:  # not planned: registered now
-                    self._register(module, group)
-
     def _closure(self, module: Any, key: tuple[int, str]) -> tuple:
-        """The hooks a request for `key` needs: its own and its ancestors' outputs (see _ensure_hook)."""
+        """The hooks a request for `key` needs: its own and its ancestors' outputs while they have not started
+        running. PyTorch decides when a module is called whether to look for hooks at all, so a module already
+        running cannot be hooked; hooking its ancestors with it means a later request for an enclosing module
+        (`block.mlp.output`, then `block.output`) is still served."""
         if not isinstance(module, torch.nn.Module):
             return ()
         single = self.max_iterations == 1
@@ -281,14 +268,24 @@ class Interleaver(Observing):
         return tuple(out)
 
     def _register(self, module: torch.nn.Module, group: str) -> None:
-        if group == "fwd":
-            self._handles[(id(module), group)] = module.register_forward_hook(self._forward_hook)
+        """Hook `module` for `group`. As in nnsight, a body sees a module's output as its forward returned it,
+        before any other forward hook (so tether's comes first), and its input as forward receives it, after
+        every other pre-hook registered by then (so tether's comes last; see _last_pre_hook)."""
+        if group == "fwd":  # (prepend only when there is a hook to go before: it costs a keyword and a move)
+            self._handles[(id(module), group)] = (module.register_forward_hook(self._forward_hook, prepend=True)
+                                                  if module._forward_hooks else
+                                                  module.register_forward_hook(self._forward_hook))
         elif group == "pre":
             self._handles[(id(module), group)] = module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
             if self._may_skip and (id(module), "skip") not in self._handles:
                 self._handles[(id(module), "skip")] = SkipGate(module, self._skip_gate)
         elif (id(module), group) not in self._handles:
             self._handles[(id(module), group)] = SkipGate(module, self._skip_gate)
+
+    def _last_pre_hook(self, module: torch.nn.Module, key: tuple[int, str]) -> None:
+        """Move a planned pre-hook after the pre-hooks registered since, when a body first asks for it: the
+        body then sees the input it would have if the hook were registered at its read, as on a first run."""
+        module._forward_pre_hooks.move_to_end(self._handles[key].id)
 
     def _skip_gate(self, module: torch.nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """In place of `module.forward` while gated: the bodies' replacements if they skip this call."""
@@ -310,7 +307,8 @@ class Interleaver(Observing):
         return self._parent_map
 
     # ---- serving -------------------------------------------------------------------------------
-    def _serve(self, module, group: str, slot, *, any_iteration: bool = False) -> None:
+    def _serve(self, module, group: str, slot, key: tuple | None = None, *, any_iteration: bool = False) -> None:
+        """Hand `slot` to every body waiting for `module`'s `group` value (`key`: their hook key, when known)."""
         previous = self._serving
         iteration = None if any_iteration else self.iteration
         self._serving = (module, group, slot, iteration)
@@ -322,7 +320,7 @@ class Interleaver(Observing):
                     mediator.pending = None
                     if req.op == "get" and req.kind == "output" and mediator.rows is None:
                         # _apply's commonest case (a whole output read), without a call per served value
-                        value = mediator.seen[(id(module), "output", req.iteration)] = slot.value
+                        value = mediator.seen[req.seen_key] = slot.value
                         self._drive(mediator, value)
                         continue
                     if req.op == "stop_at":
@@ -333,7 +331,7 @@ class Interleaver(Observing):
                 self._start_ready()
         finally:
             self._serving = previous
-        self._fired[(id(module), group)] = self.iteration
+        self._fired[(id(module), group) if key is None else key] = self.iteration
         if self._failure is not None:
             raise _Abort()
         if self._stop:
@@ -347,7 +345,7 @@ class Interleaver(Observing):
         if req.op == "set":
             slot.set(req.kind, rows, req.value)
         value = slot.value if rows is None and req.kind == "output" else slot.get(req.kind, rows)
-        mediator.seen[(id(req.module), req.kind, req.iteration)] = value
+        mediator.seen[req.seen_key] = value
         if rows is not None:
             batching.record_views(value, slot.get(req.kind, None), rows, mediator.views)
         return value if req.op == "get" else None
@@ -404,30 +402,31 @@ class Interleaver(Observing):
                 continue
             if req.op == "stop_at":
                 req.value = serving[0] if serving is not None else None  # the module whose values came later
-                if (id(req.module), req.kind, req.iteration) in mediator.seen or self._ran(req):
+                if req.seen_key in mediator.seen or self._ran(req):
                     self._stop_retroactively(mediator, req)
                     return
-            key = (id(req.module), req.group)
+            key = req.hook_key
             if req.iteration < self.iteration or key in self._fired:  # it ran: a value seen before, or too late
                 if req.op == "get":
-                    seen = mediator.seen.get((key[0], req.kind, req.iteration), DONE)
+                    seen = mediator.seen.get(req.seen_key, DONE)
                     if seen is not DONE:
                         value = seen
                         continue
                 if self._ran(req):
                     throw = self._unreachable(req)
                     continue
-            if key not in self._demanded:
-                closure = self._closures.get(key)  # _ensure_hook's commonest case inlined: a cached closure
+            if key not in self._demanded:  # hook the module and its ancestors (_closure), once per run
+                closure = self._closures.get(key)
                 if closure is None:
-                    self._ensure_hook(req, key)
-                else:
-                    demanded = self._demanded
-                    for hook_key, module, group in closure:
-                        if hook_key not in demanded:
-                            demanded[hook_key] = (module, group)
-                            if hook_key not in self._handles:  # not planned: registered now
-                                self._register(module, group)
+                    closure = self._closures[key] = self._closure(req.module, key)
+                demanded = self._demanded
+                for hook_key, module, group in closure:
+                    if hook_key not in demanded:
+                        demanded[hook_key] = (module, group)
+                        if hook_key not in self._handles:  # not planned: registered now
+                            self._register(module, group)
+                        elif group == "pre":
+                            self._last_pre_hook(module, hook_key)
             mediator.pending = req
             return
 
@@ -447,7 +446,7 @@ class Interleaver(Observing):
 
     def _ran(self, req: Request) -> bool:
         """Whether the module `req` asks for has already run at `req`'s iteration."""
-        fired = self._fired.get((id(req.module), req.group))
+        fired = self._fired.get(req.hook_key)
         return ((req.iteration < self.iteration or (fired is not None and fired >= req.iteration))
                 and isinstance(req.module, torch.nn.Module))
 

@@ -174,13 +174,13 @@ class _BatchInterleaver(Interleaver):
                 return _Refused(error)
             slot.set(req.kind, None, full)
         value = lend(full, window, self.batch_size, self._lent)
-        mediator.seen[(id(req.module), req.kind, req.iteration)] = value
+        mediator.seen[req.seen_key] = value
         return value if req.op == "get" else None
 
     # ---- per-job ends ---------------------------------------------------------------------------
-    def _serve(self, module, group: str, slot, *, any_iteration: bool = False) -> None:
+    def _serve(self, module, group: str, slot, key: tuple | None = None, *, any_iteration: bool = False) -> None:
         if self._closing:
-            super()._serve(module, group, slot, any_iteration=any_iteration)
+            super()._serve(module, group, slot, key, any_iteration=any_iteration)
             return
         self.check_jobs()
         iteration = None if any_iteration else self.iteration
@@ -188,7 +188,7 @@ class _BatchInterleaver(Interleaver):
                     and m.pending.module is module and m.pending.group == group
                     and (iteration is None or m.pending.iteration == iteration)]
         self._stop_asked = False
-        super()._serve(module, group, slot, any_iteration=any_iteration)
+        super()._serve(module, group, slot, key, any_iteration=any_iteration)
         if self._stop_asked:
             self._stop_asked = False
             for mediator in stopping:

@@ -17,7 +17,7 @@ from tether.loading import adopt_weights, load_named, named_spec, parse_dtype
 from .batching import left_padded_positions
 from .errors import TetherError
 from .mediator import Request, current_mediator
-from .model import NNsight, Prepared, device_of
+from .model import NNsight, Prepared
 from .model_options import OWN, check_load_kwargs, remote_defaults, unexpected
 from .tracer import Tracer
 
@@ -160,7 +160,7 @@ class LanguageModel(NNsight):
         pad = self._pad_id()
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-        device = device_of(self._module)
+        device = self._device()
         kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         if any(len(r) < width for r in rows) and self._takes_positions():
             kwargs["position_ids"] = left_padded_positions([len(r) for r in rows], width).to(device)

@@ -28,7 +28,7 @@ _GROUPS = {"output": "fwd", "input": "pre", "inputs": "pre", "skip": "skip", "co
 class Request:
     """What a body asks the model side for: a module's value at one iteration, to read or replace."""
 
-    __slots__ = ("module", "kind", "iteration", "op", "value", "path", "group")
+    __slots__ = ("module", "kind", "iteration", "op", "value", "path", "group", "hook_key", "seen_key")
 
     def __init__(self, module: Any, kind: str, iteration: int, op: str, value: Any = None, path: str = ""):
         self.module = module  # a torch module, or a pseudo-module such as the generator
@@ -38,6 +38,9 @@ class Request:
         self.value = value
         self.path = path  # e.g. "model.layer1", for messages
         self.group = _GROUPS[kind]  # which hook serves it
+        # the keys the model side files it under, made once (a read's request is kept for the next trace)
+        self.hook_key = (id(module), self.group)  # which hook serves it, as in Interleaver._handles
+        self.seen_key = (id(module), kind, iteration)  # its value in Mediator.seen
 
     @property
     def label(self) -> str:

@@ -20,7 +20,7 @@ from .rename import resolve as resolve_aliases
 from .session import Edit, Session
 from .tracer import Tracer
 
-__all__ = ["NNsight", "Prepared", "device_of", "hosted_name", "job_copy", "over_module", "persistent_edits"]
+__all__ = ["NNsight", "Prepared", "hosted_name", "job_copy", "over_module", "persistent_edits"]
 
 _REMOTE_OPTIONS = ("backend", "blocking", "api_key", "model_name", "verbose")
 _MAX_PLANS = 64  # hook plans kept per model (one per distinct set of trace bodies)
@@ -40,11 +40,12 @@ class _Caches:
     """What a wrapper learns about its module between traces. One object, shared with the copies that
     server jobs run on (`_edited_copy`), so every job profits from what earlier jobs learned."""
 
-    __slots__ = ("parents", "plans")
+    __slots__ = ("parents", "plans", "first_parameter")
 
     def __init__(self) -> None:
         self.parents: tuple[tuple, dict[int, torch.nn.Module]] | None = None  # (child tuple, parents_of map)
         self.plans: dict[tuple, HookPlan] = {}  # trace bodies' code objects -> their hook plan
+        self.first_parameter: tuple | None = None  # (child tuple, owner module, name, parameter): see _device
 
 
 class NNsight(Envoy):
@@ -175,7 +176,7 @@ class NNsight(Envoy):
 
     def _batch(self, prepared: list[Prepared]) -> tuple[tuple, dict, list[slice], int]:
         args, kwargs, rows = concat_inputs([(p.args, p.kwargs) for p in prepared])
-        device = device_of(self._module)
+        device = self._device()
         if device.type not in ("cpu", "meta"):  # inputs follow the model (a device map: its first device)
             args, kwargs = to_device(args, device), to_device(kwargs, device)
         return args, kwargs, rows, rows[-1].stop
@@ -191,6 +192,22 @@ class NNsight(Envoy):
         if cached is None or cached[0] != signature:
             cached = caches.parents = (signature, parents_of(self._module))
         return cached[1]
+
+    def _device(self) -> torch.device:
+        """Where inputs go: the first parameter's device (meta for an undispatched skeleton, which only scans;
+        cpu without parameters). The parameter is found once, not by walking the module tree each trace, and
+        kept while the root's children and its place in its module stay the same; its device is read anew, so
+        `model.to(...)`, which keeps the Parameter objects, is seen."""
+        module = self._module
+        signature = tuple(module._modules.values())
+        cached = self._caches.first_parameter
+        if cached is None or cached[0] != signature or cached[1]._parameters.get(cached[2]) is not cached[3]:
+            found = next(((owner, name, param) for owner in module.modules()
+                          for name, param in owner._parameters.items() if param is not None), None)
+            if found is None:
+                return torch.device("cpu")
+            cached = self._caches.first_parameter = (signature, *found)
+        return cached[3].device
 
     def _hook_plan(self, bodies: tuple) -> HookPlan:
         """The hooks these bodies (their code objects) asked for when they last ran on this model."""
@@ -222,13 +239,6 @@ def _hosted_skeleton(name: str, remote: dict) -> tuple[torch.nn.Module, dict]:
                           "module, or point at a server that hosts it (`host='host:port'`, "
                           "tether.CONFIG.API.HOST or TETHER_HOST).")
     return loaded[0], loaded[2] or {}  # the module tree and the aliases the server declares
-
-
-def device_of(module: torch.nn.Module) -> torch.device:
-    """Where inputs go: the first parameter's device (meta for an undispatched skeleton, which only scans)."""
-    for param in module.parameters():
-        return param.device
-    return torch.device("cpu")
 
 
 def hosted_name(model: Any) -> str | None:

@@ -28,7 +28,7 @@ class Observing:
             if old is not None:
                 old.remove()
             if group == "fwd":
-                self._handles[key] = module.register_forward_hook(self._observed_forward_hook)
+                self._handles[key] = module.register_forward_hook(self._observed_forward_hook, prepend=True)
             else:
                 self._handles[key] = module.register_forward_pre_hook(self._observed_pre_hook, with_kwargs=True)
         observers[key].append(observer)

@@ -21,10 +21,10 @@ _MISSING = object()
 
 def save(obj: Any) -> Any:
     """`obj.save()`: keep `obj` after the trace."""
-    if type(obj) is torch.Tensor:
-        scope = saving.current_scope()
-        if scope is not None:
-            scope.saved[id(obj)] = obj
+    if type(obj) is torch.Tensor:  # the commonest case, `saving.current_scope()` inlined
+        stack = getattr(saving.scopes, "stack", None)
+        if stack:
+            stack[-1].saved[id(obj)] = obj
             return obj
     if not hasattr(type(obj), "save") or isinstance(obj, torch.Tensor):
         return saving.save(obj)

@@ -17,7 +17,7 @@ from .errors import TetherError, UnsavedValueError, ValueNotReachedError
 __all__ = ["SaveScope", "current_scope", "save", "SavedTensor", "StandIn", "error_of", "UnsavedValue", "NotReached",
            "MissingGradient", "hand_back"]
 
-_state = threading.local()
+scopes = threading.local()  # .stack: this thread's open SaveScopes, innermost last (ops.save reads it inline)
 _patch_lock = threading.Lock()
 _patch_users = 0  # guarded by _patch_lock: scopes open in any thread
 
@@ -51,15 +51,15 @@ class SaveScope:
 
 def _stack() -> list[SaveScope]:
     try:
-        return _state.stack
+        return scopes.stack
     except AttributeError:
-        _state.stack = []
-        return _state.stack
+        scopes.stack = []
+        return scopes.stack
 
 
 def current_scope() -> SaveScope | None:
     """The innermost open scope in this thread: the context that will hand saved values back."""
-    stack = getattr(_state, "stack", None)
+    stack = getattr(scopes, "stack", None)
     return stack[-1] if stack else None
 
 

@@ -21,7 +21,8 @@ from .errors import ModelExists, NotFound, ServerError
 from .jobs import STATUS_LINGER, Job, JobStore, unknown_job
 from .workers import JobLimits, Limits, ModelQueue, stop_job
 
-__all__ = ["ClusterCore", "JobMeta", "Refused", "core_of", "shut_down", "CORE_NAME", "FIRST_EVENTS", "WAIT_SLICE"]
+__all__ = ["ClusterCore", "JobMeta", "Refused", "core_of", "shut_down", "CORE_NAME", "FIRST_EVENTS", "WAIT_SLICE",
+           "LANE_CALLS"]
 
 _log = logging.getLogger("tether.server")
 CORE_NAME = "core"  # the core's actor name, in its namespace (`ray list actors` shows it)
@@ -29,6 +30,11 @@ MAX_CALLS = 256  # calls the core serves at once (front doors' watchers each hol
 WAIT_SLICE = 1.0  # s: the longest one call waits for a job's events (a watcher that left is seen within this)
 FIRST_EVENTS = 16  # events a RunJob's start brings at most (the servicer's wait_frames limit)
 EVICT_WAIT = 10.0  # s: an evict waits this long for the model's replicas to stop (their actors killed)
+# the core's methods a front door calls over its lanes (lanes.py): a job's path and reads; not those whose
+# arguments or answers hold Ray's object references or code to unpickle (host, model), nor lifecycle
+LANE_CALLS = frozenset({
+    "start", "find", "jobs", "state", "info", "outcome", "read", "wait_frames", "frames_when_done", "cancel",
+    "wait_done", "attach", "detach", "deliver", "worker_pid", "restarts", "infos", "model_info"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +122,25 @@ class ClusterCore:
         self._lock = threading.Lock()
         self._models: dict[str, tuple[StoredModel, ModelQueue]] = {}  # guarded by _lock
         self._generations = itertools.count(1)  # guarded by _lock
+        self._lane: tuple[Any, bytes] | None = None  # guarded by _lock: (the Listener, its token), once opened
         logging.basicConfig(level=logging.INFO, format="tether core: %(message)s")
+
+    def lane(self) -> tuple[str, int, bytes] | None:
+        """Where a front door opens lanes to this core for LANE_CALLS, with the token they prove they hold
+        (None: the core cannot listen; the doors then make every call through Ray)."""
+        from .lanes import Listener, new_token, serve_calls
+
+        with self._lock:
+            if self._lane is None:
+                token = new_token()
+                try:
+                    listener = Listener(token, lambda conn: serve_calls(conn, self, LANE_CALLS), "tether-core-lane")
+                except OSError as error:
+                    _log.warning("the core cannot listen for its front doors (%s): they call it through Ray", error)
+                    return None
+                self._lane = (listener, token)
+            listener, token = self._lane
+        return (*listener.address, token)
 
     # ---- models -------------------------------------------------------------------------------
     @_refusals

@@ -14,10 +14,11 @@ import grpc
 
 from tether.v1 import jobs_pb2, models_pb2
 
-from .cluster import CORE_NAME, FIRST_EVENTS, WAIT_SLICE, JobMeta, Refused, core_of
+from .cluster import CORE_NAME, FIRST_EVENTS, LANE_CALLS, WAIT_SLICE, JobMeta, Refused, core_of
 from .deployments import FAILED, READY, Deployment, ModelTable
-from .errors import ModelExists, NotFound, ServerError
+from .errors import CallFailed, LaneBroken, LaneUnavailable, ModelExists, NotFound, ServerError
 from .jobs import TERMINAL, new_job_id, unknown_job
+from .lanes import Calls
 from .ray_workers import PickledModel, gpus_of
 from .registry import HostedModel
 from .supervisor import payload_of
@@ -31,33 +32,81 @@ CALL_TIMEOUT = 60.0  # s: the longest a call on the core may take beyond what it
 
 class Core:
     """Calls on the cluster's core from this front door: each waits for its answer; a refusal is raised as the
-    ServerError it was, a core that does not answer as UNAVAILABLE."""
+    ServerError it was, a core that does not answer as UNAVAILABLE. The calls of a job's path (LANE_CALLS) go
+    over this door's lanes to the core (lanes.py) once `open_lanes` found where; the others, and all of them
+    where no lane can be opened, as Ray actor calls."""
 
     def __init__(self, handle: Any, namespace: str):
         self.handle, self.namespace = handle, namespace
+        self._calls: Calls | None = None  # (None: every call through Ray)
 
-    def __call__(self, method: str, *args: Any, wait: float = 0.0) -> Any:
+    @property
+    def lanes(self) -> bool:
+        """Whether this door's calls on a job's path go over lanes."""
+        return self._calls is not None
+
+    def open_lanes(self) -> None:
+        """Learn where the core takes lanes (one Ray call); without an answer every call goes through Ray."""
         import ray
-        from ray.exceptions import RayTaskError
 
         try:
-            answer = ray.get(getattr(self.handle, method).remote(*args), timeout=wait + CALL_TIMEOUT)
-        except RayTaskError as error:  # a bug: the core answers refusals as data
-            raise ServerError(f"the cluster's job store failed in {method}: {error.cause!r}") from None
-        except Exception as error:  # the actor died, the cluster went away, or it did not answer in time
-            raise ServerError(
-                f"the cluster's job store (the Ray actor {CORE_NAME!r} in namespace {self.namespace!r}) did not "
-                f"answer: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}. Check the cluster "
-                "(`ray status`); once it runs again, restart the front doors.",
-                code=grpc.StatusCode.UNAVAILABLE) from None
+            where = ray.get(self.handle.lane.remote(), timeout=CALL_TIMEOUT)
+        except Exception as error:
+            _log.warning("the cluster's core gave no lane (%s): this front door calls it through Ray", error)
+            return
+        if where is not None:
+            self._calls = Calls((where[0], where[1]), where[2])
+
+    def close(self) -> None:
+        """This front door stops: its idle lanes are closed (a call still made opens one for itself)."""
+        if self._calls is not None:
+            self._calls.close()
+
+    def __call__(self, method: str, *args: Any, wait: float = 0.0) -> Any:
+        calls = self._calls if method in LANE_CALLS else None
+        if calls is None:
+            answer = self._by_ray(method, args, wait)
+        else:
+            try:
+                answer = calls(method, args, wait + CALL_TIMEOUT)
+            except LaneUnavailable as error:  # nothing reached the core: Ray carries it
+                if calls.unusable and self._calls is calls:
+                    _log.warning("%s: this front door calls the cluster's core through Ray from now on", error)
+                    self._calls = None
+                answer = self._by_ray(method, args, wait)
+            except LaneBroken as error:
+                raise self._unanswered(str(error)) from None
+            except CallFailed as error:  # a bug: the core answers refusals as data
+                raise ServerError(f"the cluster's job store failed in {method}: {error}") from None
         if isinstance(answer, Refused):
             raise answer.error()
         return answer
 
+    def _by_ray(self, method: str, args: tuple, wait: float) -> Any:
+        import ray
+        from ray.exceptions import RayTaskError
+
+        try:
+            return ray.get(getattr(self.handle, method).remote(*args), timeout=wait + CALL_TIMEOUT)
+        except RayTaskError as error:  # a bug: the core answers refusals as data
+            raise ServerError(f"the cluster's job store failed in {method}: {error.cause!r}") from None
+        except Exception as error:  # the actor died, the cluster went away, or it did not answer in time
+            raise self._unanswered(f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}") \
+                from None
+
+    def _unanswered(self, why: str) -> ServerError:
+        return ServerError(
+            f"the cluster's job store (the Ray actor {CORE_NAME!r} in namespace {self.namespace!r}) did not "
+            f"answer: {why}. Check the cluster (`ray status`); once it runs again, restart the front doors.",
+            code=grpc.StatusCode.UNAVAILABLE)
+
 
 def connect_core(limits: Limits, policy: Any) -> Core:
     """This front door's connection to the core of its namespace (started if none runs)."""
-    return Core(core_of(limits, policy), limits.ray_namespace)
+    core = Core(core_of(limits, policy), limits.ray_namespace)
+    if limits.ray_lanes:
+        core.open_lanes()
+    return core
 
 
 class RemoteLink:
@@ -137,8 +186,9 @@ class RemoteJob:
         return self._core("cancel", self.id, reason)
 
     def wait_frames(self, after: int, stop, timeout: float | None = None, limit: int = 16,
-                    linger: float = 0.0) -> tuple[list[bytes], int, bool]:
-        """Job.wait_frames through the core, in waits of WAIT_SLICE at most (so `stop()` is seen)."""
+                    linger: float = 0.0, lazy: bool = False) -> tuple[list[bytes], int, bool]:
+        """Job.wait_frames through the core, in waits of WAIT_SLICE at most (so `stop()` is seen); its frames
+        come joined (`lazy` or not: they crossed from the core as bytes)."""
         answered, self.first_frames = self.first_frames, None
         if answered is not None and after == 0 and limit == FIRST_EVENTS:
             self._finished = self._finished or answered[2]
@@ -349,6 +399,7 @@ class ClusterModels(ModelTable):
         """This front door stops: the cluster keeps its models (and their jobs)."""
         with self._cond:
             self._closed = True
+        self._core.close()
 
     def resolve(self, name: str, wait: float | None = None) -> HostedModel:
         self._find(name)

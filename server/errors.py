@@ -29,6 +29,9 @@ __all__ = [
     "PolicyViolation",
     "WorkerCrashed",
     "JobMemoryExceeded",
+    "LaneUnavailable",
+    "LaneBroken",
+    "CallFailed",
 ]
 
 
@@ -152,3 +155,20 @@ class JobMemoryExceeded(ServerError):
     """A job allocated more memory than the server's per-job limit; its worker was restarted."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class LaneUnavailable(ServerError):
+    """Nothing of a call reached the other end of a lane (none could be opened, or its arguments do not pickle):
+    it may be made another way (lanes.py; a front door then calls the core through Ray)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class LaneBroken(ServerError):
+    """A lane failed once a call was sent over it: whether the call ran is unknown."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class CallFailed(ServerError):
+    """A method called across a lane raised on the other end (its repr is the message)."""

@@ -27,7 +27,6 @@ from .failures import failure_of
 from .interrupts import GRACE
 from .local_calls import NO_STREAM, StillOpen
 from .reruns import BatchRelay, Sent
-from .result_bytes import ResultBytes
 from .workers import Entry
 
 if TYPE_CHECKING:
@@ -89,6 +88,14 @@ class Track:
         return doing + (f"; its last printed line: {self.last_log!r})" if self.last_log else ")")
 
 
+def _answer(call_id: str, outcome: bytes | bytearray | Exception) -> wp.LocalAnswer:
+    """The LocalAnswer for a local() call's outcome: the answer's bytes, or the error to raise in the worker."""
+    if not isinstance(outcome, Exception):
+        return wp.LocalAnswer(call_id, wp.pack([outcome]))
+    failure = outcome.failure.SerializeToString() if isinstance(outcome, LocalBlockFailed) else b""
+    return wp.LocalAnswer(call_id, error=type(outcome).__name__, message=str(outcome), failure=failure)
+
+
 class JobRelay(BatchRelay):
     """What a replica runs now (one job, or a batch of compatible jobs in one RunBatch): sends it, relays what
     the worker says to each job, enforces each job's time (with a grace) and the worker's memory."""
@@ -130,7 +137,10 @@ class JobRelay(BatchRelay):
         self.checked = time.monotonic()  # (the baseline is the first look: the next is due a TICK later)
         runs = [track.message() for track in self.tracks.values()]
         try:
-            self.conn.send(runs[0] if len(runs) == 1 else wp.RunBatch(tuple(runs)))
+            reclaim = self.replica.areas.reclaim()  # (before the job: the worker may write them again for it)
+            if reclaim is not None:
+                self.send_direct(reclaim)
+            self.send_direct(runs[0] if len(runs) == 1 else wp.RunBatch(tuple(runs)))
             return self._relay(pid)
         except (EOFError, OSError, BrokenPipeError):
             self._ended_with_worker(WorkerCrashed, None)
@@ -197,11 +207,11 @@ class JobRelay(BatchRelay):
             track.ended = True
             self.retire = self.retire or message.retire
             if job.cancel_requested:  # cancelled (an evict, a client) while its last step ran: it ends CANCELLED
-                wp.discard(message.result)
+                self.replica.areas.discard(message.result)
                 job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
                            code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
             else:
-                job.complete(ResultBytes([wp.unpack(message.result)]), self.chunk_size, self.ttl)
+                job.complete(self.replica.areas.result(message.result), self.chunk_size, self.ttl)
         elif isinstance(message, wp.Failed):
             track.ended = True
             self.retire = self.retire or message.retire
@@ -218,22 +228,34 @@ class JobRelay(BatchRelay):
         may hold its batch for --batch-local-wait in all; past that it leaves the batch (`_leave`)."""
         link, hold = track.entry.link, self._hold(track)
         asked = time.monotonic()
+        pipe = self.replica.direct
+        direct = None if pipe is None else lambda outcome: pipe.send(_answer(call.call_id, outcome))
+        answer: wp.LocalAnswer | None
         try:
             if link is None:
                 raise LocalCallFailed(NO_STREAM)
             data = link.call(call.call_id, call.block_id, [wp.unpack(call.payload)], track.deadline,
-                             track.limits.local_call_timeout, track.timed_out, hold=hold)
-            answer = wp.LocalAnswer(call.call_id, wp.pack([data]))
+                             track.limits.local_call_timeout, track.timed_out, hold=hold, direct=direct)
+            answer = None if data is None else _answer(call.call_id, data)  # (None: it went to the worker directly)
         except StillOpen:
             answer = self._leave(track, call)
         except (LocalBlockFailed, LocalCallFailed, JobTimeout, JobCancelledError) as error:
-            failure = error.failure.SerializeToString() if isinstance(error, LocalBlockFailed) else b""
-            answer = wp.LocalAnswer(call.call_id, error=type(error).__name__, message=str(error), failure=failure)
+            answer = _answer(call.call_id, error)
         finally:
             self.resumed = time.monotonic()
             if hold is not None and not track.left:
                 track.sent.held += self.resumed - asked
-        self.conn.send(answer)
+        if answer is not None:
+            self.send_direct(answer)
+
+    def send_direct(self, message: wp.LocalAnswer | wp.RunJob | wp.RunBatch | wp.Reclaim) -> None:
+        """Send the worker's job thread a LocalAnswer, or its job(s) and the Reclaim before them: on its direct pipe
+        if it has one."""
+        pipe = self.replica.direct
+        if pipe is None:
+            self.conn.send(message)
+        else:
+            pipe.send(message)
 
     def _check(self, pid: int | None) -> tuple[Any, Track | None] | None:
         """Between messages: forward cancels; (the error, the job that caused it: None for all) to kill the

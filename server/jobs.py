@@ -23,7 +23,7 @@ from tether.sizes import format_bytes
 from tether.v1 import failure_pb2, jobs_pb2
 
 from .errors import NotFound, ServerError
-from .result_bytes import ResultBytes, ResultChunk
+from .result_bytes import Frame, ResultBytes, ResultChunk
 
 __all__ = ["Job", "JobStore", "TERMINAL", "state_name", "new_job_id", "unknown_job"]
 
@@ -38,7 +38,8 @@ _ORDER = {
 
 BATCH_BYTES = 1 << 20  # an event stream message holds at most about this much payload (see wait_frames)
 SMALL_EVENT = 64 << 10  # events smaller than this may ride along with a full message
-STATUS_LINGER = 0.05  # s: a status change waits this long for the next event, to share its message
+STATUS_LINGER = 0.05  # s: a status change (or progress step) waits this long for the next event, to share its message
+_LINGERING = ("status", "progress")  # the events that may wait for a later one (wait_frames' linger)
 
 
 def new_job_id() -> str:
@@ -173,6 +174,7 @@ class Job:
                 )
             self.set_state(jobs_pb2.JOB_STATE_COMPLETED, f"result of {format_bytes(len(result))}")
             self._retain(ttl)
+        self._ended()
 
     def finish(self, state: int, message: str, *, failure: failure_pb2.Failure | None = None,
                code: grpc.StatusCode | None = None, ttl: float) -> bool:
@@ -181,7 +183,9 @@ class Job:
             changed = self.set_state(state, message, failure=failure, code=code)
             if changed:
                 self._retain(ttl)
-            return changed
+        if changed:
+            self._ended()
+        return changed
 
     def summary(self) -> str:
         """The job's one line in the server log: id, model, key id, final state, queue and run time."""
@@ -200,6 +204,10 @@ class Job:
         self.expire_at = time.monotonic() + ttl
         self.expire_time = timestamp_pb2.Timestamp()
         self.expire_time.FromNanoseconds(time.time_ns() + int(ttl * 1e9))
+
+    def _ended(self) -> None:
+        """Tell the store the job ended (its log line, its expiry), after `cond` is released: the watchers that
+        the end woke read it meanwhile."""
         if self.on_end is not None:
             self.on_end(self)
 
@@ -253,9 +261,11 @@ class Job:
         return [self._materialize(e, result) for e in entries], finished
 
     def _linger(self, after: int, stop: Callable[[], bool], deadline: float) -> None:
-        """With the lock held: wait while every unsent event is a status change of a live job."""
+        """With the lock held: wait while every unsent event is a status change or a progress step of a live job
+        (a generation step's progress then rides with the step's local() call, or with the next steps)."""
         while not self.done and not stop() and all(
-            isinstance(e, jobs_pb2.RunJobResponse) and e.event.HasField("status") for e in self._events[after:]
+            isinstance(e, jobs_pb2.RunJobResponse) and e.event.WhichOneof("event") in _LINGERING
+            for e in self._events[after:]
         ):
             left = deadline - time.monotonic()
             if left <= 0 or not self.cond.wait_for(partial(self._moved, len(self._events), stop), left):
@@ -267,16 +277,18 @@ class Job:
 
     def wait_frames(
         self, after: int, stop: Callable[[], bool], timeout: float | None = None, limit: int = 16,
-        linger: float = 0.0,
-    ) -> tuple[list[bytes], bool]:
+        linger: float = 0.0, lazy: bool = False,
+    ) -> tuple[list[bytes] | list[Frame], int, bool]:
         """As wait_events, but as serialized RunJobResponses / WatchJobResponses (the same bytes), built
-        outside the lock: result chunks straight from the result's pieces, one copy each.
+        outside the lock: result chunks straight from the result's pieces, one copy each (`lazy`: not yet,
+        as Frames, each joined as it is sent).
 
         Events ready together share a message (the first as `event`, the rest as `more_events`): its large
         events (SMALL_EVENT bytes or more, e.g. result chunks) hold at most BATCH_BYTES together, and small
-        ones may ride along up to BATCH_BYTES + SMALL_EVENT in all. With `linger`, status changes that are
-        ready wait up to that long for a later event (a short job's RECEIVED ... COMPLETED and result then
-        travel as one message); logs, local() calls and result chunks never wait.
+        ones may ride along up to BATCH_BYTES + SMALL_EVENT in all. With `linger`, status changes and progress
+        steps that are ready wait up to that long for a later event (a short job's RECEIVED ... COMPLETED and result
+        then travel as one message, a generation step's progress with its local() call); logs, local() calls and
+        result chunks never wait.
         Returns (frames, count of events they hold, finished)."""
         with self.cond:
             self.cond.wait_for(partial(self._moved, after, stop), timeout)
@@ -285,28 +297,26 @@ class Job:
             entries = self._events[after : after + limit]
             finished = self.done and after + len(entries) == len(self._events)
             result = self.result
-        frames: list[bytes] = []
-        parts: list[bytes | memoryview] = []
+        frames: list[Frame] = []
+        parts = Frame([], result)
         size = large = 0  # bytes of events in `parts`, all and large ones
         for entry in entries:
-            if isinstance(entry, ResultChunk):
-                more = entry.parts(self.id, result, more=bool(parts))
-                length = entry.size
-            else:
-                serialized = entry.SerializeToString()  # the event as `event`
-                more = as_more_events(serialized) if parts else [serialized]
-                length = len(serialized)
+            chunk = isinstance(entry, ResultChunk)
+            serialized = b"" if chunk else entry.SerializeToString()  # the event as `event`
+            length = entry.size if chunk else len(serialized)
             big = length >= SMALL_EVENT
             if parts and (big and large + length > BATCH_BYTES or size + length > BATCH_BYTES + SMALL_EVENT):
-                frames.append(b"".join(parts))  # full: this event starts the next message
-                more = entry.parts(self.id, result) if isinstance(entry, ResultChunk) else [serialized]
-                parts, size, large = [], 0, 0
-            parts.extend(more)
+                frames.append(parts)  # full: this event starts the next message
+                parts, size, large = Frame([], result), 0, 0
+            if chunk:
+                parts.extend(entry.parts(self.id, result, more=bool(parts)))
+            else:
+                parts.extend(as_more_events(serialized) if parts else [serialized])
             size += length
             large += length if big else 0
         if parts:
-            frames.append(b"".join(parts))
-        return frames, len(entries), finished
+            frames.append(parts)
+        return (frames if lazy else [b"".join(frame) for frame in frames]), len(entries), finished
 
     def frames_when_done(self, stop: Callable[[], bool], timeout: float, max_bytes: int) -> list[bytes] | None:
         """Every event of the job, framed as wait_frames frames them, once it ended within `timeout`.

@@ -1,6 +1,7 @@
 """The worker side of `local()` blocks: send a LocalCall up the job's RunJob stream, wait for the LocalResult.
 
-`LocalLink` is the job's client end in the front door (answers arrive there from the stream's reader thread);
+`LocalLink` is the job's client end in the front door (answers arrive there from the stream's reader thread,
+which sends a complete one straight on to the waiting worker when the relay gave it the worker's direct path);
 `LocalCaller` is the handler the Executor calls at each block, in the worker, through a link with LocalLink's
 `call` (worker_main.WorkerLink relays it over the worker protocol). Calls are strictly sequential: one open call per job.
 """
@@ -47,6 +48,8 @@ class LocalLink:
         self._answer_by = 0.0  # time.monotonic() by which the open call must be answered (local_call_timeout)
         self._parts: list[jobs_pb2.Chunk] = []  # chunks of the open call's answer so far
         self._failure = None  # the open call's Failure, if the block raised on the client
+        self._direct: Callable[[Any], None] | None = None  # sends the open call's outcome to its waiting worker
+        self._answered = False  # the open call's outcome went to its worker from `deliver` (through _direct)
         self._kept: dict[str, tuple[str, Any]] | None = None  # call_id -> (block_id, answer or Failure): see keep
         self._kept_bytes = 0
         self.replayable = True  # False once the kept answers grew past KEEP_BYTES (they were dropped)
@@ -72,25 +75,48 @@ class LocalLink:
                 self._kept = {}
 
     def deliver(self, answer: jobs_pb2.LocalResult) -> None:
-        """An answer (or one chunk of it) from the client; answers to calls not open are dropped."""
+        """An answer (or one chunk of it) from the client; answers to calls not open are dropped. The chunk that
+        completes a call whose caller gave `direct` sends the outcome from here (the stream's reader thread)
+        straight to the worker: no hand-off to the waiting relay thread on the way."""
         with self._job.cond:
-            if self._open is None or answer.call_id != self._open[0]:
+            if self._open is None or answer.call_id != self._open[0] or self._answered:
                 return
             if answer.WhichOneof("outcome") == "failure":
                 self._failure = answer.failure
             else:
                 self._parts.append(answer.values)
+            send, outcome = self._direct, None
+            if send is not None and (outcome := self._outcome()) is not None:
+                self._answered, self._direct = True, None
             self._job.cond.notify_all()
+        if outcome is not None:
+            send(outcome)  # (outside the lock: the relay, woken, sees the call answered and sends nothing)
+
+    def _outcome(self) -> bytearray | LocalBlockFailed | None:
+        """With the lock held: the open call's complete answer, or its block's failure (kept for a re-run);
+        None while chunks are missing."""
+        call_id, block_id = self._open
+        if self._failure is not None:
+            self._keep_answer(call_id, block_id, self._failure, 0)
+            return _block_failed(block_id, self._failure)
+        if self._parts and _complete(self._parts):
+            data = join_chunks(self._parts)
+            self._keep_answer(call_id, block_id, data, len(data))
+            return data
+        return None
 
     def call(self, call_id: str, block_id: str, payload: list, deadline: float,
-             local_timeout: float, timed_out: Callable[[], BaseException], hold: float | None = None) -> bytearray:
+             local_timeout: float, timed_out: Callable[[], BaseException], hold: float | None = None,
+             direct: Callable[[Any], None] | None = None) -> bytearray | None:
         """Send one LocalCall (payload: serialized ValueMap pieces, see tether.wire.encode_value_map) and
         wait for its answer: the serialized ValueMap of the block's writes.
 
         A call a re-run makes again is not sent again: a kept answer is replayed, an open call is waited for.
         `hold`: seconds after which an unanswered call raises StillOpen and stays open (a batched job).
-        Raises LocalBlockFailed (the block raised on the client), LocalCallFailed (no stream left),
-        JobTimeout (no answer in time, or the job's own limit came first) or JobCancelledError.
+        `direct(outcome)`: while this waits, `deliver` hands the answer (bytes, or the LocalBlockFailed) to it
+        instead, and this returns None. Raises LocalBlockFailed (the block raised on the client),
+        LocalCallFailed (no stream left), JobTimeout (no answer in time, or the job's own limit came first) or
+        JobCancelledError.
         """
         job = self._job
         with job.cond:
@@ -99,24 +125,20 @@ class LocalLink:
             if self._open is not None and self._open != (call_id, block_id):  # (a re-run's call: the first
                 raise _diverged(block_id, self._open[1])  # run left one open, and the client may answer it)
             if self._open is None:
-                if self._closed is not None:
-                    raise LocalCallFailed(f"cannot run the local() block {block_id}: {self._closed}")
-                self._open, self._parts, self._failure = (call_id, block_id), [], None
-                self._answer_by = time.monotonic() + local_timeout
-                for offset, data, total in split_pieces(payload):
-                    job.local_call(call_id, block_id, offset, data, total)
+                self._send_call(call_id, block_id, payload, local_timeout)
             answer_by = min(deadline, self._answer_by)
             held_until = None if hold is None else time.monotonic() + hold
             still_open = False
+            self._direct = direct
             try:
                 while True:
-                    if self._failure is not None:
-                        self._keep_answer(call_id, block_id, self._failure, 0)
-                        raise _block_failed(block_id, self._failure)
-                    if self._parts and _complete(self._parts):
-                        data = join_chunks(self._parts)
-                        self._keep_answer(call_id, block_id, data, len(data))
-                        return data
+                    if self._answered:
+                        return None
+                    outcome = self._outcome()
+                    if isinstance(outcome, LocalBlockFailed):
+                        raise outcome
+                    if outcome is not None:
+                        return outcome
                     if job.cancel_requested:
                         raise JobCancelledError(f"cancelled while waiting for local() block {block_id}")
                     if self._closed is not None:
@@ -129,16 +151,22 @@ class LocalLink:
                         raise StillOpen(block_id)
                     left = answer_by - now
                     if left <= 0:
-                        raise timed_out() if answer_by >= deadline else JobTimeout(
-                            f"the client did not answer the local() block {block_id} within {local_timeout:g} s "
-                            "(the job's local_call_timeout), so the job was stopped: the client may have been "
-                            "disconnected or stuck in the block. Raise local_call_timeout for slow blocks."
-                        )
+                        raise timed_out() if answer_by >= deadline else _unanswered(block_id, local_timeout)
                     job.cond.wait(left if held_until is None else min(left, held_until - now))
             finally:
+                self._direct = None
                 if not still_open:
-                    self._open, self._parts = None, []
+                    self._open, self._parts, self._answered = None, [], False
                     job.forget_payload(call_id)  # answered or not, the log need not keep the values
+
+    def _send_call(self, call_id: str, block_id: str, payload: list, local_timeout: float) -> None:
+        """Open the call and send it to the client (the caller holds the job's condition)."""
+        if self._closed is not None:
+            raise LocalCallFailed(f"cannot run the local() block {block_id}: {self._closed}")
+        self._open, self._parts, self._failure, self._answered = (call_id, block_id), [], None, False
+        self._answer_by = time.monotonic() + local_timeout
+        for offset, data, total in split_pieces(payload):
+            self._job.local_call(call_id, block_id, offset, data, total)
 
     def _keep_answer(self, call_id: str, block_id: str, answer: Any, size: int) -> None:
         if self._kept is None:  # the job runs alone: it is never run again
@@ -156,6 +184,14 @@ class LocalLink:
         if isinstance(answer, (bytes, bytearray)):
             return answer
         raise _block_failed(block_id, answer)
+
+
+def _unanswered(block_id: str, local_timeout: float) -> JobTimeout:
+    return JobTimeout(
+        f"the client did not answer the local() block {block_id} within {local_timeout:g} s (the job's "
+        "local_call_timeout), so the job was stopped: the client may have been disconnected or stuck in the "
+        "block. Raise local_call_timeout for slow blocks."
+    )
 
 
 def _diverged(block_id: str, first_block: str) -> LocalCallFailed:

@@ -1,35 +1,31 @@
 """Replicas on a Ray cluster (`tether serve --ray ADDRESS`): each replica's worker runs as a Ray actor hosting
-the same job loop as a local worker process (`worker_main.serve`), and the front door's supervisor
-(`supervisor.Replica`) relays it through a connection with the Pipe's send/recv/poll/fileno, so its relay,
-time limits, cancels and crash handling are the ones local workers get.
-
-Bulky bytes (`worker_protocol.Blob`s: programs with inputs, results, local() values) cross as objects in Ray's
-object store (one `ray.put` of the bytes), never inside a message. Imports ray (lazily), the protocol and the
-supervisor; never grpc's server nor the job store.
+the same job loop as a local worker process (`worker_main.serve`), and the replica's supervisor
+(`supervisor.Replica`, in the cluster's core) relays it through a connection with the Pipe's
+send/recv/poll/fileno (actor_links.py: a lane, else Ray calls), so its relay, time limits, cancels and crash
+handling are the ones local workers get. Here: joining the cluster, the actor, and its start and end.
+Imports ray (lazily), the protocol, actor_links, lanes and the supervisor; never grpc's server nor the job
+store.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
-import queue
 import socket
 import threading
 import time
 import uuid
-from collections import deque
 from typing import Any
 
 from . import worker_protocol as wp
+from .actor_links import PULLS, ActorConnection, ActorSide, Answers, LaneConnection, LaneSide, why_dead
+from .lanes import Listener, dial, new_token
 from .supervisor import Replica
 
-__all__ = ["connect", "RayReplica", "ReplicaActor", "ActorConnection", "PickledModel", "gpus_of"]
+__all__ = ["connect", "RayReplica", "ReplicaActor", "PickledModel", "gpus_of"]
 
 _log = logging.getLogger("tether.server")
-TAKE_WAIT = 0.5  # seconds one poll of an actor's outbox waits for a message (a dead actor is seen within this)
-PULLS = 2  # polls of an actor's outbox in flight at once: a message never waits for the next poll to arrive
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _connect_lock = threading.Lock()
 
@@ -92,48 +88,6 @@ def _host_of(address: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Stored:
-    """Bytes in Ray's object store, standing for a Blob while a message crosses to another process or node."""
-
-    ref: Any
-    size: int
-
-
-def _outgoing(value: Any) -> Any:
-    """`value` (a message) with each Blob, or large bytes, moved into the object store; also inside lists,
-    tuples and nested messages (a batch's programs)."""
-    import ray
-
-    if isinstance(value, wp.Blob) or (isinstance(value, bytes) and len(value) >= wp.SHM_THRESHOLD):
-        data = bytes(wp.unpack(value))
-        return _Stored(ray.put(data), len(data))
-    return _mapped(value, _outgoing)
-
-
-def _incoming(value: Any) -> Any:
-    """`value` with its stored bytes back as bytes."""
-    import ray
-
-    if isinstance(value, _Stored):
-        return ray.get(value.ref)
-    return _mapped(value, _incoming)
-
-
-def _mapped(value: Any, convert) -> Any:
-    if type(value) in (list, tuple):
-        return type(value)(convert(v) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {}
-        for field in dataclasses.fields(value):
-            old = getattr(value, field.name)
-            new = convert(old)
-            if new is not old:
-                changes[field.name] = new
-        return dataclasses.replace(value, **changes) if changes else value
-    return value
-
-
-@dataclasses.dataclass(frozen=True)
 class PickledModel:
     """A replica's payload as bytes (Ray's cloudpickle): what the cluster's core keeps of a model in the object
     store without ever loading it (it may need GPUs, or memory, that the core does not have)."""
@@ -152,80 +106,68 @@ class PickledModel:
         return pickle.loads(self.data)
 
 
-class _ActorSide:
-    """The worker's end inside the actor: what `serve` sends goes to the actor's outbox; what the front door
-    put arrives in order through `recv`."""
-
-    def __init__(self):
-        self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # (sequence, message): PULLS takes read it at once
-        self._sent = itertools.count()  # guarded by _send_lock, with the outbox's order
-        self._send_lock = threading.Lock()
-        self._inbox: dict[int, Any] = {}
-        self._next = 0
-        self._cond = threading.Condition()
-
-    def send(self, message: Any) -> None:
-        self.post(_outgoing(message))
-
-    def post(self, message: Any) -> None:
-        """Queue a message (None: the worker loop ended) with its sequence, so the front door reorders them."""
-        with self._send_lock:
-            self.outbox.put((next(self._sent), message))
-
-    def deliver(self, seq: int, message: Any) -> None:
-        with self._cond:
-            self._inbox[seq] = message
-            self._cond.notify_all()
-
-    def recv(self) -> Any:
-        with self._cond:
-            self._cond.wait_for(lambda: self._next in self._inbox)
-            message = self._inbox.pop(self._next)
-            self._next += 1
-        if message is None:
-            raise EOFError("the front door closed the connection")
-        return _incoming(message)
-
-
 class ReplicaActor:
-    """A Ray actor hosting one replica's worker loop (`worker_main.serve`) in a thread. Made a Ray actor class
-    by `_actor_class()` (so this module imports without ray)."""
+    """A Ray actor hosting one replica's worker loop (`worker_main.serve`) in a thread, once its supervisor has
+    opened a lane to it (`lane()`: where; the token came with the constructor's arguments) or, where it cannot,
+    asked for Ray calls instead (`use_ray`, then `put` and `take`). Made a Ray actor class by `_actor_class()`
+    (so this module imports without ray)."""
 
-    def __init__(self, name: str, payload: Any, source: Any, policy: Any):
-        from .worker_main import serve
-
+    def __init__(self, name: str, payload: Any, source: Any, policy: Any, token: bytes = b""):
         if isinstance(payload, PickledModel):
             payload = payload.load()
-        self._side = _ActorSide()
-
-        def run() -> None:
+        self._serving = (name, payload, source, policy)
+        self._claimed = threading.Lock()  # taken by the first way the supervisor connects (the only one served)
+        self._ended = threading.Event()  # the worker loop ended
+        self._side = ActorSide()
+        self._listener: Listener | None = None
+        if token:
             try:
-                serve(self._side, name, payload, source, policy)
-            except BaseException:
-                _log.exception("the worker of %s failed", name)
-            finally:
-                self._side.post(None)
+                self._listener = Listener(token, self._on_lane, f"tether-worker-{name}")
+            except OSError as error:
+                _log.warning("the actor of %s cannot listen for its supervisor (%s): Ray calls carry its messages",
+                             name, error)
 
-        threading.Thread(target=run, name=f"tether-worker-{name}", daemon=True).start()
+    def lane(self) -> tuple[str, int] | None:
+        """Where the supervisor opens its lane (None: this actor could not listen)."""
+        return self._listener.address if self._listener is not None else None
+
+    def _on_lane(self, conn: Any) -> None:
+        if not self._claimed.acquire(blocking=False):
+            conn.close()
+            return
+        self._listener.close()
+        self._serve(LaneSide(conn))  # (in the lane's own thread)
+
+    def use_ray(self) -> None:
+        """No lane could be opened: the worker's messages go by `put` and `take`."""
+        if self._claimed.acquire(blocking=False):
+            if self._listener is not None:
+                self._listener.close()
+            threading.Thread(target=self._serve, args=(self._side,), name=f"tether-worker-{self._serving[0]}",
+                             daemon=True).start()
+
+    def _serve(self, side: Any) -> None:
+        from .worker_main import serve
+
+        try:
+            serve(side, *self._serving)
+        except BaseException:
+            _log.exception("the worker of %s failed", self._serving[0])
+        finally:
+            side.close()
+            self._ended.set()
+
+    def ended(self) -> None:
+        """Answers once the worker loop has ended; Ray fails the call if the actor dies first (how the
+        supervisor learns why)."""
+        self._ended.wait()
 
     def put(self, seq: int, message: Any) -> None:
-        """A message from the front door (`seq` orders them: the actor runs calls on several threads)."""
+        """A message from the supervisor (`seq` orders them: the actor runs calls on several threads)."""
         self._side.deliver(seq, message)
 
     def take(self, timeout: float) -> list:
-        """The worker's messages as (sequence, message): waits up to `timeout` for the first, then takes all that
-        are ready (a message None: the worker loop has ended). PULLS takes wait at once, so one may return while
-        the next is already waiting: the front door orders their messages by sequence."""
-        out = self._side.outbox
-        try:
-            messages = [out.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                messages.append(out.get_nowait())
-            except queue.Empty:
-                return messages
+        return self._side.take(timeout)
 
     def node_ip(self) -> str:
         import ray
@@ -241,138 +183,14 @@ def _actor_class():
     if _actor_cls is None:
         import ray
 
-        _actor_cls = ray.remote(max_concurrency=PULLS + 2, max_restarts=0)(ReplicaActor)  # (+ puts)
+        _actor_cls = ray.remote(max_concurrency=PULLS + 2, max_restarts=0)(ReplicaActor)  # (+ puts, or ended)
     return _actor_cls
-
-
-class ActorConnection:
-    """The front door's end: Pipe-like (send, recv, poll, fileno for `multiprocessing.connection.wait`). A pump
-    thread polls the actor's outbox; a dead actor reads as EOF, like a dead process's pipe."""
-
-    def __init__(self, actor: Any, name: str):
-        self._actor = actor
-        self._seq = itertools.count()
-        self._send_lock = threading.Lock()
-        self._messages: deque = deque()
-        self._cond = threading.Condition()
-        self._read_fd, self._write_fd = os.pipe()
-        self._dead_read, self._dead_write = os.pipe()
-        self.death = ""  # guarded by _cond: why the actor (or its worker loop) ended; "" while it runs
-        self._closed = False  # guarded by _cond: close() was called (the supervisor is done with it)
-        self._pumping = True  # guarded by _cond: the pump thread may still write to the pipes
-        threading.Thread(target=self._pump, name=f"tether-ray-pump-{name}", daemon=True).start()
-
-    def _pump(self) -> None:
-        try:
-            self._pump_messages()
-        finally:
-            with self._cond:
-                self._pumping = False
-                release = self._closed
-            if release:
-                self._close_pipes()
-
-    def _pump_messages(self) -> None:
-        import ray
-        from ray.exceptions import RayActorError
-
-        polls = [self._actor.take.remote(TAKE_WAIT) for _ in range(PULLS)]
-        held: dict[int, Any] = {}  # messages by sequence, until those before them arrived
-        expected = 0
-        while not self._closed:
-            try:
-                ready, _ = ray.wait(polls, num_returns=1)
-                polls.remove(ready[0])
-                polls.append(self._actor.take.remote(TAKE_WAIT))  # (before reading: the actor is never unpolled)
-                held.update(ray.get(ready[0]))
-            except RayActorError as error:
-                self._end(_why(error))
-                return
-            except Exception as error:  # the cluster went away
-                self._end(f"its Ray actor could not be reached ({type(error).__name__}: {_first_line(error)})")
-                return
-            while expected in held:
-                message = held.pop(expected)
-                expected += 1
-                if message is None:
-                    self._end("its worker loop ended")
-                    return
-                with self._cond:
-                    self._messages.append(message)
-                    self._cond.notify_all()
-                os.write(self._write_fd, b"m")
-
-    def _end(self, why: str) -> None:
-        with self._cond:
-            if not self.death:
-                self.death = why
-            self._cond.notify_all()
-        os.write(self._write_fd, b"e")
-        os.write(self._dead_write, b"e")
-
-    @property
-    def sentinel(self) -> int:
-        """A file descriptor readable once the actor has died."""
-        return self._dead_read
-
-    def fileno(self) -> int:
-        return self._read_fd
-
-    def send(self, message: Any) -> None:
-        if self.death or self._closed:
-            raise BrokenPipeError(self.death or "the connection is closed")
-        with self._send_lock:
-            self._actor.put.remote(next(self._seq), _outgoing(message))
-
-    def poll(self, timeout: float | None = 0.0) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._messages or self.death, timeout)
-
-    def recv(self) -> Any:
-        with self._cond:
-            self._cond.wait_for(lambda: self._messages or self.death)
-            if not self._messages:
-                raise EOFError(self.death)
-            message = self._messages.popleft()
-        os.read(self._read_fd, 1)
-        try:
-            return _incoming(message)
-        except Exception as error:  # its bytes were lost with the actor (their owner) before we read them
-            raise EOFError(f"its Ray actor's message was lost ({type(error).__name__}: {_first_line(error)})") \
-                from error
-
-    def close(self) -> None:
-        """The supervisor is done with this connection: its pipes are closed once the pump has stopped."""
-        with self._cond:
-            self._closed = True
-            release = not self._pumping
-        if release:
-            self._close_pipes()
-
-    def _close_pipes(self) -> None:
-        for fd in (self._read_fd, self._write_fd, self._dead_read, self._dead_write):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:300]
-
-
-def _why(error: BaseException) -> str:
-    """A dead actor's story, from Ray's error (its first line names the cause: killed, exited, node died...)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    cause = next((line for line in lines if "reason" in line.lower() or "died" in line.lower()), lines[0] if lines
-                 else type(error).__name__)
-    return f"its Ray actor died: {cause[:300]}"
 
 
 class _ActorProcess:
     """What the supervisor reads of a worker process, for an actor: pid, is_alive, sentinel, kill, join."""
 
-    def __init__(self, actor: Any, conn: ActorConnection, pid: int | None):
+    def __init__(self, actor: Any, conn: Any, pid: int | None):
         self.actor, self.conn, self.pid = actor, conn, pid
         self.exitcode = None
 
@@ -381,7 +199,7 @@ class _ActorProcess:
         return self.conn.sentinel
 
     def is_alive(self) -> bool:
-        return not self.conn.death
+        return self.conn is None or not self.conn.death
 
     def kill(self) -> None:
         import ray
@@ -392,8 +210,8 @@ class _ActorProcess:
             pass
 
     def join(self, timeout: float | None = None) -> None:
-        with self.conn._cond:
-            self.conn._cond.wait_for(lambda: self.conn.death, timeout)
+        if self.conn is not None:
+            self.conn.wait_death(timeout)
 
 
 class RayReplica(Replica):
@@ -417,31 +235,59 @@ class RayReplica(Replica):
         gpus = getattr(hosted, "gpus", None)
         # listed by `ray list actors`: the front doors' namespace, the replica, and this start of it
         name = f"tether/{self.queue.limits.ray_namespace}/{self.name}/{uuid.uuid4().hex[:8]}"
+        token = new_token() if self.queue.limits.ray_lanes else b""  # (no token: the actor does not listen)
         actor = _actor_class().options(num_cpus=1, num_gpus=gpus_of(self._payload) if gpus is None else gpus,
                                        name=name).remote(hosted.name, self._stored_payload, hosted.source,
-                                                         self.policy)
-        conn = ActorConnection(actor, self.name)
-        self.conn = conn
-        self.process = _ActorProcess(actor, conn, None)
+                                                         self.policy, token)
+        self.process = _ActorProcess(actor, None, None)
         give_up = time.monotonic() + _start_timeout()
         try:
-            while not conn.poll(0.2):
-                if self.queue.closed:
-                    raise RuntimeError("the server stopped while the worker started")
-                if time.monotonic() > give_up:
-                    raise RuntimeError(f"its Ray actor did not start within {_start_timeout():g} s")
-            if conn.death and not conn.poll(0):
-                raise RuntimeError(f"{conn.death} while it started (see the Ray logs)")
-            ready = conn.recv()
+            conn, node = self._connect(actor, token, give_up)
+            self.conn = self.process.conn = conn
+            self.direct = Answers(conn)
+            while not conn.poll(0.2) and not conn.death:
+                self._starting(give_up)
+            try:
+                ready = conn.recv()
+            except EOFError as error:
+                raise RuntimeError(f"{error} while it started (see the Ray logs)") from None
         except BaseException:
             self._kill()
             raise
         assert isinstance(ready, wp.Ready), ready
-        self._here = ray.util.get_node_ip_address() == _actor_node_ip(actor)
+        self._here = ray.util.get_node_ip_address() == (node or _actor_node_ip(actor))
         self.process.pid = ready.pid
         with self._ready:
             self._pid = ready.pid
             self._ready.notify_all()
+
+    def _starting(self, give_up: float) -> None:
+        """Raise if the actor must stop starting (the server stopped, or it took too long)."""
+        if self.queue.closed:
+            raise RuntimeError("the server stopped while the worker started")
+        if time.monotonic() > give_up:
+            raise RuntimeError(f"its Ray actor did not start within {_start_timeout():g} s")
+
+    def _connect(self, actor: Any, token: bytes, give_up: float) -> tuple[Any, str | None]:
+        """The connection to the actor, and its node's address where known: a lane, else Ray calls."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        asked = actor.lane.remote()  # (answered once the actor has loaded its model)
+        try:
+            while not ray.wait([asked], timeout=0.2)[0]:
+                self._starting(give_up)
+            address = ray.get(asked)
+        except RayActorError as error:
+            raise RuntimeError(f"{why_dead(error)} while it started (see the Ray logs)") from None
+        if address is not None:
+            try:
+                return LaneConnection(actor, dial(tuple(address), token), self.name), address[0]
+            except (OSError, ConnectionError) as error:
+                _log.warning("no lane to the actor of %s at %s:%s (%s): Ray calls carry its messages", self.name,
+                             address[0], address[1], error)
+        actor.use_ray.remote()
+        return ActorConnection(actor, self.name), None
 
     def private_memory(self, pid: int) -> int:
         """An actor on this machine is measured like a worker process; one on another node is left to Ray's
@@ -454,13 +300,14 @@ class RayReplica(Replica):
         if self.process is not None:
             self.process.kill()
             self.process.join(5.0)
-            self.process.conn.close()
+            if self.process.conn is not None:
+                self.process.conn.close()
 
     def _how_it_ended(self) -> str:
         if self.process is None:
             return "its Ray actor was not started"
         self.process.join(1.0)
-        return self.process.conn.death or "its Ray actor stopped"
+        return (self.process.conn and self.process.conn.death) or "its Ray actor stopped"
 
 
 def _actor_node_ip(actor: Any) -> str | None:

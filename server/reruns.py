@@ -86,11 +86,12 @@ def why_memory(size: int) -> str:
 
 class BatchRelay:
     """What job_relay.JobRelay does for the jobs of a batch that run again alone (its fields: `tracks`,
-    `replica`, `conn`; each track's `entry`, `job`, `sent`, `left`, `cancel_sent`). Only the relay thread calls it."""
+    `replica`, `conn`, `send_direct`; each track's `entry`, `job`, `sent`, `left`, `cancel_sent`). Only the relay thread calls it."""
 
     tracks: dict
     replica: Any
     conn: Any
+    send_direct: Any  # sends a LocalAnswer to the worker's job thread
 
     def _keep_answers(self) -> None:
         """Jobs of a batch keep their local() answers: a re-run alone replays them instead of asking again."""
@@ -130,12 +131,12 @@ class BatchRelay:
     def _dropped(self, track: Any | None, message: Any) -> None:
         """A message of a job this run no longer relays (it ended, or left its batch)."""
         if isinstance(message, wp.LocalCall):  # (its body caught the cancel and went on): never leave it waiting
-            self.conn.send(wp.LocalAnswer(message.call_id, error="JobCancelledError",
-                                          message="the job no longer runs in this batch"))
+            self.send_direct(wp.LocalAnswer(message.call_id, error="JobCancelledError",
+                                            message="the job no longer runs in this batch"))
         elif isinstance(message, (wp.Done, wp.Failed)) and track is not None:
             track.ended = True
             if isinstance(message, wp.Done):
-                wp.discard(message.result)
+                self.replica.areas.discard(message.result)
 
     def _again(self, track: Any, error: Any, culprit: Any | None, how: str, running: int) -> bool:
         """A job of a batch the worker still ran when it died or was killed (`running` of them) runs again alone

@@ -1,5 +1,6 @@
 """A job's serialized result as the pieces it was encoded in, and the result-chunk events cut from them without
-joining it into one buffer (jobs.py keeps both in a job's record). Imports protobuf and tether's framing only.
+joining it into one buffer (jobs.py keeps both in a job's record); a Frame, a response still in those pieces,
+joined only as gRPC sends it. Imports protobuf and tether's framing only.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from google.protobuf import timestamp_pb2
 from tether.framing import chunk_length, chunk_parts, result_event_prefix
 from tether.v1 import jobs_pb2
 
-__all__ = ["ResultBytes", "ResultChunk"]
+__all__ = ["Frame", "ResultBytes", "ResultChunk"]
 
 
 class ResultBytes:
@@ -46,6 +47,19 @@ class ResultBytes:
 
     def tobytes(self) -> bytes:
         return b"".join(self.pieces)
+
+
+class Frame(list):
+    """A serialized response still in pieces (views of a result's memory, small bytes): joined, its data's one
+    copy, right before gRPC sends it (service.py's serializer), so a stream never copies ahead of what it
+    sends. It holds the result, whose memory (a worker's result area) is not handed back while a frame of it
+    waits."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, parts: list, result: ResultBytes | None):
+        super().__init__(parts)
+        self.result = result
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from .local_calls import NO_STREAM
 from .policy import Policy
 from .program_codec import decode_program
 from .registry import Registry
+from .result_bytes import Frame
 from .workers import JobLimits, Limits, ModelQueue, seconds, stop_job
 
 if TYPE_CHECKING:
@@ -144,16 +145,16 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     def _cancel(self, job: Job, reason: str) -> None:
         cancel_job(self._hub, job, reason)
 
-    def _events(self, job: Job, after: int, context: grpc.ServicerContext) -> Iterator[bytes]:
+    def _events(self, job: Job, after: int, context: grpc.ServicerContext) -> Iterator[bytes | Frame]:
         """The job's events after `after`, then live ones until the job ends or the caller goes away, each as
         its serialized RunJobResponse / WatchJobResponse (the same bytes; add_job_service sends bytes as
-        they are). Every event that is ready is sent in one pass, without waiting between them; events ready
-        together share a message (RunJobResponse.more_events)."""
+        they are, and joins a Frame as it sends it). Every event that is ready is sent in one pass, without
+        waiting between them; events ready together share a message (RunJobResponse.more_events)."""
         gone = _rpc_end(job, context)
         if gone is None:
             return
         while True:
-            frames, count, finished = job.wait_frames(after, gone.is_set, linger=STATUS_LINGER)
+            frames, count, finished = job.wait_frames(after, gone.is_set, linger=STATUS_LINGER, lazy=True)
             yield from frames
             after += count
             if finished or gone.is_set():
@@ -277,8 +278,11 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
 
 
 def _serialize(message) -> bytes:
-    """A response as bytes: messages are serialized, bytes (already serialized responses) sent as they are."""
-    return message if type(message) is bytes else message.SerializeToString()
+    """A response as bytes: messages are serialized, bytes (already serialized responses) sent as they are,
+    Frames (serialized responses still in pieces) joined now, just before they are sent."""
+    if type(message) is bytes:
+        return message
+    return b"".join(message) if type(message) is Frame else message.SerializeToString()
 
 
 def add_job_service(servicer: JobService, server: grpc.Server) -> None:

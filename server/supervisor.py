@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from tether.runtime.envoy import module_of
 
 from . import worker_protocol as wp
 from .job_relay import KILL_GRACE, TICK, JobRelay
+from .result_areas import DoorAreas
 from .shared_weights import pack
 from .workers import ModelQueue
 
@@ -112,6 +114,8 @@ class Replica:
                 self._unsendable = f"{type(error).__name__}: {error}"
         self.process: Any = None  # the worker process (None: not started, or a thread worker)
         self.conn: Any = None  # the front door's end of the worker's pipe
+        self.direct: wp.DirectPipe | None = None  # the front door's end of its direct pipe (None: all goes on conn)
+        self.areas = DoorAreas()  # the result areas of the worker process (a new one with each start)
         self.restarts = 0  # how often the worker was started again after dying or being killed
         self._ready = threading.Condition()
         self._wake_in, self._wake_out = multiprocessing.Pipe(duplex=False)  # a cancel wakes the relay at once
@@ -126,18 +130,20 @@ class Replica:
         with self._ready:
             self._pid = None
         ours, theirs = multiprocessing.Pipe(duplex=True)
-        args = (theirs, hosted.name, self._payload, hosted.source, self.policy)
+        direct_in, direct_out = multiprocessing.Pipe(duplex=False)
+        args = (theirs, hosted.name, self._payload, hosted.source, self.policy, direct_in)
         self.process = None
         if limits.isolate:
             unsendable = self._unsendable
             if not unsendable:
                 process = _mp_context().Process(
                     target=_process_main, args=(torch.get_num_threads(), theirs, hosted.name, self._sent,
-                                                hosted.source, self.policy),
+                                                hosted.source, self.policy, direct_in),
                     name=f"tether-worker-{self.name}", daemon=True)
                 try:
                     process.start()
                     self.process = process
+                    self.areas = DoorAreas(process.pid)
                 except Exception as error:  # its source (or policy) cannot be sent to a process
                     unsendable = f"{type(error).__name__}: {error}"
             if unsendable:
@@ -147,10 +153,12 @@ class Replica:
         if self.process is None:
             from .worker_main import serve
 
-            threading.Thread(target=serve, args=args, name=f"tether-worker-{self.name}", daemon=True).start()
+            threading.Thread(target=_serve_in_thread, args=(serve, args), name=f"tether-worker-{self.name}",
+                             daemon=True).start()
         if self.process is not None:
             theirs.close()  # the child has its own copy; closing ours lets a dead child read as EOF
-        self.conn = ours
+            direct_in.close()
+        self.conn, self.direct = wp.plain_pickle(ours), wp.DirectPipe(direct_out)
         give_up = time.monotonic() + START_TIMEOUT
         try:
             while not ours.poll(TICK * 4):
@@ -198,6 +206,7 @@ class Replica:
             self.process.kill()
         if self.process is not None:
             self.process.join(5.0)
+            self.areas.close()  # (the files of a result it was writing as it died)
 
     def _died_starting(self) -> str:
         """Why the worker is gone before Ready; a script that starts the server unguarded is the usual cause."""
@@ -239,6 +248,7 @@ class Replica:
                 _log.error("cannot start the worker of %s: %s", self.name, error)
                 self.queue.retire(f"its worker could not start: {error}")
             self._kill()
+            self._hang_up()
             return
         try:
             while (entries := self.queue.take()) is not None:
@@ -254,9 +264,19 @@ class Replica:
                 self.conn.send(wp.Stop())
             except (OSError, ValueError):
                 pass
+            if self.direct is not None:
+                self.direct.send(wp.Stop())  # (the job thread waits for its next job there)
             if self.process is not None:
                 self.process.join(2.0)
             self._kill()
+            self._hang_up()
+
+    def _hang_up(self) -> None:
+        """Close the front door's ends of the worker's pipes (the worker is gone, or stopping)."""
+        if self.conn is not None:
+            self.conn.close()
+        if self.direct is not None:
+            self.direct.close()
 
     def wake(self) -> None:
         """Have the relay look at its jobs now (a cancel was requested): called from any thread."""
@@ -268,7 +288,7 @@ class Replica:
     def restart(self) -> None:
         """Replace a dead (or killed) worker; its queued jobs then run on the new one."""
         self._kill()
-        self.conn.close()
+        self._hang_up()
         if self.queue.closed:  # the server is stopping: no new worker
             return
         self.restarts += 1
@@ -294,6 +314,15 @@ def warm_vector_math() -> None:
         x = torch.full((16,), 0.5, dtype=dtype)
         for name in _VECTOR_MATH:
             getattr(torch, name)(x)
+
+
+def _serve_in_thread(serve: Callable[..., None], args: tuple) -> None:
+    """A worker kept in the server process: its end of the direct pipe (args[-1], read by this thread only) is
+    closed once it ends, as a worker process's is with the process."""
+    try:
+        serve(*args)
+    finally:
+        args[-1].close()
 
 
 def _process_main(threads: int, *args) -> None:

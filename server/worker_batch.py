@@ -130,9 +130,7 @@ class BatchRun:
             run._end(outcome.error)
             return
         try:
-            result = run.encode(member.decoded, outcome.values, log)
+            run.done(run.encode(member.decoded, outcome.values, log))  # (done fails before it sends: no room)
         except BaseException as error:
             log.flush()
             run._end(error)
-            return
-        run.done(result)

@@ -31,6 +31,7 @@ from .job_state import JobState
 from .local_calls import LocalCaller
 from .program_codec import DecodedProgram, decode_program
 from .registry import HostedModel, wrap
+from .result_areas import WorkerAreas
 from .results import encode_result_pieces
 from .weights import WeightWatch
 
@@ -40,15 +41,19 @@ _log = logging.getLogger("tether.server")
 _LOCAL_ERRORS = ("LocalBlockFailed", "LocalCallFailed", "JobTimeout", "JobCancelledError")
 
 
-def process_main(conn, name: str, model: Any, source: Callable[[], Any] | None, policy) -> None:
-    """The worker process's entry point (multiprocessing target)."""
-    serve(conn, name, model, source, policy)
+def process_main(conn, name: str, model: Any, source: Callable[[], Any] | None, policy, direct=None) -> None:
+    """The worker process's entry point (multiprocessing target): large results leave through result areas."""
+    serve(conn, name, model, source, policy, direct, WorkerAreas())
 
 
-def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy) -> None:
-    """Serve jobs on `model` (a torch module or (module, tokenizer)) until Stop or the connection closes."""
+def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy, direct=None,
+          areas: WorkerAreas | None = None) -> None:
+    """Serve jobs on `model` (a torch module or (module, tokenizer)) until Stop or the connection closes.
+    `direct`: the read end of the direct pipe (worker_protocol.DirectPipe), if the front door has one.
+    `areas`: where large results go (a worker process's own); without, each goes as a Blob."""
+    conn = wp.plain_pickle(conn)
     hosted = HostedModel(name, wrap(model), source)
-    inbox = _Inbox(conn)
+    inbox = _Inbox(conn, direct, areas)
     watch = WeightWatch(hosted.module, source)
     served = JobState.of(hosted.module)
     watchdog = Watchdog(f"tether-watchdog-{name}")
@@ -72,17 +77,42 @@ def serve(conn, name: str, model: Any, source: Callable[[], Any] | None, policy)
 
 class _Inbox:
     """The front door's messages, read by one named thread: jobs queue up; cancels and local() answers go to the
-    job that runs."""
+    job that runs; result areas handed back go to `areas`. With a direct pipe, jobs, the Reclaims before them and
+    answers come on it instead, read by the job's thread itself."""
 
-    def __init__(self, conn):
+    def __init__(self, conn, direct=None, areas: WorkerAreas | None = None):
         self._conn = conn
+        self._direct = direct
+        self.areas = areas
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # RunJob or RunBatch, or None to end
         self.answers: queue.SimpleQueue = queue.SimpleQueue()  # LocalAnswer, or None when the front door left
         self.cancel: dict[str, str] = {}  # job id -> reason; written by the reader thread only
         threading.Thread(target=self._read, name="tether-worker-inbox", daemon=True).start()
 
     def next_job(self) -> wp.RunJob | wp.RunBatch | None:
-        return self._jobs.get()
+        """The next job (None: Stop, or the front door left)."""
+        if self._direct is None:
+            return self._jobs.get()
+        while isinstance(message := self._direct_message(), (wp.LocalAnswer, wp.Reclaim)):
+            if isinstance(message, wp.Reclaim):
+                if self.areas is not None:
+                    self.areas.reclaim(message)
+            else:
+                wp.discard(message.data)  # an answer to a call whose job had already ended
+        return message if isinstance(message, (wp.RunJob, wp.RunBatch)) else None
+
+    def next_answer(self) -> wp.LocalAnswer | None:
+        """The next LocalAnswer (None: the front door left)."""
+        if self._direct is None:
+            return self.answers.get()
+        message = self._direct_message()
+        return message if isinstance(message, wp.LocalAnswer) else None
+
+    def _direct_message(self) -> Any:
+        try:
+            return self._direct.recv()
+        except (EOFError, OSError):
+            return None
 
     def _read(self) -> None:
         try:
@@ -94,6 +124,8 @@ class _Inbox:
                     self.answers.put(message)
                 elif isinstance(message, wp.Cancel):
                     self.cancel[message.job_id] = message.reason
+                elif isinstance(message, wp.Reclaim) and self.areas is not None:
+                    self.areas.reclaim(message)
                 elif isinstance(message, wp.Stop):
                     break
         except (EOFError, OSError):
@@ -113,7 +145,7 @@ class WorkerLink:
              timed_out) -> bytes | memoryview:
         self._conn.send(wp.LocalCall(self._job_id, call_id, block_id, wp.pack(payload)))
         while True:
-            answer = self._inbox.answers.get()
+            answer = self._inbox.next_answer()
             if answer is None:
                 raise JobCancelledError(f"the server stopped while the local() block {block_id} ran")
             if answer.call_id == call_id:
@@ -260,7 +292,9 @@ class JobRun:
         return result
 
     def done(self, result: list) -> None:
-        self.conn.send(wp.Done(self.job.job_id, wp.pack(result), self.watch.broken))
+        areas = self.inbox.areas
+        data = areas.pack(result) if areas is not None else wp.pack(result)
+        self.conn.send(wp.Done(self.job.job_id, data, self.watch.broken))
 
     def _execute(self, decoded: DecodedProgram) -> None:
         watch = self.watch

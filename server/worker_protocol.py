@@ -1,10 +1,14 @@
 """The worker protocol: the one seam between the front door and a worker (one model replica, in its own process).
 
-Front door -> worker: `RunJob`, `RunBatch`, `LocalAnswer`, `Cancel`, `Stop`. Worker -> front door: `Ready`, `Running`,
-`Log`, `LocalCall`, `Done`, `Failed`. Messages are small picklable dataclasses sent over any
-`Connection`-like pair (send/recv/poll: a multiprocessing Pipe here; an actor's queue under Ray); bulky bytes
+Front door -> worker: `RunJob`, `RunBatch`, `LocalAnswer`, `Cancel`, `Reclaim`, `Stop`. Worker -> front door:
+`Ready`, `Running`, `Log`, `LocalCall`, `Done`, `Failed`. Messages are small picklable dataclasses sent over any
+`Connection`-like pair (send/recv/poll: a multiprocessing Pipe here; an actor's queue under Ray). A worker process
+also has a direct pipe (`DirectPipe`) that its job thread reads itself, without its inbox thread: RunJob, RunBatch
+and Stop while it is idle, LocalAnswers while its job waits for one (sent by whichever front-door thread has the
+answer first); without one (Ray) they go with the rest. Bulky bytes
 (programs with inputs, results, local() values) travel as `Blob`s, in shared memory above SHM_THRESHOLD so
-they cross without going through the pipe. Imports the standard library only.
+they cross without going through the pipe; a worker process's large results go in its reusable result areas
+(`Area`, result_areas.py). Imports the standard library only.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import pickle
+import threading
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 __all__ = [
-    "Blob", "pack", "unpack", "SHM_THRESHOLD",
-    "RunJob", "RunBatch", "LocalAnswer", "Cancel", "Stop",
-    "Ready", "Running", "Log", "LocalCall", "Done", "Failed", "discard",
+    "Blob", "Area", "pack", "unpack", "SHM_THRESHOLD",
+    "RunJob", "RunBatch", "LocalAnswer", "Cancel", "Stop", "Reclaim",
+    "Ready", "Running", "Log", "LocalCall", "Done", "Failed", "discard", "DirectPipe", "plain_pickle",
 ]
 
 SHM_THRESHOLD = 1 << 20  # bytes: below this, bytes go through the pipe (one copy); above, through shared memory
@@ -33,15 +40,31 @@ class Blob:
     size: int
 
 
+@dataclass(frozen=True)
+class Area:
+    """A result at the start of one of the worker's reusable result areas (result_areas.py): a /dev/shm file of
+    `capacity` bytes, its first `size` bytes the result; the front door reads it until it sends a Reclaim."""
+
+    path: str
+    capacity: int
+    size: int
+
+
 def pack(pieces: list) -> bytes | Blob:
-    """Bytes-like pieces as one thing to send: bytes when small, a Blob (one copy into shared memory) when large."""
+    """Bytes-like pieces as one thing to send: bytes when small, a Blob (one copy into shared memory) when large.
+    The Blob's memory is allocated before it is written (fallocate): with /dev/shm full, writing into a file only
+    sized by ftruncate would kill the process (SIGBUS); then the pieces go as bytes, through the pipe."""
     size = sum(len(p) for p in pieces)
     if size < SHM_THRESHOLD or _SHM_DIR is None:
         return b"".join(pieces)
     path = os.path.join(_SHM_DIR, f"tether-{os.getpid()}-{next(_names)}")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, size)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError:
+            os.unlink(path)
+            return b"".join(pieces)
         with mmap.mmap(fd, size) as out:
             offset = 0
             for piece in pieces:
@@ -112,12 +135,64 @@ class LocalAnswer:
     failure: bytes = b""
 
 
+class _PlainPickle:
+    """A Pipe's Connection whose `send` writes plain pickle (what `Connection.recv` reads): `Connection.send`'s
+    ForkingPickler costs ~4x more for these small dataclasses (~25 us a message against ~7), and its reducers
+    (file descriptors, shared tensors) are for what no message holds. Everything else is the Connection's."""
+
+    def __init__(self, conn: Connection):
+        self._conn = conn
+
+    def send(self, message) -> None:
+        self._conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+    def __getattr__(self, name: str):
+        return getattr(self._conn, name)
+
+
+def plain_pickle(conn):
+    """`conn` sending plain pickle when it is a Pipe's Connection (see _PlainPickle); anything else (a Ray actor's
+    queue) as it is."""
+    return _PlainPickle(conn) if isinstance(conn, Connection) else conn
+
+
+class DirectPipe:
+    """The front door's end of a worker's direct pipe (read by the worker's job thread). The relay thread (jobs and
+    their Reclaims, Stop, answers) and a RunJob stream's reader (the client's answer, without a hand-off to the
+    relay) both write to it, one message at a time."""
+
+    def __init__(self, conn):
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: RunJob | RunBatch | Reclaim | LocalAnswer | Stop) -> None:
+        """Send a message; a worker that is gone is noticed by the relay (its pipe's end, its process)."""
+        with self._lock:
+            try:
+                self._conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))  # (see _PlainPickle)
+            except (OSError, ValueError):
+                if isinstance(message, LocalAnswer):
+                    discard(message.data)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
 @dataclass(frozen=True)
 class Cancel:
     """Stop the running job at its next module boundary (the worker's watchdog interrupts it after a grace)."""
 
     job_id: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Reclaim:
+    """Result areas the front door no longer reads (sent before a job): write them again, or close them."""
+
+    reuse: tuple[str, ...]
+    drop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -173,7 +248,7 @@ class Done:
     """The job's serialized JobResult."""
 
     job_id: str
-    result: bytes | Blob
+    result: bytes | Blob | Area
     retire: str = ""  # why the replica must run no more jobs (weights a job wrote into could not be put back)
 
 

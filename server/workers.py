@@ -19,7 +19,7 @@ import grpc
 from tether.v1 import jobs_pb2
 from tether.wire import CHUNK_SIZE
 
-from .batching import BatchPolicy, gather
+from .batching import BatchPolicy, Tokens, gather
 from .errors import OutOfService, QueueFull
 from .failures import failure_of
 from .jobs import Job
@@ -63,6 +63,7 @@ class Limits:
     batch_local_wait: float = 1.0  # seconds a batched job's local() blocks may keep its batch waiting, in all
     ray: str = ""  # a Ray cluster's address (auto, host:port, local): each replica's worker is an actor there
     ray_namespace: str = "tether"  # front doors on one cluster with the same namespace share models and jobs
+    ray_lanes: bool = True  # a job's messages over sockets between the cluster's processes (lanes.py), not Ray calls
 
     def replace(self, **changes) -> Limits:
         return dataclasses.replace(self, **changes)
@@ -103,7 +104,7 @@ class Entry:
     limits: JobLimits
     link: LocalLink | None
     batch_key: tuple | None = None
-    tokens: int = 0
+    tokens: int | Tokens = 0
     rerun: Sent | None = None  # a job of a batch queued again to run alone: what its client got already
     requeued: bool = False  # this entry was queued again (as a new Entry): its job is still running
 

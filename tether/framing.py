@@ -13,8 +13,8 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from tether.v1 import jobs_pb2, values_pb2
 
-__all__ = ["varint", "int64", "read_varint", "fields", "field_tag", "field_number", "chunk_parts", "chunk_length",
-           "read_result_frame", "result_event_prefix", "as_more_events", "submit_job_response",
+__all__ = ["varint", "varint_size", "int64", "read_varint", "fields", "field_tag", "field_number", "chunk_parts",
+           "chunk_length", "read_result_frame", "result_event_prefix", "as_more_events", "submit_job_response",
            "value_map_tensor_entry"]
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5  # protobuf wire types
@@ -25,14 +25,24 @@ _WIRE_TYPES = {
 }
 
 
+_ONE_BYTE = [bytes([n]) for n in range(0x80)]  # varints below 128 are one byte: taken from here, not built
+
+
 def varint(n: int) -> bytes:
     """`n` as a protobuf varint (for messages framed by hand)."""
+    if 0 <= n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+def varint_size(n: int) -> int:
+    """len(varint(n)), without writing it: 7 bits a byte."""
+    return (n.bit_length() + 6) // 7 or 1
 
 
 def int64(n: int) -> int:
@@ -42,6 +52,8 @@ def int64(n: int) -> int:
 
 def read_varint(view: memoryview, pos: int) -> tuple[int, int]:
     """The varint at `pos` of `view`, and the position after it."""
+    if pos < len(view) and view[pos] < 0x80:  # one byte: most tags, field numbers and small lengths
+        return view[pos], pos + 1
     result = shift = 0
     while True:
         if pos >= len(view) or shift > 63:
@@ -166,9 +178,9 @@ def value_map_tensor_entry(
 
 def chunk_length(offset: int, size: int, total: int) -> int:
     """The size of the serialized Chunk(offset, data of `size` bytes, total_size=total)."""
-    return ((_CHUNK_OFFSET_LEN + len(varint(offset))) if offset else 0) + (
-        (_CHUNK_DATA_LEN + len(varint(size)) + size) if size else 0) + (
-        (_CHUNK_TOTAL_LEN + len(varint(total))) if total else 0)
+    return ((_CHUNK_OFFSET_LEN + varint_size(offset)) if offset else 0) + (
+        (_CHUNK_DATA_LEN + varint_size(size) + size) if size else 0) + (
+        (_CHUNK_TOTAL_LEN + varint_size(total)) if total else 0)
 
 
 def chunk_parts(prefix: bytes, offset: int, views: list[memoryview], total: int) -> list[bytes | memoryview]:
@@ -190,7 +202,7 @@ def read_result_frame(offset: int, views: list[memoryview], total: int) -> bytes
 def result_event_prefix(head: bytes, chunk: int, *, more: bool = False) -> bytes:
     """The start of a serialized RunJobResponse / WatchJobResponse whose event (`more`: one of more_events)
     is `head` (a serialized JobEvent without its kind) and a result Chunk of `chunk` bytes that follows."""
-    event = len(head) + _EVENT_RESULT_LEN + len(varint(chunk)) + chunk
+    event = len(head) + _EVENT_RESULT_LEN + varint_size(chunk) + chunk
     return b"".join([RESPONSE_MORE if more else RESPONSE_EVENT, varint(event), head, EVENT_RESULT, varint(chunk)])
 
 

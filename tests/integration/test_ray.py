@@ -114,6 +114,24 @@ def test_the_same_client_code_on_the_embedded_server_and_the_cluster_equals_a_lo
         assert torch.equal(r_logits, logits) and torch.equal(r_big, big), server.address
 
 
+def test_without_lanes_ray_calls_carry_the_same_jobs(cluster, monkeypatch, tmp_path):
+    """Where no lane can be opened (here: asked for), the messages go by Ray calls: the same bits."""
+    model, tok = tiny.tiny_gpt2()
+    logits, big = _run(LanguageModel(model, tokenizer=tok), remote=False)
+    handle = _start(ray=cluster.address, ray_namespace="no-lanes", ray_lanes=False)
+    try:
+        assert not handle.hub.store._core.lanes
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+        monkeypatch.setattr(CONFIG.API, "_api_key", None)
+        monkeypatch.setattr(CONFIG.API, "_host", handle.address)
+        r_logits, r_big = _run(LanguageModel("tiny"), remote=True)
+        assert torch.equal(r_logits, logits) and torch.equal(r_big, big)
+    finally:
+        handle.stop(grace=0)
+        shut_down("no-lanes")
+        close_all()
+
+
 def _until_log(client: Client, job_id: str) -> tuple:
     """The job's event stream once it printed, and the worker it was dispatched to (from DISPATCHED's message)."""
     watch = (e for r in client.watch(job_id) for e in events_of(r))

@@ -107,6 +107,18 @@ def test_a_model_kept_in_the_server_process_runs_in_a_worker_thread(monkeypatch)
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("isolate", [True, False])
+def test_a_stopped_server_closes_its_ends_of_its_workers_pipes(monkeypatch, isolate):
+    """Each stop (an evict, a server's end) gives back the front door's file descriptors of the worker's pipes:
+    a server that hosts and evicts models for days must not run out of them."""
+    monkeypatch.setattr(CONFIG.APP, "DISPLAY", False)
+    with start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0, isolate=isolate) as handle:
+        assert handle.wait_ready(timeout=180)
+        replica = handle.hub.queues["net"].replicas[0]
+        assert not replica.conn.closed
+    assert replica.conn.closed
+
+
 def test_a_replica_whose_idle_worker_died_restarts_it_and_the_other_never_notices(monkeypatch):
     monkeypatch.setattr(CONFIG.APP, "DISPLAY", False)
     net, rnet, x = NNsight(tiny.tiny_net()), NNsight(tiny.tiny_net()), torch.rand(1, 5)

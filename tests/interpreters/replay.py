@@ -9,6 +9,7 @@ from typing import Any
 
 from tether.runtime.capture import bind_target, find_block
 from tether.runtime.cpython import (
+    HANDLED_RESTORED_AFTER_EXIT,
     SkipBody,
     restore_trace,
     set_handled_exception,
@@ -45,5 +46,6 @@ class Replay:
             exec(self.block.code(), ns)
             write_frame_locals(frame, {**bound, **{n: ns[n] for n in self.block.assigned if n in ns}})
         finally:
-            set_handled_exception(exc)
+            if not HANDLED_RESTORED_AFTER_EXIT:
+                set_handled_exception(exc)
         return True

@@ -8,7 +8,7 @@ import torch
 from google.protobuf import timestamp_pb2
 
 from tether import framing, tensor_codec
-from tether.client.wire import chunk_deserializer, event_deserializer, split_value_map
+from tether.client.wire import ALIGN, chunk_deserializer, event_deserializer, result_buffer, split_value_map
 from tether.v1 import jobs_pb2, values_pb2
 from tether.values import to_value
 from tether.wire import decode_value_map, encode_value_map
@@ -147,3 +147,28 @@ def test_chunk_deserializer_agrees_with_from_string():
     message = jobs_pb2.ReadResultResponse(chunk=chunk).SerializeToString()
     raw = chunk_deserializer(jobs_pb2.ReadResultResponse)(message).chunk
     assert (raw.offset, bytes(raw.data), raw.total_size) == (chunk.offset, chunk.data, chunk.total_size)
+
+
+@pytest.mark.parametrize("name_length", [1, 7, 30])
+def test_a_large_result_assembled_in_its_buffer_decodes_in_place_aligned(name_length):
+    tensor = torch.arange(300_000, dtype=torch.float32)  # > 1 MiB: an uninitialized, aligned buffer
+    data = b"".join(encode_value_map({"t" * name_length: tensor, "rest": [1, 2]}))
+    buffer = result_buffer(len(data), data[:1000])  # (placed from the first chunk)
+    assert len(buffer) == len(data) and not buffer.readonly
+    for offset in range(0, len(data), 1 << 16):  # every byte written by a chunk before it is read
+        buffer[offset : offset + (1 << 16)] = data[offset : offset + (1 << 16)]
+    decoded = decode_value_map(buffer)
+    got = decoded["t" * name_length]
+    assert torch.equal(got, tensor) and decoded["rest"] == [1, 2]
+    assert got.data_ptr() % ALIGN == 0
+    start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+    assert start <= got.data_ptr() < start + len(buffer)  # the buffer's own memory: no copy
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, (1 << 14) - 1, 1 << 14, 1 << 20, (1 << 63) - 1, (1 << 64) - 1])
+def test_varint_and_its_size(n):
+    written = framing.varint(n)
+    assert framing.varint_size(n) == len(written)
+    assert framing.read_varint(memoryview(b"\x05" + written), 1) == (n, 1 + len(written))
+    if n:  # (protobuf leaves a zero out)
+        assert written == jobs_pb2.Chunk(total_size=n if n < 1 << 63 else n - (1 << 64)).SerializeToString()[1:]

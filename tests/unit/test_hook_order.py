@@ -1,20 +1,25 @@
-"""Exact hook order: the user's own forward hooks and tether's on one module, against plain torch.
+"""Exact hook order: the user's own hooks and tether's on one module, against plain torch.
 
-In plain torch a module's forward hooks run in the order they were registered, each seeing what the previous
-one returned. A body's read and edit behave as one more hook registered where tether registers its own.
+In plain torch a module's hooks run in the order they were registered, each seeing what the previous one
+returned. As in nnsight, a body's `.output` is the value the module's forward returned, before any other
+forward hook (its read and edit behave as a forward hook registered first), and its `.input` is what forward
+receives, after every pre-hook registered before the read. Each test runs the same body twice: the second run
+registers tether's hooks from the first run's plan, before the body starts, and must behave the same.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tether import NNsight
 
+RUNS = 2  # the first run of a body, and a repeated one (hooks registered from its plan)
 
-def _plain(net, x, hooks):
-    """Run `net(x)` with `hooks` (in this order) on `net.layer1`; returns the output."""
+
+def _plain(net, x, hooks, pre_hooks=()):
+    """Run `net(x)` with `hooks` (in this order) on `net.layer1` and `pre_hooks` on `net.layer2`."""
     handles = [net.layer1.register_forward_hook(h) for h in hooks]
+    handles += [net.layer2.register_forward_pre_hook(h) for h in pre_hooks]
     try:
         with torch.no_grad():
             return net(x)
@@ -30,41 +35,40 @@ def _recording(seen, name, change):
     return hook
 
 
-def test_a_hook_registered_before_the_trace_runs_before_tethers(tiny_net):
-    """The body reads what the user's hook returned; the model goes on with the body's edit."""
+def _recording_pre(seen, name, change):
+    def hook(module, args):
+        seen[name] = args[0].clone()
+        return (change(args[0]),)
+    return hook
+
+
+def test_a_hook_registered_before_the_trace_runs_after_tethers(tiny_net):
+    """The body reads what layer1's forward returned; the user's hook sees the body's edit."""
     model = NNsight(tiny_net)
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
-    seen = {}
-    handle = tiny_net.layer1.register_forward_hook(_recording(seen, "user", lambda o: o + 1))
-    try:
-        with torch.no_grad(), model.trace(x):
-            read = model.layer1.output.clone().save()
-            model.layer1.output = model.layer1.output + 10
-            out = model.output.save()
-    finally:
-        handle.remove()
     ref = {}
-    expected = _plain(tiny_net, x, [_recording(ref, "user", lambda o: o + 1),
-                                    _recording(ref, "body", lambda o: o + 10)])
-    assert torch.equal(seen["user"], ref["user"])
-    assert torch.equal(read, ref["body"])
-    assert torch.equal(out, expected)
-    assert not tiny_net.layer1._forward_hooks
+    expected = _plain(tiny_net, x, [_recording(ref, "body", lambda o: o + 10),
+                                    _recording(ref, "user", lambda o: o + 1)])
+    for _ in range(RUNS):
+        seen = {}
+        handle = tiny_net.layer1.register_forward_hook(_recording(seen, "user", lambda o: o + 1))
+        try:
+            with torch.no_grad(), model.trace(x):
+                read = model.layer1.output.clone().save()
+                model.layer1.output = model.layer1.output + 10
+                out = model.output.save()
+        finally:
+            handle.remove()
+        assert torch.equal(seen["user"], ref["user"])
+        assert torch.equal(read, ref["body"])
+        assert torch.equal(out, expected)
+        assert not tiny_net.layer1._forward_hooks
 
 
 def test_the_next_modules_hook_sees_the_bodys_edit(tiny_net):
-    """A user's pre-hook on the next module runs after tether's hook and sees the edited value as its input,
-    as it would after any earlier hook's change."""
+    """A user's pre-hook on the next module sees the edited value as its input, as after any hook's change."""
     model = NNsight(tiny_net)
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
-    seen = {}
-    handle = tiny_net.layer2.register_forward_pre_hook(lambda m, args: seen.__setitem__("layer2_in", args[0].clone()))
-    try:
-        with torch.no_grad(), model.trace(x):
-            model.layer1.output[:, 0] = 7.0
-            out = model.output.save()
-    finally:
-        handle.remove()
 
     def edit(m, a, o):
         o = o.clone()
@@ -72,19 +76,28 @@ def test_the_next_modules_hook_sees_the_bodys_edit(tiny_net):
         return o
 
     expected = _plain(tiny_net, x, [edit])
-    assert torch.equal(seen["layer2_in"][:, 0], torch.full((3,), 7.0))
-    assert torch.equal(out, expected)
+    for _ in range(RUNS):
+        seen = {}
+        handle = tiny_net.layer2.register_forward_pre_hook(_recording_pre(seen, "layer2_in", lambda a: a))
+        try:
+            with torch.no_grad(), model.trace(x):
+                model.layer1.output[:, 0] = 7.0
+                out = model.output.save()
+        finally:
+            handle.remove()
+        assert torch.equal(seen["layer2_in"][:, 0], torch.full((3,), 7.0))
+        assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("runs", [1, pytest.param(2, marks=pytest.mark.xfail(
-    strict=True, reason="a repeated body registers tether's planned hooks before the body starts, so a hook the "
-                        "body registers before its first read then runs after tether's instead of before"))])
-def test_a_hook_registered_in_the_body_before_the_read(tiny_net, runs):
-    """Registered in the body before `layer1.output` is read, the user's hook precedes tether's (which is
-    registered at the read), on every run of the same body."""
+def test_a_hook_registered_in_the_body_before_the_read_runs_after_tethers(tiny_net):
+    """Registered in the body before `layer1.output` is read, the user's forward hook still follows the
+    body's read and edit, on every run of the same body."""
     model = NNsight(tiny_net)
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
-    for _ in range(runs):
+    ref = {}
+    expected = _plain(tiny_net, x, [_recording(ref, "body", lambda o: o + 10),
+                                    _recording(ref, "user", lambda o: o * 3)])
+    for _ in range(RUNS):
         seen = {}
         with torch.no_grad(), model.trace(x):
             handle = tiny_net.layer1.register_forward_hook(_recording(seen, "user", lambda o: o * 3))
@@ -92,9 +105,34 @@ def test_a_hook_registered_in_the_body_before_the_read(tiny_net, runs):
             model.layer1.output = model.layer1.output + 10
             out = model.output.save()
         handle.remove()
+        assert torch.equal(seen["user"], ref["user"])
+        assert torch.equal(read, ref["body"])
+        assert torch.equal(out, expected)
+
+
+def test_pre_hooks_registered_before_the_input_is_read_run_before_tethers(tiny_net):
+    """The body's `.input` is what layer2's forward receives: after a pre-hook registered before the trace and
+    one registered in the body before the read, in that order, on every run of the same body."""
+    model = NNsight(tiny_net)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(3))
     ref = {}
-    expected = _plain(tiny_net, x, [_recording(ref, "user", lambda o: o * 3),
-                                    _recording(ref, "body", lambda o: o + 10)])
-    assert torch.equal(seen["user"], ref["user"])
-    assert torch.equal(read, ref["body"])
-    assert torch.equal(out, expected)
+    expected = _plain(tiny_net, x, [], [_recording_pre(ref, "early", lambda a: a + 100),
+                                        _recording_pre(ref, "user", lambda a: a * 3),
+                                        _recording_pre(ref, "body", lambda a: a + 10)])
+    for _ in range(RUNS):
+        seen = {}
+        early = tiny_net.layer2.register_forward_pre_hook(_recording_pre(seen, "early", lambda a: a + 100))
+        try:
+            with torch.no_grad(), model.trace(x):
+                handle = tiny_net.layer2.register_forward_pre_hook(_recording_pre(seen, "user", lambda a: a * 3))
+                read = model.layer2.input.clone().save()
+                model.layer2.input = model.layer2.input + 10
+                out = model.output.save()
+            handle.remove()
+        finally:
+            early.remove()
+        assert torch.equal(seen["early"], ref["early"])
+        assert torch.equal(seen["user"], ref["user"])
+        assert torch.equal(read, ref["body"])
+        assert torch.equal(out, expected)
+        assert not tiny_net.layer2._forward_pre_hooks

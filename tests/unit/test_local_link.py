@@ -1,18 +1,20 @@
 """The front door's LocalLink for a job that runs again alone: a call not answered within its hold stays open
 and is waited for by the re-run, never sent twice; kept answers are replayed; a re-run that goes another way
-fails, saying so. No model, no network."""
+fails, saying so; the answer a worker waits for goes to it straight from the stream's reader. No model, no
+network."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
 from tether.server import local_calls
-from tether.server.errors import LocalCallFailed
+from tether.server.errors import LocalBlockFailed, LocalCallFailed
 from tether.server.jobs import Job
 from tether.server.local_calls import LocalLink, StillOpen
-from tether.v1 import jobs_pb2
+from tether.v1 import failure_pb2, jobs_pb2
 
 LONG = 30.0  # seconds: no test waits that long; the bounds under test are short holds
 
@@ -35,8 +37,9 @@ def _answer(link: LocalLink, call_id: str, data: bytes) -> None:
     link.deliver(jobs_pb2.LocalResult(call_id=call_id, values=chunk))
 
 
-def _call(link: LocalLink, call_id: str, block_id: str = "b", hold: float | None = None):
-    return link.call(call_id, block_id, [b"payload"], time.monotonic() + LONG, LONG, TimeoutError, hold=hold)
+def _call(link: LocalLink, call_id: str, block_id: str = "b", hold: float | None = None, direct=None):
+    return link.call(call_id, block_id, [b"payload"], time.monotonic() + LONG, LONG, TimeoutError, hold=hold,
+                     direct=direct)
 
 
 def test_a_call_past_its_hold_stays_open_and_its_rerun_gets_the_answer_without_asking_again():
@@ -95,3 +98,47 @@ def test_a_rerun_that_reaches_another_block_at_the_open_call_fails():
     with pytest.raises(LocalCallFailed, match="reached the local\\(\\) block second where its first run had"):
         _call(link, "1", block_id="second")
     assert _asked(job) == ["1"]
+
+
+def _call_in_thread(link: LocalLink, job: Job, direct, **kwargs) -> tuple[threading.Thread, list]:
+    """A relay's call with a `direct` sender, in a thread, once it has asked the client."""
+    returned: list = []
+    thread = threading.Thread(target=lambda: returned.append(_call(link, "1", direct=direct, **kwargs)))
+    thread.start()
+    with job.cond:
+        assert job.cond.wait_for(lambda: len(job._events) > 1, LONG)  # (its first event is RECEIVED)
+    return thread, returned
+
+
+def test_the_answer_goes_straight_to_the_waiting_worker_and_is_still_kept_for_a_rerun():
+    job, link = _link()
+    link.keep()
+    sent: list = []
+    thread, returned = _call_in_thread(link, job, sent.append)
+    _answer(link, "1", b"answer")
+    thread.join(LONG)
+    assert sent == [bytearray(b"answer")] and returned == [None]  # the caller sends nothing itself
+    _answer(link, "1", b"again")  # (the call ended: dropped)
+    assert _call(link, "1") == b"answer"  # a re-run replays it
+    assert _asked(job) == ["1"]
+
+
+def test_a_block_failure_goes_straight_to_the_waiting_worker():
+    job, link = _link()
+    sent: list = []
+    thread, returned = _call_in_thread(link, job, sent.append)
+    link.deliver(jobs_pb2.LocalResult(call_id="1", failure=failure_pb2.Failure(message="boom")))
+    thread.join(LONG)
+    assert returned == [None] and len(sent) == 1
+    assert isinstance(sent[0], LocalBlockFailed) and "boom" in str(sent[0])
+
+
+def test_an_answer_after_the_hold_is_not_sent_directly_but_returned_to_the_rerun():
+    job, link = _link()
+    link.keep()
+    sent: list = []
+    with pytest.raises(StillOpen):
+        _call(link, "1", hold=0.0, direct=sent.append)
+    _answer(link, "1", b"late")
+    assert sent == []  # nobody waits for it now: the re-run gets it
+    assert _call(link, "1", direct=sent.append) == b"late" and sent == []

@@ -1,21 +1,31 @@
-"""The server's parts without a model or a network: local() cutting, job lifecycle, auth, logs, failures, results."""
+"""The server's parts without a network: local() cutting, job lifecycle, auth, logs, failures, results, batches."""
 
 from __future__ import annotations
 
+import collections
+import gc
 import multiprocessing
+import pickle
 import threading
+import weakref
+from types import SimpleNamespace
 
 import grpc
 import pytest
 import torch
 
+from tether import LanguageModel
+from tether.runtime.job_compat import batch_tokens
+from tether.runtime.program import Program
 from tether.runtime.saving import NotReached, UnsavedValue
 from tether.server import program_codec
 from tether.server.auth import Authenticator, is_loopback, read_keys
+from tether.server.batching import BatchPolicy, Tokens, batch_info, gather
 from tether.server.errors import InvalidProgram, NotFound, ResultTooLarge, Unauthenticated
 from tether.server.failures import failure_of
 from tether.server.jobs import Job, JobStore
 from tether.server.policy import DEFAULT_POLICY
+from tether.server.result_bytes import ResultBytes
 from tether.server.results import encode_result
 from tether.server.worker_main import JobLog
 from tether.server.workers import JobLimits, Limits
@@ -136,6 +146,24 @@ def test_events_ready_together_share_a_message_of_at_most_about_one_mib():
     assert [e.WhichOneof("event") for e in events] == ["status"] * 2 + ["result"] * 3 + ["status"]
     assert b"".join(bytes(e.result.data) for e in events[2:5]) == data
 
+
+
+def test_lazy_frames_are_the_same_bytes_and_hold_their_result_until_sent():
+    job = Job("owner", "tiny", 1)
+    mib = 1 << 20
+    result = ResultBytes([bytes(range(256)) * (5 * mib // 2 // 256)])
+    job.complete(result, chunk_size=mib, ttl=60)
+    released = []
+    weakref.finalize(result, released.append, True)
+    lazy, count, finished = job.wait_frames(0, lambda: False, lazy=True)
+    assert (count, finished) == job.wait_frames(0, lambda: False)[1:]
+    assert [b"".join(f) for f in lazy] == job.wait_frames(0, lambda: False)[0]  # joined as they are sent
+    del job, result
+    gc.collect()
+    assert not released  # a frame still to send keeps the result's memory from being handed back
+    del lazy
+    gc.collect()
+    assert released
 
 class _Probe:
     """A `stop` callback that never stops, counting its calls: the reader calls it each time it wakes."""
@@ -350,3 +378,29 @@ def test_a_refusal_from_the_clusters_core_is_raised_as_the_error_it_was():
     assert str(error) == "model 'tiny' has 16 jobs waiting"
     error = Refused("Exception", "not one of ours", "INTERNAL").error()  # only the server's own error classes
     assert type(error) is ServerError and error.code == grpc.StatusCode.INTERNAL
+
+
+# ------------------------------------------------------------------------------------------- batching
+
+
+def test_a_job_is_tokenized_only_when_a_batch_forms_and_the_token_budget_holds(gpt2):
+    model = LanguageModel(gpt2[0], tokenizer=gpt2[1])
+    program = Program(kind="trace", source="pass", filename="<t>", first_line=1, args=("The quick brown fox",))
+    want = batch_tokens(model, program)
+    cond, taken = threading.Condition(), []
+
+    def entry():
+        key, tokens = batch_info(model, program)
+        assert isinstance(tokens, Tokens)
+        return SimpleNamespace(batch_key=key, tokens=tokens)
+
+    alone = entry()
+    with cond:
+        assert gather(alone, collections.deque(), cond, BatchPolicy(wait=0.0), taken.append) == [alone]
+    assert alone.tokens._count is None  # a job that ran alone was never tokenized here
+    first, second, third = entry(), entry(), entry()
+    with cond:
+        batch = gather(first, collections.deque([second, third]), cond, BatchPolicy(wait=0.0, max_tokens=2 * want),
+                       taken.append)
+    assert batch == [first, second] and taken == [second]  # the third would pass the token budget
+    assert int(first.tokens) == want and pickle.loads(pickle.dumps(third.tokens)) == want

@@ -1,6 +1,6 @@
 """Issue 2 items 7 and 8: early stop, scan (fake tensors) and validate (errors before the real run).
 
-Whether a module really ran is counted with plain forward hooks that tell real tensors from fake ones.
+Whether a module really ran is counted around its forward, telling real tensors from fake ones.
 """
 
 from __future__ import annotations
@@ -19,23 +19,26 @@ def x() -> torch.Tensor:
 
 
 class _Calls:
-    """Counts real and fake calls of the given modules with plain forward hooks."""
+    """Counts real and fake calls of the given modules' own forward (an instance attribute around it): a body's
+    stop at a module's output ends the pass before the module's later forward hooks, as in nnsight."""
 
     def __init__(self, **modules: torch.nn.Module):
         self.real = {name: 0 for name in modules}
         self.fake = {name: 0 for name in modules}
         for name, module in modules.items():
-            module.register_forward_hook(self._hook(name))
+            module.forward = self._counting(name, module.forward)
 
-    def _hook(self, name):
-        def hook(module, args, output):
+    def _counting(self, name, forward):
+        def counted(*args, **kwargs):
+            output = forward(*args, **kwargs)
             value = output if isinstance(output, torch.Tensor) else output[0]
             if isinstance(value, FakeTensor):
                 self.fake[name] += 1
             else:
                 self.real[name] += 1
+            return output
 
-        return hook
+        return counted
 
 
 # ---- 7. early stop ---------------------------------------------------------------------------------

@@ -1,0 +1,258 @@
+"""Lanes: direct sockets between the processes of a cluster (`--ray`), for the messages of each job.
+
+Ray places, starts, finds and watches the core and the replica actors; but a Ray actor call costs a
+millisecond or more on a busy machine, and a job took 4 of them (8 with one local() block). So a front door
+talks to the core, and the core to each replica actor, over a lane: one TCP connection (a multiprocessing
+`Connection`: length-prefixed pickled messages) to the address Ray reports for the listener's node (127.0.0.1
+on a loopback cluster). A lane is authenticated: the listener draws a random token, the dialer gets it through
+Ray, and on connecting each end proves it holds the token (an HMAC of the other's fresh nonce, its role
+mixed in so a proof cannot be reflected back); nothing else is read from an unproven peer. Where no lane
+can be opened (no route between the nodes, a firewall) the callers fall back to Ray calls.
+
+`Listener` and `dial` open lanes; `Calls` and `serve_calls` carry method calls on an object across them (a
+front door's calls on the core). Imports the standard library and the server's errors (and ray lazily, for the
+node address).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import pickle
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .errors import CallFailed, LaneBroken, LaneUnavailable
+
+__all__ = ["Listener", "dial", "new_token", "hang_up", "Calls", "serve_calls"]
+
+_log = logging.getLogger("tether.server")
+DIAL_TIMEOUT = 5.0  # s: connecting to a listener (a node that cannot be reached is then served by Ray calls)
+PROOF_TIMEOUT = 10.0  # s: each end's whole proof of the token on a new lane
+IDLE_LANES = 64  # a caller's connections kept open for its next calls (one per call in flight)
+_NONCE = 32
+
+
+def new_token() -> bytes:
+    return secrets.token_bytes(32)
+
+
+def _node_address() -> str:
+    """The address Ray reports for this node (what the other processes of the cluster reach it at)."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def _prove(sock: socket.socket, token: bytes, listening: bool) -> None:
+    """Both ends at once: send a nonce, answer the peer's with an HMAC, check the peer's answer to ours. On the
+    bare socket, all within PROOF_TIMEOUT (a peer that sends part of a message and stalls holds no thread past
+    it), in Connection's framing (a 4-byte length, then the bytes); messages of any other length are refused
+    unread."""
+    deadline = time.monotonic() + PROOF_TIMEOUT
+    mine, theirs = (b"L", b"D") if listening else (b"D", b"L")
+    nonce = os.urandom(_NONCE)
+    _send(sock, nonce, deadline)
+    _send(sock, hmac.new(token, mine + _read(sock, _NONCE, deadline), hashlib.sha256).digest(), deadline)
+    expected = hmac.new(token, theirs + nonce, hashlib.sha256).digest()
+    if not hmac.compare_digest(_read(sock, len(expected), deadline), expected):
+        raise ConnectionError("the peer does not hold this lane's token")
+
+
+def _send(sock: socket.socket, data: bytes, deadline: float) -> None:
+    sock.settimeout(_left(deadline))
+    sock.sendall(struct.pack("!i", len(data)) + data)
+
+
+def _read(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """One proof message of `size` bytes."""
+    (length,) = struct.unpack("!i", _exactly(sock, 4, deadline))
+    if length != size:
+        raise ConnectionError("a malformed proof")
+    return _exactly(sock, size, deadline)
+
+
+def _exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < size:
+        sock.settimeout(_left(deadline))
+        try:
+            chunk = sock.recv(size - len(data))
+        except TimeoutError:
+            raise ConnectionError("the peer did not prove it holds the lane's token in time") from None
+        if not chunk:
+            raise ConnectionError("the peer closed the connection before its proof")
+        data += chunk
+    return data
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ConnectionError("the peer did not prove it holds the lane's token in time")
+    return left
+
+
+def _stream(sock: socket.socket) -> Connection:
+    """The socket, blocking and without Nagle's delay (each message is one write), as a Connection."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(None)
+    return Connection(sock.detach())
+
+
+class Listener:
+    """Accepts lanes on this node's address; each proven one goes to `on_lane(conn)`, in its own thread (which
+    it may keep: the core serves a front door's calls there, a replica actor its worker loop)."""
+
+    def __init__(self, token: bytes, on_lane: Callable[[Connection], None], name: str, host: str = ""):
+        host = host or _node_address()
+        self._token, self._on_lane, self._name = token, on_lane, name
+        self._sock = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.address = (host, self._sock.getsockname()[1])
+        threading.Thread(target=self._accept, name=f"{name}-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._admit, args=(sock,), name=self._name, daemon=True).start()
+
+    def _admit(self, sock: socket.socket) -> None:
+        try:
+            _prove(sock, self._token, listening=True)
+        except (OSError, ConnectionError) as error:
+            _log.warning("%s: refused a connection: %s", self._name, error)
+            sock.close()
+            return
+        self._on_lane(_stream(sock))
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # (wakes the accept)
+        except OSError:
+            pass
+        self._sock.close()
+
+
+def dial(address: tuple[str, int], token: bytes) -> Connection:
+    """A lane to the listener at `address` holding `token`; OSError (or ConnectionError) if none can be opened."""
+    sock = socket.create_connection(address, timeout=DIAL_TIMEOUT)
+    try:
+        _prove(sock, token, listening=False)
+    except BaseException:
+        sock.close()
+        raise
+    return _stream(sock)
+
+
+def hang_up(conn: Connection) -> None:
+    """Shut the lane's socket down: a reader blocked on either end sees EOF. Its descriptor stays open (another
+    thread may be reading it; a closed number could be reused under it) until its owner closes `conn`."""
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except (OSError, ValueError):  # closed already
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+# ---- calls across a lane --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Raised:
+    text: str
+
+
+class Calls:
+    """Method calls on an object `serve_calls` serves at `address`: one lane per call in flight, kept open
+    for the next call (a call is then one write and one read each way). Thread-safe."""
+
+    def __init__(self, address: tuple[str, int], token: bytes):
+        self.address, self._token = address, token
+        self._idle: list[Connection] = []  # guarded by _lock
+        self._lock = threading.Lock()
+        self._closed = False  # guarded by _lock: close() was called (a lane is then closed after its call)
+        self.unusable = ""  # why no lane can be opened (then every call raises LaneUnavailable)
+
+    def __call__(self, method: str, args: tuple, timeout: float) -> Any:
+        if self.unusable:
+            raise LaneUnavailable(self.unusable)
+        try:
+            request = pickle.dumps((method, args), pickle.HIGHEST_PROTOCOL)
+        except Exception as error:
+            raise LaneUnavailable(f"its arguments do not pickle: {error}") from None
+        conn = self._lane()
+        try:
+            conn.send_bytes(request)
+            if not conn.poll(timeout):
+                raise TimeoutError(f"no answer within {timeout:g} s")
+            answer = conn.recv()
+        except BaseException as error:
+            conn.close()
+            raise LaneBroken(f"{type(error).__name__}: {error}") from None
+        with self._lock:
+            if not self._closed and len(self._idle) < IDLE_LANES:
+                self._idle.append(conn)
+                conn = None
+        if conn is not None:
+            conn.close()
+        if isinstance(answer, _Raised):
+            raise CallFailed(answer.text)
+        return answer
+
+    def _lane(self) -> Connection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        try:
+            return dial(self.address, self._token)
+        except (OSError, ConnectionError) as error:
+            self.unusable = f"cannot open a lane to {self.address[0]}:{self.address[1]}: {error}"
+            raise LaneUnavailable(self.unusable) from None
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle, self._closed = self._idle, [], True
+        for conn in idle:
+            conn.close()
+
+
+def serve_calls(conn: Connection, target: Any, methods: frozenset[str]) -> None:
+    """Answer the calls that come over `conn` with `target`'s `methods` (only those), one at a time, until the
+    caller hangs up."""
+    while True:
+        try:
+            method, args = conn.recv()
+        except Exception:  # hung up (EOFError, OSError), or a request that does not read: the lane is done
+            break
+        try:
+            if method not in methods:
+                raise AttributeError(f"{method!r} is not served over a lane")
+            answer = getattr(target, method)(*args)
+        except Exception as error:
+            answer = _Raised(repr(error))
+        try:
+            data = pickle.dumps(answer, pickle.HIGHEST_PROTOCOL)  # (plain pickle: what `Connection.recv` reads)
+        except Exception as error:
+            data = pickle.dumps(_Raised(f"its answer does not pickle: {error!r}"))
+        try:
+            conn.send_bytes(data)
+        except OSError:
+            break
+    conn.close()
