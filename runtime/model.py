@@ -15,6 +15,7 @@ from .batching import concat_inputs, to_device
 from .envoy import Envoy
 from .hook_plan import HookPlan, parents_of
 from .model_options import OWN, remote_defaults, unexpected
+from .numerics import warm_vector_math
 from .rename import declared as declared_aliases
 from .rename import resolve as resolve_aliases
 from .session import Edit, Session
@@ -59,6 +60,7 @@ class NNsight(Envoy):
         keyword is a TypeError."""
         if kwargs:
             raise unexpected(type(self).__name__, list(kwargs), ("rename", *OWN))
+        warm_vector_math()  # (a fresh process's first forward must give the numbers any other gives)
         defaults = remote_defaults(type(self).__name__, api_key, backend, host)
         hosted, declared = None, None
         if isinstance(module, str):  # a model a server hosts: its module tree from the server's spec

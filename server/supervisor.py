@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's reductions: CUDA tensors go as IPC handles)
 
 from tether.runtime.envoy import module_of
+from tether.runtime.numerics import warm_vector_math
 
 from . import worker_protocol as wp
 from .job_relay import KILL_GRACE, TICK, JobRelay
@@ -298,24 +299,6 @@ class Replica:
 
 
 # torch's float unary ops that call MKL's vector math (aten/src/ATen/cpu/vml.h), each on float32 and float64
-_VECTOR_MATH = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin",
-                "sqrt", "tan", "tanh", "trunc")
-
-
-def warm_vector_math() -> None:
-    """Call each of torch's MKL vector-math ops once, on one thread, before any job runs.
-
-    A fresh process's first call of such an op on a tensor of more than 2048 elements runs as parallel
-    chunks, and MKL's lazy set-up is not safe against two threads making their first call at once: now and
-    then (more often under load) one chunk comes back computed by a less exact kernel (tanh off by ~5e-5
-    relative), so a GPT-2 GELU in a fresh worker's first job differed from the same code run locally. Small
-    tensors run on the calling thread only, so this set-up happens once, alone."""
-    for dtype in (torch.float32, torch.float64):
-        x = torch.full((16,), 0.5, dtype=dtype)
-        for name in _VECTOR_MATH:
-            getattr(torch, name)(x)
-
-
 def _serve_in_thread(serve: Callable[..., None], args: tuple) -> None:
     """A worker kept in the server process: its end of the direct pipe (args[-1], read by this thread only) is
     closed once it ends, as a worker process's is with the process."""
@@ -330,7 +313,7 @@ def _process_main(threads: int, *args) -> None:
     differ), since a reduction split over another number of threads rounds differently: a job's values must
     equal the same code run where the server was started; and torch's vector math set up before any job."""
     torch.set_num_threads(threads)
-    warm_vector_math()
+    warm_vector_math()  # (runtime/numerics.py says why)
     from .worker_main import process_main
 
     process_main(*args)

@@ -13,7 +13,7 @@ import sys
 _SCRIPT = r"""
 import os, pickle, sys
 import torch
-from tether.server.supervisor import warm_vector_math
+from tether.runtime.numerics import warm_vector_math
 
 x = torch.randn(9, 256, generator=torch.Generator().manual_seed(0)) * 0.3  # a GELU's 2304 values: two chunks
 
