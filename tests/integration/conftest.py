@@ -23,6 +23,16 @@ def server(request):
 
 
 @pytest.fixture
+def client(server):
+    """A raw gRPC client of the module's server (test_server.Client: the wire calls, no SDK), closed after."""
+    from test_server import Client
+
+    c = Client(server.address)
+    yield c
+    c.close()
+
+
+@pytest.fixture
 def client_config(server, tmp_path, monkeypatch):
     """Point CONFIG at the server; keep the user config file in a temp dir; no keys from the environment."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))

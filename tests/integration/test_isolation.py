@@ -30,13 +30,6 @@ def served() -> dict:
     return {"tiny": tiny.tiny_gpt2(), "net": tiny.tiny_net(), "crasher": crashers.crasher()}
 
 
-@pytest.fixture
-def client(server):
-    c = Client(server.address)
-    yield c
-    c.close()
-
-
 def _raw(client: Client, method: str, data: bytes) -> tuple[grpc.StatusCode, str]:
     call = client.channel.unary_unary(f"/tether.v1.{method}")  # no serializers: the bytes go as they are
     return code_of(lambda: call(data, timeout=WAIT))

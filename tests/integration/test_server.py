@@ -251,13 +251,6 @@ def served() -> dict:
     return {"tiny": tiny.tiny_gpt2(), "net": tiny.tiny_net()}
 
 
-@pytest.fixture
-def client(server):
-    c = Client(server.address)
-    yield c
-    c.close()
-
-
 # ------------------------------------------------------------------------------------------------ models
 
 

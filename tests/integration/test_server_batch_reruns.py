@@ -49,13 +49,6 @@ def served() -> dict:
     return {"tiny": tiny.tiny_gpt2(), "crasher": crashers.crasher()}
 
 
-@pytest.fixture
-def client(server):
-    c = Client(server.address)
-    yield c
-    c.close()
-
-
 @pytest.fixture(scope="module")
 def leaving_server():
     """A second server whose batched jobs leave their batch after LEAVE_AFTER s in local() blocks (the module's

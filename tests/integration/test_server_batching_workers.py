@@ -28,13 +28,6 @@ def served() -> dict:
     return {"tiny": tiny.tiny_gpt2()}
 
 
-@pytest.fixture
-def client(server):
-    c = Client(server.address)
-    yield c
-    c.close()
-
-
 def _batched(server, client: Client, sources: list[str]) -> list[str]:
     """One job per source, queued while the worker is held so they run as one batch; their ids once all run."""
     with held_worker(server) as queue:

@@ -30,13 +30,6 @@ def served() -> dict:
     return {"tiny": tiny.tiny_gpt2()}
 
 
-@pytest.fixture
-def client(server):
-    c = Client(server.address)
-    yield c
-    c.close()
-
-
 @pytest.fixture(scope="module")
 def keeping_server():
     """A second server that keeps results (the default result_ttl)."""
