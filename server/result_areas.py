@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import itertools
 import mmap
 import os
 import threading
@@ -23,14 +22,12 @@ __all__ = ["WorkerAreas", "DoorAreas", "KEEP_IDLE", "GRANULE"]
 
 KEEP_IDLE = 2  # free areas a worker keeps for the next results; the front door has it close any more
 GRANULE = 2 << 20  # bytes: an area's size is its first result's, rounded up to this (later results fit more often)
-_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once (one call, not a fault per page)
-_names = itertools.count()
 
 
 def _leftovers(pid: int) -> list[str]:
     """The shared-memory files a worker process (`pid`) made and nobody else holds yet (tether-PID-...)."""
-    return glob.glob(os.path.join(_SHM_DIR, f"tether-{pid}-*")) if _SHM_DIR else []
+    return glob.glob(os.path.join(wp.SHM_DIR, f"tether-{pid}-*")) if wp.SHM_DIR else []
 
 
 class WorkerAreas:
@@ -49,7 +46,7 @@ class WorkerAreas:
     def pack(self, pieces: list) -> bytes | wp.Area:
         """Result pieces as one thing to send: bytes when small, else copied into a free or new area."""
         size = sum(len(p) for p in pieces)
-        if size < wp.SHM_THRESHOLD or _SHM_DIR is None:
+        if size < wp.SHM_THRESHOLD or wp.SHM_DIR is None:
             return b"".join(pieces)
         try:
             path = self._take(size) or self._create(size)
@@ -80,10 +77,8 @@ class WorkerAreas:
         """A new area for `size` bytes. Its memory is allocated at once (fallocate): a full /dev/shm fails here
         with an error, not later with a SIGBUS while the result is written."""
         capacity = -(-size // GRANULE) * GRANULE
-        path = os.path.join(_SHM_DIR, f"tether-{os.getpid()}-area-{next(_names)}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        path, fd = wp.shm_file(capacity, "area-")
         try:
-            os.posix_fallocate(fd, 0, capacity)
             mapped = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED | _POPULATE)
         except BaseException:
             os.unlink(path)

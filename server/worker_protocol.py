@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 SHM_THRESHOLD = 1 << 20  # bytes: below this, bytes go through the pipe (one copy); above, through shared memory
-_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None  # where Blobs and result areas live
 _names = itertools.count()
 
 
@@ -50,21 +50,32 @@ class Area:
     size: int
 
 
-def pack(pieces: list) -> bytes | Blob:
-    """Bytes-like pieces as one thing to send: bytes when small, a Blob (one copy into shared memory) when large.
-    The Blob's memory is allocated before it is written (fallocate): with /dev/shm full, writing into a file only
-    sized by ftruncate would kill the process (SIGBUS); then the pieces go as bytes, through the pipe."""
-    size = sum(len(p) for p in pieces)
-    if size < SHM_THRESHOLD or _SHM_DIR is None:
-        return b"".join(pieces)
-    path = os.path.join(_SHM_DIR, f"tether-{os.getpid()}-{next(_names)}")
+def shm_file(size: int, kind: str = "") -> tuple[str, int]:
+    """A new /dev/shm file of `size` bytes, as (path, open descriptor). Its memory is allocated now (fallocate): a
+    full /dev/shm fails here with OSError, leaving nothing behind, never later with a SIGBUS while it is written
+    (as a file only sized by ftruncate would)."""
+    path = os.path.join(SHM_DIR, f"tether-{os.getpid()}-{kind}{next(_names)}")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError:
-            os.unlink(path)
-            return b"".join(pieces)
+        os.posix_fallocate(fd, 0, size)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return path, fd
+
+
+def pack(pieces: list) -> bytes | Blob:
+    """Bytes-like pieces as one thing to send: bytes when small, a Blob (one copy into shared memory) when large.
+    With /dev/shm full (see shm_file), the pieces go as bytes, through the pipe."""
+    size = sum(len(p) for p in pieces)
+    if size < SHM_THRESHOLD or SHM_DIR is None:
+        return b"".join(pieces)
+    try:
+        path, fd = shm_file(size)
+    except OSError:
+        return b"".join(pieces)
+    try:
         with mmap.mmap(fd, size) as out:
             offset = 0
             for piece in pieces:

@@ -9,9 +9,10 @@ import threading
 import pytest
 
 from tether.server import worker_protocol as wp
-from tether.server.result_areas import _SHM_DIR, DoorAreas, WorkerAreas
+from tether.server.result_areas import DoorAreas, WorkerAreas
+from tether.server.worker_protocol import SHM_DIR
 
-pytestmark = pytest.mark.skipif(_SHM_DIR is None, reason="no /dev/shm")
+pytestmark = pytest.mark.skipif(SHM_DIR is None, reason="no /dev/shm")
 
 
 def _area(worker: WorkerAreas, fill: int) -> wp.Area:
