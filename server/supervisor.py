@@ -298,14 +298,16 @@ class Replica:
         _log.info("restarted the worker of %s in %.2f s", self.name, time.monotonic() - started)
 
 
-# torch's float unary ops that call MKL's vector math (aten/src/ATen/cpu/vml.h), each on float32 and float64
 def _serve_in_thread(serve: Callable[..., None], args: tuple) -> None:
-    """A worker kept in the server process: its end of the direct pipe (args[-1], read by this thread only) is
-    closed once it ends, as a worker process's is with the process."""
+    """A worker kept in the server process: its ends of the main pipe (args[0]) and of the direct pipe (args[-1],
+    read by this thread only) are closed once it ends, as a worker process's are with the process, so its relay
+    reads the end of a worker that stopped as EOF. (Its inbox thread may still be reading the main pipe: a read
+    blocked there ends with the front door's end closed, a later one finds the Connection closed.)"""
     try:
         serve(*args)
     finally:
         args[-1].close()
+        args[0].close()
 
 
 def _process_main(threads: int, *args) -> None:
