@@ -25,6 +25,7 @@ from .errors import (
 )
 from .failures import failure_of
 from .interrupts import GRACE
+from .jobs import STATUS_LINGER
 from .local_calls import NO_STREAM, StillOpen
 from .reruns import BatchRelay, Sent
 from .workers import Entry
@@ -203,9 +204,9 @@ class JobRelay(BatchRelay):
             track.last_log = message.text
             if track.sent.line():
                 job.event(log=jobs_pb2.LogLine(text=message.text))
-        elif isinstance(message, wp.Progress):
+        elif isinstance(message, wp.Progress):  # (wakes no reader: it lingers anyway; see Job.wake_late)
             if track.sent.progress(message.step):
-                job.event(progress=jobs_pb2.Progress(step=message.step, total_steps=message.total))
+                job.event(progress=jobs_pb2.Progress(step=message.step, total_steps=message.total), notify=False)
         elif isinstance(message, wp.LocalCall):
             self._local(track, message)
         elif isinstance(message, wp.Done):
@@ -267,6 +268,8 @@ class JobRelay(BatchRelay):
         worker with, if a job must be stopped."""
         now = time.monotonic()
         live = self._forward_cancels()
+        for track in live:
+            track.job.wake_late(now, STATUS_LINGER)
         if pid is None or now - self.checked < TICK:
             return None  # (a thread worker cannot be killed: its watchdog stops what it can)
         self.checked = now

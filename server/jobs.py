@@ -69,6 +69,7 @@ class Job:
         self.lock = threading.RLock()  # guards every mutable field; `cond` and the LocalLink's condition wait on it
         self.cond = threading.Condition(self.lock)  # woken by events while someone reads them, and by the end
         self._readers = 0  # guarded by cond: threads waiting in wait_events / wait_frames (see set_state)
+        self._unwoken = 0.0  # guarded by cond: time.monotonic() of the first event not notified yet (0: none)
         self.status = jobs_pb2.JobStatus()  # guarded by cond: the latest status
         self.update_time = self.create_time  # guarded by cond
         self.result: ResultBytes | None = None  # guarded by cond: the serialized JobResult once COMPLETED
@@ -131,8 +132,20 @@ class Job:
             self._local_calls.setdefault(response.event.local_call.call_id, []).append(len(self._events))
         self._events.append(response)
         if notify:
+            self._unwoken = 0.0
             self.cond.notify_all()
+        elif not self._unwoken:
+            self._unwoken = time.monotonic()
         return len(self._events)
+
+    def wake_late(self, now: float, after: float) -> None:
+        """Wake the readers for events appended `after` s ago or more without waking them (progress steps: a step
+        never wakes a reader by itself); the relay calls this between messages and at least every TICK."""
+        if self._unwoken and now - self._unwoken >= after:  # (a plain read first: most calls find nothing)
+            with self.cond:
+                if self._unwoken and now - self._unwoken >= after:
+                    self._unwoken = 0.0
+                    self.cond.notify_all()
 
     def set_state(self, state: int, message: str = "", *, failure: failure_pb2.Failure | None = None,
                   queue_position: int = 0, code: grpc.StatusCode | None = None, notify: bool = True,
@@ -372,23 +385,14 @@ class Job:
             if status.state == jobs_pb2.JOB_STATE_QUEUED:
                 status.queue_position = queue_position
             return jobs_pb2.JobInfo(
-                job_id=self.id,
-                model=self.model,
-                kind=self.kind,
-                status=status,
-                create_time=self.create_time,
-                update_time=self.update_time,
-                last_sequence=len(self._events),
-                result_size=len(self.result) if self.result is not None else 0,
-                result_expire_time=self.expire_time,
-            )
+                job_id=self.id, model=self.model, kind=self.kind, status=status, create_time=self.create_time,
+                update_time=self.update_time, last_sequence=len(self._events),
+                result_size=len(self.result) if self.result is not None else 0, result_expire_time=self.expire_time)
 
 
 class JobStore:
-    """Every job the server still remembers, by id, and the request ids that made them (idempotency).
-
-    Lock order: a job's `cond` may be held while taking the store's `_lock`, never the reverse.
-    """
+    """Every job the server still remembers, by id, and the request ids that made them (idempotency). Lock
+    order: a job's `cond` may be held while taking the store's `_lock`, never the reverse."""
 
     def __init__(self):
         self._lock = threading.Lock()
