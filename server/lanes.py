@@ -39,6 +39,8 @@ _log = logging.getLogger("tether.server")
 DIAL_TIMEOUT = 5.0  # s: connecting to a listener (a node that cannot be reached is then served by Ray calls)
 PROOF_TIMEOUT = 10.0  # s: each end's whole proof of the token on a new lane
 IDLE_LANES = 64  # a caller's connections kept open for its next calls (one per call in flight)
+MAX_LANES = 256  # connections a listener holds at once, proving or served (each has its thread): more are refused
+MAX_PROVING = 16  # of those, connections still proving their token (a peer that stalls holds one PROOF_TIMEOUT)
 _NONCE = 32
 
 
@@ -111,11 +113,18 @@ def _stream(sock: socket.socket) -> Connection:
 
 class Listener:
     """Accepts lanes on this node's address; each proven one goes to `on_lane(conn)`, in its own thread (which
-    it may keep: the core serves a front door's calls there, a replica actor its worker loop)."""
+    it may keep: the core serves a front door's calls there, a replica actor its worker loop). At most
+    `max_lanes` connections have a thread at once, MAX_PROVING of them unproven: one past either is closed at
+    once (its dialer's `dial` fails, and Ray carries that call), so a flood of connections cannot take the
+    process's threads."""
 
-    def __init__(self, token: bytes, on_lane: Callable[[Connection], None], name: str, host: str = ""):
+    def __init__(self, token: bytes, on_lane: Callable[[Connection], None], name: str, host: str = "",
+                 max_lanes: int = MAX_LANES):
         host = host or _node_address()
         self._token, self._on_lane, self._name = token, on_lane, name
+        self._lanes = threading.BoundedSemaphore(max_lanes)
+        self._proving = threading.BoundedSemaphore(min(MAX_PROVING, max_lanes))
+        self._refusing = False  # (the accept thread's: a refusal is logged once per run of them)
         self._sock = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.address = (host, self._sock.getsockname()[1])
         threading.Thread(target=self._accept, name=f"{name}-accept", daemon=True).start()
@@ -126,16 +135,34 @@ class Listener:
                 sock, _ = self._sock.accept()
             except OSError:  # closed
                 return
-            threading.Thread(target=self._admit, args=(sock,), name=self._name, daemon=True).start()
+            if not self._lanes.acquire(blocking=False):
+                self._refuse(sock, "lanes")
+            elif not self._proving.acquire(blocking=False):
+                self._lanes.release()
+                self._refuse(sock, "unproven connections")
+            else:
+                self._refusing = False
+                threading.Thread(target=self._admit, args=(sock,), name=self._name, daemon=True).start()
+
+    def _refuse(self, sock: socket.socket, what: str) -> None:
+        if not self._refusing:
+            _log.warning("%s: refusing connections: as many %s as it holds at once are open", self._name, what)
+        self._refusing = True
+        sock.close()
 
     def _admit(self, sock: socket.socket) -> None:
         try:
-            _prove(sock, self._token, listening=True)
-        except (OSError, ConnectionError) as error:
-            _log.warning("%s: refused a connection: %s", self._name, error)
-            sock.close()
-            return
-        self._on_lane(_stream(sock))
+            try:
+                _prove(sock, self._token, listening=True)
+            except (OSError, ConnectionError) as error:
+                _log.warning("%s: refused a connection: %s", self._name, error)
+                sock.close()
+                return
+            finally:
+                self._proving.release()
+            self._on_lane(_stream(sock))
+        finally:
+            self._lanes.release()
 
     def close(self) -> None:
         try:
@@ -188,6 +215,7 @@ class Calls:
         self._idle: list[Connection] = []  # guarded by _lock
         self._lock = threading.Lock()
         self._closed = False  # guarded by _lock: close() was called (a lane is then closed after its call)
+        self._opened = False  # a lane was opened once: a later refusal is for that call only
         self.unusable = ""  # why no lane can be opened (then every call raises LaneUnavailable)
 
     def __call__(self, method: str, args: tuple, timeout: float) -> Any:
@@ -221,10 +249,14 @@ class Calls:
             if self._idle:
                 return self._idle.pop()
         try:
-            return dial(self.address, self._token)
+            conn = dial(self.address, self._token)
         except (OSError, ConnectionError) as error:
-            self.unusable = f"cannot open a lane to {self.address[0]}:{self.address[1]}: {error}"
-            raise LaneUnavailable(self.unusable) from None
+            why = f"cannot open a lane to {self.address[0]}:{self.address[1]}: {error}"
+            if not self._opened:  # never reached: none can be (a refusal once lanes work is the listener's cap)
+                self.unusable = why
+            raise LaneUnavailable(why) from None
+        self._opened = True
+        return conn
 
     def close(self) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import queue
 import socket
 import threading
+import time
 
 import pytest
 
@@ -151,3 +152,38 @@ def test_a_peer_that_stalls_inside_its_proof_is_cut_off(served, monkeypatch):
     raw.close()
     assert len(received) == 4 + 32
     assert calls("add", (1, 2), 5) == 3
+
+
+
+def test_a_listener_holds_at_most_its_cap_of_lanes_and_refuses_the_rest_until_one_ends():
+    """Each connection has a listener thread: past its cap a connection is closed at once (no thread piles up).
+    A caller whose lanes worked before takes such a refusal for that call only (Ray carries it), not for good."""
+    token, target = new_token(), _Target()
+    listener = Listener(token, lambda conn: serve_calls(conn, target, frozenset({"add"})), "test-lane",
+                        host="127.0.0.1", max_lanes=2)
+    calls = Calls(listener.address, token)
+    try:
+        assert calls("add", (1, 2), 5) == 3  # its lane stays open, idle
+        held = dial(listener.address, token)  # the second: the cap is reached
+        with pytest.raises((ConnectionError, EOFError, OSError)):
+            dial(listener.address, token)
+        fresh = Calls(listener.address, token)
+        with pytest.raises(LaneUnavailable):
+            fresh("add", (1, 2), 5)
+        assert fresh.unusable  # (it never opened one: no lane can be, as far as it knows)
+        kept = calls._idle.pop()  # (so its next call needs a new lane)
+        with pytest.raises(LaneUnavailable):
+            calls("add", (1, 2), 5)
+        assert not calls.unusable
+        held.close()  # its listener thread ends, and with it its hold on the cap
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert calls("add", (5, 6), 5) == 11
+                break
+            except LaneUnavailable:
+                assert time.monotonic() < deadline, "the listener never took a lane again"
+        kept.close()
+    finally:
+        calls.close()
+        listener.close()
