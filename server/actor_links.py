@@ -73,18 +73,26 @@ def _pickled(message: Any) -> bytes:
     return pickle.dumps(_inline(message), pickle.HIGHEST_PROTOCOL)
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}  # a message class's field names (() for a type that is no dataclass)
+
+
 def _mapped(value: Any, convert) -> Any:
-    if type(value) in (list, tuple):
-        return type(value)(convert(v) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {}
-        for field in dataclasses.fields(value):
-            old = getattr(value, field.name)
-            new = convert(old)
-            if new is not old:
-                changes[field.name] = new
-        return dataclasses.replace(value, **changes) if changes else value
-    return value
+    """`value` with `convert` applied to its items (a list or tuple) or fields (a dataclass); the field names are
+    looked up once per class (every message crosses here: this is on each local() call's path)."""
+    kind = type(value)
+    if kind in (list, tuple):
+        return kind(convert(v) for v in value)
+    names = _FIELDS.get(kind)
+    if names is None:
+        dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        names = _FIELDS[kind] = tuple(field.name for field in dataclasses.fields(value)) if dataclass else ()
+    changes = {}
+    for name in names:
+        old = getattr(value, name)
+        new = convert(old)
+        if new is not old:
+            changes[name] = new
+    return dataclasses.replace(value, **changes) if changes else value
 
 
 # ---- the actor's end ---------------------------------------------------------------------------------------

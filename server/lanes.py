@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import secrets
+import select
 import socket
 import struct
 import threading
@@ -206,45 +207,78 @@ class _Raised:
     text: str
 
 
+class _Lane:
+    """A caller's lane, with a poll object kept for it (Connection.poll builds a selector at each call)."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self._poll = select.poll()
+        self._poll.register(conn.fileno(), select.POLLIN)
+
+    def readable(self, timeout: float) -> bool:
+        return bool(self._poll.poll(max(0, int(timeout * 1000))))
+
+
 class Calls:
     """Method calls on an object `serve_calls` serves at `address`: one lane per call in flight, kept open
-    for the next call (a call is then one write and one read each way). Thread-safe."""
+    for the next call (a call is then one write and one read each way), and one lane for posts (calls whose
+    answer nobody waits for: one write). Thread-safe."""
 
     def __init__(self, address: tuple[str, int], token: bytes):
         self.address, self._token = address, token
-        self._idle: list[Connection] = []  # guarded by _lock
+        self._idle: list[_Lane] = []  # guarded by _lock
         self._lock = threading.Lock()
         self._closed = False  # guarded by _lock: close() was called (a lane is then closed after its call)
+        self._posts: Connection | None = None  # guarded by _post_lock: the lane that carries posts, once opened
+        self._post_lock = threading.Lock()
         self._opened = False  # a lane was opened once: a later refusal is for that call only
         self.unusable = ""  # why no lane can be opened (then every call raises LaneUnavailable)
 
     def __call__(self, method: str, args: tuple, timeout: float) -> Any:
-        if self.unusable:
-            raise LaneUnavailable(self.unusable)
+        request = self._request(method, args, True)
+        lane = self._lane()
         try:
-            request = pickle.dumps((method, args), pickle.HIGHEST_PROTOCOL)
-        except Exception as error:
-            raise LaneUnavailable(f"its arguments do not pickle: {error}") from None
-        conn = self._lane()
-        try:
-            conn.send_bytes(request)
-            if not conn.poll(timeout):
+            lane.conn.send_bytes(request)
+            if not lane.readable(timeout):
                 raise TimeoutError(f"no answer within {timeout:g} s")
-            answer = conn.recv()
+            answer = lane.conn.recv()
         except BaseException as error:
-            conn.close()
+            lane.conn.close()
             raise LaneBroken(f"{type(error).__name__}: {error}") from None
         with self._lock:
             if not self._closed and len(self._idle) < IDLE_LANES:
-                self._idle.append(conn)
-                conn = None
-        if conn is not None:
-            conn.close()
+                self._idle.append(lane)
+                lane = None
+        if lane is not None:
+            lane.conn.close()
         if isinstance(answer, _Raised):
             raise CallFailed(answer.text)
         return answer
 
-    def _lane(self) -> Connection:
+    def post(self, method: str, args: tuple) -> None:
+        """Make a call without waiting for it to run (nor hearing of its failure): posts run one at a time in
+        the order they were posted (calls made meanwhile go on other lanes, and may run first). LaneUnavailable:
+        it was not sent; LaneBroken: it may have been."""
+        request = self._request(method, args, False)
+        with self._post_lock:
+            if self._posts is None:
+                self._posts = self._lane().conn
+            try:
+                self._posts.send_bytes(request)
+            except BaseException as error:
+                self._posts.close()
+                self._posts = None
+                raise LaneBroken(f"{type(error).__name__}: {error}") from None
+
+    def _request(self, method: str, args: tuple, answered: bool) -> bytes:
+        if self.unusable:
+            raise LaneUnavailable(self.unusable)
+        try:
+            return pickle.dumps((method, args, answered), pickle.HIGHEST_PROTOCOL)
+        except Exception as error:
+            raise LaneUnavailable(f"its arguments do not pickle: {error}") from None
+
+    def _lane(self) -> _Lane:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
@@ -256,21 +290,23 @@ class Calls:
                 self.unusable = why
             raise LaneUnavailable(why) from None
         self._opened = True
-        return conn
+        return _Lane(conn)
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle, self._closed = self._idle, [], True
-        for conn in idle:
+        with self._post_lock:
+            posts, self._posts = self._posts, None
+        for conn in [lane.conn for lane in idle] + ([posts] if posts is not None else []):
             conn.close()
 
 
 def serve_calls(conn: Connection, target: Any, methods: frozenset[str]) -> None:
     """Answer the calls that come over `conn` with `target`'s `methods` (only those), one at a time, until the
-    caller hangs up."""
+    caller hangs up; a post (a call not answered) that fails is logged."""
     while True:
         try:
-            method, args = conn.recv()
+            method, args, answered = conn.recv()
         except Exception:  # hung up (EOFError, OSError), or a request that does not read: the lane is done
             break
         try:
@@ -279,6 +315,10 @@ def serve_calls(conn: Connection, target: Any, methods: frozenset[str]) -> None:
             answer = getattr(target, method)(*args)
         except Exception as error:
             answer = _Raised(repr(error))
+        if not answered:
+            if isinstance(answer, _Raised):
+                _log.warning("a call posted over a lane failed: %s: %s", method, answer.text)
+            continue
         try:
             data = pickle.dumps(answer, pickle.HIGHEST_PROTOCOL)  # (plain pickle: what `Connection.recv` reads)
         except Exception as error:

@@ -18,9 +18,12 @@ from tether.server.lanes import Calls, Listener, dial, hang_up, new_token, serve
 class _Target:
     def __init__(self):
         self.calls: list[tuple] = []
+        self.changed = threading.Condition()
 
     def add(self, a, b):
-        self.calls.append(("add", a, b))
+        with self.changed:
+            self.calls.append(("add", a, b))
+            self.changed.notify_all()
         return a + b
 
     def fail(self):
@@ -183,7 +186,23 @@ def test_a_listener_holds_at_most_its_cap_of_lanes_and_refuses_the_rest_until_on
                 break
             except LaneUnavailable:
                 assert time.monotonic() < deadline, "the listener never took a lane again"
-        kept.close()
+        kept.conn.close()
     finally:
         calls.close()
         listener.close()
+
+
+def test_posts_run_in_the_order_they_were_posted_without_an_answer_and_calls_still_answer(served):
+    """A post is one write (a local() answer from a door to the core): nothing comes back on its lane, so the
+    lane's next message is the next post's, and calls made meanwhile are answered on their own lanes."""
+    target, _, calls, _ = served
+    for i in range(30):
+        calls.post("add", (i, 0))
+    calls.post("fail", ())  # (a failed post is logged where it ran: nothing comes back)
+    assert calls("add", (100, 0), 5) == 100
+    for i in range(30, 40):
+        calls.post("add", (i, 0))
+    with target.changed:  # (posts are not waited for: wait for the target to have run them)
+        assert target.changed.wait_for(lambda: len(target.calls) == 41, 10), target.calls
+    posted = [call[1] for call in target.calls if call[1] != 100]
+    assert posted == list(range(40))
