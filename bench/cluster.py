@@ -20,9 +20,10 @@ throughput compares replicas, not cross-job batching, and the latency pairs comp
    The row "old method" is what this benchmark reported before: a job with one block (the first layer's
    output down, `* 1` on the client, back, and swapped in) minus the same job without, paired. It is kept for
    one run beside the new rows to show why it was replaced: a job without a local() block is one SubmitJob
-   call, a job with one opens a RunJob stream, so that difference held the stream's cost per job (about
-   1.3 ms here: one 4-float block minus none, less one block's round trip) and the 2 KB value's (about
-   0.3 ms), and came out at about 2.7 times bench/local_blocks.py's round trip on the same embedded server.
+   call, a job with one opens a RunJob stream, so that difference held the stream's cost per job (1.2-1.4 ms
+   here: a job with one 4-float block minus the job without, less one block's round trip), the 2 KB value's
+   (0.1-0.3 ms) and the swap's (0.4 ms), and came out at 2.5-2.8 times bench/local_blocks.py's round trip on
+   the same embedded server.
 3. jobs/s: CLIENTS client threads running blocking remote traces on `wide1` and on `wide2`, in alternating
    windows (ROUNDS of each, in a fresh random order per round, so a change of the machine's load hits both);
    the second replica only helps on a machine with a core to spare for it.
