@@ -24,6 +24,9 @@ throughput compares replicas, not cross-job batching, and the latency pairs comp
    here: a job with one 4-float block minus the job without, less one block's round trip), the 2 KB value's
    (0.1-0.3 ms) and the swap's (0.4 ms), and came out at 2.5-2.8 times bench/local_blocks.py's round trip on
    the same embedded server.
+   Then the CPU per round trip of each process (the core and the replica's actor, the embedded server's
+   worker process, and this one: the client and the front doors), from /proc: CPU_BLOCKS-block jobs less as
+   many of the same jobs without blocks, per block (CPU hardly moves with the machine's load; wall time does).
 3. jobs/s: CLIENTS client threads running blocking remote traces on `wide1` and on `wide2`, in alternating
    windows (ROUNDS of each, in a fresh random order per round, so a change of the machine's load hits both);
    the second replica only helps on a machine with a core to spare for it.
@@ -64,7 +67,7 @@ from ._common import (
     processes_cpu,
     quiet_client,
 )
-from .local_blocks import blocks_job
+from .local_blocks import blocks_job, no_blocks_job
 
 NAME = "cluster"
 TITLE = "Replicas as Ray actors: jobs/s, latency over the embedded server, local() through Ray"
@@ -73,6 +76,8 @@ LATENCY_BUDGET_S = 20.0
 ROUND_TRIP_BUDGET_S = 16.0
 BLOCKS = 20  # local() blocks per job of the round-trip measurement
 WARMUP = 2  # jobs of each server whose block intervals are left out
+CPU_JOBS = 20  # jobs of CPU_BLOCKS blocks (and as many without) per server for the CPU account, at scale 1
+CPU_BLOCKS = 50
 TARGET_MS = 2.0  # issue 13: what Ray adds to a job, and a local() round trip through Ray, p50
 THROUGHPUT_BUDGET_S = 20.0  # both models together
 ROUNDS = 5  # throughput windows per model
@@ -131,6 +136,37 @@ def _round_trips(models: dict[str, LanguageModel], budget: float) -> dict[str, d
     for name, values in intervals.items():
         warm = values[WARMUP * (BLOCKS - 1):]
         out[name] = {"p50_ms": median(warm), "p90_ms": pct(warm, 90), "n": len(warm), "jobs": reps}
+    return out
+
+
+def _cluster_pids(server: Any, namespace: str) -> dict[str, list[int]]:
+    """The pids of a cluster's core and of its `tiny` replica's actor (both on this machine)."""
+    import ray
+
+    from tether.server.cluster import CORE_NAME
+
+    core = ray.get_actor(CORE_NAME, namespace=namespace)
+    return {"core": [ray.get(core.__ray_call__.remote(lambda _: os.getpid()))],
+            "actor": [server.hub.queues["tiny"].replicas[0].worker_pid(60)]}
+
+
+def _round_trip_cpu(models: dict[str, LanguageModel], pids: dict[str, dict[str, list[int]]],
+                    jobs: int) -> dict[str, dict[str, float]]:
+    """CPU per local() round trip of each server's processes, and of this one (the client and the front doors):
+    `jobs` jobs of CPU_BLOCKS blocks less as many of the same jobs without blocks, per block (/proc, 10 ms
+    ticks: hence the long jobs). CPU, unlike wall time, hardly moves with the machine's load."""
+    out = {}
+    for name, model in models.items():
+        spent: dict[str, dict[str, float]] = {}
+        for case, job in (("blocks", lambda model=model: blocks_job(model, CPU_BLOCKS, [])),
+                          ("none", lambda model=model: no_blocks_job(model, CPU_BLOCKS))):
+            before = {key: processes_cpu(group) for key, group in pids[name].items()} | {"this": time.process_time()}
+            for _ in range(jobs):
+                job()
+            after = {key: processes_cpu(group) for key, group in pids[name].items()} | {"this": time.process_time()}
+            spent[case] = {key: after[key] - before[key] for key in after}
+        out[name] = {key: (spent["blocks"][key] - spent["none"][key]) * 1e3 / (jobs * CPU_BLOCKS)
+                     for key in spent["blocks"]}
     return out
 
 
@@ -212,6 +248,12 @@ def run(options: Options | None = None) -> dict:
             log(NAME, f"local() round trips ({BLOCKS} blocks a job) ...")
             data["round_trip"] = _round_trips({"embedded": local_model, "ray": ray_model, "calls": calls_model},
                                               ROUND_TRIP_BUDGET_S * scale)
+            log(NAME, "CPU per local() round trip, by process ...")
+            data["round_trip_cpu"] = _round_trip_cpu(
+                {"embedded": local_model, "ray": ray_model, "calls": calls_model},
+                {"embedded": {"worker": [embedded.hub.queues["tiny"].replicas[0].worker_pid(60)]},
+                 "ray": _cluster_pids(on_ray, "tether"), "calls": _cluster_pids(calls_only, NO_LANES)},
+                max(4, round(CPU_JOBS * scale)))
             log(NAME, "jobs/s with 1 and 2 replicas ...")
             data["throughput"] = _throughput(on_ray, ["wide1", "wide2"], THROUGHPUT_BUDGET_S * scale)
     finally:
@@ -227,7 +269,7 @@ def run(options: Options | None = None) -> dict:
 
 def _result(data: dict[str, Any], scale: float, load_at_start: float | None, started: float) -> dict:
     env = environment(load_at_start)
-    lat, put, trip = data["latency"], data["throughput"], data["round_trip"]
+    lat, put, trip, cpu = data["latency"], data["throughput"], data["round_trip"], data["round_trip_cpu"]
     speedup = put["wide2"]["jobs_per_s"] / put["wide1"]["jobs_per_s"]
     return {
         "name": NAME,
@@ -254,6 +296,13 @@ def _result(data: dict[str, Any], scale: float, load_at_start: float | None, sta
                  for key, label in (("local_ray_p50_ms", "through Ray"),
                                     ("local_calls_p50_ms", "through Ray without lanes"),
                                     ("local_embedded_p50_ms", "embedded"))]},
+            {"title": (f"CPU per local() round trip by process (ms): {CPU_BLOCKS}-block jobs less the same jobs "
+                       "without blocks, per block; /proc"),
+             "columns": ["server", "process", "CPU ms"], "rows": [
+                 [label, process, ms(cpu[key][process])]
+                 for key, label in (("ray", "through Ray"), ("calls", "through Ray without lanes"),
+                                    ("embedded", "embedded"))
+                 for process in [p for p in ("core", "actor", "worker") if p in cpu[key]] + ["this"]]},
             {"title": f"Throughput ({CLIENTS} client threads; one forward: {data['wide_forward_ms']:.1f} ms of CPU)",
              "columns": ["replicas", "jobs", "jobs/s", "vs 1 replica", "replicas' CPU (cores)"], "rows": [
                  [str(n), str(put[f"wide{n}"]["jobs"]), f"{put[f'wide{n}']['jobs_per_s']:.1f}",
