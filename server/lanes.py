@@ -9,8 +9,8 @@ Ray, and on connecting each end proves it holds the token (an HMAC of the other'
 mixed in so a proof cannot be reflected back); nothing else is read from an unproven peer. Where no lane
 can be opened (no route between the nodes, a firewall) the callers fall back to Ray calls.
 
-`Listener` and `dial` open lanes; `Calls` and `serve_calls` carry method calls on an object across them (a
-front door's calls on the core). Imports the standard library and the server's errors (and ray lazily, for the
+`Listener` and `dial` open lanes (a listener holds a bounded number at once); `Calls` and `serve_calls` carry
+method calls on an object across them (a front door's calls on the core), and posts: calls nobody waits for. Imports the standard library and the server's errors (and ray lazily, for the
 node address).
 """
 
