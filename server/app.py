@@ -135,7 +135,8 @@ def start_server(
     table = dict(registry=registry, queues=hub.queues, limits=server_limits, replicas=replicas,
                  loading_wait=loading_wait, placement=placement, policy=policy)
     if server_limits.ray:  # one of the cluster's front doors: jobs and models are the cluster's (cluster.py)
-        from .cluster_door import ClusterJobs, ClusterModels, connect_core
+        from .cluster_door import ClusterJobs, connect_core
+        from .cluster_models import ClusterModels
 
         core = connect_core(server_limits, policy)
         hub.store, hub.models = ClusterJobs(core), ClusterModels(core, **table)

@@ -10,6 +10,7 @@ import functools
 import itertools
 import logging
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -34,7 +35,8 @@ EVICT_WAIT = 10.0  # s: an evict waits this long for the model's replicas to sto
 # arguments or answers hold Ray's object references or code to unpickle (host, model), nor lifecycle
 LANE_CALLS = frozenset({
     "start", "find", "jobs", "state", "info", "outcome", "read", "wait_frames", "frames_when_done", "cancel",
-    "wait_done", "attach", "detach", "deliver", "worker_pid", "restarts", "infos", "model_info"})
+    "wait_done", "attach", "detach", "deliver", "worker_pid", "restarts", "infos", "model_info", "deployment"})
+LOADING, READY, FAILED = models_pb2.MODEL_STATE_LOADING, models_pb2.MODEL_STATE_READY, models_pb2.MODEL_STATE_FAILED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +92,36 @@ class _Shipped:
         self._module = ref
 
 
+@dataclasses.dataclass
+class Deploying:
+    """A model a front door is loading to host on the cluster (`ClusterCore.announce`), or whose load failed
+    there: every door lists it and answers a job for it from this record, as the door loading it does."""
+
+    claim: int  # names this load: `host` and `failed` from the door loading it give it back
+    spec: str  # what is loading
+    door: str  # where: the front door's machine and process, for the operator
+    info: bytes  # its ModelInfo as the door describes it before it is loaded (name, device, dtype)
+    since: float = dataclasses.field(default_factory=time.monotonic)  # when its current state began
+    message: str = ""  # why its load failed ("": loading)
+
+    @property
+    def state(self) -> int:
+        return FAILED if self.message else LOADING
+
+    def describe(self) -> models_pb2.ModelInfo:
+        info = models_pb2.ModelInfo.FromString(self.info)
+        info.state, info.ready = self.state, False
+        info.state_message = self.message or (
+            f"loading {self.spec} in the front door {self.door} for {time.monotonic() - self.since:.0f} s")
+        return info
+
+
 class StoredModel:
     """A model the cluster hosts, as its queue and replicas see it (HostedModel's name, source and replica)."""
 
-    def __init__(self, name: str, ref: Any, source: Any, info: bytes, gpus: int, generation: int):
+    def __init__(self, name: str, ref: Any, structure: Any, source: Any, info: bytes, gpus: int, generation: int):
         self.name, self.source, self.gpus, self.generation = name, source, gpus, generation
-        self.ref = ref
+        self.ref, self.structure = ref, structure  # (the weights, for the replicas; the structure, for the doors)
         self.model = _Shipped(ref)
         self._info = models_pb2.ModelInfo.FromString(info)
 
@@ -121,6 +147,8 @@ class ClusterCore:
         self._store = JobStore()
         self._lock = threading.Lock()
         self._models: dict[str, tuple[StoredModel, ModelQueue]] = {}  # guarded by _lock
+        self._deploying: dict[str, Deploying] = {}  # guarded by _lock: loading in a door, or failed there
+        self._changed = threading.Condition(self._lock)  # notified when a model is hosted, fails or goes
         self._generations = itertools.count(1)  # guarded by _lock
         self._lane: tuple[Any, bytes] | None = None  # guarded by _lock: (the Listener, its token), once opened
         logging.basicConfig(level=logging.INFO, format="tether core: %(message)s")
@@ -144,41 +172,105 @@ class ClusterCore:
 
     # ---- models -------------------------------------------------------------------------------
     @_refusals
-    def host(self, name: str, payload: Any, source: Any, replicas: int, info: bytes, gpus: int) -> int:
+    def announce(self, name: str, spec: str, door: str, info: bytes) -> int:
+        """A front door starts loading `name` to host it here: every door lists it as loading from now on, and
+        waits for it, until the loading door hosts it (`host` with this claim) or says it failed; its claim."""
+        with self._lock:
+            self._check_free(name)
+            claim = next(self._generations)
+            self._deploying[name] = Deploying(claim, spec, door, info)
+        _log.info("%s is loading in the front door %s", name, door)
+        return claim
+
+    def failed(self, name: str, claim: int, message: str) -> None:
+        """The load `claim` of `name` failed (`message`: why): listed failed, its jobs refused, until evicted."""
+        with self._lock:
+            record = self._deploying.get(name)
+            if record is not None and record.claim == claim:
+                record.message, record.since = message or "its load failed", time.monotonic()
+                self._changed.notify_all()
+
+    def withdraw(self, name: str, claim: int) -> None:
+        """Forget the load `claim` of `name` (evicted through the door loading it)."""
+        with self._lock:
+            record = self._deploying.get(name)
+            if record is not None and record.claim == claim:
+                del self._deploying[name]
+                self._changed.notify_all()
+
+    def deployment(self, name: str, timeout: float) -> tuple[int, str, float, int] | None:
+        """(state, message, seconds in it, claim) of `name` once it is no longer loading, or after `timeout` s
+        (WAIT_SLICE at most); None if the cluster neither hosts it nor has a door loading it."""
+        with self._lock:
+            self._changed.wait_for(lambda: name not in self._deploying or self._deploying[name].message != "",
+                                   min(timeout, WAIT_SLICE))
+            if name in self._models:
+                return READY, "", 0.0, 0
+            record = self._deploying.get(name)
+        return None if record is None else (record.state, record.message, time.monotonic() - record.since,
+                                             record.claim)
+
+    def _check_free(self, name: str) -> None:
+        """ModelExists unless `name` is neither hosted nor being deployed (under _lock)."""
+        record = self._deploying.get(name)
+        if name in self._models or record is not None:
+            where = "already hosts" if record is None else f"has (through the front door {record.door})"
+            raise ModelExists(f"the cluster {where} a model named {name!r}; evict it first "
+                              f"(`tether evict {name}`) or choose another name")
+
+    @_refusals
+    def host(self, name: str, payload: Any, structure: Any, source: Any, replicas: int, info: bytes, gpus: int,
+             claim: int = 0) -> int:
         """Host a model (`payload`: a ray_workers.PickledModel, put in the object store by this actor, so it
-        outlives the front door that sent it); its generation."""
+        outlives the front door that sent it; `structure`: the same without its weights, for the doors); its
+        generation. `claim`: the load `announce` answered (NotFound if it was evicted meanwhile)."""
         import ray
 
         with self._lock:
-            if name in self._models:
-                raise ModelExists(f"the cluster already hosts a model named {name!r}; evict it first "
-                                  f"(`tether evict {name}`) or choose another name")
-            stored = StoredModel(name, ray.put(payload), source, info, gpus, next(self._generations))
+            if claim:
+                record = self._deploying.get(name)
+                if record is None or record.claim != claim:
+                    raise NotFound(f"the model {name!r} was evicted from the cluster while it loaded")
+                del self._deploying[name]
+            self._check_free(name)
+            stored = StoredModel(name, ray.put(payload), ray.put(structure), source, info, gpus,
+                                 next(self._generations))
             self._models[name] = (stored, ModelQueue(stored, self._limits, replicas=replicas, policy=self._policy))
+            self._changed.notify_all()
         _log.info("hosting %s (%d replica%s)", name, replicas, "" if replicas == 1 else "s")
         return stored.generation
 
     def model(self, name: str) -> tuple[list, Any, int] | None:
-        """([its payload's reference], its source, its generation), or None if the cluster does not host it."""
+        """([its structure's reference], its source, its generation), or None if the cluster does not host it."""
         with self._lock:
             entry = self._models.get(name)
-        return None if entry is None else ([entry[0].ref], entry[0].source, entry[0].generation)
+        return None if entry is None else ([entry[0].structure], entry[0].source, entry[0].generation)
 
     def infos(self) -> list[bytes]:
+        """The ModelInfo of every model hosted or being deployed, by name."""
         with self._lock:
             entries = [self._models[name] for name in sorted(self._models)]
-        return [stored.info(queue).SerializeToString() for stored, queue in entries]
+            deploying = list(self._deploying.values())
+        infos = [stored.info(queue) for stored, queue in entries] + [record.describe() for record in deploying]
+        return [info.SerializeToString() for info in sorted(infos, key=lambda info: info.name)]
 
     def model_info(self, name: str) -> bytes | None:
         with self._lock:
-            entry = self._models.get(name)
-        return None if entry is None else entry[0].info(entry[1]).SerializeToString()
+            entry, record = self._models.get(name), self._deploying.get(name)
+        if entry is not None:
+            return entry[0].info(entry[1]).SerializeToString()
+        return None if record is None else record.describe().SerializeToString()
 
     @_refusals
     def evict(self, name: str, reason: str) -> int:
         """Stop hosting `name`: its queued jobs end CANCELLED, running ones stop, its actors are killed."""
         with self._lock:
             entry = self._models.pop(name, None)
+            record = self._deploying.pop(name, None) if entry is None else None
+            self._changed.notify_all()
+        if record is not None:  # (its door's load, when it ends, is refused: `host` finds no claim)
+            _log.info("evicted %s, which the front door %s was deploying", name, record.door)
+            return 0
         if entry is None:
             raise NotFound(f"the cluster hosts no model named {name!r}; `tether models` lists those it hosts")
         cancelled = entry[1].close(reason or f"the model {name!r} was evicted by the server's operator")
@@ -199,7 +291,8 @@ class ClusterCore:
     def shut_down(self, timeout: float = 5.0) -> int:
         """Stop every model (their jobs are cancelled, their actors killed); how many jobs were cancelled."""
         with self._lock:
-            entries, self._models = list(self._models.values()), {}
+            entries, self._models, self._deploying = list(self._models.values()), {}, {}
+            self._changed.notify_all()
         cancelled = sum(queue.close("the cluster's models were shut down") for _, queue in entries)
         for _, queue in entries:
             queue.join(timeout)

@@ -1,6 +1,7 @@
-"""A front door of a cluster (`--ray`): the job store, job records, local() links, model table and queues that
-service.py, admin.py and app.py use, each answered by the cluster's core (`cluster.ClusterCore`), where the
-records live. Imports ray lazily and the server's modules; holds no job state of its own.
+"""A front door of a cluster (`--ray`): its calls on the cluster's core (`Core`), and the job store, job records
+and local() links that service.py, admin.py and app.py use, each answered by the core (`cluster.ClusterCore`),
+where the records live (its model table: cluster_models.py). Imports ray lazily and the server's modules;
+holds no job state of its own.
 """
 
 from __future__ import annotations
@@ -8,23 +9,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from tether.v1 import jobs_pb2, models_pb2
+from tether.v1 import jobs_pb2
 
 from .cluster import CORE_NAME, FIRST_EVENTS, LANE_CALLS, WAIT_SLICE, JobMeta, Refused, core_of
-from .deployments import FAILED, READY, Deployment, ModelTable
-from .errors import CallFailed, LaneBroken, LaneUnavailable, ModelExists, NotFound, ServerError
+from .errors import CallFailed, LaneBroken, LaneUnavailable, ServerError
 from .jobs import TERMINAL, new_job_id, unknown_job
 from .lanes import Calls
-from .ray_workers import PickledModel, gpus_of
-from .registry import HostedModel
-from .supervisor import payload_of
 from .workers import JobLimits, Limits
 
-__all__ = ["Core", "ClusterJobs", "ClusterModels", "ClusterQueue", "RemoteJob", "connect_core"]
+if TYPE_CHECKING:
+    from .cluster_models import ClusterQueue
+
+__all__ = ["Core", "ClusterJobs", "RemoteJob", "connect_core", "CALL_TIMEOUT"]
 
 _log = logging.getLogger("tether.server")
 CALL_TIMEOUT = 60.0  # s: the longest a call on the core may take beyond what it waits for by design
@@ -273,179 +273,3 @@ class ClusterJobs:
 
     def __len__(self) -> int:
         return len(self._core("jobs"))
-
-
-class RemoteReplica:
-    """One replica of a model the cluster hosts, as operators and tests read it (worker_pid, restarts)."""
-
-    def __init__(self, core: Core, model: str, index: int):
-        self._core, self._model, self.index = core, model, index
-
-    def worker_pid(self, timeout: float | None = None) -> int | None:
-        deadline = time.monotonic() + (CALL_TIMEOUT if timeout is None else timeout)
-        while True:
-            left = max(0.0, min(WAIT_SLICE, deadline - time.monotonic()))
-            pid = self._core("worker_pid", self._model, self.index, left, wait=left)
-            if pid is not None or time.monotonic() >= deadline:
-                return pid
-
-    @property
-    def restarts(self) -> int:
-        return self._core("restarts", self._model, self.index)
-
-
-class ClusterQueue:
-    """A model's queue as a front door sees it (ModelQueue's methods): the queue itself is the core's."""
-
-    def __init__(self, core: Core, name: str, generation: int, replicas: int, gone):
-        self._core, self.name, self.generation, self._replicas = core, name, generation, replicas
-        self._gone = gone  # called when the core no longer hosts this generation of the model
-
-    def gone(self) -> None:
-        """The core no longer hosts this generation of the model: the door drops its copy."""
-        self._gone(self.name, self.generation)
-
-    def position(self, job: Any) -> int:
-        return 0  # (RemoteJob.info has the core's)
-
-    def withdraw(self, job: Any) -> bool:
-        return False  # (the core's cancel takes a queued job out)
-
-    @property
-    def replicas(self) -> list[RemoteReplica]:
-        return [RemoteReplica(self._core, self.name, i) for i in range(self._replicas)]
-
-    def close(self, reason: str = "") -> int:
-        """Stop hosting the model on the cluster (an evict through this door); how many jobs were cancelled."""
-        try:
-            return self._core("evict", self.name, reason)
-        except NotFound:
-            return 0
-
-    def join(self, timeout: float | None = None) -> None:
-        """(The model's replicas are the cluster's: nothing here to wait for.)"""
-
-
-class ClusterModels(ModelTable):
-    """The models of a cluster's front door: those the cluster hosts (found in the core by name, each with a
-    copy of its weights here to check programs and describe it) and those this door is loading to host there."""
-
-    def __init__(self, core: Core, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._core = core
-        self._found = threading.Lock()  # one lookup of a model in the cluster at a time
-
-    def _start_queue(self, deployment: Deployment, hosted: HostedModel) -> ClusterQueue | None:
-        """Host the model this door loaded on the cluster (or serve the cluster's, if it hosts one by that name:
-        a front door restarted with its --model)."""
-        name, payload = deployment.name, payload_of(hosted.model)
-        try:
-            try:  # (as bytes: the core puts them in the object store, owned by it, never loading the model)
-                generation = self._core("host", name, PickledModel.of(payload), hosted.source, deployment.replicas,
-                                        hosted.info().SerializeToString(), gpus_of(payload))
-            except ModelExists:
-                found, info = self._core("model", name), self._core_info(name)
-                if found is None or info is None:
-                    raise ServerError("it was evicted from the cluster while this front door hosted it") from None
-                generation, deployment.replicas = found[2], info.replicas
-                _log.warning("the cluster already hosts a model named %s: this front door serves the cluster's",
-                             name)
-        except ServerError as error:
-            self._set(deployment, FAILED, f"the cluster cannot host it: {error}")
-            return None
-        return ClusterQueue(self._core, name, generation, deployment.replicas, self._forget)
-
-    def _core_info(self, name: str) -> models_pb2.ModelInfo | None:
-        info = self._core("model_info", name)
-        return None if info is None else models_pb2.ModelInfo.FromString(info)
-
-    def _find(self, name: str) -> None:
-        """Serve `name` here if the cluster hosts it and this door does not know it yet."""
-        import ray
-
-        with self._found:
-            with self._cond:
-                if name in self._deployments or self._closed:
-                    return
-            found, info = self._core("model", name), self._core_info(name)
-            if found is None or info is None:
-                return
-            refs, source, generation = found
-            try:
-                copy = ray.get(refs[0]).load()
-            except Exception as error:
-                raise ServerError(
-                    f"this front door cannot load its copy of model {name!r} (it checks programs with it): "
-                    f"{type(error).__name__}: {error}. A model on a GPU needs front doors on machines with that "
-                    "GPU; or send the job through the front door that deployed it.",
-                    code=grpc.StatusCode.FAILED_PRECONDITION) from None
-            hosted = self._registry.add(name, copy, source)
-            deployment = Deployment(name, "hosted by the cluster", info.replicas, self.default_placement,
-                                    state=READY, hosted=hosted)
-            deployment.queue = ClusterQueue(self._core, name, generation, info.replicas, self._forget)
-            with self._cond:
-                self._deployments[name] = deployment
-                self._queues[name] = deployment.queue
-                self._cond.notify_all()
-        _log.info("serving %s, hosted by the cluster", name)
-
-    def _forget(self, name: str, generation: int) -> None:
-        """Drop this door's copy of a model the cluster no longer hosts (evicted, or deployed again elsewhere)."""
-        with self._cond:
-            deployment = self._deployments.get(name)
-            if deployment is None or deployment.queue is None or deployment.queue.generation != generation:
-                return
-            del self._deployments[name]
-            self._queues.pop(name, None)
-        self._registry.remove(name, deployment.hosted)
-
-    # ---- ModelTable's methods, answered by the cluster ------------------------------------------
-    def deploy(self, name: str, load: Any, **kwargs: Any) -> Deployment:
-        if self._core("model", name) is not None:
-            raise ModelExists(f"the cluster already hosts a model named {name!r}; evict it first "
-                              f"(`tether evict {name}`) or choose another name")
-        return super().deploy(name, load, **kwargs)
-
-    def evict(self, name: str, reason: str = "") -> int:
-        with self._cond:
-            here = name in self._deployments
-        return super().evict(name, reason) if here else self._core("evict", name, reason)
-
-    def close(self) -> None:
-        """This front door stops: the cluster keeps its models (and their jobs)."""
-        with self._cond:
-            self._closed = True
-        self._core.close()
-
-    def resolve(self, name: str, wait: float | None = None) -> HostedModel:
-        self._find(name)
-        with self._cond:
-            known = name in self._deployments
-        if not known:
-            names = [info.name for info in self.infos()]
-            raise NotFound(f"the cluster hosts no model named {name!r}; it hosts {', '.join(names) or 'none'}. "
-                           "Check the model name (ListModels, or `tether models`, shows them).")
-        return super().resolve(name, wait)
-
-    def wait(self, name: str, timeout: float) -> Deployment:
-        self._find(name)
-        return super().wait(name, timeout)
-
-    def infos(self) -> list[models_pb2.ModelInfo]:
-        hosted = [models_pb2.ModelInfo.FromString(info) for info in self._core("infos")]
-        names = {info.name for info in hosted}
-        loading = [self.describe(d) for d in self.deployments() if d.name not in names and d.state != READY]
-        return sorted(hosted + loading, key=lambda info: info.name)
-
-    def info(self, name: str) -> models_pb2.ModelInfo:
-        info = self._core_info(name)
-        return info if info is not None else super().info(name)
-
-    def describe(self, deployment: Deployment) -> models_pb2.ModelInfo:
-        if deployment.state != READY:
-            return super().describe(deployment)
-        info = self._core_info(deployment.name)
-        if info is None:
-            return models_pb2.ModelInfo(name=deployment.name, replicas=deployment.replicas, state=FAILED,
-                                        state_message="no longer hosted by the cluster (evicted)")
-        return info

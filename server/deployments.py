@@ -24,7 +24,8 @@ from .registry import HostedModel, Registry
 from .supervisor import payload_of, preload_for
 from .workers import Limits, ModelQueue
 
-__all__ = ["Deployment", "ModelTable", "LOADING", "READY", "FAILED", "DEFAULT_LOADING_WAIT"]
+__all__ = ["Deployment", "ModelTable", "LOADING", "READY", "FAILED", "DEFAULT_LOADING_WAIT", "still_loading",
+           "not_serving"]
 
 _log = logging.getLogger("tether.server")
 LOADING, READY, FAILED = models_pb2.MODEL_STATE_LOADING, models_pb2.MODEL_STATE_READY, models_pb2.MODEL_STATE_FAILED
@@ -44,6 +45,20 @@ class Deployment:
     since: float = field(default_factory=time.monotonic)  # when the current state began
     hosted: HostedModel | None = None  # set once READY
     queue: ModelQueue | None = None  # set once READY
+    claim: int = 0  # a cluster's front door: the core's record of this load (cluster.ClusterCore.announce)
+
+
+def still_loading(name: str, seconds: float, wait: float) -> ModelLoading:
+    """The refusal of a job for a model that did not become ready within `wait` s (loading for `seconds`)."""
+    return ModelLoading(
+        f"model {name!r} is still loading (for {seconds:.0f} s; it was deployed while the server ran) and did "
+        f"not become ready within {wait:g} s; retry in a moment. `tether models` shows its state.")
+
+
+def not_serving(name: str, message: str) -> OutOfService:
+    """The refusal of a job for a model whose load failed (or that was taken out of service): `message` says why."""
+    return OutOfService(f"model {name!r} is not serving: {message}. The server's operator can deploy it again "
+                        "(`tether evict`, then `tether deploy`).")
 
 
 class ModelTable:
@@ -87,9 +102,18 @@ class ModelTable:
                 raise ModelExists(f"a model named {name!r} is already deployed here; evict it first "
                                   f"(`tether evict {name}`) or choose another name")
             self._deployments[name] = deployment
+        try:
+            self._announce(deployment)
+        except BaseException:
+            with self._cond:
+                self._deployments.pop(name, None)
+            raise
         threading.Thread(target=self._load, args=(deployment, load, source), name=f"tether-load-{name}",
                          daemon=True).start()
         return deployment
+
+    def _announce(self, deployment: Deployment) -> None:
+        """Say that `deployment` starts loading where others must see it (a cluster's core; here: nowhere)."""
 
     def _load(self, deployment: Deployment, load: Callable[[], Any], source: Callable[[], Any] | None) -> None:
         _log.info("loading %s (%s, %s)", deployment.name, deployment.spec, deployment.placement.describe())
@@ -102,16 +126,18 @@ class ModelTable:
         self._ready(deployment, hosted)
         _log.info("%s is ready", deployment.name)
 
-    def _start_queue(self, deployment: Deployment, hosted: HostedModel) -> ModelQueue | None:
-        """The model's queue, its replicas started (None: they could not be, and the deployment says why)."""
-        return ModelQueue(hosted, self._limits, replicas=deployment.replicas, policy=self._policy)
+    def _start_queue(self, deployment: Deployment, hosted: HostedModel) -> tuple[ModelQueue, HostedModel] | None:
+        """The model's queue, its replicas started, and the model this server keeps to check its jobs (here
+        `hosted` itself); None: they could not be started, and the deployment says why."""
+        return ModelQueue(hosted, self._limits, replicas=deployment.replicas, policy=self._policy), hosted
 
     def _ready(self, deployment: Deployment, hosted: HostedModel) -> None:
         """Start the model's replicas and publish it (unless it was evicted or the server closed meanwhile)."""
-        queue = self._start_queue(deployment, hosted)
-        if queue is None:
+        started = self._start_queue(deployment, hosted)
+        if started is None:
             self._registry.remove(deployment.name, hosted)
             return
+        queue, hosted = started
         with self._cond:
             current = self._deployments.get(deployment.name) is deployment and not self._closed
             if current:
@@ -166,13 +192,9 @@ class ModelTable:
                 self._registry.get(name)  # raises NotFound naming the models there are
             state, message, since = deployment.state, deployment.message, deployment.since
         if state == LOADING:
-            raise ModelLoading(
-                f"model {name!r} is still loading (for {time.monotonic() - since:.0f} s; it was deployed while "
-                f"the server ran) and did not become ready within {wait:g} s; retry in a moment. `tether models` "
-                "shows its state.")
+            raise still_loading(name, time.monotonic() - since, wait)
         if state == FAILED:
-            raise OutOfService(f"model {name!r} is not serving: {message}. The server's operator can deploy "
-                               "it again (`tether evict`, then `tether deploy`).")
+            raise not_serving(name, message)
         return deployment.hosted
 
     def wait(self, name: str, timeout: float) -> Deployment:

@@ -27,7 +27,7 @@ from tether.values import to_value
 from .errors import NotFound
 from .placement import from_pretrained_kwargs, place
 
-__all__ = ["HostedModel", "Registry", "load_model", "wrap"]
+__all__ = ["HostedModel", "Registry", "load_model", "structure_of", "wrap"]
 
 def load_model(spec: str, placement: Placement | None = None) -> Any:
     """The object a `--model NAME=SPEC` names (see tether.loading.load_named), in `placement` (its
@@ -64,6 +64,19 @@ def _is_causal_lm(module: torch.nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(module, PreTrainedModel) and isinstance(module, GenerationMixin)
+
+
+def structure_of(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` whose parameters and buffers are on torch's meta device: its module tree, config,
+    names, shapes and dtypes, no weights. What a cluster's front door keeps of a model (it checks programs and
+    describes the model; the replicas run it). The original is untouched; tied weights stay tied; tensors the
+    module holds as plain attributes are copied as they are."""
+    memo: dict[int, Any] = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = (torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, torch.nn.Parameter) else meta)
+    return deepcopy(module, memo)
 
 
 class HostedModel:
@@ -184,6 +197,14 @@ class Registry:
                 return None
             self._models = {k: v for k, v in self._models.items() if k != name}
         return hosted
+
+    def replace(self, name: str, old: HostedModel, new: HostedModel) -> bool:
+        """Host `new` as `name` in place of `old` (False, nothing done: `name` is no longer `old`)."""
+        with self._lock:
+            if self._models.get(name) is not old:
+                return False
+            self._models = {**self._models, name: new}
+        return True
 
     def get(self, name: str) -> HostedModel:
         """The hosted model `name`; NotFound with the names that exist otherwise."""

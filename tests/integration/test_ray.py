@@ -8,13 +8,16 @@ Slow (a Ray head takes ~10 s to start on a busy machine): deselect with -m 'not 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import threading
 import uuid
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray's addresses on loopback
 
+import grpc
 import pytest
 import torch
 from test_operator_cli import _tether
@@ -24,6 +27,7 @@ from test_server import (
     QUICK_SOURCE,
     Client,
     Outcome,
+    code_of,
     events_of,
     local_run,
     program,
@@ -35,9 +39,11 @@ from test_server_cli import READY, START_TIMEOUT, _port, _serve
 from tether import CONFIG, LanguageModel, tiny
 from tether.client import RemoteBackend
 from tether.client.channel import close_all
+from tether.placement_options import Placement
 from tether.server.app import start_server
 from tether.server.cluster import shut_down
-from tether.v1 import jobs_pb2
+from tether.server.deployments import FAILED
+from tether.v1 import jobs_pb2, values_pb2
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -375,4 +381,132 @@ def test_jobs_outlive_the_door_they_were_submitted_to(cluster, doors):
         assert done.returncode == 0 and done.stdout.splitlines()[1:] == [], done.stdout
     finally:
         via_a.close()
+        via_b.close()
+
+
+# ---- a deploy as every front door sees it --------------------------------------------------------------
+DEPLOYING = "deploying"  # the namespace of the two doors below
+WAIT = 60.0  # s: the longest a test waits for a door or a load
+
+
+@pytest.fixture
+def two_doors(cluster):
+    """Two front doors of one namespace, in this process (so a load can be held by the test), no models yet;
+    stopped after, then the cluster's part of them."""
+    started = []
+    try:
+        for _ in range(2):
+            started.append(start_server({}, host="127.0.0.1", port=0, ray=cluster.address,
+                                        ray_namespace=DEPLOYING, max_batch=1))
+        yield started
+    finally:
+        for door in started:
+            door.stop(grace=0)
+        shut_down(DEPLOYING)
+        close_all()
+
+
+def _held(gate: threading.Event, error: str = ""):
+    """A model source whose load waits for the test to open `gate`, then gives tiny (or raises `error`)."""
+    def load():
+        assert gate.wait(WAIT), "the test never released the load"
+        if error:
+            raise RuntimeError(error)
+        return tiny.tiny_gpt2()
+    return load
+
+
+def _listed(address: str) -> list[dict]:
+    """`tether models --host ADDRESS --json`: each model's row."""
+    done = _tether("models", "--host", address, "--json")
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def _on(name: str):
+    """QUICK's program, run on model `name`."""
+    bound = values_pb2.Value(model_reference=values_pb2.ModelReference(name=name))
+    return spec(program(QUICK_SOURCE, "hello", model=name, bindings={"model": bound}))
+
+
+def _deploy(door, name: str, load) -> None:
+    door.hub.models.deploy(name, load, spec="tiny (held by the test)", placement=Placement())
+
+
+def _states(address: str) -> list[tuple[str, str]]:
+    return [(row["name"], row["state"]) for row in _listed(address)]
+
+
+def test_a_model_loading_in_one_door_is_listed_and_waited_for_by_the_other(two_doors):
+    """Door A deploys `slow` (its load held by the test): door B lists it as loading, refuses a job for it
+    with "still loading" when told not to wait, and holds one that may wait until it is ready; the result
+    equals a local run. Neither door keeps the weights then: only the structure (the replicas run it)."""
+    a, b = two_doors
+    gate = threading.Event()
+    slow = _on("slow")
+    via_b = Client(b.address)
+    try:
+        _deploy(a, "slow", _held(gate))
+        for door in (a, b):
+            row, = _listed(door.address)
+            assert (row["name"], row["state"]) == ("slow", "loading") and "loading tiny" in row["message"], row
+        b.hub.models.loading_wait = 0.0
+        code, details = code_of(lambda: via_b.run(slow))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+        assert "'slow' is still loading" in details and "retry in a moment" in details, details
+        b.hub.models.loading_wait = WAIT
+        results = {}
+        job = threading.Thread(target=lambda: results.update(outcome=via_b.run(slow)))
+        job.start()
+        gate.set()
+        job.join(WAIT)
+        outcome = results["outcome"]
+        assert outcome.final.state == jobs_pb2.JOB_STATE_COMPLETED, outcome.final
+        assert torch.equal(outcome.saved()["out"], local_run(QUICK_SOURCE, "hello")["out"])
+        for door in (a, b):
+            assert _states(door.address) == [("slow", "ready")]
+            module = door.hub.registry.get("slow").module
+            assert {t.device.type for t in (*module.parameters(), *module.buffers())} == {"meta"}
+    finally:
+        gate.set()
+        via_b.close()
+
+
+def test_a_load_that_fails_in_one_door_is_listed_failed_with_why_by_the_other(two_doors):
+    """Door A's load of `broken` fails: a job waiting for it at door B is refused with the reason, both doors
+    list it failed with the reason until it is evicted (through door B); a load evicted through door B while
+    it runs in door A is dropped by A when it ends."""
+    a, b = two_doors
+    gate, other_gate = threading.Event(), threading.Event()
+    via_b = Client(b.address)
+    try:
+        _deploy(a, "broken", _held(gate, error="the weights file is corrupt"))
+        assert _states(b.address) == [("broken", "loading")]
+        b.hub.models.loading_wait = WAIT
+        results = {}
+        job = threading.Thread(target=lambda: results.update(
+            refused=code_of(lambda: via_b.run(_on("broken")))))
+        job.start()
+        gate.set()
+        job.join(WAIT)
+        code, details = results["refused"]
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+        assert "'broken' is not serving" in details and "the weights file is corrupt" in details, details
+        for door in (a, b):
+            row, = _listed(door.address)
+            assert row["state"] == "failed" and "the weights file is corrupt" in row["message"], row
+        done = _tether("evict", "--host", b.address, "broken")
+        assert done.returncode == 0, done.stderr
+        assert _states(a.address) == [] and _states(b.address) == []
+        _deploy(a, "gone", _held(other_gate))
+        assert _states(b.address) == [("gone", "loading")]
+        done = _tether("evict", "--host", b.address, "gone")
+        assert done.returncode == 0, done.stderr
+        assert _states(a.address) == [] and _states(b.address) == []
+        other_gate.set()
+        assert a.hub.models.wait("gone", WAIT).state == FAILED  # (dropped, once its load ended)
+        assert _states(a.address) == [] and _states(b.address) == []
+    finally:
+        gate.set()
+        other_gate.set()
         via_b.close()
