@@ -299,15 +299,14 @@ class Replica:
 
 
 def _serve_in_thread(serve: Callable[..., None], args: tuple) -> None:
-    """A worker kept in the server process: its ends of the main pipe (args[0]) and of the direct pipe (args[-1],
-    read by this thread only) are closed once it ends, as a worker process's are with the process, so its relay
-    reads the end of a worker that stopped as EOF. (Its inbox thread may still be reading the main pipe: a read
-    blocked there ends with the front door's end closed, a later one finds the Connection closed.)"""
+    """A worker kept in the server process: its end of the direct pipe (args[-1], read by this thread only) is
+    closed once it ends, as a worker process's is with the process. Its end of the main pipe (args[0]) is not:
+    its inbox thread may still be about to read it, and a descriptor closed under a reader can be reused by
+    another file before that read (it is closed when the Connection is collected)."""
     try:
         serve(*args)
     finally:
         args[-1].close()
-        args[0].close()
 
 
 def _process_main(threads: int, *args) -> None:
