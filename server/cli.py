@@ -173,6 +173,7 @@ def serve_models(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         print(f"tether: cannot start the server: {error}", file=sys.stderr)
         return 1
+    models.clear()  # (the server holds what it keeps of them: a cluster's front door, their structure only)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 
-from tether.runtime.model import over_module
 from tether.v1 import models_pb2
 
 from .cluster import WAIT_SLICE
@@ -23,7 +22,7 @@ from .cluster_door import CALL_TIMEOUT, Core
 from .deployments import FAILED, LOADING, READY, Deployment, ModelTable, not_serving, still_loading
 from .errors import ModelExists, NotFound, ServerError
 from .ray_workers import PickledModel, gpus_of
-from .registry import HostedModel, structure_of
+from .registry import HostedModel, structure_of, wrap
 from .supervisor import payload_of
 
 __all__ = ["ClusterModels", "ClusterQueue", "RemoteReplica"]
@@ -115,7 +114,7 @@ class ClusterModels(ModelTable):
         a front door restarted with its --model). From then on this door keeps its structure only (the
         weights are the replicas'); the caller's own object is never changed."""
         name, payload = deployment.name, payload_of(hosted.model)
-        kept = HostedModel(name, over_module(hosted.model, structure_of(hosted.module)), hosted.source)
+        kept = self._structure(hosted)
         try:
             try:  # (as bytes: the core puts them in the object store, owned by it, never loading the model)
                 generation = self._core("host", name, PickledModel.of(payload), PickledModel.of(payload_of(kept.model)),
@@ -142,6 +141,20 @@ class ClusterModels(ModelTable):
         if not self._registry.replace(name, hosted, kept):
             kept = hosted
         return ClusterQueue(self._core, name, generation, deployment.replicas, self._forget), kept
+
+    def _structure(self, hosted: HostedModel) -> HostedModel:
+        """`hosted` over its structure without weights; `hosted` itself if its module cannot be copied so (the
+        door then keeps the weights, as do the doors that fetch it)."""
+        try:
+            payload = payload_of(hosted.model)  # (as the doors that fetch it wrap it: a fresh wrapper, which
+            # holds nothing of the loaded one)
+            structure = structure_of(hosted.module)
+            return HostedModel(hosted.name, wrap((structure, payload[1]) if isinstance(payload, tuple) else structure),
+                               hosted.source)
+        except Exception as error:  # (a module deepcopy refuses: the door keeps it whole)
+            _log.warning("%s: cannot copy its structure without its weights (%s: %s); front doors hold its weights",
+                         hosted.name, type(error).__name__, error)
+            return hosted
 
     def _core_info(self, name: str) -> models_pb2.ModelInfo | None:
         info = self._core("model_info", name)

@@ -8,12 +8,14 @@ Slow (a Ray head takes ~10 s to start on a busy machine): deselect with -m 'not 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import socket
 import threading
 import uuid
+import weakref
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray's addresses on loopback
 
@@ -406,13 +408,17 @@ def two_doors(cluster):
         close_all()
 
 
-def _held(gate: threading.Event, error: str = ""):
-    """A model source whose load waits for the test to open `gate`, then gives tiny (or raises `error`)."""
+def _held(gate: threading.Event, error: str = "", made: list | None = None):
+    """A model source whose load waits for the test to open `gate`, then gives tiny (or raises `error`); a weak
+    reference to each module it gives is added to `made`."""
     def load():
         assert gate.wait(WAIT), "the test never released the load"
         if error:
             raise RuntimeError(error)
-        return tiny.tiny_gpt2()
+        model, tokenizer = tiny.tiny_gpt2()
+        if made is not None:
+            made.append(weakref.ref(model))
+        return model, tokenizer
     return load
 
 
@@ -440,13 +446,14 @@ def _states(address: str) -> list[tuple[str, str]]:
 def test_a_model_loading_in_one_door_is_listed_and_waited_for_by_the_other(two_doors):
     """Door A deploys `slow` (its load held by the test): door B lists it as loading, refuses a job for it
     with "still loading" when told not to wait, and holds one that may wait until it is ready; the result
-    equals a local run. Neither door keeps the weights then: only the structure (the replicas run it)."""
+    equals a local run. Neither door keeps the weights then: only the structure (the replicas run it); the
+    loading door's full copy is freed."""
     a, b = two_doors
-    gate = threading.Event()
+    gate, made = threading.Event(), []
     slow = _on("slow")
     via_b = Client(b.address)
     try:
-        _deploy(a, "slow", _held(gate))
+        _deploy(a, "slow", _held(gate, made=made))
         for door in (a, b):
             row, = _listed(door.address)
             assert (row["name"], row["state"]) == ("slow", "loading") and "loading tiny" in row["message"], row
@@ -467,6 +474,8 @@ def test_a_model_loading_in_one_door_is_listed_and_waited_for_by_the_other(two_d
             assert _states(door.address) == [("slow", "ready")]
             module = door.hub.registry.get("slow").module
             assert {t.device.type for t in (*module.parameters(), *module.buffers())} == {"meta"}
+        gc.collect()
+        assert len(made) == 1 and made[0]() is None
     finally:
         gate.set()
         via_b.close()
