@@ -231,6 +231,9 @@ class ClusterCore:
                 record = self._deploying.get(name)
                 if record is None or record.claim != claim:
                     raise NotFound(f"the model {name!r} was evicted from the cluster while it loaded")
+                if record.message:  # (marked failed: its door stopped)
+                    raise ServerError(f"its load was given up: {record.message}",
+                                      code=grpc.StatusCode.FAILED_PRECONDITION)
                 del self._deploying[name]
             self._check_free(name)
             stored = StoredModel(name, ray.put(payload), ray.put(structure), source, info, gpus,

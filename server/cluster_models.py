@@ -113,6 +113,11 @@ class ClusterModels(ModelTable):
         """Host the model this door loaded on the cluster (or serve the cluster's, if it hosts one by that name:
         a front door restarted with its --model). From then on this door keeps its structure only (the
         weights are the replicas'); the caller's own object is never changed."""
+        with self._cond:
+            if self._closed:  # (this door stopped while it loaded: the core lists the load failed)
+                deployment.state, deployment.message = FAILED, "this front door stopped while it loaded"
+                self._cond.notify_all()
+                return None
         name, payload = deployment.name, payload_of(hosted.model)
         kept = self._structure(hosted)
         try:

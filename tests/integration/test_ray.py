@@ -484,9 +484,9 @@ def test_a_model_loading_in_one_door_is_listed_and_waited_for_by_the_other(two_d
 def test_a_load_that_fails_in_one_door_is_listed_failed_with_why_by_the_other(two_doors):
     """Door A's load of `broken` fails: a job waiting for it at door B is refused with the reason, both doors
     list it failed with the reason until it is evicted (through door B); a load evicted through door B while
-    it runs in door A is dropped by A when it ends."""
+    it runs in door A is dropped by A when it ends; door A stopped while it loads leaves it listed failed."""
     a, b = two_doors
-    gate, other_gate = threading.Event(), threading.Event()
+    gate, other_gate, orphan_gate = threading.Event(), threading.Event(), threading.Event()
     via_b = Client(b.address)
     try:
         _deploy(a, "broken", _held(gate, error="the weights file is corrupt"))
@@ -515,7 +515,14 @@ def test_a_load_that_fails_in_one_door_is_listed_failed_with_why_by_the_other(tw
         other_gate.set()
         assert a.hub.models.wait("gone", WAIT).state == FAILED  # (dropped, once its load ended)
         assert _states(a.address) == [] and _states(b.address) == []
+        _deploy(a, "orphan", _held(orphan_gate))
+        a.stop(grace=0)  # a door that stops while it loads: the load is listed failed, and never hosted
+        row, = _listed(b.address)
+        assert (row["name"], row["state"]) == ("orphan", "failed") and "stopped" in row["message"], row
+        orphan_gate.set()
+        a.hub.models.wait("orphan", WAIT)
+        assert _states(b.address) == [("orphan", "failed")]
     finally:
-        gate.set()
-        other_gate.set()
+        for released in (gate, other_gate, orphan_gate):
+            released.set()
         via_b.close()
