@@ -12,8 +12,21 @@ throughput compares replicas, not cross-job batching, and the latency pairs comp
 1. latency: the same job (one save, tiny model) on the embedded server and on Ray (with and without lanes),
    interleaved in a fresh random order each repetition; what Ray adds is the distribution of per-repetition
    (paired) differences.
-2. local() round trip: a job with one local() block minus the same job without, paired, through Ray (with and
-   without lanes) and through the embedded server.
+2. local() round trip, measured as bench/local_blocks.py measures it (so the figures mean the same thing): a
+   remote trace runs BLOCKS `with tracer.local():` blocks in a loop, each carrying a 4-float tensor each way
+   and appending `time.perf_counter()` on the client; consecutive stamps are one full round trip each (the
+   answer up, the server resumes, the next call down, the block runs). Through Ray (with and without lanes)
+   and the embedded server, interleaved; p50 over every block of the warm jobs.
+   The row "old method" is what this benchmark reported before: a job with one block (the first layer's
+   output down, `* 1` on the client, back, and swapped in) minus the same job without, paired. It is kept for
+   one run beside the new rows to show why it was replaced: a job without a local() block is one SubmitJob
+   call, a job with one opens a RunJob stream, so that difference held the stream's cost per job (1.2-1.4 ms
+   here: a job with one 4-float block minus the job without, less one block's round trip), the 2 KB value's
+   (0.1-0.3 ms) and the swap's (0.4 ms), and came out at 2.5-2.8 times bench/local_blocks.py's round trip on
+   the same embedded server.
+   Then the CPU per round trip of each process (the core and the replica's actor, the embedded server's
+   worker process, and this one: the client and the front doors), from /proc: CPU_BLOCKS-block jobs less as
+   many of the same jobs without blocks, per block (CPU hardly moves with the machine's load; wall time does).
 3. jobs/s: CLIENTS client threads running blocking remote traces on `wide1` and on `wide2`, in alternating
    windows (ROUNDS of each, in a fresh random order per round, so a change of the machine's load hits both);
    the second replica only helps on a machine with a core to spare for it.
@@ -54,11 +67,18 @@ from ._common import (
     processes_cpu,
     quiet_client,
 )
+from .local_blocks import blocks_job, no_blocks_job
 
 NAME = "cluster"
 TITLE = "Replicas as Ray actors: jobs/s, latency over the embedded server, local() through Ray"
 PROMPT = "The Eiffel Tower is in the city of"
 LATENCY_BUDGET_S = 20.0
+ROUND_TRIP_BUDGET_S = 16.0
+BLOCKS = 20  # local() blocks per job of the round-trip measurement
+WARMUP = 2  # jobs of each server whose block intervals are left out
+CPU_JOBS = 20  # jobs of CPU_BLOCKS blocks (and as many without) per server for the CPU account, at scale 1
+CPU_BLOCKS = 50
+TARGET_MS = 2.0  # issue 13: what Ray adds to a job, and a local() round trip through Ray, p50
 THROUGHPUT_BUDGET_S = 20.0  # both models together
 ROUNDS = 5  # throughput windows per model
 CLIENTS = 4
@@ -98,6 +118,56 @@ def _forward_ms() -> float:
             model(**ids)
             times.append((time.thread_time() - started) * 1e3)
     return median(times[2:])
+
+
+def _round_trips(models: dict[str, LanguageModel], budget: float) -> dict[str, dict[str, Any]]:
+    """Each server's local() round trip as bench/local_blocks.py measures it: the client's stamps of consecutive
+    blocks of a BLOCKS-block job, the servers interleaved; the warm-up jobs' intervals left out."""
+    intervals: dict[str, list[float]] = {name: [] for name in models}
+
+    def stamped(name: str) -> None:
+        stamps: list[float] = []
+        blocks_job(models[name], BLOCKS, stamps)
+        intervals[name].extend((b - a) * 1e3 for a, b in zip(stamps, stamps[1:]))
+
+    _, reps = interleaved({name: lambda name=name: stamped(name) for name in models}, budget, min_reps=3,
+                          max_reps=1 << 30, warmup=WARMUP, seed=random.randrange(1 << 30))
+    out = {}
+    for name, values in intervals.items():
+        warm = values[WARMUP * (BLOCKS - 1):]
+        out[name] = {"p50_ms": median(warm), "p90_ms": pct(warm, 90), "n": len(warm), "jobs": reps}
+    return out
+
+
+def _cluster_pids(server: Any, namespace: str) -> dict[str, list[int]]:
+    """The pids of a cluster's core and of its `tiny` replica's actor (both on this machine)."""
+    import ray
+
+    from tether.server.cluster import CORE_NAME
+
+    core = ray.get_actor(CORE_NAME, namespace=namespace)
+    return {"core": [ray.get(core.__ray_call__.remote(lambda _: os.getpid()))],
+            "actor": [server.hub.queues["tiny"].replicas[0].worker_pid(60)]}
+
+
+def _round_trip_cpu(models: dict[str, LanguageModel], pids: dict[str, dict[str, list[int]]],
+                    jobs: int) -> dict[str, dict[str, float]]:
+    """CPU per local() round trip of each server's processes, and of this one (the client and the front doors):
+    `jobs` jobs of CPU_BLOCKS blocks less as many of the same jobs without blocks, per block (/proc, 10 ms
+    ticks: hence the long jobs). CPU, unlike wall time, hardly moves with the machine's load."""
+    out = {}
+    for name, model in models.items():
+        spent: dict[str, dict[str, float]] = {}
+        for case, job in (("blocks", lambda model=model: blocks_job(model, CPU_BLOCKS, [])),
+                          ("none", lambda model=model: no_blocks_job(model, CPU_BLOCKS))):
+            before = {key: processes_cpu(group) for key, group in pids[name].items()} | {"this": time.process_time()}
+            for _ in range(jobs):
+                job()
+            after = {key: processes_cpu(group) for key, group in pids[name].items()} | {"this": time.process_time()}
+            spent[case] = {key: after[key] - before[key] for key in after}
+        out[name] = {key: (spent["blocks"][key] - spent["none"][key]) * 1e3 / (jobs * CPU_BLOCKS)
+                     for key in spent["blocks"]}
+    return out
 
 
 def _throughput(server: Any, names: list[str], budget: float) -> dict[str, dict[str, Any]]:
@@ -175,6 +245,15 @@ def run(options: Options | None = None) -> dict:
                 "added_calls_p50_ms": median(paired(times["calls"], times["embedded"])),
                 "local_calls_p50_ms": median(paired(times["calls_block"], times["calls"])),
             }
+            log(NAME, f"local() round trips ({BLOCKS} blocks a job) ...")
+            data["round_trip"] = _round_trips({"embedded": local_model, "ray": ray_model, "calls": calls_model},
+                                              ROUND_TRIP_BUDGET_S * scale)
+            log(NAME, "CPU per local() round trip, by process ...")
+            data["round_trip_cpu"] = _round_trip_cpu(
+                {"embedded": local_model, "ray": ray_model, "calls": calls_model},
+                {"embedded": {"worker": [embedded.hub.queues["tiny"].replicas[0].worker_pid(60)]},
+                 "ray": _cluster_pids(on_ray, "tether"), "calls": _cluster_pids(calls_only, NO_LANES)},
+                max(4, round(CPU_JOBS * scale)))
             log(NAME, "jobs/s with 1 and 2 replicas ...")
             data["throughput"] = _throughput(on_ray, ["wide1", "wide2"], THROUGHPUT_BUDGET_S * scale)
     finally:
@@ -190,7 +269,7 @@ def run(options: Options | None = None) -> dict:
 
 def _result(data: dict[str, Any], scale: float, load_at_start: float | None, started: float) -> dict:
     env = environment(load_at_start)
-    lat, put = data["latency"], data["throughput"]
+    lat, put, trip, cpu = data["latency"], data["throughput"], data["round_trip"], data["round_trip_cpu"]
     speedup = put["wide2"]["jobs_per_s"] / put["wide1"]["jobs_per_s"]
     return {
         "name": NAME,
@@ -205,18 +284,39 @@ def _result(data: dict[str, Any], scale: float, load_at_start: float | None, sta
                 ["job through Ray (1 replica)", ms(lat["ray_p50_ms"]), "", str(lat["n"])],
                 ["added by Ray (paired)", ms(lat["added_p50_ms"]), ms(lat["added_p90_ms"]), str(lat["n"])],
                 ["added by Ray without lanes (paired)", ms(lat["added_calls_p50_ms"]), "", str(lat["n"])],
-                ["one local() round trip through Ray (paired)", ms(lat["local_ray_p50_ms"]), "", str(lat["n"])],
-                ["one local() round trip through Ray without lanes (paired)", ms(lat["local_calls_p50_ms"]), "",
-                 str(lat["n"])],
-                ["one local() round trip, embedded (paired)", ms(lat["local_embedded_p50_ms"]), "", str(lat["n"])],
             ]},
+            {"title": (f"One local() round trip (ms): client stamps of consecutive blocks, {BLOCKS} a job, "
+                       "4 floats each way, as bench/local_blocks.py"),
+             "columns": ["what", "p50", "p90", "n"], "rows": [
+                 [label, ms(trip[key]["p50_ms"]), ms(trip[key]["p90_ms"]), str(trip[key]["n"])]
+                 for key, label in (("ray", "through Ray"), ("calls", "through Ray without lanes"),
+                                    ("embedded", "embedded"))] + [
+                 [f"old method, {label}: job with one block - job without (paired)", ms(lat[key]), "",
+                  str(lat["n"])]
+                 for key, label in (("local_ray_p50_ms", "through Ray"),
+                                    ("local_calls_p50_ms", "through Ray without lanes"),
+                                    ("local_embedded_p50_ms", "embedded"))]},
+            {"title": (f"CPU per local() round trip by process (ms): {CPU_BLOCKS}-block jobs less the same jobs "
+                       "without blocks, per block; /proc"),
+             "columns": ["server", "process", "CPU ms"], "rows": [
+                 [label, process, ms(cpu[key][process])]
+                 for key, label in (("ray", "through Ray"), ("calls", "through Ray without lanes"),
+                                    ("embedded", "embedded"))
+                 for process in [p for p in ("core", "actor", "worker") if p in cpu[key]] + ["this"]]},
             {"title": f"Throughput ({CLIENTS} client threads; one forward: {data['wide_forward_ms']:.1f} ms of CPU)",
              "columns": ["replicas", "jobs", "jobs/s", "vs 1 replica", "replicas' CPU (cores)"], "rows": [
                  [str(n), str(put[f"wide{n}"]["jobs"]), f"{put[f'wide{n}']['jobs_per_s']:.1f}",
                   f"{put[f'wide{n}']['jobs_per_s'] / put['wide1']['jobs_per_s']:.2f}x",
                   f"{put[f'wide{n}']['replica_cores']:.2f}"] for n in (1, 2)]},
         ],
-        "targets": [],
+        "targets": [
+            {"key": "added_latency", "name": "latency Ray adds to a job over the embedded server, p50",
+             "value": lat["added_p50_ms"], "limit": TARGET_MS, "ok": lat["added_p50_ms"] <= TARGET_MS,
+             "text": f"{ms(lat['added_p50_ms'])} ms (p90 {ms(lat['added_p90_ms'])} ms)"},
+            {"key": "local_round_trip", "name": "one local() round trip through Ray, p50",
+             "value": trip["ray"]["p50_ms"], "limit": TARGET_MS, "ok": trip["ray"]["p50_ms"] <= TARGET_MS,
+             "text": f"{ms(trip['ray']['p50_ms'])} ms (embedded {ms(trip['embedded']['p50_ms'])} ms)"},
+        ],
         "notes": busy_note(env) + [
             f"The machine has {os.cpu_count()} CPUs; a second replica needs a free core to add throughput "
             f"(measured: {speedup:.2f}x). The replicas' CPU column is what their actor processes got during their "

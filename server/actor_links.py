@@ -2,8 +2,9 @@
 send/recv/poll/fileno so the supervisor's relay (job_relay.py) runs unchanged, and the actor's end of it that
 the worker loop (`worker_main.serve`) uses.
 
-Two ways, one chosen when the actor starts: a lane (lanes.py: a socket, each message one write; bulky bytes
-inline) when the supervisor can open one to the actor, else Ray actor calls (`put`, and `take` polls of the
+Two ways, one chosen when the actor starts: lanes (lanes.py: sockets, each message one write; bulky bytes
+inline; a second lane, the direct one, read by the actor's job thread itself) when the supervisor can open them
+to the actor, else Ray actor calls (`put`, and `take` polls of the
 actor's outbox; bulky bytes as objects in Ray's object store). Either way a dead actor reads as EOF, with
 Ray's account of its death. Imports ray lazily, the protocol and lanes.py; never the job store.
 """
@@ -23,7 +24,8 @@ from typing import Any
 from . import worker_protocol as wp
 from .lanes import hang_up
 
-__all__ = ["ActorConnection", "LaneConnection", "ActorSide", "LaneSide", "Answers", "TAKE_WAIT", "PULLS", "why_dead"]
+__all__ = ["ActorConnection", "LaneConnection", "ActorSide", "LaneSide", "Answers", "DirectLane", "TAKE_WAIT", "PULLS",
+           "why_dead"]
 
 TAKE_WAIT = 0.5  # seconds one poll of an actor's outbox waits for a message (a dead actor is seen within this)
 PULLS = 2  # polls of an actor's outbox in flight at once: a message never waits for the next poll to arrive
@@ -71,18 +73,26 @@ def _pickled(message: Any) -> bytes:
     return pickle.dumps(_inline(message), pickle.HIGHEST_PROTOCOL)
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}  # a message class's field names (() for a type that is no dataclass)
+
+
 def _mapped(value: Any, convert) -> Any:
-    if type(value) in (list, tuple):
-        return type(value)(convert(v) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {}
-        for field in dataclasses.fields(value):
-            old = getattr(value, field.name)
-            new = convert(old)
-            if new is not old:
-                changes[field.name] = new
-        return dataclasses.replace(value, **changes) if changes else value
-    return value
+    """`value` with `convert` applied to its items (a list or tuple) or fields (a dataclass); the field names are
+    looked up once per class (every message crosses here: this is on each local() call's path)."""
+    kind = type(value)
+    if kind in (list, tuple):
+        return kind(convert(v) for v in value)
+    names = _FIELDS.get(kind)
+    if names is None:
+        dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        names = _FIELDS[kind] = tuple(field.name for field in dataclasses.fields(value)) if dataclass else ()
+    changes = {}
+    for name in names:
+        old = getattr(value, name)
+        new = convert(old)
+        if new is not old:
+            changes[name] = new
+    return dataclasses.replace(value, **changes) if changes else value
 
 
 # ---- the actor's end ---------------------------------------------------------------------------------------
@@ -164,10 +174,10 @@ class LaneSide:
 
 
 class Answers:
-    """A replica's direct path (`Replica.direct`, as worker_protocol.DirectPipe): a local() answer goes from the
-    thread that has it (the one serving a door's `deliver`) straight onto the connection to the actor, without a
-    hand-off to the relay thread; the actor's inbox passes it to the job that waits. Jobs, Reclaims and Stop sent
-    this way go on the same connection, in order."""
+    """A replica's direct path over Ray calls (`Replica.direct`, as worker_protocol.DirectPipe): a local() answer
+    goes from the thread that has it (the one serving a door's `deliver`) straight onto the connection to the
+    actor, without a hand-off to the relay thread; the actor's inbox passes it to the job that waits. Jobs,
+    Reclaims and Stop sent this way go on the same connection, in order."""
 
     def __init__(self, conn: Any):
         self._conn = conn
@@ -182,6 +192,32 @@ class Answers:
 
     def close(self) -> None:
         """(The connection is the supervisor's to close.)"""
+
+
+class DirectLane:
+    """A replica's direct path over a lane of its own (`Replica.direct`, as worker_protocol.DirectPipe): jobs,
+    their Reclaims, Stop and local() answers, read by the actor's job thread itself (`worker_main.serve`'s
+    `direct`), so an answer reaches the job that waits without a hand-off to the actor's inbox thread. Several
+    threads send (the relay, and the one serving a door's `deliver`), one message at a time."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: wp.RunJob | wp.RunBatch | wp.Reclaim | wp.LocalAnswer | wp.Stop) -> None:
+        """Send a message; an actor that is gone is noticed by the relay (the main lane's end)."""
+        data = _pickled(message)
+        with self._lock:
+            try:
+                self.conn.send_bytes(data)
+            except (OSError, ValueError):
+                if isinstance(message, wp.LocalAnswer):
+                    wp.discard(message.data)
+
+    def close(self) -> None:
+        """Shut the lane down (the actor's job thread reads EOF); its descriptor is closed with the Connection
+        object, as the main lane's (the watcher may still shut it down: a closed number could be reused)."""
+        hang_up(self.conn)
 
 
 class _Link:
@@ -253,9 +289,10 @@ class LaneConnection(_Link):
     worker loop ends) that Ray fails when the actor dies: its error is the death's account; the lane is then
     shut down, so a read sees EOF even where the peer's node vanished without closing it."""
 
-    def __init__(self, actor: Any, conn: Connection, name: str):
+    def __init__(self, actor: Any, conn: Connection, name: str, direct: Connection | None = None):
         super().__init__(actor)
         self._conn = conn
+        self._direct = direct  # the direct lane's connection (DirectLane's), shut down with this one
         self._send_lock = threading.Lock()
         threading.Thread(target=self._watch, name=f"tether-ray-watch-{name}", daemon=True).start()
 
@@ -272,9 +309,14 @@ class LaneConnection(_Link):
             why = f"its Ray actor could not be reached ({type(error).__name__}: {_first_line(error)})"
         try:
             self._end(why)
-            hang_up(self._conn)
+            self._hang_up()
         finally:
             self._watched()
+
+    def _hang_up(self) -> None:
+        hang_up(self._conn)
+        if self._direct is not None:
+            hang_up(self._direct)
 
     def fileno(self) -> int:
         return self._conn.fileno()
@@ -298,7 +340,7 @@ class LaneConnection(_Link):
     def _closed_by_supervisor(self) -> None:
         """Shut the lane down; its descriptor is closed with the Connection object (a relay thread may still be
         reading it: a number closed under a reader could be reused by another file)."""
-        hang_up(self._conn)
+        self._hang_up()
 
 
 class ActorConnection(_Link):

@@ -82,6 +82,20 @@ class Core:
             raise answer.error()
         return answer
 
+    def post(self, method: str, *args: Any) -> None:
+        """A call (of LANE_CALLS) whose answer this door need not wait for: over a lane, one write, run after the
+        door's earlier posts (a local() answer, then the stream's end, keep their order); without lanes, a
+        call as any other."""
+        calls = self._calls if method in LANE_CALLS else None
+        if calls is not None:
+            try:
+                return calls.post(method, args)
+            except LaneBroken as error:
+                raise self._unanswered(str(error)) from None
+            except LaneUnavailable:  # nothing reached the core: Ray carries it
+                pass
+        self(method, *args)
+
     def _by_ray(self, method: str, args: tuple, wait: float) -> Any:
         import ray
         from ray.exceptions import RayTaskError
@@ -122,12 +136,14 @@ class RemoteLink:
         if self._ended():  # no local() call can come any more: the core need not hear of it (a call saved)
             return
         try:
-            self._core("detach", self._job_id, reason)
+            self._core.post("detach", self._job_id, reason)  # (after this stream's answers: posted too)
         except ServerError as error:
             _log.warning("job %s: could not tell the cluster its stream ended: %s", self._job_id, error)
 
     def deliver(self, answer: jobs_pb2.LocalResult) -> None:
-        self._core("deliver", self._job_id, answer.SerializeToString())
+        """Posted: the stream's reader goes on to the client's next message at once (the core's deliver answers
+        nothing, and fails nothing a client should hear of)."""
+        self._core.post("deliver", self._job_id, answer.SerializeToString())
 
 
 class RemoteResult:

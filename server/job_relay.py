@@ -6,7 +6,7 @@ be restarted (supervisor.py restarts it). Imports the job records and the worker
 from __future__ import annotations
 
 import logging
-import multiprocessing.connection
+import select
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from .errors import (
 )
 from .failures import failure_of
 from .interrupts import GRACE
+from .jobs import STATUS_LINGER
 from .local_calls import NO_STREAM, StillOpen
 from .reruns import BatchRelay, Sent
 from .workers import Entry
@@ -153,14 +154,19 @@ class JobRelay(BatchRelay):
         wake = self.replica._wake_in
         while wake.poll():  # wakes for jobs that have ended since
             wake.recv_bytes()
-        waitables = [self.conn, wake] + ([self.replica.process.sentinel] if pid else [])
+        # one poll object for the whole run (multiprocessing.connection.wait builds a selector at each call)
+        conn_fd, wake_fd = self.conn.fileno(), wake.fileno()
+        sentinel = self.replica.process.sentinel if pid else -1
+        poller = select.poll()
+        for fd in (conn_fd, wake_fd, sentinel) if pid else (conn_fd, wake_fd):
+            poller.register(fd, select.POLLIN)
         while self._live():
-            ready = multiprocessing.connection.wait(waitables, TICK)
-            if wake in ready:
+            ready = [fd for fd, _ in poller.poll(TICK * 1000)]  # (a hang-up counts as ready: recv says EOF)
+            if wake_fd in ready:
                 while wake.poll():
                     wake.recv_bytes()
                 self._forward_cancels()
-            if self.conn in ready:
+            if conn_fd in ready:
                 try:
                     message = self.conn.recv()
                 except (EOFError, OSError):
@@ -171,7 +177,7 @@ class JobRelay(BatchRelay):
                 self._handle(message)
                 if not self._live():
                     break
-            elif pid and self.replica.process.sentinel in ready and not self.conn.poll():
+            elif sentinel in ready and not self.conn.poll():
                 self._ended_with_worker(WorkerCrashed, None)
                 return ""
             killed = self._check(pid)  # (after messages too: a job that logs all the time is still timed)
@@ -198,9 +204,9 @@ class JobRelay(BatchRelay):
             track.last_log = message.text
             if track.sent.line():
                 job.event(log=jobs_pb2.LogLine(text=message.text))
-        elif isinstance(message, wp.Progress):
+        elif isinstance(message, wp.Progress):  # (wakes no reader: it lingers anyway; see Job.wake_late)
             if track.sent.progress(message.step):
-                job.event(progress=jobs_pb2.Progress(step=message.step, total_steps=message.total))
+                job.event(progress=jobs_pb2.Progress(step=message.step, total_steps=message.total), notify=False)
         elif isinstance(message, wp.LocalCall):
             self._local(track, message)
         elif isinstance(message, wp.Done):
@@ -262,6 +268,8 @@ class JobRelay(BatchRelay):
         worker with, if a job must be stopped."""
         now = time.monotonic()
         live = self._forward_cancels()
+        for track in live:
+            track.job.wake_late(now, STATUS_LINGER)
         if pid is None or now - self.checked < TICK:
             return None  # (a thread worker cannot be killed: its watchdog stops what it can)
         self.checked = now

@@ -66,7 +66,10 @@ class Job:
         self.id = job_id or new_job_id()
         self.owner, self.model, self.kind, self.request_id = owner, model, kind, request_id
         self.create_time = _now()
-        self.cond = threading.Condition()
+        self.lock = threading.RLock()  # guards every mutable field; `cond` and the LocalLink's condition wait on it
+        self.cond = threading.Condition(self.lock)  # woken by events while someone reads them, and by the end
+        self._readers = 0  # guarded by cond: threads waiting in wait_events / wait_frames (see set_state)
+        self._unwoken = 0.0  # guarded by cond: time.monotonic() of the first event not notified yet (0: none)
         self.status = jobs_pb2.JobStatus()  # guarded by cond: the latest status
         self.update_time = self.create_time  # guarded by cond
         self.result: ResultBytes | None = None  # guarded by cond: the serialized JobResult once COMPLETED
@@ -129,20 +132,24 @@ class Job:
             self._local_calls.setdefault(response.event.local_call.call_id, []).append(len(self._events))
         self._events.append(response)
         if notify:
+            self._unwoken = 0.0
             self.cond.notify_all()
+        elif not self._unwoken:
+            self._unwoken = time.monotonic()
         return len(self._events)
 
-    def set_state(
-        self,
-        state: int,
-        message: str = "",
-        *,
-        failure: failure_pb2.Failure | None = None,
-        queue_position: int = 0,
-        code: grpc.StatusCode | None = None,
-        notify: bool = True,
-        batch_size: int = 0,
-    ) -> bool:
+    def wake_late(self, now: float, after: float) -> None:
+        """Wake the readers for events appended `after` s ago or more without waking them (progress steps: a step
+        never wakes a reader by itself); the relay calls this between messages and at least every TICK."""
+        if self._unwoken and now - self._unwoken >= after:  # (a plain read first: most calls find nothing)
+            with self.cond:
+                if self._unwoken and now - self._unwoken >= after:
+                    self._unwoken = 0.0
+                    self.cond.notify_all()
+
+    def set_state(self, state: int, message: str = "", *, failure: failure_pb2.Failure | None = None,
+                  queue_position: int = 0, code: grpc.StatusCode | None = None, notify: bool = True,
+                  batch_size: int = 0) -> bool:
         """Move to `state` and log it; False (nothing changes) once the job is terminal or for a step back.
         notify=False: the caller logs another event at once, which wakes the watchers (see `event`)."""
         with self.cond:
@@ -155,7 +162,8 @@ class Job:
             self.state_times[state] = time.monotonic()
             if state in TERMINAL:
                 self.failure_code = code
-            self.event(status=self.status, notify=notify)
+            # (a step on the way wakes only readers of events, not those waiting for the end: frames_when_done...)
+            self.event(status=self.status, notify=notify and (self._readers > 0 or state in TERMINAL))
             return True
 
     def complete(self, result: bytes | list | ResultBytes, chunk_size: int, ttl: float) -> None:
@@ -219,6 +227,8 @@ class Job:
             if self.cancel_reason is None:
                 self.cancel_reason = reason or "cancelled by the client"
             self.cond.notify_all()
+            if self.link is not None:
+                self.link.notify()  # a local() call waiting for its answer stops
             wake = self.on_cancel
         if wake is not None:
             wake()  # the relay forwards the cancel to the worker now, not at its next idle tick
@@ -245,20 +255,27 @@ class Job:
         with self.cond:
             return len(self._events)
 
-    def wait_events(
-        self, after: int, stop: Callable[[], bool], timeout: float | None = None, limit: int = 16
-    ) -> tuple[list[jobs_pb2.JobEvent], bool]:
+    def wait_events(self, after: int, stop: Callable[[], bool], timeout: float | None = None,
+                    limit: int = 16) -> tuple[list[jobs_pb2.JobEvent], bool]:
         """Up to `limit` events with sequence > `after`, waiting until there is one, the job ended or `stop()`.
 
         Returns (events, finished): finished is True once the job ended and every event is returned. The
         limit bounds what one call copies (result chunks are built from `result` on the way out).
         """
         with self.cond:
-            self.cond.wait_for(partial(self._moved, after, stop), timeout)
+            self._wait_moved(after, stop, timeout)
             entries = self._events[after : after + limit]
             finished = self.done and after + len(entries) == len(self._events)
             result = self.result
         return [self._materialize(e, result) for e in entries], finished
+
+    def _wait_moved(self, seen: int, stop: Callable[[], bool], timeout: float | None) -> bool:
+        """With the lock held: wait, as a reader (new events wake it), until `_moved(seen, stop)`."""
+        self._readers += 1
+        try:
+            return self.cond.wait_for(partial(self._moved, seen, stop), timeout)
+        finally:
+            self._readers -= 1
 
     def _linger(self, after: int, stop: Callable[[], bool], deadline: float) -> None:
         """With the lock held: wait while every unsent event is a status change or a progress step of a live job
@@ -268,17 +285,15 @@ class Job:
             for e in self._events[after:]
         ):
             left = deadline - time.monotonic()
-            if left <= 0 or not self.cond.wait_for(partial(self._moved, len(self._events), stop), left):
+            if left <= 0 or not self._wait_moved(len(self._events), stop, left):
                 return
 
     def _moved(self, seen: int, stop: Callable[[], bool]) -> bool:
         """Whether there are events after `seen`, the job ended, or `stop()` (what readers wait for)."""
         return len(self._events) > seen or self.done or stop()
 
-    def wait_frames(
-        self, after: int, stop: Callable[[], bool], timeout: float | None = None, limit: int = 16,
-        linger: float = 0.0, lazy: bool = False,
-    ) -> tuple[list[bytes] | list[Frame], int, bool]:
+    def wait_frames(self, after: int, stop: Callable[[], bool], timeout: float | None = None, limit: int = 16,
+                    linger: float = 0.0, lazy: bool = False) -> tuple[list[bytes] | list[Frame], int, bool]:
         """As wait_events, but as serialized RunJobResponses / WatchJobResponses (the same bytes), built
         outside the lock: result chunks straight from the result's pieces, one copy each (`lazy`: not yet,
         as Frames, each joined as it is sent).
@@ -291,7 +306,7 @@ class Job:
         result chunks never wait.
         Returns (frames, count of events they hold, finished)."""
         with self.cond:
-            self.cond.wait_for(partial(self._moved, after, stop), timeout)
+            self._wait_moved(after, stop, timeout)
             if linger:
                 self._linger(after, stop, time.monotonic() + linger)
             entries = self._events[after : after + limit]
@@ -370,23 +385,14 @@ class Job:
             if status.state == jobs_pb2.JOB_STATE_QUEUED:
                 status.queue_position = queue_position
             return jobs_pb2.JobInfo(
-                job_id=self.id,
-                model=self.model,
-                kind=self.kind,
-                status=status,
-                create_time=self.create_time,
-                update_time=self.update_time,
-                last_sequence=len(self._events),
-                result_size=len(self.result) if self.result is not None else 0,
-                result_expire_time=self.expire_time,
-            )
+                job_id=self.id, model=self.model, kind=self.kind, status=status, create_time=self.create_time,
+                update_time=self.update_time, last_sequence=len(self._events),
+                result_size=len(self.result) if self.result is not None else 0, result_expire_time=self.expire_time)
 
 
 class JobStore:
-    """Every job the server still remembers, by id, and the request ids that made them (idempotency).
-
-    Lock order: a job's `cond` may be held while taking the store's `_lock`, never the reverse.
-    """
+    """Every job the server still remembers, by id, and the request ids that made them (idempotency). Lock
+    order: a job's `cond` may be held while taking the store's `_lock`, never the reverse."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -443,7 +449,8 @@ class JobStore:
         return job
 
     def _job_ended(self, job: Job) -> None:
-        _log.info("%s", job.summary())
+        if _log.isEnabledFor(logging.INFO):
+            _log.info("%s", job.summary())
         with self._lock:
             self._ended += 1
             heapq.heappush(self._expiring, (job.expire_at, self._ended, job))

@@ -8,6 +8,7 @@ which sends a complete one straight on to the waiting worker when the relay gave
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,10 +39,12 @@ class StillOpen(Exception):
 
 
 class LocalLink:
-    """The RunJob streams of one job, as its worker sees them. All fields are guarded by `job.cond`."""
+    """The RunJob streams of one job, as its worker sees them. All fields are guarded by `job.cond`; the call that
+    waits for its answer waits on `_cond` (the job's lock), so an answer wakes it alone, never the job's readers."""
 
     def __init__(self, job: Job):
         self._job = job
+        self._cond = threading.Condition(job.lock)
         self._streams = 0  # open RunJob streams attached to the job
         self._closed: str | None = None  # why no stream can answer any more
         self._open: tuple[str, str] | None = None  # (call_id, block_id) of the call waiting for its answer
@@ -66,7 +69,12 @@ class LocalLink:
             self._streams = max(0, self._streams - 1)
             if self._streams == 0:
                 self._closed = reason
-                self._job.cond.notify_all()
+                self._cond.notify_all()
+
+    def notify(self) -> None:
+        """Have a call waiting for its answer look again (the job was asked to stop)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def keep(self) -> None:
         """The job runs in a batch: keep the answers from now on, so that a re-run alone replays them."""
@@ -88,7 +96,7 @@ class LocalLink:
             send, outcome = self._direct, None
             if send is not None and (outcome := self._outcome()) is not None:
                 self._answered, self._direct = True, None
-            self._job.cond.notify_all()
+            self._cond.notify_all()
         if outcome is not None:
             send(outcome)  # (outside the lock: the relay, woken, sees the call answered and sends nothing)
 
@@ -152,7 +160,7 @@ class LocalLink:
                     left = answer_by - now
                     if left <= 0:
                         raise timed_out() if answer_by >= deadline else _unanswered(block_id, local_timeout)
-                    job.cond.wait(left if held_until is None else min(left, held_until - now))
+                    self._cond.wait(left if held_until is None else min(left, held_until - now))
             finally:
                 self._direct = None
                 if not still_open:

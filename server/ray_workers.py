@@ -19,8 +19,17 @@ import uuid
 from typing import Any
 
 from . import worker_protocol as wp
-from .actor_links import PULLS, ActorConnection, ActorSide, Answers, LaneConnection, LaneSide, why_dead
-from .lanes import Listener, dial, new_token
+from .actor_links import (
+    PULLS,
+    ActorConnection,
+    ActorSide,
+    Answers,
+    DirectLane,
+    LaneConnection,
+    LaneSide,
+    why_dead,
+)
+from .lanes import PROOF_TIMEOUT, Listener, dial, hang_up, new_token
 from .supervisor import Replica
 
 __all__ = ["connect", "RayReplica", "ReplicaActor", "PickledModel", "gpus_of"]
@@ -28,6 +37,7 @@ __all__ = ["connect", "RayReplica", "ReplicaActor", "PickledModel", "gpus_of"]
 _log = logging.getLogger("tether.server")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _connect_lock = threading.Lock()
+_DIRECT, _MAIN = b"direct", b"main"  # the first message on each of a supervisor's two lanes to its actor
 
 
 def connect(address: str) -> None:
@@ -108,9 +118,10 @@ class PickledModel:
 
 class ReplicaActor:
     """A Ray actor hosting one replica's worker loop (`worker_main.serve`) in a thread, once its supervisor has
-    opened a lane to it (`lane()`: where; the token came with the constructor's arguments) or, where it cannot,
-    asked for Ray calls instead (`use_ray`, then `put` and `take`). Made a Ray actor class by `_actor_class()`
-    (so this module imports without ray)."""
+    opened its two lanes to it (`lane()`: where; the token came with the constructor's arguments): the direct
+    one, read by the job thread itself (jobs, local() answers), then the main one (the worker's messages, and
+    cancels), or, where it cannot, asked for Ray calls instead (`use_ray`, then `put` and `take`). Made a Ray
+    actor class by `_actor_class()` (so this module imports without ray)."""
 
     def __init__(self, name: str, payload: Any, source: Any, policy: Any, token: bytes = b""):
         if isinstance(payload, PickledModel):
@@ -119,6 +130,8 @@ class ReplicaActor:
         self._claimed = threading.Lock()  # taken by the first way the supervisor connects (the only one served)
         self._ended = threading.Event()  # the worker loop ended
         self._side = ActorSide()
+        self._direct: Any = None  # guarded by _lanes: the direct lane, once it came
+        self._lanes = threading.Condition()
         self._listener: Listener | None = None
         if token:
             try:
@@ -128,15 +141,33 @@ class ReplicaActor:
                              name, error)
 
     def lane(self) -> tuple[str, int] | None:
-        """Where the supervisor opens its lane (None: this actor could not listen)."""
+        """Where the supervisor opens its lanes (None: this actor could not listen)."""
         return self._listener.address if self._listener is not None else None
 
     def _on_lane(self, conn: Any) -> None:
-        if not self._claimed.acquire(blocking=False):
+        """A proven lane: its first message says which it is. The direct lane is kept; the main one then serves
+        the worker loop, in its own thread (the supervisor opens the direct lane first)."""
+        try:
+            role = conn.recv_bytes(len(_DIRECT)) if conn.poll(PROOF_TIMEOUT) else b""
+        except (EOFError, OSError):
+            role = b""
+        if role == _DIRECT:
+            with self._lanes:
+                if self._direct is None:
+                    self._direct = conn
+                    self._lanes.notify_all()
+                    return
+        if role != _MAIN or not self._claimed.acquire(blocking=False):
             conn.close()
             return
         self._listener.close()
-        self._serve(LaneSide(conn))  # (in the lane's own thread)
+        with self._lanes:
+            self._lanes.wait_for(lambda: self._direct is not None, PROOF_TIMEOUT)
+            direct = self._direct
+        if direct is None:  # (the supervisor reads EOF on its main lane: this actor's start fails)
+            conn.close()
+            return
+        self._serve(LaneSide(conn), direct)
 
     def use_ray(self) -> None:
         """No lane could be opened: the worker's messages go by `put` and `take`."""
@@ -146,15 +177,17 @@ class ReplicaActor:
             threading.Thread(target=self._serve, args=(self._side,), name=f"tether-worker-{self._serving[0]}",
                              daemon=True).start()
 
-    def _serve(self, side: Any) -> None:
+    def _serve(self, side: Any, direct: Any = None) -> None:
         from .worker_main import serve
 
         try:
-            serve(side, *self._serving)
+            serve(side, *self._serving, direct)
         except BaseException:
             _log.exception("the worker of %s failed", self._serving[0])
         finally:
             side.close()
+            if direct is not None:
+                hang_up(direct)
             self._ended.set()
 
     def ended(self) -> None:
@@ -242,9 +275,8 @@ class RayReplica(Replica):
         self.process = _ActorProcess(actor, None, None)
         give_up = time.monotonic() + _start_timeout()
         try:
-            conn, node = self._connect(actor, token, give_up)
+            conn, self.direct, node = self._connect(actor, token, give_up)
             self.conn = self.process.conn = conn
-            self.direct = Answers(conn)
             while not conn.poll(0.2) and not conn.death:
                 self._starting(give_up)
             try:
@@ -268,8 +300,9 @@ class RayReplica(Replica):
         if time.monotonic() > give_up:
             raise RuntimeError(f"its Ray actor did not start within {_start_timeout():g} s")
 
-    def _connect(self, actor: Any, token: bytes, give_up: float) -> tuple[Any, str | None]:
-        """The connection to the actor, and its node's address where known: a lane, else Ray calls."""
+    def _connect(self, actor: Any, token: bytes, give_up: float) -> tuple[Any, Any, str | None]:
+        """The connection to the actor, its direct path, and its node's address where known: two lanes (the
+        direct one first), else Ray calls."""
         import ray
         from ray.exceptions import RayActorError
 
@@ -281,13 +314,21 @@ class RayReplica(Replica):
         except RayActorError as error:
             raise RuntimeError(f"{why_dead(error)} while it started (see the Ray logs)") from None
         if address is not None:
+            opened = []
             try:
-                return LaneConnection(actor, dial(tuple(address), token), self.name), address[0]
+                for role in (_DIRECT, _MAIN):
+                    opened.append(dial(tuple(address), token))
+                    opened[-1].send_bytes(role)
+                direct, main = opened
+                return LaneConnection(actor, main, self.name, direct), DirectLane(direct), address[0]
             except (OSError, ConnectionError) as error:
+                for lane in opened:
+                    lane.close()
                 _log.warning("no lane to the actor of %s at %s:%s (%s): Ray calls carry its messages", self.name,
                              address[0], address[1], error)
         actor.use_ray.remote()
-        return ActorConnection(actor, self.name), None
+        conn = ActorConnection(actor, self.name)
+        return conn, Answers(conn), None
 
     def private_memory(self, pid: int) -> int:
         """An actor on this machine is measured like a worker process; one on another node is left to Ray's

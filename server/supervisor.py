@@ -298,10 +298,11 @@ class Replica:
         _log.info("restarted the worker of %s in %.2f s", self.name, time.monotonic() - started)
 
 
-# torch's float unary ops that call MKL's vector math (aten/src/ATen/cpu/vml.h), each on float32 and float64
 def _serve_in_thread(serve: Callable[..., None], args: tuple) -> None:
     """A worker kept in the server process: its end of the direct pipe (args[-1], read by this thread only) is
-    closed once it ends, as a worker process's is with the process."""
+    closed once it ends, as a worker process's is with the process. Its end of the main pipe (args[0]) is not:
+    its inbox thread may still be about to read it, and a descriptor closed under a reader can be reused by
+    another file before that read (it is closed when the Connection is collected)."""
     try:
         serve(*args)
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import queue
 import socket
 import threading
+import time
 
 import pytest
 
@@ -17,9 +18,12 @@ from tether.server.lanes import Calls, Listener, dial, hang_up, new_token, serve
 class _Target:
     def __init__(self):
         self.calls: list[tuple] = []
+        self.changed = threading.Condition()
 
     def add(self, a, b):
-        self.calls.append(("add", a, b))
+        with self.changed:
+            self.calls.append(("add", a, b))
+            self.changed.notify_all()
         return a + b
 
     def fail(self):
@@ -151,3 +155,54 @@ def test_a_peer_that_stalls_inside_its_proof_is_cut_off(served, monkeypatch):
     raw.close()
     assert len(received) == 4 + 32
     assert calls("add", (1, 2), 5) == 3
+
+
+
+def test_a_listener_holds_at_most_its_cap_of_lanes_and_refuses_the_rest_until_one_ends():
+    """Each connection has a listener thread: past its cap a connection is closed at once (no thread piles up).
+    A caller whose lanes worked before takes such a refusal for that call only (Ray carries it), not for good."""
+    token, target = new_token(), _Target()
+    listener = Listener(token, lambda conn: serve_calls(conn, target, frozenset({"add"})), "test-lane",
+                        host="127.0.0.1", max_lanes=2)
+    calls = Calls(listener.address, token)
+    try:
+        assert calls("add", (1, 2), 5) == 3  # its lane stays open, idle
+        held = dial(listener.address, token)  # the second: the cap is reached
+        with pytest.raises((ConnectionError, EOFError, OSError)):
+            dial(listener.address, token)
+        fresh = Calls(listener.address, token)
+        with pytest.raises(LaneUnavailable):
+            fresh("add", (1, 2), 5)
+        assert fresh.unusable  # (it never opened one: no lane can be, as far as it knows)
+        kept = calls._idle.pop()  # (so its next call needs a new lane)
+        with pytest.raises(LaneUnavailable):
+            calls("add", (1, 2), 5)
+        assert not calls.unusable
+        held.close()  # its listener thread ends, and with it its hold on the cap
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert calls("add", (5, 6), 5) == 11
+                break
+            except LaneUnavailable:
+                assert time.monotonic() < deadline, "the listener never took a lane again"
+        kept.conn.close()
+    finally:
+        calls.close()
+        listener.close()
+
+
+def test_posts_run_in_the_order_they_were_posted_without_an_answer_and_calls_still_answer(served):
+    """A post is one write (a local() answer from a door to the core): nothing comes back on its lane, so the
+    lane's next message is the next post's, and calls made meanwhile are answered on their own lanes."""
+    target, _, calls, _ = served
+    for i in range(30):
+        calls.post("add", (i, 0))
+    calls.post("fail", ())  # (a failed post is logged where it ran: nothing comes back)
+    assert calls("add", (100, 0), 5) == 100
+    for i in range(30, 40):
+        calls.post("add", (i, 0))
+    with target.changed:  # (posts are not waited for: wait for the target to have run them)
+        assert target.changed.wait_for(lambda: len(target.calls) == 41, 10), target.calls
+    posted = [call[1] for call in target.calls if call[1] != 100]
+    assert posted == list(range(40))
