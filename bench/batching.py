@@ -157,6 +157,7 @@ def run(options: Options | None = None) -> dict:
             lone = {name: _remote_model(address) for name, address in addresses.items()}
             for case, job in CASES.items():
                 pair = data.setdefault(case, {})["1"] = _lone_paired(job, lone, 2 * BUDGET_S * scale)
+                pair["load_1m"] = load()
                 log(NAME, f"{case}, 1 client, paired: {pair['paired']['reps']} pairs, p50 alone "
                           f"{pair['alone']['p50_ms']:.1f} ms, batching {pair['batching']['p50_ms']:.1f} ms, "
                           f"paired difference p50 {pair['paired']['p50_ms']:+.1f} ms")
@@ -167,6 +168,7 @@ def run(options: Options | None = None) -> dict:
                     with host(addresses[name]):
                         row = _clients(job, n, BUDGET_S * scale)
                     data.setdefault(case, {}).setdefault(str(n), {})[name] = row
+                    data[case][str(n)]["load_1m"] = load()
                     log(NAME, f"{case}, {n} clients, {name}: {row['jobs']} jobs, {row['jobs_per_s']:.2f} jobs/s, "
                               f"p50 {row['p50_ms']:.1f} ms")
     finally:
@@ -196,11 +198,12 @@ def _tables(data: dict) -> list[dict]:
             diff = pair.get("paired")
             rows.append([n + (" (paired)" if diff else ""), f"{off['jobs_per_s']:.2f}", f"{on['jobs_per_s']:.2f}",
                          f"{on['jobs_per_s'] / off['jobs_per_s']:.2f}x", ms(off["p50_ms"]), ms(on["p50_ms"]),
-                         f"{diff['p50_ms']:+.1f}" if diff else "-", ms(off["p99_ms"]), ms(on["p99_ms"])])
+                         f"{diff['p50_ms']:+.1f}" if diff else "-", ms(off["p99_ms"]), ms(on["p99_ms"]),
+                         "?" if pair.get("load_1m") is None else f"{pair['load_1m']:.2f}"])
         tables.append({"title": f"{case}: jobs/s and per-job latency (ms); 1 client: jobs alternating between "
                                 "the servers, with the median of the paired differences (batched - alone)",
                        "columns": ["clients", "jobs/s alone", "jobs/s batched", "ratio", "p50 alone", "p50 batched",
-                                   "p50 paired diff", "p99 alone", "p99 batched"], "rows": rows})
+                                   "p50 paired diff", "p99 alone", "p99 batched", "load (1 min)"], "rows": rows})
     return tables
 
 
