@@ -1,8 +1,11 @@
 """Cross-job batching: jobs/s and per-job latency with batching on (the default) against `--max-batch 1`.
 
-Two `tether serve` processes host the same model side by side, one batching and one not; 1, 4 and 16 client
-threads each run blocking jobs back to back: a 16-token generation with a per-step save, and a single traced
-forward with one save. `TETHER_BENCH_BATCHING_MODEL=tiny` swaps SmolLM2 for the tiny GPT-2 (a smoke run).
+Two `tether serve` processes host the same model side by side, one batching and one not; 4 and 16 client
+threads each run blocking jobs back to back on one server, then on the other: a 16-token generation with a
+per-step save, and a single traced forward with one save. A lone job (1 client) is timed paired: one client
+runs each prompt on both servers, in a fresh random order per repetition, so the load of the moment and the
+drift of a window fall on both sides alike and the paired difference is what batching adds to a lone job.
+`TETHER_BENCH_BATCHING_MODEL=tiny` swaps SmolLM2 for the tiny GPT-2 (a smoke run).
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ from bench._common import (
     concurrent_clients,
     environment,
     host,
+    interleaved,
     load,
     log,
+    median,
     ms,
+    paired,
+    pct,
     quiet_client,
 )
 
@@ -96,11 +103,38 @@ def _clients(job, n: int, budget_s: float) -> dict:
                               cap=max(2, JOB_CAP // n))
 
 
-def _remote_model() -> Any:
-    """The served model, as a client sees it (its spec from the server CONFIG.API.HOST names)."""
+def _lone_paired(job, models: dict[str, Any], budget_s: float) -> dict:
+    """One client alternating its jobs between the servers (`models`: one remote model per server), each
+    repetition one prompt on both in a fresh random order: each side's row, and the paired difference of
+    batching's latency minus the other's (ms)."""
+    calls = dict.fromkeys(models, 0)
+
+    def case(name: str):
+        def run() -> None:
+            job(models[name], PROMPTS[calls[name] % len(PROMPTS)])
+            calls[name] += 1
+        return run
+
+    times, reps = interleaved({name: case(name) for name in models}, budget_s, min_reps=10, max_reps=JOB_CAP,
+                              warmup=1)
+    pair: dict[str, Any] = {name: _row(values) for name, values in times.items()}
+    diff = paired(times["batching"], times["alone"])
+    pair["paired"] = {"reps": reps, "p50_ms": median(diff), "p90_ms": pct(diff, 90)}
+    return pair
+
+
+def _row(latencies: list[float]) -> dict:
+    """A side's row of sequential jobs (one client): jobs/s as the inverse of its mean latency."""
+    return {"clients": 1, "jobs": len(latencies), "seconds": sum(latencies) / 1e3,
+            "jobs_per_s": len(latencies) / (sum(latencies) / 1e3), "p50_ms": median(latencies),
+            "p99_ms": pct(latencies, 99), "min_jobs_per_client": len(latencies)}
+
+
+def _remote_model(address: str | None = None) -> Any:
+    """The served model, as a client sees it (its spec from the server at `address`, default CONFIG.API.HOST)."""
     from tether import LanguageModel
 
-    return LanguageModel("m")
+    return LanguageModel("m") if address is None else LanguageModel("m", host=address)
 
 
 def run(options: Options | None = None) -> dict:
@@ -120,13 +154,21 @@ def run(options: Options | None = None) -> dict:
                     for job in CASES.values():
                         for prompt in PROMPTS[:WARMUP_JOBS]:
                             job(warm, prompt)
-            runs = [(case, job, n) for case, job in CASES.items() for n in CLIENTS]
+            lone = {name: _remote_model(address) for name, address in addresses.items()}
+            for case, job in CASES.items():
+                pair = data.setdefault(case, {})["1"] = _lone_paired(job, lone, 2 * BUDGET_S * scale)
+                pair["load_1m"] = load()
+                log(NAME, f"{case}, 1 client, paired: {pair['paired']['reps']} pairs, p50 alone "
+                          f"{pair['alone']['p50_ms']:.1f} ms, batching {pair['batching']['p50_ms']:.1f} ms, "
+                          f"paired difference p50 {pair['paired']['p50_ms']:+.1f} ms")
+            runs = [(case, job, n) for case, job in CASES.items() for n in CLIENTS if n > 1]
             for i, (case, job, n) in enumerate(runs):
                 # side by side, one at a time (the other server idles), in alternating order
                 for name in ("alone", "batching") if i % 2 == 0 else ("batching", "alone"):
                     with host(addresses[name]):
                         row = _clients(job, n, BUDGET_S * scale)
                     data.setdefault(case, {}).setdefault(str(n), {})[name] = row
+                    data[case][str(n)]["load_1m"] = load()
                     log(NAME, f"{case}, {n} clients, {name}: {row['jobs']} jobs, {row['jobs_per_s']:.2f} jobs/s, "
                               f"p50 {row['p50_ms']:.1f} ms")
     finally:
@@ -151,14 +193,17 @@ def _tables(data: dict) -> list[dict]:
     tables = []
     for case, by_n in data.items():
         rows = []
-        for n, pair in by_n.items():
+        for n, pair in sorted(by_n.items(), key=lambda item: int(item[0])):
             on, off = pair["batching"], pair["alone"]
-            rows.append([n, f"{off['jobs_per_s']:.2f}", f"{on['jobs_per_s']:.2f}",
+            diff = pair.get("paired")
+            rows.append([n + (" (paired)" if diff else ""), f"{off['jobs_per_s']:.2f}", f"{on['jobs_per_s']:.2f}",
                          f"{on['jobs_per_s'] / off['jobs_per_s']:.2f}x", ms(off["p50_ms"]), ms(on["p50_ms"]),
-                         ms(off["p99_ms"]), ms(on["p99_ms"])])
-        tables.append({"title": f"{case}: jobs/s and per-job latency (ms)",
+                         f"{diff['p50_ms']:+.1f}" if diff else "-", ms(off["p99_ms"]), ms(on["p99_ms"]),
+                         "?" if pair.get("load_1m") is None else f"{pair['load_1m']:.2f}"])
+        tables.append({"title": f"{case}: jobs/s and per-job latency (ms); 1 client: jobs alternating between "
+                                "the servers, with the median of the paired differences (batched - alone)",
                        "columns": ["clients", "jobs/s alone", "jobs/s batched", "ratio", "p50 alone", "p50 batched",
-                                   "p99 alone", "p99 batched"], "rows": rows})
+                                   "p50 paired diff", "p99 alone", "p99 batched", "load (1 min)"], "rows": rows})
     return tables
 
 
@@ -173,8 +218,9 @@ def _targets(data: dict) -> list[dict]:
     for case, by_n in data.items():
         lone = by_n.get("1")
         if lone:
-            added = lone["batching"]["p50_ms"] - lone["alone"]["p50_ms"]
+            added = lone["paired"]["p50_ms"]
             targets.append({"name": f"{case}_lone_job", "text": f"{case}, one client: batching adds {added:.1f} ms "
-                            f"to the median job (limit: the batch wait, {BATCH_WAIT_MS:g} ms)",
+                            f"to a lone job (median of {lone['paired']['reps']} paired differences; limit: the "
+                            f"batch wait, {BATCH_WAIT_MS:g} ms)",
                             "ok": added <= BATCH_WAIT_MS, "limit": BATCH_WAIT_MS, "value": added})
     return targets

@@ -4,6 +4,7 @@ with its own window, namespace, log, local() handler, cancel and outcome (its so
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,7 @@ class _Job:
     steps: int | None = None  # generation steps it ran, once its generation ended (own max_new_tokens or EOS)
     generated: Any = None  # the batch's token ids when its generation ended
     mediator: Any = None
+    owned: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)  # its lent copies
     stopped: bool = False
     error: BaseException | None = None
     outcome: BatchOutcome | None = None
@@ -173,7 +175,7 @@ class _BatchInterleaver(Interleaver):
                     raise _Refused(error) from None
                 return _Refused(error)
             slot.set(req.kind, None, full)
-        value = lend(full, window, self.batch_size, self._lent)
+        value = lend(full, window, self.batch_size, self._lent, job.owned)
         mediator.seen[req.seen_key] = value
         return value if req.op == "get" else None
 
@@ -310,9 +312,9 @@ def execute_batch(model: Any, jobs: list[BatchJob], *,
         else:
             why = "the trace was stopped early" if job.stopped else ""
             values = hand_back(job.ns, job.block.assigned, scope, job.spec.bindings, why=why)
-            job.outcome = BatchOutcome(values=_own_copies(values))
+            job.outcome = BatchOutcome(values=_own_copies(values, job.owned))
         job.outcome.batch_size = len(jobs)
-        job.ns, job.mediator, job.generated = {}, None, None
+        job.ns, job.mediator, job.generated, job.owned = {}, None, None, weakref.WeakValueDictionary()
         outcomes[job.index] = job.outcome
         if on_done is not None:
             on_done(job.index, job.outcome)
@@ -414,9 +416,11 @@ def _local_of_current_job(block: Any, ns: dict) -> dict:
     return (handler or run_local_block)(block, ns)
 
 
-def _own_copies(values: dict[str, Any]) -> dict[str, Any]:
+def _own_copies(values: dict[str, Any], owned: weakref.WeakValueDictionary) -> dict[str, Any]:
     """Saved tensors that are views into the batch's tensors (also inside lists, tuples and dicts), as tensors
-    of their own: a view would keep the whole batch's activation alive."""
+    of their own: a view would keep the whole batch's activation alive. A view of a copy lent to the job
+    (`owned`, see job_rows.lend), e.g. each step's `output[0, -1]`, is the job's own already, as its solo run's
+    view of the model's tensor is: copying it again would cost a copy per saved step."""
     memo: dict[int, Any] = {}
 
     def own(value: Any, depth: int = 0) -> Any:
@@ -424,7 +428,8 @@ def _own_copies(values: dict[str, Any]) -> dict[str, Any]:
             return memo[id(value)]
         out = value
         if isinstance(value, torch.Tensor):
-            if value._base is not None:
+            base = value._base
+            if base is not None and owned.get(id(base)) is not base:
                 out = value.clone().as_subclass(type(value))
         elif depth < 4 and type(value) in (list, tuple):
             items = [own(v, depth + 1) for v in value]

@@ -3,6 +3,7 @@ restricted to the job's rows (and, for a shorter prompt, its last columns). Impo
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,23 +97,28 @@ def _map(value: Any, fn) -> Any:
     return map_tensors(value, fn, _withheld)
 
 
-def lend(value: Any, window: Window, batch_size: int, lent: list) -> Any:
+def lend(value: Any, window: Window, batch_size: int, lent: list,
+         owned: weakref.WeakValueDictionary | None = None) -> Any:
     """The job's window of `value` as tensors of its own (no view reaches another job's rows or storage).
 
     Each copy of a batched tensor is noted in `lent` as (copy, its version, the view it came from): an
     in-place edit of the copy is written back into the job's window by `write_back`. Copies of values the
-    batch shares are the job's alone: its in-place edits of them do not reach the model.
+    batch shares are the job's alone: its in-place edits of them do not reach the model. Every copy is also
+    noted in `owned` (id -> copy): what the job saves from its copies needs no copy of its own at its end.
     """
 
     def copy(t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 0 or t.shape[0] != batch_size:
-            return t.clone()
-        view = t[window.rows]
-        cols = window.cols(view)
-        if cols is not None:
-            view = view[:, cols]
-        own = view.clone()
-        lent.append((own, own._version, view))
+            own = t.clone()
+        else:
+            view = t[window.rows]
+            cols = window.cols(view)
+            if cols is not None:
+                view = view[:, cols]
+            own = view.clone()
+            lent.append((own, own._version, view))
+        if owned is not None:
+            owned[id(own)] = own
         return own
 
     return _map(value, copy)
