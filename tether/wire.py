@@ -29,7 +29,7 @@ from tether.tensor_codec import neutral_tensor
 from tether.v1 import jobs_pb2, values_pb2
 from tether.values import from_value, to_value
 
-__all__ = ["CHUNK_SIZE", "decode_value_map", "encode_value_map", "join_chunks", "split_chunks", "split_pieces"]
+__all__ = ["CHUNK_SIZE", "decode_value_map", "decode_values", "encode_value_map", "join_chunks", "split_chunks", "split_pieces"]
 
 CHUNK_SIZE = 1 << 20  # bytes: largest Chunk.data on the wire
 
@@ -66,9 +66,19 @@ def decode_value_map(data: bytes | bytearray | memoryview, **options: Any) -> di
         if number != VALUE_MAP_NUMBER or wire != 2:
             continue  # another field (JobResult has more): skipped, as protobuf skips unknown fields
         name, value = _entry(entry)
-        fast = _fast_tensor(value)
-        out[name] = fast if fast is not None else from_value(values_pb2.Value.FromString(value), **options)
+        out[name] = _decode(value, options)
     return out
+
+
+def decode_values(raw: Mapping[str, memoryview], **options: Any) -> dict[str, Any]:
+    """The values of serialized Values by name (views of a ValueMap's buffer, as client/wire.split_value_map
+    returns them), decoded as decode_value_map decodes them: for a caller that split the map already."""
+    return {name: _decode(value, options) for name, value in raw.items()}
+
+
+def _decode(value: memoryview, options: dict[str, Any]) -> Any:
+    fast = _fast_tensor(value)
+    return fast if fast is not None else from_value(values_pb2.Value.FromString(value), **options)
 
 
 def _entry(view: memoryview) -> tuple[str, memoryview]:
