@@ -126,7 +126,7 @@ class _Cancelled(grpc.RpcError):
 
 _END = object()
 _UNARY = {jobs_pb2_grpc.JobServiceStub: ("SubmitJob", "GetJob", "CancelJob"),
-          models_pb2_grpc.ModelServiceStub: ("ListModels", "GetModel")}  # what `_direct_method` calls blocking
+          models_pb2_grpc.ModelServiceStub: ("ListModels", "GetModel")}  # what `_direct_unary` calls blocking
 
 
 class Stream:
@@ -268,70 +268,6 @@ class _Inbox(queue.SimpleQueue):
                 await self._wake.wait()
 
 
-class _DirectStream:
-    """A blocking caller's RunJob on the blocking twin channel: read in the caller's thread, which gRPC wakes
-    itself (`on_response` runs there too), with no hand-off through the loop thread. Writes go through the
-    call's request iterator (gRPC's own sender thread). Same surface as Stream (next, send, cancel, finished)."""
-
-    END = _END
-
-    def __init__(self, method: Any, metadata: tuple, timeout: float | None,
-                 on_response: Callable[[Any], Any] | None, first: Any):
-        self._on_response = on_response
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # messages to write; None ends the client's side
-        if first is not None:
-            self._outbox.put(first)
-        self._cancelled = ""  # why cancel() was called
-        self._closed = False  # the client's side was ended (send(None)); later sends are dropped
-        self.finished = False  # the call ended (next() returned END or raised)
-        self._call = method(iter(self._outbox.get, None), metadata=metadata, timeout=timeout)
-
-    def next(self) -> Any:
-        """The next item (blocking the caller's thread), or END; the call's failure raises."""
-        if self.finished:
-            return _END
-        try:
-            for response in self._call:
-                item = response if self._on_response is None else self._on_response(response)
-                if item is not None:
-                    return item
-        except grpc.RpcError:
-            self._end()
-            if self._cancelled:
-                raise _Cancelled(self._cancelled) from None
-            raise
-        except KeyboardInterrupt:
-            raise  # the caller stopped waiting: the call lives on, for the caller to cancel the job on it
-        except BaseException:  # on_response failed: stop the call
-            self._end()
-            self._call.cancel()
-            raise
-        self._end()
-        return _END
-
-    def _end(self) -> None:
-        self.finished = True
-        if not self._closed:  # (gRPC's sender thread waits on the outbox: let it end)
-            self._closed = True
-            self._outbox.put(None)
-
-    def send(self, message: Any) -> None:
-        """Write one message; `None` ends the client's side."""
-        if self._closed or self.finished:
-            return
-        if message is None:
-            self._closed = True
-        self._outbox.put(message)
-
-    def cancel(self, reason: str = "cancelled by the client") -> None:
-        self._cancelled = self._cancelled or reason
-        self._call.cancel()
-
-    def __iter__(self) -> Iterator[Any]:
-        while (item := self.next()) is not _END:
-            yield item
-
-
 # ------------------------------------------------------------------------------------------ connections
 
 
@@ -345,7 +281,7 @@ class Connection:
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self._raw_result_methods()
         self.models = models_pb2_grpc.ModelServiceStub(self.channel)
-        self._direct_channel: grpc.Channel | None = None  # guarded by _lock: see _direct_method
+        self._direct_channel: grpc.Channel | None = None  # guarded by _lock: see _direct_unary
         self._direct: dict[Any, Any] = {}  # guarded by _lock: an aio stub's unary method -> the same, blocking
         self._lock = threading.Lock()
         self._closed = False  # guarded by _lock: close() was called
@@ -374,9 +310,9 @@ class Connection:
         """Call a unary method (a stub attribute) and return its response; raises grpc.RpcError.
 
         While the server is connected, a job's and a model's unary calls run in the caller's thread on a blocking
-        channel of their own (`_direct_method`): no hand-off to the loop thread and back, ~0.2 ms of a tiny job."""
+        channel of their own (`_direct_unary`): no hand-off to the loop thread and back, ~0.2 ms of a tiny job."""
         if self._ready and timeout is not None and threading.get_ident() != self.loop.ident:
-            direct = self._direct_method(method)
+            direct = self._direct_unary(method)
             if direct is not None:  # (wait_for_ready: that channel may still be reconnecting after a restart)
                 return direct(request, metadata=metadata, timeout=timeout, wait_for_ready=True)
 
@@ -386,9 +322,9 @@ class Connection:
         self.wait_ready(CONNECT_WAIT_S if timeout is None else min(timeout, CONNECT_WAIT_S))
         return self.loop.call(call())
 
-    def _direct_method(self, method: Any) -> Any:
-        """The blocking twin of one of this connection's own unary stub methods or of RunJob (None for any
-        other), on one blocking channel to the same host, opened at first use."""
+    def _direct_unary(self, method: Any) -> Any:
+        """The blocking twin of one of this connection's own unary stub methods (None for any other), on one
+        blocking channel to the same host, opened at first use."""
         with self._lock:
             if self._direct_channel is None:
                 if self._closed:
@@ -399,9 +335,6 @@ class Connection:
                     blocking = stub(self._direct_channel)
                     for name in _UNARY[stub]:
                         self._direct[getattr(aio, name)] = getattr(blocking, name)
-                self._direct[self.jobs.RunJob] = self._direct_channel.stream_stream(
-                    "/tether.v1.JobService/RunJob", request_serializer=jobs_pb2.RunJobRequest.SerializeToString,
-                    response_deserializer=event_deserializer(jobs_pb2.RunJobResponse), _registered_method=True)
             return self._direct.get(method)
 
     def wait_ready(self, timeout: float = CONNECT_WAIT_S) -> None:
@@ -428,14 +361,8 @@ class Connection:
         first message, written as the call starts), once the channel is connected (see wait_ready).
 
         `on_response(response)`, if given, runs on the loop thread as each response arrives and returns
-        what to hand to the reader (None: nothing), so routine events cost no thread switch. While the server
-        is connected, a blocking caller's RunJob runs on the blocking twin channel instead (`_DirectStream`):
-        its responses wake the caller's thread directly, one thread switch less per local() call.
+        what to hand to the reader (None: nothing), so routine events cost no thread switch.
         """
-        if request is None and self._ready and threading.get_ident() != self.loop.ident:
-            direct = self._direct_method(method)
-            if direct is not None:
-                return _DirectStream(direct, metadata, timeout, on_response, first)
         self.wait_ready(CONNECT_WAIT_S if timeout is None else min(timeout, CONNECT_WAIT_S))
         return Stream(self, method, request, metadata, timeout, on_response, first)
 
