@@ -36,6 +36,8 @@ CHUNK_SIZE = 1 << 20  # bytes: largest Chunk.data on the wire
 _DATA_TYPE, _SHAPE, _DATA, _COMPRESSION = TENSOR_NUMBERS
 assert len(VALUE_TENSOR) == 1
 _TENSOR_KEY = VALUE_TENSOR[0]  # the first byte of a Value that holds a tensor
+_PARSED_BELOW = 32 << 10  # bytes: a smaller Value is parsed by protobuf (C) and its tensor data copied, faster
+# than reading its fields by hand in Python (10 vs 15 us for a 2 KiB tensor); larger tensors are used in place
 
 
 def encode_value_map(named: Mapping[str, Any], **options: Any) -> list[bytes | memoryview]:
@@ -77,7 +79,7 @@ def decode_values(raw: Mapping[str, memoryview], **options: Any) -> dict[str, An
 
 
 def _decode(value: memoryview, options: dict[str, Any]) -> Any:
-    fast = _fast_tensor(value)
+    fast = _fast_tensor(value) if len(value) >= _PARSED_BELOW else None
     return fast if fast is not None else from_value(values_pb2.Value.FromString(value), **options)
 
 
