@@ -233,10 +233,9 @@ async def run_job(io: Waiting, metadata: tuple, job: Job, ns: dict, events: JobE
         if not events.job_id or error.code() not in _DROPPED:
             raise for_job(await _error(io, metadata, error), events.job_id) from None
         # the stream dropped after the job started: the job runs on, so pick up its events where we stopped
-    except _STOPPED:
+    except _STOPPED:  # the stream's cancel may not be written before the call's own: CancelJob says it too
         call.send(jobs_pb2.RunJobRequest(cancel=jobs_pb2.CancelRequest(reason="interrupted by the user")))
-        if events.job_id:
-            await cancel_interrupted(io, metadata, job, events.job_id)
+        await cancel_interrupted(io, metadata, job, events.job_id)
         call.cancel("interrupted by the user")
         raise
     except BaseException:

@@ -15,7 +15,7 @@ from tether.runtime.errors import RemoteError, TetherError
 from tether.runtime.saving import NotReached, StandIn, UnsavedValue, current_scope
 from tether.v1 import jobs_pb2, values_pb2
 from tether.values import import_reference
-from tether.wire import decode_value_map
+from tether.wire import decode_values
 
 from .display import StatusDisplay
 from .encode import Job
@@ -229,7 +229,7 @@ def decode_result(data: bytes | bytearray | memoryview, job: Job | None) -> Deco
     """Decode a serialized JobResult; top-level tensors share `data` when it is writable (no copy)."""
     raw, rest = split_value_map(data)
     result = jobs_pb2.JobResult.FromString(rest)  # everything but the saved values: small
-    saved = decode_value_map(data, **resolvers(job))
+    saved = decode_values(raw, **resolvers(job))
     return DecodedResult(saved, list(getattr(result, "unsaved", ())), list(getattr(result, "unreached", ())),
                          getattr(result, "unreached_reason", ""), raw)
 

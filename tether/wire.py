@@ -29,13 +29,15 @@ from tether.tensor_codec import neutral_tensor
 from tether.v1 import jobs_pb2, values_pb2
 from tether.values import from_value, to_value
 
-__all__ = ["CHUNK_SIZE", "decode_value_map", "encode_value_map", "join_chunks", "split_chunks", "split_pieces"]
+__all__ = ["CHUNK_SIZE", "decode_value_map", "decode_values", "encode_value_map", "join_chunks", "split_chunks", "split_pieces"]
 
 CHUNK_SIZE = 1 << 20  # bytes: largest Chunk.data on the wire
 
 _DATA_TYPE, _SHAPE, _DATA, _COMPRESSION = TENSOR_NUMBERS
 assert len(VALUE_TENSOR) == 1
 _TENSOR_KEY = VALUE_TENSOR[0]  # the first byte of a Value that holds a tensor
+_PARSED_BELOW = 32 << 10  # bytes: a smaller Value is parsed by protobuf (C) and its tensor data copied, faster
+# than reading its fields by hand in Python (10 vs 15 us for a 2 KiB tensor); larger tensors are used in place
 
 
 def encode_value_map(named: Mapping[str, Any], **options: Any) -> list[bytes | memoryview]:
@@ -66,9 +68,19 @@ def decode_value_map(data: bytes | bytearray | memoryview, **options: Any) -> di
         if number != VALUE_MAP_NUMBER or wire != 2:
             continue  # another field (JobResult has more): skipped, as protobuf skips unknown fields
         name, value = _entry(entry)
-        fast = _fast_tensor(value)
-        out[name] = fast if fast is not None else from_value(values_pb2.Value.FromString(value), **options)
+        out[name] = _decode(value, options)
     return out
+
+
+def decode_values(raw: Mapping[str, memoryview], **options: Any) -> dict[str, Any]:
+    """The values of serialized Values by name (views of a ValueMap's buffer, as client/wire.split_value_map
+    returns them), decoded as decode_value_map decodes them: for a caller that split the map already."""
+    return {name: _decode(value, options) for name, value in raw.items()}
+
+
+def _decode(value: memoryview, options: dict[str, Any]) -> Any:
+    fast = _fast_tensor(value) if len(value) >= _PARSED_BELOW else None
+    return fast if fast is not None else from_value(values_pb2.Value.FromString(value), **options)
 
 
 def _entry(view: memoryview) -> tuple[str, memoryview]:

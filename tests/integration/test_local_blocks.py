@@ -19,6 +19,7 @@ from tether import LanguageModel, NNsight, tiny
 from tether.client import RemoteBackend
 from tether.client.channel import close_all, connect
 from tether.server.app import start_server
+from tether.v1 import jobs_pb2
 
 PROMPT = "The quick brown fox"
 WAIT_S = 30.0  # longest any hand-over between threads may take
@@ -487,3 +488,48 @@ def test_an_awaited_job_runs_its_local_blocks_too(rllm):
     assert values["out"].tolist() == [1024.0]
     assert values["doubled"] == 1024 and values["kept_here"] == [512]
     assert backend.job_id and backend.state == "COMPLETED"
+
+
+def test_ctrl_c_while_a_blocking_job_with_local_blocks_waits_cancels_the_job(x):
+    """Ctrl-C while a blocking job with local() blocks waits on its RunJob stream raises KeyboardInterrupt
+    and cancels the job on the server, even before the client heard its id."""
+    import os
+    import signal
+
+    net = NNsight(tiny.tiny_net())
+    handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0)
+    entered, release = threading.Event(), threading.Event()
+
+    def holder() -> None:  # holds the only worker, so the interrupted job waits in the queue
+        with net.trace(x, remote=True, model_name="net", backend=handle.address):
+            net.layer1.output.save()
+            with tether.local():
+                entered.set()
+                release.wait(WAIT_S)
+
+    def interrupt() -> None:  # as soon as the job's stream is out (the server may not have the job yet)
+        if connect(handle.address).wait_pending(2, WAIT_S):
+            os.kill(os.getpid(), signal.SIGINT)  # (a real signal: it wakes a blocked wait, as Ctrl-C does)
+
+    threads = [threading.Thread(target=holder, name="holder"), threading.Thread(target=interrupt, name="ctrl-c")]
+    try:
+        threads[0].start()
+        assert entered.wait(WAIT_S)
+        holding = {job.id for job in handle.hub.store.jobs()}
+        threads[1].start()
+        with pytest.raises(KeyboardInterrupt):
+            with net.trace(x, remote=True, model_name="net", backend=handle.address):
+                hidden = net.layer1.output
+                with tether.local():
+                    hidden = hidden + 1
+                net.output.save()
+        interrupted = [job for job in handle.hub.store.jobs() if job.id not in holding]
+        assert len(interrupted) <= 1  # (none: the server never had it)
+        for job in interrupted:  # (while the holder still holds the worker: it never ran)
+            assert job.wait_done(WAIT_S) == jobs_pb2.JOB_STATE_CANCELLED, job.status
+    finally:
+        release.set()
+        for t in threads:
+            t.join(WAIT_S)
+        handle.stop(grace=0)
+        close_all()
