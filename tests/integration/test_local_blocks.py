@@ -390,6 +390,22 @@ def test_a_lost_connection_fails_an_asyncio_jobs_pending_calls_at_once(x, ending
     assert max(failed_at.values()) - stopped_at < WAIT_S / 2  # failed by the stop, not by their own time
 
 
+def _holder_of_the_only_worker(net: NNsight, x, address: str) -> tuple[threading.Thread, threading.Event,
+                                                                       threading.Event]:
+    """A thread (not started) whose job holds a one-worker server's worker inside a local() block, so the
+    jobs a test sends meanwhile wait in the queue; `entered` is set once it holds it, `release` lets it end."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with net.trace(x, remote=True, model_name="net", backend=address):
+            net.layer1.output.save()
+            with tether.local():
+                entered.set()
+                release.wait(WAIT_S)
+
+    return threading.Thread(target=hold, name="holder"), entered, release
+
+
 def test_cancelling_the_task_that_awaits_a_job_cancels_the_job(x):
     """What Ctrl-C does to a blocking job, cancelling the asyncio task does to an awaited one."""
     import asyncio
@@ -398,14 +414,7 @@ def test_cancelling_the_task_that_awaits_a_job_cancels_the_job(x):
 
     net = NNsight(tiny.tiny_net())
     handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0)
-    entered, release = threading.Event(), threading.Event()
-
-    def holder() -> None:  # holds the only worker, so the awaited job waits in the queue
-        with net.trace(x, remote=True, model_name="net", backend=handle.address):
-            net.layer1.output.save()
-            with tether.local():
-                entered.set()
-                release.wait(WAIT_S)
+    thread, entered, release = _holder_of_the_only_worker(net, x, handle.address)
 
     async def cancelled() -> str:
         awaited = aio.AsyncBackend(handle.address)
@@ -418,7 +427,6 @@ def test_cancelling_the_task_that_awaits_a_job_cancels_the_job(x):
             await task
         return awaited.job_id
 
-    thread = threading.Thread(target=holder, name="holder")
     try:
         thread.start()
         assert entered.wait(WAIT_S)
@@ -498,20 +506,13 @@ def test_ctrl_c_while_a_blocking_job_with_local_blocks_waits_cancels_the_job(x):
 
     net = NNsight(tiny.tiny_net())
     handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0)
-    entered, release = threading.Event(), threading.Event()
-
-    def holder() -> None:  # holds the only worker, so the interrupted job waits in the queue
-        with net.trace(x, remote=True, model_name="net", backend=handle.address):
-            net.layer1.output.save()
-            with tether.local():
-                entered.set()
-                release.wait(WAIT_S)
+    holder, entered, release = _holder_of_the_only_worker(net, x, handle.address)
 
     def interrupt() -> None:  # as soon as the job's stream is out (the server may not have the job yet)
         if connect(handle.address).wait_pending(2, WAIT_S):
             os.kill(os.getpid(), signal.SIGINT)  # (a real signal: it wakes a blocked wait, as Ctrl-C does)
 
-    threads = [threading.Thread(target=holder, name="holder"), threading.Thread(target=interrupt, name="ctrl-c")]
+    threads = [holder, threading.Thread(target=interrupt, name="ctrl-c")]
     try:
         threads[0].start()
         assert entered.wait(WAIT_S)
