@@ -119,7 +119,7 @@ class ClusterModels(ModelTable):
                 self._cond.notify_all()
                 return None
         name, payload = deployment.name, payload_of(hosted.model)
-        kept = self._structure(hosted)
+        kept = self._structure(hosted, payload)
         try:
             try:  # (as bytes: the core puts them in the object store, owned by it, never loading the model)
                 generation = self._core("host", name, PickledModel.of(payload), PickledModel.of(payload_of(kept.model)),
@@ -147,12 +147,11 @@ class ClusterModels(ModelTable):
             kept = hosted
         return ClusterQueue(self._core, name, generation, deployment.replicas, self._forget), kept
 
-    def _structure(self, hosted: HostedModel) -> HostedModel:
-        """`hosted` over its structure without weights; `hosted` itself if its module cannot be copied so (the
-        door then keeps the weights, as do the doors that fetch it)."""
+    def _structure(self, hosted: HostedModel, payload: Any) -> HostedModel:
+        """`hosted` over its structure without weights, in a fresh wrapper (as the doors that fetch it wrap it:
+        it holds nothing of the loaded one; `payload`: hosted's payload_of); `hosted` itself if its module
+        cannot be copied so (the door then keeps the weights, as do the doors that fetch it)."""
         try:
-            payload = payload_of(hosted.model)  # (as the doors that fetch it wrap it: a fresh wrapper, which
-            # holds nothing of the loaded one)
             structure = structure_of(hosted.module)
             return HostedModel(hosted.name, wrap((structure, payload[1]) if isinstance(payload, tuple) else structure),
                                hosted.source)
