@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from tether.framing import value_map_entry
 from tether.runtime.saving import NotReached, UnsavedValue
 from tether.safe_pickle import safe_loads
 from tether.v1 import jobs_pb2, values_pb2
 from tether.values import import_reference
-from tether.wire import encode_value_map
+from tether.wire import container_pieces, encode_value_map
 
 from .errors import ResultTooLarge
 
@@ -54,33 +55,11 @@ def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], valu
         elif isinstance(value, NotReached):
             stand_ins.unreached.append(name)
             stand_ins.unreached_reason = object.__getattribute__(value, "_why") or stand_ins.unreached_reason
-        elif isinstance(value, torch.Tensor) and value.layout is torch.strided and not value.is_meta:
-            entry = encode_value_map({name: value})
-            if _shared(value):
-                entry = [bytes(p) if isinstance(p, memoryview) else p for p in entry]
-            pieces += entry
-            sizes[name] = sum(len(p) for p in entry)
-        elif _sendable(value):
-            if not isinstance(value, _CODE_TYPES) and not _importable_class(type(value)):
-                log(f"tether: `{name}` ({type(value).__qualname__}) stays on the server: its class was defined by "
-                    "the program, so no client can load it; save its tensors or numbers instead to get them back")
-                continue
-            try:
-                encoded = encode(value)
-            except Exception as error:  # e.g. an optimizer or loader holding locks: it has no wire form
-                log(f"tether: `{name}` ({type(value).__qualname__}) stays on the server: it cannot be sent "
-                    f"({error}); convert it to tensors, numbers, strings, lists or dicts to get it back")
-                continue
-            if encoded.WhichOneof("kind") == "reference" and not _importable(encoded.reference, value):
-                continue  # a function or class the program defined: the client cannot import it
-            unloadable = _unloadable(encoded, value)
-            if unloadable:
-                log(f"tether: `{name}` ({unloadable}) stays on the server: it has no form a "
-                    "client can load; convert it to tensors, numbers, strings, lists or dicts to get it back")
-                continue
-            entry = values_pb2.ValueMap(values={name: encoded}).SerializeToString()  # = one JobResult.saved entry
-            pieces.append(entry)
-            sizes[name] = len(entry)
+        else:
+            entry = _entry(name, value, encode, log)
+            if entry:
+                pieces += entry
+                sizes[name] = sum(len(p) for p in entry)
     pieces.append(stand_ins.SerializeToString())  # serialized messages concatenate into one
     size = sum(len(p) for p in pieces)
     if size > limit:
@@ -91,6 +70,37 @@ def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], valu
             "for a larger max_result_bytes (the server's --max-result-bytes caps it)."
         )
     return pieces
+
+
+def _entry(name: str, value: Any, encode: Callable[[Any], values_pb2.Value],
+           log: Callable[..., None]) -> list[bytes | memoryview]:
+    """The pieces of the JobResult.saved entry `name` -> `value`; none (with a line in the log where the user
+    would wonder) for a value no client could load."""
+    if isinstance(value, torch.Tensor) and value.layout is torch.strided and not value.is_meta:
+        entry = encode_value_map({name: value})
+        return [bytes(p) if isinstance(p, memoryview) else p for p in entry] if _shared(value) else entry
+    if (framed := container_pieces(value, copy=_shared)) is not None:  # tensors in lists, tuples, dicts
+        return value_map_entry(name, framed)
+    if not _sendable(value):
+        return []
+    if not isinstance(value, _CODE_TYPES) and not _importable_class(type(value)):
+        log(f"tether: `{name}` ({type(value).__qualname__}) stays on the server: its class was defined by "
+            "the program, so no client can load it; save its tensors or numbers instead to get them back")
+        return []
+    try:
+        encoded = encode(value)
+    except Exception as error:  # e.g. an optimizer or loader holding locks: it has no wire form
+        log(f"tether: `{name}` ({type(value).__qualname__}) stays on the server: it cannot be sent "
+            f"({error}); convert it to tensors, numbers, strings, lists or dicts to get it back")
+        return []
+    if encoded.WhichOneof("kind") == "reference" and not _importable(encoded.reference, value):
+        return []  # a function or class the program defined: the client cannot import it
+    unloadable = _unloadable(encoded, value)
+    if unloadable:
+        log(f"tether: `{name}` ({unloadable}) stays on the server: it has no form a "
+            "client can load; convert it to tensors, numbers, strings, lists or dicts to get it back")
+        return []
+    return [values_pb2.ValueMap(values={name: encoded}).SerializeToString()]  # = one JobResult.saved entry
 
 
 def _without_fakes(value: Any) -> Any:

@@ -15,7 +15,7 @@ from tether.v1 import jobs_pb2, values_pb2
 
 __all__ = ["varint", "varint_size", "int64", "read_varint", "fields", "field_tag", "field_number", "chunk_parts",
            "chunk_length", "read_result_frame", "result_event_prefix", "as_more_events", "submit_job_response",
-           "value_map_tensor_entry"]
+           "value_map_tensor_entry", "value_map_entry", "tensor_value", "framed"]
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5  # protobuf wire types
 _WIRE_TYPES = {
@@ -127,6 +127,13 @@ VALUE_MAP_NUMBER = field_number(values_pb2.ValueMap, "values")
 VALUE_TENSOR = field_tag(values_pb2.Value, "tensor")
 VALUE_TENSOR_NUMBER = field_number(values_pb2.Value, "tensor")
 TENSOR_DATA = field_tag(values_pb2.Tensor, "data")
+VALUE_LIST, VALUE_TUPLE, VALUE_MAP = (field_tag(values_pb2.Value, n) for n in ("list_value", "tuple_value", "map_value"))
+VALUE_LIST_NUMBER, VALUE_TUPLE_NUMBER, VALUE_MAP_VALUE_NUMBER = (
+    field_number(values_pb2.Value, n) for n in ("list_value", "tuple_value", "map_value"))
+LIST_ITEM, LIST_ITEM_NUMBER = field_tag(values_pb2.ValueList, "items"), field_number(values_pb2.ValueList, "items")
+MAP_ENTRY, MAP_ENTRY_NUMBER = field_tag(values_pb2.MapValue, "entries"), field_number(values_pb2.MapValue, "entries")
+PAIR_KEY, PAIR_VALUE = field_tag(values_pb2.MapEntry, "key"), field_tag(values_pb2.MapEntry, "value")
+PAIR_KEY_NUMBER, PAIR_VALUE_NUMBER = field_number(values_pb2.MapEntry, "key"), field_number(values_pb2.MapEntry, "value")
 TENSOR_NUMBERS = tuple(field_number(values_pb2.Tensor, n) for n in ("data_type", "shape", "data", "compression"))
 
 CHUNK_OFFSET, CHUNK_DATA, CHUNK_TOTAL = (field_tag(jobs_pb2.Chunk, n) for n in ("offset", "data", "total_size"))
@@ -156,24 +163,36 @@ _EVENT_RESULT_LEN = len(EVENT_RESULT)
 
 
 # ---- writers: bytes for bytes what SerializeToString writes (fields in number order, zeros left out)
-def _framed(key: bytes, *parts: bytes | memoryview) -> list[bytes | memoryview]:
+def framed(key: bytes, *parts: bytes | memoryview) -> list[bytes | memoryview]:
+    """The pieces of a length-delimited field `key` (a field_tag) whose bytes are `parts` joined."""
     return [key + varint(sum(len(p) for p in parts)), *parts]
 
 
-def value_map_tensor_entry(
-    name: str, tensor: values_pb2.Tensor, data: bytes | memoryview
-) -> list[bytes | memoryview]:
-    """The pieces of one ValueMap entry `name` -> Value(tensor=...): `tensor` is the Tensor message without
-    its data, `data` its bytes (left uncopied)."""
+_framed = framed
+
+
+def tensor_value(tensor: values_pb2.Tensor, data: bytes | memoryview) -> list[bytes | memoryview]:
+    """The pieces of a serialized Value(tensor=...): `tensor` is the Tensor message without its data, `data`
+    its bytes (left uncopied)."""
     head, tail = tensor.SerializeToString(), b""
     after = {name: getattr(tensor, name) for name in _TENSOR_AFTER_DATA}
     if any(after.values()):  # written after the data, as protobuf writes fields in number order
         tail = values_pb2.Tensor(**after).SerializeToString()
         head = head[: len(head) - len(tail)]
     parts = [head, *_framed(TENSOR_DATA, data), tail] if len(data) else [head, tail]
-    value = _framed(VALUE_TENSOR, *parts)
-    key = _framed(ENTRY_KEY, name.encode())
-    return _framed(VALUE_MAP_ENTRY, *key, *_framed(ENTRY_VALUE, *value))
+    return _framed(VALUE_TENSOR, *parts)
+
+
+def value_map_tensor_entry(
+    name: str, tensor: values_pb2.Tensor, data: bytes | memoryview
+) -> list[bytes | memoryview]:
+    """The pieces of one ValueMap entry `name` -> Value(tensor=...) (see tensor_value)."""
+    return value_map_entry(name, tensor_value(tensor, data))
+
+
+def value_map_entry(name: str, value: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """The pieces of one ValueMap entry `name` -> the serialized Value whose pieces are `value`."""
+    return _framed(VALUE_MAP_ENTRY, *_framed(ENTRY_KEY, name.encode()), *_framed(ENTRY_VALUE, *value))
 
 
 def chunk_length(offset: int, size: int, total: int) -> int:

@@ -8,7 +8,7 @@ then share) on the way in. Imports tether.values, tether.tensor_codec, tether.fr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -17,19 +17,37 @@ from tether import tensor_codec
 from tether.framing import (
     ENTRY_KEY_NUMBER,
     ENTRY_VALUE_NUMBER,
+    LIST_ITEM,
+    LIST_ITEM_NUMBER,
+    MAP_ENTRY,
+    MAP_ENTRY_NUMBER,
+    PAIR_KEY,
+    PAIR_KEY_NUMBER,
+    PAIR_VALUE,
+    PAIR_VALUE_NUMBER,
     TENSOR_NUMBERS,
+    VALUE_LIST,
+    VALUE_LIST_NUMBER,
+    VALUE_MAP,
     VALUE_MAP_NUMBER,
+    VALUE_MAP_VALUE_NUMBER,
     VALUE_TENSOR,
+    VALUE_TUPLE,
+    VALUE_TUPLE_NUMBER,
     fields,
+    framed,
     int64,
     read_varint,
+    tensor_value,
+    value_map_entry,
     value_map_tensor_entry,
 )
 from tether.tensor_codec import neutral_tensor
 from tether.v1 import jobs_pb2, values_pb2
 from tether.values import from_value, to_value
 
-__all__ = ["CHUNK_SIZE", "decode_value_map", "decode_values", "encode_value_map", "join_chunks", "split_chunks", "split_pieces"]
+__all__ = ["CHUNK_SIZE", "container_pieces", "decode_value_map", "decode_values", "encode_value_map", "join_chunks",
+           "split_chunks", "split_pieces"]
 
 CHUNK_SIZE = 1 << 20  # bytes: largest Chunk.data on the wire
 
@@ -38,23 +56,91 @@ assert len(VALUE_TENSOR) == 1
 _TENSOR_KEY = VALUE_TENSOR[0]  # the first byte of a Value that holds a tensor
 _PARSED_BELOW = 32 << 10  # bytes: a smaller Value is parsed by protobuf (C) and its tensor data copied, faster
 # than reading its fields by hand in Python (10 vs 15 us for a 2 KiB tensor); larger tensors are used in place
+_FRAMED_FROM = 64 << 10  # bytes of tensor data from which a list, tuple or dict of tensors is framed by hand
+_MAX_DEPTH = 32  # containers framed (or read) by hand at most this deep; deeper ones go through protobuf
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes})
+_NOT_FRAMED = object()
 
 
 def encode_value_map(named: Mapping[str, Any], **options: Any) -> list[bytes | memoryview]:
     """The serialized ValueMap of `named` (also a valid JobResult) as pieces for split_chunks.
 
-    Tensor pieces are views of the tensors' memory (kept alive by the views): send them before changing
-    the tensors. Options as for to_value.
+    Tensor pieces (in lists, tuples and dicts too, see container_pieces) are views of the tensors' memory
+    (kept alive by the views): send them before changing the tensors. Options as for to_value.
     """
     pieces: list[bytes | memoryview] = []
     for name, obj in named.items():
         if not (isinstance(obj, torch.Tensor) and neutral_tensor(obj)):
+            if (framed_value := container_pieces(obj, compress=options.get("compress"))) is not None:
+                pieces += value_map_entry(name, framed_value)
+                continue
             entry = values_pb2.ValueMap(values={name: to_value(obj, **options)})
             pieces.append(entry.SerializeToString())
             continue
         head, data = tensor_codec.tensor_parts(obj, options.get("compress"))
         pieces += value_map_tensor_entry(name, head, data)
     return pieces
+
+
+def container_pieces(obj: Any, copy: Callable[[torch.Tensor], bool] | None = None,
+                     compress: bool | None = None) -> list[bytes | memoryview] | None:
+    """The serialized Value of a list, tuple or dict of tensors and plain scalars (at any depth), as pieces
+    whose tensor data are views of the tensors' memory, each copied once where `copy(tensor)` says so: the
+    bytes to_value(obj) serializes to, without copying the data twice (into Tensor messages, then into their
+    serialization; 16 per-step saves of a 49152-wide logit take 12 ms that way, 2 ms this way). None when
+    `obj` holds anything else, or too little tensor data for framing by hand to pay."""
+    size = _tensor_bytes(obj, 0)
+    if size is None or size < _FRAMED_FROM:
+        return None
+    return _value_pieces(obj, copy, compress)
+
+
+def _tensor_bytes(obj: Any, depth: int) -> int | None:
+    """The bytes of tensor data in `obj`, a tensor or a plain container of tensors and plain scalars; None
+    when it holds anything else (or nests deeper than _MAX_DEPTH)."""
+    tp = type(obj)
+    if tp in _PLAIN:
+        return 0
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size() if neutral_tensor(obj) else None
+    if depth >= _MAX_DEPTH:
+        return None
+    if tp is list or tp is tuple:
+        items = obj
+    elif tp is dict:
+        if any(type(key) not in _PLAIN for key in obj):
+            return None
+        items = obj.values()
+    else:
+        return None
+    total = 0
+    for item in items:
+        size = _tensor_bytes(item, depth + 1)
+        if size is None:
+            return None
+        total += size
+    return total
+
+
+def _value_pieces(obj: Any, copy: Callable[[torch.Tensor], bool] | None, compress: bool | None) -> list:
+    tp = type(obj)
+    if tp is list or tp is tuple:
+        items: list[bytes | memoryview] = []
+        for item in obj:
+            items += framed(LIST_ITEM, *_value_pieces(item, copy, compress))
+        return framed(VALUE_LIST if tp is list else VALUE_TUPLE, *items)
+    if tp is dict:
+        entries: list[bytes | memoryview] = []
+        for key, item in obj.items():
+            entries += framed(MAP_ENTRY, *framed(PAIR_KEY, to_value(key).SerializeToString()),
+                              *framed(PAIR_VALUE, *_value_pieces(item, copy, compress)))
+        return framed(VALUE_MAP, *entries)
+    if isinstance(obj, torch.Tensor):
+        head, data = tensor_codec.tensor_parts(obj, compress)
+        if copy is not None and isinstance(data, memoryview) and copy(obj):
+            data = bytes(data)
+        return tensor_value(head, data)
+    return [to_value(obj).SerializeToString()]
 
 
 def decode_value_map(data: bytes | bytearray | memoryview, **options: Any) -> dict[str, Any]:
@@ -78,9 +164,43 @@ def decode_values(raw: Mapping[str, memoryview], **options: Any) -> dict[str, An
     return {name: _decode(value, options) for name, value in raw.items()}
 
 
-def _decode(value: memoryview, options: dict[str, Any]) -> Any:
-    fast = _fast_tensor(value) if len(value) >= _PARSED_BELOW else None
-    return fast if fast is not None else from_value(values_pb2.Value.FromString(value), **options)
+def _decode(value: memoryview, options: dict[str, Any], depth: int = 0) -> Any:
+    if len(value) >= _PARSED_BELOW:
+        fast = _fast_tensor(value)
+        if fast is not None:
+            return fast
+        if depth < _MAX_DEPTH and (found := _fast_container(value, options, depth)) is not _NOT_FRAMED:
+            return found
+    return from_value(values_pb2.Value.FromString(value), **options)
+
+
+def _fast_container(value: memoryview, options: dict[str, Any], depth: int) -> Any:
+    """A large list, tuple or dict Value read by hand, its large tensors used in place (the inverse of
+    container_pieces); _NOT_FRAMED for any other Value, which protobuf then parses."""
+    entries = list(fields(value))
+    if len(entries) != 1 or entries[0][1] != 2:
+        return _NOT_FRAMED
+    number, body = entries[0][0], entries[0][4]
+    if number in (VALUE_LIST_NUMBER, VALUE_TUPLE_NUMBER):
+        items = []
+        for item_number, wire, _, _, item in fields(body):
+            if item_number != LIST_ITEM_NUMBER or wire != 2:
+                return _NOT_FRAMED
+            items.append(_decode(item, options, depth + 1))
+        return items if number == VALUE_LIST_NUMBER else tuple(items)
+    if number != VALUE_MAP_VALUE_NUMBER:
+        return _NOT_FRAMED
+    pairs = []
+    for entry_number, wire, _, _, entry in fields(body):
+        if entry_number != MAP_ENTRY_NUMBER or wire != 2:
+            return _NOT_FRAMED
+        key = item = memoryview(b"")
+        for part_number, part_wire, _, _, part in fields(entry):
+            if part_wire != 2 or part_number not in (PAIR_KEY_NUMBER, PAIR_VALUE_NUMBER):
+                return _NOT_FRAMED
+            key, item = (part, item) if part_number == PAIR_KEY_NUMBER else (key, part)
+        pairs.append((key, item))
+    return {_decode(key, options, depth + 1): _decode(item, options, depth + 1) for key, item in pairs}
 
 
 def _entry(view: memoryview) -> tuple[str, memoryview]:

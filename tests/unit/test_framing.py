@@ -11,7 +11,7 @@ from tether import framing, tensor_codec
 from tether.client.wire import ALIGN, chunk_deserializer, event_deserializer, result_buffer, split_value_map
 from tether.v1 import jobs_pb2, values_pb2
 from tether.values import to_value
-from tether.wire import decode_value_map, encode_value_map
+from tether.wire import container_pieces, decode_value_map, encode_value_map
 
 STAMP = timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=5)
 CHUNKS = [(0, b"abc", 3), (0, b"", 0), (5, b"", 9), (1 << 40, b"x" * 300, (1 << 40) + 300), (0, b"\x00" * 70_000, 70_000)]
@@ -172,3 +172,59 @@ def test_varint_and_its_size(n):
     assert framing.read_varint(memoryview(b"\x05" + written), 1) == (n, 1 + len(written))
     if n:  # (protobuf leaves a zero out)
         assert written == jobs_pb2.Chunk(total_size=n if n < 1 << 63 else n - (1 << 64)).SerializeToString()[1:]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return (type(b) is torch.Tensor and (a.dtype, a.shape, a.requires_grad) == (b.dtype, b.shape, b.requires_grad)
+                and torch.equal(a.detach(), b.detach()))
+    if type(a) in (list, tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if type(a) is dict:
+        return type(b) is dict and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+_BATCH = torch.randn(16, 1, 49152)
+CONTAINERS = {
+    "per-step saves": [torch.randn(49152) for _ in range(4)],
+    "views of one batch": [_BATCH[i, -1] for i in range(16)],
+    "scalars among tensors": ([torch.randn(3, 20000), 1, "a", None, 2.5, b"x", True, 2**70],
+                              {"k": torch.arange(30000), 3: (torch.ones(0), torch.randn(20000, dtype=torch.float64))}),
+    "nested dicts, a transposed view": {"a": [torch.randn(20000)], "b": {"c": [torch.randn(100, 200).t()]}},
+    "compressible": [torch.zeros(100000)],
+    "a leaf that requires grad": [torch.randn(20000).requires_grad_()],
+    "dtypes": [torch.tensor(3.0), torch.randn(40000).half(), torch.randint(0, 5, (40000,), dtype=torch.uint8),
+               torch.ones(20000, dtype=torch.bool), torch.randn(20000).bfloat16()],
+}
+
+
+@pytest.mark.parametrize("name", CONTAINERS)
+def test_a_container_of_tensors_framed_by_hand_is_protobufs_bytes_and_decodes_back(name):
+    obj = CONTAINERS[name]
+    pieces = container_pieces(obj, copy=lambda t: True)
+    assert pieces is not None
+    assert b"".join(bytes(p) for p in pieces) == to_value(obj).SerializeToString()
+    back = decode_value_map(b"".join(bytes(p) for p in framing.value_map_entry("x", pieces)))["x"]
+    assert _same(obj, back)
+
+
+def test_large_tensors_in_a_container_are_read_in_place_and_framed_as_views():
+    obj = {"steps": [torch.randn(20000) for _ in range(3)], "n": 3}
+    pieces = container_pieces(obj)
+    assert sum(isinstance(p, memoryview) for p in pieces) == 3  # each tensor's data uncopied
+    buffer = bytearray(b"".join(bytes(p) for p in framing.value_map_entry("x", pieces)))
+    back = decode_value_map(buffer)["x"]
+    assert _same(obj, back)
+    start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+    for sent, got in zip(obj["steps"], back["steps"]):
+        offset = bytes(buffer).find(sent.numpy().tobytes())
+        if offset % sent.element_size() == 0:  # aligned data is used in place: no copy on the way in either
+            assert got.data_ptr() == start + offset
+
+
+def test_only_plain_containers_with_enough_tensor_data_are_framed_by_hand():
+    assert container_pieces([torch.randn(10)]) is None  # protobuf is faster for little data
+    assert container_pieces([object(), torch.randn(100000)]) is None  # anything else: to_value decides
+    assert container_pieces({(1, 2): torch.randn(100000)}) is None  # a key that is not a plain scalar
+    assert container_pieces(torch.randn(100000)) is not None  # (a bare tensor is framed by encode_value_map)
