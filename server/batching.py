@@ -14,7 +14,9 @@ from typing import Any
 
 from tether.runtime.job_compat import batch_key, batch_tokens
 
-__all__ = ["BatchPolicy", "Tokens", "batch_info", "gather"]
+__all__ = ["BatchPolicy", "Company", "Tokens", "batch_info", "gather"]
+
+MAX_WAITS = 4  # a batch forming waits at most this many --batch-wait-ms in all
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,41 @@ class Tokens:
         return int, (int(self),)
 
 
+class Company:
+    """Which jobs an idle replica should wait for: those of the batch it just ran. Their clients receive their
+    results one after another (each result crosses the front door and is decoded in turn) and send their next
+    jobs as they do; without waiting, the first to come back runs alone and the others form the next batch
+    behind it, which halves what batching gains. The wait is bounded by a share of the run that ended
+    (`RETURN_SHARE`, at least --batch-wait-ms, at most `MAX_RETURN_S`), and only a run of two jobs or more
+    is waited for: a lone client's next job never waits. Guarded by the queue's lock."""
+
+    RETURN_SHARE = 0.05  # of the previous run's time, waited at most for its jobs' clients to come back
+    MAX_RETURN_S = 0.25
+    EXPECT_S = 1.0  # how long after a batched run its clients are expected back
+
+    def __init__(self):
+        self._started: dict[int, float] = {}  # id of a run's first entry -> time.monotonic() when taken
+        self._size, self._budget, self._ended = 0, 0.0, 0.0
+
+    def took(self, batch: list[Any]) -> None:
+        self._started[id(batch[0])] = time.monotonic()
+
+    def ran(self, batch: list[Any], waiting: int, wait: float) -> None:
+        """The run of `batch` ended now, with `waiting` jobs queued (`wait`: the policy's --batch-wait-ms): its
+        jobs' clients and those are expected."""
+        now = time.monotonic()
+        seconds = now - self._started.pop(id(batch[0]), now)
+        self._size = len(batch) + waiting if len(batch) > 1 and wait > 0 else 0
+        self._budget = min(max(wait, self.RETURN_SHARE * seconds), self.MAX_RETURN_S)
+        self._ended = now
+
+    def expected(self) -> tuple[int, float]:
+        """(jobs, seconds): how many jobs to wait for, how long at most; (0, 0.0) when none is expected."""
+        if not self._size or time.monotonic() - self._ended > self.EXPECT_S:
+            return 0, 0.0
+        return self._size, self._budget
+
+
 def batch_info(model: Any, program: Any) -> tuple[tuple | None, int | Tokens]:
     """(key, tokens) of a decoded program on `model` (an NNsight): jobs with equal keys may share a run, and
     each adds `tokens` rows x positions to it (counted when a batch forms, see Tokens); (None, 0) when it runs
@@ -64,21 +101,27 @@ def batch_info(model: Any, program: Any) -> tuple[tuple | None, int | Tokens]:
 
 
 def gather(first: Any, pending: Any, cond: threading.Condition, policy: BatchPolicy,
-           taken: Callable[[Any], None]) -> list[Any]:
+           taken: Callable[[Any], None], company: tuple[int, float] = (0, 0.0)) -> list[Any]:
     """`first` and the waiting entries (with `batch_key` and `tokens`) that may share its run, taken out of
     `pending` (call with `cond` held).
 
-    Waits up to `policy.wait` for more to arrive, unless the batch is full or `first` found no company: a
-    lone job (one client's sequential jobs) never waits, while under load the jobs that queued during the
-    previous run are there already; `taken(entry)` is called for each entry taken, at once (so a shutdown
-    sees it running).
+    Waits while compatible jobs keep arriving, up to `policy.wait` after the last one (never more than
+    `MAX_WAITS` waits in all), until the batch is full; a `first` that found no company does not wait, so a
+    lone job (one client's sequential jobs) never waits. `company` (Company.expected: the jobs of the batch
+    that just ended, whose clients are sending their next ones) replaces that: wait for that many jobs, up to
+    its seconds. `taken(entry)` is called for each entry taken, at once (so a shutdown sees it running).
     """
     key = first.batch_key
     if not policy.enabled or key is None:
         return [first]
     batch, tokens = [first], None  # (counted once a compatible job is there)
-    deadline = time.monotonic() + policy.wait
+    started = time.monotonic()
+    deadline, last_call = started + policy.wait, started + MAX_WAITS * policy.wait
+    expected, patience = company
+    if expected:
+        deadline = last_call = started + patience
     while True:
+        size = len(batch)
         for entry in list(pending):
             if len(batch) >= policy.max_batch:
                 break
@@ -91,8 +134,12 @@ def gather(first: Any, pending: Any, cond: threading.Condition, policy: BatchPol
             taken(entry)
             batch.append(entry)
             tokens += int(entry.tokens)
-        left = deadline - time.monotonic()
-        if left <= 0 or len(batch) >= policy.max_batch or len(batch) == 1:
+        now = time.monotonic()
+        if len(batch) > size and not expected:  # one more came: wait for the next a while longer
+            deadline = min(last_call, now + policy.wait)
+        left = deadline - now
+        full = len(batch) >= min(policy.max_batch, expected or policy.max_batch)
+        if left <= 0 or full or (len(batch) == 1 and not expected):
             break
         cond.wait(left)
     if pending:

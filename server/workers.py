@@ -19,7 +19,7 @@ import grpc
 from tether.v1 import jobs_pb2
 from tether.wire import CHUNK_SIZE
 
-from .batching import BatchPolicy, Tokens, gather
+from .batching import BatchPolicy, Company, Tokens, gather
 from .errors import OutOfService, QueueFull
 from .failures import failure_of
 from .jobs import Job
@@ -128,6 +128,7 @@ class ModelQueue:
         self._broken = ""  # guarded by _cond: why the model no longer runs jobs (see WeightWatch)
         self._running: set[Job] = set()  # guarded by _cond
         self._batching = BatchPolicy(limits.max_batch, limits.batch_wait, limits.batch_tokens)
+        self._company = Company()  # guarded by _cond
         from .supervisor import Replica  # (supervisor imports this module)
 
         if limits.ray:
@@ -246,10 +247,14 @@ class ModelQueue:
                 return None
             entry = self._pending.popleft()
             self._running.add(entry.job)
-            return gather(entry, self._pending, self._cond, self._batching, lambda taken: self._running.add(taken.job))
+            batch = gather(entry, self._pending, self._cond, self._batching,
+                           lambda taken: self._running.add(taken.job), self._company.expected())
+            self._company.took(batch)
+            return batch
 
     def done(self, entries: list[Entry]) -> None:
         with self._cond:
+            self._company.ran(entries, len(self._pending), self._batching.wait)
             self._running.difference_update(entry.job for entry in entries if not entry.requeued)
 
     def requeue(self, entry: Entry, sent: Sent) -> bool:

@@ -20,7 +20,7 @@ from tether.runtime.program import Program
 from tether.runtime.saving import NotReached, UnsavedValue
 from tether.server import program_codec
 from tether.server.auth import Authenticator, is_loopback, read_keys
-from tether.server.batching import BatchPolicy, Tokens, batch_info, gather
+from tether.server.batching import BatchPolicy, Company, Tokens, batch_info, gather
 from tether.server.errors import InvalidProgram, NotFound, ResultTooLarge, Unauthenticated
 from tether.server.failures import failure_of
 from tether.server.jobs import Job, JobStore
@@ -381,6 +381,68 @@ def test_a_refusal_from_the_clusters_core_is_raised_as_the_error_it_was():
 
 
 # ------------------------------------------------------------------------------------------- batching
+
+
+def _arrivals(cond: threading.Condition, pending: collections.deque, entries: list) -> threading.Thread:
+    """A thread that queues `entries` one at a time, each once it holds `cond`: only while gather waits on it
+    (the test holds it otherwise), so an entry gets in only if gather waited for it."""
+    def arrive():
+        for entry in entries:
+            with cond:
+                pending.append(entry)
+                cond.notify()
+    return threading.Thread(target=arrive, daemon=True)
+
+
+def test_after_a_batched_run_a_job_waits_for_the_batchs_clients_to_send_their_next_jobs():
+    def entry():
+        return SimpleNamespace(batch_key=("k",), tokens=1)
+
+    company, ran = Company(), [entry() for _ in range(3)]
+    company.took(ran)
+    company.ran(ran, waiting=1, wait=0.005)  # a batch of 3 ended with one job queued: 4 clients to come back
+    assert company.expected() == (4, 0.005)
+    cond, pending, taken = threading.Condition(), collections.deque(), []
+    first, *later = [entry() for _ in range(5)]
+    arrivals = _arrivals(cond, pending, later)
+    with cond:
+        arrivals.start()
+        # a long wait allowed: gather returns once the 4 expected are there, not at its end
+        batch = gather(first, pending, cond, BatchPolicy(wait=30.0), taken.append, (4, 30.0))
+    arrivals.join(30)
+    # (entries are told apart by identity; an arrival may slip in beside the last expected one)
+    assert batch[0] is first and len(batch) >= 4 and [id(e) for e in batch[1:]] == [id(e) for e in taken]
+    assert [id(e) for e in taken + list(pending)] == [id(e) for e in later]
+
+
+def test_a_lone_job_never_waits_for_company_that_is_not_expected():
+    def entry():
+        return SimpleNamespace(batch_key=("k",), tokens=1)
+
+    company, ran = Company(), [entry()]
+    company.took(ran)
+    company.ran(ran, waiting=0, wait=0.005)  # a lone job ran: nobody is expected back
+    assert company.expected() == (0, 0.0)
+    cond, pending = threading.Condition(), collections.deque()
+    first, second = entry(), entry()
+    arrivals = _arrivals(cond, pending, [second])
+    with cond:
+        arrivals.start()
+        batch = gather(first, pending, cond, BatchPolicy(wait=30.0), lambda e: None, company.expected())
+    arrivals.join(30)
+    assert len(batch) == 1 and batch[0] is first and len(pending) == 1 and pending[0] is second
+
+
+def test_a_forming_batch_waits_while_jobs_keep_arriving():
+    cond, pending = threading.Condition(), collections.deque()
+    first, second, *later = [SimpleNamespace(batch_key=("k",), tokens=1) for _ in range(4)]
+    pending.append(second)
+    arrivals = _arrivals(cond, pending, later)
+    with cond:
+        arrivals.start()
+        batch = gather(first, pending, cond, BatchPolicy(wait=30.0, max_batch=4), lambda e: None)
+    arrivals.join(30)
+    assert [id(e) for e in batch] == [id(e) for e in (first, second, *later)]
 
 
 def test_a_job_is_tokenized_only_when_a_batch_forms_and_the_token_budget_holds(gpt2):
