@@ -86,8 +86,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                        help="jobs for the same model that may share one batched forward pass or generation "
                             "(default 16); 1 runs every job alone")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0,
-                       help="milliseconds a batch that already holds several jobs waits for more compatible ones "
-                            "(default 5); a lone job never waits")
+                       help="milliseconds a forming batch waits for the next compatible job (default 5; 4 times "
+                            "that in all); a lone job never waits, except for the clients of a batch that just "
+                            "ended (at most 5%% of that run); 0 never waits")
     serve.add_argument("--batch-tokens", type=_positive(int), default=8192,
                        help="rows x positions one batched run may take (default 8192)")
     serve.add_argument("--batch-local-wait", type=float, default=1.0,
