@@ -252,11 +252,14 @@ class Replica:
             self._hang_up()
             return
         try:
+            idle = time.monotonic()
             while (entries := self.queue.take()) is not None:
+                taken = time.monotonic()
                 try:
                     retire = JobRelay(self, entries).run()
                 finally:
                     self.queue.done(entries)
+                    idle = _log_run(self.name, len(entries), idle, taken)
                 if retire:
                     self.queue.retire(retire)
                     break
@@ -318,3 +321,13 @@ def _process_main(threads: int, *args) -> None:
     from .worker_main import process_main
 
     process_main(*args)
+
+
+def _log_run(name: str, size: int, idle: float, taken: float) -> float:
+    """A debug line per run (how long the replica waited for it and ran it: what batching tuning reads); the
+    time it ended, when the replica is idle again."""
+    ended = time.monotonic()
+    if _log.isEnabledFor(logging.DEBUG):
+        _log.debug("%s ran %d job%s in %.3f s, %.1f ms after its previous run", name, size, "s" if size != 1 else "",
+                   ended - taken, (taken - idle) * 1000)
+    return ended
