@@ -1,10 +1,10 @@
 """The one place the client opens gRPC channels: host, message limits, keepalive, API key metadata.
 
-Every streaming call runs on one named thread ("tether-grpc") with grpc.aio, so a call starts no thread of its
-own; callers block on a queue. A blocking caller's unary calls (SubmitJob, GetJob, CancelJob, the model calls)
-run in its own thread on a second, blocking channel while the server is connected (no hand-off to that thread
-and back); asyncio callers' stay on the loop. When a channel drops, every pending call on it fails at once, with
-one clear error.
+asyncio callers' calls run on one named thread ("tether-grpc") with grpc.aio. A blocking caller's calls run on
+a second, blocking channel while the server is connected: unary ones (SubmitJob, GetJob, CancelJob, the model
+calls) in its own thread, a job's streams on a reader thread of their own (blocking_stream.py), so no message
+passes through the event loop; the caller blocks on a queue. When a channel drops, every pending call on it
+fails at once, with one clear error.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tether.protocol import MAX_MESSAGE_BYTES
 from tether.runtime.errors import RemoteError
 from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2_grpc
 
+from .blocking_stream import END, BlockingStream, Cancelled, item_of
 from .wire import chunk_deserializer, event_deserializer
 
 __all__ = ["Connection", "Stream", "connect", "resolve_host", "resolve_api_key", "auth_metadata",
@@ -110,30 +111,18 @@ def _loop() -> _LoopThread:
         return _loop_thread
 
 
-class _Cancelled(grpc.RpcError):
-    """A call cancelled on the client's side (it reads like the status it stands for)."""
-
-    def __init__(self, details: str):
-        super().__init__(details)
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.CANCELLED
-
-    def details(self) -> str:
-        return self._details
-
-
-_END = object()
 _UNARY = {jobs_pb2_grpc.JobServiceStub: ("SubmitJob", "GetJob", "CancelJob"),
-          models_pb2_grpc.ModelServiceStub: ("ListModels", "GetModel")}  # what `_direct_unary` calls blocking
+          models_pb2_grpc.ModelServiceStub: ("ListModels", "GetModel")}  # what `_blocking_twin` calls blocking
+_RAW_STREAMS = (("RunJob", "stream_stream", jobs_pb2.RunJobResponse, event_deserializer),
+                ("WatchJob", "unary_stream", jobs_pb2.WatchJobResponse, event_deserializer),
+                ("ReadResult", "unary_stream", jobs_pb2.ReadResultResponse, chunk_deserializer))
 
 
 class Stream:
     """One streaming call, run on the loop thread and read (and for RunJob written) from the caller's: by
     blocking (`next`, iteration) or, given `wake_loop` (the caller's asyncio loop), by awaiting (`next_async`)."""
 
-    END = _END  # what next() returns once the call ended
+    END = END  # what next() returns once the call ended
 
     def __init__(self, conn: Connection, method: Any, request: Any, metadata: tuple, timeout: float | None,
                  on_response: Callable[[Any], Any] | None = None, first: Any = None,
@@ -141,7 +130,7 @@ class Stream:
         self._loop = conn.loop
         self._on_response = on_response  # runs on the loop thread: what to hand the reader (None: nothing)
         self._inbox: queue.SimpleQueue = (queue.SimpleQueue() if wake_loop is None else _Inbox(wake_loop))
-        # responses, then _END or the RpcError
+        # responses, then END or the RpcError
         self._outbox: asyncio.Queue | None = None  # loop thread only: messages to write; None ends
         self._writer: asyncio.Future | None = None  # loop thread only: writes the outbox, from the first send()
         self._call: Any = None  # loop thread only
@@ -175,13 +164,13 @@ class Stream:
                 if item is not None:
                     inbox.put(item)
             self.finished = True
-            inbox.put(_END)
+            inbox.put(END)
         except grpc.RpcError as error:
             self.finished = True
-            self._inbox.put(_Cancelled(self._cancelled) if self._cancelled else error)
+            self._inbox.put(Cancelled(self._cancelled) if self._cancelled else error)
         except asyncio.CancelledError:
             self.finished = True
-            self._inbox.put(_Cancelled(self._cancelled or "cancelled"))
+            self._inbox.put(Cancelled(self._cancelled or "cancelled"))
         except BaseException as error:  # on_response failed: stop the call, never leave the reader waiting
             self.finished = True
             if self._call is not None:
@@ -227,21 +216,15 @@ class Stream:
 
     def next(self) -> Any:
         """The next item (blocking the caller's thread), or END; the call's failure raises."""
-        return _item(self._inbox.get())
+        return item_of(self._inbox.get())
 
     async def next_async(self) -> Any:
         """The next item, awaited in the `wake_loop` the stream was made with, or END; its failure raises."""
-        return _item(await self._inbox.get_async())
+        return item_of(await self._inbox.get_async())
 
     def __iter__(self) -> Iterator[Any]:
-        while (item := self.next()) is not _END:
+        while (item := self.next()) is not END:
             yield item
-
-
-def _item(item: Any) -> Any:
-    if isinstance(item, BaseException):
-        raise item
-    return item
 
 
 class _Inbox(queue.SimpleQueue):
@@ -271,6 +254,15 @@ class _Inbox(queue.SimpleQueue):
 # ------------------------------------------------------------------------------------------ connections
 
 
+def _raw_streams(channel: Any) -> dict[str, Any]:
+    """RunJob, WatchJob and ReadResult on `channel` (asyncio or blocking), handing large result chunks over as
+    views of the bytes received."""
+    return {name: getattr(channel, kind)(
+        f"/tether.v1.JobService/{name}", request_serializer=getattr(jobs_pb2, f"{name}Request").SerializeToString,
+        response_deserializer=deserializer(response), _registered_method=True)
+        for name, kind, response, deserializer in _RAW_STREAMS}
+
+
 class Connection:
     """One channel to one server, its stubs, and the streaming calls in flight on it."""
 
@@ -281,7 +273,7 @@ class Connection:
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self._raw_result_methods()
         self.models = models_pb2_grpc.ModelServiceStub(self.channel)
-        self._direct_channel: grpc.Channel | None = None  # guarded by _lock: see _direct_unary
+        self._direct_channel: grpc.Channel | None = None  # guarded by _lock: see _blocking_twin
         self._direct: dict[Any, Any] = {}  # guarded by _lock: an aio stub's unary method -> the same, blocking
         self._lock = threading.Lock()
         self._closed = False  # guarded by _lock: close() was called
@@ -293,15 +285,8 @@ class Connection:
 
     def _raw_result_methods(self) -> None:
         """RunJob, WatchJob and ReadResult hand large result chunks over as views of the bytes received."""
-        for name, kind, response, deserializer in (
-            ("RunJob", "stream_stream", jobs_pb2.RunJobResponse, event_deserializer),
-            ("WatchJob", "unary_stream", jobs_pb2.WatchJobResponse, event_deserializer),
-            ("ReadResult", "unary_stream", jobs_pb2.ReadResultResponse, chunk_deserializer),
-        ):
-            request = getattr(jobs_pb2, f"{name}Request")
-            setattr(self.jobs, name, getattr(self.channel, kind)(
-                f"/tether.v1.JobService/{name}", request_serializer=request.SerializeToString,
-                response_deserializer=deserializer(response), _registered_method=True))
+        for name, method in _raw_streams(self.channel).items():
+            setattr(self.jobs, name, method)
 
     async def _open(self) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(self.host, options=channel_options())
@@ -310,9 +295,9 @@ class Connection:
         """Call a unary method (a stub attribute) and return its response; raises grpc.RpcError.
 
         While the server is connected, a job's and a model's unary calls run in the caller's thread on a blocking
-        channel of their own (`_direct_unary`): no hand-off to the loop thread and back, ~0.2 ms of a tiny job."""
+        channel of their own (`_blocking_twin`): no hand-off to the loop thread and back, ~0.2 ms of a tiny job."""
         if self._ready and timeout is not None and threading.get_ident() != self.loop.ident:
-            direct = self._direct_unary(method)
+            direct = self._blocking_twin(method)
             if direct is not None:  # (wait_for_ready: that channel may still be reconnecting after a restart)
                 return direct(request, metadata=metadata, timeout=timeout, wait_for_ready=True)
 
@@ -322,8 +307,8 @@ class Connection:
         self.wait_ready(CONNECT_WAIT_S if timeout is None else min(timeout, CONNECT_WAIT_S))
         return self.loop.call(call())
 
-    def _direct_unary(self, method: Any) -> Any:
-        """The blocking twin of one of this connection's own unary stub methods (None for any other), on one
+    def _blocking_twin(self, method: Any) -> Any:
+        """The blocking twin of one of this connection's own job and model methods (None for any other), on one
         blocking channel to the same host, opened at first use."""
         with self._lock:
             if self._direct_channel is None:
@@ -335,6 +320,8 @@ class Connection:
                     blocking = stub(self._direct_channel)
                     for name in _UNARY[stub]:
                         self._direct[getattr(aio, name)] = getattr(blocking, name)
+                for name, method in _raw_streams(self._direct_channel).items():
+                    self._direct[getattr(self.jobs, name)] = method
             return self._direct.get(method)
 
     def wait_ready(self, timeout: float = CONNECT_WAIT_S) -> None:
@@ -360,9 +347,15 @@ class Connection:
         """Start a streaming call: server streaming with `request`, bidirectional without (`first`: its
         first message, written as the call starts), once the channel is connected (see wait_ready).
 
-        `on_response(response)`, if given, runs on the loop thread as each response arrives and returns
-        what to hand to the reader (None: nothing), so routine events cost no thread switch.
+        `on_response(response)`, if given, runs as each response arrives (on the thread that reads the call)
+        and returns what to hand to the reader (None: nothing), so routine events cost no thread switch.
+        While the server is connected, a job's streams run on the blocking channel (BlockingStream: no event
+        loop between the caller and each message it answers); otherwise on the loop thread.
         """
+        if self._ready and threading.get_ident() != self.loop.ident:
+            direct = self._blocking_twin(method)
+            if direct is not None:  # (wait_for_ready: that channel may still be reconnecting after a restart)
+                return BlockingStream(direct, request, metadata, timeout, on_response, first)
         self.wait_ready(CONNECT_WAIT_S if timeout is None else min(timeout, CONNECT_WAIT_S))
         return Stream(self, method, request, metadata, timeout, on_response, first)
 

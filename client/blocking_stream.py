@@ -1,0 +1,108 @@
+"""A blocking caller's streaming call on gRPC's blocking channel, and what every stream hands its reader.
+
+A stream of the asyncio loop thread (channel.Stream) costs a blocking caller two hand-offs per message it
+answers: the loop thread reads it, and writing the answer goes back through the loop. `BlockingStream` reads
+on a thread of its own and writes through gRPC's own request thread: one `local()` round trip costs no event
+loop. The caller still waits on a queue, never inside gRPC, so Ctrl-C reaches it at once (and the driver then
+cancels the job). Imports grpc and the standard library only; never the server, the runtime or asyncio.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+__all__ = ["END", "BlockingStream", "Cancelled", "item_of"]
+
+END = object()  # what a stream's reader gets once the call ended
+
+
+class Cancelled(grpc.RpcError):
+    """A call cancelled on the client's side (it reads like the status it stands for)."""
+
+    def __init__(self, details: str):
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return self._details
+
+
+def item_of(item: Any) -> Any:
+    """A queued item as the reader gets it: an error raises."""
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+class BlockingStream:
+    """One streaming call on a blocking channel, read (and for RunJob written) from the caller's thread; the
+    same interface as channel.Stream without its asyncio side (`next_async`)."""
+
+    END = END
+
+    def __init__(self, method: Any, request: Any, metadata: tuple, timeout: float | None,
+                 on_response: Callable[[Any], Any] | None = None, first: Any = None):
+        self._on_response = on_response  # runs on the reader thread: what to hand the caller (None: nothing)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # responses, then END or the RpcError
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # messages to write; None ends the client's side
+        self._cancelled = ""  # why cancel() was called
+        self._closed = False  # the client's side was ended (send(None)); later sends are dropped
+        self.finished = False  # the call ended (every response is in the inbox)
+        if request is None:  # bidirectional: `first`, then what send() queues, written by gRPC's request thread
+            self._call = method(self._requests(first), metadata=metadata, timeout=timeout, wait_for_ready=True)
+        else:
+            self._call = method(request, metadata=metadata, timeout=timeout, wait_for_ready=True)
+        threading.Thread(target=self._read, name="tether-stream", daemon=True).start()
+
+    def _requests(self, first: Any) -> Iterator[Any]:
+        if first is not None:
+            yield first
+        while (message := self._outbox.get()) is not None:
+            yield message
+
+    def _read(self) -> None:
+        inbox, on_response = self._inbox, self._on_response
+        try:
+            for response in self._call:
+                item = response if on_response is None else on_response(response)
+                if item is not None:
+                    inbox.put(item)
+            self.finished = True
+            inbox.put(END)
+        except grpc.RpcError as error:
+            self.finished = True
+            inbox.put(Cancelled(self._cancelled) if self._cancelled else error)
+        except BaseException as error:  # on_response failed: stop the call, never leave the reader waiting
+            self.finished = True
+            self._call.cancel()
+            inbox.put(error)
+        finally:
+            self._outbox.put(None)  # (gRPC's request thread ends with the call, never waiting for more)
+
+    def send(self, message: Any) -> None:
+        """Write one message on a bidirectional stream; `None` ends the client's side."""
+        if self._closed or self.finished:
+            return  # nothing more goes out (the server ended the call, or the client's side is closed)
+        if message is None:
+            self._closed = True
+        self._outbox.put(message)
+
+    def cancel(self, reason: str = "cancelled by the client") -> None:
+        self._cancelled = self._cancelled or reason
+        self._call.cancel()
+
+    def next(self) -> Any:
+        """The next item (blocking the caller's thread), or END; the call's failure raises."""
+        return item_of(self._inbox.get())
+
+    def __iter__(self) -> Iterator[Any]:
+        while (item := self.next()) is not END:
+            yield item
