@@ -18,7 +18,7 @@ class to the root). None reaches a user: each is raised and caught by tether its
 - `tether.server.interrupts.Interrupted`: raised into a worker thread stuck outside any module boundary.
 - `tether.server.local_calls.StillOpen`: a batched job's local() call outlasted its hold (it leaves its batch).
 - `tether.client.remote_exceptions._Marker`: raised once per user frame to build a remote traceback.
-- `tether.client.channel._Cancelled`: a call the client cancelled, as the `grpc.RpcError` grpc would raise.
+- `tether.client.blocking_stream.Cancelled`: a call the client cancelled, as the `grpc.RpcError` grpc would raise.
 
 Warnings are not errors: tether's subclass `UserWarning` (`tether.runtime.batch_index.BatchIndexWarning`).
 """
@@ -48,7 +48,7 @@ CONTROL_FLOW = (  # module.qualname of each exception outside the hierarchy (the
     "tether.server.interrupts.Interrupted",
     "tether.server.local_calls.StillOpen",
     "tether.client.remote_exceptions._Marker",
-    "tether.client.channel._Cancelled",
+    "tether.client.blocking_stream.Cancelled",
 )
 
 
