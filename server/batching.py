@@ -108,8 +108,8 @@ def gather(first: Any, pending: Any, cond: threading.Condition, policy: BatchPol
     Waits while compatible jobs keep arriving, up to `policy.wait` after the last one (never more than
     `MAX_WAITS` waits in all), until the batch is full; a `first` that found no company does not wait, so a
     lone job (one client's sequential jobs) never waits. `company` (Company.expected: the jobs of the batch
-    that just ended, whose clients are sending their next ones) replaces that: wait for that many jobs, up to
-    its seconds. `taken(entry)` is called for each entry taken, at once (so a shutdown sees it running).
+    that just ended, whose clients are sending their next ones) replaces that: wait until that many jobs are
+    back (in the batch or, incompatible, still queued), up to its seconds. `taken(entry)` is called for each entry taken, at once (so a shutdown sees it running).
     """
     key = first.batch_key
     if not policy.enabled or key is None:
@@ -138,7 +138,8 @@ def gather(first: Any, pending: Any, cond: threading.Condition, policy: BatchPol
         if len(batch) > size and not expected:  # one more came: wait for the next a while longer
             deadline = min(last_call, now + policy.wait)
         left = deadline - now
-        full = len(batch) >= min(policy.max_batch, expected or policy.max_batch)
+        # (every expected job is back, compatible or not: waiting longer gains nothing)
+        full = len(batch) >= policy.max_batch or (expected and len(batch) + len(pending) >= expected)
         if left <= 0 or full or (len(batch) == 1 and not expected):
             break
         cond.wait(left)

@@ -7,6 +7,7 @@ import gc
 import multiprocessing
 import pickle
 import threading
+import time
 import weakref
 from types import SimpleNamespace
 
@@ -431,6 +432,19 @@ def test_a_lone_job_never_waits_for_company_that_is_not_expected():
         batch = gather(first, pending, cond, BatchPolicy(wait=30.0), lambda e: None, company.expected())
     arrivals.join(30)
     assert len(batch) == 1 and batch[0] is first and len(pending) == 1 and pending[0] is second
+
+
+def test_the_wait_for_a_batchs_clients_ends_once_they_are_back_even_with_other_kinds_of_jobs():
+    cond, pending = threading.Condition(), collections.deque()
+    first, other, same = (SimpleNamespace(batch_key=key, tokens=1) for key in (("generate",), ("trace",), ("generate",)))
+    arrivals = _arrivals(cond, pending, [other, same])
+    started = time.monotonic()
+    with cond:
+        arrivals.start()
+        batch = gather(first, pending, cond, BatchPolicy(wait=30.0), lambda e: None, (3, 30.0))
+    arrivals.join(30)
+    assert time.monotonic() - started < 15  # not the 30 s it may wait at most
+    assert [id(e) for e in batch] == [id(first), id(same)] and list(pending) == [other]
 
 
 def test_a_forming_batch_waits_while_jobs_keep_arriving():
