@@ -36,6 +36,9 @@ UNARY_TIMEOUT_S = 30.0  # default deadline of unary calls, seconds
 CONNECT_WAIT_S = 10.0  # seconds a streaming call (no deadline of its own) waits for an unreachable server
 RECONNECT_BACKOFF_MS = (100, 500)  # first and longest wait between reconnect attempts: a restarted server is
 # used again within about half a second of coming back (gRPC's defaults grow to 120 s)
+NEVER_IDLE_MS = 2**31 - 1  # a channel without calls stays connected (gRPC's default idles it after 30 min): the
+# loop's channel may carry none while a blocking caller's calls run on the twin, and its leaving READY means the
+# server went away (_watch_state fails every pending call then)
 
 
 def channel_options() -> list[tuple[str, Any]]:
@@ -48,6 +51,7 @@ def channel_options() -> list[tuple[str, Any]]:
         ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
         ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
         ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+        ("grpc.client_idle_timeout_ms", NEVER_IDLE_MS),
     ]
 
 
@@ -320,8 +324,8 @@ class Connection:
                     blocking = stub(self._direct_channel)
                     for name in _UNARY[stub]:
                         self._direct[getattr(aio, name)] = getattr(blocking, name)
-                for name, method in _raw_streams(self._direct_channel).items():
-                    self._direct[getattr(self.jobs, name)] = method
+                for name, blocking_stream in _raw_streams(self._direct_channel).items():
+                    self._direct[getattr(self.jobs, name)] = blocking_stream
             return self._direct.get(method)
 
     def wait_ready(self, timeout: float = CONNECT_WAIT_S) -> None:
@@ -369,6 +373,8 @@ class Connection:
         with self._lock:
             self._pending[call] = ""
             self._pending_changed.notify_all()
+        if isinstance(call, BlockingStream) and not self._ready:  # dropped before it was tracked: it would wait
+            self.fail_pending("the channel went away as the call started")  # for the server with no deadline
         try:
             yield call
         except grpc.RpcError as error:

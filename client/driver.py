@@ -277,7 +277,7 @@ async def follow(io: Waiting, metadata: tuple, events: JobEvents, *, timeout: fl
                 code=error.code().name,
             ) from None
         raise for_job(await _error(io, metadata, error), events.job_id) from None
-    except asyncio.CancelledError:
+    except BaseException:  # Ctrl-C, an awaiting task cancelled: the call (and its reader) stop too
         call.cancel("the client stopped waiting for the job")
         raise
 
@@ -296,7 +296,7 @@ async def read_result(io: Waiting, metadata: tuple, events: JobEvents) -> None:
                 pass
     except grpc.RpcError as error:
         raise for_job(await _error(io, metadata, error), events.job_id) from None
-    except asyncio.CancelledError:
+    except BaseException:  # Ctrl-C, an awaiting task cancelled: the call (and its reader) stop too
         call.cancel("the client stopped reading the result")
         raise
     if not events.result_complete:

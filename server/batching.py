@@ -83,10 +83,12 @@ class Company:
         self._ended = now
 
     def expected(self) -> tuple[int, float]:
-        """(jobs, seconds): how many jobs to wait for, how long at most; (0, 0.0) when none is expected."""
-        if not self._size or time.monotonic() - self._ended > self.EXPECT_S:
+        """(jobs, seconds): how many jobs to wait for, how long at most; (0, 0.0) when none is expected. Handed
+        out once: with several replicas, one gathers the returning jobs, the others never wait for them."""
+        size, self._size = self._size, 0
+        if not size or time.monotonic() - self._ended > self.EXPECT_S:
             return 0, 0.0
-        return self._size, self._budget
+        return size, self._budget
 
 
 def batch_info(model: Any, program: Any) -> tuple[tuple | None, int | Tokens]:

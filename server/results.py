@@ -79,7 +79,11 @@ def _entry(name: str, value: Any, encode: Callable[[Any], values_pb2.Value],
     if isinstance(value, torch.Tensor) and value.layout is torch.strided and not value.is_meta:
         entry = encode_value_map({name: value})
         return [bytes(p) if isinstance(p, memoryview) else p for p in entry] if _shared(value) else entry
-    if (framed := container_pieces(value, copy=_shared)) is not None:  # tensors in lists, tuples, dicts
+    try:
+        framed = container_pieces(value, copy=_shared)  # tensors in lists, tuples, dicts
+    except Exception:  # (e.g. a device copy failed): the general path below says what it leaves out
+        framed = None
+    if framed is not None:
         return value_map_entry(name, framed)
     if not _sendable(value):
         return []

@@ -154,7 +154,10 @@ class ModelQueue:
             position = len(self._pending) - 1
             job.set_state(jobs_pb2.JOB_STATE_QUEUED, _queued_message(position, len(self._running)),
                           queue_position=position + len(self._running))
-            self._cond.notify()
+            if len(self._replicas) > 1:  # a replica gathering a batch must hear of it, not only an idle one
+                self._cond.notify_all()
+            else:
+                self._cond.notify()
 
     @property
     def closed(self) -> bool:

@@ -184,8 +184,8 @@ def _fast_container(value: memoryview, options: dict[str, Any], depth: int) -> A
     if number in (VALUE_LIST_NUMBER, VALUE_TUPLE_NUMBER):
         items = []
         for item_number, wire, _, _, item in fields(body):
-            if item_number != LIST_ITEM_NUMBER or wire != 2:
-                return _NOT_FRAMED
+            if item_number != LIST_ITEM_NUMBER or wire != 2 or (not items and len(item) < _PARSED_BELOW):
+                return _NOT_FRAMED  # (small items first: numbers, strings; protobuf parses those faster)
             items.append(_decode(item, options, depth + 1))
         return items if number == VALUE_LIST_NUMBER else tuple(items)
     if number != VALUE_MAP_VALUE_NUMBER:
@@ -199,6 +199,8 @@ def _fast_container(value: memoryview, options: dict[str, Any], depth: int) -> A
             if part_wire != 2 or part_number not in (PAIR_KEY_NUMBER, PAIR_VALUE_NUMBER):
                 return _NOT_FRAMED
             key, item = (part, item) if part_number == PAIR_KEY_NUMBER else (key, part)
+        if not pairs and len(item) < _PARSED_BELOW:
+            return _NOT_FRAMED  # (small values first: protobuf parses those faster)
         pairs.append((key, item))
     return {_decode(key, options, depth + 1): _decode(item, options, depth + 1) for key, item in pairs}
 

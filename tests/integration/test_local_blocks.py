@@ -19,7 +19,7 @@ from tether import LanguageModel, NNsight, tiny
 from tether.client import RemoteBackend
 from tether.client.channel import close_all, connect
 from tether.server.app import start_server
-from tether.v1 import jobs_pb2
+from tether.v1 import jobs_pb2, models_pb2
 
 PROMPT = "The quick brown fox"
 WAIT_S = 30.0  # longest any hand-over between threads may take
@@ -534,3 +534,58 @@ def test_ctrl_c_while_a_blocking_job_with_local_blocks_waits_cancels_the_job(x):
             t.join(WAIT_S)
         handle.stop(grace=0)
         close_all()
+
+
+def test_a_blocking_callers_job_streams_leave_no_thread_behind(llm, rllm):
+    """A blocking caller's RunJob (and the WatchJob of a non-blocking job) run on the blocking channel with a
+    reader thread each, and gRPC's request thread for RunJob: all of them end with their calls."""
+    def job(model, **remote):
+        with model.trace(PROMPT, **remote) as tracer:
+            hidden = model.transformer.h[0].output
+            for _ in range(3):
+                with tracer.local():
+                    hidden = hidden + 1
+            out = hidden.save()
+        return out
+
+    expected = job(llm)
+    assert torch.equal(job(rllm, remote=True), expected)  # (the channels and their threads are up now)
+    before = {t.ident for t in threading.enumerate()}
+    for _ in range(5):
+        assert torch.equal(job(rllm, remote=True), expected)
+    with rllm.trace(PROMPT, remote=True, blocking=False) as tracer:
+        late = rllm.lm_head.output.save()  # noqa: F841 (filled by result())
+    assert tracer.backend.result()["late"].dim() == 3  # waits on a WatchJob stream
+    deadline = time.monotonic() + WAIT_S
+    while (left := [t.name for t in threading.enumerate() if t.ident not in before]) and time.monotonic() < deadline:
+        threading.Event().wait(0.01)  # (threads end on their own: wait for that condition, bounded)
+    assert not left, f"threads left running: {left}"
+
+
+def test_cancelling_a_blocking_stream_from_another_thread_ends_its_reader_with_the_reason(server):
+    from tether.client.blocking_stream import BlockingStream, Cancelled
+    from tether.client.channel import auth_metadata
+
+    conn = connect(server.address)
+    conn.unary(conn.models.ListModels, models_pb2.ListModelsRequest(), auth_metadata(None))
+    deadline = time.monotonic() + WAIT_S
+    while not conn._ready and time.monotonic() < deadline:  # (connected: the blocking twin is used from now on)
+        threading.Event().wait(0.01)
+    job_id = "no-such-job"
+    call = conn.stream(conn.jobs.WatchJob, jobs_pb2.WatchJobRequest(job_id=job_id))
+    assert isinstance(call, BlockingStream)
+    with pytest.raises(Exception) as raised:
+        call.next()  # the server refuses it (an unknown job): the reader hands the error over and ends
+    assert not isinstance(raised.value, Cancelled)
+    before = {t.ident for t in threading.enumerate()}
+    call = conn.stream(conn.jobs.RunJob, first=None)  # a RunJob that sends nothing: the server waits for it
+    canceller = threading.Thread(target=call.cancel, args=("stopped by the test",), daemon=True)
+    canceller.start()
+    with pytest.raises(Cancelled, match="stopped by the test"):
+        call.next()
+    assert call.finished
+    canceller.join(WAIT_S)
+    deadline = time.monotonic() + WAIT_S  # the reader, and gRPC's request thread waiting for a message, end
+    while (left := [t.name for t in threading.enumerate() if t.ident not in before]) and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    assert not left, f"threads left running: {left}"
