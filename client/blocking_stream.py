@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["END", "BlockingStream", "Cancelled", "item_of"]
+__all__ = ["END", "BlockingStream", "Cancelled", "failure", "hand_over", "item_of"]
 
 END = object()  # what a stream's reader gets once the call ended
 
@@ -33,6 +33,18 @@ class Cancelled(grpc.RpcError):
 
     def details(self) -> str:
         return self._details
+
+
+def hand_over(inbox: queue.SimpleQueue, on_response: Callable[[Any], Any] | None, response: Any) -> None:
+    """One response to a stream's reader: as it is, or what `on_response` makes of it (None: nothing)."""
+    item = response if on_response is None else on_response(response)
+    if item is not None:
+        inbox.put(item)
+
+
+def failure(error: grpc.RpcError, cancelled: str) -> grpc.RpcError:
+    """What a stream's reader gets when its call failed: the error, or Cancelled with the client's reason."""
+    return Cancelled(cancelled) if cancelled else error
 
 
 def item_of(item: Any) -> Any:
@@ -72,14 +84,12 @@ class BlockingStream:
         inbox, on_response = self._inbox, self._on_response
         try:
             for response in self._call:
-                item = response if on_response is None else on_response(response)
-                if item is not None:
-                    inbox.put(item)
+                hand_over(inbox, on_response, response)
             self.finished = True
             inbox.put(END)
         except grpc.RpcError as error:
             self.finished = True
-            inbox.put(Cancelled(self._cancelled) if self._cancelled else error)
+            inbox.put(failure(error, self._cancelled))
         except BaseException as error:  # on_response failed: stop the call, never leave the reader waiting
             self.finished = True
             self._call.cancel()

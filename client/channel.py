@@ -24,7 +24,7 @@ from tether.protocol import MAX_MESSAGE_BYTES
 from tether.runtime.errors import RemoteError
 from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2_grpc
 
-from .blocking_stream import END, BlockingStream, Cancelled, item_of
+from .blocking_stream import END, BlockingStream, Cancelled, failure, hand_over, item_of
 from .wire import chunk_deserializer, event_deserializer
 
 __all__ = ["Connection", "Stream", "connect", "resolve_host", "resolve_api_key", "auth_metadata",
@@ -164,14 +164,12 @@ class Stream:
                 await self._call.write(first)
             inbox, on_response = self._inbox, self._on_response
             async for response in self._call:
-                item = response if on_response is None else on_response(response)
-                if item is not None:
-                    inbox.put(item)
+                hand_over(inbox, on_response, response)
             self.finished = True
             inbox.put(END)
         except grpc.RpcError as error:
             self.finished = True
-            self._inbox.put(Cancelled(self._cancelled) if self._cancelled else error)
+            self._inbox.put(failure(error, self._cancelled))
         except asyncio.CancelledError:
             self.finished = True
             self._inbox.put(Cancelled(self._cancelled or "cancelled"))
