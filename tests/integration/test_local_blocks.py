@@ -262,6 +262,16 @@ class _Relay:
                 sock.close()
 
 
+def _release_and_stop(release: threading.Event, threads: list[threading.Thread], handle) -> None:
+    """A test's end: let go of the job held in its local() block, wait for the test's threads, stop its server
+    and close the client's channels to it."""
+    release.set()
+    for t in threads:
+        t.join(WAIT_S)
+    handle.stop(grace=0)
+    close_all()
+
+
 def test_a_dropped_connection_fails_every_pending_call_at_once(x):
     """A job holds the only worker inside a local() block; two more wait behind it on WatchJob. When the
     network between client and server fails, all three calls fail together with the same clear error."""
@@ -305,11 +315,7 @@ def test_a_dropped_connection_fails_every_pending_call_at_once(x):
         for t in threads[1:]:
             t.join(WAIT_S)
     finally:
-        release.set()
-        for t in threads:
-            t.join(WAIT_S)
-        handle.stop(grace=0)
-        close_all()
+        _release_and_stop(release, threads, handle)
     assert sorted(errors) == ["holder", "waiter-1", "waiter-2"]
     for error in errors.values():
         assert isinstance(error, tether.RemoteError)
@@ -433,10 +439,7 @@ def test_cancelling_the_task_that_awaits_a_job_cancels_the_job(x):
         job_id = asyncio.run(cancelled())
         assert RemoteBackend(handle.address, job_id=job_id).status() == "CANCELLED"
     finally:
-        release.set()
-        thread.join(WAIT_S)
-        handle.stop(grace=0)
-        close_all()
+        _release_and_stop(release, [thread], handle)
 
 
 def test_a_client_that_goes_away_mid_call_fails_its_job_and_frees_the_worker(x):
@@ -471,10 +474,7 @@ def test_a_client_that_goes_away_mid_call_fails_its_job_and_frees_the_worker(x):
             out = net.output.save()  # and the worker runs the next job
         assert torch.equal(out, tiny.tiny_net()(x))
     finally:
-        release.set()
-        thread.join(WAIT_S)
-        handle.stop(grace=0)
-        close_all()
+        _release_and_stop(release, [thread], handle)
 
 
 def test_an_awaited_job_runs_its_local_blocks_too(rllm):
@@ -529,11 +529,7 @@ def test_ctrl_c_while_a_blocking_job_with_local_blocks_waits_cancels_the_job(x):
         for job in interrupted:  # (while the holder still holds the worker: it never ran)
             assert job.wait_done(WAIT_S) == jobs_pb2.JOB_STATE_CANCELLED, job.status
     finally:
-        release.set()
-        for t in threads:
-            t.join(WAIT_S)
-        handle.stop(grace=0)
-        close_all()
+        _release_and_stop(release, threads, handle)
 
 
 def test_a_blocking_callers_job_streams_leave_no_thread_behind(llm, rllm):
