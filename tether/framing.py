@@ -168,8 +168,6 @@ def framed(key: bytes, *parts: bytes | memoryview) -> list[bytes | memoryview]:
     return [key + varint(sum(len(p) for p in parts)), *parts]
 
 
-_framed = framed
-
 
 def tensor_value(tensor: values_pb2.Tensor, data: bytes | memoryview) -> list[bytes | memoryview]:
     """The pieces of a serialized Value(tensor=...): `tensor` is the Tensor message without its data, `data`
@@ -179,8 +177,8 @@ def tensor_value(tensor: values_pb2.Tensor, data: bytes | memoryview) -> list[by
     if any(after.values()):  # written after the data, as protobuf writes fields in number order
         tail = values_pb2.Tensor(**after).SerializeToString()
         head = head[: len(head) - len(tail)]
-    parts = [head, *_framed(TENSOR_DATA, data), tail] if len(data) else [head, tail]
-    return _framed(VALUE_TENSOR, *parts)
+    parts = [head, *framed(TENSOR_DATA, data), tail] if len(data) else [head, tail]
+    return framed(VALUE_TENSOR, *parts)
 
 
 def value_map_tensor_entry(
@@ -192,7 +190,7 @@ def value_map_tensor_entry(
 
 def value_map_entry(name: str, value: list[bytes | memoryview]) -> list[bytes | memoryview]:
     """The pieces of one ValueMap entry `name` -> the serialized Value whose pieces are `value`."""
-    return _framed(VALUE_MAP_ENTRY, *_framed(ENTRY_KEY, name.encode()), *_framed(ENTRY_VALUE, *value))
+    return framed(VALUE_MAP_ENTRY, *framed(ENTRY_KEY, name.encode()), *framed(ENTRY_VALUE, *value))
 
 
 def chunk_length(offset: int, size: int, total: int) -> int:
