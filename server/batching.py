@@ -67,20 +67,14 @@ class Company:
     EXPECT_S = 1.0  # how long after a batched run its clients are expected back
 
     def __init__(self):
-        self._started: dict[int, float] = {}  # id of a run's first entry -> time.monotonic() when taken
         self._size, self._budget, self._ended = 0, 0.0, 0.0
 
-    def took(self, batch: list[Any]) -> None:
-        self._started[id(batch[0])] = time.monotonic()
-
-    def ran(self, batch: list[Any], waiting: int, wait: float) -> None:
-        """The run of `batch` ended now, with `waiting` jobs queued (`wait`: the policy's --batch-wait-ms): its
-        jobs' clients and those are expected."""
-        now = time.monotonic()
-        seconds = now - self._started.pop(id(batch[0]), now)
-        self._size = len(batch) + waiting if len(batch) > 1 and wait > 0 else 0
+    def ran(self, size: int, seconds: float, waiting: int, wait: float) -> None:
+        """A run of `size` jobs that took `seconds` ended now, with `waiting` jobs queued (`wait`: the policy's
+        --batch-wait-ms): its jobs' clients and those are expected."""
+        self._size = size + waiting if size > 1 and wait > 0 else 0
         self._budget = min(max(wait, self.RETURN_SHARE * seconds), self.MAX_RETURN_S)
-        self._ended = now
+        self._ended = time.monotonic()
 
     def expected(self) -> tuple[int, float]:
         """(jobs, seconds): how many jobs to wait for, how long at most; (0, 0.0) when none is expected. Handed

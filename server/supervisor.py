@@ -258,8 +258,10 @@ class Replica:
                 try:
                     retire = JobRelay(self, entries).run()
                 finally:
-                    self.queue.done(entries)
-                    idle = _log_run(self.name, len(entries), idle, taken)
+                    ended = time.monotonic()
+                    self.queue.done(entries, ended - taken)
+                    _log_run(self.name, len(entries), taken - idle, ended - taken)
+                    idle = ended
                 if retire:
                     self.queue.retire(retire)
                     break
@@ -323,11 +325,8 @@ def _process_main(threads: int, *args) -> None:
     process_main(*args)
 
 
-def _log_run(name: str, size: int, idle: float, taken: float) -> float:
-    """A debug line per run (how long the replica waited for it and ran it: what batching tuning reads); the
-    time it ended, when the replica is idle again."""
-    ended = time.monotonic()
+def _log_run(name: str, size: int, waited: float, seconds: float) -> None:
+    """A debug line per run: how long the replica waited for it and ran it (what batching tuning reads)."""
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("%s ran %d job%s in %.3f s, %.1f ms after its previous run", name, size, "s" if size != 1 else "",
-                   ended - taken, (taken - idle) * 1000)
-    return ended
+                   seconds, waited * 1000)

@@ -250,14 +250,13 @@ class ModelQueue:
                 return None
             entry = self._pending.popleft()
             self._running.add(entry.job)
-            batch = gather(entry, self._pending, self._cond, self._batching,
-                           lambda taken: self._running.add(taken.job), self._company.expected())
-            self._company.took(batch)
-            return batch
+            return gather(entry, self._pending, self._cond, self._batching,
+                          lambda taken: self._running.add(taken.job), self._company.expected())
 
-    def done(self, entries: list[Entry]) -> None:
+    def done(self, entries: list[Entry], seconds: float) -> None:
+        """The run of `entries` (taken by `take`) ended after `seconds`."""
         with self._cond:
-            self._company.ran(entries, len(self._pending), self._batching.wait)
+            self._company.ran(len(entries), seconds, len(self._pending), self._batching.wait)
             self._running.difference_update(entry.job for entry in entries if not entry.requeued)
 
     def requeue(self, entry: Entry, sent: Sent) -> bool:

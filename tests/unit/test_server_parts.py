@@ -399,9 +399,8 @@ def test_after_a_batched_run_a_job_waits_for_the_batchs_clients_to_send_their_ne
     def entry():
         return SimpleNamespace(batch_key=("k",), tokens=1)
 
-    company, ran = Company(), [entry() for _ in range(3)]
-    company.took(ran)
-    company.ran(ran, waiting=1, wait=0.005)  # a batch of 3 ended with one job queued: 4 clients to come back
+    company = Company()
+    company.ran(3, 0.02, waiting=1, wait=0.005)  # a batch of 3 ended with one job queued: 4 clients to come back
     assert company.expected() == (4, 0.005)
     cond, pending, taken = threading.Condition(), collections.deque(), []
     first, *later = [entry() for _ in range(5)]
@@ -420,9 +419,8 @@ def test_a_lone_job_never_waits_for_company_that_is_not_expected():
     def entry():
         return SimpleNamespace(batch_key=("k",), tokens=1)
 
-    company, ran = Company(), [entry()]
-    company.took(ran)
-    company.ran(ran, waiting=0, wait=0.005)  # a lone job ran: nobody is expected back
+    company = Company()
+    company.ran(1, 0.02, waiting=0, wait=0.005)  # a lone job ran: nobody is expected back
     assert company.expected() == (0, 0.0)
     cond, pending = threading.Condition(), collections.deque()
     first, second = entry(), entry()
