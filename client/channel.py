@@ -276,7 +276,7 @@ class Connection:
         self._raw_result_methods()
         self.models = models_pb2_grpc.ModelServiceStub(self.channel)
         self._direct_channel: grpc.Channel | None = None  # guarded by _lock: see _blocking_twin
-        self._direct: dict[Any, Any] = {}  # guarded by _lock: an aio stub's unary method -> the same, blocking
+        self._direct: dict[Any, Any] = {}  # guarded by _lock: an aio stub's method -> the same, blocking
         self._lock = threading.Lock()
         self._closed = False  # guarded by _lock: close() was called
         self._pending: dict[Any, str] = {}  # guarded by _lock: call -> why it was cancelled ("" while live)
@@ -298,16 +298,22 @@ class Connection:
 
         While the server is connected, a job's and a model's unary calls run in the caller's thread on a blocking
         channel of their own (`_blocking_twin`): no hand-off to the loop thread and back, ~0.2 ms of a tiny job."""
-        if self._ready and timeout is not None and threading.get_ident() != self.loop.ident:
-            direct = self._blocking_twin(method)
-            if direct is not None:  # (wait_for_ready: that channel may still be reconnecting after a restart)
-                return direct(request, metadata=metadata, timeout=timeout, wait_for_ready=True)
+        if timeout is not None and (direct := self._connected_twin(method)) is not None:
+            return direct(request, metadata=metadata, timeout=timeout, wait_for_ready=True)
 
         async def call() -> Any:
             return await method(request, metadata=metadata, timeout=timeout)
 
         self.wait_ready(CONNECT_WAIT_S if timeout is None else min(timeout, CONNECT_WAIT_S))
         return self.loop.call(call())
+
+    def _connected_twin(self, method: Any) -> Any:
+        """The blocking twin of `method` for a caller outside the loop thread while the server is connected, else
+        None (the call then goes on the loop). Twins are called with wait_for_ready: the blocking channel may
+        still be reconnecting after a restart that the loop's channel has already seen the end of."""
+        if self._ready and threading.get_ident() != self.loop.ident:
+            return self._blocking_twin(method)
+        return None
 
     def _blocking_twin(self, method: Any) -> Any:
         """The blocking twin of one of this connection's own job and model methods (None for any other), on one
@@ -354,10 +360,8 @@ class Connection:
         While the server is connected, a job's streams run on the blocking channel (BlockingStream: no event
         loop between the caller and each message it answers); otherwise on the loop thread.
         """
-        if self._ready and threading.get_ident() != self.loop.ident:
-            direct = self._blocking_twin(method)
-            if direct is not None:  # (wait_for_ready: that channel may still be reconnecting after a restart)
-                return BlockingStream(direct, request, metadata, timeout, on_response, first)
+        if (direct := self._connected_twin(method)) is not None:
+            return BlockingStream(direct, request, metadata, timeout, on_response, first)
         self.wait_ready(CONNECT_WAIT_S if timeout is None else min(timeout, CONNECT_WAIT_S))
         return Stream(self, method, request, metadata, timeout, on_response, first)
 
