@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["END", "BlockingStream", "Cancelled", "failure", "hand_over", "item_of"]
+__all__ = ["END", "BlockingStream", "Cancelled", "Written", "failure", "hand_over", "item_of"]
 
 END = object()  # what a stream's reader gets once the call ended
 
@@ -47,6 +47,36 @@ def failure(error: grpc.RpcError, cancelled: str) -> grpc.RpcError:
     return Cancelled(cancelled) if cancelled else error
 
 
+class Written:
+    """How many messages a stream was given and has not written yet (handed to gRPC's transport): what a caller
+    that cancels right after a last message waits for, so the cancel cannot overtake it."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._unwritten = 0
+
+    def queued(self) -> None:
+        with self._cond:
+            self._unwritten += 1
+
+    def written(self) -> None:
+        """One message was written, or dropped (the call had ended)."""
+        with self._cond:
+            self._unwritten = max(0, self._unwritten - 1)
+            if not self._unwritten:
+                self._cond.notify_all()
+
+    def ended(self) -> None:
+        """The call ended: nothing left will be written."""
+        with self._cond:
+            self._unwritten = 0
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._unwritten, timeout)
+
+
 def item_of(item: Any) -> Any:
     """A queued item as the reader gets it: an error raises."""
     if isinstance(item, BaseException):
@@ -68,6 +98,7 @@ class BlockingStream:
         self._cancelled = ""  # why cancel() was called
         self._closed = False  # the client's side was ended (send(None)); later sends are dropped
         self.finished = False  # the call ended (every response is in the inbox)
+        self._written = Written()
         if request is None:  # bidirectional: `first`, then what send() queues, written by gRPC's request thread
             self._call = method(self._requests(first), metadata=metadata, timeout=timeout, wait_for_ready=True)
         else:
@@ -79,6 +110,7 @@ class BlockingStream:
             yield first
         while (message := self._outbox.get()) is not None:
             yield message
+            self._written.written()  # (gRPC asks for the next message once it has written this one)
 
     def _read(self) -> None:
         inbox, on_response = self._inbox, self._on_response
@@ -96,6 +128,7 @@ class BlockingStream:
             inbox.put(error)
         finally:
             self._outbox.put(None)  # (gRPC's request thread ends with the call, never waiting for more)
+            self._written.ended()
 
     def send(self, message: Any) -> None:
         """Write one message on a bidirectional stream; `None` ends the client's side."""
@@ -103,7 +136,13 @@ class BlockingStream:
             return  # nothing more goes out (the server ended the call, or the client's side is closed)
         if message is None:
             self._closed = True
+        else:
+            self._written.queued()
         self._outbox.put(message)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait at most `timeout` until every message sent so far is written; whether it was."""
+        return self._written.wait(timeout)
 
     def cancel(self, reason: str = "cancelled by the client") -> None:
         self._cancelled = self._cancelled or reason

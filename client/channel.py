@@ -24,7 +24,7 @@ from tether.protocol import MAX_MESSAGE_BYTES
 from tether.runtime.errors import RemoteError
 from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2_grpc
 
-from .blocking_stream import END, BlockingStream, Cancelled, failure, hand_over, item_of
+from .blocking_stream import END, BlockingStream, Cancelled, Written, failure, hand_over, item_of
 from .wire import chunk_deserializer, event_deserializer
 
 __all__ = ["Connection", "Stream", "connect", "resolve_host", "resolve_api_key", "auth_metadata",
@@ -141,6 +141,7 @@ class Stream:
         self._cancelled = ""  # why cancel() was called; read by the loop thread after the call ends
         self._closed = False  # the client's side was ended (send(None)); later sends are dropped
         self.finished = False  # the call ended (every response is in the inbox)
+        self._written = Written()
         self._loop.loop.call_soon_threadsafe(self._start, method, request, metadata, timeout, first)
 
     def _start(self, method: Any, request: Any, metadata: tuple, timeout: float | None, first: Any) -> None:
@@ -181,10 +182,12 @@ class Stream:
         finally:
             if self._writer is not None:
                 self._writer.cancel()
+            self._written.ended()
 
     async def _write(self, call: Any) -> None:
         while (message := await self._outbox.get()) is not None:
             await call.write(message)
+            self._written.written()
         await call.done_writing()
 
     def send(self, message: Any) -> None:
@@ -193,6 +196,8 @@ class Stream:
             return  # nothing more goes out (the server ended the call, or the client's side is closed)
         if message is None:
             self._closed = True
+        else:
+            self._written.queued()
         if threading.get_ident() == self._loop.ident:
             self._put(message)
         else:
@@ -200,6 +205,8 @@ class Stream:
 
     def _put(self, message: Any) -> None:
         if self.finished or self._call is None:  # ended (or failed to start): nothing more goes out
+            if message is not None:
+                self._written.written()
             return
         if self._writer is None:
             if message is None:
@@ -207,6 +214,10 @@ class Stream:
             self._outbox = asyncio.Queue()
             self._writer = asyncio.ensure_future(self._write(self._call))
         self._outbox.put_nowait(message)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait at most `timeout` until every message sent so far is written; whether it was."""
+        return self._written.wait(timeout)
 
     def cancel(self, reason: str = "cancelled by the client") -> None:
         self._cancelled = self._cancelled or reason

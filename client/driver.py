@@ -34,6 +34,7 @@ _ENDED = object()  # handed to the RunJob reader with the job's last event
 _DROPPED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)  # a lost stream
 SUBMIT_WAIT_S = 1.0  # how long a blocking job's SubmitJob waits for its end before following it with WatchJob
 _SLOW_LINK_BYTES_S = 10e6  # a SubmitJob's deadline allows its upload at this rate
+CANCEL_WRITE_S = 2.0  # s: after Ctrl-C, the longest wait for the stream's cancel message to be written
 _STOPPED = (KeyboardInterrupt, asyncio.CancelledError)  # the caller stopped waiting: Ctrl-C, a cancelled task
 
 
@@ -235,6 +236,7 @@ async def run_job(io: Waiting, metadata: tuple, job: Job, ns: dict, events: JobE
         # the stream dropped after the job started: the job runs on, so pick up its events where we stopped
     except _STOPPED:  # the stream's cancel may not be written before the call's own: CancelJob says it too
         call.send(jobs_pb2.RunJobRequest(cancel=jobs_pb2.CancelRequest(reason="interrupted by the user")))
+        call.flush(CANCEL_WRITE_S)  # (the call's own cancel must not overtake it: the server reads it first)
         await cancel_interrupted(io, metadata, job, events.job_id)
         call.cancel("interrupted by the user")
         raise
