@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["END", "BlockingStream", "Cancelled", "Written", "failure", "hand_over", "item_of"]
+__all__ = ["END", "BlockingStream", "Cancelled", "Sending", "Written", "failure", "hand_over", "item_of"]
 
 END = object()  # what a stream's reader gets once the call ended
 
@@ -77,6 +77,30 @@ class Written:
             return self._cond.wait_for(lambda: not self._unwritten, timeout)
 
 
+class Sending:
+    """What both kinds of stream do with a message they are given to write: drop it once nothing more goes out,
+    note the end of the client's side, count it until written (`flush`). Subclasses set `_closed`, `finished`
+    and `_written`."""
+
+    _closed: bool
+    finished: bool
+    _written: Written
+
+    def _accept(self, message: Any) -> bool:
+        """Whether `message` (None: the end of the client's side) is to be written."""
+        if self._closed or self.finished:
+            return False  # nothing more goes out (the server ended the call, or the client's side is closed)
+        if message is None:
+            self._closed = True
+        else:
+            self._written.queued()
+        return True
+
+    def flush(self, timeout: float) -> bool:
+        """Wait at most `timeout` until every message sent so far is written; whether it was."""
+        return self._written.wait(timeout)
+
+
 def item_of(item: Any) -> Any:
     """A queued item as the reader gets it: an error raises."""
     if isinstance(item, BaseException):
@@ -84,7 +108,7 @@ def item_of(item: Any) -> Any:
     return item
 
 
-class BlockingStream:
+class BlockingStream(Sending):
     """One streaming call on a blocking channel, read (and for RunJob written) from the caller's thread; the
     same interface as channel.Stream without its asyncio side (`next_async`)."""
 
@@ -132,17 +156,8 @@ class BlockingStream:
 
     def send(self, message: Any) -> None:
         """Write one message on a bidirectional stream; `None` ends the client's side."""
-        if self._closed or self.finished:
-            return  # nothing more goes out (the server ended the call, or the client's side is closed)
-        if message is None:
-            self._closed = True
-        else:
-            self._written.queued()
-        self._outbox.put(message)
-
-    def flush(self, timeout: float) -> bool:
-        """Wait at most `timeout` until every message sent so far is written; whether it was."""
-        return self._written.wait(timeout)
+        if self._accept(message):
+            self._outbox.put(message)
 
     def cancel(self, reason: str = "cancelled by the client") -> None:
         self._cancelled = self._cancelled or reason

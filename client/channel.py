@@ -24,7 +24,7 @@ from tether.protocol import MAX_MESSAGE_BYTES
 from tether.runtime.errors import RemoteError
 from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2_grpc
 
-from .blocking_stream import END, BlockingStream, Cancelled, Written, failure, hand_over, item_of
+from .blocking_stream import END, BlockingStream, Cancelled, Sending, Written, failure, hand_over, item_of
 from .wire import chunk_deserializer, event_deserializer
 
 __all__ = ["Connection", "Stream", "connect", "resolve_host", "resolve_api_key", "auth_metadata",
@@ -122,7 +122,7 @@ _RAW_STREAMS = (("RunJob", "stream_stream", jobs_pb2.RunJobResponse, event_deser
                 ("ReadResult", "unary_stream", jobs_pb2.ReadResultResponse, chunk_deserializer))
 
 
-class Stream:
+class Stream(Sending):
     """One streaming call, run on the loop thread and read (and for RunJob written) from the caller's: by
     blocking (`next`, iteration) or, given `wake_loop` (the caller's asyncio loop), by awaiting (`next_async`)."""
 
@@ -192,12 +192,8 @@ class Stream:
 
     def send(self, message: Any) -> None:
         """Write one message on a bidirectional stream; `None` ends the client's side."""
-        if self._closed or self.finished:
-            return  # nothing more goes out (the server ended the call, or the client's side is closed)
-        if message is None:
-            self._closed = True
-        else:
-            self._written.queued()
+        if not self._accept(message):
+            return
         if threading.get_ident() == self._loop.ident:
             self._put(message)
         else:
@@ -214,10 +210,6 @@ class Stream:
             self._outbox = asyncio.Queue()
             self._writer = asyncio.ensure_future(self._write(self._call))
         self._outbox.put_nowait(message)
-
-    def flush(self, timeout: float) -> bool:
-        """Wait at most `timeout` until every message sent so far is written; whether it was."""
-        return self._written.wait(timeout)
 
     def cancel(self, reason: str = "cancelled by the client") -> None:
         self._cancelled = self._cancelled or reason
