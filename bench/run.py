@@ -9,7 +9,8 @@ into bench/results/REPORT.md and their tables are printed. A result is a dict wi
     name, title            what ran
     environment, settings  dicts, recorded as they are
     tables                 [{"title": str, "columns": [str], "rows": [[str]]}], cells already formatted
-    targets                [{"name": str, "text": str, "ok": bool, "limit": ..., ...}]
+    targets                [{"name": str, "text": str, "ok": bool, "limit": ..., "at_least": bool, ...}]
+                           (at_least: the value must reach the limit, not stay under it)
     notes                  [str]
     ...                    anything else (raw numbers), kept in the JSON only
 
@@ -63,7 +64,7 @@ def _targets_table(result: dict) -> dict:
     for t in result.get("targets", []):
         limit = t.get("limit")
         rows.append([t["name"] + (f" (width {t['width']})" if "width" in t else ""), t.get("text", ""),
-                     "-" if limit is None else f"<= {limit}",
+                     "-" if limit is None else f"{'>=' if t.get('at_least') else '<='} {limit}",
                      {True: "PASS", False: "MISS"}.get(t.get("ok"), "info")])
     return {"title": f"{result['name']}: targets", "columns": ["target", "measured", "limit", ""], "rows": rows}
 
