@@ -48,10 +48,13 @@ def pct(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def concurrent_clients(n: int, job: Callable[[int, int], Any], budget_s: float, cap: int) -> dict:
+def concurrent_clients(n: int, job: Callable[[int, int], Any], budget_s: float, cap: int,
+                       ends: bool = False) -> dict:
     """n threads started together, client i running `job(i, k)` (its k-th job) back to back until the budget
-    or its cap of jobs is spent: jobs, jobs/s and per-job latency percentiles (ms)."""
+    or its cap of jobs is spent: jobs, jobs/s and per-job latency percentiles (ms); with `ends`, also when each
+    job ended (`ends_s`: seconds from the start, in order)."""
     latencies: list[list[float]] = [[] for _ in range(n)]
+    ended: list[float] = []
     finished = [0.0] * n
     errors: list[BaseException] = []
     start = threading.Barrier(n + 1)
@@ -64,6 +67,7 @@ def concurrent_clients(n: int, job: Callable[[int, int], Any], budget_s: float, 
                 t = time.perf_counter_ns()
                 job(i, len(latencies[i]))
                 latencies[i].append((time.perf_counter_ns() - t) / 1e6)
+                ended.append(time.perf_counter())
         except BaseException as error:  # reported below
             errors.append(error)
         finally:
@@ -82,8 +86,11 @@ def concurrent_clients(n: int, job: Callable[[int, int], Any], budget_s: float, 
         raise errors[0]
     elapsed = max(finished) - t0
     flat = [x for per in latencies for x in per]
-    return {"clients": n, "jobs": len(flat), "seconds": elapsed, "jobs_per_s": len(flat) / elapsed,
-            "p50_ms": median(flat), "p99_ms": pct(flat, 99), "min_jobs_per_client": min(len(x) for x in latencies)}
+    row = {"clients": n, "jobs": len(flat), "seconds": elapsed, "jobs_per_s": len(flat) / elapsed,
+           "p50_ms": median(flat), "p99_ms": pct(flat, 99), "min_jobs_per_client": min(len(x) for x in latencies)}
+    if ends:
+        row["ends_s"] = sorted(end - t0 for end in ended)
+    return row
 
 
 def paired(a: list[float], b: list[float]) -> list[float]:

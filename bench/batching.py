@@ -4,7 +4,11 @@ Two `tether serve` processes host the same model side by side, one batching and 
 threads each run blocking jobs back to back on one server, then on the other: a 16-token generation with a
 per-step save, and a single traced forward with one save. Each client count runs ROUNDS such pairs of windows,
 in alternating order, and its ratio is the median of the rounds' ratios: this machine's speed drifts by tens of
-percent within minutes, and a drift then falls on both sides of a round alike. A lone job (1 client) is timed paired: one client
+percent within minutes, and a drift then falls on both sides of a round alike. A window's jobs/s is its steady
+rate: the jobs that end after its first n (one per client, on average each client's first) over the time from
+then to its last. Clients that start together reach the server a few ms apart, so the batching server's first
+run of a window is often one job alone and its second the rest; the steady rate leaves that start-up out on
+both sides (a server with no batching has none), and the whole window's rate is kept beside it. A lone job (1 client) is timed paired: one client
 runs each prompt on both servers, in a fresh random order per repetition, so the load of the moment and the
 drift of a window fall on both sides alike and the paired difference is what batching adds to a lone job.
 Last, with the servers stopped, transformers' own `generate` of the same prompts one call each against one
@@ -42,7 +46,8 @@ NAME = "batching"
 TITLE = "Cross-job batching: 16 concurrent clients, batching on vs --max-batch 1 (separate server processes)"
 CLIENTS = (1, 4, 16)
 NEW_TOKENS = 16
-BUDGET_S = 20.0  # per case, client count and server (split over ROUNDS windows; the lone job's pairs get 2x)
+BUDGET_S = 36.0  # per case, client count and server (split over ROUNDS windows)
+LONE_BUDGET_S = 40.0  # per case: one client's jobs alternating between the servers
 ROUNDS = 3  # paired windows per case and client count (at least 2 whatever the budget)
 JOB_CAP = 400  # jobs per case, client count and server
 GENERATE_TARGET = 4.0  # jobs/s with batching over without, 16 clients, generation
@@ -105,20 +110,22 @@ def _clients(job, n: int, budget_s: float) -> dict:
     """n threads, each with its own remote model, running blocking jobs back to back until the budget."""
     models = [_remote_model() for _ in range(n)]
     return concurrent_clients(n, lambda i, k: job(models[i], PROMPTS[(i + k) % len(PROMPTS)]), budget_s,
-                              cap=max(2, JOB_CAP // n))
+                              cap=max(2, JOB_CAP // n), ends=True)
 
 
 def _paired_rounds(case: str, job, n: int, addresses: dict[str, str], rounds: int, window_s: float) -> dict:
     """`rounds` pairs of windows of n clients, one server then the other (the other idles), in alternating order:
-    each side's row pooled over its windows, and the ratio of each round (batched jobs/s over alone)."""
+    each side's row pooled over its windows, and the ratio of each round (batched steady jobs/s over alone)."""
     windows: dict[str, list[dict]] = {"alone": [], "batching": []}
     for i in range(rounds):
         for name in ("alone", "batching") if i % 2 == 0 else ("batching", "alone"):
             with host(addresses[name]):
-                windows[name].append(_clients(job, n, window_s))
+                windows[name].append(_steady(_clients(job, n, window_s), n))
         ratio = windows["batching"][-1]["jobs_per_s"] / windows["alone"][-1]["jobs_per_s"]
-        log(NAME, f"{case}, {n} clients, round {i + 1}: alone {windows['alone'][-1]['jobs_per_s']:.2f} jobs/s, "
-                  f"batching {windows['batching'][-1]['jobs_per_s']:.2f} jobs/s, {ratio:.2f}x")
+        off, on = windows["alone"][-1], windows["batching"][-1]
+        log(NAME, f"{case}, {n} clients, round {i + 1}: alone {off['jobs_per_s']:.2f} jobs/s (whole window "
+                  f"{off['whole_jobs_per_s']:.2f}), batching {on['jobs_per_s']:.2f} (whole window "
+                  f"{on['whole_jobs_per_s']:.2f}), {ratio:.2f}x")
     pair: dict[str, Any] = {name: _pooled(rows) for name, rows in windows.items()}
     pair["round_ratios"] = [on["jobs_per_s"] / off["jobs_per_s"] for on, off in zip(windows["batching"],
                                                                                       windows["alone"])]
@@ -127,11 +134,24 @@ def _paired_rounds(case: str, job, n: int, addresses: dict[str, str], rounds: in
     return pair
 
 
+def _steady(row: dict, n: int) -> dict:
+    """A window's row with its steady rate as `jobs_per_s` (the jobs after its first n; the whole window's
+    rate as `whole_jobs_per_s`)."""
+    ends = row.pop("ends_s")
+    steady = dict(row, whole_jobs=row["jobs"], whole_seconds=row["seconds"], whole_jobs_per_s=row["jobs_per_s"])
+    if len(ends) > n and ends[-1] > ends[n - 1]:
+        steady.update(jobs=len(ends) - n, seconds=ends[-1] - ends[n - 1])
+        steady["jobs_per_s"] = steady["jobs"] / steady["seconds"]
+    return steady
+
+
 def _pooled(rows: list[dict]) -> dict:
-    """One side's windows as one row: jobs/s over all of them; latency percentiles of the windows' medians and
-    worst p99 (the windows keep no per-job list)."""
+    """One side's windows as one row: steady jobs/s over all of them (and the whole windows' rate); latency
+    percentiles of the windows' medians and worst p99 (the windows keep no per-job list)."""
     jobs, seconds = sum(r["jobs"] for r in rows), sum(r["seconds"] for r in rows)
+    whole = sum(r["whole_jobs"] for r in rows) / sum(r["whole_seconds"] for r in rows)
     return {"clients": rows[0]["clients"], "jobs": jobs, "seconds": seconds, "jobs_per_s": jobs / seconds,
+            "whole_jobs_per_s": whole,
             "p50_ms": median([r["p50_ms"] for r in rows]), "p99_ms": max(r["p99_ms"] for r in rows),
             "min_jobs_per_client": min(r["min_jobs_per_client"] for r in rows), "windows": rows}
 
@@ -227,7 +247,7 @@ def run(options: Options | None = None) -> dict:
                             job(warm, prompt)
             lone = {name: _remote_model(address) for name, address in addresses.items()}
             for case, job in CASES.items():
-                pair = data.setdefault(case, {})["1"] = _lone_paired(job, lone, 2 * BUDGET_S * scale)
+                pair = data.setdefault(case, {})["1"] = _lone_paired(job, lone, LONE_BUDGET_S * scale)
                 pair["load_1m"] = load()
                 log(NAME, f"{case}, 1 client, paired: {pair['paired']['reps']} pairs, p50 alone "
                           f"{pair['alone']['p50_ms']:.1f} ms, batching {pair['batching']['p50_ms']:.1f} ms, "
