@@ -119,8 +119,10 @@ class Deploying:
 class StoredModel:
     """A model the cluster hosts, as its queue and replicas see it (HostedModel's name, source and replica)."""
 
-    def __init__(self, name: str, ref: Any, structure: Any, source: Any, info: bytes, gpus: int, generation: int):
+    def __init__(self, name: str, ref: Any, structure: Any, source: Any, info: bytes, gpus: int, generation: int,
+                 aliases: dict[str, str] | None = None):
         self.name, self.source, self.gpus, self.generation = name, source, gpus, generation
+        self.aliases = aliases or {}  # the `rename=` aliases its deploying door declared (registry.spec's form)
         self.ref, self.structure = ref, structure  # (the weights, for the replicas; the structure, for the doors)
         self.model = _Shipped(ref)
         self._info = models_pb2.ModelInfo.FromString(info)
@@ -220,10 +222,11 @@ class ClusterCore:
 
     @_refusals
     def host(self, name: str, payload: Any, structure: Any, source: Any, replicas: int, info: bytes, gpus: int,
-             claim: int = 0) -> int:
+             claim: int = 0, aliases: dict[str, str] | None = None) -> int:
         """Host a model (`payload`: a ray_workers.PickledModel, put in the object store by this actor, so it
         outlives the front door that sent it; `structure`: the same without its weights, for the doors); its
-        generation. `claim`: the load `announce` answered (NotFound if it was evicted meanwhile)."""
+        generation. `claim`: the load `announce` answered (NotFound if it was evicted meanwhile). `aliases`:
+        the `rename=` aliases the deploying door declares for it, which every door declares too."""
         import ray
 
         with self._lock:
@@ -237,17 +240,21 @@ class ClusterCore:
                 del self._deploying[name]
             self._check_free(name)
             stored = StoredModel(name, ray.put(payload), ray.put(structure), source, info, gpus,
-                                 next(self._generations))
+                                 next(self._generations), aliases)
             self._models[name] = (stored, ModelQueue(stored, self._limits, replicas=replicas, policy=self._policy))
             self._changed.notify_all()
         _log.info("hosting %s (%d replica%s)", name, replicas, "" if replicas == 1 else "s")
         return stored.generation
 
-    def model(self, name: str) -> tuple[list, Any, int] | None:
-        """([its structure's reference], its source, its generation), or None if the cluster does not host it."""
+    def model(self, name: str) -> tuple[list, Any, int, dict[str, str]] | None:
+        """([its structure's reference], its source, its generation, its aliases), or None if the cluster does
+        not host it."""
         with self._lock:
             entry = self._models.get(name)
-        return None if entry is None else ([entry[0].structure], entry[0].source, entry[0].generation)
+        if entry is None:
+            return None
+        stored = entry[0]
+        return [stored.structure], stored.source, stored.generation, stored.aliases
 
     def infos(self) -> list[bytes]:
         """The ModelInfo of every model hosted or being deployed, by name."""

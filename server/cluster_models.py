@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from tether.runtime.rename import declared as declared_aliases
 from tether.v1 import models_pb2
 
 from .cluster import WAIT_SLICE
@@ -118,13 +119,13 @@ class ClusterModels(ModelTable):
                 deployment.state, deployment.message = FAILED, "this front door stopped while it loaded"
                 self._cond.notify_all()
                 return None
-        name, payload = deployment.name, payload_of(hosted.model)
-        kept = self._structure(hosted, payload)
+        name, payload, aliases = deployment.name, payload_of(hosted.model), declared_aliases(hosted.model)
+        kept = self._structure(hosted, payload, aliases)
         try:
             try:  # (as bytes: the core puts them in the object store, owned by it, never loading the model)
                 generation = self._core("host", name, PickledModel.of(payload), PickledModel.of(payload_of(kept.model)),
                                         hosted.source, deployment.replicas, hosted.info().SerializeToString(),
-                                        gpus_of(payload), deployment.claim)
+                                        gpus_of(payload), deployment.claim, aliases)
             except ModelExists as error:
                 found, info = self._core("model", name), self._core_info(name)
                 if found is None or info is None:
@@ -147,14 +148,14 @@ class ClusterModels(ModelTable):
             kept = hosted
         return ClusterQueue(self._core, name, generation, deployment.replicas, self._forget), kept
 
-    def _structure(self, hosted: HostedModel, payload: Any) -> HostedModel:
-        """`hosted` over its structure without weights, in a fresh wrapper (as the doors that fetch it wrap it:
-        it holds nothing of the loaded one; `payload`: hosted's payload_of); `hosted` itself if its module
-        cannot be copied so (the door then keeps the weights, as do the doors that fetch it)."""
+    def _structure(self, hosted: HostedModel, payload: Any, aliases: dict[str, str]) -> HostedModel:
+        """`hosted` over its structure without weights, in a fresh wrapper with its `aliases` (as the doors that
+        fetch it wrap it: it holds nothing of the loaded one; `payload`: hosted's payload_of); `hosted` itself if
+        its module cannot be copied so (the door then keeps the weights, as do the doors that fetch it)."""
         try:
             structure = structure_of(hosted.module)
-            return HostedModel(hosted.name, wrap((structure, payload[1]) if isinstance(payload, tuple) else structure),
-                               hosted.source)
+            wrapped = wrap((structure, payload[1]) if isinstance(payload, tuple) else structure)
+            return HostedModel(hosted.name, _with_aliases(wrapped, aliases), hosted.source)
         except Exception as error:  # (a module deepcopy refuses: the door keeps it whole)
             _log.warning("%s: cannot copy its structure without its weights (%s: %s); front doors hold its weights",
                          hosted.name, type(error).__name__, error)
@@ -196,9 +197,9 @@ class ClusterModels(ModelTable):
             found, info = self._core("model", name), self._core_info(name)
             if found is None or info is None:
                 return
-            refs, source, generation = found
+            refs, source, generation, aliases = found
             try:
-                copy = ray.get(refs[0]).load()
+                copy = _with_aliases(wrap(ray.get(refs[0]).load()), aliases)
             except Exception as error:
                 raise ServerError(
                     f"this front door cannot load its copy of model {name!r} (it checks programs with it): "
@@ -302,3 +303,11 @@ class ClusterModels(ModelTable):
             return models_pb2.ModelInfo(name=deployment.name, replicas=deployment.replicas, state=FAILED,
                                         state_message="no longer hosted by the cluster (evicted)")
         return info
+
+
+def _with_aliases(model: Any, aliases: dict[str, str]) -> Any:
+    """`model` (a fresh wrapper of a hosted model's structure) with the `rename=` aliases its deploying door
+    declared, so every door's spec names the modules as the object given to that door does."""
+    if aliases:
+        model._rename(None, aliases)
+    return model

@@ -526,3 +526,37 @@ def test_a_load_that_fails_in_one_door_is_listed_failed_with_why_by_the_other(tw
         for released in (gate, other_gate, orphan_gate):
             released.set()
         via_b.close()
+
+
+def test_a_models_rename_aliases_are_declared_by_every_door_of_the_cluster(cluster, monkeypatch, tmp_path):
+    """A model hosted with `rename=` aliases: the door that deployed it and a door that joined later both
+    declare them, so a client's mirror prints and names the modules as the local model does."""
+    from test_rename import RENAME
+
+    model, tok = tiny.tiny_gpt2()
+    renamed = LanguageModel(model, tokenizer=tok, rename=RENAME)
+    with renamed.trace(PROMPT):
+        want = renamed.layers[0].attention.output[0].save()
+    namespace = f"renames-{uuid.uuid4().hex[:8]}"
+    first = later = None
+    try:
+        hosted, hosted_tok = tiny.tiny_gpt2()
+        first = start_server({"tiny": LanguageModel(hosted, tokenizer=hosted_tok, rename=RENAME)}, host="127.0.0.1",
+                             port=0, ray=cluster.address, ray_namespace=namespace)
+        assert first.wait_ready(timeout=180), "the replica did not start"
+        later = start_server({}, host="127.0.0.1", port=0, ray=cluster.address, ray_namespace=namespace)
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+        monkeypatch.setattr(CONFIG.API, "_api_key", None)
+        for door in (first, later):
+            monkeypatch.setattr(CONFIG.API, "_host", door.address)
+            remote = LanguageModel("tiny")
+            assert repr(remote) == repr(renamed), door.address
+            with remote.trace(PROMPT, remote=True):
+                got = remote.layers[0].attention.output[0].save()
+            assert torch.equal(got, want), door.address
+    finally:
+        for door in (later, first):
+            if door is not None:
+                door.stop(grace=0)
+        shut_down(namespace)
+        close_all()
