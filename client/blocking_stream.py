@@ -16,9 +16,11 @@ from typing import Any
 
 import grpc
 
-__all__ = ["END", "BlockingStream", "Cancelled", "Sending", "Written", "failure", "hand_over", "item_of"]
+__all__ = ["END", "SIGNAL_CHECK_S", "BlockingStream", "Cancelled", "Sending", "Written", "failure", "hand_over",
+           "item_of", "next_item"]
 
 END = object()  # what a stream's reader gets once the call ended
+SIGNAL_CHECK_S = 0.1  # s: the longest a caller's wait goes without running Python's signal handlers (Ctrl-C)
 
 
 class Cancelled(grpc.RpcError):
@@ -108,6 +110,17 @@ def item_of(item: Any) -> Any:
     return item
 
 
+def next_item(inbox: queue.SimpleQueue) -> Any:
+    """The next item of a stream's inbox as its reader gets it, waited for in slices: a wait with no end wakes
+    for a signal only when the OS hands it to the waiting thread, and a Ctrl-C handed to another of the
+    process's threads (gRPC's, the reader's) would otherwise reach the caller only once an item came."""
+    while True:
+        try:
+            return item_of(inbox.get(timeout=SIGNAL_CHECK_S))
+        except queue.Empty:
+            pass
+
+
 class BlockingStream(Sending):
     """One streaming call on a blocking channel, read (and for RunJob written) from the caller's thread; the
     same interface as channel.Stream without its asyncio side (`next_async`)."""
@@ -165,7 +178,7 @@ class BlockingStream(Sending):
 
     def next(self) -> Any:
         """The next item (blocking the caller's thread), or END; the call's failure raises."""
-        return item_of(self._inbox.get())
+        return next_item(self._inbox)
 
     def __iter__(self) -> Iterator[Any]:
         while (item := self.next()) is not END:

@@ -14,6 +14,7 @@ import concurrent.futures
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,7 +25,18 @@ from tether.protocol import MAX_MESSAGE_BYTES
 from tether.runtime.errors import RemoteError
 from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2_grpc
 
-from .blocking_stream import END, BlockingStream, Cancelled, Sending, Written, failure, hand_over, item_of
+from .blocking_stream import (
+    END,
+    SIGNAL_CHECK_S,
+    BlockingStream,
+    Cancelled,
+    Sending,
+    Written,
+    failure,
+    hand_over,
+    item_of,
+    next_item,
+)
 from .wire import chunk_deserializer, event_deserializer
 
 __all__ = ["Connection", "Stream", "connect", "resolve_host", "resolve_api_key", "auth_metadata",
@@ -94,10 +106,18 @@ class _LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def call(self, coro: Coroutine, timeout: float | None = None) -> Any:
-        """Run `coro` on the loop and wait for its result (Ctrl-C cancels it)."""
+        """Run `coro` on the loop and wait for its result (Ctrl-C cancels it: the wait runs in slices, see
+        blocking_stream.next_item)."""
         future = self.submit(coro)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return future.result(timeout)
+            while True:
+                left = SIGNAL_CHECK_S if deadline is None else min(SIGNAL_CHECK_S, deadline - time.monotonic())
+                try:
+                    return future.result(max(0.0, left))
+                except concurrent.futures.TimeoutError:  # (also what a coroutine that timed out raises)
+                    if future.done() or (deadline is not None and time.monotonic() >= deadline):
+                        raise
         except BaseException:
             future.cancel()
             raise
@@ -221,7 +241,7 @@ class Stream(Sending):
 
     def next(self) -> Any:
         """The next item (blocking the caller's thread), or END; the call's failure raises."""
-        return item_of(self._inbox.get())
+        return next_item(self._inbox)
 
     async def next_async(self) -> Any:
         """The next item, awaited in the `wake_loop` the stream was made with, or END; its failure raises."""
