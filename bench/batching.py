@@ -19,6 +19,7 @@ padded call: the most a batched run could gain on this machine (the served ratio
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -174,8 +175,16 @@ def _lone_paired(job, models: dict[str, Any], budget_s: float) -> dict:
                               warmup=1)
     pair: dict[str, Any] = {name: _row(values) for name, values in times.items()}
     diff = paired(times["batching"], times["alone"])
-    pair["paired"] = {"reps": reps, "p50_ms": median(diff), "p90_ms": pct(diff, 90)}
+    pair["paired"] = {"reps": reps, "p50_ms": median(diff), "p90_ms": pct(diff, 90), "ci95_ms": _median_ci(diff)}
     return pair
+
+
+def _median_ci(values: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """A 95% bootstrap interval of the median of `values`: how far the median of this many pairs can move by
+    chance alone (a ~1 s generation varies by tens of ms from one run to the next on this machine)."""
+    rng = random.Random(0)
+    medians = sorted(median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def _model_ceiling(spec: str, reps: int) -> dict:
@@ -339,8 +348,9 @@ def _targets(data: dict, ceiling: dict) -> list[dict]:
         lone = by_n.get("1")
         if lone:
             added = lone["paired"]["p50_ms"]
+            low, high = lone["paired"]["ci95_ms"]
             targets.append({"name": f"{case}_lone_job", "text": f"{case}, one client: batching adds {added:.1f} ms "
-                            f"to a lone job (median of {lone['paired']['reps']} paired differences; limit: the "
-                            f"batch wait, {BATCH_WAIT_MS:g} ms)",
+                            f"to a lone job (median of {lone['paired']['reps']} paired differences, 95% interval "
+                            f"{low:+.1f} to {high:+.1f} ms; limit: the batch wait, {BATCH_WAIT_MS:g} ms)",
                             "ok": added <= BATCH_WAIT_MS, "limit": BATCH_WAIT_MS, "value": added})
     return targets
