@@ -498,8 +498,19 @@ def test_an_awaited_job_runs_its_local_blocks_too(rllm):
     assert backend.job_id and backend.state == "COMPLETED"
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raising KeyboardInterrupt, as in an interactive session, for the test's length (a shell starts its
+    background jobs with SIGINT ignored, and Python then leaves it so)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("to_thread", ["main", "another"])
-def test_ctrl_c_while_a_blocking_job_with_local_blocks_waits_cancels_the_job(x, to_thread):
+def test_ctrl_c_while_a_blocking_job_with_local_blocks_waits_cancels_the_job(x, to_thread, ctrl_c_raises):
     """Ctrl-C while a blocking job with local() blocks waits on its RunJob stream raises KeyboardInterrupt
     and cancels the job on the server, even before the client heard its id; also when the OS hands the
     signal to another of the process's threads (a wait with no end would wake only once the job moved on:
