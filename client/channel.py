@@ -116,7 +116,9 @@ class _LoopThread:
                 try:
                     return future.result(max(0.0, left))
                 except concurrent.futures.TimeoutError:  # (also what a coroutine that timed out raises)
-                    if future.done() or (deadline is not None and time.monotonic() >= deadline):
+                    if future.done():  # (it may have ended just after the slice did: its result, or its error)
+                        return future.result()
+                    if deadline is not None and time.monotonic() >= deadline:
                         raise
         except BaseException:
             future.cancel()

@@ -131,6 +131,7 @@ class ClusterModels(ModelTable):
                 if found is None or info is None:
                     raise ServerError(str(error)) from None
                 generation, deployment.replicas = found[2], info.replicas
+                kept = self._structure(hosted, payload, found[3] if len(found) > 3 else {})  # (the cluster's)
                 _log.warning("the cluster already hosts a model named %s: this front door serves the cluster's",
                              name)
         except NotFound:  # (evicted, through another door, while it loaded here)
@@ -197,7 +198,8 @@ class ClusterModels(ModelTable):
             found, info = self._core("model", name), self._core_info(name)
             if found is None or info is None:
                 return
-            refs, source, generation, aliases = found
+            refs, source, generation, *rest = found  # (a core started by an older door has no aliases)
+            aliases = rest[0] if rest else {}
             try:
                 copy = _with_aliases(wrap(ray.get(refs[0]).load()), aliases)
             except Exception as error:
