@@ -8,8 +8,9 @@ percent within minutes, and a drift then falls on both sides of a round alike. A
 rate: the jobs that end after its first n (one per client, on average each client's first) over the time from
 then to its last. Clients that start together reach the server a few ms apart, so the batching server's first
 run of a window is often one job alone and its second the rest; the steady rate leaves that start-up out on
-both sides (a server with no batching has none), and the whole window's rate is kept beside it. A lone job (1 client) is timed paired: one client
-runs each prompt on both servers, in a fresh random order per repetition, so the load of the moment and the
+both sides (a server with no batching has none), and the whole window's rate is kept beside it.
+
+A lone job (1 client) is timed paired: one client runs each prompt on both servers, in a fresh random order per repetition, so the load of the moment and the
 drift of a window fall on both sides alike and the paired difference is what batching adds to a lone job.
 Last, with the servers stopped, transformers' own `generate` of the same prompts one call each against one
 padded call: the most a batched run could gain on this machine (the served ratio is read against it).
@@ -118,22 +119,19 @@ def _paired_rounds(case: str, job, n: int, addresses: dict[str, str], rounds: in
     """`rounds` pairs of windows of n clients, one server then the other (the other idles), in alternating order:
     each side's row pooled over its windows, and the ratio of each round (batched steady jobs/s over alone)."""
     windows: dict[str, list[dict]] = {"alone": [], "batching": []}
+    ratios, whole_ratios = [], []
     for i in range(rounds):
         for name in ("alone", "batching") if i % 2 == 0 else ("batching", "alone"):
             with host(addresses[name]):
                 windows[name].append(_steady(_clients(job, n, window_s), n))
-        ratio = windows["batching"][-1]["jobs_per_s"] / windows["alone"][-1]["jobs_per_s"]
         off, on = windows["alone"][-1], windows["batching"][-1]
+        ratios.append(on["jobs_per_s"] / off["jobs_per_s"])
+        whole_ratios.append(on["whole_jobs_per_s"] / off["whole_jobs_per_s"])
         log(NAME, f"{case}, {n} clients, round {i + 1}: alone {off['jobs_per_s']:.2f} jobs/s (whole window "
                   f"{off['whole_jobs_per_s']:.2f}), batching {on['jobs_per_s']:.2f} (whole window "
-                  f"{on['whole_jobs_per_s']:.2f}), {ratio:.2f}x")
+                  f"{on['whole_jobs_per_s']:.2f}), {ratios[-1]:.2f}x")
     pair: dict[str, Any] = {name: _pooled(rows) for name, rows in windows.items()}
-    pair["round_ratios"] = [on["jobs_per_s"] / off["jobs_per_s"] for on, off in zip(windows["batching"],
-                                                                                      windows["alone"])]
-    pair["ratio"] = median(pair["round_ratios"])
-    pair["whole_ratio"] = median([on["whole_jobs_per_s"] / off["whole_jobs_per_s"]
-                                  for on, off in zip(windows["batching"], windows["alone"])])
-    pair["load_1m"] = load()
+    pair.update(round_ratios=ratios, ratio=median(ratios), whole_ratio=median(whole_ratios), load_1m=load())
     return pair
 
 
@@ -303,7 +301,8 @@ def _tables(data: dict) -> list[dict]:
                                 "the servers, with the median of the paired differences (batched - alone)",
                        "columns": ["clients", "jobs/s alone", "jobs/s batched",
                                    "ratio (median of rounds: each round's; the same of whole windows)",
-                                   "p50 alone", "p50 batched", "p50 paired diff", "p99 alone", "p99 batched", "load (1 min)"], "rows": rows})
+                                   "p50 alone", "p50 batched", "p50 paired diff", "p99 alone", "p99 batched",
+                                   "load (1 min)"], "rows": rows})
     return tables
 
 

@@ -3,8 +3,8 @@
 A stream of the asyncio loop thread (channel.Stream) costs a blocking caller two hand-offs per message it
 answers: the loop thread reads it, and writing the answer goes back through the loop. `BlockingStream` reads
 on a thread of its own and writes through gRPC's own request thread: one `local()` round trip costs no event
-loop. The caller still waits on a queue, never inside gRPC, so Ctrl-C reaches it at once (and the driver then
-cancels the job). Imports grpc and the standard library only; never the server, the runtime or asyncio.
+loop. The caller still waits on a queue, never inside gRPC, and in slices (`next_item`), so Ctrl-C reaches it
+at once (and the driver then cancels the job). Imports grpc and the standard library only; never the server, the runtime or asyncio.
 """
 
 from __future__ import annotations

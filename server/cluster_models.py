@@ -131,7 +131,7 @@ class ClusterModels(ModelTable):
                 if found is None or info is None:
                     raise ServerError(str(error)) from None
                 generation, deployment.replicas = found[2], info.replicas
-                kept = self._structure(hosted, payload, found[3] if len(found) > 3 else {})  # (the cluster's)
+                kept = self._structure(hosted, payload, _aliases_of(found))  # (the cluster's)
                 _log.warning("the cluster already hosts a model named %s: this front door serves the cluster's",
                              name)
         except NotFound:  # (evicted, through another door, while it loaded here)
@@ -198,10 +198,9 @@ class ClusterModels(ModelTable):
             found, info = self._core("model", name), self._core_info(name)
             if found is None or info is None:
                 return
-            refs, source, generation, *rest = found  # (a core started by an older door has no aliases)
-            aliases = rest[0] if rest else {}
+            refs, source, generation = found[:3]
             try:
-                copy = _with_aliases(wrap(ray.get(refs[0]).load()), aliases)
+                copy = _with_aliases(wrap(ray.get(refs[0]).load()), _aliases_of(found))
             except Exception as error:
                 raise ServerError(
                     f"this front door cannot load its copy of model {name!r} (it checks programs with it): "
@@ -305,6 +304,11 @@ class ClusterModels(ModelTable):
             return models_pb2.ModelInfo(name=deployment.name, replicas=deployment.replicas, state=FAILED,
                                         state_message="no longer hosted by the cluster (evicted)")
         return info
+
+
+def _aliases_of(found: tuple) -> dict[str, str]:
+    """The aliases in the core's answer to `model` (none from a core that an older door started)."""
+    return found[3] if len(found) > 3 else {}
 
 
 def _with_aliases(model: Any, aliases: dict[str, str]) -> Any:

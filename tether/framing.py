@@ -168,7 +168,6 @@ def framed(key: bytes, *parts: bytes | memoryview) -> list[bytes | memoryview]:
     return [key + varint(sum(len(p) for p in parts)), *parts]
 
 
-
 def tensor_value(tensor: values_pb2.Tensor, data: bytes | memoryview) -> list[bytes | memoryview]:
     """The pieces of a serialized Value(tensor=...): `tensor` is the Tensor message without its data, `data`
     its bytes (left uncopied)."""

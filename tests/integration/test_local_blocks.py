@@ -558,6 +558,15 @@ def test_ctrl_c_while_a_blocking_job_with_local_blocks_waits_cancels_the_job(x, 
         _release_and_stop(release, threads, handle)
 
 
+def _assert_no_thread_left_since(before: set[int]) -> None:
+    """Every thread started since `before` (their idents) ends, within WAIT_S (threads end on their own: wait
+    for that condition, bounded)."""
+    deadline = time.monotonic() + WAIT_S
+    while (left := [t.name for t in threading.enumerate() if t.ident not in before]) and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    assert not left, f"threads left running: {left}"
+
+
 def test_a_blocking_callers_job_streams_leave_no_thread_behind(llm, rllm):
     """A blocking caller's RunJob (and the WatchJob of a non-blocking job) run on the blocking channel with a
     reader thread each, and gRPC's request thread for RunJob: all of them end with their calls."""
@@ -578,10 +587,7 @@ def test_a_blocking_callers_job_streams_leave_no_thread_behind(llm, rllm):
     with rllm.trace(PROMPT, remote=True, blocking=False) as tracer:
         late = rllm.lm_head.output.save()  # noqa: F841 (filled by result())
     assert tracer.backend.result()["late"].dim() == 3  # waits on a WatchJob stream
-    deadline = time.monotonic() + WAIT_S
-    while (left := [t.name for t in threading.enumerate() if t.ident not in before]) and time.monotonic() < deadline:
-        threading.Event().wait(0.01)  # (threads end on their own: wait for that condition, bounded)
-    assert not left, f"threads left running: {left}"
+    _assert_no_thread_left_since(before)
 
 
 def test_cancelling_a_blocking_stream_from_another_thread_ends_its_reader_with_the_reason(server):
@@ -607,7 +613,4 @@ def test_cancelling_a_blocking_stream_from_another_thread_ends_its_reader_with_t
         call.next()
     assert call.finished
     canceller.join(WAIT_S)
-    deadline = time.monotonic() + WAIT_S  # the reader, and gRPC's request thread waiting for a message, end
-    while (left := [t.name for t in threading.enumerate() if t.ident not in before]) and time.monotonic() < deadline:
-        threading.Event().wait(0.01)
-    assert not left, f"threads left running: {left}"
+    _assert_no_thread_left_since(before)  # the reader, and gRPC's request thread waiting for a message, end
