@@ -14,6 +14,8 @@ process, CPU, one torch thread. Measured side by side in one run:
 2. a 32-token remote generation (max_new_tokens=32, min_new_tokens=32, greedy) with a local() block at every
    step (`tracer.all()`; the block reads the step's argmax token) vs the same remote generation without the
    block, interleaved; per-token cost = paired difference / 32. The local generation is timed too, for scale.
+   The job reads nothing that block binds, so it goes on while the client runs it; a third case binds a value
+   the job reads after the block, so each step waits for the answer (a full round trip per token).
 
 Targets (issue 4): one block's round trip <= 1 ms p50; a local block costs <= 1 ms per generated token.
 When a target is missed (or with `--profile`), the 50-block job is broken down: CPU per thread (/proc), wrapped
@@ -138,6 +140,21 @@ def generate_with_block(lm, stamps, seen, **remote):
     return tokens
 
 
+def generate_with_answered_block(lm, stamps, seen, **remote):
+    """As generate_with_block, but the job reads a value the block binds, so it waits for every answer."""
+    with lm.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                     **remote) as tracer:
+        tracer.all()
+        token = lm.lm_head.output[0, -1].argmax(dim=-1)
+        with tracer.local():
+            stamps.append(time.perf_counter())
+            seen.append(int(token))
+            chosen = token
+        last = chosen  # noqa: F841 (read on the server: the block's answer is waited for)
+        tokens = lm.generator.output.save()
+    return tokens
+
+
 # ---- measurement ---------------------------------------------------------------------------------------
 
 
@@ -174,13 +191,20 @@ def _generation(llm, rllm, budget_s: float) -> dict:
         generate_with_block(rllm, stamps, seen, remote=True)
         step_intervals.extend((b - a) * 1e3 for a, b in zip(stamps, stamps[1:]))
 
+    def remote_with_answered_block():
+        seen: list[int] = []
+        generate_with_answered_block(rllm, [], seen, remote=True)
+
     # the same tokens every way, and one block per generated token
     want = generate_plain(llm)
     stamps: list[float] = []
     seen: list[int] = []
     got = generate_with_block(rllm, stamps, seen, remote=True)
     plain = generate_plain(rllm, remote=True)
-    if not (torch.equal(want, got) and torch.equal(want, plain)) or len(seen) != NEW_TOKENS:
+    answered_seen: list[int] = []
+    answered = generate_with_answered_block(rllm, [], answered_seen, remote=True)
+    if not (torch.equal(want, got) and torch.equal(want, plain) and torch.equal(want, answered)) or (
+            len(seen) != NEW_TOKENS or answered_seen != seen):
         raise AssertionError(f"generation differs, or {len(seen)} blocks ran for {NEW_TOKENS} tokens")
     if seen != want[0, -NEW_TOKENS:].tolist():
         raise AssertionError("the blocks saw other tokens than were generated")
@@ -188,6 +212,7 @@ def _generation(llm, rllm, budget_s: float) -> dict:
         "local": lambda: generate_plain(llm),
         "remote": lambda: generate_plain(rllm, remote=True),
         "remote_block": remote_with_block,
+        "remote_answered_block": remote_with_answered_block,
     }
     t0 = time.perf_counter()
     times, reps = interleaved(cases, budget_s, min_reps=5, max_reps=2000, warmup=2)
@@ -200,6 +225,9 @@ def _generation(llm, rllm, budget_s: float) -> dict:
             row["over_local_per_token_ms"] = median(paired(t, times["local"])) / NEW_TOKENS
         out["cases"][key] = row
     per_token = [d / NEW_TOKENS for d in paired(times["remote_block"], times["remote"])]
+    answered_per_token = [d / NEW_TOKENS for d in paired(times["remote_answered_block"], times["remote"])]
+    out |= {"answered_block_per_token_ms": median(answered_per_token),
+            "answered_block_per_token_p90_ms": pct(answered_per_token, 90)}
     out |= {"block_per_token_ms": median(per_token), "block_per_token_p90_ms": pct(per_token, 90),
             "block_per_token_p10_ms": pct(per_token, 10), "step_interval_p50_ms": median(warm),
             "step_interval_p99_ms": pct(warm, 99)}
@@ -295,13 +323,16 @@ def _tables(d: dict) -> list[dict]:
     }]
     g = d["generation"]
     labels = {"local": "local generation (no server)", "remote": "remote generation",
-              "remote_block": "remote generation, local() block every step"}
+              "remote_block": "remote generation, local() block every step",
+              "remote_answered_block": "the same, and the job reads a value the block binds"}
     rows = [[labels[k], ms(c["p50_ms"]), ms(c["p99_ms"]), ms(c["per_token_ms"]),
              ms(c.get("over_local_per_token_ms", 0.0)) if k != "local" else "-", str(c["n"])]
             for k, c in g["cases"].items()]
     rows.append(["local() block, per token: (with - without) / 32, paired", "", "",
                  f"{ms(g['block_per_token_ms'])} (p10 {ms(g['block_per_token_p10_ms'])}, "
                  f"p90 {ms(g['block_per_token_p90_ms'])})", "", ""])
+    rows.append(["a block whose value the job reads, per token: (with - without) / 32, paired", "", "",
+                 f"{ms(g['answered_block_per_token_ms'])} (p90 {ms(g['answered_block_per_token_p90_ms'])})", "", ""])
     rows.append(["step to step on the client, with the block (stamps)", ms(g["step_interval_p50_ms"]),
                  ms(g["step_interval_p99_ms"]), "", "", ""])
     tables.append({
@@ -352,7 +383,10 @@ def _method_notes() -> list[str]:
         "tether's client does.",
         f"Generation: `tracer.all()`, token = lm_head.output[0, -1].argmax(-1) in both remote cases; the block "
         f"reads `int(token)` on the client. Every case generates the same {NEW_TOKENS} tokens (checked), and the "
-        "block runs once per token (checked).",
+        "block runs once per token (checked). The job reads nothing the block binds, so it goes on while the "
+        "client runs the block (the next call waits for the answer). In the answered case the block also binds "
+        "`chosen = token` and the job reads `chosen` after it, so each step waits for the block's answer: a "
+        "full round trip per token.",
         "Client and server share one process (and one GIL) on this machine; no torch.no_grad() anywhere (the "
         "server runs jobs with autograd on, so the local cases do too).",
     ]

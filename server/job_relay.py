@@ -55,6 +55,8 @@ class Track:
         self.sent = entry.rerun or Sent()  # what its client got from earlier runs (reruns.py)
         self.sent.begin()
         self.left = False  # it left its batch (runs again alone): this run only waits for the worker to drop it
+        self.pending: tuple[str, str] | None = None  # (call_id, block_id): a one-way local() call not yet answered
+        self.block_failed: Exception | None = None  # why a one-way call failed: the job ends in ERROR with it
 
     def message(self) -> wp.RunJob:
         self.program = wp.pack([self.entry.program])  # the worker unlinks it (a Blob) once it reads it
@@ -212,7 +214,11 @@ class JobRelay(BatchRelay):
         elif isinstance(message, wp.Done):
             track.ended = True
             self.retire = self.retire or message.retire
-            if job.cancel_requested:  # cancelled (an evict, a client) while its last step ran: it ends CANCELLED
+            error = self._settle(track) if track.pending is not None else track.block_failed
+            if error is not None:
+                self.replica.areas.discard(message.result)
+                self._end_with(track, error)
+            elif job.cancel_requested:  # cancelled (an evict, a client) while its last step ran: it ends CANCELLED
                 self.replica.areas.discard(message.result)
                 job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
                            code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
@@ -221,7 +227,9 @@ class JobRelay(BatchRelay):
         elif isinstance(message, wp.Failed):
             track.ended = True
             self.retire = self.retire or message.retire
-            if message.cancelled or job.cancel_requested:
+            if track.block_failed is not None:  # (the worker stopped because a one-way call failed)
+                self._end_with(track, track.block_failed)
+            elif message.cancelled or job.cancel_requested:
                 job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
                            code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
             else:
@@ -231,7 +239,15 @@ class JobRelay(BatchRelay):
 
     def _local(self, track: Track, call: wp.LocalCall) -> None:
         """A local() call: up the job's RunJob stream, and its answer (or why there is none) back. A batched job
-        may hold its batch for --batch-local-wait in all; past that it leaves the batch (`_leave`)."""
+        may hold its batch for --batch-local-wait in all; past that it leaves the batch (`_leave`). Calls stay
+        sequential on the stream: the answer to a one-way call is waited for before the next call goes up."""
+        error = self._settle(track) if track.pending is not None else track.block_failed
+        if call.one_way:
+            self._one_way(track, call, error)
+            return
+        if error is not None:
+            self.send_direct(_answer(call.call_id, error))
+            return
         link, hold = track.entry.link, self._hold(track)
         asked = time.monotonic()
         pipe = self.replica.direct
@@ -253,6 +269,45 @@ class JobRelay(BatchRelay):
                 track.sent.held += self.resumed - asked
         if answer is not None:
             self.send_direct(answer)
+
+    def _one_way(self, track: Track, call: wp.LocalCall, error: Exception | None) -> None:
+        """A call the job went on without waiting for: sent up, its answer settled later (`_settle`, and a look
+        at each check); the worker gets no answer, so a failure stops the job (`_stop_for`)."""
+        link = track.entry.link
+        if error is None:
+            try:
+                if link is None:
+                    raise LocalCallFailed(NO_STREAM)
+                if link.post(call.call_id, call.block_id, [wp.unpack(call.payload)], track.limits.local_call_timeout):
+                    track.pending = (call.call_id, call.block_id)
+            except (LocalBlockFailed, LocalCallFailed) as failed:
+                error = failed
+        else:
+            wp.discard(call.payload)
+        if error is not None:
+            self._stop_for(track, error)
+
+    def _settle(self, track: Track, *, wait: bool = True) -> Exception | None:
+        """The job's one-way call still due: wait for its answer (or look, `wait=False`); the error that must end
+        the job, if any."""
+        call_id, block_id = track.pending
+        try:
+            track.entry.link.call(call_id, block_id, [], track.deadline, track.limits.local_call_timeout,
+                                  track.timed_out, hold=None if wait else 0.0)
+        except StillOpen:
+            return None
+        except (LocalBlockFailed, LocalCallFailed, JobTimeout, JobCancelledError) as error:
+            track.pending = None
+            return None if isinstance(error, JobCancelledError) else error
+        track.pending = None
+        return track.block_failed
+
+    def _stop_for(self, track: Track, error: Exception) -> None:
+        """A one-way call failed (the block raised, or no answer can come): the job stops (a Cancel to its
+        worker, `_forward_cancels`) and ends in ERROR with `error`."""
+        if track.block_failed is None:
+            track.block_failed = error
+            self._forward_cancels()
 
     def send_direct(self, message: wp.LocalAnswer | wp.RunJob | wp.RunBatch | wp.Reclaim) -> None:
         """Send the worker's job thread a LocalAnswer, or its job(s) and the Reclaim before them: on its direct pipe
@@ -289,14 +344,24 @@ class JobRelay(BatchRelay):
         return None
 
     def _forward_cancels(self) -> list[Track]:
-        """Send the worker a Cancel for each live job asked to stop since; returns the live jobs."""
+        """Send the worker a Cancel for each live job asked to stop since (by a client, or by its failed one-way
+        local() call); returns the live jobs."""
         live = self._live()
         for track in live:
             job = track.job
-            if job.cancel_requested and not track.cancel_sent:
+            if track.pending is not None and track.block_failed is None:
+                error = self._settle(track, wait=False)
+                if error is not None:
+                    self._stop_for(track, error)
+            if (job.cancel_requested or track.block_failed is not None) and not track.cancel_sent:
                 track.cancel_sent = time.monotonic()
-                self.conn.send(wp.Cancel(job.id, job.cancel_reason or "cancelled by the client"))
+                reason = job.cancel_reason or "cancelled by the client"
+                self.conn.send(wp.Cancel(job.id, str(track.block_failed) if track.block_failed else reason))
         return live
+
+    def _end_with(self, track: Track, error: Exception) -> None:
+        failure = failure_of(error, {})
+        track.job.finish(jobs_pb2.JOB_STATE_ERROR, failure.message, failure=failure, code=error.code, ttl=self.ttl)
 
     def _crash_message(self, track: Track, how: str) -> str:
         again = f" It ran alone because {track.sent.why}." if track.sent.why else ""
@@ -328,6 +393,7 @@ class JobRelay(BatchRelay):
                     "restarted. Submit this job again.")
             else:
                 own = error
+            own = track.block_failed or own
             if isinstance(own, JobCancelledError) or (job.cancel_requested and not isinstance(own, JobMemoryExceeded)):
                 job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
                            code=grpc.StatusCode.CANCELLED, ttl=self.ttl)

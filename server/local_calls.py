@@ -167,6 +167,20 @@ class LocalLink:
                     self._open, self._parts, self._answered = None, [], False
                     job.forget_payload(call_id)  # answered or not, the log need not keep the values
 
+    def post(self, call_id: str, block_id: str, payload: list, local_timeout: float) -> bool:
+        """Send a LocalCall the job does not wait for (it needs no values back): True while its answer is due
+        (`call` with the same ids waits for it, or looks with hold=0). False: a re-run's call whose answer was
+        kept (its block's failure raises here). Raises LocalCallFailed when no stream can answer."""
+        with self._job.cond:
+            if self._kept is not None and call_id in self._kept:
+                self._replay(call_id, block_id)
+                return False
+            if self._open is not None and self._open != (call_id, block_id):
+                raise _diverged(block_id, self._open[1])
+            if self._open is None:
+                self._send_call(call_id, block_id, payload, local_timeout)
+            return True
+
     def _send_call(self, call_id: str, block_id: str, payload: list, local_timeout: float) -> None:
         """Open the call and send it to the client (the caller holds the job's condition)."""
         if self._closed is not None:
@@ -246,6 +260,7 @@ class LocalCaller:
 
     def __call__(self, block: Block, ns: dict) -> dict[str, Any]:
         site = self._decoded.local_sites.get((block.filename, block.first_line))
+        needs_answer = site is None or not self._decoded.needs_no_answer(site)
         if site is None:  # a block the server did not cut: describe it from the runtime's view
             user_file = self._decoded.user_files.get(block.filename, block.filename)
             site = LocalSite(str(block.first_line), user_file, block.first_line, tuple(sorted(block.loaded)))
@@ -257,7 +272,7 @@ class LocalCaller:
         payload = encode_value_map(reads, default=codec.model_reference)  # pieces: tensors are views
         call_id = str(self._calls)
         answer = self._link.call(call_id, site.block_id, payload, self._deadline, self._local_timeout,
-                                 self._timed_out)
+                                 self._timed_out, needs_answer=needs_answer)
         values = codec.decode_answer(answer)
         device = _gpu_of(reads)  # as in a local run on that GPU, what the block computed from it lands there
         return to_device(values, device) if device is not None else values

@@ -62,6 +62,7 @@ class LocalSite:
     filename: str  # the user's file name
     first_line: int  # first body line, in the user's file
     reads: tuple[str, ...]  # names the body loads (sent when they hold data on the server)
+    assigns: tuple[str, ...] = ()  # names the body binds: the client sends back those the remote code reads
 
 
 class ValueCodec:
@@ -198,10 +199,17 @@ class DecodedProgram:
     bound_args: dict[str, int] = field(default_factory=dict)  # free names that are positional inputs (by index)
     outside: dict[str, bytes] = field(default_factory=dict)  # mutable bindings (lists, dicts, plain objects)
     # -> their received Value, deterministic bytes: a job sends back those its body changed
+    remote_loads: set[str] = field(default_factory=set)  # names the code the server runs reads (every source)
 
     @property
     def has_local_blocks(self) -> bool:
         return bool(self.local_sites)
+
+    def needs_no_answer(self, site: LocalSite) -> bool:
+        """Whether the code the server runs reads none of the names `site`'s block binds: the client then sends
+        back no values (it sends those the remote code reads, a subset of these), and the job need not wait
+        for the answer to go on (its failure still ends the job)."""
+        return not self.remote_loads.intersection(site.assigns)
 
     def with_outside_changes(self, values: dict[str, Any], log: Callable[..., None]) -> dict[str, Any]:
         """`values` (what `execute` returned) plus the outside lists, dicts and plain objects the body changed
@@ -274,7 +282,7 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
     ids = {b.first_line: b.block_id for b in program.local_blocks if b.block_id}
 
     body, sites = _cut_local_blocks(program.source, filename, first_line, ids)
-    used = _check(policy, body, filename, first_line, program.bindings)
+    used, loads = _check(policy, body, filename, first_line, program.bindings)
     body_file = sources.hold(filename, "\n" * (first_line - 1) + body)  # the text runtime.program registers
     decoded = DecodedProgram(
         program=Program(
@@ -292,6 +300,7 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
         codec=codec,
         user_files={body_file: filename},
         local_sites={(body_file, line): site for line, site in sites.items()},
+        remote_loads=set(loads),
     )
     try:
         decoded.bindings.update(
@@ -323,7 +332,8 @@ def _function(fn: program_pb2.FunctionSource, policy: Policy, codec: ValueCodec,
             f"the source shipped for function `{fn.name}` ({filename}, line {first_line}) must be exactly one "
             "`def` or `class` statement (decorators included)."
         )
-    used = _check(policy, source, filename, first_line, fn.bindings)
+    used, loads = _check(policy, source, filename, first_line, fn.bindings)
+    decoded.remote_loads.update(loads)
     text = "\n" * (first_line - 1) + source
     name = sources.hold(filename, text)
     decoded.user_files[name] = filename
@@ -339,7 +349,8 @@ def _edit(edit: program_pb2.Edit, policy: Policy, codec: ValueCodec, decoded: De
     if sites:
         raise InvalidProgram(f"{filename}, line {first_line}: a model edit with a `local()` block cannot run "
                              "remotely; move that code out of the edit.")
-    used = _check(policy, source, filename, first_line, edit.bindings)
+    used, loads = _check(policy, source, filename, first_line, edit.bindings)
+    decoded.remote_loads.update(loads)
     name = sources.hold(filename, "\n" * (first_line - 1) + source)
     decoded.user_files[name] = filename
     namespace = codec.decode_map({k: v for k, v in edit.bindings.items() if k in used}, "in a model edit, the value of")
@@ -391,7 +402,8 @@ def _cut_cached(source: str, filename: str, first_line: int,
             continue
         cut_until = last
         reads = sorted(loaded_names(node.body))
-        sites[first] = LocalSite(ids.get(first, str(first)), filename, first, tuple(reads))
+        sites[first] = LocalSite(ids.get(first, str(first)), filename, first, tuple(reads),
+                                 tuple(assigned_names(node.body)))
         head = lines[first - 1 - offset]
         col = len(head.encode()[: node.body[0].col_offset].decode(errors="ignore"))
         newline = "\n" if head.endswith("\n") else ""
@@ -415,18 +427,31 @@ def _names(tree: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
 
 
+def _loads(tree: ast.AST) -> frozenset[str]:
+    """The names `tree` reads: loaded, deleted, or the target of an augmented assignment (`x += 1` reads x)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Store):
+            found.add(node.id)
+        elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            found.add(node.target.id)
+    return frozenset(found)
+
+
 def _check(policy: Policy, source: str, filename: str, first_line: int,
-           bindings: Mapping[str, values_pb2.Value]) -> frozenset[str]:
-    """Check a cut source (no local() bodies left) against the policy; returns the names it uses."""
+           bindings: Mapping[str, values_pb2.Value]) -> tuple[frozenset[str], frozenset[str]]:
+    """Check a cut source (no local() bodies left) against the policy; returns the names it uses, and those of
+    them it reads."""
     bound = frozenset((name, _path(value)) for name, value in bindings.items())
     return _check_cached(policy, source, filename, first_line, bound)
 
 
 @bytes_lru_cache()  # a client sending the same program again is checked once
 def _check_cached(policy: Policy, source: str, filename: str, first_line: int,
-                  bound: frozenset[tuple[str, str | None]]) -> frozenset[str]:
+                  bound: frozenset[tuple[str, str | None]]) -> tuple[frozenset[str], frozenset[str]]:
     tree = _parse(source, filename, first_line)
     used = frozenset(_names(tree))
+    loads = _loads(tree)
     for name, path in bound:
         if name in used and path is not None and path.split(".")[0] == CLIENT_MODULE:
             line = min(n.lineno for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name)
@@ -439,7 +464,7 @@ def _check_cached(policy: Policy, source: str, filename: str, first_line: int,
                      bound_names={name: path for name, path in bound if name in used})
     except ValueError as error:  # PolicyViolation
         raise InvalidProgram(str(error)) from None
-    return used
+    return used, loads
 
 
 def _path(value: values_pb2.Value) -> str | None:

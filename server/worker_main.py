@@ -138,11 +138,15 @@ class WorkerLink:
     """The worker's end of a job's local() calls (LocalLink.call's signature): the call goes to the front door,
     which sends it up the RunJob stream and enforces the time limits; its answer, or error, comes back."""
 
-    def __init__(self, job_id: str, conn, inbox: _Inbox):
+    def __init__(self, job_id: str, conn, inbox: _Inbox, *, one_way: bool = False):
         self._job_id, self._conn, self._inbox = job_id, conn, inbox
+        self._one_way = one_way  # calls that need no answer may go on at once (a job running alone)
 
     def call(self, call_id: str, block_id: str, payload: list, deadline: float, local_timeout: float,
-             timed_out) -> bytes | memoryview:
+             timed_out, *, needs_answer: bool = True) -> bytes | memoryview:
+        if not needs_answer and self._one_way:
+            self._conn.send(wp.LocalCall(self._job_id, call_id, block_id, wp.pack(payload), one_way=True))
+            return b""  # (no values come back: an empty ValueMap)
         self._conn.send(wp.LocalCall(self._job_id, call_id, block_id, wp.pack(payload)))
         while True:
             answer = self._inbox.next_answer()
@@ -272,15 +276,16 @@ class JobRun:
             decoded.release()
         self.inbox.cancel.pop(self.job.job_id, None)
 
-    def start(self, decoded: DecodedProgram, batch_size: int = 1) -> tuple[JobLog, LocalCaller]:
-        """The job starts running (its deadline from now): Running, and its log and local() handler."""
+    def start(self, decoded: DecodedProgram, batch_size: int = 0) -> tuple[JobLog, LocalCaller]:
+        """The job starts running (its deadline from now): Running, and its log and local() handler.
+        batch_size: the jobs of its RunBatch that run (0: a RunJob, alone; only then do calls go on at once)."""
         job = self.job
         self.deadline = time.monotonic() + job.timeout
         if decoded.program.kind == "generate":
             total = decoded.program.kwargs.get("max_new_tokens", 20)
             self.total_steps = total if isinstance(total, int) and total > 0 else -1  # -1: steps of unknown total
-        self.conn.send(wp.Running(job.job_id, batch_size))
-        link = WorkerLink(job.job_id, self.conn, self.inbox) if job.has_stream else None
+        self.conn.send(wp.Running(job.job_id, max(batch_size, 1)))
+        link = WorkerLink(job.job_id, self.conn, self.inbox, one_way=batch_size == 0) if job.has_stream else None
         return JobLog(job.job_id, self.conn), LocalCaller(link, decoded, deadline=self.deadline)
 
     def encode(self, decoded: DecodedProgram, values: dict, log: JobLog) -> list:

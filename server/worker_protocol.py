@@ -246,12 +246,15 @@ class Progress:
 
 @dataclass(frozen=True)
 class LocalCall:
-    """A local() block to run on the client: the serialized ValueMap of the names it reads."""
+    """A local() block to run on the client: the serialized ValueMap of the names it reads. One-way: the job
+    went on without waiting (its code reads nothing the block binds); the worker gets no answer to it, and the
+    front door ends the job if the block fails."""
 
     job_id: str
     call_id: str
     block_id: str
     payload: bytes | Blob
+    one_way: bool = False
 
 
 @dataclass(frozen=True)

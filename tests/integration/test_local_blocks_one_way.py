@@ -1,0 +1,155 @@
+"""`local()` blocks whose values the job never reads: the job goes on while its client runs them (issue 12,
+a `local()` block per generated token), and nothing else changes: the blocks run in order, once each, with
+the values of their step; a block that raises still ends the job in ERROR and no later block runs; a client
+that never answers still fails the job. Blocks whose values the job reads are still waited for.
+
+A real loopback server; the served model notes each run of its layer in a file, so a test sees from the
+client how far the worker got. Waits are on conditions with timeouts.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from noted_models import RunsTwice, runs
+
+import tether
+from tether import NNsight, tiny
+from tether.client import RemoteBackend
+from tether.server.app import start_server
+
+PROMPT = "The quick brown fox"
+WAIT_S = 30.0
+NOTES = Path(tempfile.mkdtemp(prefix="tether-notes-")) / "runs"
+
+pytestmark = pytest.mark.usefixtures("client_config")
+
+
+def served() -> dict:
+    return {"tiny": tiny.tiny_gpt2(), "twice": RunsTwice(NOTES)}
+
+
+def _wait_for_runs(n: int) -> int:
+    """Wait (at most WAIT_S) until the served layer ran `n` times; how many times it had."""
+    deadline = time.monotonic() + WAIT_S
+    while (seen := runs(NOTES)) < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return seen
+
+
+@pytest.fixture
+def x4() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, 4)
+
+
+@pytest.fixture
+def twice() -> NNsight:
+    NOTES.write_text("")
+    return NNsight(RunsTwice(Path(tempfile.mkdtemp()) / "local-runs"))  # the local reference (its own notes)
+
+
+def test_the_job_goes_on_while_its_client_runs_a_block_whose_values_it_does_not_read(server, twice, x4):
+    remote = NNsight(RunsTwice(NOTES))  # (only its structure is used: the job runs on the served model)
+    ran_meanwhile, sums = [], []
+    with remote.trace(x4, remote=True, model_name="twice", backend=server.address) as tracer:
+        first = remote.layer.output
+        with tracer.local():
+            sums.append(first.sum())
+            ran_meanwhile.append(_wait_for_runs(2))  # the layer's second run comes after this block
+        out = remote.output.save()
+    with twice.trace(x4):
+        reference = twice.output.save()
+    assert ran_meanwhile == [2]
+    assert torch.equal(out, reference)
+    assert torch.equal(sums[0], twice.layer(x4).sum())
+
+
+def test_a_block_whose_value_the_job_reads_is_waited_for(server, twice, x4):
+    remote = NNsight(RunsTwice(NOTES))
+    ran_by_then = []
+    with remote.trace(x4, remote=True, model_name="twice", backend=server.address) as tracer:
+        h = remote.layer.output
+        with tracer.local():
+            ran_by_then.append(runs(NOTES))
+            h = h * 2
+        remote.layer.output = h
+        out = remote.output.save()
+    with twice.trace(x4):
+        twice.layer.output = twice.layer.output * 2
+        reference = twice.output.save()
+    assert ran_by_then == [1]  # the worker waited for the answer
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("body", ["append", "augmented"])
+def test_a_block_at_every_generation_step_sees_each_token_once_and_in_order(llm, rllm, body):
+    def run(model, **remote):
+        seen, count = [], 0
+        with model.generate(PROMPT, max_new_tokens=12, do_sample=False, **remote) as tracer:
+            tracer.all()
+            token = model.lm_head.output[0, -1].argmax(dim=-1)
+            with tracer.local():
+                if body == "append":
+                    seen.append(int(token))
+                else:
+                    count += 1
+                    seen = [*seen, (count, int(token))]
+            tokens = model.generator.output.save()
+        return seen, tokens
+
+    seen, tokens = run(llm)
+    r_seen, r_tokens = run(rllm, remote=True)
+    assert len(r_seen) == 12 and r_seen == seen
+    assert torch.equal(tokens, r_tokens)
+
+
+def test_a_block_that_raises_ends_the_job_in_error_and_no_later_block_runs(server, rllm, capsys):
+    ran: list[int] = []
+    job_ids: list[str] = []
+    with pytest.raises(ValueError, match="third token"):
+        with rllm.generate(PROMPT, max_new_tokens=12, do_sample=False, remote=True) as tracer:
+            tracer.all()
+            token = rllm.lm_head.output[0, -1].argmax(dim=-1)
+            with tracer.local():
+                job_ids.append(tracer.job_id)
+                ran.append(int(token))
+                if len(ran) == 3:
+                    raise ValueError("no third token")
+            rllm.generator.output.save()
+    assert len(ran) == 3
+    backend = RemoteBackend(server.address, job_id=job_ids[0])
+    assert backend.status() == "ERROR"
+    with pytest.raises(tether.RemoteError, match="third token"):
+        backend.result(timeout=WAIT_S)
+    assert "no third token" in capsys.readouterr().err
+
+
+def test_a_client_that_never_answers_fails_the_job_after_the_local_call_timeout(x):
+    net = NNsight(tiny.tiny_net())
+    handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0, local_call_timeout=0.5)
+    release = threading.Event()
+    job_ids: list[str] = []
+    try:
+        with pytest.raises(tether.RemoteError, match="did not answer"):
+            with net.trace(x, remote=True, model_name="net", backend=handle.address) as tracer:
+                h = net.layer1.output
+                with tracer.local():
+                    job_ids.append(tracer.job_id)
+                    job_ids.append(float(h.sum()))  # (the job reads nothing back)
+                    backend = RemoteBackend(handle.address, job_id=tracer.job_id)
+                    deadline = time.monotonic() + WAIT_S
+                    while backend.status() != "ERROR" and time.monotonic() < deadline:
+                        release.wait(0.02)
+                out = net.output.save()  # noqa: F841
+        with net.trace(x, remote=True, model_name="net", backend=handle.address):
+            after = net.output.save()  # the worker runs the next job
+        assert torch.equal(after, tiny.tiny_net()(x))
+    finally:
+        release.set()
+        handle.stop(grace=0)
