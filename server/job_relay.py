@@ -37,6 +37,7 @@ __all__ = ["JobRelay", "Track", "KILL_GRACE", "TICK"]
 
 _log = logging.getLogger("tether.server")
 KILL_GRACE = GRACE + 2.0  # seconds a job past its time limit, or cancelled, may run before its worker is killed
+HELD_LINES = 1000  # lines printed after a one-way call's block before the relay waits for its answer
 TICK = 0.05  # seconds between checks of a running job's time and memory (messages wake the relay at once)
 
 
@@ -57,6 +58,7 @@ class Track:
         self.left = False  # it left its batch (runs again alone): this run only waits for the worker to drop it
         self.pending: tuple[str, str] | None = None  # (call_id, block_id): a one-way local() call not yet answered
         self.block_failed: Exception | None = None  # why a one-way call failed: the job ends in ERROR with it
+        self.held: list[str] = []  # lines printed after the pending call's block: sent once it is answered
 
     def message(self) -> wp.RunJob:
         self.program = wp.pack([self.entry.program])  # the worker unlinks it (a Blob) once it reads it
@@ -204,8 +206,12 @@ class JobRelay(BatchRelay):
                           batch_size=message.batch_size if message.batch_size > 1 else 0)
         elif isinstance(message, wp.Log):
             track.last_log = message.text
-            if track.sent.line():
-                job.event(log=jobs_pb2.LogLine(text=message.text))
+            if track.pending is None and track.block_failed is None:
+                self._log(track, message.text)
+            elif track.block_failed is None:  # (in order after the block's own output; none if it fails)
+                track.held.append(message.text)
+                if len(track.held) >= HELD_LINES and (error := self._settle(track)) is not None:
+                    self._stop_for(track, error)
         elif isinstance(message, wp.Progress):  # (wakes no reader: it lingers anyway; see Job.wake_late)
             if track.sent.progress(message.step):
                 job.event(progress=jobs_pb2.Progress(step=message.step, total_steps=message.total), notify=False)
@@ -227,8 +233,10 @@ class JobRelay(BatchRelay):
         elif isinstance(message, wp.Failed):
             track.ended = True
             self.retire = self.retire or message.retire
-            if track.block_failed is not None:  # (the worker stopped because a one-way call failed)
-                self._end_with(track, track.block_failed)
+            error = self._settle(track) if track.pending is not None else None  # (its block came first)
+            failed = track.block_failed or (error if isinstance(error, LocalBlockFailed) else None)
+            if failed is not None:  # (the worker stopped because a one-way call failed, or failed after it)
+                self._end_with(track, failed)
             elif message.cancelled or job.cancel_requested:
                 job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
                            code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
@@ -297,10 +305,18 @@ class JobRelay(BatchRelay):
         except StillOpen:
             return None
         except (LocalBlockFailed, LocalCallFailed, JobTimeout, JobCancelledError) as error:
-            track.pending = None
+            track.pending, track.held = None, []
             return None if isinstance(error, JobCancelledError) else error
         track.pending = None
+        held, track.held = track.held, []
+        for text in held if track.block_failed is None else ():
+            self._log(track, text)
         return track.block_failed
+
+    @staticmethod
+    def _log(track: Track, text: str) -> None:
+        if track.sent.line():  # (False: an earlier run of the job sent this line already)
+            track.job.event(log=jobs_pb2.LogLine(text=text))
 
     def _stop_for(self, track: Track, error: Exception) -> None:
         """A one-way call failed (the block raised, or no answer can come): the job stops (a Cancel to its

@@ -153,3 +153,41 @@ def test_a_client_that_never_answers_fails_the_job_after_the_local_call_timeout(
     finally:
         release.set()
         handle.stop(grace=0)
+
+
+def _printed_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith(("block", "after"))]
+
+
+def test_lines_printed_after_a_block_come_after_the_blocks_own_output(llm, rllm, capsys):
+    def run(model, **remote):
+        steps = []
+        with model.generate(PROMPT, max_new_tokens=6, do_sample=False, **remote) as tracer:
+            tracer.all()
+            token = model.lm_head.output[0, -1].argmax(dim=-1)
+            with tracer.local():
+                steps.append(int(token))
+                print("block", len(steps))
+            print("after the block")  # on the server, in the remote run
+            model.generator.output.save()
+        return _printed_lines(capsys)
+
+    local_lines = run(llm)
+    assert local_lines == [line for n in range(1, 7) for line in (f"block {n}", "after the block")]
+    assert run(rllm, remote=True) == local_lines
+
+
+def test_no_line_printed_after_a_block_that_raises_reaches_the_client(rllm, capsys):
+    steps = []
+    with pytest.raises(ValueError, match="second"):
+        with rllm.generate(PROMPT, max_new_tokens=6, do_sample=False, remote=True) as tracer:
+            tracer.all()
+            token = rllm.lm_head.output[0, -1].argmax(dim=-1)
+            with tracer.local():
+                steps.append(int(token))
+                print("block", len(steps))
+                if len(steps) == 2:
+                    raise ValueError("no second step")
+            print("after the block")
+            rllm.generator.output.save()
+    assert _printed_lines(capsys) == ["block 1", "after the block", "block 2"]
