@@ -97,15 +97,21 @@ def embedded():
 
 
 def _run(model: LanguageModel, remote: bool):
-    """One trace with a local() block that edits an activation, and a result over 1 MiB (the object store)."""
+    """One trace with a local() block that edits an activation, one whose values the job does not read (it goes
+    on meanwhile), and a result over 1 MiB (the object store)."""
     offset = torch.linspace(-1, 1, 64)
+    seen = []
     with model.trace(PROMPT, remote=remote) as tracer:
         mlp = model.transformer.h[0].mlp.output
         with tracer.local():
             edited = mlp * 2 + offset
         model.transformer.h[0].mlp.output = edited
-        big = model.transformer.h[1].output.repeat(1, 600, 1).save()  # ~1.5 MiB
+        hidden = model.transformer.h[1].output
+        with tracer.local():
+            seen.append(hidden.sum())
+        big = hidden.repeat(1, 600, 1).save()  # ~1.5 MiB
         logits = model.lm_head.output.save()
+    assert len(seen) == 1 and torch.equal(seen[0], big[:, : big.shape[1] // 600].sum())
     return logits, big
 
 
