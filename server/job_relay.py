@@ -253,7 +253,8 @@ class JobRelay(BatchRelay):
         if call.one_way:
             self._one_way(track, call, error)
             return
-        if error is not None:
+        if error is not None:  # (the job ends with the earlier block's error, not at this block's line)
+            track.block_failed = track.block_failed or error
             self.send_direct(_answer(call.call_id, error))
             return
         link, hold = track.entry.link, self._hold(track)

@@ -9,6 +9,7 @@ client how far the worker got. Waits are on conditions with timeouts.
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 import threading
 import time
@@ -191,3 +192,25 @@ def test_no_line_printed_after_a_block_that_raises_reaches_the_client(rllm, caps
             print("after the block")
             rllm.generator.output.save()
     assert _printed_lines(capsys) == ["block 1", "after the block", "block 2"]
+
+
+def test_a_failed_block_the_job_went_on_from_is_reported_as_that_block_at_the_next_one(server, rllm):
+    job_ids: list[str] = []
+    lines: list[int] = []
+    with pytest.raises(KeyError, match="first"):
+        with rllm.trace(PROMPT, remote=True) as tracer:
+            hidden = rllm.transformer.h[0].output
+            with tracer.local():
+                lines.append(inspect.currentframe().f_lineno)  # (the block's first line: its id)
+                job_ids.append(tracer.job_id)
+                raise KeyError("first")
+            logits = rllm.lm_head.output
+            with tracer.local():
+                logits = logits * 2  # (read below: the job waits for this block)
+            rllm.lm_head.output = logits
+            hidden.save()
+    failure = RemoteBackend(server.address, job_id=job_ids[0])
+    assert failure.status() == "ERROR"
+    with pytest.raises(tether.RemoteError) as raised:
+        failure.result(timeout=WAIT_S)
+    assert f"the local() block {lines[0]} raised on the client: 'first'" in str(raised.value)
