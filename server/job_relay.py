@@ -37,7 +37,6 @@ __all__ = ["JobRelay", "Track", "KILL_GRACE", "TICK"]
 
 _log = logging.getLogger("tether.server")
 KILL_GRACE = GRACE + 2.0  # seconds a job past its time limit, or cancelled, may run before its worker is killed
-HELD_LINES = 1000  # lines printed after a one-way call's block before the relay waits for its answer
 TICK = 0.05  # seconds between checks of a running job's time and memory (messages wake the relay at once)
 
 
@@ -56,9 +55,8 @@ class Track:
         self.sent = entry.rerun or Sent()  # what its client got from earlier runs (reruns.py)
         self.sent.begin()
         self.left = False  # it left its batch (runs again alone): this run only waits for the worker to drop it
-        self.pending: tuple[str, str] | None = None  # (call_id, block_id): a one-way local() call not yet answered
-        self.block_failed: Exception | None = None  # why a one-way call failed: the job ends in ERROR with it
-        self.held: list[str] = []  # lines printed after the pending call's block: sent once it is answered
+        self.posted = ""  # call id of its last one-way local() call (`_post`), watched by `_forward_cancels`
+        self.block_failed: Exception | None = None  # why that call failed: the job stopped, and ends with it
 
     def message(self) -> wp.RunJob:
         self.program = wp.pack([self.entry.program])  # the worker unlinks it (a Blob) once it reads it
@@ -206,12 +204,8 @@ class JobRelay(BatchRelay):
                           batch_size=message.batch_size if message.batch_size > 1 else 0)
         elif isinstance(message, wp.Log):
             track.last_log = message.text
-            if track.pending is None and track.block_failed is None:
-                self._log(track, message.text)
-            elif track.block_failed is None:  # (in order after the block's own output; none if it fails)
-                track.held.append(message.text)
-                if len(track.held) >= HELD_LINES and (error := self._settle(track)) is not None:
-                    self._stop_for(track, error)
+            if track.sent.line():
+                job.event(log=jobs_pb2.LogLine(text=message.text))
         elif isinstance(message, wp.Progress):  # (wakes no reader: it lingers anyway; see Job.wake_late)
             if track.sent.progress(message.step):
                 job.event(progress=jobs_pb2.Progress(step=message.step, total_steps=message.total), notify=False)
@@ -220,11 +214,7 @@ class JobRelay(BatchRelay):
         elif isinstance(message, wp.Done):
             track.ended = True
             self.retire = self.retire or message.retire
-            error = self._settle(track) if track.pending is not None else track.block_failed
-            if error is not None:
-                self.replica.areas.discard(message.result)
-                self._end_with(track, error)
-            elif job.cancel_requested:  # cancelled (an evict, a client) while its last step ran: it ends CANCELLED
+            if job.cancel_requested:  # cancelled (an evict, a client) while its last step ran: it ends CANCELLED
                 self.replica.areas.discard(message.result)
                 job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
                            code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
@@ -233,10 +223,8 @@ class JobRelay(BatchRelay):
         elif isinstance(message, wp.Failed):
             track.ended = True
             self.retire = self.retire or message.retire
-            error = self._settle(track) if track.pending is not None else None  # (its block came first)
-            failed = track.block_failed or (error if isinstance(error, LocalBlockFailed) else None)
-            if failed is not None:  # (the worker stopped because a one-way call failed, or failed after it)
-                self._end_with(track, failed)
+            if track.block_failed is not None:  # (its worker was stopped: its one-way call can get no answer)
+                self._end_with(track, track.block_failed)
             elif message.cancelled or job.cancel_requested:
                 job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
                            code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
@@ -247,15 +235,10 @@ class JobRelay(BatchRelay):
 
     def _local(self, track: Track, call: wp.LocalCall) -> None:
         """A local() call: up the job's RunJob stream, and its answer (or why there is none) back. A batched job
-        may hold its batch for --batch-local-wait in all; past that it leaves the batch (`_leave`). Calls stay
-        sequential on the stream: the answer to a one-way call is waited for before the next call goes up."""
-        error = self._settle(track) if track.pending is not None else track.block_failed
-        if call.one_way:
-            self._one_way(track, call, error)
-            return
-        if error is not None:  # (the job ends with the earlier block's error, not at this block's line)
-            track.block_failed = track.block_failed or error
-            self.send_direct(_answer(call.call_id, error))
+        may hold its batch for --batch-local-wait in all; past that it leaves the batch (`_leave`)."""
+        track.posted = ""  # (a worker calls again only once it has read the answer to its one-way call)
+        if call.one_way and self.replica.direct is not None:
+            self._post(track, call)
             return
         link, hold = track.entry.link, self._hold(track)
         asked = time.monotonic()
@@ -279,52 +262,23 @@ class JobRelay(BatchRelay):
         if answer is not None:
             self.send_direct(answer)
 
-    def _one_way(self, track: Track, call: wp.LocalCall, error: Exception | None) -> None:
-        """A call the job went on without waiting for: sent up, its answer settled later (`_settle`, and a look
-        at each check); the worker gets no answer, so a failure stops the job (`_stop_for`)."""
-        link = track.entry.link
-        if error is None:
-            try:
-                if link is None:
-                    raise LocalCallFailed(NO_STREAM)
-                if link.post(call.call_id, call.block_id, [wp.unpack(call.payload)], track.limits.local_call_timeout):
-                    track.pending = (call.call_id, call.block_id)
-            except (LocalBlockFailed, LocalCallFailed) as failed:
-                error = failed
-        else:
+    def _post(self, track: Track, call: wp.LocalCall) -> None:
+        """A one-way call (its worker went on): sent up; its answer goes from the stream's reader straight to
+        the worker, which reads it before its next call or its end. Nothing here waits for it."""
+        link, pipe = track.entry.link, self.replica.direct
+        if link is None:
             wp.discard(call.payload)
-        if error is not None:
-            self._stop_for(track, error)
-
-    def _settle(self, track: Track, *, wait: bool = True) -> Exception | None:
-        """The job's one-way call still due: wait for its answer (or look, `wait=False`); the error that must end
-        the job, if any."""
-        call_id, block_id = track.pending
+            self.send_direct(_answer(call.call_id, LocalCallFailed(NO_STREAM)))
+            return
         try:
-            track.entry.link.call(call_id, block_id, [], track.deadline, track.limits.local_call_timeout,
-                                  track.timed_out, hold=None if wait else 0.0)
-        except StillOpen:
-            return None
-        except (LocalBlockFailed, LocalCallFailed, JobTimeout, JobCancelledError) as error:
-            track.pending, track.held = None, []
-            return None if isinstance(error, JobCancelledError) else error
-        track.pending = None
-        held, track.held = track.held, []
-        for text in held if track.block_failed is None else ():
-            self._log(track, text)
-        return track.block_failed
-
-    @staticmethod
-    def _log(track: Track, text: str) -> None:
-        if track.sent.line():  # (False: an earlier run of the job sent this line already)
-            track.job.event(log=jobs_pb2.LogLine(text=text))
-
-    def _stop_for(self, track: Track, error: Exception) -> None:
-        """A one-way call failed (the block raised, or no answer can come): the job stops (a Cancel to its
-        worker, `_forward_cancels`) and ends in ERROR with `error`."""
-        if track.block_failed is None:
-            track.block_failed = error
-            self._forward_cancels()
+            known = link.post(call.call_id, call.block_id, [wp.unpack(call.payload)], track.limits.local_call_timeout,
+                              lambda outcome: pipe.send(_answer(call.call_id, outcome)))
+        except (LocalBlockFailed, LocalCallFailed, JobCancelledError) as error:
+            known = error
+        if known is None:
+            track.posted = call.call_id
+        else:
+            self.send_direct(_answer(call.call_id, known))
 
     def send_direct(self, message: wp.LocalAnswer | wp.RunJob | wp.RunBatch | wp.Reclaim) -> None:
         """Send the worker's job thread a LocalAnswer, or its job(s) and the Reclaim before them: on its direct pipe
@@ -361,19 +315,21 @@ class JobRelay(BatchRelay):
         return None
 
     def _forward_cancels(self) -> list[Track]:
-        """Send the worker a Cancel for each live job asked to stop since (by a client, or by its failed one-way
-        local() call); returns the live jobs."""
+        """Send the worker a Cancel for each live job asked to stop since, or whose one-way local() call can get
+        no answer (its worker gets the error in its place); returns the live jobs."""
         live = self._live()
         for track in live:
             job = track.job
-            if track.pending is not None and track.block_failed is None:
-                error = self._settle(track, wait=False)
-                if error is not None:
-                    self._stop_for(track, error)
-            if (job.cancel_requested or track.block_failed is not None) and not track.cancel_sent:
+            if track.posted and (error := track.entry.link.expire(track.deadline, track.timed_out)) is not None:
+                self.send_direct(_answer(track.posted, error))
+                track.posted = ""
+                if not isinstance(error, JobCancelledError):
+                    track.block_failed = error  # (the job stops now, as if it had waited for the answer)
+            stop = job.cancel_requested or track.block_failed is not None
+            if stop and not track.cancel_sent:
                 track.cancel_sent = time.monotonic()
-                reason = job.cancel_reason or "cancelled by the client"
-                self.conn.send(wp.Cancel(job.id, str(track.block_failed) if track.block_failed else reason))
+                reason = str(track.block_failed) if track.block_failed else job.cancel_reason
+                self.conn.send(wp.Cancel(job.id, reason or "cancelled by the client"))
         return live
 
     def _end_with(self, track: Track, error: Exception) -> None:

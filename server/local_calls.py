@@ -49,6 +49,7 @@ class LocalLink:
         self._closed: str | None = None  # why no stream can answer any more
         self._open: tuple[str, str] | None = None  # (call_id, block_id) of the call waiting for its answer
         self._answer_by = 0.0  # time.monotonic() by which the open call must be answered (local_call_timeout)
+        self._local_timeout = 0.0  # that timeout, for its message
         self._parts: list[jobs_pb2.Chunk] = []  # chunks of the open call's answer so far
         self._failure = None  # the open call's Failure, if the block raised on the client
         self._direct: Callable[[Any], None] | None = None  # sends the open call's outcome to its waiting worker
@@ -128,6 +129,7 @@ class LocalLink:
         """
         job = self._job
         with job.cond:
+            self._close_answered()
             if self._kept is not None and call_id in self._kept:
                 return self._replay(call_id, block_id)
             if self._open is not None and self._open != (call_id, block_id):  # (a re-run's call: the first
@@ -167,26 +169,65 @@ class LocalLink:
                     self._open, self._parts, self._answered = None, [], False
                     job.forget_payload(call_id)  # answered or not, the log need not keep the values
 
-    def post(self, call_id: str, block_id: str, payload: list, local_timeout: float) -> bool:
-        """Send a LocalCall the job does not wait for (it needs no values back): True while its answer is due
-        (`call` with the same ids waits for it, or looks with hold=0). False: a re-run's call whose answer was
-        kept (its block's failure raises here). Raises LocalCallFailed when no stream can answer."""
+    def post(self, call_id: str, block_id: str, payload: list, local_timeout: float,
+             direct: Callable[[Any], None]) -> bytes | bytearray | None:
+        """Send a LocalCall whose worker went on without waiting (it needs no values back): `deliver` hands its
+        answer to `direct` when it comes (the worker reads it before its next call or its end), or `expire`
+        fails it. Returns the answer at once where it is known already (a re-run's call: kept, or answered
+        while that run was away; a kept failure raises). Raises LocalCallFailed when no stream can answer."""
         with self._job.cond:
+            self._close_answered()
             if self._kept is not None and call_id in self._kept:
-                self._replay(call_id, block_id)
-                return False
+                return self._replay(call_id, block_id)
             if self._open is not None and self._open != (call_id, block_id):
                 raise _diverged(block_id, self._open[1])
             if self._open is None:
                 self._send_call(call_id, block_id, payload, local_timeout)
-            return True
+            elif (outcome := self._outcome()) is not None:  # (a re-run's open call, answered meanwhile)
+                self._answered = True
+                self._close_answered()
+                if isinstance(outcome, LocalBlockFailed):
+                    raise outcome
+                return outcome
+            self._direct = direct
+            return None
+
+    def expire(self, deadline: float, timed_out: Callable[[], BaseException]) -> BaseException | None:
+        """For a posted call still unanswered: the error to give its worker instead, once the job was cancelled,
+        its client is gone, or its time (the call's, the job's) ran out; the answer is then no longer taken."""
+        with self._job.cond:
+            if self._open is None or self._answered:
+                return None
+            block_id, now = self._open[1], time.monotonic()
+            error: BaseException | None = None
+            if self._job.cancel_requested:
+                error = JobCancelledError(f"cancelled while waiting for local() block {block_id}")
+            elif self._closed is not None:
+                error = LocalCallFailed(f"the client stopped before answering the local() block {block_id}: "
+                                        f"{self._closed}")
+            elif now >= self._answer_by:
+                error = _unanswered(block_id, self._local_timeout)
+            elif now >= deadline:
+                error = timed_out()
+            if error is not None:
+                self._answered, self._direct = True, None
+            return error
+
+    def _close_answered(self) -> None:
+        """Forget a posted call that was answered (or expired): its worker has the outcome, and may call again."""
+        if self._open is not None and self._answered:
+            call_id = self._open[0]
+            self._open, self._parts, self._answered, self._direct = None, [], False, None
+            self._job.forget_payload(call_id)
 
     def _send_call(self, call_id: str, block_id: str, payload: list, local_timeout: float) -> None:
         """Open the call and send it to the client (the caller holds the job's condition)."""
         if self._closed is not None:
             raise LocalCallFailed(f"cannot run the local() block {block_id}: {self._closed}")
+        if self._job.cancel_requested:  # (no block runs on the client once the job was asked to stop)
+            raise JobCancelledError(f"cancelled before local() block {block_id}")
         self._open, self._parts, self._failure, self._answered = (call_id, block_id), [], None, False
-        self._answer_by = time.monotonic() + local_timeout
+        self._answer_by, self._local_timeout = time.monotonic() + local_timeout, local_timeout
         for offset, data, total in split_pieces(payload):
             self._job.local_call(call_id, block_id, offset, data, total)
 
@@ -257,6 +298,7 @@ class LocalCaller:
         self._link, self._decoded = link, decoded
         self._deadline, self._local_timeout, self._timed_out = deadline, local_timeout, timed_out
         self._calls = 0  # only the worker thread running the job touches this
+        self._answer_due: Block | None = None  # the one-way block whose answer is read later
 
     def __call__(self, block: Block, ns: dict) -> dict[str, Any]:
         site = self._decoded.local_sites.get((block.filename, block.first_line))
@@ -266,6 +308,7 @@ class LocalCaller:
             site = LocalSite(str(block.first_line), user_file, block.first_line, tuple(sorted(block.loaded)))
         if self._link is None:
             raise LocalCallFailed(NO_STREAM)
+        self.settle()
         self._calls += 1
         reads = {name: ns[name] for name in site.reads if name in ns and is_data(ns[name])}
         codec = self._decoded.codec
@@ -273,9 +316,37 @@ class LocalCaller:
         call_id = str(self._calls)
         answer = self._link.call(call_id, site.block_id, payload, self._deadline, self._local_timeout,
                                  self._timed_out, needs_answer=needs_answer)
+        self._answer_due = None if needs_answer else block
         values = codec.decode_answer(answer)
         device = _gpu_of(reads)  # as in a local run on that GPU, what the block computed from it lands there
         return to_device(values, device) if device is not None else values
+
+
+    def settle(self) -> None:
+        """Read the answer to the job's last one-way call (before its next call, and at its end): the block's
+        error raises here, at the block's own line, as where the job waits for each answer."""
+        if self._link is None:
+            return
+        due, self._answer_due = self._answer_due, None
+        try:
+            self._link.settle()
+        except LocalBlockFailed as failed:
+            if due is None:
+                raise
+            code = compile("\n" * (due.with_line - 1) + "raise failed", due.filename, "exec")
+            names = {"co_name": due.scope} | ({"co_qualname": due.scope} if hasattr(code, "co_qualname") else {})
+            exec(code.replace(**names), {"failed": failed})  # (a frame at the block's line, in its function)
+
+    def settle_after(self, error: BaseException) -> BaseException:
+        """What the job ends with when `error` stopped it: the failure of a one-way block that ran before (it came
+        first), else `error` (the lines printed after that block go out)."""
+        try:
+            self.settle()
+        except LocalBlockFailed as failed:
+            return failed
+        except Exception:  # (no answer will come: a cancel, a time limit, a client gone; `error` says why)
+            pass
+        return error
 
 
 def _gpu_of(values: Any) -> torch.device | None:

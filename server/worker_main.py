@@ -39,6 +39,7 @@ __all__ = ["serve", "process_main", "without_fake_data", "JobRun"]
 
 _log = logging.getLogger("tether.server")
 _LOCAL_ERRORS = ("LocalBlockFailed", "LocalCallFailed", "JobTimeout", "JobCancelledError")
+HELD_LINES = 1000  # lines a job may print after a one-way local() call before it waits for that call's answer
 
 
 def process_main(conn, name: str, model: Any, source: Callable[[], Any] | None, policy, direct=None) -> None:
@@ -108,6 +109,10 @@ class _Inbox:
         message = self._direct_message()
         return message if isinstance(message, wp.LocalAnswer) else None
 
+    def answer_ready(self) -> bool:
+        """Whether a LocalAnswer waits to be read (while a job runs, nothing else comes on its path)."""
+        return self._direct.poll() if self._direct is not None else not self.answers.empty()
+
     def _direct_message(self) -> Any:
         try:
             return self._direct.recv()
@@ -136,22 +141,54 @@ class _Inbox:
 
 class WorkerLink:
     """The worker's end of a job's local() calls (LocalLink.call's signature): the call goes to the front door,
-    which sends it up the RunJob stream and enforces the time limits; its answer, or error, comes back."""
+    which sends it up the RunJob stream and enforces the time limits; its answer, or error, comes back.
+
+    A call that needs no answer (its block binds nothing the job reads) goes one-way in a job running alone:
+    the job goes on, and reads the answer before its next call and before it ends (`settle`: a block that
+    raised raises there), so the stream still carries one open call at a time and at most one call's values
+    wait in the front door. Lines the job prints meanwhile are held until that answer: they reach the client
+    after the block's own output, and never if the block raised."""
 
     def __init__(self, job_id: str, conn, inbox: _Inbox, *, one_way: bool = False):
         self._job_id, self._conn, self._inbox = job_id, conn, inbox
-        self._one_way = one_way  # calls that need no answer may go on at once (a job running alone)
+        self._one_way = one_way
+        self._unanswered = ""  # call id of the one-way call sent last, until its answer is read
+        self._held: list[wp.Log] = []
 
     def call(self, call_id: str, block_id: str, payload: list, deadline: float, local_timeout: float,
              timed_out, *, needs_answer: bool = True) -> bytes | memoryview:
+        self.settle()
         if not needs_answer and self._one_way:
             self._conn.send(wp.LocalCall(self._job_id, call_id, block_id, wp.pack(payload), one_way=True))
+            self._unanswered = call_id
             return b""  # (no values come back: an empty ValueMap)
         self._conn.send(wp.LocalCall(self._job_id, call_id, block_id, wp.pack(payload)))
+        return self._answer(call_id, block_id)
+
+    def settle(self) -> None:
+        """Read the answer to the one-way call sent last (its error raises here), then send the lines held."""
+        held, self._held = self._held, []  # (dropped if the block raised)
+        if self._unanswered:
+            call_id, self._unanswered = self._unanswered, ""
+            self._answer(call_id, "")  # (no values: the job reads none of its block's names)
+        for line in held:
+            self._conn.send(line)
+
+    def log(self, line: wp.Log) -> None:
+        """A line the job printed: sent, or held while a one-way call's answer has not been read (it is read now
+        when it came, or when too many lines wait)."""
+        if self._unanswered and (self._inbox.answer_ready() or len(self._held) >= HELD_LINES):
+            self.settle()
+        if self._unanswered:
+            self._held.append(line)
+        else:
+            self._conn.send(line)
+
+    def _answer(self, call_id: str, block_id: str) -> bytes | memoryview:
         while True:
             answer = self._inbox.next_answer()
             if answer is None:
-                raise JobCancelledError(f"the server stopped while the local() block {block_id} ran")
+                raise JobCancelledError(f"the server stopped while the local() block {block_id or call_id} ran")
             if answer.call_id == call_id:
                 break
             wp.discard(answer.data)  # an answer to an earlier call that had already ended
@@ -165,23 +202,25 @@ class WorkerLink:
 
 class JobLog:
     """`print` for a job's program: complete lines go to the front door as Log messages (a partial line waits
-    for its end or for flush=True). Only the thread running the job calls it."""
+    for its end or for flush=True), through its local() link where it has one (which may hold them). Only the
+    thread running the job calls it."""
 
-    def __init__(self, job_id: str, conn):
-        self._job_id, self._conn = job_id, conn
+    def __init__(self, job_id: str, conn, link: WorkerLink | None = None):
+        self._job_id = job_id
+        self._send = conn.send if link is None else link.log
         self._partial = ""
 
     def __call__(self, *args, sep: str | None = " ", end: str | None = "\n", file=None, flush: bool = False) -> None:
         text = self._partial + (" " if sep is None else sep).join(map(str, args)) + ("\n" if end is None else end)
         *lines, self._partial = text.split("\n")
         for line in lines:
-            self._conn.send(wp.Log(self._job_id, line))
+            self._send(wp.Log(self._job_id, line))
         if flush:
             self.flush()
 
     def flush(self) -> None:
         if self._partial:
-            self._conn.send(wp.Log(self._job_id, self._partial))
+            self._send(wp.Log(self._job_id, self._partial))
             self._partial = ""
 
 
@@ -286,7 +325,7 @@ class JobRun:
             self.total_steps = total if isinstance(total, int) and total > 0 else -1  # -1: steps of unknown total
         self.conn.send(wp.Running(job.job_id, max(batch_size, 1)))
         link = WorkerLink(job.job_id, self.conn, self.inbox, one_way=batch_size == 0) if job.has_stream else None
-        return JobLog(job.job_id, self.conn), LocalCaller(link, decoded, deadline=self.deadline)
+        return JobLog(job.job_id, self.conn, link), LocalCaller(link, decoded, deadline=self.deadline)
 
     def encode(self, decoded: DecodedProgram, values: dict, log: JobLog) -> list:
         """The job's values (with what it changed outside) as result pieces within its size limit."""
@@ -313,9 +352,11 @@ class JobRun:
             values = self.watchdog.call(self._stop_requested, lambda: execute(
                 root, decoded.program, decoded.bindings, filename=decoded.body_filename, local=handler, log=log,
                 cancel=self._stop_requested))
+            handler.settle()
             watch.check(versions)
             result = self.encode(decoded, values, log)
         except BaseException as error:
+            error = handler.settle_after(error)
             log.flush()
             if not isinstance(error, WeightsChanged):  # (check() already put the weights back: never twice)
                 error = _weights_changed(watch, versions) or error

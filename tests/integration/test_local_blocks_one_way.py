@@ -10,6 +10,7 @@ client how far the worker got. Waits are on conditions with timeouts.
 from __future__ import annotations
 
 import inspect
+import re
 import tempfile
 import threading
 import time
@@ -214,3 +215,51 @@ def test_a_failed_block_the_job_went_on_from_is_reported_as_that_block_at_the_ne
     with pytest.raises(tether.RemoteError) as raised:
         failure.result(timeout=WAIT_S)
     assert f"the local() block {lines[0]} raised on the client: 'first'" in str(raised.value)
+
+
+def test_a_job_cancelled_while_its_client_runs_a_block_sends_no_later_block(server, twice, x4):
+    remote = NNsight(RunsTwice(NOTES))
+    ran, job_ids = [], []
+    with pytest.raises(tether.RemoteError):
+        with remote.trace(x4, remote=True, model_name="twice", backend=server.address) as tracer:
+            first = remote.layer.output
+            with tracer.local():
+                ran.append(("A", first.shape))
+                job_ids.append(tracer.job_id)
+                RemoteBackend(server.address, job_id=tracer.job_id).cancel()
+            out = remote.output
+            with tracer.local():
+                ran.append(("B", out.shape))
+            out.save()
+    assert ran == [("A", (2, 4))]
+    assert RemoteBackend(server.address, job_id=job_ids[0]).status() == "CANCELLED"
+
+
+def test_the_remote_traceback_of_a_block_the_job_went_on_from_is_that_of_a_block_it_waited_for(server, rllm):
+    def failure(job_ids: list[str]) -> str:
+        with pytest.raises(tether.RemoteError) as raised:
+            RemoteBackend(server.address, job_id=job_ids[0]).result(timeout=WAIT_S)
+        return re.sub(r"\b\d+\b", "N", str(raised.value).replace(job_ids[0], "<job>"))  # (lines differ)
+
+    went_on: list[str] = []
+    with pytest.raises(KeyError):
+        with rllm.trace(PROMPT, remote=True) as tracer:
+            hidden = rllm.transformer.h[0].output
+            with tracer.local():
+                went_on.append(tracer.job_id)
+                note = hidden.shape
+                raise KeyError("no")
+            rllm.lm_head.output.save()
+    waited: list[str] = []
+    with pytest.raises(KeyError):
+        with rllm.trace(PROMPT, remote=True) as tracer:
+            hidden = rllm.transformer.h[0].output
+            with tracer.local():
+                waited.append(tracer.job_id)
+                note = hidden.shape
+                raise KeyError("no")
+            hidden = note  # the job reads the block's value: it waits for the answer
+            rllm.lm_head.output.save()
+    expected = failure(waited)
+    assert "with tracer.local():" in expected and "raise KeyError" not in expected  # the block's line
+    assert failure(went_on) == expected
