@@ -263,3 +263,28 @@ def test_the_remote_traceback_of_a_block_the_job_went_on_from_is_that_of_a_block
     expected = failure(waited)
     assert "with tracer.local():" in expected and "raise KeyError" not in expected  # the block's line
     assert failure(went_on) == expected
+
+
+def test_the_jobs_memory_limit_holds_while_its_client_runs_a_block(x):
+    net = NNsight(tiny.tiny_net())
+    handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0, job_memory=128 << 20)
+    seen: list[str] = []
+    try:
+        with pytest.raises(tether.RemoteError, match="per-job memory limit"):
+            with net.trace(x, remote=True, model_name="net", backend=handle.address) as tracer:
+                h = net.layer1.output
+                with tracer.local():  # the job goes on meanwhile, and allocates past its limit
+                    backend = RemoteBackend(handle.address, job_id=tracer.job_id)
+                    deadline = time.monotonic() + WAIT_S
+                    while (state := backend.status()) == "RUNNING" and time.monotonic() < deadline:
+                        threading.Event().wait(0.02)
+                    seen.append(state)
+                big = torch.ones(96 << 20)  # 384 MiB, touched
+                h = h + float(big.sum())
+                net.output.save()
+        assert seen == ["ERROR"]  # (the block ran until the server had ended the job)
+        with net.trace(x, remote=True, model_name="net", backend=handle.address):
+            after = net.output.save()  # the restarted worker runs the next job
+        assert torch.equal(after, tiny.tiny_net()(x))
+    finally:
+        handle.stop(grace=0)
