@@ -127,6 +127,7 @@ def build_job(context: Any, ns: dict) -> Job:
     for local in locals_:
         msg.local_blocks.append(local)
         job.sites[local.block_id] = BlockSource(block.filename, text, local.first_line)
+    job.remote_loads |= encoder.remote_loads  # (a block in a shipped function binds what that function reads)
     for fn, site in encoder.shipped():
         msg.functions.append(fn)
         for local in fn.local_blocks:
@@ -230,6 +231,7 @@ class _Encoder:
         self._model, self._model_name = model, model_name
         self._functions: list[tuple[program_pb2.FunctionSource, BlockSource]] = []  # in definition order
         self._by_name: dict[str, Any] = {}  # shipped (or being shipped) name -> the object
+        self.remote_loads: set[str] = set()  # what the shipped functions read outside their local() blocks
 
     def shipped(self) -> list[tuple[program_pb2.FunctionSource, BlockSource]]:
         return list(self._functions)
@@ -318,6 +320,7 @@ class _Encoder:
         if isinstance(node, ast.ClassDef):  # its methods' own variables are not free names of the class
             local_names = local_names | _method_locals(node)
         fn_body = _Body([node], line_offset=first_line - 1)
+        self.remote_loads |= fn_body.remote_loads
         msg = program_pb2.FunctionSource(name=name, source=source, filename=filename, first_line=first_line)
         for free in sorted(loaded_names([node]) - {node.name}):
             if free in closure:

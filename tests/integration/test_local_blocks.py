@@ -38,6 +38,21 @@ def shout(text: str) -> str:
     return text.upper()
 
 
+def scaled(t: torch.Tensor) -> torch.Tensor:
+    """A user function the body calls (shipped as source): its own block binds what it reads after."""
+    with tether.local():
+        factor = float(t.abs().max()) + 1.0
+    return t / factor
+
+
+def test_a_local_block_in_a_shipped_function_hands_its_values_to_that_function(llm, rllm):
+    with llm.trace(PROMPT):
+        out = scaled(llm.transformer.h[0].mlp.output).save()
+    with rllm.trace(PROMPT, remote=True):
+        r_out = scaled(rllm.transformer.h[0].mlp.output).save()
+    assert torch.equal(out, r_out)
+
+
 def test_a_value_goes_through_a_local_block_and_back_into_the_model(llm, rllm):
     offset = torch.linspace(-1, 1, 64)  # a local tensor the block uses; never sent to the server
     with llm.trace(PROMPT):
