@@ -321,7 +321,6 @@ class LocalCaller:
         device = _gpu_of(reads)  # as in a local run on that GPU, what the block computed from it lands there
         return to_device(values, device) if device is not None else values
 
-
     def settle(self) -> None:
         """Read the answer to the job's last one-way call (before its next call, and at its end): the block's
         error raises here, at the block's own line, as where the job waits for each answer."""
