@@ -288,3 +288,24 @@ def test_the_jobs_memory_limit_holds_while_its_client_runs_a_block(x):
         assert torch.equal(after, tiny.tiny_net()(x))
     finally:
         handle.stop(grace=0)
+
+
+def test_blocks_in_the_traces_of_a_session_run_once_each_with_their_traces_values(llm, rllm):
+    def run(model, **remote):
+        seen = []
+        with model.session(**remote):
+            with model.trace(PROMPT):
+                top = model.lm_head.output[0, -1].argmax()
+                with tether.local():
+                    seen.append(int(top))
+            with model.trace("Hello world"):
+                top = model.lm_head.output[0, -1].argmax()
+                with tether.local():
+                    seen.append(int(top))
+                logits = model.lm_head.output.save()
+        return seen, logits
+
+    seen, logits = run(llm)
+    r_seen, r_logits = run(rllm, remote=True)
+    assert len(r_seen) == 2 and r_seen == seen
+    assert torch.equal(r_logits, logits)
