@@ -50,6 +50,7 @@ class LocalLink:
         self._open: tuple[str, str] | None = None  # (call_id, block_id) of the call waiting for its answer
         self._answer_by = 0.0  # time.monotonic() by which the open call must be answered (local_call_timeout)
         self._local_timeout = 0.0  # that timeout, for its message
+        self._posted = False  # the open call was posted (`post`): no caller waits for its answer
         self._parts: list[jobs_pb2.Chunk] = []  # chunks of the open call's answer so far
         self._failure = None  # the open call's Failure, if the block raised on the client
         self._direct: Callable[[Any], None] | None = None  # sends the open call's outcome to its waiting worker
@@ -97,6 +98,8 @@ class LocalLink:
             send, outcome = self._direct, None
             if send is not None and (outcome := self._outcome()) is not None:
                 self._answered, self._direct = True, None
+                if self._posted:  # (no caller waits to forget its values: the log lets go of them now)
+                    self._job.forget_payload(answer.call_id)
             self._cond.notify_all()
         if outcome is not None:
             send(outcome)  # (outside the lock: the relay, woken, sees the call answered and sends nothing)
@@ -189,7 +192,7 @@ class LocalLink:
                 if isinstance(outcome, LocalBlockFailed):
                     raise outcome
                 return outcome
-            self._direct = direct
+            self._direct, self._posted = direct, True
             return None
 
     def expire(self, deadline: float, timed_out: Callable[[], BaseException]) -> BaseException | None:
@@ -211,13 +214,14 @@ class LocalLink:
                 error = timed_out()
             if error is not None:
                 self._answered, self._direct = True, None
+                self._job.forget_payload(self._open[0])
             return error
 
     def _close_answered(self) -> None:
         """Forget a posted call that was answered (or expired): its worker has the outcome, and may call again."""
         if self._open is not None and self._answered:
             call_id = self._open[0]
-            self._open, self._parts, self._answered, self._direct = None, [], False, None
+            self._open, self._parts, self._answered, self._direct, self._posted = None, [], False, None, False
             self._job.forget_payload(call_id)
 
     def _send_call(self, call_id: str, block_id: str, payload: list, local_timeout: float) -> None:
@@ -227,6 +231,7 @@ class LocalLink:
         if self._job.cancel_requested:  # (no block runs on the client once the job was asked to stop)
             raise JobCancelledError(f"cancelled before local() block {block_id}")
         self._open, self._parts, self._failure, self._answered = (call_id, block_id), [], None, False
+        self._posted = False
         self._answer_by, self._local_timeout = time.monotonic() + local_timeout, local_timeout
         for offset, data, total in split_pieces(payload):
             self._job.local_call(call_id, block_id, offset, data, total)

@@ -247,8 +247,8 @@ class Progress:
 @dataclass(frozen=True)
 class LocalCall:
     """A local() block to run on the client: the serialized ValueMap of the names it reads. One-way: the job
-    went on without waiting (its code reads nothing the block binds); the worker gets no answer to it, and the
-    front door ends the job if the block fails."""
+    went on without waiting (its code reads nothing the block binds); the worker reads the answer (or the error
+    in its place) before its next call and before it ends."""
 
     job_id: str
     call_id: str

@@ -142,3 +142,34 @@ def test_an_answer_after_the_hold_is_not_sent_directly_but_returned_to_the_rerun
     _answer(link, "1", b"late")
     assert sent == []  # nobody waits for it now: the re-run gets it
     assert _call(link, "1", direct=sent.append) == b"late" and sent == []
+
+
+def _payload_bytes(job: Job) -> int:
+    events, _ = job.wait_events(0, lambda: True, timeout=0, limit=1000)
+    return sum(len(e.local_call.values.data) for e in events if e.WhichOneof("event") == "local_call")
+
+
+def test_a_posted_call_goes_to_its_worker_once_and_the_log_lets_go_of_its_values():
+    job, link = _link()
+    got: list = []
+    assert link.post("1", "b", [b"x" * 4096], LONG, got.append) is None
+    assert _asked(job) == ["1"] and _payload_bytes(job) == 4096
+    _answer(link, "1", b"")
+    _answer(link, "1", b"again")  # (a second answer to the same call is dropped)
+    assert got == [b""]
+    assert _payload_bytes(job) == 0  # no caller waits to forget them: the last call of a job too
+    assert link.post("2", "b", [b"y"], LONG, got.append) is None  # the worker calls again once it has the answer
+    assert _asked(job) == ["1", "2"]
+
+
+def test_a_posted_call_that_can_get_no_answer_expires_with_why_and_lets_go_of_its_values():
+    job, link = _link()
+    got: list = []
+    link.post("1", "b", [b"x" * 4096], LONG, got.append)
+    assert link.expire(time.monotonic() + LONG, TimeoutError) is None  # (still due)
+    link.detach("the client disconnected")
+    error = link.expire(time.monotonic() + LONG, TimeoutError)
+    assert isinstance(error, LocalCallFailed) and "the client disconnected" in str(error)
+    assert _payload_bytes(job) == 0
+    _answer(link, "1", b"")  # too late: not taken
+    assert got == [] and link.expire(time.monotonic() + LONG, TimeoutError) is None
