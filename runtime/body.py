@@ -55,10 +55,19 @@ def local_blocks(stmts: Iterable[ast.stmt]) -> list[tuple[int, int]]:
     return [body_span(n) for n in local_withs(stmts)]
 
 
+def _read_name(node: ast.AST) -> str | None:
+    """The name this one node reads: a loaded name, or the target of an augmented assignment (`x += 1` reads
+    x before it binds it); None for any other node."""
+    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+        return node.id
+    if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+        return node.target.id
+    return None
+
+
 def loaded_names(stmts: Iterable[ast.AST]) -> frozenset[str]:
     """The names `stmts` read, anywhere in them."""
-    return frozenset(n.id for s in stmts for n in ast.walk(s) if isinstance(n, ast.Name)
-                     and isinstance(n.ctx, ast.Load))
+    return frozenset(name for s in stmts for n in ast.walk(s) if (name := _read_name(n)) is not None)
 
 
 def stored_names(node: ast.AST, *, args: bool = True) -> list[str]:
@@ -142,8 +151,8 @@ def split_local(stmts: Iterable[ast.stmt]) -> BodyNames:
             out.locals.append(node)
             stack.extend(item.context_expr for item in node.items)
             continue
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
-            out.remote_loads.add(node.id)
+        if (name := _read_name(node)) is not None:
+            out.remote_loads.add(name)
         out.remote_stores.update(stored_names(node))
         stack.extend(ast.iter_child_nodes(node))
     return out

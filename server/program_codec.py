@@ -427,17 +427,6 @@ def _names(tree: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
 
 
-def _loads(tree: ast.AST) -> frozenset[str]:
-    """The names `tree` reads: loaded, deleted, or the target of an augmented assignment (`x += 1` reads x)."""
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Store):
-            found.add(node.id)
-        elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
-            found.add(node.target.id)
-    return frozenset(found)
-
-
 def _check(policy: Policy, source: str, filename: str, first_line: int,
            bindings: Mapping[str, values_pb2.Value]) -> tuple[frozenset[str], frozenset[str]]:
     """Check a cut source (no local() bodies left) against the policy; returns the names it uses, and those of
@@ -451,7 +440,7 @@ def _check_cached(policy: Policy, source: str, filename: str, first_line: int,
                   bound: frozenset[tuple[str, str | None]]) -> tuple[frozenset[str], frozenset[str]]:
     tree = _parse(source, filename, first_line)
     used = frozenset(_names(tree))
-    loads = _loads(tree)
+    loads = loaded_names(tree.body)  # (the client's rule for what its code reads: runtime.body)
     for name, path in bound:
         if name in used and path is not None and path.split(".")[0] == CLIENT_MODULE:
             line = min(n.lineno for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name)

@@ -72,6 +72,22 @@ def test_the_job_goes_on_while_its_client_runs_a_block_whose_values_it_does_not_
     assert torch.equal(sums[0], twice.layer(x4).sum())
 
 
+def test_a_blocks_value_the_job_reads_only_by_augmenting_it_comes_back(llm, rllm):
+    def run(model, **remote):
+        with model.trace(PROMPT, **remote) as tracer:
+            hidden = model.transformer.h[0].output
+            with tracer.local():
+                step = int(hidden.shape[1])
+            step += 1  # (reads step: the job waits for the block, which sends it back)
+            top = model.lm_head.output[0, -1].argmax().save()
+        return step, top
+
+    step, top = run(llm)
+    r_step, r_top = run(rllm, remote=True)
+    assert step == r_step == len(llm.tokenizer(PROMPT)["input_ids"]) + 1
+    assert torch.equal(top, r_top)
+
+
 def test_a_block_whose_value_the_job_reads_is_waited_for(server, twice, x4):
     remote = NNsight(RunsTwice(NOTES))
     ran_by_then = []

@@ -79,6 +79,19 @@ class Box:
 # ---- 14. outside lists, dicts and plain objects ------------------------------------------------------
 
 
+def test_a_name_the_body_only_augments_is_sent_and_comes_back(llm, rllm):
+    def run(model, **remote):
+        counter = 10
+        with model.trace(PROMPT, **remote):
+            counter += 1  # (reads counter: the server needs its value)
+            top = model.lm_head.output[0, -1].argmax().save()
+        return counter, top
+
+    counter, top = run(llm)
+    r_counter, r_top = run(rllm, remote=True)
+    assert counter == r_counter == 11 and torch.equal(top, r_top)
+
+
 def test_outside_containers_come_back_mutated_in_a_trace(llm, rllm):
     runs = {}
     for model, remote in _both(llm, rllm):
