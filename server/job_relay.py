@@ -333,6 +333,7 @@ class JobRelay(BatchRelay):
         return live
 
     def _end_with(self, track: Track, error: Exception) -> None:
+        """End the job in ERROR with a server-side error (its Failure, and its status code)."""
         failure = failure_of(error, {})
         track.job.finish(jobs_pb2.JOB_STATE_ERROR, failure.message, failure=failure, code=error.code, ttl=self.ttl)
 
@@ -371,8 +372,7 @@ class JobRelay(BatchRelay):
                 job.finish(jobs_pb2.JOB_STATE_CANCELLED, job.cancel_reason or "cancelled by the client",
                            code=grpc.StatusCode.CANCELLED, ttl=self.ttl)
             else:
-                failure = failure_of(own, {})
-                job.finish(jobs_pb2.JOB_STATE_ERROR, failure.message, failure=failure, code=own.code, ttl=self.ttl)
+                self._end_with(track, own)
             _log.warning("job %s on %s: %s", job.id, self.replica.name, own)
         try:
             self.replica.restart()
