@@ -12,9 +12,10 @@ from __future__ import annotations
 import inspect
 import re
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,12 +37,12 @@ def served() -> dict:
     return {"tiny": tiny.tiny_gpt2(), "twice": RunsTwice(NOTES)}
 
 
-def _wait_for_runs(n: int) -> int:
-    """Wait (at most WAIT_S) until the served layer ran `n` times; how many times it had."""
+def _polled(read: Callable[[], Any], done: Callable[[Any], bool]) -> Any:
+    """`read()` again every few ms until `done` says its value will do, at most WAIT_S: its last value."""
     deadline = time.monotonic() + WAIT_S
-    while (seen := runs(NOTES)) < n and time.monotonic() < deadline:
+    while not done(value := read()) and time.monotonic() < deadline:
         time.sleep(0.005)
-    return seen
+    return value
 
 
 @pytest.fixture
@@ -63,7 +64,8 @@ def test_the_job_goes_on_while_its_client_runs_a_block_whose_values_it_does_not_
         first = remote.layer.output
         with tracer.local():
             sums.append(first.sum())
-            ran_meanwhile.append(_wait_for_runs(2))  # the layer's second run comes after this block
+            # the layer's second run comes after this block: it happens meanwhile only if the job went on
+            ran_meanwhile.append(_polled(lambda: runs(NOTES), lambda ran: ran >= 2))
         out = remote.output.save()
     with twice.trace(x4):
         reference = twice.output.save()
@@ -151,25 +153,18 @@ def test_a_block_that_raises_ends_the_job_in_error_and_no_later_block_runs(serve
 def test_a_client_that_never_answers_fails_the_job_after_the_local_call_timeout(x):
     net = NNsight(tiny.tiny_net())
     handle = start_server({"net": tiny.tiny_net()}, host="127.0.0.1", port=0, local_call_timeout=0.5)
-    release = threading.Event()
-    job_ids: list[str] = []
     try:
         with pytest.raises(tether.RemoteError, match="did not answer"):
             with net.trace(x, remote=True, model_name="net", backend=handle.address) as tracer:
                 h = net.layer1.output
                 with tracer.local():
-                    job_ids.append(tracer.job_id)
-                    job_ids.append(float(h.sum()))  # (the job reads nothing back)
-                    backend = RemoteBackend(handle.address, job_id=tracer.job_id)
-                    deadline = time.monotonic() + WAIT_S
-                    while backend.status() != "ERROR" and time.monotonic() < deadline:
-                        release.wait(0.02)
+                    total = float(h.sum())  # noqa: F841 (the job reads nothing the block binds)
+                    _polled(RemoteBackend(handle.address, job_id=tracer.job_id).status, lambda s: s == "ERROR")
                 out = net.output.save()  # noqa: F841
         with net.trace(x, remote=True, model_name="net", backend=handle.address):
             after = net.output.save()  # the worker runs the next job
         assert torch.equal(after, tiny.tiny_net()(x))
     finally:
-        release.set()
         handle.stop(grace=0)
 
 
@@ -290,11 +285,8 @@ def test_the_jobs_memory_limit_holds_while_its_client_runs_a_block(x):
             with net.trace(x, remote=True, model_name="net", backend=handle.address) as tracer:
                 h = net.layer1.output
                 with tracer.local():  # the job goes on meanwhile, and allocates past its limit
-                    backend = RemoteBackend(handle.address, job_id=tracer.job_id)
-                    deadline = time.monotonic() + WAIT_S
-                    while (state := backend.status()) == "RUNNING" and time.monotonic() < deadline:
-                        threading.Event().wait(0.02)
-                    seen.append(state)
+                    status = RemoteBackend(handle.address, job_id=tracer.job_id).status
+                    seen.append(_polled(status, lambda s: s != "RUNNING"))
                 big = torch.ones(96 << 20)  # 384 MiB, touched
                 h = h + float(big.sum())
                 net.output.save()
