@@ -44,6 +44,7 @@ class Policy:
     denied_builtins: builtins a program may not use (unless the client bound a value of that name).
     denied_callables: names refused even inside allowed modules (file and process access, extensions).
     denied_attributes: attribute names refused on any object (frames, raw file access).
+    tether_names: the names under `tether` a program may use (its modules stay off-limits).
     pickle_allow: globals a Pickled value may load (see tether.safe_pickle).
     """
 
@@ -56,6 +57,13 @@ class Policy:
         | {f"torch.utils.data.dataset.{n}" for n in _DATA_DATASETS}
         | {f"torch.utils.data.sampler.{n}" for n in _DATA_SAMPLERS}
         | {"torch.utils.data.dataloader.DataLoader"}
+    )
+    # what a program may reach under `tether`: the names a body uses (tether.save, tether.list, tether.local,
+    # its errors); never the package's modules (tether.loading imports and calls anything) or its set-up
+    tether_names: frozenset[str] = frozenset(
+        {"save", "apply", "local", "trace", "stop", "list", "dict", "tuple", "set", "int", "float", "str", "bool"}
+        | {"bytes", "bytearray", "complex", "TetherError", "NotInTraceError", "OutOfOrderError", "RemoteError"}
+        | {"UnsavedValueError", "ValueNotReachedError"}
     )
     denied_builtins: frozenset[str] = frozenset(
         {"exec", "eval", "compile", "open", "globals", "locals", "vars", "setattr", "delattr", "breakpoint"}
@@ -144,6 +152,9 @@ class Policy:
             return f"'{path}' is not allowed on the server: module '{parts[0]}' is not on its allow-list"
         if self._listed(path, self.denied_callables):
             return f"'{path}' is not allowed on the server (it reaches files, processes or shared state)"
+        if parts[0] == "tether" and len(parts) > 1 and parts[1] not in self.tether_names:
+            return (f"'{path}' is not allowed on the server: programs may use tether's "
+                    f"{', '.join(sorted(self.tether_names))} only")
         if any(p.startswith("_") for p in parts[1:]):
             return f"'{path}' is not allowed on the server: private names of modules are off-limits"
         if any(p in self.denied_attributes for p in parts[1:]):

@@ -212,6 +212,28 @@ def test_allowed_modules_still_refuse_files_processes_and_shared_state(source, n
     assert named in str(refused(source))
 
 
+@pytest.mark.parametrize(
+    "source, named",
+    [
+        ("import tether\npid = tether.loading.load_named('os:getpid')", "tether.loading.load_named"),
+        ("from tether.loading import load_named", "tether.loading"),
+        ("from tether import loading", "tether.loading"),
+        ("import tether.runtime.cpython", "tether.runtime"),
+        ("import tether\ntether.set_runner(print)", "tether.set_runner"),
+        ("import tether\nkey = tether.CONFIG.API.APIKEY", "tether.CONFIG"),
+        ("import tether\nm = tether.LanguageModel('gpt2')", "tether.LanguageModel"),
+    ],
+)
+def test_tethers_own_modules_and_set_up_are_off_limits(source, named):
+    error = refused(source)
+    assert named in str(error) and "tether.save" not in str(error) and "save" in str(error)
+
+
+def test_the_tether_names_a_body_uses_pass():
+    check("import tether\nseen = tether.list().save()\nd = tether.dict(a=1)\nn = tether.int(3)\n"
+          "out = tether.save(model.layer1.output)\ntry:\n    pass\nexcept tether.TetherError:\n    pass")
+
+
 def test_violation_names_the_users_real_line_and_file():
     source = "h = model.layer1.output\n\nwith open('x') as f:\n    pass"
     error = refused(source, filename="experiment.py", first_line=40)
