@@ -50,20 +50,24 @@ def deserializer(message_type) -> Callable[[bytes], object]:
 
 def check_program(program: program_pb2.Program, limits: Any) -> None:
     """Refuse (InvalidProgram naming the field and the limit) a program over `limits` (the server's
-    workers.Limits: max_program_bytes, max_value_depth, max_values), before any work."""
-    size = len(program.source.encode()) + sum(len(fn.source.encode()) for fn in program.functions)
+    workers.Limits: max_program_bytes, max_value_depth, max_values), before any work. Every source the
+    program carries counts: the body, its shipped functions and its model edits."""
+    sources = [("Program", program.source, program.first_line, program.local_blocks)]
+    sources += [(f"Program.functions[{i}]", fn.source, fn.first_line, fn.local_blocks)
+                for i, fn in enumerate(program.functions)]
+    sources += [(f"Program.edits[{i}]", edit.source, edit.first_line, ()) for i, edit in enumerate(program.edits)]
+    size = sum(len(source.encode()) for _, source, _, _ in sources)
     if size > limits.max_program_bytes:
         raise InvalidProgram(
-            f"Program.source (with its FunctionSource.source) is {size} bytes, over the server's limit of "
-            f"{limits.max_program_bytes} bytes (--max-program-bytes). Send less code per job: move helpers into "
-            "a module the server has, or pass data as values instead of literals in the source."
+            f"Program.source (with its FunctionSource.source and Edit.source) is {size} bytes, over the server's "
+            f"limit of {limits.max_program_bytes} bytes (--max-program-bytes). Send less code per job: move "
+            "helpers into a module the server has, or pass data as values instead of literals in the source."
         )
-    _check_positions("Program", program.source, program.first_line, program.local_blocks, limits)
-    for i, fn in enumerate(program.functions):
-        _check_positions(f"Program.functions[{i}]", fn.source, fn.first_line, fn.local_blocks, limits)
+    for where, source, first_line, blocks in sources:
+        _check_positions(where, source, first_line, blocks, limits)
     values = [*program.args, *program.kwargs.values(), *program.bindings.values()]
-    for fn in program.functions:
-        values.extend(fn.bindings.values())
+    for part in (*program.functions, *program.edits):
+        values.extend(part.bindings.values())
     _check_values(values, limits)
 
 

@@ -122,6 +122,23 @@ def test_value_nesting_and_count_are_bounded(client):
     assert_serving(client)
 
 
+def test_model_edits_are_bounded_like_the_body(client):
+    def with_edit(**fields) -> jobs_pb2.JobSpec:
+        prog = program("out = model.lm_head.output.save()\n", "hi")
+        prog.edits.append(program_pb2.Edit(filename="edits.py", **fields))
+        return spec(prog)
+
+    cases = [
+        (with_edit(source="x = 1\n" * 1000), ["Edit.source", "4096"]),
+        (with_edit(source="x = 1\n", first_line=10**8), ["Program.edits[0].first_line", "4096"]),
+        (with_edit(source="y = x\n", bindings={"x": _nested(40)}), ["nested more than 32"]),
+    ]
+    for job, named in cases:
+        code, details = code_of(lambda job=job: client.submit(job))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and all(n in details for n in named), details
+    assert_serving(client)
+
+
 # ------------------------------------------------------------------------------------------------- scan
 
 
