@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.safe_pickle import DEFAULT_ALLOW_LIST, PickleAllowList, safe_loads
+from tether.safe_pickle import DEFAULT_ALLOW_LIST, PickleAllowList, check_loads, safe_loads
 from tether.v1 import values_pb2
 
 from .errors import PolicyViolation
@@ -94,7 +94,11 @@ class Policy:
         {"gi_frame", "gi_code", "cr_frame", "cr_code", "ag_frame", "ag_code", "tb_frame", "tb_next"}
         | {"f_globals", "f_locals", "f_builtins", "f_back", "f_code", "co_code"}
         # raw file access on tensors and arrays
-        | {"tofile", "from_file", "load_library", "dump"}
+        | {"tofile", "from_file", "load_library", "dump", "_set_from_file", "_new_with_file"}
+        # shared memory: outside the per-job memory limit (which counts a worker's private memory)
+        | {"share_memory_", "_share_memory_", "_share_fd_cpu_", "_share_filename_cpu_", "_share_cuda_"}
+        | {"_new_shared", "_new_shared_cuda", "_new_shared_fd_cpu", "_new_shared_filename_cpu", "_get_shared_fd"}
+        | {"_new_using_fd_cpu", "_new_using_filename_cpu", "_shared_incref", "_shared_decref"}
         # hooks and weights that would outlive the job on a shared model
         | {"register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook"}
         | {"register_full_backward_pre_hook", "register_backward_hook", "load_state_dict"}
@@ -134,6 +138,11 @@ class Policy:
     def loads(self, data: bytes, *, persistent_load: Callable[[Any], Any] | None = None) -> Any:
         """An unpickler for tether.values.from_value restricted to pickle_allow."""
         return safe_loads(data, allow=self.pickle_allow, persistent_load=persistent_load)
+
+    def check_loads(self, data: bytes, *, persistent_load: Callable[[Any], Any] | None = None) -> Any:
+        """`loads`'s refusals without its cost: what a pickle asks for beyond its own size is not built
+        (tether.safe_pickle.check_loads)."""
+        return check_loads(data, allow=self.pickle_allow, persistent_load=persistent_load)
 
     # ------------------------------------------------------------------------------------------ names
 

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from tether.caching import bytes_lru_cache
 from tether.protocol import CLIENT_MODULE, PROGRAM_KIND_NAMES
 from tether.runtime import ops
@@ -22,6 +24,7 @@ from tether.runtime.errors import TetherError
 from tether.runtime.model import job_copy, persistent_edits
 from tether.runtime.program import Program, block_of
 from tether.runtime.rename import resolve as resolve_aliases
+from tether.tensor_codec import decode_tensor, tensor_size
 from tether.v1 import program_pb2, values_pb2
 from tether.values import Attributes, from_value, to_value
 from tether.wire import decode_value_map
@@ -36,6 +39,7 @@ __all__ = ["ClientOnly", "DecodedProgram", "LocalSite", "ValueCodec", "decode_pr
 
 _KINDS = PROGRAM_KIND_NAMES
 _LOCAL_HINT = "wrap the call in `with tether.local():` to run it on your own machine"
+CHECKED_TENSOR_BYTES = 16 << 20  # bytes of a program's tensors the front door builds (the rest: meta)
 _MUTABLE = (list, dict, Attributes)  # outside values whose in-place changes go back to the client
 
 
@@ -65,11 +69,31 @@ class LocalSite:
     assigns: tuple[str, ...] = ()  # names the body binds: the client sends back those the remote code reads
 
 
-class ValueCodec:
-    """Values of one job: decoded with the policy's unpickler and resolvers, encoded with model references."""
+class CheckedTensors:
+    """The tensors of one program as the front door checks it: each message checked, and built only within a
+    budget (what batching reads: token ids, small inputs); past it, a meta tensor of its shape and dtype
+    stands in. A request must not make the door allocate: an lz4 block decompresses ~250x."""
 
-    def __init__(self, policy: Policy, hosted: HostedModel):
+    def __init__(self, budget: int = CHECKED_TENSOR_BYTES):
+        self.left = budget
+
+    def __call__(self, msg: values_pb2.Tensor) -> torch.Tensor:
+        dtype, nbytes = tensor_size(msg)
+        if nbytes > self.left:
+            return torch.empty(tuple(msg.shape), dtype=dtype, device="meta")
+        self.left -= nbytes
+        return decode_tensor(msg)
+
+
+class ValueCodec:
+    """Values of one job: decoded with the policy's unpickler and resolvers, encoded with model references.
+    `checking`: only check them, building no more than a request's own size (the front door: CheckedTensors,
+    Policy.check_loads); the worker that runs the job decodes them within its memory limit."""
+
+    def __init__(self, policy: Policy, hosted: HostedModel, *, checking: bool = False):
         self.policy, self.hosted = policy, hosted
+        self._unpickler = policy.check_loads if checking else policy.loads
+        self._tensor = CheckedTensors() if checking else decode_tensor
         self.root: Any = None  # the job's own root Envoy on the replica that runs it; set by DecodedProgram.bind
         self.aliases: dict[str, str] = {}  # the client's `rename=` aliases (alias path -> path), bound by bind
 
@@ -78,9 +102,10 @@ class ValueCodec:
         try:
             return from_value(
                 value,
-                unpickler=self.policy.loads,
+                unpickler=self._unpickler,
                 resolve_reference=self._reference,
                 resolve_model=self._model,
+                tensor=self._tensor,
             )
         except InvalidProgram:
             raise
@@ -270,15 +295,17 @@ class DecodedProgram:
             fn.namespace.clear()
 
 
-def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Policy) -> DecodedProgram:
-    """Check `program` against `policy` and decode its values; InvalidProgram says what and where."""
+def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Policy, *,
+                   checking: bool = False) -> DecodedProgram:
+    """Check `program` against `policy` and decode its values; InvalidProgram says what and where.
+    `checking`: for the front door, which runs nothing: its values are checked, not all built (ValueCodec)."""
     kind = _KINDS.get(program.kind)
     if kind is None:
         raise InvalidProgram(f"the program's kind is {program.kind} (unset or unknown): set trace, generate, "
                              "session or scan.")
     first_line = program.first_line or 1
     filename = program.filename or "<program>"
-    codec = ValueCodec(policy, hosted)
+    codec = ValueCodec(policy, hosted, checking=checking)
     ids = {b.first_line: b.block_id for b in program.local_blocks if b.block_id}
 
     body, sites = _cut_local_blocks(program.source, filename, first_line, ids)

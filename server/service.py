@@ -129,7 +129,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             raise InvalidProgram("the JobSpec has no program: set JobSpec.program.")
         check_program(spec.program, hub.limits)  # sizes, positions, nesting: before any parsing or decoding
         hosted = hub.models.resolve(spec.program.model)
-        decoded = decode_program(spec.program, hosted, hub.policy)  # checked here: refused before it is queued
+        decoded = decode_program(spec.program, hosted, hub.policy, checking=True)  # refused before it is queued
         batch = batch_info(hosted.model, decoded.program) if hub.limits.max_batch > 1 else (None, 0)
         decoded.release()  # the worker decodes it again, in its own process
         if not stream and decoded.has_local_blocks:

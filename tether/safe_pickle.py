@@ -14,7 +14,8 @@ from typing import Any
 
 from tether.runtime.errors import TetherError
 
-__all__ = ["DEFAULT_ALLOW_LIST", "PickleAllowList", "UnsafePickleError", "safe_loads"]
+__all__ = ["BOUNDED_NAMES", "DEFAULT_ALLOW_LIST", "PickleAllowList", "Unbuilt", "UnsafePickleError", "check_loads",
+           "safe_loads"]
 
 
 class UnsafePickleError(TetherError, pickle.UnpicklingError):
@@ -133,6 +134,45 @@ DEFAULT_ALLOW_LIST = PickleAllowList(
 )
 
 
+# Globals whose objects cost no more memory than the pickle that builds them (no size argument: not
+# bytearray(n), numpy's _reconstruct(shape) or a transformers cache's constructor).
+BOUNDED_NAMES = frozenset(
+    [f"builtins.{n}" for n in "set frozenset slice complex range list dict tuple object Ellipsis".split()]
+    + ["collections.OrderedDict", "copyreg._reconstructor", "tether.values.Attributes"]
+    + [f"torch.{n}" for n in _TORCH_DTYPES]
+    + ["torch.Size", "torch.device", "torch.dtype", "transformers.tokenization_utils_base.BatchEncoding"]
+)
+
+
+class Unbuilt:
+    """What `check_loads` builds in place of an allowed global whose object it does not build: every call,
+    state and item is accepted and dropped, so no allowed callable runs on the checking side."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Unbuilt:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Unbuilt:
+        return Unbuilt()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def add(self, item: Any) -> None:
+        pass
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, allow: PickleAllowList):
         super().__init__(file)
@@ -145,6 +185,45 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if full in _SUBSTITUTES:
             return _SUBSTITUTES[full]
         return _resolve(module, name)
+
+
+class _CheckingUnpickler(_RestrictedUnpickler):
+    """Refuses what _RestrictedUnpickler refuses; builds only `built` globals, the others stand in as Unbuilt."""
+
+    def __init__(self, file: io.BytesIO, allow: PickleAllowList, built: frozenset[str]):
+        super().__init__(file, allow)
+        self._built = built
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = super().find_class(module, name)
+        return obj if f"{module}.{name}" in self._built and obj is not _SUBSTITUTES.get(f"{module}.{name}") else Unbuilt
+
+
+def check_loads(
+    data: bytes,
+    *,
+    allow: PickleAllowList | Iterable[str] = DEFAULT_ALLOW_LIST,
+    persistent_load: Callable[[Any], Any] | None = None,
+) -> Any:
+    """Check `data` as safe_loads would (UnsafePickleError for a global outside `allow`), building only what costs
+    no more memory than the pickle itself (BOUNDED_NAMES); anything else allowed stands in as `Unbuilt`, never
+    called. For a process that must refuse a bad pickle but must not pay for a good one (a server's front
+    door: `bytearray(3 << 30)` is an allowed global and a 48-byte pickle)."""
+    if not isinstance(allow, PickleAllowList):
+        allow = PickleAllowList(names=frozenset(allow))
+
+    def load(built: frozenset[str]) -> Any:
+        unpickler = _CheckingUnpickler(io.BytesIO(data), allow, built)
+        if persistent_load is not None:
+            unpickler.persistent_load = persistent_load
+        return unpickler.load()
+
+    try:
+        return load(BOUNDED_NAMES)
+    except UnsafePickleError:
+        raise
+    except Exception:  # a bounded constructor may refuse an Unbuilt argument: check again, building nothing
+        return load(frozenset())
 
 
 def safe_loads(

@@ -16,7 +16,7 @@ import torch
 from tether.v1 import values_pb2
 
 __all__ = ["COMPRESS_MIN_BYTES", "DTYPES", "TORCH_DTYPES", "decode_tensor", "encode_tensor", "host_bytes",
-           "neutral_tensor", "tensor_from", "tensor_parts", "worth_compressing"]
+           "neutral_tensor", "tensor_from", "tensor_parts", "tensor_size", "worth_compressing"]
 
 COMPRESS_MIN_BYTES = 64 << 10  # bytes: smaller tensors are never compressed
 _SAMPLE_PIECES, _SAMPLE_PIECE_BYTES = 4, 16 << 10  # a 64 KiB sample, from 4 places in the tensor
@@ -134,23 +134,37 @@ def tensor_from(data_type: int, shape: tuple[int, ...], compression: int, data: 
     return out
 
 
-def _tensor_from(data_type: int, shape: tuple[int, ...], compression: int, data: Any) -> torch.Tensor:
+def tensor_size(msg: values_pb2.Tensor) -> tuple[torch.dtype, int]:
+    """(dtype, bytes) of the tensor a Tensor message holds, its fields checked without decoding its data (an
+    lz4 block's own size is known only once decompressed: decode_tensor checks it)."""
+    return _checked_size(msg.data_type, tuple(msg.shape), msg.compression, msg.data)
+
+
+def _checked_size(data_type: int, shape: tuple[int, ...], compression: int, data: Any) -> tuple[torch.dtype, int]:
     _check_little_endian()
     dtype = TORCH_DTYPES.get(data_type)
     if dtype is None:
         raise ValueError(f"tensor message has unknown data_type {data_type}; the sender is newer than tether")
+    if any(size < 0 for size in shape):
+        raise ValueError(f"tensor message has a negative size in its shape {list(shape)}")
     numel = 1
     for size in shape:
         numel *= size
     nbytes = numel * dtype.itemsize
+    if compression not in (values_pb2.COMPRESSION_LZ4, values_pb2.COMPRESSION_NONE,
+                           values_pb2.COMPRESSION_UNSPECIFIED):
+        raise ValueError(f"tensor message has unknown compression {compression}")
+    if compression != values_pb2.COMPRESSION_LZ4 and len(data) != nbytes:
+        raise ValueError(f"tensor of shape {list(shape)} and {dtype} needs {nbytes} bytes, got {len(data)}")
+    return dtype, nbytes
+
+
+def _tensor_from(data_type: int, shape: tuple[int, ...], compression: int, data: Any) -> torch.Tensor:
+    dtype, nbytes = _checked_size(data_type, shape, compression, data)
     if compression == values_pb2.COMPRESSION_LZ4:
         data = lz4.block.decompress(data, uncompressed_size=nbytes, return_bytearray=True)
         if len(data) != nbytes:
             raise ValueError(f"lz4 tensor data decompressed to {len(data)} bytes, expected {nbytes}")
-    elif compression not in (values_pb2.COMPRESSION_NONE, values_pb2.COMPRESSION_UNSPECIFIED):
-        raise ValueError(f"tensor message has unknown compression {compression}")
-    if len(data) != nbytes:
-        raise ValueError(f"tensor of shape {list(shape)} and {dtype} needs {nbytes} bytes, got {len(data)}")
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     if isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly):

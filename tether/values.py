@@ -229,13 +229,15 @@ def from_value(
     unpickler: Callable[..., Any] = safe_loads,
     resolve_reference: Resolver | None = None,
     resolve_model: Resolver | None = None,
+    tensor: Callable[[values_pb2.Tensor], torch.Tensor] = decode_tensor,
 ) -> Any:
     """The Python object for a Value message (inverse of to_value).
 
     unpickler(data, persistent_load=...) loads Pickled values; the default refuses globals outside
     tether.safe_pickle's default allow-list. resolve_reference(Reference) and resolve_model(ModelReference)
     turn references into objects; without one such a value raises ValueError (a client passes
-    import_reference, a server its policy's checked resolver).
+    import_reference, a server its policy's checked resolver). tensor(Tensor) builds each tensor (a server's
+    front door builds only small ones).
 
     Long on purpose, as to_value: one branch per kind of the Value oneof, read in one place against the
     proto, on the path of every item received.
@@ -244,11 +246,12 @@ def from_value(
 
     def convert(item: values_pb2.Value) -> Any:
         return from_value(
-            item, unpickler=unpickler, resolve_reference=resolve_reference, resolve_model=resolve_model
+            item, unpickler=unpickler, resolve_reference=resolve_reference, resolve_model=resolve_model,
+            tensor=tensor,
         )
 
     if kind == "tensor":
-        return decode_tensor(msg.tensor)
+        return tensor(msg.tensor)
     if kind in ("int_value", "double_value", "string_value", "bool_value", "bytes_value"):
         return getattr(msg, kind)
     if kind == "null_value":
@@ -270,7 +273,8 @@ def from_value(
     if kind == "big_int_value":
         return int(msg.big_int_value)
     if kind == "ndarray_value":
-        return decode_tensor(msg.ndarray_value).numpy()
+        array = tensor(msg.ndarray_value)
+        return array if array.is_meta else array.numpy()
     if kind == "reference":
         ref = msg.reference
         if resolve_reference is None:
@@ -292,7 +296,7 @@ def from_value(
             if type(pid) is not int or not 0 <= pid < len(tensors):
                 raise ValueError(f"pickled value refers to tensor {pid!r}, but only {len(tensors)} were sent")
             if pid not in decoded:
-                decoded[pid] = decode_tensor(tensors[pid])
+                decoded[pid] = tensor(tensors[pid])
             return decoded[pid]
 
         return unpickler(msg.pickled.data, persistent_load=persistent_load)
