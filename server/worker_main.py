@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from tether.runtime.envoy import module_of
 from tether.runtime.errors import RunStopped
 from tether.runtime.program import execute
@@ -35,7 +33,7 @@ from .result_areas import WorkerAreas
 from .results import encode_result_pieces
 from .weights import WeightWatch
 
-__all__ = ["serve", "process_main", "without_fake_data", "JobRun"]
+__all__ = ["serve", "process_main", "JobRun"]
 
 _log = logging.getLogger("tether.server")
 _LOCAL_ERRORS = ("LocalBlockFailed", "LocalCallFailed", "JobTimeout", "JobCancelledError")
@@ -224,24 +222,6 @@ class JobLog:
             self._partial = ""
 
 
-def without_fake_data(values: dict) -> dict:
-    """A scan's saved tensors are fake (shapes and dtypes, no memory): they go back as meta tensors of the same
-    shape and dtype, never read (a fake tensor's data pointer is not memory)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    def strip(value):
-        if isinstance(value, FakeTensor):
-            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta",
-                                       requires_grad=value.requires_grad)
-        if type(value) in (list, tuple):
-            return type(value)(strip(v) for v in value)
-        if type(value) is dict:
-            return {k: strip(v) for k, v in value.items()}
-        return value
-
-    return {name: strip(value) for name, value in values.items()}
-
-
 def _weights_changed(watch: WeightWatch, versions: list[int]) -> WeightsChanged | None:
     """The error to report instead of a failed job's own when it had also written into the weights."""
     try:
@@ -331,7 +311,7 @@ class JobRun:
         """The job's values (with what it changed outside) as result pieces within its size limit."""
         values = decoded.with_outside_changes(values, log)
         log.flush()
-        result = encode_result_pieces(without_fake_data(values), decoded.codec.encode, self.job.max_result_bytes, log)
+        result = encode_result_pieces(values, decoded.codec.encode, self.job.max_result_bytes, log)
         log.flush()
         return result
 

@@ -12,11 +12,12 @@ from typing import Any
 
 import lz4.block
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from tether.v1 import values_pb2
 
 __all__ = ["COMPRESS_MIN_BYTES", "DTYPES", "TORCH_DTYPES", "decode_tensor", "encode_tensor", "host_bytes",
-           "neutral_tensor", "tensor_from", "tensor_parts", "tensor_size", "worth_compressing"]
+           "meta_like", "neutral_tensor", "tensor_from", "tensor_parts", "tensor_size", "worth_compressing"]
 
 COMPRESS_MIN_BYTES = 64 << 10  # bytes: smaller tensors are never compressed
 _SAMPLE_PIECES, _SAMPLE_PIECE_BYTES = 4, 16 << 10  # a 64 KiB sample, from 4 places in the tensor
@@ -186,5 +187,11 @@ def _dtype_names() -> str:
 
 
 def neutral_tensor(t: torch.Tensor) -> bool:
-    """Whether `t` travels as a Tensor message (a supported dtype, dense, with data)."""
-    return t.dtype in DTYPES and t.layout is torch.strided and not t.is_meta
+    """Whether `t` travels as a Tensor message (a supported dtype, dense, with data: not a meta tensor, nor a
+    scan's FakeTensor, whose data pointer is not memory)."""
+    return t.dtype in DTYPES and t.layout is torch.strided and not t.is_meta and not isinstance(t, FakeTensor)
+
+
+def meta_like(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of `t`'s shape, strides and dtype: what a tensor with no data to read travels as."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta", requires_grad=t.requires_grad)

@@ -16,9 +16,10 @@ from typing import Any
 
 import cloudpickle
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from tether.safe_pickle import safe_loads
-from tether.tensor_codec import DTYPES, TORCH_DTYPES, decode_tensor, encode_tensor, neutral_tensor
+from tether.tensor_codec import DTYPES, TORCH_DTYPES, decode_tensor, encode_tensor, meta_like, neutral_tensor
 from tether.v1 import values_pb2
 
 __all__ = ["Attributes", "from_value", "from_value_map", "import_reference", "to_value", "to_value_map"]
@@ -203,6 +204,11 @@ class _TensorPickler(cloudpickle.Pickler):
             self._ids[id(obj)] = (len(self.tensors), obj)
             self.tensors.append(encode_tensor(obj, compress=self._compress))
         return self._ids[id(obj)][0]
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, FakeTensor):  # a scan's: shapes and dtypes travel, its data pointer is never read
+            return meta_like(obj).__reduce_ex__(self.proto)
+        return super().reducer_override(obj)
 
 
 def _pickle(obj: Any, compress: bool | None) -> values_pb2.Pickled:

@@ -6,6 +6,7 @@ is on a stream or a condition with a timeout.
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 
@@ -151,6 +152,21 @@ def test_remote_scan_gives_shapes_and_dtypes_of_saved_tensors(client):
     saved = outcome.saved()
     assert saved["out"].is_meta and saved["out"].dtype == torch.float32 and saved["out"].shape[-1] == 64
     assert saved["pair"][0].is_meta and saved["pair"][0].shape[-1] == 512 and saved["pair"][1] == 3
+    assert_serving(client)
+
+
+def test_remote_scan_of_values_holding_tensors_gives_their_shapes(client):
+    prog = program("import collections\nh = model.transformer.h[0].output[0]\nbest = torch.max(h, -1).save()\n"
+                   "named = collections.OrderedDict(h=h, n=1).save()\nboth = [h, {'h': h}].save()\n", "hello")
+    prog.kind = program_pb2.PROGRAM_KIND_SCAN
+    outcome = client.run(spec(prog))
+    assert outcome.final.state == jobs_pb2.JOB_STATE_COMPLETED, outcome.final
+    saved = outcome.saved()
+    assert type(saved["best"]).__name__ == "max" and all(t.is_meta for t in saved["best"])
+    assert saved["best"].values.shape == saved["best"].indices.shape and saved["best"].indices.dtype == torch.int64
+    assert isinstance(saved["named"], collections.OrderedDict) and saved["named"]["h"].is_meta
+    assert saved["named"]["h"].shape[-1] == 64 and saved["named"]["n"] == 1
+    assert saved["both"][0].is_meta and saved["both"][1]["h"].shape == saved["both"][0].shape
     assert_serving(client)
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import collections
 import ctypes
 import gc
+import io
 import math
 import os
+import pickle
 import warnings
 
 import numpy as np
@@ -377,3 +379,28 @@ def test_other_top_level_fields_are_skipped():
     for data in (odd_fields[0] + pieces + odd_fields[1], pieces + job_result_extras):
         out = wire.decode_value_map(data)
         assert out.keys() == named.keys() and out["a"] == 1 and torch.equal(out["h"], named["h"])
+
+
+def test_fake_tensors_anywhere_in_a_value_travel_as_meta_tensors_never_read():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Holder:
+        pass
+
+    with FakeTensorMode():
+        fake = torch.ones(2, 3, requires_grad=True)
+        best = torch.max(fake, -1)
+    holder = Holder()
+    holder.h = fake
+    sent = {"plain": fake, "best": best, "ordered": collections.OrderedDict(h=fake), "holder": holder}
+
+    def trusting(data, persistent_load):  # (the test's own class travels by value)
+        unpickler = pickle.Unpickler(io.BytesIO(data))
+        unpickler.persistent_load = persistent_load
+        return unpickler.load()
+
+    back = values.from_value(values.to_value(sent), resolve_reference=values.import_reference, unpickler=trusting)
+    assert back["plain"].is_meta and back["plain"].shape == (2, 3) and back["plain"].requires_grad
+    assert type(back["best"]) is type(best) and back["best"].indices.is_meta and back["best"].values.shape == (2,)
+    assert back["ordered"]["h"].is_meta and back["holder"].h.shape == (2, 3)
+    assert not tensor_codec.neutral_tensor(fake)
