@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from tether.protocol import JOB_ID_METADATA
 from tether.runtime.errors import RemoteError
 from tether.v1 import jobs_pb2, models_pb2
 
@@ -151,27 +152,44 @@ async def submit_and_wait(io: Waiting, metadata: tuple, job: Job, events: JobEve
     request.wait.FromNanoseconds(int(SUBMIT_WAIT_S * 1e9))
     upload_s = request.ByteSize() / _SLOW_LINK_BYTES_S
     try:
+        response = None
         try:
             response = await io.unary(conn.jobs.SubmitJob, request, metadata,
                                       UNARY_TIMEOUT_S + SUBMIT_WAIT_S + upload_s)
         except grpc.RpcError as error:
+            accepted = accepted_job_id(error)
             if error.code() not in (*_DROPPED, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise await _error(io, metadata, error) from None
-            # the answer was lost, not refused: the job's request_id finds it (or submits it, once)
-            response = await unary(io, conn.jobs.SubmitJob, jobs_pb2.SubmitJobRequest(job=job.spec), metadata,
-                                   wait=upload_s)
-        events.job_id = response.job_id
-        on_job_id(response.job_id)
-        for update in response.events:
-            events.feed_response(update)
+                raise for_job(await _error(io, metadata, error), accepted) from None
+            if accepted:  # the server had accepted it and the answer was lost: follow the job it named
+                events.job_id = accepted
+                on_job_id(accepted)
+                events.display.update(accepted, "RUNNING", "re-attaching")
+            else:  # lost before the server named a job: its request_id finds it (or submits it, once)
+                response = await unary(io, conn.jobs.SubmitJob, jobs_pb2.SubmitJobRequest(job=job.spec), metadata,
+                                       wait=upload_s)
+        if response is not None:
+            events.job_id = response.job_id
+            on_job_id(response.job_id)
+            for update in response.events:
+                events.feed_response(update)
         if not events.done:
-            events.display.update(response.job_id, state_name(response.state), "")
+            if response is not None:
+                events.display.update(response.job_id, state_name(response.state), "")
             await follow(io, metadata, events)
     except _STOPPED:
         await cancel_interrupted(io, metadata, job, events.job_id)
         raise
     events.raise_if_failed()
     await read_result(io, metadata, events)
+
+
+def accepted_job_id(error: grpc.RpcError) -> str | None:
+    """The id of the job a failed SubmitJob had been accepted as (its initial metadata), if the server got so far."""
+    try:
+        metadata = error.initial_metadata() or ()
+    except Exception:  # an error that is not a call (raised before one started)
+        return None
+    return next((value for key, value in metadata if key == JOB_ID_METADATA), None)
 
 
 async def cancel_interrupted(io: Waiting, metadata: tuple, job: Job, job_id: str | None) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from tether.framing import read_result_frame, submit_job_response
+from tether.protocol import JOB_ID_METADATA
 from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 
 from .auth import Authenticator
@@ -201,6 +202,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         wait = min(seconds(request.wait), MAX_SUBMIT_WAIT) if request.HasField("wait") else 0.0
         job, existing = self._start(request.job, owner, stream=False, wait=wait)
         frames = None
+        if wait > 0:
+            context.send_initial_metadata(((JOB_ID_METADATA, job.id),))
         if wait > 0 and (gone := _rpc_end(job, context)) is not None:
             frames = job.frames_when_done(gone.is_set, wait, INLINE_EVENTS_BYTES)
         response = jobs_pb2.SubmitJobResponse(job_id=job.id, state=job.state, existing=existing).SerializeToString()

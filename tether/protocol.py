@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from tether.v1 import jobs_pb2, program_pb2
 
-__all__ = ["CLIENT_MODULE", "PROGRAM_KINDS", "PROGRAM_KIND_NAMES", "TERMINAL", "TERMINAL_NAMES", "MAX_MESSAGE_BYTES",
+__all__ = ["CLIENT_MODULE", "JOB_ID_METADATA", "PROGRAM_KINDS", "PROGRAM_KIND_NAMES", "TERMINAL", "TERMINAL_NAMES", "MAX_MESSAGE_BYTES",
            "state_name"]
 
 CLIENT_MODULE = "__client__"  # Reference.module of a function only the client runs (`@tether.trace`)
+# initial metadata of a SubmitJob that waits: the accepted job's id, sent before the wait, so a client whose
+# answer is lost (a dropped connection, a server that died) still knows which job to re-attach to
+JOB_ID_METADATA = "tether-job-id"
 
 PROGRAM_KINDS = {  # what the user called -> Program.kind
     "trace": program_pb2.PROGRAM_KIND_TRACE,

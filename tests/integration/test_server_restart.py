@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from tether import CONFIG, NNsight, tiny
 from tether.client import RemoteBackend, aio
 from tether.client.channel import close_all
 from tether.server.app import start_server
+from tether.v1 import jobs_pb2
 
 WAIT = 60.0  # seconds: the longest a test waits for a server or a call
 
@@ -135,3 +137,47 @@ def test_a_replica_whose_idle_worker_died_restarts_it_and_the_other_never_notice
                 out = rnet.layer1.output.save()
             assert torch.equal(out, expected)
         assert second.worker_pid() == other
+
+
+def _slow_job(rnet: NNsight, x: torch.Tensor, **options) -> None:
+    with rnet.trace(x, remote=True, model_name="net", **options):
+        total = 0
+        for i in range(30_000_000):  # pure Python for seconds: the job still runs when its server goes
+            total += i
+        rnet.layer1.output.save()
+
+
+@pytest.mark.parametrize("mode", ["blocking", "asyncio"])
+def test_a_server_lost_while_a_short_job_waits_in_its_submit_names_the_job(first, mode):
+    """Within SubmitJob's wait (a job without local() blocks, in its first second) the answer is lost with the
+    server: the id the server sent when it accepted the job names it in the error."""
+    rnet, x = NNsight(tiny.tiny_net()), torch.rand(1, 5)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if mode == "blocking":
+                _slow_job(rnet, x)
+            else:
+                backend = aio.AsyncBackend()
+                _slow_job(rnet, x, backend=backend)
+                asyncio.run(backend.run())
+        except BaseException as error:  # asserted below
+            errors.append(error)
+
+    caller = threading.Thread(target=run)
+    caller.start()
+    deadline = time.monotonic() + WAIT
+    while not [j for j in first.hub.store.jobs() if j.state == jobs_pb2.JOB_STATE_RUNNING]:
+        assert time.monotonic() < deadline and caller.is_alive(), errors
+        time.sleep(0.01)
+    (job,) = first.hub.store.jobs()
+    first.stop(grace=0)
+    second = _serve(first.port)  # the client re-attaches there, and learns the job is gone with the old one
+    try:
+        caller.join(WAIT)
+        assert not caller.is_alive() and len(errors) == 1
+        assert isinstance(errors[0], tether.RemoteError), repr(errors[0])
+        assert job.id in str(errors[0]) and "RemoteBackend(job_id=" in str(errors[0]), str(errors[0])
+    finally:
+        second.stop(grace=0)
