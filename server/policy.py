@@ -8,13 +8,13 @@ tether.runtime.errors only. A guard against mistakes and casual abuse, not an OS
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tether.caching import bytes_lru_cache
 from tether.safe_pickle import DEFAULT_ALLOW_LIST, PickleAllowList, check_loads, safe_loads
 from tether.v1 import values_pb2
 
@@ -195,7 +195,7 @@ class Policy:
         return ""
 
 
-@functools.lru_cache(maxsize=4096)
+@bytes_lru_cache(1 << 20)  # keyed by the path: a client's long made-up paths must not stay resident
 def _resolved_refusal(policy: Policy, path: str) -> str:
     """Walks `path` on the server's own modules: every module reached (torch.os is os!) and the final
     function or class must be allowed by their real names. Unresolvable paths are left to fail at run time."""

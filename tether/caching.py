@@ -1,7 +1,7 @@
 """A least-recently-used cache bounded by bytes: for caches keyed by program text (parsed trees, compiled code).
 
 A cache bounded by entries lets a few large programs stay resident; this one weighs each entry by the text in
-its key (what its parsed tree or code object scales with). Imports nothing of tether.
+its key, nested in tuples and sets too (what its parsed tree or code object scales with). Imports nothing of tether.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_CACHE_BYTES = 16 << 20  # bytes of key text per cache: ~16 programs of the 1 MiB limit, or thousands of small ones
 
 
-def _weight(args: tuple) -> int:
-    return 64 + sum(len(a) for a in args if isinstance(a, (str, bytes)))
+def _weight(args: tuple | frozenset | list) -> int:
+    """64 bytes an entry, plus the length of every str and bytes in the key, inside its tuples and sets too (a
+    key of many short names weighs what they do)."""
+    return 64 + sum(len(a) if isinstance(a, (str, bytes)) else _weight(a) if isinstance(a, (tuple, frozenset, list))
+                    else 0 for a in args)
 
 
 def bytes_lru_cache(max_bytes: int = DEFAULT_CACHE_BYTES) -> Callable[[F], F]:
