@@ -1,24 +1,20 @@
 """Received Program -> what a worker runs: checked source, decoded values, shipped functions, local() blocks.
 
-The bodies of `local()` blocks are cut out of the source the server runs (they run on the client), so no
-spelling of a context manager can make the server run them. Imports torch, tether.runtime/values/v1, policy.
+Its texts are cut and checked by program_texts (the bodies of `local()` blocks never reach the server's code);
+this module decodes its values and builds the job's objects. Imports torch, tether.runtime/values/v1, policy.
 """
 
 from __future__ import annotations
 
-import ast
-import builtins
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from tether.caching import bytes_lru_cache
 from tether.protocol import CLIENT_MODULE, PROGRAM_KIND_NAMES
 from tether.runtime import ops
-from tether.runtime.body import assigned_names, body_span, loaded_names, local_withs
-from tether.runtime.capture import OPS_NAME, parse
+from tether.runtime.capture import OPS_NAME
 from tether.runtime.envoy import Envoy, path_of
 from tether.runtime.errors import TetherError
 from tether.runtime.model import job_copy, persistent_edits
@@ -32,13 +28,12 @@ from tether.wire import decode_value_map
 from . import sources
 from .errors import InvalidProgram
 from .policy import Policy
+from .program_texts import LOCAL_HINT, LocalSite, body_source, edit_source, function_source
 from .registry import HostedModel
-from .source_check import check_source
 
 __all__ = ["ClientOnly", "DecodedProgram", "LocalSite", "ValueCodec", "decode_program"]
 
 _KINDS = PROGRAM_KIND_NAMES
-_LOCAL_HINT = "wrap the call in `with tether.local():` to run it on your own machine"
 CHECKED_TENSOR_BYTES = 16 << 20  # bytes of a program's tensors the front door builds (the rest: meta)
 _MUTABLE = (list, dict, Attributes)  # outside values whose in-place changes go back to the client
 
@@ -52,21 +47,10 @@ class ClientOnly:
         self.why = why or "it is a client-only function (decorated with @tether.trace)"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise InvalidProgram(f"`{self.name}` cannot be used on the server: {self.why}; {_LOCAL_HINT}.")
+        raise InvalidProgram(f"`{self.name}` cannot be used on the server: {self.why}; {LOCAL_HINT}.")
 
     def __repr__(self) -> str:
         return f"<client-only {self.name}>"
-
-
-@dataclass(frozen=True)
-class LocalSite:
-    """A `local()` block as the server knows it: where its body starts, its id and what it reads."""
-
-    block_id: str
-    filename: str  # the user's file name
-    first_line: int  # first body line, in the user's file
-    reads: tuple[str, ...]  # names the body loads (sent when they hold data on the server)
-    assigns: tuple[str, ...] = ()  # names the body binds: the client sends back those the remote code reads
 
 
 class CheckedTensors:
@@ -303,13 +287,8 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
     if kind is None:
         raise InvalidProgram(f"the program's kind is {program.kind} (unset or unknown): set trace, generate, "
                              "session or scan.")
-    first_line = program.first_line or 1
-    filename = program.filename or "<program>"
+    filename, first_line, body, sites, used, loads = body_source(program, policy)
     codec = ValueCodec(policy, hosted, checking=checking)
-    ids = {b.first_line: b.block_id for b in program.local_blocks if b.block_id}
-
-    body, sites = _cut_local_blocks(program.source, filename, first_line, ids)
-    used, loads = _check(policy, body, filename, first_line, program.bindings)
     body_file = sources.hold(filename, "\n" * (first_line - 1) + body)  # the text runtime.program registers
     decoded = DecodedProgram(
         program=Program(
@@ -349,17 +328,7 @@ def decode_program(program: program_pb2.Program, hosted: HostedModel, policy: Po
 
 def _function(fn: program_pb2.FunctionSource, policy: Policy, codec: ValueCodec,
               decoded: DecodedProgram) -> _Function:
-    filename = fn.filename or "<function>"
-    first_line = fn.first_line or 1
-    ids = {b.first_line: b.block_id for b in fn.local_blocks if b.block_id}
-    source, sites = _cut_local_blocks(fn.source, filename, first_line, ids)
-    defined = _defined_name(source)
-    if defined is None:
-        raise InvalidProgram(
-            f"the source shipped for function `{fn.name}` ({filename}, line {first_line}) must be exactly one "
-            "`def` or `class` statement (decorators included)."
-        )
-    used, loads = _check(policy, source, filename, first_line, fn.bindings)
+    filename, first_line, source, sites, defined, used, loads = function_source(fn, policy)
     decoded.remote_loads.update(loads)
     text = "\n" * (first_line - 1) + source
     name = sources.hold(filename, text)
@@ -370,120 +339,9 @@ def _function(fn: program_pb2.FunctionSource, policy: Policy, codec: ValueCodec,
 
 
 def _edit(edit: program_pb2.Edit, policy: Policy, codec: ValueCodec, decoded: DecodedProgram) -> _Edit:
-    filename = edit.filename or "<edit>"
-    first_line = edit.first_line or 1
-    source, sites = _cut_local_blocks(edit.source, filename, first_line, {})
-    if sites:
-        raise InvalidProgram(f"{filename}, line {first_line}: a model edit with a `local()` block cannot run "
-                             "remotely; move that code out of the edit.")
-    used, loads = _check(policy, source, filename, first_line, edit.bindings)
+    filename, first_line, source, used, loads = edit_source(edit, policy)
     decoded.remote_loads.update(loads)
     name = sources.hold(filename, "\n" * (first_line - 1) + source)
     decoded.user_files[name] = filename
     namespace = codec.decode_map({k: v for k, v in edit.bindings.items() if k in used}, "in a model edit, the value of")
     return _Edit(Program(kind="trace", source=source, filename=filename, first_line=first_line), name, namespace)
-
-
-@bytes_lru_cache()
-def _defined_name(source: str) -> str | None:
-    """The name a shipped source's one `def`/`class` statement binds; None if it is not exactly one."""
-    body = parse(source).body
-    if len(body) == 1 and isinstance(body[0], (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return body[0].name
-    return None
-
-
-# ---------------------------------------------------------------------------------------- source checks
-
-
-def _parse(source: str, filename: str, first_line: int) -> ast.Module:
-    try:
-        return parse("\n" * (first_line - 1) + source, filename)
-    except SyntaxError as error:
-        raise InvalidProgram(f"{filename}, line {error.lineno}: cannot parse the program: {error.msg}") from None
-
-
-def _cut_local_blocks(source: str, filename: str, first_line: int,
-                      ids: Mapping[int, str]) -> tuple[str, dict[int, LocalSite]]:
-    """`source` with the body of every (outermost) `with ...local():` replaced by `pass`, line numbers kept.
-
-    Returns the cut source and, by first body line in the user's file, each block's LocalSite: its id (the
-    client's LocalBlock.block_id for that line, else the line as text) and the names its body reads.
-    """
-    cut, sites = _cut_cached(source, filename, first_line, tuple(sorted(ids.items())))
-    return cut, dict(sites)
-
-
-@bytes_lru_cache()
-def _cut_cached(source: str, filename: str, first_line: int,
-                ids_items: tuple[tuple[int, str], ...]) -> tuple[str, tuple[tuple[int, LocalSite], ...]]:
-    ids = dict(ids_items)  # cached by value: the same program sent again is cut once
-    tree = _parse(source, filename, first_line)
-    offset = first_line - 1
-    lines = source.splitlines(keepends=True)
-    sites: dict[int, LocalSite] = {}
-    cut_until = 0  # last user line already cut (nested blocks go with their outer block)
-    for node in local_withs(tree.body):
-        first, last = body_span(node)
-        if first <= cut_until:
-            continue
-        cut_until = last
-        reads = sorted(loaded_names(node.body))
-        sites[first] = LocalSite(ids.get(first, str(first)), filename, first, tuple(reads),
-                                 tuple(assigned_names(node.body)))
-        head = lines[first - 1 - offset]
-        col = len(head.encode()[: node.body[0].col_offset].decode(errors="ignore"))
-        newline = "\n" if head.endswith("\n") else ""
-        lines[first - 1 - offset] = head[:col] + _stand_in(node, head, col) + newline
-        for line in range(first + 1, last + 1):
-            lines[line - 1 - offset] = "\n"
-    return "".join(lines), tuple(sites.items())
-
-
-def _stand_in(node: ast.With | ast.AsyncWith, head: str, col: int) -> str:
-    """What replaces a local() body: `pass`, or (body on its own lines) `a = b = None` for the names it
-    assigns, so the server hands those names back as a local run does (the line never runs: the runtime
-    skips a local() body at its first line and asks the client)."""
-    if not head[:col].strip() == "" or node.body[0].lineno == node.lineno:
-        return "pass"
-    names = [n for n in assigned_names(node.body) if not n.startswith("_") and not hasattr(builtins, n)]
-    return " = ".join([*names, "None"]) if names else "pass"
-
-
-def _names(tree: ast.AST) -> set[str]:
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-
-
-def _check(policy: Policy, source: str, filename: str, first_line: int,
-           bindings: Mapping[str, values_pb2.Value]) -> tuple[frozenset[str], frozenset[str]]:
-    """Check a cut source (no local() bodies left) against the policy; returns the names it uses, and those of
-    them it reads."""
-    bound = frozenset((name, _path(value)) for name, value in bindings.items())
-    return _check_cached(policy, source, filename, first_line, bound)
-
-
-@bytes_lru_cache()  # a client sending the same program again is checked once
-def _check_cached(policy: Policy, source: str, filename: str, first_line: int,
-                  bound: frozenset[tuple[str, str | None]]) -> tuple[frozenset[str], frozenset[str]]:
-    tree = _parse(source, filename, first_line)
-    used = frozenset(_names(tree))
-    loads = loaded_names(tree.body)  # (the client's rule for what its code reads: runtime.body)
-    for name, path in bound:
-        if name in used and path is not None and path.split(".")[0] == CLIENT_MODULE:
-            line = min(n.lineno for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name)
-            raise InvalidProgram(
-                f"{filename}, line {line}: `{name}` is a client-only function (decorated with @tether.trace), "
-                f"so the server cannot run it; {_LOCAL_HINT}."
-            )
-    try:
-        check_source(policy, source, filename=filename, first_line=first_line,
-                     bound_names={name: path for name, path in bound if name in used})
-    except ValueError as error:  # PolicyViolation
-        raise InvalidProgram(str(error)) from None
-    return used, loads
-
-
-def _path(value: values_pb2.Value) -> str | None:
-    if value.WhichOneof("kind") != "reference":
-        return None
-    return ".".join(filter(None, (value.reference.module, value.reference.qualname)))

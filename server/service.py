@@ -23,6 +23,7 @@ from tether.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 
 from .auth import Authenticator
 from .batching import batch_info
+from .check_process import SourceChecker
 from .errors import InvalidProgram, ServerError
 from .jobs import STATUS_LINGER, TERMINAL, Job, JobStore, state_name
 from .limits import Undecodable, check_program, deserializer
@@ -114,9 +115,11 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         # One reader per open RunJob stream (each also holds an RPC thread, so max_streams = RPC threads);
         # pooled, so a stream does not pay for starting a thread.
         self._readers = futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="tether-runjob-reader")
+        self._checker = SourceChecker()  # large programs are parsed and checked in a process of their own
 
     def close(self) -> None:
         self._readers.shutdown(wait=False)
+        self._checker.close()
 
     # ---- submitting ---------------------------------------------------------------------------
     def _start(self, spec: jobs_pb2.JobSpec, owner: str, *, stream: bool, wait: float = 0.0) -> tuple[Job, bool]:
@@ -130,6 +133,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             raise InvalidProgram("the JobSpec has no program: set JobSpec.program.")
         check_program(spec.program, hub.limits)  # sizes, positions, nesting: before any parsing or decoding
         hosted = hub.models.resolve(spec.program.model)
+        self._checker.check(spec.program, hub.policy)  # (a large program: in the checking process)
         decoded = decode_program(spec.program, hosted, hub.policy, checking=True)  # refused before it is queued
         batch = batch_info(hosted.model, decoded.program) if hub.limits.max_batch > 1 else (None, 0)
         decoded.release()  # the worker decodes it again, in its own process

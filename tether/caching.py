@@ -7,15 +7,17 @@ its key, nested in tuples and sets too (what its parsed tree or code object scal
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["bytes_lru_cache", "DEFAULT_CACHE_BYTES"]
+__all__ = ["bytes_lru_cache", "DEFAULT_CACHE_BYTES", "recording", "seed"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_CACHE_BYTES = 16 << 20  # bytes of key text per cache: ~16 programs of the 1 MiB limit, or thousands of small ones
+_recorded = threading.local()  # .calls: the list `recording` notes this thread's cached calls in, if any
 
 
 def _weight(args: tuple | frozenset | list) -> int:
@@ -41,11 +43,20 @@ def bytes_lru_cache(max_bytes: int = DEFAULT_CACHE_BYTES) -> Callable[[F], F]:
                 hit = entries.get(key)
                 if hit is not None:
                     entries.move_to_end(key)
-                    return hit[0]
-            value = fn(*args, **kwargs)  # outside the lock: a slow call never blocks other keys
+            value = hit[0] if hit is not None else fn(*args, **kwargs)  # (a slow call never blocks other keys)
+            if hit is None:
+                cache_put(value, *args, **kwargs)
+            calls = getattr(_recorded, "calls", None)
+            if calls is not None:
+                calls.append((cached, args, kwargs, value))
+            return value
+
+        def cache_put(value: Any, *args, **kwargs) -> None:
+            """Keep `value` as the result of the call with these arguments (computed elsewhere: `seed`)."""
+            key = (*args, *sorted(kwargs.items())) if kwargs else args
             weight = _weight((*args, *kwargs.values()))
             if weight > max_bytes:
-                return value
+                return
             with lock:
                 if key not in entries:
                     entries[key] = (value, weight)
@@ -53,7 +64,6 @@ def bytes_lru_cache(max_bytes: int = DEFAULT_CACHE_BYTES) -> Callable[[F], F]:
                     while total[0] > max_bytes:
                         _, (_, dropped) = entries.popitem(last=False)
                         total[0] -= dropped
-            return value
 
         def cache_clear() -> None:
             with lock:
@@ -64,8 +74,28 @@ def bytes_lru_cache(max_bytes: int = DEFAULT_CACHE_BYTES) -> Callable[[F], F]:
             with lock:
                 return total[0]
 
+        cached.cache_put = cache_put  # type: ignore[attr-defined]
         cached.cache_clear = cache_clear  # type: ignore[attr-defined]
         cached.cache_bytes = cache_bytes  # type: ignore[attr-defined]
         return cached  # type: ignore[return-value]
 
     return decorate
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[tuple[Callable, tuple, dict, Any]]]:
+    """Within it, every call of a bytes_lru_cache function in this thread (hit or computed) is noted as
+    (function, args, kwargs, value): work done in one process that another seeds its caches with (`seed`)."""
+    calls: list[tuple[Callable, tuple, dict, Any]] = []
+    outer = getattr(_recorded, "calls", None)
+    _recorded.calls = calls
+    try:
+        yield calls
+    finally:
+        _recorded.calls = outer
+
+
+def seed(calls: list[tuple[Callable, tuple, dict, Any]]) -> None:
+    """Keep the results of calls `recording` noted (in this process or another) in their functions' caches."""
+    for fn, args, kwargs, value in calls:
+        fn.cache_put(value, *args, **kwargs)

@@ -11,7 +11,7 @@ import pytest
 from tether.client import encode
 from tether.runtime import body
 from tether.runtime.program import Program, block_of
-from tether.server import program_codec
+from tether.server import program_texts
 
 LOCAL = ["with tether.local():", "with local():", "with tracer.local():", "with session.local():",
          "with a.b.local():", "with open('f') as f, tether.local():", "async with x.local():",
@@ -82,7 +82,7 @@ def test_engine_client_and_server_find_the_same_local_blocks():
     assert "runs_remotely" in client.remote_stores and "plot" not in client.remote_loads
     assert "tracer" in client.remote_loads  # `with tracer.local():` reads the tracer remotely
 
-    cut, sites = program_codec._cut_local_blocks(SOURCE, "user.py", first_line, {b.first_line: b.block_id
+    cut, sites = program_texts._cut_local_blocks(SOURCE, "user.py", first_line, {b.first_line: b.block_id
                                                                                  for b in sent})
     assert sorted(sites) == [first for first, _ in outermost]
     assert [sites[b.first_line].block_id for b in sent] == [b.block_id for b in sent]

@@ -19,7 +19,7 @@ from tether import LanguageModel
 from tether.runtime.job_compat import batch_tokens
 from tether.runtime.program import Program
 from tether.runtime.saving import NotReached, UnsavedValue
-from tether.server import program_codec
+from tether.server import program_texts
 from tether.server.auth import Authenticator, is_loopback, read_keys
 from tether.server.batching import BatchPolicy, Company, Tokens, batch_info, gather
 from tether.server.errors import InvalidProgram, NotFound, ResultTooLarge, Unauthenticated
@@ -46,7 +46,7 @@ def test_local_bodies_are_cut_keeping_lines_and_assigned_names():
         "out = model.layer2.output.save()\n"
         "with tracer.local(): w = open('/etc/passwd')\n"  # one-line form
     )
-    cut, sites = program_codec._cut_local_blocks(source, "user.py", 10, {12: "first"})
+    cut, sites = program_texts._cut_local_blocks(source, "user.py", 10, {12: "first"})
     assert cut.splitlines() == [
         "h = model.layer1.output",
         "with tether.local():",
@@ -59,7 +59,7 @@ def test_local_bodies_are_cut_keeping_lines_and_assigned_names():
         12: ("first", ("h", "os")),
         15: ("15", ("open",)),
     }
-    program_codec._check(DEFAULT_POLICY, cut, "user.py", 10, {})  # nothing left for the policy to refuse
+    program_texts._check(DEFAULT_POLICY, cut, "user.py", 10, {})  # nothing left for the policy to refuse
 
 
 def test_a_fake_local_context_cannot_smuggle_code():
@@ -70,27 +70,27 @@ def test_a_fake_local_context_cannot_smuggle_code():
         "    import os\n"
         "    os.system('echo pwned')\n"
     )
-    cut, _ = program_codec._cut_local_blocks(source, "user.py", 1, {})
+    cut, _ = program_texts._cut_local_blocks(source, "user.py", 1, {})
     assert "system" not in cut  # whatever Sneaky.local is, the body is gone from what the server runs
 
 
 def test_nested_and_function_local_blocks():
     source = "def f(x):\n    with tether.local():\n        with tether.local():\n            y = x\n    return y\n"
-    cut, sites = program_codec._cut_local_blocks(source, "helpers.py", 5, {})
+    cut, sites = program_texts._cut_local_blocks(source, "helpers.py", 5, {})
     assert list(sites) == [7] and cut.splitlines()[2:4] == ["        y = None", ""]
 
 
 def test_client_only_functions_are_refused_outside_local_blocks():
     client_only = {"plot": values_pb2.Value(reference=values_pb2.Reference(module="__client__", qualname="plot"))}
     with pytest.raises(InvalidProgram, match=r"user.py, line 3: `plot` is a client-only function"):
-        program_codec._check(DEFAULT_POLICY, "h = 1\nplot(h)\n", "user.py", 2, client_only)
-    cut, _ = program_codec._cut_local_blocks("h = 1\nwith tether.local():\n    plot(h)\n", "user.py", 2, {})
-    program_codec._check(DEFAULT_POLICY, cut, "user.py", 2, client_only)
+        program_texts._check(DEFAULT_POLICY, "h = 1\nplot(h)\n", "user.py", 2, client_only)
+    cut, _ = program_texts._cut_local_blocks("h = 1\nwith tether.local():\n    plot(h)\n", "user.py", 2, {})
+    program_texts._check(DEFAULT_POLICY, cut, "user.py", 2, client_only)
 
 
 def test_syntax_errors_name_the_users_line():
     with pytest.raises(InvalidProgram, match=r"user.py, line 8: cannot parse"):
-        program_codec._cut_local_blocks("x = 1\ny = (\n", "user.py", 7, {})
+        program_texts._cut_local_blocks("x = 1\ny = (\n", "user.py", 7, {})
 
 
 # ------------------------------------------------------------------------------------------------- jobs
