@@ -13,12 +13,12 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from tether.placement_options import Placement
 from tether.protocol import MAX_MESSAGE_BYTES
-from tether.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, models_pb2
+from tether.v1 import admin_pb2, jobs_pb2, models_pb2
 
 from .admin import AdminService
 from .auth import Authenticator, read_keys
@@ -26,7 +26,7 @@ from .deployments import DEFAULT_LOADING_WAIT, ModelTable
 from .jobs import JobStore
 from .policy import DEFAULT_POLICY, Policy
 from .registry import Registry
-from .service import Hub, JobService, ModelService, add_job_service, add_model_service
+from .service import CheckedHealth, Hub, JobService, ModelService, add_service
 from .workers import Limits
 
 __all__ = ["ServerHandle", "start_server", "MAX_MESSAGE_BYTES"]
@@ -156,11 +156,11 @@ def _listen(hub: Hub, host: str, port: int, rpc_threads: int, max_message_bytes:
         ],
     )
     job_service = JobService(hub, max_streams=rpc_threads)
-    add_job_service(job_service, server)  # the streaming RPCs send pre-serialized responses
-    add_model_service(ModelService(hub), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(hub), server)
+    add_service(job_service, server, jobs_pb2.DESCRIPTOR.services_by_name["JobService"])
+    add_service(ModelService(hub), server, models_pb2.DESCRIPTOR.services_by_name["ModelService"])
+    add_service(AdminService(hub), server, admin_pb2.DESCRIPTOR.services_by_name["AdminService"])
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_service(CheckedHealth(health_servicer), server, health_pb2.DESCRIPTOR.services_by_name["Health"])
     reflection.enable_server_reflection(
         (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )

@@ -13,9 +13,11 @@ import threading
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message_factory import GetMessageClass
+from grpc_health.v1 import health_pb2_grpc
 
 from tether.framing import read_result_frame, submit_job_response
 from tether.protocol import JOB_ID_METADATA
@@ -37,7 +39,7 @@ from .workers import JobLimits, Limits, ModelQueue, seconds, stop_job
 if TYPE_CHECKING:
     from .deployments import ModelTable
 
-__all__ = ["Hub", "JobService", "ModelService", "add_job_service", "add_model_service", "cancel_job", "unary",
+__all__ = ["Hub", "JobService", "ModelService", "CheckedHealth", "add_service", "cancel_job", "unary",
            "CANCEL_WAIT"]
 
 _log = logging.getLogger("tether.server")
@@ -152,7 +154,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
     def _events(self, job: Job, after: int, context: grpc.ServicerContext) -> Iterator[bytes | Frame]:
         """The job's events after `after`, then live ones until the job ends or the caller goes away, each as
-        its serialized RunJobResponse / WatchJobResponse (the same bytes; add_job_service sends bytes as
+        its serialized RunJobResponse / WatchJobResponse (the same bytes; add_service sends bytes as
         they are, and joins a Frame as it sends it). Every event that is ready is sent in one pass, without
         waiting between them; events ready together share a message (RunJobResponse.more_events)."""
         gone = _rpc_end(job, context)
@@ -292,36 +294,47 @@ def _serialize(message) -> bytes:
     return b"".join(message) if type(message) is Frame else message.SerializeToString()
 
 
-def add_job_service(servicer: JobService, server: grpc.Server) -> None:
-    """jobs_pb2_grpc.add_JobServiceServicer_to_server, except that the streaming RPCs may yield their
-    responses already serialized (bytes): result chunks are framed straight from the result's pieces."""
-    rpcs = {
-        "RunJob": (grpc.stream_stream_rpc_method_handler, jobs_pb2.RunJobRequest, jobs_pb2.RunJobResponse),
-        "SubmitJob": (grpc.unary_unary_rpc_method_handler, jobs_pb2.SubmitJobRequest, jobs_pb2.SubmitJobResponse),
-        "GetJob": (grpc.unary_unary_rpc_method_handler, jobs_pb2.GetJobRequest, jobs_pb2.GetJobResponse),
-        "WatchJob": (grpc.unary_stream_rpc_method_handler, jobs_pb2.WatchJobRequest, jobs_pb2.WatchJobResponse),
-        "ReadResult": (grpc.unary_stream_rpc_method_handler, jobs_pb2.ReadResultRequest,
-                       jobs_pb2.ReadResultResponse),
-        "CancelJob": (grpc.unary_unary_rpc_method_handler, jobs_pb2.CancelJobRequest, jobs_pb2.CancelJobResponse),
-    }
-    handlers = {
-        name: make(getattr(servicer, name), request_deserializer=deserializer(request),
-                   response_serializer=_serialize)
-        for name, (make, request, _) in rpcs.items()
-    }
-    _add_handlers(server, "tether.v1.JobService", handlers)
+_HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
 
 
-def add_model_service(servicer: ModelService, server: grpc.Server) -> None:
-    """models_pb2_grpc.add_ModelServiceServicer_to_server, with requests that fail to decode refused as
-    INVALID_ARGUMENT (see limits.deserializer)."""
-    rpcs = {"ListModels": models_pb2.ListModelsRequest, "GetModel": models_pb2.GetModelRequest}
+def add_service(servicer: Any, server: grpc.Server, service: Any) -> None:
+    """Register `servicer`'s methods of `service` (a protobuf ServiceDescriptor), the generated
+    add_*Servicer_to_server except that a request that fails to decode reaches the servicer as an Undecodable
+    (refused as INVALID_ARGUMENT naming its message type, not grpc's INTERNAL), and that responses may come
+    already serialized (bytes, Frames: result chunks are framed straight from the result's pieces)."""
     handlers = {
-        name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=deserializer(request),
-                                                  response_serializer=_serialize)
-        for name, request in rpcs.items()
+        method.name: _HANDLERS[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name), request_deserializer=deserializer(GetMessageClass(method.input_type)),
+            response_serializer=_serialize)
+        for method in service.methods if hasattr(servicer, method.name)
     }
-    _add_handlers(server, "tether.v1.ModelService", handlers)
+    _add_handlers(server, service.full_name, handlers)
+
+
+class CheckedHealth(health_pb2_grpc.HealthServicer):
+    """grpc's health servicer, refusing a request that fails to decode as INVALID_ARGUMENT (see add_service)."""
+
+    def __init__(self, inner: health_pb2_grpc.HealthServicer):
+        self._inner = inner
+
+    def Check(self, request, context):
+        with _status(context):
+            if isinstance(request, Undecodable):
+                raise request.refusal()
+        return self._inner.Check(request, context)
+
+    def List(self, request, context):
+        with _status(context):
+            if isinstance(request, Undecodable):
+                raise request.refusal()
+        return self._inner.List(request, context)
+
+    def Watch(self, request, context, send_response_callback=None):
+        with _status(context):
+            if isinstance(request, Undecodable):
+                raise request.refusal()
+        yield from self._inner.Watch(request, context, send_response_callback)
 
 
 def _add_handlers(server: grpc.Server, service: str, handlers: dict) -> None:

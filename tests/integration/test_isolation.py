@@ -32,7 +32,8 @@ def served() -> dict:
 
 
 def _raw(client: Client, method: str, data: bytes) -> tuple[grpc.StatusCode, str]:
-    call = client.channel.unary_unary(f"/tether.v1.{method}")  # no serializers: the bytes go as they are
+    path = method if method.startswith("/") else f"/tether.v1.{method}"
+    call = client.channel.unary_unary(path)  # no serializers: the bytes go as they are
     return code_of(lambda: call(data, timeout=WAIT))
 
 
@@ -69,6 +70,9 @@ def _nested(depth: int) -> values_pb2.Value:
     ("JobService/SubmitJob", "tether.v1.SubmitJobRequest"),
     ("JobService/GetJob", "tether.v1.GetJobRequest"),
     ("ModelService/ListModels", "tether.v1.ListModelsRequest"),
+    ("AdminService/ListJobs", "tether.v1.ListJobsRequest"),
+    ("AdminService/DeployModel", "tether.v1.DeployModelRequest"),
+    ("/grpc.health.v1.Health/Check", "grpc.health.v1.HealthCheckRequest"),
 ])
 def test_garbage_bytes_are_invalid_argument_naming_the_message(client, method, message):
     code, details = _raw(client, method, b"\xff\xff\xff\xff garbage \x00\x01")
