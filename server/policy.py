@@ -8,6 +8,7 @@ tether.runtime.errors only. A guard against mistakes and casual abuse, not an OS
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import types
 from collections.abc import Callable, Iterable
@@ -96,7 +97,7 @@ class Policy:
         # raw file access on tensors and arrays
         | {"tofile", "from_file", "load_library", "dump", "_set_from_file", "_new_with_file"}
         # shared memory: outside the per-job memory limit (which counts a worker's private memory)
-        | {"share_memory_", "_share_memory_", "_share_fd_cpu_", "_share_filename_cpu_", "_share_cuda_"}
+        | {"share_memory", "share_memory_", "_share_memory_", "_share_fd_cpu_", "_share_filename_cpu_", "_share_cuda_"}
         | {"_new_shared", "_new_shared_cuda", "_new_shared_fd_cpu", "_new_shared_filename_cpu", "_get_shared_fd"}
         | {"_new_using_fd_cpu", "_new_using_filename_cpu", "_shared_incref", "_shared_decref"}
         # hooks and weights that would outlive the job on a shared model
@@ -161,7 +162,8 @@ class Policy:
             return f"'{path}' is not allowed on the server: module '{parts[0]}' is not on its allow-list"
         if self._listed(path, self.denied_callables):
             return f"'{path}' is not allowed on the server (it reaches files, processes or shared state)"
-        if parts[0] == "tether" and len(parts) > 1 and parts[1] not in self.tether_names:
+        if parts[0] == "tether" and len(parts) > 1 and parts[1] not in self.tether_names and (
+                path not in _tether_homes(self.tether_names)):
             return (f"'{path}' is not allowed on the server: programs may use tether's "
                     f"{', '.join(sorted(self.tether_names))} only")
         if any(p.startswith("_") for p in parts[1:]):
@@ -193,6 +195,17 @@ class Policy:
         if not self._listed(module, self.allowed_modules) or self._listed(canonical, self.denied_callables):
             return f"'{spelled}' is not allowed on the server: it is '{canonical}'"
         return ""
+
+
+@functools.lru_cache(maxsize=8)
+def _tether_homes(names: frozenset[str]) -> frozenset[str]:
+    """Where the objects behind `tether.<name>` are defined (tether.runtime.saving.save): a client that did
+    `from tether import save` sends `save` by that home."""
+    import tether
+
+    objects = (getattr(tether, name, None) for name in names)
+    return frozenset(f"{obj.__module__}.{obj.__qualname__}" for obj in objects
+                     if isinstance(getattr(obj, "__module__", None), str) and obj.__module__.startswith("tether."))
 
 
 @bytes_lru_cache(1 << 20)  # keyed by the path: a client's long made-up paths must not stay resident

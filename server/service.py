@@ -334,7 +334,9 @@ class CheckedHealth(health_pb2_grpc.HealthServicer):
         with _status(context):
             if isinstance(request, Undecodable):
                 raise request.refusal()
-        yield from self._inner.Watch(request, context, send_response_callback)
+        return self._inner.Watch(request, context, send_response_callback)
+
+    Watch.experimental_non_blocking = True  # as grpc's own: a watch holds no RPC thread (its callback sends)
 
 
 def _add_handlers(server: grpc.Server, service: str, handlers: dict) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from tether.runtime.errors import TetherError
 
-__all__ = ["BOUNDED_NAMES", "DEFAULT_ALLOW_LIST", "PickleAllowList", "Unbuilt", "UnsafePickleError", "check_loads",
+__all__ = ["DEFAULT_ALLOW_LIST", "PickleAllowList", "Unbuilt", "UnsafePickleError", "check_loads",
            "safe_loads"]
 
 
@@ -134,16 +134,6 @@ DEFAULT_ALLOW_LIST = PickleAllowList(
 )
 
 
-# Globals whose objects cost no more memory than the pickle that builds them (no size argument: not
-# bytearray(n), numpy's _reconstruct(shape) or a transformers cache's constructor).
-BOUNDED_NAMES = frozenset(
-    [f"builtins.{n}" for n in "set frozenset slice complex range list dict tuple object Ellipsis".split()]
-    + ["collections.OrderedDict", "copyreg._reconstructor", "tether.values.Attributes"]
-    + [f"torch.{n}" for n in _TORCH_DTYPES]
-    + ["torch.Size", "torch.device", "torch.dtype", "transformers.tokenization_utils_base.BatchEncoding"]
-)
-
-
 class Unbuilt:
     """What `check_loads` builds in place of an allowed global whose object it does not build: every call,
     state and item is accepted and dropped, so no allowed callable runs on the checking side."""
@@ -188,15 +178,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 class _CheckingUnpickler(_RestrictedUnpickler):
-    """Refuses what _RestrictedUnpickler refuses; builds only `built` globals, the others stand in as Unbuilt."""
-
-    def __init__(self, file: io.BytesIO, allow: PickleAllowList, built: frozenset[str]):
-        super().__init__(file, allow)
-        self._built = built
+    """Refuses what _RestrictedUnpickler refuses; every allowed global stands in as Unbuilt, never called."""
 
     def find_class(self, module: str, name: str) -> Any:
-        obj = super().find_class(module, name)
-        return obj if f"{module}.{name}" in self._built and obj is not _SUBSTITUTES.get(f"{module}.{name}") else Unbuilt
+        super().find_class(module, name)
+        return Unbuilt
 
 
 def check_loads(
@@ -205,25 +191,18 @@ def check_loads(
     allow: PickleAllowList | Iterable[str] = DEFAULT_ALLOW_LIST,
     persistent_load: Callable[[Any], Any] | None = None,
 ) -> Any:
-    """Check `data` as safe_loads would (UnsafePickleError for a global outside `allow`), building only what costs
-    no more memory than the pickle itself (BOUNDED_NAMES); anything else allowed stands in as `Unbuilt`, never
-    called. For a process that must refuse a bad pickle but must not pay for a good one (a server's front
-    door: `bytearray(3 << 30)` is an allowed global and a 48-byte pickle)."""
+    """Check `data` as safe_loads would (UnsafePickleError for a global outside `allow`) without calling any
+    global it names: each stands in as `Unbuilt`, so what is built (containers, strings, numbers) costs no
+    more than the pickle's own opcodes. For a process that must refuse a bad pickle but must not pay for a
+    good one (a server's front door: `bytearray(3 << 30)` is an allowed call and a 48-byte pickle, and even a
+    plain constructor like `list(range(n))` or `tuple` applied to a memoized list again and again amplifies).
+    What an allowed global would refuse when called (a malformed tensor, say) is refused where it is loaded."""
     if not isinstance(allow, PickleAllowList):
         allow = PickleAllowList(names=frozenset(allow))
-
-    def load(built: frozenset[str]) -> Any:
-        unpickler = _CheckingUnpickler(io.BytesIO(data), allow, built)
-        if persistent_load is not None:
-            unpickler.persistent_load = persistent_load
-        return unpickler.load()
-
-    try:
-        return load(BOUNDED_NAMES)
-    except UnsafePickleError:
-        raise
-    except Exception:  # a bounded constructor may refuse an Unbuilt argument: check again, building nothing
-        return load(frozenset())
+    unpickler = _CheckingUnpickler(io.BytesIO(data), allow)
+    if persistent_load is not None:
+        unpickler.persistent_load = persistent_load
+    return unpickler.load()
 
 
 def safe_loads(

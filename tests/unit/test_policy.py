@@ -360,3 +360,14 @@ def test_custom_policy_objects():
     check_source(policy, "import torch\ninput('x')", filename="a.py", first_line=1)
     with pytest.raises(PolicyViolation, match="'print'"):
         check_source(policy, "print(1)", filename="a.py", first_line=1)
+
+
+def test_tethers_names_pass_by_the_home_a_client_sends_them_by():
+    """`from tether import save` in the user's script: the client binds `save` as tether.runtime.saving.save."""
+    import tether
+
+    for name in ("save", "local", "apply", "RemoteError", "TetherError"):
+        obj = getattr(tether, name)
+        assert DEFAULT_POLICY.path_refusal(f"{obj.__module__}.{obj.__qualname__}") == "", name
+    assert "tether.runtime.saving.hand_back" in DEFAULT_POLICY.path_refusal("tether.runtime.saving.hand_back")
+    assert "share_memory" in str(refused("import torch\nlayer = torch.nn.Linear(4, 4).share_memory()"))
