@@ -27,7 +27,7 @@ from tether.wire import decode_value_map
 
 from . import sources
 from .errors import InvalidProgram
-from .policy import Policy
+from .policy import GuardedModule, Policy, guarded_module
 from .program_texts import LOCAL_HINT, LocalSite, body_source, edit_source, function_source
 from .registry import HostedModel
 
@@ -163,10 +163,13 @@ class ValueCodec:
         return obj
 
     def model_reference(self, obj: Any) -> values_pb2.Value | None:
-        """A `default` for tether.values: Envoys (the model, its submodules) go as ModelReferences."""
+        """A `default` for tether.values: Envoys (the model, its submodules) go as ModelReferences, a module the
+        program reached (guarded: Policy.guarded) as a Reference to that module."""
         if isinstance(obj, Envoy):
             path = path_of(obj).partition(".")[2]  # Envoy paths start with "model" for the root
             return values_pb2.Value(model_reference=values_pb2.ModelReference(name=self.hosted.name, path=path))
+        if isinstance(obj, GuardedModule):
+            return values_pb2.Value(reference=values_pb2.Reference(module=guarded_module(obj).__name__))
         return None
 
 
@@ -242,6 +245,10 @@ class DecodedProgram:
         Envoys, and its edits stay its own. Returns that root."""
         codec = self.codec
         codec.root = job_copy(replica, codec.aliases)  # this job's own root: the hosted model keeps its names
+        guarded = codec.policy.program_builtins()  # (its imports give guarded modules, as its bindings do)
+        for namespace in (self.bindings, *(fn.namespace for fn in self.functions),
+                          *(edit.namespace for edit in self.edits)):
+            namespace["__builtins__"] = guarded
         self.program.args = codec.resolve(self.program.args)
         self.program.kwargs = codec.resolve(self.program.kwargs)
         self.bindings.update({k: codec.resolve(v) for k, v in self.bindings.items()})

@@ -21,6 +21,7 @@ from tether.values import import_reference
 from tether.wire import container_pieces, encode_value_map
 
 from .errors import ResultTooLarge
+from .policy import GuardedModule, guarded_module
 
 __all__ = ["encode_result", "encode_result_pieces"]
 
@@ -76,6 +77,8 @@ def _entry(name: str, value: Any, encode: Callable[[Any], values_pb2.Value],
            log: Callable[..., None]) -> list[bytes | memoryview]:
     """The pieces of the JobResult.saved entry `name` -> `value`; none (with a line in the log where the user
     would wonder) for a value no client could load."""
+    if isinstance(value, GuardedModule):  # a module the program reached (Policy.guarded): it goes by its name
+        value = guarded_module(value)
     if isinstance(value, torch.Tensor) and value.layout is torch.strided and not value.is_meta:
         entry = encode_value_map({name: value})
         return [bytes(p) if isinstance(p, memoryview) else p for p in entry] if _shared(value) else entry

@@ -1,0 +1,48 @@
+"""On a real loopback server, a module reached through a name the source check cannot follow is still checked
+at run time (Policy.guarded), and the modules a body imports or binds work as they do locally."""
+
+from __future__ import annotations
+
+import torch
+from test_server import Client, assert_serving, program, spec
+
+from tether import LanguageModel, tiny
+from tether.v1 import jobs_pb2
+
+
+def served() -> dict:
+    return {"tiny": tiny.tiny_gpt2()}
+
+
+SERVER_OPTIONS = {"max_batch": 1}
+
+
+def test_a_module_rebound_to_another_name_is_checked_when_the_job_runs(client: Client):
+    for source, named in [("x = torch\npid = x.os.getpid()\n", "'torch.os'"),
+                          ("t = [tether][0]\nf = t.loading.load_named\n", "'tether.loading'")]:
+        outcome = client.run(spec(program("out = model.lm_head.output.save()\n" + source, "hello")))
+        assert outcome.final.state == jobs_pb2.JOB_STATE_ERROR, outcome.final
+        assert named in outcome.final.message and "not allowed on the server" in outcome.final.message
+    assert_serving(client)
+
+
+def test_modules_a_body_imports_and_binds_work_as_locally(client_config):
+    import torch.nn.functional as F
+
+    local_model, tokenizer = tiny.tiny_gpt2()
+    local = LanguageModel(local_model, tokenizer=tokenizer)
+    remote = LanguageModel("tiny")
+
+    def body(lm, **options):
+        with lm.trace("hello", **options):
+            import math
+
+            from torch import nn
+            scale = math.sqrt(4.0)
+            hidden = F.gelu(lm.lm_head.output * scale).save()
+            kind = nn.Linear
+            mod = F
+        return hidden, kind, mod
+
+    here, there = body(local), body(remote, remote=True)
+    assert torch.equal(here[0], there[0]) and there[1] is torch.nn.Linear and there[2] is F

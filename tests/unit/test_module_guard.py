@@ -1,0 +1,56 @@
+"""A program on the server sees modules through guards (Policy.guarded): whatever name or container it reached a
+module by, each attribute it reads is checked like the dotted path it spells."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tether
+from tether.server.errors import PolicyViolation
+from tether.server.policy import DEFAULT_POLICY, GuardedModule, guarded_module
+
+
+def _run(source: str) -> dict:
+    """`source` run as the server runs a program: its builtins, and `torch` and `tether` bound as references are."""
+    ns = {"__builtins__": DEFAULT_POLICY.program_builtins(), "torch": DEFAULT_POLICY.guarded(torch),
+          "tether": DEFAULT_POLICY.guarded(tether)}
+    exec(compile(source, "user.py", "exec"), ns)
+    return ns
+
+
+def test_a_guarded_module_hands_out_what_the_policy_allows():
+    guard = DEFAULT_POLICY.guarded(torch)
+    assert isinstance(guard, GuardedModule) and guarded_module(guard) is torch
+    assert guard.nn.functional.gelu is torch.nn.functional.gelu and guard.float32 is torch.float32
+    assert isinstance(guard.nn, GuardedModule) and guarded_module(guard.nn) is torch.nn
+    assert repr(guard) == "<module 'torch'>"
+
+
+@pytest.mark.parametrize("source, named", [
+    ("x = torch\npid = x.os.getpid()", "'torch.os'"),
+    ("pid = [torch][0].os.getpid()", "'torch.os'"),
+    ("def reach(m):\n    return m.load\nf = reach(torch)", "'torch.load'"),
+    ("t = tether\nf = t.loading.load_named", "'tether.loading'"),
+    ("import torch as t2\nm = {'k': t2}['k']._C", "'torch._C'"),
+    ("from torch import nn\nh = nn.modules.module.torch.hub", "'torch.hub'"),
+])
+def test_a_module_reached_through_a_name_the_source_check_cannot_follow_is_still_checked(source, named):
+    with pytest.raises(PolicyViolation, match=named):
+        _run(source)
+
+
+def test_a_guarded_module_cannot_be_changed_for_every_job():
+    gelu = torch.nn.functional.gelu
+    with pytest.raises(PolicyViolation, match="every job"):
+        _run("x = torch.nn.functional\nx.gelu = print")
+    assert torch.nn.functional.gelu is gelu
+
+
+def test_imports_give_guarded_modules_and_denied_builtins_are_gone():
+    ns = _run("import torch.nn.functional as F\nfrom torch import nn\nimport math\nroot = math.sqrt(4.0)\n"
+              "y = F.relu(torch.tensor([-1.0, 2.0]))")
+    assert isinstance(ns["F"], GuardedModule) and guarded_module(ns["F"]) is torch.nn.functional
+    assert isinstance(ns["nn"], GuardedModule) and ns["root"] == 2.0 and ns["y"].tolist() == [0.0, 2.0]
+    builtins = DEFAULT_POLICY.program_builtins()
+    assert "open" not in builtins and "exec" not in builtins and "len" in builtins
