@@ -27,6 +27,7 @@ __all__ = [
     "OutOfService",
     "WeightsChanged",
     "PolicyViolation",
+    "RefusedAttribute",
     "WorkerCrashed",
     "JobMemoryExceeded",
     "LaneUnavailable",
@@ -143,6 +144,11 @@ class PolicyViolation(TetherError, ValueError):
         where = f"{filename}, line {line}" if filename else f"line {line}"
         super().__init__(f"{where}: {message}")
         self.message, self.line, self.filename = message, line, filename
+
+
+class RefusedAttribute(PolicyViolation, AttributeError):
+    """A module's attribute the policy refuses, read at run time through a guard (policy.GuardedModule); an
+    AttributeError too, so that `getattr(m, name, default)` and `hasattr` (the runtime's probes) read it as absent."""
 
 
 class WorkerCrashed(ServerError):

@@ -21,7 +21,7 @@ from tether.caching import bytes_lru_cache
 from tether.safe_pickle import DEFAULT_ALLOW_LIST, PickleAllowList, check_loads, safe_loads
 from tether.v1 import values_pb2
 
-from .errors import PolicyViolation
+from .errors import PolicyViolation, RefusedAttribute
 
 __all__ = ["ALLOW_HINT", "CLASS_DUNDERS", "DATA_LOADERS", "DEFAULT_POLICY", "GuardedModule", "MOVE_HINT", "Policy", "guarded_module"]
 
@@ -212,11 +212,6 @@ class Policy:
         if not self._listed(module, self.allowed_modules) or self._listed(canonical, self.denied_callables):
             return f"'{spelled}' is not allowed on the server: it is '{canonical}'"
         return ""
-
-
-class RefusedAttribute(PolicyViolation, AttributeError):
-    """A guarded module's attribute the policy refuses; an AttributeError too, so that `getattr(m, name, default)`
-    and `hasattr` (the runtime's own probes of a value) read it as absent."""
 
 
 class GuardedModule:
