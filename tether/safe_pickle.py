@@ -197,12 +197,7 @@ def check_loads(
     good one (a server's front door: `bytearray(3 << 30)` is an allowed call and a 48-byte pickle, and even a
     plain constructor like `list(range(n))` or `tuple` applied to a memoized list again and again amplifies).
     What an allowed global would refuse when called (a malformed tensor, say) is refused where it is loaded."""
-    if not isinstance(allow, PickleAllowList):
-        allow = PickleAllowList(names=frozenset(allow))
-    unpickler = _CheckingUnpickler(io.BytesIO(data), allow)
-    if persistent_load is not None:
-        unpickler.persistent_load = persistent_load
-    return unpickler.load()
+    return _load(_CheckingUnpickler, data, allow, persistent_load)
 
 
 def safe_loads(
@@ -217,9 +212,14 @@ def safe_loads(
     persistent ids (tether.values stores the tensors of a pickled object that way); without it a pickle
     holding persistent ids is refused.
     """
+    return _load(_RestrictedUnpickler, data, allow, persistent_load)
+
+
+def _load(kind: type[_RestrictedUnpickler], data: bytes, allow: PickleAllowList | Iterable[str],
+          persistent_load: Callable[[Any], Any] | None) -> Any:
     if not isinstance(allow, PickleAllowList):
         allow = PickleAllowList(names=frozenset(allow))
-    unpickler = _RestrictedUnpickler(io.BytesIO(data), allow)
+    unpickler = kind(io.BytesIO(data), allow)
     if persistent_load is not None:
         unpickler.persistent_load = persistent_load
     return unpickler.load()
