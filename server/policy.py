@@ -7,23 +7,25 @@ tether.runtime.errors only. A guard against mistakes and casual abuse, not an OS
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import functools
 import importlib
-import sys
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether.caching import bytes_lru_cache
 from tether.safe_pickle import DEFAULT_ALLOW_LIST, PickleAllowList, check_loads, safe_loads
 from tether.v1 import values_pb2
 
-from .errors import PolicyViolation, RefusedAttribute
+from . import guards
+from .errors import PolicyViolation
 
-__all__ = ["ALLOW_HINT", "CLASS_DUNDERS", "DATA_LOADERS", "DEFAULT_POLICY", "GuardedModule", "MOVE_HINT", "Policy", "guarded_module"]
+if TYPE_CHECKING:
+    from .guards import GuardedModule
+
+__all__ = ["ALLOW_HINT", "CLASS_DUNDERS", "DATA_LOADERS", "DEFAULT_POLICY", "MOVE_HINT", "Policy"]
 
 _DATA_DATASETS = ("Dataset", "IterableDataset", "TensorDataset", "StackDataset", "ConcatDataset", "ChainDataset",
                   "Subset", "random_split")
@@ -82,7 +84,7 @@ class Policy:
             "torch.onnx",
             "torch.export",
         }
-        | {"torch.jit.load", "torch.jit.save", "torch.package", "torch.profiler", "torch.autograd.profiler"}
+        | {"torch.jit", "torch.package", "torch.profiler", "torch.autograd.profiler", "torch.ops.import_module"}
         | {"torch.multiprocessing", "torch.distributed", "torch.testing", "torch.fx", "torch.compiler"}
         | {"numpy.load", "numpy.save", "numpy.savez", "numpy.savez_compressed", "numpy.savetxt"}
         | {"numpy.loadtxt", "numpy.genfromtxt", "numpy.fromfile", "numpy.fromregex", "numpy.memmap"}
@@ -98,6 +100,10 @@ class Policy:
         | {"f_globals", "f_locals", "f_builtins", "f_back", "f_code", "co_code"}
         # raw file access on tensors and arrays
         | {"tofile", "from_file", "load_library", "dump", "_set_from_file", "_new_with_file"}
+        # a module's hooks, by their dicts (as the register_* methods below)
+        | {"_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks"}
+        | {"_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"}
+        | {"_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"}
         # shared memory: outside the per-job memory limit (which counts a worker's private memory)
         | {"share_memory", "share_memory_", "_share_memory_", "_share_fd_cpu_", "_share_filename_cpu_", "_share_cuda_"}
         | {"_new_shared", "_new_shared_cuda", "_new_shared_fd_cpu", "_new_shared_filename_cpu", "_get_shared_fd"}
@@ -142,16 +148,13 @@ class Policy:
     # ------------------------------------------------------------------------------- at run time
 
     def guarded(self, module: types.ModuleType) -> GuardedModule:
-        """`module` as a program on the server uses it: every attribute read is checked like the dotted path it
-        spells from the module's real name, however the program reached the module (`x = torch; x.os` is
-        `torch.os`, refused), and a module read from it is guarded too. The source check cannot follow a module
-        through a variable, a list or a call; this can."""
-        return _guarded(self, module)
+        """`module` as a program on the server uses it (guards.GuardedModule): every attribute read is checked
+        like the dotted path it spells from the module's real name, however the program reached the module."""
+        return guards.guarded(self, module)
 
     def program_builtins(self) -> dict[str, Any]:
-        """The builtins a program runs with on the server: Python's less the denied ones, with an `import` whose
-        modules come guarded (`guarded`)."""
-        return _program_builtins(self)
+        """The builtins a program runs with on the server (guards.program_builtins)."""
+        return guards.program_builtins(self)
 
     def loads(self, data: bytes, *, persistent_load: Callable[[Any], Any] | None = None) -> Any:
         """An unpickler for tether.values.from_value restricted to pickle_allow."""
@@ -212,66 +215,6 @@ class Policy:
         if not self._listed(module, self.allowed_modules) or self._listed(canonical, self.denied_callables):
             return f"'{spelled}' is not allowed on the server: it is '{canonical}'"
         return ""
-
-
-class GuardedModule:
-    """A module as a program on the server sees it (Policy.guarded). It holds no attribute of its own (a program
-    could read any): the module and what was read from it are in `_GUARDED`, by the guard's id."""
-
-    __slots__ = ("__weakref__",)
-
-    def __getattr__(self, name: str) -> Any:
-        module, policy, seen = _GUARDED[id(self)]
-        hit = seen.get(name)
-        if hit is None:
-            reason = policy.path_refusal(f"{module.__name__}.{name}")
-            if reason:
-                hit = f"{reason}; {ALLOW_HINT}"
-            else:
-                value = getattr(module, name)
-                hit = (policy.guarded(value) if isinstance(value, types.ModuleType) else value,)
-            seen[name] = hit
-        if isinstance(hit, str):
-            raise RefusedAttribute(hit, sys._getframe(1).f_lineno)
-        return hit[0]
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise PolicyViolation(f"assigning to a module's attribute ('{name}') is not allowed on the server: it would "
-                              f"change it for every job; {MOVE_HINT}", sys._getframe(1).f_lineno)
-
-    def __delattr__(self, name: str) -> None:
-        self.__setattr__(name, None)
-
-    def __dir__(self) -> list[str]:
-        return dir(_GUARDED[id(self)][0])
-
-    def __repr__(self) -> str:
-        return f"<module {_GUARDED[id(self)][0].__name__!r}>"
-
-
-_GUARDED: dict[int, tuple[types.ModuleType, Policy, dict[str, tuple[Any]]]] = {}  # guard id -> its module
-
-
-def guarded_module(guard: GuardedModule) -> types.ModuleType:
-    """The module behind a guard (for the server's own code: sending it back to the client by name)."""
-    return _GUARDED[id(guard)][0]
-
-
-@functools.cache  # (one guard per module and policy, kept: modules are few and stay loaded)
-def _guarded(policy: Policy, module: types.ModuleType) -> GuardedModule:
-    guard = GuardedModule()
-    _GUARDED[id(guard)] = (module, policy, {})
-    return guard
-
-
-@functools.cache
-def _program_builtins(policy: Policy) -> dict[str, Any]:
-    def guarded_import(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
-        return policy.guarded(builtins.__import__(name, globals, locals, fromlist, level))
-
-    allowed = {name: obj for name, obj in builtins.__dict__.items()
-               if name not in policy.denied_builtins or policy.lifted(name)}  # (the source check refuses them too)
-    return {**allowed, "__import__": guarded_import}
 
 
 @functools.lru_cache(maxsize=8)

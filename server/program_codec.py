@@ -27,7 +27,8 @@ from tether.wire import decode_value_map
 
 from . import sources
 from .errors import InvalidProgram
-from .policy import GuardedModule, Policy, guarded_module
+from .guards import GuardedModule, guarded_module
+from .policy import Policy
 from .program_texts import LOCAL_HINT, LocalSite, body_source, edit_source, function_source
 from .registry import HostedModel
 

@@ -21,7 +21,7 @@ from tether.values import import_reference
 from tether.wire import container_pieces, encode_value_map
 
 from .errors import ResultTooLarge
-from .policy import GuardedModule, guarded_module
+from .guards import GuardedModule, guarded_module
 
 __all__ = ["encode_result", "encode_result_pieces"]
 

@@ -253,6 +253,17 @@ class _Checker(ast.NodeVisitor):
 
     # names and attributes
 
+    def visit_Assign(self, node: ast.Assign) -> None:
+        """`L = torch.nn.Linear`: L is an alias of that path from here on (so `L.forward = f`, which changes the
+        class for every job, is refused as when spelled out); an alias given anything else is data again."""
+        self.generic_visit(node)
+        value = node.value
+        path = (self._dotted(value) or (None,))[0] if isinstance(value, ast.Attribute) else (
+            self.aliases.get(value.id) if isinstance(value, ast.Name) else None)
+        for target in node.targets:
+            if isinstance(target, ast.Name) and (path is not None or target.id in self.aliases):
+                self.aliases[target.id] = path
+
     def visit_Name(self, node: ast.Name) -> None:
         self._check_name(node, node.id)
         if node.id in self.policy.denied_builtins and not self.policy.lifted(node.id):

@@ -3,8 +3,9 @@ at run time (Policy.guarded), and the modules a body imports or binds work as th
 
 from __future__ import annotations
 
+import grpc
 import torch
-from test_server import Client, assert_serving, program, spec
+from test_server import Client, assert_serving, code_of, program, spec
 
 from tether import LanguageModel, tiny
 from tether.v1 import jobs_pb2
@@ -17,12 +18,14 @@ def served() -> dict:
 SERVER_OPTIONS = {"max_batch": 1}
 
 
-def test_a_module_rebound_to_another_name_is_checked_when_the_job_runs(client: Client):
-    for source, named in [("x = torch\npid = x.os.getpid()\n", "'torch.os'"),
-                          ("t = [tether][0]\nf = t.loading.load_named\n", "'tether.loading'")]:
+def test_a_module_reached_where_the_source_check_cannot_follow_is_checked_when_the_job_runs(client: Client):
+    for source, named in [("x = [torch][0]\npid = x.os.getpid()\n", "'torch.os'"),
+                          ("t = {'k': tether}['k']\nf = t.loading.load_named\n", "'tether.loading'")]:
         outcome = client.run(spec(program("out = model.lm_head.output.save()\n" + source, "hello")))
         assert outcome.final.state == jobs_pb2.JOB_STATE_ERROR, outcome.final
         assert named in outcome.final.message and "not allowed on the server" in outcome.final.message
+    code, details = code_of(lambda: client.submit(spec(program("x = torch\npid = x.os.getpid()\n", "hello"))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "'torch.os'" in details, details  # (an alias it follows)
     assert_serving(client)
 
 

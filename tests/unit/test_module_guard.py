@@ -8,7 +8,9 @@ import torch
 
 import tether
 from tether.server.errors import PolicyViolation
-from tether.server.policy import DEFAULT_POLICY, GuardedModule, guarded_module
+from tether.server.guards import GuardedModule, guarded_module
+from tether.server.policy import DEFAULT_POLICY
+from tether.server.source_check import check_program_source
 
 
 def _run(source: str) -> dict:
@@ -54,3 +56,38 @@ def test_imports_give_guarded_modules_and_denied_builtins_are_gone():
     assert isinstance(ns["nn"], GuardedModule) and ns["root"] == 2.0 and ns["y"].tolist() == [0.0, 2.0]
     builtins = DEFAULT_POLICY.program_builtins()
     assert "open" not in builtins and "exec" not in builtins and "len" in builtins
+
+
+_BOUND = {"torch": "torch", "tether": "tether"}
+_D = '"_" * 2'  # a dunder's underscores, built at run time (no literal names it)
+
+
+@pytest.mark.parametrize("source", [
+    f"g = getattr\nd = {_D}\nsubs = g(g(g((), d + 'class' + d), d + 'base' + d), d + 'subclasses' + d)()",
+    f"d = {_D}\nga = getattr(*(type(torch), d + 'getattr' + d))",
+    f"import functools\nd = {_D}\np = functools.partial(getattr, torch.nn.functional.relu)\ngl = p(d + 'globals' + d)",
+    f"d = {_D}\ngl = list(map(getattr, [torch.nn.functional.relu], [d + 'globals' + d]))[0]",
+    f"import operator\nag = operator.attrgetter\nd = {_D}\ngl = ag(d + 'globals' + d)(torch.nn.functional.relu)",
+    f"from operator import methodcaller\nd = {_D}\nr = methodcaller(d + 'reduce_ex' + d, 2)(torch.ones(1))",
+    "L = torch.nn.Linear\ndef fwd(self, x):\n    return x\nL.forward = fwd",
+    "torch.ops.import_module('http.server')",
+    "m = torch.jit.script(torch.nn.Linear(2, 2))",
+    "from torch.utils.data import DataLoader, TensorDataset\nDL = DataLoader\n"
+    "dl = DL(TensorDataset(torch.arange(4.0)), num_workers=2)",
+    "lin = torch.nn.Linear(2, 2)\nlin._forward_hooks[0] = print",
+])
+def test_names_built_at_run_time_and_functions_passed_around_are_refused(source):
+    """Each of these passed the source check and reached what the policy refuses, in a trial of the server."""
+    linear_forward = torch.nn.Linear.forward
+    with pytest.raises(PolicyViolation):
+        check_program_source(source, filename="u.py", first_line=1, bound_names=_BOUND)
+        _run(source)
+    assert torch.nn.Linear.forward is linear_forward
+
+
+def test_the_checked_getattr_and_data_loader_still_do_their_job():
+    ns = _run("from torch.utils.data import DataLoader, TensorDataset\nimport operator\n"
+              "rows = [b for b in DataLoader(TensorDataset(torch.arange(4.0)), batch_size=2)]\n"
+              "name = getattr(torch.nn.Linear(2, 3), 'out_features')\nmissing = getattr(torch, 'nope', 7)\n"
+              "pick = operator.attrgetter('shape')(torch.ones(2, 5))")
+    assert len(ns["rows"]) == 2 and ns["name"] == 3 and ns["missing"] == 7 and ns["pick"] == (2, 5)
