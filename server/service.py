@@ -46,6 +46,9 @@ _log = logging.getLogger("tether.server")
 CANCEL_WAIT = 10.0  # seconds CancelJob waits for a running job to stop before answering with its state
 MAX_SUBMIT_WAIT = 10.0  # seconds SubmitJob may hold its answer for the job to end (SubmitJobRequest.wait)
 INLINE_EVENTS_BYTES = 1 << 20  # a waited-for job's events ride in the SubmitJob answer up to this size
+# s: a waiting SubmitJob names its job in initial metadata once it has run this long (a job that ends sooner is
+# named by its answer, and pays nothing for it)
+QUIET_WAIT = 0.05
 
 
 @dataclass
@@ -208,10 +211,11 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         wait = min(seconds(request.wait), MAX_SUBMIT_WAIT) if request.HasField("wait") else 0.0
         job, existing = self._start(request.job, owner, stream=False, wait=wait)
         frames = None
-        if wait > 0:
-            context.send_initial_metadata(((JOB_ID_METADATA, job.id),))
         if wait > 0 and (gone := _rpc_end(job, context)) is not None:
-            frames = job.frames_when_done(gone.is_set, wait, INLINE_EVENTS_BYTES)
+            frames = job.frames_when_done(gone.is_set, min(wait, QUIET_WAIT), INLINE_EVENTS_BYTES)
+            if frames is None and not job.done and not gone.is_set() and wait > QUIET_WAIT:
+                context.send_initial_metadata(((JOB_ID_METADATA, job.id),))  # (a short job's answer names it)
+                frames = job.frames_when_done(gone.is_set, wait - QUIET_WAIT, INLINE_EVENTS_BYTES)
         response = jobs_pb2.SubmitJobResponse(job_id=job.id, state=job.state, existing=existing).SerializeToString()
         return submit_job_response(response, frames)  # the events are WatchJobResponse frames already
 

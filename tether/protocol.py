@@ -11,8 +11,8 @@ __all__ = ["CLIENT_MODULE", "JOB_ID_METADATA", "PROGRAM_KINDS", "PROGRAM_KIND_NA
            "state_name"]
 
 CLIENT_MODULE = "__client__"  # Reference.module of a function only the client runs (`@tether.trace`)
-# initial metadata of a SubmitJob that waits: the accepted job's id, sent before the wait, so a client whose
-# answer is lost (a dropped connection, a server that died) still knows which job to re-attach to
+# initial metadata of a SubmitJob that waits: the accepted job's id, sent once the job has run 50 ms, so a client
+# whose answer is lost (a dropped connection, a server that died) still knows which job to re-attach to
 JOB_ID_METADATA = "tether-job-id"
 
 PROGRAM_KINDS = {  # what the user called -> Program.kind

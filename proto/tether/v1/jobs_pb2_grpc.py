@@ -89,9 +89,9 @@ class JobServiceServicer:
         carries all its events: a short job without local() blocks takes one
         round trip (a stream costs about two on loopback). A job still running
         when the wait ends is followed with WatchJob, as after a plain submit.
-        With `wait`, the server sends the job's id in the initial metadata
-        `tether-job-id` as soon as it accepts the job, before it waits: a client
-        whose answer is lost (a dropped connection) still knows the job.
+        With `wait`, a job still running after 50 ms is named in the initial
+        metadata `tether-job-id` before the wait goes on: a client whose answer
+        is lost (a dropped connection) still knows the job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
