@@ -288,6 +288,8 @@ class _Checker(ast.NodeVisitor):
             )
         if node.attr in self.policy.denied_attributes:
             self.fail(node, f"the attribute '{node.attr}' is not allowed on the server; {ALLOW_HINT}")
+        if node.attr in ("format", "format_map"):
+            self._check_format(node)
         dotted = self._dotted(node)
         if dotted is None:
             self.generic_visit(node)
@@ -339,20 +341,17 @@ class _Checker(ast.NodeVisitor):
                 for attr in arg.value.split("."):
                     if attr.startswith("__") or attr in self.policy.denied_attributes:
                         self.fail(node, f"{name}() of '{attr}' is not allowed on the server; {MOVE_HINT}")
-        if isinstance(func, ast.Attribute) and func.attr in ("format", "format_map"):
-            receiver = func.value
-            if not (isinstance(receiver, ast.Constant) and isinstance(receiver.value, str)):
-                self.fail(
-                    node,
-                    f"'.{func.attr}()' on a computed string is not allowed on the server; use an f-string",
-                )
-            for _, field_name, spec, _ in string.Formatter().parse(receiver.value):
-                if "__" in (field_name or "") + (spec or ""):
-                    self.fail(
-                        node,
-                        f"a format field reaching '__' attributes is not allowed on the server; {MOVE_HINT}",
-                    )
         self.generic_visit(node)
+
+    def _check_format(self, node: ast.Attribute) -> None:
+        """`.format` / `.format_map` (called at once or kept for later: `f = "...".format`) only on a string
+        literal whose fields reach no `__` attribute: a format field is an attribute read by name."""
+        receiver = node.value
+        if not (isinstance(receiver, ast.Constant) and isinstance(receiver.value, str)):
+            self.fail(node, f"'.{node.attr}()' on a computed string is not allowed on the server; use an f-string")
+        for _, field_name, spec, _ in string.Formatter().parse(receiver.value):
+            if "__" in (field_name or "") + (spec or ""):
+                self.fail(node, f"a format field reaching '__' attributes is not allowed on the server; {MOVE_HINT}")
 
     def visit_Constant(self, node: ast.Constant) -> None:
         if isinstance(node.value, str) and _DUNDER_STRING.fullmatch(node.value):

@@ -75,6 +75,8 @@ _D = '"_" * 2'  # a dunder's underscores, built at run time (no literal names it
     "from torch.utils.data import DataLoader, TensorDataset\nDL = DataLoader\n"
     "dl = DL(TensorDataset(torch.arange(4.0)), num_workers=2)",
     "lin = torch.nn.Linear(2, 2)\nlin._forward_hooks[0] = print",
+    "f = '{0.__globals__[torch].os}'.format\nleak = f(torch.nn.functional.relu)",
+    "f = str.format\nleak = f('{0.' + '_' * 2 + 'class' + '_' * 2 + '}', torch)",
 ])
 def test_names_built_at_run_time_and_functions_passed_around_are_refused(source):
     """Each of these passed the source check and reached what the policy refuses, in a trial of the server."""
