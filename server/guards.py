@@ -6,7 +6,8 @@ variable, a list or a call, and build an attribute's name at run time (`getattr(
 So the program's modules are guards (`GuardedModule`: each attribute read is checked as the dotted path it spells,
 by the policy), and its `getattr`, `operator.attrgetter` and `operator.methodcaller` refuse the attribute names
 the source check refuses (dunders, denied attributes) whatever spelled them. Imports the standard library, torch's
-data loader and the server's errors; the policy is handed in.
+data loader and the server's errors and
+policy (its hints and rules; the Policy itself is handed in).
 """
 
 from __future__ import annotations
@@ -16,17 +17,12 @@ import functools
 import operator
 import sys
 import types
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import PolicyViolation, RefusedAttribute
-
-if TYPE_CHECKING:
-    from .policy import Policy
+from .policy import ALLOW_HINT, LOADER_RULE, MOVE_HINT, Policy
 
 __all__ = ["GuardedModule", "guarded", "guarded_module", "program_builtins"]
-
-MOVE_HINT = "move it into a `with tether.local():` block to run it on your own machine"
-
 
 class GuardedModule:
     """A module as a program on the server sees it (Policy.guarded). It holds no attribute of its own (a program
@@ -41,7 +37,7 @@ class GuardedModule:
             path = f"{module.__name__}.{name}"
             reason = policy.path_refusal(path)
             if reason:
-                hit = f"{reason}; {MOVE_HINT}, or ask the server operator to allow it"
+                hit = f"{reason}; {ALLOW_HINT}"
             else:
                 value = _STAND_INS[path](policy) if path in _STAND_INS else getattr(module, name)
                 hit = (guarded(policy, value) if isinstance(value, types.ModuleType) else value,)
@@ -102,7 +98,7 @@ def _check_name(policy: Policy, name: Any) -> None:
     if not isinstance(name, str):
         return  # (getattr raises its own TypeError)
     for part in name.split("."):
-        if (part.startswith("__") and part.endswith("__")) or part in policy.denied_attributes:
+        if policy.refuses_attribute(part):
             raise RefusedAttribute(f"the attribute '{part}' is not allowed on the server; {MOVE_HINT}",
                                    sys._getframe(2).f_lineno)
 
@@ -133,8 +129,7 @@ def _data_loader(policy: Policy) -> type:
 
         def __init__(self, *args: Any, **kwargs: Any):
             if kwargs.get("num_workers") or kwargs.get("multiprocessing_context") is not None or len(args) > 5:
-                raise PolicyViolation(f"a DataLoader on the server loads in the job's own thread: leave num_workers "
-                                      f"at 0; {MOVE_HINT}", sys._getframe(1).f_lineno)
+                raise PolicyViolation(f"{LOADER_RULE}; {MOVE_HINT}", sys._getframe(1).f_lineno)
             super().__init__(*args, **kwargs)
 
     return InProcessDataLoader

@@ -19,13 +19,12 @@ from tether.caching import bytes_lru_cache
 from tether.safe_pickle import DEFAULT_ALLOW_LIST, PickleAllowList, check_loads, safe_loads
 from tether.v1 import values_pb2
 
-from . import guards
 from .errors import PolicyViolation
 
 if TYPE_CHECKING:
     from .guards import GuardedModule
 
-__all__ = ["ALLOW_HINT", "CLASS_DUNDERS", "DATA_LOADERS", "DEFAULT_POLICY", "MOVE_HINT", "Policy"]
+__all__ = ["ALLOW_HINT", "CLASS_DUNDERS", "DATA_LOADERS", "DEFAULT_POLICY", "LOADER_RULE", "MOVE_HINT", "Policy"]
 
 _DATA_DATASETS = ("Dataset", "IterableDataset", "TensorDataset", "StackDataset", "ConcatDataset", "ChainDataset",
                   "Subset", "random_split")
@@ -37,6 +36,7 @@ CLASS_DUNDERS = frozenset({"__init__", "__call__", "__len__", "__getitem__", "__
 
 MOVE_HINT = "move it into a `with tether.local():` block to run it on your own machine"
 ALLOW_HINT = f"{MOVE_HINT}, or ask the server operator to allow it"
+LOADER_RULE = "a DataLoader on the server loads in the job's own thread: leave num_workers at 0"
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,11 @@ class Policy:
     )
     pickle_allow: PickleAllowList = field(default=DEFAULT_ALLOW_LIST)
 
+    def refuses_attribute(self, name: str) -> bool:
+        """Whether an attribute of that name may not be read on any object: a dunder, or a denied attribute
+        (the source check applies it to what a program spells, guards.py to names built at run time)."""
+        return name.startswith("__") or name in self.denied_attributes
+
     def with_modules(self, names: Iterable[str]) -> Policy:
         """This policy with `names` (top-level or dotted modules) added to allowed_modules: what
         `tether serve --allow-module NAME` does. Denied callables and attributes stay denied."""
@@ -150,19 +155,22 @@ class Policy:
     def guarded(self, module: types.ModuleType) -> GuardedModule:
         """`module` as a program on the server uses it (guards.GuardedModule): every attribute read is checked
         like the dotted path it spells from the module's real name, however the program reached the module."""
-        return guards.guarded(self, module)
+        from .guards import guarded  # (guards reads this module's hints and rules)
+
+        return guarded(self, module)
 
     def program_builtins(self) -> dict[str, Any]:
         """The builtins a program runs with on the server (guards.program_builtins)."""
-        return guards.program_builtins(self)
+        from .guards import program_builtins
+
+        return program_builtins(self)
 
     def loads(self, data: bytes, *, persistent_load: Callable[[Any], Any] | None = None) -> Any:
         """An unpickler for tether.values.from_value restricted to pickle_allow."""
         return safe_loads(data, allow=self.pickle_allow, persistent_load=persistent_load)
 
     def check_loads(self, data: bytes, *, persistent_load: Callable[[Any], Any] | None = None) -> Any:
-        """`loads`'s refusals without its cost: what a pickle asks for beyond its own size is not built
-        (tether.safe_pickle.check_loads)."""
+        """`loads`'s refusals without its cost: no global the pickle names is called (tether.safe_pickle.check_loads)."""
         return check_loads(data, allow=self.pickle_allow, persistent_load=persistent_load)
 
     # ------------------------------------------------------------------------------------------ names

@@ -23,6 +23,7 @@ from .policy import (
     CLASS_DUNDERS,
     DATA_LOADERS,
     DEFAULT_POLICY,
+    LOADER_RULE,
     MOVE_HINT,
     Policy,
 )
@@ -257,9 +258,8 @@ class _Checker(ast.NodeVisitor):
         """`L = torch.nn.Linear`: L is an alias of that path from here on (so `L.forward = f`, which changes the
         class for every job, is refused as when spelled out); an alias given anything else is data again."""
         self.generic_visit(node)
-        value = node.value
-        path = (self._dotted(value) or (None,))[0] if isinstance(value, ast.Attribute) else (
-            self.aliases.get(value.id) if isinstance(value, ast.Name) else None)
+        dotted = self._dotted(node.value)  # (a name or an attribute chain on an alias; None for anything else)
+        path = dotted[0] if dotted else None
         for target in node.targets:
             if isinstance(target, ast.Name) and (path is not None or target.id in self.aliases):
                 self.aliases[target.id] = path
@@ -339,7 +339,7 @@ class _Checker(ast.NodeVisitor):
                         f"{name}() with a computed attribute name is not allowed on the server; use the attribute directly or {MOVE_HINT}",
                     )
                 for attr in arg.value.split("."):
-                    if attr.startswith("__") or attr in self.policy.denied_attributes:
+                    if self.policy.refuses_attribute(attr):
                         self.fail(node, f"{name}() of '{attr}' is not allowed on the server; {MOVE_HINT}")
         self.generic_visit(node)
 
@@ -367,8 +367,7 @@ class _Checker(ast.NodeVisitor):
         workers = [k.value for k in node.keywords if k.arg in ("num_workers", "multiprocessing_context")]
         if (len(node.args) > 5 or any(k.arg is None for k in node.keywords)
                 or any(not (isinstance(v, ast.Constant) and v.value in (0, None)) for v in workers)):
-            self.fail(node, "a DataLoader on the server loads in the job's own thread: leave num_workers at 0 "
-                            "(no worker processes, no multiprocessing_context, no **kwargs)")
+            self.fail(node, f"{LOADER_RULE} (no worker processes, no multiprocessing_context, no **kwargs)")
 
     def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> None:
         if not (id(node) in self.methods and node.name in CLASS_DUNDERS):
@@ -396,6 +395,6 @@ class _Checker(ast.NodeVisitor):
 
     def visit_MatchClass(self, node: ast.MatchClass) -> None:
         for attr in node.kwd_attrs:
-            if attr.startswith("__") or attr in self.policy.denied_attributes:
+            if self.policy.refuses_attribute(attr):
                 self.fail(node, f"matching the attribute '{attr}' is not allowed on the server; {MOVE_HINT}")
         self.generic_visit(node)
