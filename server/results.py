@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 
 from tether.framing import value_map_entry
 from tether.runtime.saving import NotReached, UnsavedValue
 from tether.safe_pickle import safe_loads
+from tether.tensor_codec import neutral_tensor
 from tether.v1 import jobs_pb2, values_pb2
 from tether.values import import_reference
 from tether.wire import container_pieces, encode_value_map
@@ -50,7 +50,6 @@ def encode_result_pieces(values: Mapping[str, Any], encode: Callable[[Any], valu
     sizes: dict[str, int] = {}
     stand_ins = jobs_pb2.JobResult()
     for name, value in values.items():
-        value = _without_fakes(value)
         if isinstance(value, UnsavedValue):
             stand_ins.unsaved.append(name)
         elif isinstance(value, NotReached):
@@ -79,7 +78,7 @@ def _entry(name: str, value: Any, encode: Callable[[Any], values_pb2.Value],
     would wonder) for a value no client could load."""
     if isinstance(value, GuardedModule):  # a module the program reached (Policy.guarded): it goes by its name
         value = guarded_module(value)
-    if isinstance(value, torch.Tensor) and value.layout is torch.strided and not value.is_meta:
+    if isinstance(value, torch.Tensor) and neutral_tensor(value):  # (a scan's fakes go as meta: the encoder's)
         entry = encode_value_map({name: value})
         return [bytes(p) if isinstance(p, memoryview) else p for p in entry] if _shared(value) else entry
     try:
@@ -108,18 +107,6 @@ def _entry(name: str, value: Any, encode: Callable[[Any], values_pb2.Value],
             "client can load; convert it to tensors, numbers, strings, lists or dicts to get it back")
         return []
     return [values_pb2.ValueMap(values={name: encoded}).SerializeToString()]  # = one JobResult.saved entry
-
-
-def _without_fakes(value: Any) -> Any:
-    """A scan's fake tensors (shapes and dtypes, no memory to read) as meta tensors of the same shape and
-    dtype, in plain containers too: what a client can load, and nothing that reads a fake's data pointer."""
-    if isinstance(value, FakeTensor):
-        return torch.empty(value.shape, dtype=value.dtype, device="meta")
-    if type(value) in (list, tuple):
-        return type(value)(_without_fakes(v) for v in value)
-    if type(value) is dict:
-        return {k: _without_fakes(v) for k, v in value.items()}
-    return value
 
 
 def _importable_class(tp: type) -> bool:
