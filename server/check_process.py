@@ -25,21 +25,16 @@ from tether.caching import recording, seed
 from tether.v1 import program_pb2
 
 from .errors import InvalidProgram, ServerError
+from .limits import program_sources
 from .policy import Policy
 from .program_texts import check_sources
 
-__all__ = ["MAX_WAITING", "OFFLOAD_BYTES", "SourceChecker", "source_bytes"]
+__all__ = ["MAX_WAITING", "OFFLOAD_BYTES", "SourceChecker"]
 
 OFFLOAD_BYTES = 64 << 10  # bytes of program text from which the check runs in the checking process
 MAX_WAITING = 8  # large programs being checked or waiting for it; past that, RESOURCE_EXHAUSTED
 DOOR_CHECK_S = 1.0  # s: how often the checking process looks whether its front door still runs
 _log = logging.getLogger("tether.server")
-
-
-def source_bytes(program: program_pb2.Program) -> int:
-    """The length of every text a program carries: its body, shipped functions and model edits."""
-    return (len(program.source) + sum(len(fn.source) for fn in program.functions)
-            + sum(len(edit.source) for edit in program.edits))
 
 
 class SourceChecker:
@@ -54,7 +49,7 @@ class SourceChecker:
     def check(self, program: program_pb2.Program, policy: Policy) -> None:
         """Have a large `program`'s texts checked in the checking process (InvalidProgram as decode_program
         raises it) and keep the results here; a small one is left to decode_program."""
-        if source_bytes(program) < OFFLOAD_BYTES:
+        if sum(len(source) for _, source, _, _ in program_sources(program)) < OFFLOAD_BYTES:
             return
         if not self._waiting.acquire(blocking=False):
             raise ServerError(f"the server is already checking {MAX_WAITING} large programs; send this one again "
@@ -106,9 +101,7 @@ def _end_with_door(door: int) -> None:
             time.sleep(DOOR_CHECK_S)
             try:
                 os.kill(door, 0)
-            except ProcessLookupError:
-                os._exit(0)
-            except PermissionError:  # (a pid reused by another user's process: the door is gone)
+            except (ProcessLookupError, PermissionError):  # (PermissionError: its pid reused by another user's)
                 os._exit(0)
 
     threading.Thread(target=watch, name="tether-checker-door", daemon=True).start()

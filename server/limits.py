@@ -15,7 +15,7 @@ from tether.v1 import program_pb2, values_pb2
 
 from .errors import InvalidProgram
 
-__all__ = ["Undecodable", "check_program", "deserializer"]
+__all__ = ["Undecodable", "check_program", "decoded", "deserializer", "program_sources"]
 
 _CONTAINERS = ("list_value", "tuple_value", "map_value")
 
@@ -35,6 +35,13 @@ class Undecodable:
         )
 
 
+def decoded(request: Any) -> Any:
+    """`request` as the servicer gets it; its refusal (InvalidProgram) raised if it could not be decoded."""
+    if isinstance(request, Undecodable):
+        raise request.refusal()
+    return request
+
+
 def deserializer(message_type) -> Callable[[bytes], object]:
     """`message_type.FromString` that returns an Undecodable instead of raising on bad bytes."""
     name = message_type.DESCRIPTOR.full_name
@@ -52,10 +59,7 @@ def check_program(program: program_pb2.Program, limits: Any) -> None:
     """Refuse (InvalidProgram naming the field and the limit) a program over `limits` (the server's
     workers.Limits: max_program_bytes, max_value_depth, max_values), before any work. Every source the
     program carries counts: the body, its shipped functions and its model edits."""
-    sources = [("Program", program.source, program.first_line, program.local_blocks)]
-    sources += [(f"Program.functions[{i}]", fn.source, fn.first_line, fn.local_blocks)
-                for i, fn in enumerate(program.functions)]
-    sources += [(f"Program.edits[{i}]", edit.source, edit.first_line, ()) for i, edit in enumerate(program.edits)]
+    sources = program_sources(program)
     size = sum(len(source.encode()) for _, source, _, _ in sources)
     if size > limits.max_program_bytes:
         raise InvalidProgram(
@@ -69,6 +73,15 @@ def check_program(program: program_pb2.Program, limits: Any) -> None:
     for part in (*program.functions, *program.edits):
         values.extend(part.bindings.values())
     _check_values(values, limits)
+
+
+def program_sources(program: program_pb2.Program) -> list[tuple[str, str, int, Iterable[program_pb2.LocalBlock]]]:
+    """(field, source, first line, local() blocks) of every text a program carries: its body, shipped functions
+    and model edits."""
+    return [("Program", program.source, program.first_line, program.local_blocks),
+            *((f"Program.functions[{i}]", fn.source, fn.first_line, fn.local_blocks)
+              for i, fn in enumerate(program.functions)),
+            *((f"Program.edits[{i}]", edit.source, edit.first_line, ()) for i, edit in enumerate(program.edits))]
 
 
 def _check_positions(where: str, source: str, first_line: int, blocks: Iterable[program_pb2.LocalBlock],

@@ -28,7 +28,7 @@ from .batching import batch_info
 from .check_process import SourceChecker
 from .errors import InvalidProgram, ServerError
 from .jobs import STATUS_LINGER, TERMINAL, Job, JobStore, state_name
-from .limits import Undecodable, check_program, deserializer
+from .limits import Undecodable, check_program, decoded, deserializer
 from .local_calls import NO_STREAM
 from .policy import Policy
 from .program_codec import decode_program
@@ -88,9 +88,7 @@ def unary(identify: str = "identify"):
         def wrapper(self, request, context):
             with _status(context):
                 owner = getattr(self._hub.auth, identify)(context)
-                if isinstance(request, Undecodable):
-                    raise request.refusal()
-                return method(self, request, context, owner)
+                return method(self, decoded(request), context, owner)
 
         return wrapper
 
@@ -105,9 +103,7 @@ def _streaming(method):
     def wrapper(self, request, context):
         with _status(context):
             owner = self._hub.auth.identify(context)
-            if isinstance(request, Undecodable):
-                raise request.refusal()
-            yield from method(self, request, context, owner)
+            yield from method(self, decoded(request), context, owner)
 
     return wrapper
 
@@ -177,8 +173,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             # with grpc.aio's "Internal error from Core" instead of the refusal's own status
             first = next(request_iterator, None)
             owner = self._hub.auth.identify(context)
-            if isinstance(first, Undecodable):
-                raise first.refusal()
+            first = decoded(first)
             if first is None or first.WhichOneof("message") != "job":
                 raise InvalidProgram("the first RunJob message must set `job` (the JobSpec to run).")
             job, existing = self._start(first.job, owner, stream=True)
@@ -324,20 +319,17 @@ class CheckedHealth(health_pb2_grpc.HealthServicer):
 
     def Check(self, request, context):
         with _status(context):
-            if isinstance(request, Undecodable):
-                raise request.refusal()
+            decoded(request)
         return self._inner.Check(request, context)
 
     def List(self, request, context):
         with _status(context):
-            if isinstance(request, Undecodable):
-                raise request.refusal()
+            decoded(request)
         return self._inner.List(request, context)
 
     def Watch(self, request, context, send_response_callback=None):
         with _status(context):
-            if isinstance(request, Undecodable):
-                raise request.refusal()
+            decoded(request)
         return self._inner.Watch(request, context, send_response_callback)
 
     Watch.experimental_non_blocking = True  # as grpc's own: a watch holds no RPC thread (its callback sends)
