@@ -43,18 +43,17 @@ def bytes_lru_cache(max_bytes: int = DEFAULT_CACHE_BYTES) -> Callable[[F], F]:
                 hit = entries.get(key)
                 if hit is not None:
                     entries.move_to_end(key)
-            value = hit[0] if hit is not None else fn(*args, **kwargs)  # (a slow call never blocks other keys)
             if hit is None:
-                cache_put(value, *args, **kwargs)
+                value = fn(*args, **kwargs)  # outside the lock: a slow call never blocks other keys
+                keep(key, value, _weight((*args, *kwargs.values())))
+            else:
+                value = hit[0]
             calls = getattr(_recorded, "calls", None)
             if calls is not None:
                 calls.append((cached, args, kwargs, value))
             return value
 
-        def cache_put(value: Any, *args, **kwargs) -> None:
-            """Keep `value` as the result of the call with these arguments (computed elsewhere: `seed`)."""
-            key = (*args, *sorted(kwargs.items())) if kwargs else args
-            weight = _weight((*args, *kwargs.values()))
+        def keep(key: tuple, value: Any, weight: int) -> None:
             if weight > max_bytes:
                 return
             with lock:
@@ -64,6 +63,10 @@ def bytes_lru_cache(max_bytes: int = DEFAULT_CACHE_BYTES) -> Callable[[F], F]:
                     while total[0] > max_bytes:
                         _, (_, dropped) = entries.popitem(last=False)
                         total[0] -= dropped
+
+        def cache_put(value: Any, *args, **kwargs) -> None:
+            """Keep `value` as the result of the call with these arguments (computed elsewhere: `seed`)."""
+            keep((*args, *sorted(kwargs.items())) if kwargs else args, value, _weight((*args, *kwargs.values())))
 
         def cache_clear() -> None:
             with lock:
